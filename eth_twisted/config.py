@@ -1,0 +1,201 @@
+"""Command-line options with environment fallbacks, and secrets.
+
+Every option of the taps can also come from the environment as
+``ETH_<OPTION>`` (``--redis-host`` -> ``ETH_REDIS_HOST``). Precedence: the
+command line, then the environment, then the default. Flags take
+``1/true/yes/on`` and ``0/false/no/off``; repeatable options take
+comma-separated values. Secrets come from the environment, a ``*-file``
+option, or systemd's ``$CREDENTIALS_DIRECTORY``; on argv they still work but
+log a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from twisted.python import usage
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+PRECEDENCE = (
+    "Every option can also be set in the environment as ETH_<OPTION> "
+    "(--redis-host -> ETH_REDIS_HOST); flags take 1/true/yes/on or "
+    "0/false/no/off, repeatable options a comma-separated list. Precedence: "
+    "command line, then environment, then default."
+)
+
+
+def env_name(option: str) -> str:
+    """The environment variable for a long option name."""
+    return "ETH_" + option.upper().replace("-", "_")
+
+
+def parse_bool(value: str, name: str) -> bool:
+    """A true/false word, or a UsageError naming ``name``."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise usage.UsageError(f"{name}: expected one of 1/true/yes/on or 0/false/no/off, got {value!r}")
+
+
+def split_list(value: str) -> list[str]:
+    """Items of a comma-separated list, stripped, empties dropped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def state_path(filename: str, environ: Mapping[str, str] | None = None) -> str:
+    """``filename`` in ``$STATE_DIRECTORY`` when set, else the working directory."""
+    environ = os.environ if environ is None else environ
+    state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return str(Path(state) / filename) if state else filename
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A coerce function for integers in ``low..high``."""
+
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}")
+        if number < low or (high is not None and number > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise ValueError(f"expected an integer {bound}, got {number}")
+        return number
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
+
+
+def positive_float(value: str) -> float:
+    """A coerce function for a positive number of seconds."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}")
+    if not number > 0:
+        raise ValueError(f"expected a positive number, got {value!r}")
+    return number
+
+
+positive_float.coerceDoc = ""  # type: ignore[attr-defined]
+
+
+class EnvOptions(usage.Options):
+    """``usage.Options`` that also reads ``ETH_*`` environment variables.
+
+    Subclasses declare ``optFlags``/``optParameters`` as usual. Options named
+    in ``repeatable`` collect every occurrence into a list (``opt_<name>``
+    methods are generated); ``secrets`` names parameters that must not be on
+    argv without a warning.
+    """
+
+    repeatable: ClassVar[tuple[str, ...]] = ()
+    secrets: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self.environ = dict(os.environ if environ is None else environ)
+        self.warnings: list[str] = []
+        for name in self.repeatable:
+            self._make_repeatable(name)
+        super().__init__()
+        for name in self.repeatable:
+            self[name] = []
+        for long in list(self.docs):
+            if long not in ("help", "version"):
+                self.docs[long] = f"{self.docs[long] or ''} [env {env_name(long)}]".strip()
+        self._from_argv: set[str] = set()
+
+    def _make_repeatable(self, name: str) -> None:
+        attr = "opt_" + name.replace("-", "_")
+
+        def opt(self: EnvOptions, value: str) -> None:
+            self._from_argv.add(name)
+            self[name].extend(split_list(value))
+
+        opt.__doc__ = getattr(type(self), f"doc_{name.replace('-', '_')}", f"--{name} (repeatable)")
+        setattr(type(self), attr, opt)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        """Apply the environment, then argv, then run ``postOptions``."""
+        self._apply_environment()
+        argv_values = self._argv_long_names(options)
+        self._from_argv |= argv_values
+        for name in self.secrets:
+            if name in argv_values:
+                self.warnings.append(
+                    f"--{name} on the command line is visible to every local user (ps, "
+                    f"/proc); use {env_name(name)}, --{name}-file or "
+                    f"$CREDENTIALS_DIRECTORY/{name} instead"
+                )
+        super().parseOptions(options)
+
+    def _argv_long_names(self, options: list[str] | None) -> set[str]:
+        names = set()
+        for arg in options or []:
+            if arg == "--":
+                break
+            if arg.startswith("--"):
+                names.add(arg[2:].split("=", 1)[0])
+        return names
+
+    def _apply_environment(self) -> None:
+        """Set every option whose ETH_* variable is present, coercing and checking it."""
+        flags = {long for long, _short, _doc in self.optFlags}
+        for long in self.repeatable:
+            raw = self.environ.get(env_name(long))
+            if raw is not None:
+                self[long] = split_list(raw)
+        for long in flags:
+            raw = self.environ.get(env_name(long))
+            if raw is not None:
+                self[long] = parse_bool(raw, env_name(long))
+        for spec in self.optParameters:
+            long = spec[0]
+            raw = self.environ.get(env_name(long))
+            if raw is None or long in self.repeatable:
+                continue
+            coerce = spec[4] if len(spec) > 4 and spec[4] is not None else None
+            if coerce is not None:
+                try:
+                    self[long] = coerce(raw)
+                except ValueError as e:
+                    raise usage.UsageError(f"{env_name(long)}: {e}")
+            else:
+                self[long] = raw
+
+    def from_argv(self, name: str) -> bool:
+        """True when ``--name`` was given on the command line."""
+        return name in self._from_argv
+
+    def resolve_secret(self, name: str) -> str | None:
+        """The secret ``name`` from argv/env, ``--<name>-file``, or the credentials dir.
+
+        The file forms win over an empty value; a file that cannot be read is
+        a UsageError naming it.
+        """
+        value = self.get(name)
+        if value:
+            return str(value)
+        path = self.get(f"{name}-file")
+        if not path:
+            creds = self.environ.get("CREDENTIALS_DIRECTORY")
+            if creds and (Path(creds) / name).exists():
+                path = str(Path(creds) / name)
+        if path:
+            try:
+                return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as e:
+                raise usage.UsageError(f"--{name}-file: cannot read {path}: {e.strerror}")
+        return None
+
+
+def mask(value: Any) -> str:
+    """Replace a secret with a fixed mask for logs."""
+    return "***" if value else ""

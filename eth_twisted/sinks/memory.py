@@ -1,0 +1,85 @@
+"""An in-memory record sink: the reference the contract tests hold the real ones to."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from eth_twisted.errors import SinkUnavailable
+from eth_twisted.model import IRecord, Message, Outcome, Record, Totals
+from eth_twisted.payload import MAX_BLOCK_NUMBER
+
+
+@implementer(IRecord)
+class MemorySink:
+    """Holds records in a dict; ``fail_with`` makes every call fail (for tests)."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.records: dict[str, Record] = {}
+        self.order: list[Record] = []
+        self.fail_with: Exception | None = None
+        self.batches: list[int] = []
+
+    def _check(self) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def start(self) -> Deferred[None]:
+        return defer.succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return defer.succeed(None)
+
+    def ping(self) -> Deferred[None]:
+        return defer.maybeDeferred(self._check)
+
+    def store_batch(
+        self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None
+    ) -> Deferred[list[Outcome]]:
+        if self.fail_with is not None:
+            return defer.fail(self.fail_with)
+        self.batches.append(len(messages))
+        outcomes: list[Outcome] = []
+        for m in messages:
+            if m.block_number is not None and not 0 <= m.block_number <= MAX_BLOCK_NUMBER:
+                outcomes.append(Outcome.REJECTED)
+            elif m.hash in self.records:
+                outcomes.append(Outcome.DUPLICATE)
+            else:
+                rec = Record(len(self.order) + 1, m.hash, m.payload, m.block_number,
+                             m.client_ip, m.client_id, m.received_at)
+                self.records[m.hash] = rec
+                self.order.append(rec)
+                outcomes.append(Outcome.STORED)
+        return defer.succeed(outcomes)
+
+    def fetch_records(self, after_id: int, limit: int) -> Deferred[list[Record]]:
+        return defer.succeed([r for r in self.order if r.id > after_id][:limit])
+
+    def recent(self, limit: int, before: int | None = None) -> Deferred[list[Record]]:
+        rows = [r for r in reversed(self.order) if before is None or r.id < before]
+        return defer.succeed(rows[:limit])
+
+    def by_block(self, block_number: int) -> Deferred[list[Record]]:
+        return defer.succeed([r for r in self.order if r.block_number == block_number])
+
+    def totals(self) -> Deferred[Totals]:
+        t = Totals(records=len(self.order))
+        for r in self.order:
+            t.first_by_ip[r.client_ip] = t.first_by_ip.get(r.client_ip, 0) + 1
+            if r.block_number is not None:
+                if t.latest_block is None or r.id > 0:
+                    t.latest_block, t.latest_block_at = r.block_number, r.received_at
+                t.latest_block_by_ip[r.client_ip] = r.block_number
+        if self.order:
+            t.first_received_at = min(r.received_at for r in self.order)
+            t.last_received_at = max(r.received_at for r in self.order)
+        return defer.succeed(t)
+
+
+__all__ = ["MemorySink", "SinkUnavailable"]

@@ -1,0 +1,139 @@
+"""Fixtures for the real services on this machine: MariaDB, Redis, anvil.
+
+The tests connect over TCP as their own MariaDB user with a password, like a
+real deployment. That user is created here, as root over the local socket,
+when it does not exist yet. A missing service fails the test with a message
+saying how to start it; nothing is silently skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pymysql
+import pytest
+
+from tests.support import Anvil, PrivateRedis
+
+MYSQL_HOST = os.environ.get("ETH_TEST_MYSQL_HOST", "127.0.0.1")
+MYSQL_PORT = int(os.environ.get("ETH_TEST_MYSQL_PORT", "3306"))
+MYSQL_USER = os.environ.get("ETH_TEST_MYSQL_USER", "eth_test")
+MYSQL_PASS = os.environ.get("ETH_TEST_MYSQL_PASS", "eth-test-password")
+MYSQL_SOCKET = os.environ.get("ETH_TEST_MYSQL_SOCKET", "/run/mysqld/mysqld.sock")
+REDIS_HOST = os.environ.get("ETH_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("ETH_TEST_REDIS_PORT", "6379"))
+
+HOW_TO_START = "start the services with ./scripts/test (it starts MariaDB and Redis when they do not answer)"
+
+
+def _connect_test_user(database: str | None = None) -> pymysql.connections.Connection:
+    return pymysql.connect(
+        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASS,
+        database=database, connect_timeout=5, autocommit=True,
+    )
+
+
+def _provision_test_user() -> None:
+    """Create the test user as root over the socket (root over TCP is not relied on)."""
+    root = pymysql.connect(unix_socket=MYSQL_SOCKET, user="root", connect_timeout=5, autocommit=True)
+    try:
+        with root.cursor() as c:
+            for host in ("127.0.0.1", "localhost", "::1"):
+                c.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", (MYSQL_USER, host, MYSQL_PASS))
+                c.execute("ALTER USER %s@%s IDENTIFIED BY %s", (MYSQL_USER, host, MYSQL_PASS))
+                c.execute(f"GRANT ALL PRIVILEGES ON `eth\\_test\\_%`.* TO %s@%s", (MYSQL_USER, host))
+                # KILL of its own sessions needs nothing more; reading wait_timeout neither.
+    finally:
+        root.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> dict[str, Any]:
+    """Connection facts for the machine's MariaDB, with the test user ready."""
+    try:
+        _connect_test_user().close()
+    except pymysql.err.OperationalError as first:
+        if first.args and first.args[0] == 2003:
+            pytest.fail(f"MariaDB is not answering on {MYSQL_HOST}:{MYSQL_PORT}: {first}; {HOW_TO_START}")
+        try:
+            _provision_test_user()
+            _connect_test_user().close()
+        except pymysql.err.MySQLError as e:
+            pytest.fail(
+                f"cannot log in to MariaDB as {MYSQL_USER} over TCP and could not create that user "
+                f"as root over {MYSQL_SOCKET}: {e}; {HOW_TO_START}"
+            )
+    return {"host": MYSQL_HOST, "port": MYSQL_PORT, "user": MYSQL_USER, "password": MYSQL_PASS}
+
+
+@pytest.fixture
+def mysql_db(mysql_server: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A fresh database of this test's own, dropped afterwards."""
+    name = "eth_test_" + secrets.token_hex(6)
+    conn = _connect_test_user()
+    with conn.cursor() as c:
+        c.execute(f"CREATE DATABASE `{name}`")
+    try:
+        yield dict(mysql_server, database=name)
+    finally:
+        with conn.cursor() as c:
+            c.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+def mysql_query(db: dict[str, Any], sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement as the test user in ``db`` and return every row."""
+    conn = _connect_test_user(db["database"])
+    try:
+        with conn.cursor() as c:
+            c.execute(sql, args)
+            return list(c.fetchall())
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> dict[str, Any]:
+    """The machine's shared Redis (tests use their own key prefix on it)."""
+    try:
+        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=2) as s:
+            s.sendall(b"PING\r\n")
+            if not s.recv(16).startswith(b"+PONG"):
+                raise OSError("no PONG")
+    except OSError as e:
+        pytest.fail(f"Redis is not answering on {REDIS_HOST}:{REDIS_PORT}: {e}; {HOW_TO_START}")
+    return {"host": REDIS_HOST, "port": REDIS_PORT}
+
+
+@pytest.fixture
+def redis_prefix(redis_server: dict[str, Any]) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"ethtest:{secrets.token_hex(6)}:"
+    yield prefix
+    with socket.create_connection((redis_server["host"], redis_server["port"]), timeout=5) as s:
+        script = b"for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 1"
+        parts = [b"EVAL", script, b"0", (prefix + "*").encode()]
+        s.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+        s.recv(64)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A Redis of the test's own on a free port, which the test may kill and restart."""
+    r = PrivateRedis()
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def anvil() -> Iterator[Anvil]:
+    """A real anvil dev node mining a block every second, on a free port."""
+    node = Anvil(block_time=1)
+    node.start()
+    yield node
+    node.stop()
