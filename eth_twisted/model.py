@@ -142,3 +142,10 @@ class IRecord(ISink):
 def describe(obj: Any) -> str:
     """A short, secret-free description of a sink or endpoint for log lines."""
     return getattr(obj, "name", type(obj).__name__)
+
+
+def normalise_ip(host: str) -> str:
+    """A client address as stored: IPv4-mapped IPv6 (``::ffff:1.2.3.4``) becomes ``1.2.3.4``."""
+    if host.lower().startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
