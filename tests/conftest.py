@@ -45,7 +45,7 @@ def _provision_test_user() -> None:
             for host in ("127.0.0.1", "localhost", "::1"):
                 c.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", (MYSQL_USER, host, MYSQL_PASS))
                 c.execute("ALTER USER %s@%s IDENTIFIED BY %s", (MYSQL_USER, host, MYSQL_PASS))
-                c.execute(f"GRANT ALL PRIVILEGES ON `eth\\_test\\_%`.* TO %s@%s", (MYSQL_USER, host))
+                c.execute("GRANT ALL PRIVILEGES ON `eth\\_test\\_%%`.* TO %s@%s", (MYSQL_USER, host))
                 # KILL of its own sessions needs nothing more; reading wait_timeout neither.
     finally:
         root.close()
