@@ -1,0 +1,230 @@
+"""Group commit: messages from every connection, in batches, to the sinks.
+
+The router collects submitted messages for a few milliseconds (or until a
+batch is full), stores one batch at a time in the record sink (SQL or
+memory), then hands the same batch with the record's verdicts to every
+mirror (Redis), and answers each message once: ``OK``/``DUP`` when every
+sink has it, or the retryable code of the sink that failed. Answers never
+come before the commit. There is one callable per message, not a Deferred
+chain, on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from eth_twisted.errors import SinkError, SinkTimeout
+from eth_twisted.metrics import ServerMetrics
+from eth_twisted.model import ISink, Message, Outcome
+
+Reply = Callable[[str], None]
+Observer = Callable[[Sequence[Message], Sequence[str]], None]
+
+
+class SinkHealth:
+    """Tracks one sink's outages so each is logged once, when it starts and ends."""
+
+    log = Logger()
+
+    def __init__(self, name: str, metrics: ServerMetrics) -> None:
+        self.name = name
+        self.metrics = metrics
+        self.up = True
+        self.since: float | None = None
+        self.last_error = ""
+        metrics.sink_up.labels(sink=name).set(1)
+
+    def failed(self, reason: str, now: float) -> None:
+        if self.up:
+            self.up = False
+            self.since = now
+            self.last_error = reason
+            self.log.error("Sink {sink} is failing: {reason}; answering ERR until it recovers",
+                           sink=self.name, reason=reason)
+            self.metrics.sink_up.labels(sink=self.name).set(0)
+
+    def succeeded(self, now: float) -> None:
+        if not self.up:
+            self.log.info("Sink {sink} recovered after {seconds:.1f}s", sink=self.name,
+                          seconds=now - (self.since or now))
+            self.up = True
+            self.since = None
+            self.metrics.sink_up.labels(sink=self.name).set(1)
+
+
+class Router:
+    """Batches messages to ``record`` and then ``mirrors``; answers each message once."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        record: ISink,
+        mirrors: Sequence[ISink] = (),
+        *,
+        clock: IReactorTime,
+        metrics: ServerMetrics | None = None,
+        max_batch: int = 1000,
+        max_batch_bytes: int = 4 * 1024 * 1024,
+        max_delay: float = 0.002,
+        max_pending: int = 100_000,
+        batch_timeout: float = 30.0,
+    ) -> None:
+        self.record = record
+        self.mirrors = list(mirrors)
+        self.clock = clock
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
+        self.max_delay = max_delay
+        self.max_pending = max_pending
+        self.batch_timeout = batch_timeout
+        self.observers: list[Observer] = []
+        self.health = {s.name: SinkHealth(s.name, self.metrics) for s in [record, *self.mirrors]}
+        self.ready = True
+        self._queue: deque[tuple[Message, Reply]] = deque()
+        self._timer: Any = None
+        self._in_flight: defer.Deferred[None] | None = None
+        self._drained: list[defer.Deferred[None]] = []
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting for a batch (not counting the one being stored)."""
+        return len(self._queue)
+
+    def submit(self, message: Message, reply: Reply) -> None:
+        """Queue ``message``; ``reply`` is called once with OK, DUP or an ERR code."""
+        if not self.ready:
+            self._count("unavailable")
+            reply("unavailable")
+            return
+        if len(self._queue) >= self.max_pending:
+            self._count("busy")
+            reply("busy")
+            return
+        self._queue.append((message, reply))
+        self.metrics.pending.set(len(self._queue))
+        if self._in_flight is None:
+            if len(self._queue) >= self.max_batch:
+                self._flush()
+            elif self._timer is None:
+                self._timer = self.clock.callLater(self.max_delay, self._flush)
+
+    def _take_batch(self) -> list[tuple[Message, Reply]]:
+        batch: list[tuple[Message, Reply]] = []
+        size = 0
+        while self._queue and len(batch) < self.max_batch:
+            nbytes = len(self._queue[0][0].payload)
+            if batch and size + nbytes > self.max_batch_bytes:
+                break
+            batch.append(self._queue.popleft())
+            size += nbytes
+        self.metrics.pending.set(len(self._queue))
+        return batch
+
+    def _flush(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._in_flight is not None:
+            return
+        batch = self._take_batch()
+        if not batch:
+            self._notify_drained()
+            return
+        self._in_flight = self._store(batch)
+        self._in_flight.addBoth(self._batch_done)
+
+    def _batch_done(self, _: object) -> None:
+        self._in_flight = None
+        if self._queue:
+            # Whatever arrived while the batch was being stored goes next, at once.
+            self._flush()
+        else:
+            self._notify_drained()
+
+    @defer.inlineCallbacks
+    def _store(self, batch: list[tuple[Message, Reply]]) -> Any:
+        messages = [m for m, _ in batch]
+        codes: list[str]
+        verdicts = yield self._call_sink(self.record, messages, None)
+        if isinstance(verdicts, str):
+            codes = [verdicts] * len(messages)
+        else:
+            codes = [v.value for v in verdicts]
+            if self.mirrors:
+                results = yield defer.gatherResults(
+                    [self._call_sink(m, messages, verdicts) for m in self.mirrors], consumeErrors=True
+                )
+                for result in results:
+                    if isinstance(result, str):
+                        codes = [c if c == Outcome.REJECTED.value else result for c in codes]
+                        break
+        for code in codes:
+            self._count(code)
+        for observer in self.observers:
+            try:
+                observer(messages, codes)
+            except Exception:
+                self.log.failure("Batch observer {observer!r} failed", observer=observer)
+        for (_, reply), code in zip(batch, codes, strict=True):
+            try:
+                reply(code)
+            except Exception:
+                self.log.failure("Reply callback failed")
+
+    @defer.inlineCallbacks
+    def _call_sink(
+        self, sink: ISink, messages: list[Message], verdicts: list[Outcome] | None
+    ) -> Any:
+        """The sink's outcomes, or the ERR code to answer when it failed."""
+        name = sink.name
+        started = self.clock.seconds()
+        self.metrics.batch_size.labels(sink=name).observe(len(messages))
+        try:
+            d = defer.maybeDeferred(sink.store_batch, messages, verdicts)
+            d.addTimeout(self.batch_timeout, self.clock)
+            outcomes = yield d
+            if len(outcomes) != len(messages):
+                raise RuntimeError(f"{name} answered {len(outcomes)} outcomes for {len(messages)} messages")
+        except defer.TimeoutError:
+            return self._sink_failed(name, SinkTimeout(name, f"no answer in {self.batch_timeout}s"))
+        except SinkError as e:
+            return self._sink_failed(name, e)
+        except Exception as e:
+            self.log.failure("Sink {sink} raised unexpectedly", Failure(), sink=name)
+            return self._sink_failed(name, SinkError(name, repr(e)))
+        self.metrics.sink_latency.labels(sink=name).observe(self.clock.seconds() - started)
+        self.health[name].succeeded(self.clock.seconds())
+        return list(outcomes)
+
+    def _sink_failed(self, name: str, error: SinkError) -> str:
+        self.metrics.sink_failures.labels(sink=name, code=error.code).inc()
+        self.health[name].failed(error.reason, self.clock.seconds())
+        return error.code
+
+    def _count(self, code: str) -> None:
+        label = {"OK": "stored", "DUP": "duplicate"}.get(code, code)
+        self.metrics.outcomes.labels(outcome=label).inc()
+
+    def drain(self) -> defer.Deferred[None]:
+        """Fire when every queued message has been stored and answered."""
+        if self._in_flight is None and not self._queue:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        if self._in_flight is None:
+            self._flush()
+        return d
+
+    def _notify_drained(self) -> None:
+        waiting, self._drained = self._drained, []
+        for d in waiting:
+            d.callback(None)
