@@ -92,6 +92,7 @@ class ReceiverProtocol(Protocol):
         self.peer_ip = normalise_ip(host) if host else "-"
         port = getattr(address, "port", None)
         self.peer = f"{self.peer_ip}:{port}" if port is not None else self.peer_ip
+        f.connections.add(self)
         f.metrics.connections.inc()
         f.metrics.open_connections.inc()
         try:
@@ -103,6 +104,7 @@ class ReceiverProtocol(Protocol):
         if self._gone:
             return
         self._gone = True
+        self.factory.connections.discard(self)
         self.factory.metrics.open_connections.dec()
         if self._paused:
             self.factory.metrics.paused_connections.dec()
@@ -144,6 +146,7 @@ class ReceiverProtocol(Protocol):
                 # replies still go out, and the connection closes.
                 self.log.failure("Internal error handling a frame from {peer}", peer=self.peer)
                 self.factory.metrics.protocol_errors.labels(reason="internal").inc()
+                self._forget_last(payload)
                 self._finish(None)
                 return
         error = self._decoder.error
@@ -161,7 +164,8 @@ class ReceiverProtocol(Protocol):
             self._resolve(slot, "empty")
             return
         sha = sha256_hex(payload)
-        self.log.debug("DATA - {peer} - {payload!r}", peer=self.peer, payload=payload)
+        if f.log_payloads:
+            self.log.debug("DATA - {peer} - {payload!r}", peer=self.peer, payload=payload)
         slot = _Slot(sha, now + f.limits.deadline)
         self._slots.append(slot)
         try:
@@ -175,6 +179,12 @@ class ReceiverProtocol(Protocol):
         if self._unanswered >= f.limits.window:
             self._pause()
         f.submit(message, lambda code, slot=slot: self._answered(slot, code))
+
+    def _forget_last(self, payload: bytes) -> None:
+        """Drop the unanswered slot of the frame whose handling just failed."""
+        if self._slots and self._slots[-1].text is None and self._slots[-1].sha == sha256_hex(payload):
+            self._slots.pop()
+            self._unanswered = max(0, self._unanswered - 1)
 
     def _answered(self, slot: _Slot, code: str) -> None:
         if slot.text is not None or self._gone:
@@ -277,13 +287,26 @@ class ReceiverFactory(Factory):
         clock: interfaces.IReactorTime,
         metrics: ServerMetrics | None = None,
         limits: ReceiverLimits | None = None,
+        log_payloads: bool = False,
     ) -> None:
         self.submit = submit
+        self.log_payloads = log_payloads
         self.clock = clock
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.limits = limits if limits is not None else ReceiverLimits()
         if self.limits.max_length < 1:
             raise ValueError("max_length must be at least 1")
+        self.connections: set[ReceiverProtocol] = set()
+
+    def stop_reading(self) -> None:
+        """Shutting down: every connection stops reading, answers what it owes, then closes."""
+        for protocol in list(self.connections):
+            protocol._finish(None)
+
+    def close_all(self) -> None:
+        """Abort every connection still open (their unanswered messages will be resent)."""
+        for protocol in list(self.connections):
+            protocol.transport.abortConnection()
 
     def report_violation(self, peer: str, reason: str, detail: str) -> None:
         """Log one protocol violation from ``peer``."""

@@ -1,0 +1,173 @@
+"""The ``eth`` console script: ``eth [--verbose] [--wait N] server|client|run|stats|migrate``.
+
+``eth server`` and ``eth client`` take the same options as the twistd
+plugins and run the same services, logging to standard output. ``eth run``
+runs both in one process on the embedded defaults.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python import usage
+
+from eth_twisted import __version__, server_tap
+from eth_twisted.config import PRECEDENCE, EnvOptions, parse_bool
+
+
+def _client_options() -> usage.Options:
+    from eth_twisted import client_tap
+
+    return client_tap.Options()
+
+
+def _run_options() -> usage.Options:
+    from eth_twisted.run import RunOptions
+
+    return RunOptions()
+
+
+def _stats_options() -> usage.Options:
+    from eth_twisted import stats_cli
+
+    return stats_cli.Options()
+
+
+class MigrateOptions(server_tap.StorageOptions):
+    """Options of ``eth migrate``: the server's storage flags."""
+
+    synopsis = "[storage options]"
+    longdesc = "Apply the numbered schema migrations to the configured SQL database. " + PRECEDENCE
+
+
+class Options(EnvOptions):
+    """The ``eth`` command line."""
+
+    synopsis = "eth [--verbose] [--wait SECONDS] server|client|run|stats|migrate [options]"
+    longdesc = "Ethereum chain-head relay. `eth COMMAND --help` lists each command's options. " + PRECEDENCE
+    optFlags = [["verbose", "v", "Log at debug level (every message received, every poll)"]]
+    optParameters = [["wait", None, 0.0, "Sleep this many seconds before starting", float]]
+    subCommands = [
+        ["server", None, server_tap.Options, "Run the eth-server"],
+        ["client", None, _client_options, "Run the eth-client"],
+        ["run", None, _run_options, "Run server and client in one process on the embedded defaults"],
+        ["stats", None, _stats_options, "Print the server's stats as a table"],
+        ["migrate", None, MigrateOptions, "Apply schema migrations"],
+    ]
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"eth-twisted {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("a command is required: server, client, run, stats or migrate")
+        if self["wait"] < 0:
+            raise usage.UsageError("--wait must be >= 0")
+
+
+def start_logging(verbose: bool, stream: Any = None) -> None:
+    """Log to standard output at info level, or debug with ``--verbose``."""
+    level = LogLevel.debug if verbose else LogLevel.info
+    observer = FilteringLogObserver(
+        textFileLogObserver(stream or sys.stdout),
+        [LogLevelFilterPredicate(defaultLogLevel=level)],
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def run_service(build: Callable[[Any], Any], reactor: Any = None) -> int:
+    """Start the service ``build(reactor)`` returns, run the reactor, and return the exit code."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        service = build(reactor)
+        service.startService()
+    except Exception as e:  # a bind failure or a bad file: loud, and exit 1
+        print(f"eth: cannot start: {e}", file=sys.stderr)
+        return 1
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return int(getattr(service, "exit_code", 0) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``eth`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    config = Options()
+    try:
+        config.parseOptions(argv)
+    except usage.UsageError as e:
+        where = f"eth {config.subCommand}" if config.subCommand else "eth"
+        print(f"{where}: {e}", file=sys.stderr)
+        print(f"Try '{where} --help'.", file=sys.stderr)
+        return 2
+    sub = config.subOptions
+    verbose = bool(config["verbose"] or sub.get("verbose", False))
+    if config["wait"]:
+        time.sleep(config["wait"])
+    command = config.subCommand
+    if command == "stats":
+        from eth_twisted import stats_cli
+
+        return int(stats_cli.run(sub))
+    if command == "migrate":
+        return migrate(sub)
+    start_logging(verbose)
+    if command == "server":
+        sub["verbose"] = verbose
+        return run_service(lambda reactor: server_tap.makeService(sub, reactor))
+    if command == "client":
+        from eth_twisted import client_tap
+
+        sub["verbose"] = verbose
+        return run_service(lambda reactor: client_tap.makeService(sub, reactor))
+    if command == "run":
+        from eth_twisted.run import make_run_service
+
+        return run_service(lambda reactor: make_run_service(sub, reactor, verbose=verbose))
+    raise AssertionError(command)  # pragma: no cover - postOptions rejects others
+
+
+def migrate(config: server_tap.StorageOptions) -> int:
+    """``eth migrate``: apply migrations and print what was applied."""
+    from eth_twisted.sinks import sql
+
+    storage = server_tap.storage_kwargs(config)
+    try:
+        if "mysql" in storage:
+            m = storage["mysql"]
+            applied = sql.migrate_mysql(
+                host=m["host"], port=m["port"], user=m["user"], password=m["password"],
+                database=m["database"], ssl=m["ssl"], connect_timeout=m["connect_timeout"],
+            )
+        else:
+            applied = sql.migrate_sqlite(storage["sqlite"])
+    except Exception as e:
+        print(f"eth migrate: {config.storage_summary()}: {e}", file=sys.stderr)
+        return 1
+    where = config.storage_summary()
+    if applied:
+        print(f"eth migrate: applied {', '.join(str(v) for v in applied)} to {where}")
+    else:
+        print(f"eth migrate: {where} is up to date")
+    return 0
+
+
+__all__ = ["main", "parse_bool"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The eth-server service: listener, router and sinks, started and stopped in order.
+
+Built by :func:`make_server_service` from plain arguments (the tap turns
+options into them). Start: bind the listener at once (a bind failure stops
+startup loudly), then start the sinks in the background, retrying while a
+database is unreachable; until they answer, every message gets
+``ERR <sha> unavailable``. Stop: stop accepting, stop reading, store and
+answer what was already received, then close the sinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import Logger
+
+from eth_twisted.metrics import ServerMetrics
+from eth_twisted.model import IRecord, ISink
+from eth_twisted.protocol import ReceiverFactory, ReceiverLimits
+from eth_twisted.router import Router
+
+START_RETRY_INITIAL = 1.0
+START_RETRY_MAX = 30.0
+
+
+class ServerService(service.MultiService):
+    """Owns the receiver's listening port, the router and the sinks."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        record: IRecord,
+        mirrors: Sequence[ISink],
+        router: Router,
+        factory: ReceiverFactory,
+        reactor: Any,
+        drain_timeout: float = 15.0,
+    ) -> None:
+        super().__init__()
+        self.record = record
+        self.mirrors = list(mirrors)
+        self.sinks: list[ISink] = [record, *self.mirrors]
+        self.router = router
+        self.factory = factory
+        self.metrics = factory.metrics
+        self.reactor = reactor
+        self.drain_timeout = drain_timeout
+        self.ready = False
+        self.on_ready: list[Callable[[], Any]] = []
+        self.before_stop: list[Callable[[], Any]] = []
+        self._starting: defer.Deferred[None] | None = None
+        self._stopping = False
+        self.listening_port: Any = None
+
+    def listen(self, description: str) -> None:
+        """Serve the receiver on an endpoint string (``tcp:9999:interface=127.0.0.1``)."""
+        svc = strports.service(description, self.factory, reactor=self.reactor)
+        svc.setName("receiver")
+        svc.setServiceParent(self)
+
+    def startService(self) -> None:
+        self.router.ready = False
+        super().startService()
+        receiver = self.namedServices.get("receiver")
+        if receiver is not None and getattr(receiver, "_waitingForPort", None) is not None:
+            receiver._waitingForPort.addCallback(self._remember_port)
+        self._starting = self._start_sinks()
+
+    def _remember_port(self, port: Any) -> Any:
+        self.listening_port = port
+        return port
+
+    @defer.inlineCallbacks
+    def _start_sinks(self) -> Any:
+        """Start every sink, retrying each with a capped backoff until it answers."""
+        for sink in self.sinks:
+            delay = START_RETRY_INITIAL
+            while not self._stopping:
+                try:
+                    yield sink.start()
+                    break
+                except Exception as e:
+                    self.log.error(
+                        "Sink {sink} could not start: {error}; retrying in {delay:.0f}s",
+                        sink=sink.name, error=_reason(e), delay=delay,
+                    )
+                    yield task.deferLater(self.reactor, delay, lambda: None)
+                    delay = min(delay * 2, START_RETRY_MAX)
+            if self._stopping:
+                return
+        self.router.ready = True
+        self.ready = True
+        self.log.info("Sinks ready: {sinks}", sinks=", ".join(s.name for s in self.sinks))
+        for callback in self.on_ready:
+            try:
+                yield callback()
+            except Exception:
+                self.log.failure("Start-up hook {hook!r} failed", hook=callback)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        self._stopping = True
+        for callback in self.before_stop:
+            try:
+                yield callback()
+            except Exception:
+                self.log.failure("Stop hook {hook!r} failed", hook=callback)
+        self.factory.stop_reading()
+        yield super().stopService()  # stop listening
+        drained = self.router.drain()
+        drained.addTimeout(self.drain_timeout, self.reactor)
+        try:
+            yield drained
+        except defer.TimeoutError:
+            self.log.warn("Stopped with {n} messages unstored after {t}s: clients will resend them",
+                          n=self.router.pending, t=self.drain_timeout)
+        self.router.ready = False
+        self.factory.close_all()
+        for sink in reversed(self.sinks):
+            try:
+                yield sink.stop()
+            except Exception:
+                self.log.failure("Sink {sink} did not stop cleanly", sink=sink.name)
+
+
+def _reason(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+def make_server_service(
+    *,
+    listen: str,
+    record: IRecord,
+    mirrors: Sequence[ISink] = (),
+    reactor: IReactorTime | IReactorCore | None = None,
+    metrics: ServerMetrics | None = None,
+    limits: ReceiverLimits | None = None,
+    max_batch: int = 1000,
+    max_batch_bytes: int = 4 * 1024 * 1024,
+    batch_delay: float = 0.002,
+) -> ServerService:
+    """Assemble the server from already-built sinks."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    metrics = metrics if metrics is not None else ServerMetrics()
+    router = Router(
+        record, mirrors, clock=reactor, metrics=metrics, max_batch=max_batch,
+        max_batch_bytes=max_batch_bytes, max_delay=batch_delay,
+    )
+    factory = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=limits)
+    server = ServerService(record=record, mirrors=mirrors, router=router, factory=factory, reactor=reactor)
+    server.listen(listen)
+    return server
+
+
+def build_sinks(storage: dict[str, Any], reactor: Any) -> tuple[IRecord, list[ISink]]:
+    """The record sink and the mirrors described by ``storage`` (see server_tap.storage_kwargs)."""
+    from eth_twisted.sinks import sql
+
+    migrate = storage.get("migrate", True)
+    if "mysql" in storage:
+        record: IRecord = sql.make_mysql_sink(**storage["mysql"], reactor=reactor, migrate=migrate)
+    else:
+        record = sql.make_sqlite_sink(storage["sqlite"], reactor=reactor, migrate=migrate)
+    mirrors: list[ISink] = []
+    if "redis" in storage:
+        from eth_twisted.sinks import redis
+
+        mirrors.append(redis.make_redis_sink(**storage["redis"], reactor=reactor))
+    return record, mirrors
+
+
+def build_server(
+    *,
+    reactor: Any,
+    listen: str,
+    stats_listen: str | None,
+    storage: dict[str, Any],
+    max_length: int,
+    window: int,
+    deadline: float,
+    batch_size: int,
+    batch_delay: float,
+    reconcile_interval: float,
+    verbose: bool = False,
+    summary: str = "",
+    stats_token: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+) -> ServerService:
+    """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site."""
+    record, mirrors = build_sinks(storage, reactor)
+    metrics = ServerMetrics()
+    limits = ReceiverLimits(max_length=max_length, window=window, deadline=deadline)
+    server = make_server_service(
+        listen=listen, record=record, mirrors=mirrors, reactor=reactor, metrics=metrics,
+        limits=limits, max_batch=batch_size, batch_delay=batch_delay,
+    )
+    server.factory.log_payloads = verbose
+    server.summary = summary
+    server.log.info("eth-server listening on {listen}, storing to {summary}", listen=listen, summary=summary)
+    _attach_stats(server, reactor, stats_listen, stats_token, allowed_hosts)
+    for mirror in mirrors:
+        _attach_reconciler(server, mirror, reactor, reconcile_interval)
+    server.on_ready.append(_notify_systemd)
+    return server
+
+
+def _attach_stats(
+    server: ServerService, reactor: Any, stats_listen: str | None,
+    token: str | None, allowed_hosts: Sequence[str] | None,
+) -> None:
+    from eth_twisted.stats import ServerStats
+
+    stats = ServerStats(reactor)
+    server.stats = stats
+    server.router.observers.append(stats.observe)
+    server.on_ready.insert(0, lambda: _seed_stats(server, stats))
+    if stats_listen is None:
+        return
+    from eth_twisted.web import make_server_site
+
+    redis = next((m for m in server.mirrors if m.name == "redis"), None)
+    site = make_server_site(
+        record=server.record, sinks=server.sinks, stats=stats, metrics=server.metrics,
+        clock=reactor, token=token, allowed_hosts=allowed_hosts, redis=redis,
+    )
+    web = strports.service(stats_listen, site, reactor=reactor)
+    web.setName("stats")
+    web.setServiceParent(server)
+
+
+@defer.inlineCallbacks
+def _seed_stats(server: ServerService, stats: Any) -> Any:
+    totals = yield server.record.totals()
+    ip_messages = None
+    redis = next((m for m in server.mirrors if m.name == "redis"), None)
+    if redis is not None:
+        try:
+            _firsts, ip_messages = yield redis.read_counts()
+        except Exception as e:
+            server.log.warn("Could not read per-client message counts from Redis: {error}", error=_reason(e))
+    stats.seed(totals, ip_messages)
+
+
+def _attach_reconciler(server: ServerService, mirror: ISink, reactor: Any, interval: float) -> None:
+    reconciler = getattr(mirror, "reconciler", None)
+    if reconciler is None:
+        return
+    svc = reconciler(server.record, interval=interval, clock=reactor, metrics=server.metrics)
+    server.on_ready.append(lambda: svc.setServiceParent(server))
+
+
+def _notify_systemd() -> None:
+    try:
+        from eth_twisted.systemd import notify_ready
+    except ImportError:  # pragma: no cover - module arrives with the deployment work
+        return
+    notify_ready("eth-server ready")

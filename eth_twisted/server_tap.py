@@ -1,0 +1,174 @@
+"""``twistd eth-server`` / ``eth server``: options, and the service they describe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from eth_twisted.config import PRECEDENCE, EnvOptions, int_in, mask, positive_float, state_path
+from eth_twisted.protocol import DEFAULT_DEADLINE, DEFAULT_MAX_LENGTH, DEFAULT_WINDOW
+
+log = Logger()
+
+DEFAULT_STATS = "tcp:8080:interface=127.0.0.1"
+SQLITE_FILE = "eth-server.sqlite3"
+
+
+def non_negative_float(value: str) -> float:
+    """A coerce function for a number of seconds that may be zero."""
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
+non_negative_float.coerceDoc = ""  # type: ignore[attr-defined]
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """The endpoint string for ``--host``/``--port`` (IPv6 colons escaped)."""
+    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+class StorageOptions(EnvOptions):
+    """The storage flags shared by ``eth server`` and ``eth migrate``."""
+
+    secrets = ("mysql-pass", "redis-password")
+
+    optFlags = [
+        ["use-mysql", None, "Store to MySQL/MariaDB (else to the embedded SQLite file)"],
+        ["use-redis", None, "Mirror counts and hashes to Redis"],
+        ["no-migrate", None, "Do not apply schema migrations at start (run `eth migrate` instead)"],
+    ]
+    optParameters: list[list[Any]] = [
+        ["sqlite", None, None, f"SQLite file used without MySQL [default: {SQLITE_FILE} in $STATE_DIRECTORY, else the working directory]"],
+        ["mysql-host", None, None, "MySQL host (required with --use-mysql)"],
+        ["mysql-port", None, 3306, "MySQL port", int_in(1, 65535)],
+        ["mysql-user", None, None, "MySQL user (required with --use-mysql)"],
+        ["mysql-pass", None, None, "MySQL password (prefer ETH_MYSQL_PASS, --mysql-pass-file or $CREDENTIALS_DIRECTORY/mysql-pass)"],
+        ["mysql-pass-file", None, None, "File holding the MySQL password"],
+        ["mysql-db", None, None, "MySQL database (required with --use-mysql)"],
+        ["mysql-ssl-ca", None, None, "CA file: connect to MySQL over TLS and verify its certificate"],
+        ["mysql-connect-timeout", None, 5.0, "Seconds to connect to MySQL", positive_float],
+        ["mysql-read-timeout", None, 30.0, "Seconds to wait for a MySQL reply", positive_float],
+        ["redis-host", None, "127.0.0.1", "Redis host"],
+        ["redis-port", None, 6379, "Redis port", int_in(1, 65535)],
+        ["redis-db", None, 0, "Redis database number", int_in(0, 1_000_000)],
+        ["redis-prefix", None, "eth:", "Prefix of every Redis key"],
+        ["redis-username", None, None, "Redis ACL user"],
+        ["redis-password", None, None, "Redis password (prefer ETH_REDIS_PASSWORD or --redis-password-file)"],
+        ["redis-password-file", None, None, "File holding the Redis password"],
+        ["redis-timeout", None, 5.0, "Seconds to wait for a Redis reply", positive_float],
+    ]
+
+    def postOptions(self) -> None:
+        if self["use-mysql"]:
+            for name in ("mysql-host", "mysql-user", "mysql-db"):
+                if not self[name]:
+                    raise usage.UsageError(f"--use-mysql needs --{name}")
+            self["mysql-password"] = self.resolve_secret("mysql-pass")
+        elif self["mysql-host"] and self.from_argv("mysql-host"):
+            self.warnings.append("--mysql-host is ignored without --use-mysql")
+        if self["use-redis"]:
+            self["redis-password-resolved"] = self.resolve_secret("redis-password")
+        if not self["sqlite"]:
+            self["sqlite"] = state_path(SQLITE_FILE, self.environ)
+
+    def storage_summary(self) -> str:
+        """Where messages go, for the start-up log line (no secrets)."""
+        if self["use-mysql"]:
+            sql = (f"mysql://{self['mysql-user']}:{mask(self.get('mysql-password'))}@"
+                   f"{self['mysql-host']}:{self['mysql-port']}/{self['mysql-db']}")
+        else:
+            sql = f"sqlite:{self['sqlite']}"
+        if self["use-redis"]:
+            return f"{sql} + redis://{self['redis-host']}:{self['redis-port']}/{self['redis-db']} prefix {self['redis-prefix']}"
+        return sql
+
+
+class Options(StorageOptions):
+    """Options of the eth-server (same for ``twistd eth-server`` and ``eth server``)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Receive netstring messages, store each in SQL (MySQL, or the embedded SQLite "
+        "file) and Redis, and answer OK/DUP/ERR after the commit. " + PRECEDENCE
+    )
+    # usage.Options gathers optFlags/optParameters from every base class.
+    optFlags = [
+        ["verbose", "v", "Log every message received (the seed's DATA line) and other debug detail"],
+    ]
+    optParameters = [
+        ["host", None, "127.0.0.1", "Interface to listen on"],
+        ["port", None, 9999, "TCP port to listen on", int_in(0, 65535)],
+        ["listen", None, None, "Endpoint string to listen on instead of --host/--port, e.g. tcp:9999:interface=0.0.0.0"],
+        ["stats", None, DEFAULT_STATS, "Endpoint of the stats HTTP API, or 'none'"],
+        ["max-length", None, DEFAULT_MAX_LENGTH, "Largest message accepted, in bytes", int_in(1, 16 * 1024 * 1024)],
+        ["window", None, DEFAULT_WINDOW, "Unanswered messages per connection before reading pauses", int_in(1, 65536)],
+        ["deadline", None, DEFAULT_DEADLINE, "Seconds within which every message is answered (else ERR timeout)", positive_float],
+        ["batch-size", None, 1000, "Most messages per sink batch", int_in(1, 100_000)],
+        ["batch-delay", None, 0.002, "Seconds to collect a batch before storing it", non_negative_float],
+        ["reconcile-interval", None, 300.0, "Seconds between Redis rebuilds from SQL", positive_float],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if not self["listen"]:
+            self["listen"] = tcp_endpoint(self["host"], self["port"])
+
+
+def makeService(config: Options, reactor: Any = None) -> Any:
+    """Build the eth-server from parsed options."""
+    from eth_twisted.server import build_server
+
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    for warning in config.warnings:
+        log.warn("{warning}", warning=warning)
+    return build_server(
+        reactor=reactor,
+        listen=config["listen"],
+        stats_listen=None if config["stats"].lower() == "none" else config["stats"],
+        storage=storage_kwargs(config),
+        max_length=config["max-length"],
+        window=config["window"],
+        deadline=config["deadline"],
+        batch_size=config["batch-size"],
+        batch_delay=config["batch-delay"],
+        reconcile_interval=config["reconcile-interval"],
+        verbose=config["verbose"],
+        summary=config.storage_summary(),
+    )
+
+
+def storage_kwargs(config: StorageOptions) -> dict[str, Any]:
+    """Plain keyword arguments describing the configured sinks."""
+    kwargs: dict[str, Any] = {"migrate": not config["no-migrate"]}
+    if config["use-mysql"]:
+        kwargs["mysql"] = {
+            "host": config["mysql-host"],
+            "port": config["mysql-port"],
+            "user": config["mysql-user"],
+            "password": config.get("mysql-password"),
+            "database": config["mysql-db"],
+            "ssl": {"ca": config["mysql-ssl-ca"]} if config["mysql-ssl-ca"] else None,
+            "connect_timeout": config["mysql-connect-timeout"],
+            "read_timeout": config["mysql-read-timeout"],
+        }
+    else:
+        kwargs["sqlite"] = config["sqlite"]
+    if config["use-redis"]:
+        kwargs["redis"] = {
+            "host": config["redis-host"],
+            "port": config["redis-port"],
+            "db": config["redis-db"],
+            "prefix": config["redis-prefix"],
+            "username": config["redis-username"],
+            "password": config.get("redis-password-resolved"),
+            "reply_timeout": config["redis-timeout"],
+        }
+    return kwargs

@@ -1,0 +1,186 @@
+"""The router: group commit, answers after commit, failing sinks, mirrors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from eth_twisted.errors import SinkTimeout, SinkUnavailable
+from eth_twisted.metrics import ServerMetrics
+from eth_twisted.model import ISink, Message, Outcome
+from eth_twisted.router import Router
+from eth_twisted.sinks.memory import MemorySink
+
+
+def msg(payload: bytes, ip: str = "10.0.0.1", block: int | None = None) -> Message:
+    return Message.build(payload, ip, 1000.0, block)
+
+
+@implementer(ISink)
+class RecordingMirror:
+    """A mirror that remembers the verdicts it was given, and can be made to fail or hang."""
+
+    name = "mirror"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[Outcome] | None]] = []
+        self.fail: Exception | None = None
+        self.hang = False
+
+    def start(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def ping(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def store_batch(
+        self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None
+    ) -> defer.Deferred[list[Outcome]]:
+        self.calls.append(([m.hash for m in messages], list(verdicts) if verdicts else None))
+        if self.hang:
+            return defer.Deferred()
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        return defer.succeed(list(verdicts or []))
+
+
+def setup(mirrors: Sequence[ISink] = (), **kw: object) -> tuple[Router, MemorySink, Clock, dict[bytes, list[str]]]:
+    clock = Clock()
+    record = MemorySink()
+    router = Router(record, mirrors, clock=clock, metrics=ServerMetrics(), **kw)  # type: ignore[arg-type]
+    answers: dict[bytes, list[str]] = {}
+    return router, record, clock, answers
+
+
+def submit(router: Router, answers: dict[bytes, list[str]], m: Message) -> None:
+    router.submit(m, lambda code: answers.setdefault(m.payload, []).append(code))
+
+
+def test_batches_after_the_delay_and_answers_once() -> None:
+    """Messages submitted together are stored in one batch after max_delay and answered once each."""
+    router, record, clock, answers = setup(max_delay=0.005)
+    for p in (b"a", b"b", b"a"):
+        submit(router, answers, msg(p))
+    assert answers == {}
+    clock.advance(0.005)
+    assert record.batches == [3]
+    assert answers == {b"a": ["OK", "DUP"], b"b": ["OK"]}
+
+
+def test_full_batch_flushes_without_waiting() -> None:
+    """A batch that reaches max_batch is stored at once, the rest waits for the next batch."""
+    router, record, clock, answers = setup(max_batch=2, max_delay=1.0)
+    for p in (b"1", b"2", b"3"):
+        submit(router, answers, msg(p))
+    assert record.batches == [2]
+    assert set(answers) == {b"1", b"2"}
+    clock.advance(1.0)
+    assert record.batches == [2, 1]
+    assert set(answers) == {b"1", b"2", b"3"}
+
+
+def test_one_batch_in_flight_at_a_time() -> None:
+    """While a batch is being stored, new messages queue and go in the next batch together."""
+    mirror = RecordingMirror()
+    mirror.hang = True
+    router, record, clock, answers = setup([mirror], max_delay=0.001)
+    submit(router, answers, msg(b"x"))
+    clock.advance(0.001)
+    for p in (b"y", b"z"):
+        submit(router, answers, msg(p))
+    clock.advance(1)
+    assert record.batches == [1]
+    assert answers == {}
+
+
+def test_record_failure_answers_its_code_and_recovers() -> None:
+    """A failing record sink answers every message its retryable code; later batches succeed."""
+    router, record, clock, answers = setup(max_delay=0.001)
+    record.fail_with = SinkUnavailable("memory", "down")
+    submit(router, answers, msg(b"a"))
+    clock.advance(0.001)
+    assert answers == {b"a": ["unavailable"]}
+    assert not router.health["memory"].up
+    record.fail_with = None
+    submit(router, answers, msg(b"a"))
+    clock.advance(0.001)
+    assert answers[b"a"] == ["unavailable", "OK"]
+    assert router.health["memory"].up
+
+
+def test_mirror_gets_the_record_verdicts() -> None:
+    """The mirror is called after the record with the record's verdicts for the same messages."""
+    mirror = RecordingMirror()
+    router, record, clock, answers = setup([mirror], max_delay=0.001)
+    submit(router, answers, msg(b"a"))
+    submit(router, answers, msg(b"a", ip="10.0.0.2"))
+    clock.advance(0.001)
+    assert mirror.calls[0][1] == [Outcome.STORED, Outcome.DUPLICATE]
+    assert answers == {b"a": ["OK", "DUP"]}
+
+
+def test_mirror_failure_is_not_acknowledged() -> None:
+    """When Redis fails, a message SQL committed is answered with Redis's code, not OK."""
+    mirror = RecordingMirror()
+    mirror.fail = SinkTimeout("mirror", "slow")
+    router, record, clock, answers = setup([mirror], max_delay=0.001)
+    submit(router, answers, msg(b"a"))
+    clock.advance(0.001)
+    assert answers == {b"a": ["timeout"]}
+    assert len(record.order) == 1  # committed: the resend will be DUP
+
+
+def test_hung_sink_times_out() -> None:
+    """A sink that never answers makes the batch fail with timeout after batch_timeout."""
+    mirror = RecordingMirror()
+    mirror.hang = True
+    router, record, clock, answers = setup([mirror], max_delay=0.001, batch_timeout=5.0)
+    submit(router, answers, msg(b"a"))
+    clock.advance(0.001)
+    clock.advance(5.0)
+    assert answers == {b"a": ["timeout"]}
+
+
+def test_not_ready_answers_unavailable() -> None:
+    """Before the sinks have started every message is answered unavailable."""
+    router, record, clock, answers = setup()
+    router.ready = False
+    submit(router, answers, msg(b"a"))
+    assert answers == {b"a": ["unavailable"]}
+    assert record.order == []
+
+
+def test_queue_bound_answers_busy() -> None:
+    """Past max_pending queued messages the router answers busy instead of growing."""
+    mirror = RecordingMirror()
+    mirror.hang = True
+    router, record, clock, answers = setup([mirror], max_delay=0.001, max_pending=2, max_batch=1)
+    for p in (b"1", b"2", b"3", b"4"):
+        submit(router, answers, msg(p))
+    assert answers == {b"4": ["busy"]}
+
+
+def test_observers_see_final_codes() -> None:
+    """Batch observers get each message with its final code."""
+    router, record, clock, answers = setup(max_delay=0.001)
+    seen: list[tuple[list[bytes], list[str]]] = []
+    router.observers.append(lambda ms, cs: seen.append(([m.payload for m in ms], list(cs))))
+    submit(router, answers, msg(b"a"))
+    submit(router, answers, msg(b"a"))
+    clock.advance(0.001)
+    assert seen == [([b"a", b"a"], ["OK", "DUP"])]
+
+
+def test_drain_waits_for_queued_messages() -> None:
+    """drain() fires once every queued message has been stored and answered."""
+    router, record, clock, answers = setup(max_delay=1.0)
+    submit(router, answers, msg(b"a"))
+    drained = router.drain()
+    assert drained.called
+    assert answers == {b"a": ["OK"]}
