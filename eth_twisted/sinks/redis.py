@@ -1,0 +1,767 @@
+"""The Redis mirror sink: stats keys updated by one Lua script per batch, rebuilt from SQL.
+
+SQL is the record; Redis mirrors it for the stats API (DESIGN.md "Storage"):
+
+- ``<prefix>hashes``: sorted set, member = SHA-256, score = unix time of first receipt;
+- ``<prefix>ip_addresses``: hash, client IP -> records it was first to deliver;
+- ``<prefix>ip_messages``: hash, client IP -> every message it delivered, duplicates included.
+
+txredisapi queues commands silently while Redis is down and answers them
+minutes later (RELIABILITY.md 2.2), so every call made here is bounded twice:
+in time (``Deferred.addTimeout`` on the injected reactor) and in number
+(``max_in_flight``; past it a call fails at once). Failures become
+:mod:`eth_twisted.errors` exceptions: timeouts :class:`SinkTimeout`, everything
+else :class:`SinkUnavailable` (``BUSY`` scripts and a full in-flight budget:
+:class:`SinkBusy`). An outage is logged once when it starts and once when it ends.
+
+A Redis that restarted empty converges through :meth:`RedisSink.reconcile`,
+which the :class:`Reconciler` service runs at start, every ``interval`` and
+whenever the sink sees Redis come back (first success after failures, or a
+changed ``run_id``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import txredisapi
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
+from eth_twisted.model import IRecord, ISink, Message, Outcome
+from eth_twisted.payload import MAX_BLOCK_NUMBER
+
+DEFAULT_PREFIX = "eth:"
+DEFAULT_PAGE_SIZE = 5000
+DEFAULT_RECONCILE_INTERVAL = 300.0
+
+# One batch. KEYS: hashes, ip_addresses, ip_messages. ARGV: n, then per message
+# (hash, score, ip, flag) with flag "1" = the record stored it (first delivery),
+# "0" = the record called it a duplicate, "?" = no record: decide by ZADD NX.
+# Answers one integer per message: 1 when ZADD added the hash, else 0.
+STORE_SCRIPT = """
+local n = tonumber(ARGV[1])
+local added = {}
+local firsts = {}
+local delivered = {}
+for i = 0, n - 1 do
+  local b = 2 + i * 4
+  local h, score, ip, flag = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+  local a = redis.call('ZADD', KEYS[1], 'NX', score, h)
+  added[i + 1] = a
+  delivered[ip] = (delivered[ip] or 0) + 1
+  if flag == '1' or (flag == '?' and a == 1) then
+    firsts[ip] = (firsts[ip] or 0) + 1
+  end
+end
+for ip, c in pairs(delivered) do redis.call('HINCRBY', KEYS[3], ip, c) end
+for ip, c in pairs(firsts) do redis.call('HINCRBY', KEYS[2], ip, c) end
+return added
+"""
+
+# Replace ip_addresses with the record's counts. KEYS: ip_addresses, a temporary
+# key, ip_messages. ARGV: ip, count, ip, count, ... Built in the temporary key and
+# RENAMEd over the old one; ip_messages is raised to at least ip_addresses per IP
+# (it cannot be rebuilt from SQL, which keeps no duplicates). Answers how many
+# ip_messages fields were raised.
+RECONCILE_IPS_SCRIPT = """
+local dst, tmp, msgs = KEYS[1], KEYS[2], KEYS[3]
+redis.call('DEL', tmp)
+local n = #ARGV
+local i = 1
+while i <= n do
+  local j = math.min(i + 999, n)
+  redis.call('HSET', tmp, unpack(ARGV, i, j))
+  i = j + 1
+end
+local raised = 0
+for k = 1, n, 2 do
+  local ip, c = ARGV[k], tonumber(ARGV[k + 1])
+  local m = tonumber(redis.call('HGET', msgs, ip) or '0')
+  if m < c then
+    redis.call('HSET', msgs, ip, c)
+    raised = raised + 1
+  end
+end
+if n > 0 then redis.call('RENAME', tmp, dst) else redis.call('DEL', dst) end
+return raised
+"""
+
+# A consistent snapshot of both count hashes. KEYS: ip_addresses, ip_messages.
+READ_COUNTS_SCRIPT = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
+
+# Error replies that mean "this Redis cannot serve us now": an outage (retryable).
+# Other error replies (NOPERM, WRONGTYPE, unknown command) are refusals of one command.
+_OUTAGE_CODES = frozenset(
+    {"MISCONF", "LOADING", "READONLY", "MASTERDOWN", "OOM", "NOAUTH", "WRONGPASS",
+     "CLUSTERDOWN", "TRYAGAIN"}
+)
+
+
+class RedisClient(Protocol):
+    """What the sink needs from txredisapi's connection handler (fakes provide the same)."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """Send one command and fire with its reply."""
+
+    def disconnect(self) -> Deferred[Any]:
+        """Close every connection and stop reconnecting."""
+
+
+class _Script:
+    """A Lua script with its SHA-1, for EVALSHA."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source.strip().encode()
+        self.sha = hashlib.sha1(self.source).hexdigest()
+
+
+_STORE = _Script("store", STORE_SCRIPT)
+_RECONCILE_IPS = _Script("reconcile-ips", RECONCILE_IPS_SCRIPT)
+_READ_COUNTS = _Script("read-counts", READ_COUNTS_SCRIPT)
+_SCRIPTS = (_STORE, _RECONCILE_IPS, _READ_COUNTS)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    """What one reconciliation did."""
+
+    records: int
+    """Records read from the record."""
+
+    hashes_added: int
+    """Hashes that were missing from ``hashes`` and were added."""
+
+    ips: int
+    """Client IPs now in ``ip_addresses``."""
+
+    ip_messages_raised: int
+    """IPs whose ``ip_messages`` was below their ``ip_addresses`` and was raised."""
+
+    seconds: float
+    """How long it took, by the sink's clock."""
+
+
+def _score(received_at: float) -> str:
+    """A sorted-set score for a receipt time, exact enough to round-trip a float."""
+    return repr(float(received_at))
+
+
+def _text(value: Any) -> str:
+    """A Redis bulk reply (bytes with ``charset=None``) as text."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _pairs_to_counts(flat: Sequence[Any] | None) -> dict[str, int]:
+    """``[field, value, field, value, ...]`` from HGETALL as ``{field: int(value)}``."""
+    items = list(flat or [])
+    return {_text(items[i]): int(items[i + 1]) for i in range(0, len(items) - 1, 2)}
+
+
+def parse_run_id(info: Any) -> str | None:
+    """The ``run_id`` field of an ``INFO server`` reply, or None."""
+    for line in _text(info).splitlines():
+        if line.startswith("run_id:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+@implementer(ISink)
+class RedisSink:
+    """The Redis mirror, on any txredisapi-like client.
+
+    ``redis`` is txredisapi's connection handler (see :func:`make_redis_sink`)
+    or a fake with ``execute_command`` and ``disconnect``. It must be built with
+    ``convertNumbers=False`` and ``charset=None``. Every call is bounded by
+    ``call_timeout`` seconds on ``reactor`` and by ``max_in_flight`` calls.
+    """
+
+    name = "redis"
+    log = Logger()
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        reactor: IReactorTime | None = None,
+        call_timeout: float = 5.0,
+        max_in_flight: int = 64,
+        where: str = "redis",
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor  # type: ignore[assignment]
+        if call_timeout <= 0:
+            raise ValueError("call_timeout must be positive")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._redis = redis
+        self._reactor: IReactorTime = reactor  # type: ignore[assignment]
+        self.prefix = prefix
+        self.hashes_key = prefix + "hashes"
+        self.ip_addresses_key = prefix + "ip_addresses"
+        self.ip_messages_key = prefix + "ip_messages"
+        self.reconcile_tmp_key = prefix + "ip_addresses:rebuild"
+        self.call_timeout = call_timeout
+        self.max_in_flight = max_in_flight
+        self.where = where
+        self.in_flight = 0
+        self.failures = 0
+        """Calls that failed (any reason), since start."""
+        self.outage_started: float | None = None
+        """When the current outage began (reactor seconds), None while Redis answers."""
+        self.run_id: str | None = None
+        """Redis's ``run_id`` as last seen: a change means Redis restarted."""
+        self.persistent: bool | None = None
+        """False when Redis has neither AOF nor RDB snapshots; None when unknown."""
+        self._outage_failures = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._stopped = False
+
+    # -- ISink -------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Load the scripts, note Redis's run_id and warn when it has no persistence.
+
+        Fails with a :class:`SinkError` when Redis does not answer; the sink still
+        works afterwards (EVALSHA falls back to EVAL), so a caller may log and go on.
+        """
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        for script in _SCRIPTS:
+            sha = await self._call("SCRIPT LOAD", "SCRIPT", "LOAD", script.source)
+            if _text(sha) != script.sha:
+                raise SinkUnavailable(self.name, f"SCRIPT LOAD {script.name} answered {sha!r}")
+        self.run_id = await self._fetch_run_id()
+        await self._check_persistence()
+
+    def stop(self) -> Deferred[None]:
+        """Close the pool (bounded by ``call_timeout``)."""
+        self._stopped = True
+        d = defer.maybeDeferred(self._redis.disconnect)
+        d.addTimeout(self.call_timeout, self._reactor)
+
+        def closed(result: Any) -> None:
+            if isinstance(result, Failure):
+                self.log.warn("Redis {where}: closing the pool: {reason}", where=self.where,
+                              reason=result.getErrorMessage())
+            return None
+
+        return d.addBoth(closed)
+
+    def ping(self) -> Deferred[None]:
+        """Fire with None when Redis answers PING; fail with a SinkError otherwise."""
+        return self._call("PING", "PING").addCallback(lambda _: None)
+
+    def store_batch(
+        self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None
+    ) -> Deferred[list[Outcome]]:
+        """Mirror one batch with a single Lua script; one Outcome per message, in order.
+
+        With ``verdicts`` (the record's outcomes) a STORED message counts as its
+        IP's first delivery, DUPLICATE does not, REJECTED is skipped entirely, and
+        the verdicts are answered back. Without them the sink stands alone:
+        ZADD NX decides (added: STORED, else DUPLICATE) and out-of-range block
+        numbers are REJECTED like the record would.
+
+        A timeout is ambiguous: the script may have run. The server then answers
+        ``ERR timeout``, the client resends, and the record calls the resend DUP, so
+        ``hashes`` and ``ip_addresses`` stay right; ``ip_messages`` counts that
+        delivery twice (it counts deliveries, and cannot tell a resend apart).
+        """
+        if verdicts is not None and len(verdicts) != len(messages):
+            return defer.fail(ValueError(f"{len(verdicts)} verdicts for {len(messages)} messages"))
+        outcomes: list[Outcome | None] = []
+        args: list[str] = []
+        sent: list[int] = []
+        for i, m in enumerate(messages):
+            if verdicts is not None:
+                verdict = verdicts[i]
+                if verdict is Outcome.REJECTED:
+                    outcomes.append(Outcome.REJECTED)
+                    continue
+                flag = "1" if verdict is Outcome.STORED else "0"
+                outcomes.append(verdict)
+            elif m.block_number is not None and not 0 <= m.block_number <= MAX_BLOCK_NUMBER:
+                outcomes.append(Outcome.REJECTED)
+                continue
+            else:
+                flag = "?"
+                outcomes.append(None)
+            sent.append(i)
+            args += [m.hash, _score(m.received_at), m.client_ip, flag]
+        if not sent:
+            return defer.succeed([o for o in outcomes if o is not None])
+
+        keys = [self.hashes_key, self.ip_addresses_key, self.ip_messages_key]
+        d = self._eval(_STORE, keys, [str(len(sent)), *args])
+
+        def answer(added: Any) -> list[Outcome]:
+            if not isinstance(added, list) or len(added) != len(sent):
+                raise SinkUnavailable(self.name, f"store script answered {added!r}")
+            for i, a in zip(sent, added, strict=True):
+                if outcomes[i] is None:
+                    outcomes[i] = Outcome.STORED if int(a) == 1 else Outcome.DUPLICATE
+            return [o for o in outcomes if o is not None]
+
+        return d.addCallback(answer)
+
+    # -- read paths for the stats API ------------------------------------------------
+
+    def read_counts(self) -> Deferred[tuple[dict[str, int], dict[str, int]]]:
+        """``(ip_addresses, ip_messages)`` as ``{ip: count}``, read in one snapshot."""
+        d = self._eval(_READ_COUNTS, [self.ip_addresses_key, self.ip_messages_key], [])
+
+        def decode(reply: Any) -> tuple[dict[str, int], dict[str, int]]:
+            first, every = reply
+            return _pairs_to_counts(first), _pairs_to_counts(every)
+
+        return d.addCallback(decode)
+
+    def hash_count(self) -> Deferred[int]:
+        """How many hashes ``hashes`` holds (ZCARD)."""
+        return self._call("ZCARD", "ZCARD", self.hashes_key).addCallback(int)
+
+    # -- restarts and reconciliation ---------------------------------------------------
+
+    def add_recovery_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever Redis comes back or is seen to have restarted."""
+        self._listeners.append(listener)
+
+    def remove_recovery_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener``."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def check_restart(self) -> Deferred[bool]:
+        """Compare Redis's ``run_id`` with the last one seen; True (and listeners told) on a change."""
+        d = defer.ensureDeferred(self._fetch_run_id())
+
+        def compare(run_id: str | None) -> bool:
+            previous, self.run_id = self.run_id, run_id
+            if previous is not None and run_id is not None and run_id != previous:
+                self.log.info("Redis {where} restarted (run_id {old} -> {new})", where=self.where,
+                              old=previous[:8], new=run_id[:8])
+                self._notify()
+                return True
+            return False
+
+        return d.addCallback(compare)
+
+    def reconcile(self, record: IRecord, page_size: int = DEFAULT_PAGE_SIZE) -> Deferred[ReconcileResult]:
+        """Rebuild what Redis can know from the record.
+
+        Pages through ``record.fetch_records`` adding missing hashes (ZADD NX with
+        their receipt time, one command per page), then replaces ``ip_addresses``
+        with ``record.totals().first_by_ip`` (built in a temporary key and
+        RENAMEd, in one script) and raises ``ip_messages`` to at least
+        ``ip_addresses`` for every IP.
+
+        A batch mirrored while this runs may be counted in ``ip_addresses`` once
+        too few or too many times (its SQL commit and its Redis update are not
+        one transaction); the next reconciliation corrects it.
+        """
+        return defer.ensureDeferred(self._reconcile(record, page_size))
+
+    async def _reconcile(self, record: IRecord, page_size: int) -> ReconcileResult:
+        started = self._reactor.seconds()
+        after, records, added = 0, 0, 0
+        while True:
+            rows = await record.fetch_records(after, page_size)
+            if not rows:
+                break
+            args: list[str] = []
+            for r in rows:
+                args += [_score(r.received_at), r.hash]
+            n = await self._call("reconcile ZADD", "ZADD", self.hashes_key, "NX", *args)
+            added += int(n)
+            records += len(rows)
+            after = rows[-1].id
+            if len(rows) < page_size:
+                break
+        totals = await record.totals()
+        flat: list[str] = []
+        for ip, count in sorted(totals.first_by_ip.items()):
+            flat += [ip, str(int(count))]
+        keys = [self.ip_addresses_key, self.reconcile_tmp_key, self.ip_messages_key]
+        raised = await self._eval(_RECONCILE_IPS, keys, flat)
+        return ReconcileResult(records, added, len(totals.first_by_ip), int(raised),
+                               self._reactor.seconds() - started)
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _fetch_run_id(self) -> str | None:
+        info = await self._call("INFO server", "INFO", "server")
+        return parse_run_id(info)
+
+    async def _check_persistence(self) -> None:
+        try:
+            appendonly = await self._call("CONFIG GET appendonly", "CONFIG", "GET", "appendonly",
+                                          quiet=True)
+            save = await self._call("CONFIG GET save", "CONFIG", "GET", "save", quiet=True)
+        except SinkError as e:
+            self.persistent = None
+            self.log.info(
+                "Redis {where}: persistence unknown (CONFIG GET refused: {reason}); "
+                "the mirror is rebuilt from SQL after a restart either way",
+                where=self.where, reason=e.reason,
+            )
+            return
+        aof = _text(appendonly[1]) if len(appendonly) > 1 else ""
+        rdb = _text(save[1]).strip() if len(save) > 1 else ""
+        self.persistent = aof == "yes" or bool(rdb)
+        if not self.persistent:
+            self.log.warn(
+                "Redis {where} has no persistence (appendonly={aof}, save={save!r}): a restart "
+                "empties the mirror until it is rebuilt from SQL",
+                where=self.where, aof=aof, save=rdb,
+            )
+
+    def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Deferred[Any]:
+        """EVALSHA ``script``, falling back to EVAL on NOSCRIPT; one bounded call in all."""
+
+        def run() -> Deferred[Any]:
+            d = self._redis.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+            def noscript(f: Failure) -> Any:
+                if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
+                    self.log.info("Redis {where}: script {script} not loaded; sending it with EVAL",
+                                  where=self.where, script=script.name)
+                    return self._redis.execute_command("EVAL", script.source, len(keys), *keys, *args)
+                return f
+
+            return d.addErrback(noscript)
+
+        return self._bounded(f"EVALSHA {script.name}", run)
+
+    def _call(self, what: str, *command: Any, quiet: bool = False) -> Deferred[Any]:
+        """One command, bounded in time and number."""
+        return self._bounded(what, lambda: self._redis.execute_command(*command), quiet)
+
+    def _bounded(
+        self, what: str, start: Callable[[], Deferred[Any]], quiet: bool = False
+    ) -> Deferred[Any]:
+        """Run ``start()`` within the in-flight budget and ``call_timeout``; map its failure.
+
+        ``quiet``: a refusal (a Redis error reply) is expected and not logged.
+        """
+        if self.in_flight >= self.max_in_flight:
+            self.failures += 1
+            if self.outage_started is not None:
+                return defer.fail(SinkUnavailable(self.name, f"{what}: Redis is down and "
+                                                  f"{self.in_flight} calls are waiting"))
+            return defer.fail(SinkBusy(self.name, f"{what}: {self.in_flight} calls in flight"))
+        self.in_flight += 1
+        d = defer.maybeDeferred(start)
+        d.addTimeout(self.call_timeout, self._reactor)
+
+        def done(result: Any) -> Any:
+            self.in_flight -= 1
+            if isinstance(result, Failure):
+                err, outage = self._translate(result, what, quiet)
+                self.failures += 1
+                if outage:
+                    self._note_failure(err)
+                else:
+                    self._note_success()
+                raise err
+            self._note_success()
+            return result
+
+        return d.addBoth(done)
+
+    def _translate(self, f: Failure, what: str, quiet: bool = False) -> tuple[SinkError, bool]:
+        """Map a failure of one call to the project's exceptions; True when it is an outage."""
+        if f.check(SinkError):
+            return f.value, not f.check(SinkBusy)  # type: ignore[return-value]
+        if f.check(defer.TimeoutError, txredisapi.TimeoutError):
+            return SinkTimeout(self.name, f"{what}: no answer within {self.call_timeout:g}s"), True
+        if f.check(txredisapi.ResponseError):
+            text = str(f.value)
+            code = text.split(" ", 1)[0]
+            if code == "BUSY":
+                return SinkBusy(self.name, f"{what}: {text}"), False
+            if code in _OUTAGE_CODES:
+                return SinkUnavailable(self.name, f"{what}: {text}"), True
+            if not quiet:
+                # Not an outage: a refused command (ACL, WRONGTYPE, a script bug).
+                self.log.error("Redis {where}: {what} refused: {text}", where=self.where,
+                               what=what, text=text)
+            return SinkUnavailable(self.name, f"{what}: {text}"), False
+        if f.check(txredisapi.ConnectionError, error.ConnectError, error.ConnectionLost,
+                   error.ConnectionClosed, ConnectionError, defer.CancelledError):
+            reason = f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
+            return SinkUnavailable(self.name, f"{what}: {reason}"), True
+        self.log.failure("Redis {where}: {what} failed unexpectedly", f, where=self.where, what=what)
+        return SinkUnavailable(self.name, f"{what}: {f.type.__name__}"), True  # type: ignore[union-attr]
+
+    def _note_failure(self, err: SinkError) -> None:
+        self._outage_failures += 1
+        if self.outage_started is None and not self._stopped:
+            self.outage_started = self._reactor.seconds()
+            self.log.error("Redis {where} is unavailable: {reason}; calls fail until it answers",
+                           where=self.where, reason=err.reason)
+
+    def _note_success(self) -> None:
+        if self.outage_started is None:
+            return
+        seconds = self._reactor.seconds() - self.outage_started
+        failed, self._outage_failures = self._outage_failures, 0
+        self.outage_started = None
+        self.log.info("Redis {where} answers again after {seconds:.1f}s ({failed} failed calls)",
+                      where=self.where, seconds=seconds, failed=failed)
+        self._notify()
+
+    def _notify(self) -> None:
+        # Called from inside a call's callbacks: let the listeners run on the next turn.
+        self._reactor.callLater(0, self._run_listeners)
+
+    def _run_listeners(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                self.log.failure("Redis {where}: recovery listener failed", where=self.where)
+
+
+def make_redis_sink(
+    host: str = "127.0.0.1",
+    port: int = 6379,
+    db: int = 0,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    password: str | None = None,
+    username: str | None = None,
+    tls: Any = False,
+    reactor: IReactorTime | None = None,
+    reply_timeout: float = 5.0,
+    call_timeout: float | None = None,
+    connect_timeout: float | None = None,
+    pool_size: int = 4,
+    max_in_flight: int = 64,
+) -> RedisSink:
+    """Build a :class:`RedisSink` on a txredisapi lazy connection pool (not yet started).
+
+    ``tls`` is False, True (TLS without verification, txredisapi's default
+    context) or a ``ClientContextFactory``. ``reply_timeout`` bounds each reply
+    on the wire (txredisapi aborts the connection past it); ``call_timeout``
+    (default: ``reply_timeout``) bounds each call including the wait for a
+    connection. txredisapi always uses the global reactor for its connections;
+    ``reactor`` drives our own timeouts.
+    """
+    pool = txredisapi.lazyConnectionPool(
+        host=host,
+        port=port,
+        # SELECT only when needed: a failed SELECT stops txredisapi reconnecting (#146).
+        dbid=db or None,
+        poolsize=pool_size,
+        reconnect=True,
+        charset=None,
+        password=password,
+        username=username,
+        ssl_context_factory=tls,
+        connectTimeout=connect_timeout if connect_timeout is not None else reply_timeout,
+        replyTimeout=reply_timeout,
+        convertNumbers=False,
+    )
+    where = f"{host}:{port}/{db}"
+    return RedisSink(pool, prefix=prefix, reactor=reactor,
+                     call_timeout=call_timeout if call_timeout is not None else reply_timeout,
+                     max_in_flight=max_in_flight, where=where)
+
+
+class _ReconcilableSink(Protocol):
+    def reconcile(self, record: IRecord, page_size: int = ...) -> Deferred[ReconcileResult]: ...
+    def check_restart(self) -> Deferred[bool]: ...
+    def add_recovery_listener(self, listener: Callable[[], None]) -> None: ...
+    def remove_recovery_listener(self, listener: Callable[[], None]) -> None: ...
+
+
+class Reconciler(Service):
+    """Runs ``sink.reconcile(record)`` at start, every ``interval`` and when Redis comes back.
+
+    Runs never overlap: a trigger during a run asks for one more run after it.
+    Every failure is logged and counted and the loop goes on (a LoopingCall
+    whose function fails stops for good). Every ``watch_interval`` seconds it
+    asks the sink whether Redis restarted (``run_id`` changed), which an idle
+    server would otherwise not notice.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        sink: _ReconcilableSink,
+        record: IRecord,
+        interval: float = DEFAULT_RECONCILE_INTERVAL,
+        clock: IReactorTime | None = None,
+        metrics: Any = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        watch_interval: float | None = 10.0,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as default_reactor
+
+            clock = default_reactor  # type: ignore[assignment]
+        self.sink = sink
+        self.record = record
+        self.interval = interval
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.metrics = metrics
+        self.page_size = page_size
+        self.watch_interval = watch_interval
+        self.runs = 0
+        """Reconciliations attempted."""
+        self.failures = 0
+        """Reconciliations that failed."""
+        self.last_result: ReconcileResult | None = None
+        self.last_success_at: float | None = None
+        self._busy = False
+        self._again = False
+        self._waiters: list[Deferred[ReconcileResult | None]] = []
+        self._loop: LoopingCall | None = None
+        self._watch: LoopingCall | None = None
+
+    def startService(self) -> None:
+        """Start the loops; the first reconciliation runs now."""
+        super().startService()
+        self.sink.add_recovery_listener(self.trigger)
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True).addErrback(self._loop_died, "reconcile")
+        if self.watch_interval:
+            self._watch = LoopingCall(self._check_restart)
+            self._watch.clock = self.clock
+            self._watch.start(self.watch_interval, now=False).addErrback(self._loop_died, "watch")
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the loops and wait for a reconciliation in progress to end."""
+        super().stopService()
+        self.sink.remove_recovery_listener(self.trigger)
+        for loop in (self._loop, self._watch):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._loop = self._watch = None
+        if not self._busy:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)  # type: ignore[arg-type]
+        return d.addCallback(lambda _: None)
+
+    def trigger(self) -> None:
+        """Ask for a reconciliation soon (e.g. Redis came back); never fails."""
+        if self.running:
+            self.run_once()
+
+    def run_once(self) -> Deferred[ReconcileResult | None]:
+        """Reconcile now, or after the run in progress; fires with its result (None on failure)."""
+        if self._busy:
+            self._again = True
+            d: Deferred[ReconcileResult | None] = Deferred()
+            self._waiters.append(d)
+            return d
+        self._busy = True
+        return defer.ensureDeferred(self._run())
+
+    async def _run(self) -> ReconcileResult | None:
+        result: ReconcileResult | None = None
+        try:
+            while True:
+                self._again = False
+                result = await self._attempt()
+                if not self._again:
+                    break
+        finally:
+            self._busy = False
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                w.callback(result)
+        return result
+
+    async def _attempt(self) -> ReconcileResult | None:
+        self.runs += 1
+        try:
+            result = await self.sink.reconcile(self.record, self.page_size)
+        except SinkError as e:
+            self.failures += 1
+            self._count("error")
+            self.log.error("Redis reconciliation failed: {reason}; retrying in {interval:g}s or "
+                           "when Redis comes back", reason=str(e), interval=self.interval)
+            return None
+        except Exception:
+            self.failures += 1
+            self._count("error")
+            self.log.failure("Redis reconciliation failed; retrying in {interval:g}s",
+                             interval=self.interval)
+            return None
+        self.last_result = result
+        self.last_success_at = self.clock.seconds()
+        self._count("ok")
+        if self.metrics is not None:
+            self.metrics.reconciled_hashes.inc(result.hashes_added)
+        self.log.info(
+            "Redis reconciled from {records} records: {added} hashes added, {ips} IPs counted, "
+            "{raised} ip_messages raised, in {seconds:.2f}s",
+            records=result.records, added=result.hashes_added, ips=result.ips,
+            raised=result.ip_messages_raised, seconds=result.seconds,
+        )
+        return result
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reconciliations.labels(result=result).inc()
+
+    def _tick(self) -> Deferred[None]:
+        return self.run_once().addCallback(lambda _: None)
+
+    def _check_restart(self) -> Deferred[None]:
+        # check_restart tells the listeners (this service) itself; a Redis that
+        # does not answer is the data path's business, logged by the sink.
+        d = defer.maybeDeferred(self.sink.check_restart)
+        return d.addCallbacks(lambda _: None, lambda _: None)
+
+    def _loop_died(self, f: Failure, which: str) -> None:
+        self.log.failure("Redis reconciler: the {which} loop stopped", f, which=which)
+
+
+def start_reconciler(
+    sink: _ReconcilableSink,
+    record: IRecord,
+    interval: float = DEFAULT_RECONCILE_INTERVAL,
+    clock: IReactorTime | None = None,
+    metrics: Any = None,
+    **kwargs: Any,
+) -> Reconciler:
+    """Build a :class:`Reconciler` and start it (it reconciles at once); stop it with stopService."""
+    service = Reconciler(sink, record, interval=interval, clock=clock, metrics=metrics, **kwargs)
+    service.startService()
+    return service
+
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "ReconcileResult",
+    "Reconciler",
+    "RedisSink",
+    "make_redis_sink",
+    "parse_run_id",
+    "start_reconciler",
+]
