@@ -22,7 +22,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from eth_twisted import __version__, server_tap
-from eth_twisted.config import PRECEDENCE, EnvOptions, parse_bool
+from eth_twisted.config import PRECEDENCE, EnvOptions, non_negative_float, parse_bool
 
 
 def _client_options() -> usage.Options:
@@ -56,7 +56,7 @@ class Options(EnvOptions):
     synopsis = "eth [--verbose] [--wait SECONDS] server|client|run|stats|migrate [options]"
     longdesc = "Ethereum chain-head relay. `eth COMMAND --help` lists each command's options. " + PRECEDENCE
     optFlags = [["verbose", "v", "Log at debug level (every message received, every poll)"]]
-    optParameters = [["wait", None, 0.0, "Sleep this many seconds before starting", float]]
+    optParameters = [["wait", None, 0.0, "Sleep this many seconds before starting", non_negative_float]]
     subCommands = [
         ["server", None, server_tap.Options, "Run the eth-server"],
         ["client", None, _client_options, "Run the eth-client"],
@@ -73,8 +73,6 @@ class Options(EnvOptions):
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError("a command is required: server, client, run, stats or migrate")
-        if self["wait"] < 0:
-            raise usage.UsageError("--wait must be >= 0")
 
 
 def start_logging(verbose: bool, stream: Any = None) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from twisted.python import usage
+from twisted.python import reflect, usage
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
@@ -87,6 +87,20 @@ def positive_float(value: str) -> float:
 positive_float.coerceDoc = ""  # type: ignore[attr-defined]
 
 
+def non_negative_float(value: str) -> float:
+    """A coerce function for a number of seconds that may be zero."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}")
+    if number < 0:
+        raise ValueError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
+non_negative_float.coerceDoc = ""  # type: ignore[attr-defined]
+
+
 class EnvOptions(usage.Options):
     """``usage.Options`` that also reads ``ETH_*`` environment variables.
 
@@ -111,6 +125,9 @@ class EnvOptions(usage.Options):
             if long not in ("help", "version"):
                 self.docs[long] = f"{self.docs[long] or ''} [env {env_name(long)}]".strip()
         self._from_argv: set[str] = set()
+        for name, handler in list(self._dispatch.items()):
+            if isinstance(handler, usage.CoerceParameter):
+                self._dispatch[name] = _NamedCoerce(self, handler.coerce)
 
     def _make_repeatable(self, name: str) -> None:
         attr = "opt_" + name.replace("-", "_")
@@ -147,7 +164,11 @@ class EnvOptions(usage.Options):
 
     def _apply_environment(self) -> None:
         """Set every option whose ETH_* variable is present, coercing and checking it."""
-        flags = {long for long, _short, _doc in self.optFlags}
+        flag_specs: list[list[Any]] = []
+        reflect.accumulateClassList(type(self), "optFlags", flag_specs)
+        param_specs: list[list[Any]] = []
+        reflect.accumulateClassList(type(self), "optParameters", param_specs)
+        flags = {spec[0] for spec in flag_specs}
         for long in self.repeatable:
             raw = self.environ.get(env_name(long))
             if raw is not None:
@@ -156,7 +177,7 @@ class EnvOptions(usage.Options):
             raw = self.environ.get(env_name(long))
             if raw is not None:
                 self[long] = parse_bool(raw, env_name(long))
-        for spec in self.optParameters:
+        for spec in param_specs:
             long = spec[0]
             raw = self.environ.get(env_name(long))
             if raw is None or long in self.repeatable:
@@ -194,6 +215,18 @@ class EnvOptions(usage.Options):
             except OSError as e:
                 raise usage.UsageError(f"--{name}-file: cannot read {path}: {e.strerror}")
         return None
+
+
+class _NamedCoerce(usage.CoerceParameter):
+    """A CoerceParameter whose error names the option (``--port: expected an integer``)."""
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:  # noqa: N803
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} requires an argument")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName}: {e}")
 
 
 def mask(value: Any) -> str:

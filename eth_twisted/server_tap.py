@@ -7,24 +7,21 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python import usage
 
-from eth_twisted.config import PRECEDENCE, EnvOptions, int_in, mask, positive_float, state_path
+from eth_twisted.config import (
+    PRECEDENCE,
+    EnvOptions,
+    int_in,
+    mask,
+    non_negative_float,
+    positive_float,
+    state_path,
+)
 from eth_twisted.protocol import DEFAULT_DEADLINE, DEFAULT_MAX_LENGTH, DEFAULT_WINDOW
 
 log = Logger()
 
 DEFAULT_STATS = "tcp:8080:interface=127.0.0.1"
 SQLITE_FILE = "eth-server.sqlite3"
-
-
-def non_negative_float(value: str) -> float:
-    """A coerce function for a number of seconds that may be zero."""
-    number = float(value)
-    if number < 0:
-        raise ValueError(f"expected a number >= 0, got {value!r}")
-    return number
-
-
-non_negative_float.coerceDoc = ""  # type: ignore[attr-defined]
 
 
 def tcp_endpoint(host: str, port: int) -> str:

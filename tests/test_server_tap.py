@@ -1,0 +1,146 @@
+"""Options of eth-server and the eth CLI: seed flags, endpoints, environment, secrets."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.python import usage
+
+from eth_twisted import cli
+from eth_twisted.server_tap import Options, storage_kwargs
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> Options:
+    o = Options(environ=env or {})
+    o.parseOptions(argv)
+    return o
+
+
+def test_defaults() -> None:
+    """With no options the server listens on 127.0.0.1:9999 and stores to the SQLite file."""
+    o = parse([])
+    assert o["listen"] == "tcp:9999:interface=127.0.0.1"
+    assert o["stats"] == "tcp:8080:interface=127.0.0.1"
+    assert storage_kwargs(o) == {"migrate": True, "sqlite": "eth-server.sqlite3"}
+    assert o["max-length"] == 65536 and o["window"] == 256 and o["deadline"] == 10.0
+
+
+def test_seed_flags() -> None:
+    """The seed's flags keep their meaning."""
+    o = parse(["--host", "0.0.0.0", "--port", "8888", "--use-redis", "--redis-host", "r", "--redis-port",
+               "6380", "--redis-db", "2", "--use-mysql", "--mysql-host", "db", "--mysql-user", "u",
+               "--mysql-pass", "s3cret", "--mysql-db", "eth"])
+    assert o["listen"] == "tcp:8888:interface=0.0.0.0"
+    kw = storage_kwargs(o)
+    assert kw["mysql"]["host"] == "db" and kw["mysql"]["password"] == "s3cret"
+    assert kw["redis"]["host"] == "r" and kw["redis"]["port"] == 6380 and kw["redis"]["db"] == 2
+    assert "sqlite" not in kw
+    assert any("ETH_MYSQL_PASS" in w and "--mysql-pass-file" in w for w in o.warnings)
+    assert "s3cret" not in o.storage_summary()
+
+
+def test_endpoint_string_beside_seed_flags() -> None:
+    """--listen takes a Twisted endpoint string and wins over --host/--port."""
+    o = parse(["--listen", "tcp:7000:interface=::1", "--port", "1"])
+    assert o["listen"] == "tcp:7000:interface=::1"
+
+
+def test_ipv6_host_is_escaped() -> None:
+    """An IPv6 --host becomes a valid endpoint string (colons escaped)."""
+    assert parse(["--host", "::1"])["listen"] == "tcp:9999:interface=\\:\\:1"
+
+
+def test_environment_and_precedence() -> None:
+    """ETH_* variables set options; the command line wins over them."""
+    env = {"ETH_PORT": "7777", "ETH_USE_REDIS": "yes", "ETH_REDIS_HOST": "cache", "ETH_HOST": "0.0.0.0"}
+    o = parse([], env)
+    assert o["listen"] == "tcp:7777:interface=0.0.0.0"
+    assert storage_kwargs(o)["redis"]["host"] == "cache"
+    o = parse(["--port", "1234"], env)
+    assert o["listen"] == "tcp:1234:interface=0.0.0.0"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("on", True), ("TRUE", True), ("no", False), ("off", False), ("0", False)])
+def test_flag_words(value: str, expected: bool) -> None:
+    """Flags in the environment take 1/true/yes/on and 0/false/no/off."""
+    assert parse([], {"ETH_USE_REDIS": value})["use-redis"] is expected
+
+
+def test_bad_flag_word_names_the_variable() -> None:
+    """A flag value that is no true/false word is an error naming the variable."""
+    with pytest.raises(usage.UsageError, match="ETH_USE_REDIS"):
+        parse([], {"ETH_USE_REDIS": "maybe"})
+
+
+def test_bad_number_in_environment_names_it() -> None:
+    """A malformed number in the environment is an error naming the variable."""
+    with pytest.raises(usage.UsageError, match="ETH_PORT"):
+        parse([], {"ETH_PORT": "http"})
+
+
+@pytest.mark.parametrize("missing", ["mysql-host", "mysql-user", "mysql-db"])
+def test_use_mysql_needs_its_companions(missing: str) -> None:
+    """--use-mysql without host, user or database is refused, naming what is missing."""
+    argv = ["--use-mysql", "--mysql-host", "h", "--mysql-user", "u", "--mysql-db", "d"]
+    i = argv.index("--" + missing)
+    del argv[i : i + 2]
+    with pytest.raises(usage.UsageError, match=f"--{missing}"):
+        parse(argv)
+
+
+def test_password_from_environment_file_and_credentials(tmp_path) -> None:
+    """The MySQL password can come from ETH_MYSQL_PASS, --mysql-pass-file or $CREDENTIALS_DIRECTORY."""
+    base = ["--use-mysql", "--mysql-host", "h", "--mysql-user", "u", "--mysql-db", "d"]
+    assert storage_kwargs(parse(base, {"ETH_MYSQL_PASS": "from-env"}))["mysql"]["password"] == "from-env"
+    f = tmp_path / "pw"
+    f.write_text("from-file\n")
+    o = parse([*base, "--mysql-pass-file", str(f)])
+    assert storage_kwargs(o)["mysql"]["password"] == "from-file"
+    assert o.warnings == []
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mysql-pass").write_text("from-creds")
+    assert storage_kwargs(parse(base, {"CREDENTIALS_DIRECTORY": str(creds)}))["mysql"]["password"] == "from-creds"
+
+
+def test_unreadable_password_file_is_named(tmp_path) -> None:
+    """A password file that cannot be read is an error naming the option."""
+    with pytest.raises(usage.UsageError, match="--mysql-pass-file"):
+        parse(["--use-mysql", "--mysql-host", "h", "--mysql-user", "u", "--mysql-db", "d",
+               "--mysql-pass-file", str(tmp_path / "nope")])
+
+
+def test_state_directory_holds_the_sqlite_file() -> None:
+    """With $STATE_DIRECTORY set the SQLite file lives there."""
+    assert parse([], {"STATE_DIRECTORY": "/var/lib/eth"})["sqlite"] == "/var/lib/eth/eth-server.sqlite3"
+
+
+def test_help_states_environment_and_precedence() -> None:
+    """--help names each option's variable and the precedence rule."""
+    text = str(Options(environ={}))
+    assert "[env ETH_REDIS_HOST]" in text
+    assert "Precedence: command line, then environment, then default" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["server", "--port", "notaport"], "--port"),
+        (["server", "--bogus"], "bogus"),
+        (["server", "--use-mysql"], "--mysql-host"),
+        (["server", "--max-length", "0"], "max-length"),
+        ([], "command is required"),
+        (["--wait", "x", "server"], "wait"),
+    ],
+)
+def test_cli_bad_options_exit_nonzero_naming_them(argv: list[str], needle: str, capsys) -> None:
+    """`eth` exits 2 with a message naming the bad option."""
+    assert cli.main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_global_options() -> None:
+    """`eth --verbose --wait 2 server` parses the globals before the command."""
+    o = cli.Options()
+    o.parseOptions(["--verbose", "--wait", "2", "server", "--port", "1"])
+    assert o["verbose"] and o["wait"] == 2.0 and o.subCommand == "server"
+    assert o.subOptions["listen"] == "tcp:1:interface=127.0.0.1"
