@@ -1,0 +1,212 @@
+"""Running totals of what the server stored, for the stats API and the dashboard.
+
+:class:`ServerStats` is seeded once at start from the record (SQL totals, and
+Redis's per-client message counts when Redis is configured), then kept
+current in memory by the router after every batch (:meth:`ServerStats.observe`).
+The stats API reads :meth:`ServerStats.snapshot`, which is cached for a
+second on the injected clock: dashboards polling it never touch the writer,
+and ingest never waits for them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+
+from eth_twisted.model import IRecord, Message, Outcome, Record, Totals
+
+CHART_POINTS = 600
+"""How many (received_at, block_number) points the chart ring keeps."""
+
+SNAPSHOT_TTL = 1.0
+"""Seconds a snapshot is served from cache."""
+
+_STORED = Outcome.STORED.value
+_DUPLICATE = Outcome.DUPLICATE.value
+
+
+@dataclass(slots=True)
+class ClientCounts:
+    """What the server knows about one client address."""
+
+    records: int = 0
+    """Records this address was first to deliver."""
+    messages: int = 0
+    """Every message it delivered, duplicates included."""
+    latest_block: int | None = None
+    """Block number of the newest record it was first to deliver."""
+    last_seen: float | None = None
+    """When it last delivered a message (since this process started)."""
+
+
+class ServerStats:
+    """In-memory running totals, seeded from the record and updated per batch."""
+
+    def __init__(
+        self, clock: IReactorTime, *, chart_points: int = CHART_POINTS, ttl: float = SNAPSHOT_TTL
+    ) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.started_at = clock.seconds()
+        self.records = 0
+        self.messages = 0
+        self.clients: dict[str, ClientCounts] = {}
+        self.first_received_at: float | None = None
+        self.last_received_at: float | None = None
+        self.latest_block: int | None = None
+        self.latest_block_at: float | None = None
+        self.messages_source = "sql"
+        self.seeded = False
+        self.chart: deque[tuple[float, int]] = deque(maxlen=chart_points)
+        self._cache: dict[str, Any] | None = None
+        self._cache_at = 0.0
+
+    # -- feeding -------------------------------------------------------------
+
+    def _client(self, ip: str) -> ClientCounts:
+        counts = self.clients.get(ip)
+        if counts is None:
+            counts = self.clients[ip] = ClientCounts()
+        return counts
+
+    def seed(self, totals: Totals, ip_messages: dict[str, int] | None = None) -> None:
+        """Start from the record's ``totals`` and, when Redis is configured, its message counts.
+
+        Without ``ip_messages`` (no Redis) each client's message count starts at
+        its record count: SQL holds first deliveries only, so duplicates
+        delivered before this process started are unknown.
+        """
+        self.records = totals.records
+        self.clients = {}
+        for ip, n in totals.first_by_ip.items():
+            self._client(ip).records = n
+        for ip, block in totals.latest_block_by_ip.items():
+            self._client(ip).latest_block = block
+        if ip_messages is not None:
+            self.messages_source = "redis"
+            for ip, n in ip_messages.items():
+                self._client(ip).messages = int(n)
+        else:
+            self.messages_source = "sql"
+            for counts in self.clients.values():
+                counts.messages = counts.records
+        for counts in self.clients.values():
+            # Redis may lag SQL after a restart; never show fewer messages than records.
+            counts.messages = max(counts.messages, counts.records)
+        self.messages = sum(c.messages for c in self.clients.values())
+        self.first_received_at = totals.first_received_at
+        self.last_received_at = totals.last_received_at
+        self.latest_block = totals.latest_block
+        self.latest_block_at = totals.latest_block_at
+        self.seeded = True
+        self._cache = None
+
+    def seed_chart(self, records: Iterable[Record]) -> None:
+        """Fill the chart ring from stored records (any order), oldest first."""
+        points = sorted(
+            (r.received_at, r.block_number, r.id) for r in records if r.block_number is not None
+        )
+        self.chart.clear()
+        for at, number, _ in points:
+            self.chart.append((at, int(number)))
+        self._cache = None
+
+    @defer.inlineCallbacks
+    def load(self, record: IRecord, ip_messages: dict[str, int] | None = None) -> Any:
+        """Seed totals and chart from ``record`` (its read path); fire when done."""
+        totals = yield record.totals()
+        recent = yield record.recent(self.chart.maxlen or CHART_POINTS)
+        self.seed(totals, ip_messages)
+        self.seed_chart(recent)
+
+    def observe(self, messages: Sequence[Message], outcomes: Sequence[Outcome | str]) -> None:
+        """Count one stored batch: the router calls this with the batch's final outcomes.
+
+        ``Outcome.STORED`` (``"OK"``) is a first delivery, ``Outcome.DUPLICATE``
+        (``"DUP"``) a delivery of something already held; anything else (an ERR
+        code) was not stored and is not counted as delivered.
+        """
+        now = self.clock.seconds()
+        changed = False
+        for message, outcome in zip(messages, outcomes, strict=True):
+            code = outcome.value if isinstance(outcome, Outcome) else outcome
+            if code != _STORED and code != _DUPLICATE:
+                continue
+            changed = True
+            counts = self._client(message.client_ip)
+            counts.messages += 1
+            counts.last_seen = now
+            self.messages += 1
+            if code != _STORED:
+                continue
+            self.records += 1
+            counts.records += 1
+            at = message.received_at
+            if self.first_received_at is None or at < self.first_received_at:
+                self.first_received_at = at
+            if self.last_received_at is None or at > self.last_received_at:
+                self.last_received_at = at
+            if message.block_number is not None:
+                self.latest_block = message.block_number
+                self.latest_block_at = at
+                counts.latest_block = message.block_number
+                self.chart.append((at, message.block_number))
+        if changed:
+            self._cache = None
+
+    # -- reading -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The stats as a JSON-ready dict, computed at most once per ``ttl`` seconds."""
+        now = self.clock.seconds()
+        if self._cache is not None and now - self._cache_at < self.ttl:
+            return self._cache
+        self._cache = self._build(now)
+        self._cache_at = now
+        return self._cache
+
+    def _build(self, now: float) -> dict[str, Any]:
+        clients = [
+            {
+                "ip": ip,
+                "records": c.records,
+                "messages": c.messages,
+                "latest_block": c.latest_block,
+                "last_seen": c.last_seen,
+            }
+            for ip, c in sorted(self.clients.items(), key=lambda kv: (-kv[1].messages, kv[0]))
+        ]
+        latest: dict[str, Any] | None = None
+        if self.latest_block is not None:
+            latest = {
+                "number": self.latest_block,
+                "received_at": self.latest_block_at,
+                "age_seconds": (
+                    max(0.0, now - self.latest_block_at) if self.latest_block_at is not None else None
+                ),
+            }
+        return {
+            "now": now,
+            "started_at": self.started_at,
+            "uptime_seconds": max(0.0, now - self.started_at),
+            "messages_source": self.messages_source,
+            "totals": {
+                "records": self.records,
+                "messages": self.messages,
+                "duplicates": max(0, self.messages - self.records),
+                "clients": len(self.clients),
+            },
+            "first_received_at": self.first_received_at,
+            "last_received_at": self.last_received_at,
+            "latest_block": latest,
+            "clients": clients,
+            "chart": [[at, number] for at, number in self.chart],
+        }
+
+
+__all__ = ["CHART_POINTS", "ClientCounts", "ServerStats"]

@@ -1,0 +1,646 @@
+"""The HTTP side: stats API, Prometheus metrics, health checks and the dashboard.
+
+Three site builders, each returning a ``twisted.web.server.Site`` the taps
+listen on with an endpoint string:
+
+- :func:`make_server_site`: ``/`` (dashboard), ``/api/stats``,
+  ``/api/messages?limit=&before=``, ``/api/blocks/<n>``, ``/api/openapi.json``,
+  ``/healthz``, ``/readyz``, ``/metrics``;
+- :func:`make_client_site`: ``/healthz``, ``/readyz``, ``/metrics``;
+- :func:`make_combined_site` (``eth run``): the server's site, whose
+  ``/metrics`` carries both registries and whose ``/readyz`` needs both sides
+  ready, plus ``/client/healthz``, ``/client/readyz`` and ``/client/metrics``
+  for the client alone.
+
+Every response is JSON (``/metrics`` is Prometheus text, the dashboard its
+static files), carries the security headers in :data:`SECURITY_HEADERS`, and
+an error is a JSON body ``{"error": code, "message": text}`` with the proper
+status, never a traceback. With a ``token`` every path needs
+``Authorization: Bearer <token>`` except the health checks and the
+dashboard's static files (which hold no data: the dashboard's script sends the
+token it is given in the URL fragment). With ``allowed_hosts`` a request whose
+``Host`` is not listed gets 421 (health checks excepted).
+
+The web layer reads the record's own read path and the in-memory
+:class:`~eth_twisted.stats.ServerStats`; it never touches the writer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from eth_twisted.metrics import ClientMetrics, ServerMetrics
+from eth_twisted.model import IRecord, ISink, Record
+from eth_twisted.payload import MAX_BLOCK_NUMBER
+from eth_twisted.stats import ServerStats
+
+log = Logger()
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+PING_TIMEOUT = 2.0
+"""Seconds each sink has to answer a /readyz ping."""
+HANDLER_TIMEOUT = 10.0
+"""Seconds a read (messages, blocks) may take before the answer is a 503."""
+READY_CACHE = 1.0
+"""Seconds a /readyz answer is reused, so probes and dashboards cannot hammer the sinks."""
+
+JSON_TYPE = "application/json; charset=utf-8"
+
+SECURITY_HEADERS: dict[str, str] = {
+    "Content-Security-Policy": (
+        "default-src 'self'; base-uri 'none'; object-src 'none'; "
+        "frame-ancestors 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".json": "application/json; charset=utf-8",
+}
+DASHBOARD_FILES = ("index.html", "dashboard.js", "dashboard.css", "favicon.svg")
+
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
+# -- responses and errors -----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Response:
+    """A complete HTTP answer a handler returns."""
+
+    body: bytes
+    content_type: str = JSON_TYPE
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    """An error answer: ``status`` and a short machine-readable ``code``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact UTF-8 JSON (no NaN)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer that is never cached."""
+    h = {"Cache-Control": "no-store"}
+    h.update(headers or {})
+    return Response(json_bytes(obj), JSON_TYPE, status, h)
+
+
+def error_response(error: ApiError) -> Response:
+    """The JSON body of an :class:`ApiError`."""
+    return json_response({"error": error.code, "message": error.message}, error.status, error.headers)
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix time as ISO 8601 in UTC, or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def record_json(record: Record) -> dict[str, Any]:
+    """One stored record for the API: payload as text when UTF-8, else base64."""
+    try:
+        payload = record.payload.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        payload = base64.b64encode(record.payload).decode("ascii")
+        encoding = "base64"
+    return {
+        "id": record.id,
+        "hash": record.hash,
+        "block_number": record.block_number,
+        "client_ip": record.client_ip,
+        "client_id": record.client_id,
+        "received_at": record.received_at,
+        "received_at_iso": iso(record.received_at),
+        "size": len(record.payload),
+        "payload_encoding": encoding,
+        "payload": payload,
+    }
+
+
+# -- query parsing ------------------------------------------------------------------
+
+
+def _single(request: Request, name: str) -> str | None:
+    values = (request.args or {}).get(name.encode(), [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, "bad-request", f"{name} given more than once")
+    try:
+        return values[0].decode("ascii")
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad-request", f"{name} must be an integer")
+
+
+def parse_int(text: str | None, name: str, low: int, high: int | None = None) -> int | None:
+    """A decimal integer in ``low..high`` from a query/path value, or ApiError 400."""
+    if text is None:
+        return None
+    if not _DIGITS.fullmatch(text):
+        raise ApiError(400, "bad-request", f"{name} must be a decimal integer")
+    value = int(text)
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ApiError(400, "bad-request", f"{name} must be in {bound}")
+    return value
+
+
+# -- the request dispatcher ------------------------------------------------------------
+
+Handler = Callable[[Request, "re.Match[str]"], Any]
+"""Takes the request and the route's match; returns a Response or a Deferred of one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One path pattern (full match) and its handler; ``public`` skips token and Host checks."""
+
+    pattern: re.Pattern[str]
+    handler: Handler
+    public: bool = False
+
+    @classmethod
+    def at(cls, pattern: str, handler: Handler, public: bool = False) -> Route:
+        """A route whose ``pattern`` is a regex matched against the whole path."""
+        return cls(re.compile(pattern), handler, public)
+
+
+def _host_of(header: bytes | None) -> str | None:
+    """The host name of a Host header, lowercased, without port or brackets."""
+    if not header:
+        return None
+    try:
+        host = header.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else None
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".") or None
+
+
+def host_allowed(host: str | None, allowed: Sequence[str]) -> bool:
+    """True when ``host`` matches an entry: exact, ``*``, or ``.example.com`` for subdomains."""
+    if host is None:
+        return False
+    for entry in allowed:
+        entry = entry.strip().lower().strip("[]")
+        if entry == "*" or host == entry.rstrip("."):
+            return True
+        if entry.startswith(".") and (host.endswith(entry) or host == entry[1:]):
+            return True
+    return False
+
+
+class App(Resource):
+    """A leaf resource that routes every path itself, so errors are always JSON."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        routes: Sequence[Route],
+        *,
+        clock: IReactorTime,
+        token: str | None = None,
+        allowed_hosts: Sequence[str] | None = None,
+        handler_timeout: float = HANDLER_TIMEOUT,
+    ) -> None:
+        super().__init__()
+        self.routes = list(routes)
+        self.clock = clock
+        self._token = token.encode() if token else None
+        self.allowed_hosts = list(allowed_hosts) if allowed_hosts else None
+        self.handler_timeout = handler_timeout
+
+    def render(self, request: Request) -> Any:
+        """Answer ``request``: headers, checks, then the route's handler."""
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        request.setHeader("Server", "eth-twisted")
+        try:
+            route, match = self._route(request)
+            if request.method not in (b"GET", b"HEAD"):
+                raise ApiError(405, "method-not-allowed", "only GET and HEAD are supported",
+                               {"Allow": "GET, HEAD"})
+            if not route.public:
+                self._check_host(request)
+                self._check_token(request)
+        except ApiError as e:
+            self._write(request, error_response(e))
+            return NOT_DONE_YET
+        d = defer.maybeDeferred(route.handler, request, match)
+        d.addTimeout(self.handler_timeout, self.clock)
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: d.cancel())
+        d.addCallbacks(lambda resp: self._write(request, resp),
+                       lambda f: self._failed(request, f))
+        d.addErrback(lambda f: self.log.failure("Writing a response failed", f))
+        return NOT_DONE_YET
+
+    def _route(self, request: Request) -> tuple[Route, re.Match[str]]:
+        try:
+            path = request.path.decode("ascii")
+        except UnicodeDecodeError:
+            raise ApiError(404, "not-found", "no such path")
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/") or "/"
+        for route in self.routes:
+            match = route.pattern.fullmatch(path)
+            if match is not None:
+                return route, match
+        raise ApiError(404, "not-found", "no such path")
+
+    def _check_host(self, request: Request) -> None:
+        if self.allowed_hosts is None:
+            return
+        if not host_allowed(_host_of(request.getHeader("host")), self.allowed_hosts):
+            raise ApiError(421, "host-not-allowed", "this Host is not served here")
+
+    def _check_token(self, request: Request) -> None:
+        if self._token is None:
+            return
+        header = request.getHeader("authorization") or ""
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise ApiError(401, "unauthorized", "a bearer token is required",
+                           {"WWW-Authenticate": 'Bearer realm="eth-twisted"'})
+        if not hmac.compare_digest(presented.strip().encode(), self._token):
+            raise ApiError(401, "unauthorized", "the bearer token is not valid",
+                           {"WWW-Authenticate": 'Bearer realm="eth-twisted", error="invalid_token"'})
+
+    def _failed(self, request: Request, failure: Failure) -> None:
+        if failure.check(defer.CancelledError) and request._disconnected:
+            return
+        if failure.check(ApiError):
+            self._write(request, error_response(failure.value))
+        elif failure.check(defer.TimeoutError, defer.CancelledError):
+            self._write(request, error_response(
+                ApiError(503, "timeout", "the backend did not answer in time", {"Retry-After": "1"})))
+        else:
+            self.log.failure("Handler for {path} failed", failure, path=request.path)
+            self._write(request, error_response(ApiError(500, "internal", "internal error")))
+
+    def _write(self, request: Request, response: Response) -> None:
+        if request._disconnected or request.finished:
+            return
+        request.setResponseCode(response.status)
+        request.setHeader("Content-Type", response.content_type)
+        for name, value in response.headers.items():
+            request.setHeader(name, value)
+        request.setHeader("Content-Length", str(len(response.body)))
+        if request.method != b"HEAD":
+            request.write(response.body)
+        request.finish()
+
+
+class QuietSite(Site):
+    """A Site that never shows tracebacks and logs no per-request line."""
+
+    displayTracebacks = False
+
+    def log(self, request: Request) -> None:  # noqa: D102 - Twisted hook
+        """Per-request access lines are left to a reverse proxy; metrics count what matters."""
+
+
+def _site(app: App) -> Site:
+    site = QuietSite(app)
+    site.displayTracebacks = False
+    return site
+
+
+# -- handlers ----------------------------------------------------------------------------
+
+
+def _static_files() -> dict[str, Response]:
+    folder = resources.files("eth_twisted") / "static"
+    files: dict[str, Response] = {}
+    for name in DASHBOARD_FILES:
+        body = (folder / name).read_bytes()
+        ctype = STATIC_TYPES[name[name.rfind("."):]]
+        files[name] = Response(body, ctype, 200, {"Cache-Control": "no-cache"})
+    return files
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3 document of the JSON endpoints (shipped as static/openapi.json)."""
+    folder = resources.files("eth_twisted") / "static"
+    return json.loads((folder / "openapi.json").read_text(encoding="utf-8"))
+
+
+class Readiness:
+    """Pings every sink with a short timeout; caches the answer for a second."""
+
+    def __init__(self, sinks: Sequence[ISink], clock: IReactorTime, timeout: float = PING_TIMEOUT):
+        self.sinks = list(sinks)
+        self.clock = clock
+        self.timeout = timeout
+        self._cached: tuple[float, bool, dict[str, Any]] | None = None
+        self._running: defer.Deferred[tuple[bool, dict[str, Any]]] | None = None
+
+    def check(self) -> defer.Deferred[tuple[bool, dict[str, Any]]]:
+        """Fire with (all sinks ok, {name: {"ok", "latency_ms", "error"?}})."""
+        now = self.clock.seconds()
+        if self._cached is not None and now - self._cached[0] < READY_CACHE:
+            return defer.succeed(self._cached[1:])  # type: ignore[arg-type]
+        if self._running is not None:
+            waiter: defer.Deferred[tuple[bool, dict[str, Any]]] = defer.Deferred()
+            self._running.addBoth(lambda r: (waiter.callback(r), r)[1])
+            return waiter
+        d = self._running = self._ping_all()
+
+        def done(result: tuple[bool, dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
+            self._running = None
+            self._cached = (self.clock.seconds(), *result)
+            return result
+
+        return d.addCallback(done)
+
+    @defer.inlineCallbacks
+    def _ping_all(self) -> Any:
+        results = yield defer.gatherResults([self._ping(s) for s in self.sinks])
+        detail = {name: info for name, info in results}
+        return all(info["ok"] for info in detail.values()), detail
+
+    @defer.inlineCallbacks
+    def _ping(self, sink: ISink) -> Any:
+        name = getattr(sink, "name", type(sink).__name__)
+        started = self.clock.seconds()
+        try:
+            d = defer.maybeDeferred(sink.ping)
+            d.addTimeout(self.timeout, self.clock)
+            yield d
+        except defer.TimeoutError:
+            return name, {"ok": False, "error": f"no answer within {self.timeout:g}s"}
+        except Exception as e:
+            # The class name says what failed; a backend's message may carry a DSN.
+            return name, {"ok": False, "error": type(e).__name__}
+        return name, {"ok": True, "latency_ms": round((self.clock.seconds() - started) * 1000, 3)}
+
+
+def _healthz(clock: IReactorTime, started: float) -> Handler:
+    def handler(request: Request, match: re.Match[str]) -> Response:
+        return json_response({"status": "ok", "uptime_seconds": max(0.0, clock.seconds() - started)})
+
+    return handler
+
+
+def _metrics(registries: Sequence[CollectorRegistry]) -> Handler:
+    def handler(request: Request, match: re.Match[str]) -> Response:
+        body = b"".join(generate_latest(r) for r in registries)
+        return Response(body, CONTENT_TYPE_LATEST, 200, {"Cache-Control": "no-store"})
+
+    return handler
+
+
+def _call_readiness(readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> tuple[bool, dict[str, Any]]:
+    try:
+        ok, detail = readiness()
+        return bool(ok), dict(detail)
+    except Exception:
+        log.failure("Client readiness check failed")
+        return False, {"error": "readiness check failed"}
+
+
+def _client_readyz(readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> Handler:
+    def handler(request: Request, match: re.Match[str]) -> Response:
+        ok, detail = _call_readiness(readiness)
+        return json_response({"status": "ready" if ok else "unready", "checks": detail},
+                             200 if ok else 503)
+
+    return handler
+
+
+def _server_readyz(
+    ready: Readiness, client: Callable[[], tuple[bool, dict[str, Any]]] | None = None
+) -> Handler:
+    @defer.inlineCallbacks
+    def handler(request: Request, match: re.Match[str]) -> Any:
+        ok, sinks = yield ready.check()
+        body: dict[str, Any] = {"status": "ready", "sinks": sinks}
+        failing = [name for name, info in sinks.items() if not info["ok"]]
+        if client is not None:
+            client_ok, client_detail = _call_readiness(client)
+            body["client"] = {"ok": client_ok, "checks": client_detail}
+            if not client_ok:
+                failing.append("client")
+            ok = ok and client_ok
+        if not ok:
+            body["status"] = "unready"
+            body["failing"] = failing
+        return json_response(body, 200 if ok else 503)
+
+    return handler
+
+
+def _server_routes(
+    *,
+    record: IRecord,
+    sinks: Sequence[ISink],
+    stats: ServerStats,
+    registries: Sequence[CollectorRegistry],
+    clock: IReactorTime,
+    client_readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
+) -> list[Route]:
+    started = clock.seconds()
+    static = _static_files()
+    spec = json_bytes(openapi_document())
+    ready = Readiness(sinks, clock)
+
+    def dashboard(request: Request, match: re.Match[str]) -> Response:
+        return static["index.html"]
+
+    def static_file(request: Request, match: re.Match[str]) -> Response:
+        found = static.get(match["name"])
+        if found is None:
+            raise ApiError(404, "not-found", "no such file")
+        return found
+
+    def api_stats(request: Request, match: re.Match[str]) -> Response:
+        snap = dict(stats.snapshot())
+        snap["first_received_at_iso"] = iso(snap.get("first_received_at"))
+        snap["last_received_at_iso"] = iso(snap.get("last_received_at"))
+        return json_response(snap)
+
+    def openapi(request: Request, match: re.Match[str]) -> Response:
+        return Response(spec, JSON_TYPE, 200, {"Cache-Control": "no-cache"})
+
+    @defer.inlineCallbacks
+    def messages(request: Request, match: re.Match[str]) -> Any:
+        limit = parse_int(_single(request, "limit"), "limit", 1)
+        before = parse_int(_single(request, "before"), "before", 1)
+        limit = min(limit if limit is not None else DEFAULT_LIMIT, MAX_LIMIT)
+        rows = yield record.recent(limit, before)
+        items = [record_json(r) for r in rows]
+        next_before = items[-1]["id"] if len(items) == limit else None
+        return json_response({"limit": limit, "before": before, "messages": items,
+                              "next_before": next_before})
+
+    @defer.inlineCallbacks
+    def blocks(request: Request, match: re.Match[str]) -> Any:
+        number = parse_int(match["number"], "block number", 0, MAX_BLOCK_NUMBER)
+        assert number is not None
+        rows = yield record.by_block(number)
+        if not rows:
+            raise ApiError(404, "not-found", f"no record of block {number}")
+        return json_response({"block_number": number, "records": [record_json(r) for r in rows]})
+
+    return [
+        Route.at(r"/", dashboard, public=True),
+        Route.at(r"/static/(?P<name>[A-Za-z0-9_.-]+)", static_file, public=True),
+        Route.at(r"/healthz", _healthz(clock, started), public=True),
+        Route.at(r"/readyz", _server_readyz(ready, client_readiness), public=True),
+        Route.at(r"/metrics", _metrics(registries)),
+        Route.at(r"/api/stats", api_stats),
+        Route.at(r"/api/messages", messages),
+        Route.at(r"/api/blocks/(?P<number>[^/]*)", blocks),
+        Route.at(r"/api/openapi\.json", openapi),
+    ]
+
+
+# -- public builders ----------------------------------------------------------------------
+
+
+def make_server_site(
+    *,
+    record: IRecord,
+    sinks: Sequence[ISink],
+    stats: ServerStats,
+    metrics: ServerMetrics,
+    clock: IReactorTime,
+    token: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    redis: Any = None,
+) -> Site:
+    """The server's stats site.
+
+    ``record`` serves /api/messages and /api/blocks through its read path;
+    ``sinks`` (every configured sink, the record included) are pinged by
+    /readyz; ``stats`` answers /api/stats; ``metrics.registry`` is /metrics.
+    ``redis`` is accepted for symmetry with the server's wiring and unused:
+    Redis's counts reach the stats through :meth:`ServerStats.seed`.
+    """
+    del redis
+    routes = _server_routes(record=record, sinks=sinks, stats=stats,
+                            registries=[metrics.registry], clock=clock)
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts))
+
+
+def _client_routes(
+    *,
+    metrics: ClientMetrics,
+    readiness: Callable[[], tuple[bool, dict[str, Any]]],
+    clock: IReactorTime,
+    prefix: str = "",
+) -> list[Route]:
+    started = clock.seconds()
+    p = re.escape(prefix)
+    return [
+        Route.at(p + r"/healthz", _healthz(clock, started), public=True),
+        Route.at(p + r"/readyz", _client_readyz(readiness), public=True),
+        Route.at(p + r"/metrics", _metrics([metrics.registry])),
+    ]
+
+
+def make_client_site(
+    *,
+    metrics: ClientMetrics,
+    readiness: Callable[[], tuple[bool, dict[str, Any]]],
+    clock: IReactorTime,
+    token: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+) -> Site:
+    """The client's site: /healthz, /readyz (``readiness()`` -> (ok, detail)) and /metrics."""
+    routes = _client_routes(metrics=metrics, readiness=readiness, clock=clock)
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts))
+
+
+def make_combined_site(
+    *,
+    record: IRecord,
+    sinks: Sequence[ISink],
+    stats: ServerStats,
+    metrics: ServerMetrics,
+    client_metrics: ClientMetrics,
+    client_readiness: Callable[[], tuple[bool, dict[str, Any]]],
+    clock: IReactorTime,
+    token: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    redis: Any = None,
+) -> Site:
+    """One site for ``eth run``: the server's endpoints plus the client's.
+
+    ``/metrics`` serves both registries (their names never collide:
+    ``eth_server_*`` and ``eth_client_*``), ``/readyz`` is ready when the
+    sinks answer and the client is ready, and ``/client/healthz``,
+    ``/client/readyz``, ``/client/metrics`` answer for the client alone.
+    """
+    del redis
+    routes = _server_routes(
+        record=record, sinks=sinks, stats=stats,
+        registries=[metrics.registry, client_metrics.registry], clock=clock,
+        client_readiness=client_readiness,
+    )
+    routes += _client_routes(metrics=client_metrics, readiness=client_readiness, clock=clock,
+                             prefix="/client")
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts))
+
+
+__all__ = [
+    "ApiError",
+    "App",
+    "MAX_LIMIT",
+    "Readiness",
+    "Response",
+    "Route",
+    "SECURITY_HEADERS",
+    "host_allowed",
+    "make_client_site",
+    "make_combined_site",
+    "make_server_site",
+    "openapi_document",
+    "record_json",
+]
