@@ -251,11 +251,14 @@ def _seed_stats(server: ServerService, stats: Any) -> Any:
 
 
 def _attach_reconciler(server: ServerService, mirror: ISink, reactor: Any, interval: float) -> None:
-    reconciler = getattr(mirror, "reconciler", None)
-    if reconciler is None:
+    """Rebuild Redis from SQL once the sinks are up, then every ``interval`` and after an outage."""
+    from eth_twisted.sinks.redis import Reconciler, RedisSink
+
+    if not isinstance(mirror, RedisSink):
         return
-    svc = reconciler(server.record, interval=interval, clock=reactor, metrics=server.metrics)
-    server.on_ready.append(lambda: svc.setServiceParent(server))
+    reconciler = Reconciler(mirror, server.record, interval=interval, clock=reactor, metrics=server.metrics)
+    reconciler.setName("reconciler")
+    server.on_ready.append(lambda: reconciler.setServiceParent(server))
 
 
 def _notify_systemd() -> None:
