@@ -63,6 +63,7 @@ class ServerStats:
         self.messages_source = "sql"
         self.seeded = False
         self.chart: deque[tuple[float, int]] = deque(maxlen=chart_points)
+        self.chart_seeded = False
         self._cache: dict[str, Any] | None = None
         self._cache_at = 0.0
 
@@ -107,13 +108,16 @@ class ServerStats:
         self._cache = None
 
     def seed_chart(self, records: Iterable[Record]) -> None:
-        """Fill the chart ring from stored records (any order), oldest first."""
-        points = sorted(
-            (r.received_at, r.block_number, r.id) for r in records if r.block_number is not None
-        )
+        """Merge stored records (any order) into the chart ring, oldest first.
+
+        Points observed since start are kept: the ring ends up holding the
+        newest ``chart_points`` of both, each (time, block) once.
+        """
+        points = {(r.received_at, int(r.block_number)) for r in records if r.block_number is not None}
+        points.update(self.chart)
         self.chart.clear()
-        for at, number, _ in points:
-            self.chart.append((at, int(number)))
+        self.chart.extend(sorted(points))
+        self.chart_seeded = True
         self._cache = None
 
     @defer.inlineCallbacks
@@ -132,12 +136,10 @@ class ServerStats:
         code) was not stored and is not counted as delivered.
         """
         now = self.clock.seconds()
-        changed = False
         for message, outcome in zip(messages, outcomes, strict=True):
             code = outcome.value if isinstance(outcome, Outcome) else outcome
             if code != _STORED and code != _DUPLICATE:
                 continue
-            changed = True
             counts = self._client(message.client_ip)
             counts.messages += 1
             counts.last_seen = now
@@ -156,13 +158,15 @@ class ServerStats:
                 self.latest_block_at = at
                 counts.latest_block = message.block_number
                 self.chart.append((at, message.block_number))
-        if changed:
-            self._cache = None
 
     # -- reading -------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The stats as a JSON-ready dict, computed at most once per ``ttl`` seconds."""
+        """The stats as a JSON-ready dict, computed at most once per ``ttl`` seconds.
+
+        Batches observed meanwhile show up in the next snapshot, so however
+        many dashboards poll, the work stays one build per second.
+        """
         now = self.clock.seconds()
         if self._cache is not None and now - self._cache_at < self.ttl:
             return self._cache

@@ -272,6 +272,10 @@ class App(Resource):
         except ApiError as e:
             self._write(request, error_response(e))
             return NOT_DONE_YET
+        except Exception:
+            self.log.failure("Checking a request for {path} failed", path=request.path)
+            self._write(request, error_response(ApiError(500, "internal", "internal error")))
+            return NOT_DONE_YET
         d = defer.maybeDeferred(route.handler, request, match)
         d.addTimeout(self.handler_timeout, self.clock)
         finished = request.notifyFinish()
@@ -297,7 +301,7 @@ class App(Resource):
     def _check_host(self, request: Request) -> None:
         if self.allowed_hosts is None:
             return
-        if not host_allowed(_host_of(request.getHeader("host")), self.allowed_hosts):
+        if not host_allowed(_host_of(request.getHeader(b"host")), self.allowed_hosts):
             raise ApiError(421, "host-not-allowed", "this Host is not served here")
 
     def _check_token(self, request: Request) -> None:
@@ -499,7 +503,24 @@ def _server_routes(
             raise ApiError(404, "not-found", "no such file")
         return found
 
-    def api_stats(request: Request, match: re.Match[str]) -> Response:
+    chart_load: list[defer.Deferred[None]] = []
+
+    @defer.inlineCallbacks
+    def fill_chart() -> Any:
+        """Once, after the stats were seeded: the chart's history from the record's read path."""
+        try:
+            rows = yield record.recent(stats.chart.maxlen or MAX_LIMIT, None)
+            stats.seed_chart(rows)
+        except Exception:
+            log.failure("Could not load the chart's history; it shows new blocks only")
+            stats.chart_seeded = True
+
+    @defer.inlineCallbacks
+    def api_stats(request: Request, match: re.Match[str]) -> Any:
+        if stats.seeded and not stats.chart_seeded:
+            if not chart_load:
+                chart_load.append(fill_chart())
+            yield chart_load[0]
         snap = dict(stats.snapshot())
         snap["first_received_at_iso"] = iso(snap.get("first_received_at"))
         snap["last_received_at_iso"] = iso(snap.get("last_received_at"))

@@ -1,6 +1,6 @@
 // eth-twisted dashboard: polls the stats API and draws everything with DOM APIs.
 // Payloads come from untrusted peers: they only ever reach the page as
-// textContent (never innerHTML), and the server's CSP forbids inline script.
+// text nodes (never parsed as markup), and the server's CSP forbids inline script.
 "use strict";
 
 (function () {

@@ -1,0 +1,165 @@
+"""ServerStats: running totals seeded from the record and kept by the router's batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from eth_twisted.model import Message, Outcome, Record, Totals
+from eth_twisted.payload import render_html
+from eth_twisted.sinks.memory import MemorySink
+from eth_twisted.stats import ServerStats
+
+
+def msg(n: int | None, ip: str = "10.0.0.1", at: float = 1000.0, payload: bytes | None = None) -> Message:
+    body = payload if payload is not None else render_html(n if n is not None else 0)
+    return Message.build(body, ip, at, n)
+
+
+def fresh(now: float = 5000.0) -> tuple[Clock, ServerStats]:
+    clock = Clock()
+    clock.advance(now)
+    return clock, ServerStats(clock)
+
+
+def test_seed_without_redis_counts_records_as_messages() -> None:
+    """Seeded from SQL alone, each client's message count starts at its record count."""
+    _, stats = fresh()
+    stats.seed(Totals(records=5, first_by_ip={"a": 3, "b": 2}, latest_block=9, latest_block_at=4000.0,
+                      latest_block_by_ip={"a": 9}, first_received_at=10.0, last_received_at=4000.0))
+    snap = stats.snapshot()
+    assert snap["totals"] == {"records": 5, "messages": 5, "duplicates": 0, "clients": 2}
+    assert snap["messages_source"] == "sql"
+    assert snap["latest_block"] == {"number": 9, "received_at": 4000.0, "age_seconds": 1000.0}
+    assert {c["ip"]: c["latest_block"] for c in snap["clients"]} == {"a": 9, "b": None}
+
+
+def test_seed_with_redis_message_counts() -> None:
+    """Redis's per-client message counts (duplicates included) are used when given."""
+    _, stats = fresh()
+    stats.seed(Totals(records=3, first_by_ip={"a": 3}), {"a": 7, "c": 2})
+    snap = stats.snapshot()
+    assert snap["messages_source"] == "redis"
+    assert snap["totals"] == {"records": 3, "messages": 9, "duplicates": 6, "clients": 2}
+    assert [(c["ip"], c["records"], c["messages"]) for c in snap["clients"]] == [("a", 3, 7), ("c", 0, 2)]
+
+
+def test_seed_never_shows_fewer_messages_than_records() -> None:
+    """A Redis that lags SQL (restarted empty) cannot make messages < records."""
+    _, stats = fresh()
+    stats.seed(Totals(records=4, first_by_ip={"a": 4}), {})
+    assert stats.snapshot()["clients"][0]["messages"] == 4
+
+
+def test_observe_counts_stored_duplicate_and_errors() -> None:
+    """OK counts a record and a message, DUP a message only, an ERR code nothing."""
+    clock, stats = fresh()
+    stats.seed(Totals())
+    a, b, c, d = msg(1, "x"), msg(1, "y"), msg(2, "y"), msg(3, "z")
+    stats.observe([a, b, c, d], [Outcome.STORED, "DUP", "unavailable", Outcome.REJECTED])
+    clock.advance(1)
+    snap = stats.snapshot()
+    assert snap["totals"] == {"records": 1, "messages": 2, "duplicates": 1, "clients": 2}
+    by_ip = {row["ip"]: row for row in snap["clients"]}
+    assert (by_ip["x"]["records"], by_ip["x"]["messages"]) == (1, 1)
+    assert (by_ip["y"]["records"], by_ip["y"]["messages"]) == (0, 1)
+    assert "z" not in by_ip
+    assert by_ip["y"]["last_seen"] == 5000.0
+
+
+def test_observe_accepts_outcome_strings() -> None:
+    """The router passes reply codes as strings ('OK', 'DUP'); they count like the enum."""
+    clock, stats = fresh()
+    stats.observe([msg(1), msg(1, "b")], ["OK", "DUP"])
+    clock.advance(2)
+    assert stats.snapshot()["totals"]["records"] == 1
+    assert stats.snapshot()["totals"]["messages"] == 2
+
+
+def test_latest_block_follows_newest_stored_record() -> None:
+    """The head is the newest STORED message with a block number, with its arrival time."""
+    clock, stats = fresh()
+    stats.observe([msg(10, at=100.0)], ["OK"])
+    stats.observe([msg(None, at=200.0, payload=b"no block here")], ["OK"])
+    stats.observe([msg(10, "other", at=300.0)], ["DUP"])
+    stats.observe([msg(11, "other", at=400.0)], ["unavailable"])
+    clock.advance(5)
+    snap = stats.snapshot()
+    assert snap["latest_block"]["number"] == 10
+    assert snap["latest_block"]["received_at"] == 100.0
+    assert snap["last_received_at"] == 200.0
+    stats.observe([msg(12, "other", at=500.0)], ["OK"])
+    clock.advance(5)
+    snap = stats.snapshot()
+    assert snap["latest_block"] == {"number": 12, "received_at": 500.0, "age_seconds": 4510.0}
+    assert {c["ip"]: c["latest_block"] for c in snap["clients"]} == {"10.0.0.1": 10, "other": 12}
+
+
+def test_snapshot_is_cached_for_one_second() -> None:
+    """Within a second the same snapshot is served; after it, new batches show."""
+    clock, stats = fresh()
+    first = stats.snapshot()
+    stats.observe([msg(1)], ["OK"])
+    clock.advance(0.5)
+    assert stats.snapshot() is first
+    assert stats.snapshot()["totals"]["records"] == 0
+    clock.advance(0.6)
+    assert stats.snapshot()["totals"]["records"] == 1
+
+
+def test_chart_ring_is_bounded_and_in_arrival_order() -> None:
+    """The chart keeps the newest N stored blocks as [received_at, number] pairs."""
+    clock = Clock()
+    stats = ServerStats(clock, chart_points=5)
+    for i in range(8):
+        stats.observe([msg(100 + i, at=float(i))], ["OK"])
+    stats.observe([msg(100, "dup", at=9.0)], ["DUP"])
+    chart = stats.snapshot()["chart"]
+    assert chart == [[float(i), 100 + i] for i in range(3, 8)]
+
+
+def test_seed_chart_merges_history_with_live_points() -> None:
+    """History from the record merges with blocks seen since start, sorted, each once."""
+    clock = Clock()
+    stats = ServerStats(clock, chart_points=4)
+    stats.observe([msg(7, at=70.0)], ["OK"])
+    records = [Record(i, f"h{i}", b"", n, "a", None, float((n or 9) * 10)) for i, n in
+               enumerate([3, 5, 4, 7, None], start=1)]
+    stats.seed_chart(records)
+    assert stats.chart_seeded
+    assert list(stats.chart) == [(30.0, 3), (40.0, 4), (50.0, 5), (70.0, 7)]
+
+
+def test_snapshot_is_strict_json() -> None:
+    """The snapshot serialises as strict JSON (no NaN) with every documented key."""
+    clock, stats = fresh()
+    stats.observe([msg(1, at=4999.0)], ["OK"])
+    clock.advance(1)
+    text = json.dumps(stats.snapshot(), allow_nan=False)
+    assert set(json.loads(text)) == {
+        "now", "started_at", "uptime_seconds", "messages_source", "totals", "first_received_at",
+        "last_received_at", "latest_block", "clients", "chart",
+    }
+
+
+def test_age_never_negative_when_the_clock_is_behind() -> None:
+    """A record stamped after the clock's now (clock skew) shows age 0, not negative."""
+    _, stats = fresh(100.0)
+    stats.observe([msg(1, at=200.0)], ["OK"])
+    assert stats.snapshot()["latest_block"]["age_seconds"] == 0.0
+
+
+@pytest_twisted.inlineCallbacks
+def test_load_seeds_totals_and_chart_from_a_record():
+    """load() reads totals and recent records from the record's read path."""
+    sink = MemorySink()
+    batch = [msg(n, f"10.0.0.{n % 2}", at=float(n)) for n in range(1, 6)]
+    yield sink.store_batch(batch)
+    clock, stats = fresh()
+    yield stats.load(sink)
+    snap = stats.snapshot()
+    assert snap["totals"]["records"] == 5
+    assert snap["latest_block"]["number"] == 5
+    assert snap["chart"] == [[float(n), n] for n in range(1, 6)]

@@ -1,0 +1,160 @@
+"""Helpers for the web tests (no tests here): a synchronous StubTreq client and fake sinks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from eth_twisted.errors import SinkUnavailable
+from eth_twisted.metrics import ClientMetrics, ServerMetrics
+from eth_twisted.model import Message
+from eth_twisted.payload import render_html
+from eth_twisted.sinks.memory import MemorySink
+from eth_twisted.stats import ServerStats
+from eth_twisted.web import make_client_site, make_combined_site, make_server_site
+
+BASE = "http://127.0.0.1:8080"
+
+
+def fired(d: defer.Deferred[Any]) -> Any:
+    """The result of a Deferred that must already have fired."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+@dataclass
+class Reply:
+    """A complete HTTP answer: status, headers (lowercase names), body."""
+
+    code: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Http:
+    """Requests through StubTreq, answered synchronously (advance ``clock`` for timeouts)."""
+
+    def __init__(self, site: Site, clock: Clock | None = None) -> None:
+        self.stub = StubTreq(site.resource)
+        self.clock = clock
+
+    def start(self, path: str, method: str = "GET", headers: dict[str, str] | None = None,
+              base: str = BASE) -> defer.Deferred[Any]:
+        d = self.stub.request(method, base + path, headers=headers)
+        self.stub.flush()
+        return d
+
+    def finish(self, d: defer.Deferred[Any]) -> Reply:
+        self.stub.flush()
+        response = fired(d)
+        body = fired(response.content())
+        headers = {k.decode().lower(): b", ".join(v).decode() for k, v in response.headers.getAllRawHeaders()}
+        return Reply(response.code, headers, body)
+
+    def get(self, path: str, method: str = "GET", headers: dict[str, str] | None = None,
+            base: str = BASE) -> Reply:
+        return self.finish(self.start(path, method, headers, base))
+
+
+class HangingSink:
+    """A sink whose ping never answers."""
+
+    name = "hanging"
+
+    def ping(self) -> defer.Deferred[None]:
+        return defer.Deferred()
+
+
+class BrokenRecord(MemorySink):
+    """A record whose reads raise an unexpected exception carrying a secret."""
+
+    name = "broken"
+
+    def recent(self, limit: int, before: int | None = None) -> Any:
+        raise RuntimeError("mysql://eth:hunter2@db/eth exploded")
+
+    def by_block(self, block_number: int) -> Any:
+        return defer.fail(SinkUnavailable("broken", "password=hunter2 refused"))
+
+
+class SlowRecord(MemorySink):
+    """A record whose reads never answer."""
+
+    def recent(self, limit: int, before: int | None = None) -> Any:
+        return defer.Deferred()
+
+
+def block_message(n: int, ip: str = "10.0.0.1", at: float = 1000.0) -> Message:
+    """The html payload of block ``n`` as a message."""
+    return Message.build(render_html(n), ip, at, n)
+
+
+@dataclass
+class ServerFixture:
+    """A server site over a MemorySink with its stats, metrics and a Clock."""
+
+    clock: Clock
+    sink: MemorySink
+    stats: ServerStats
+    metrics: ServerMetrics
+    site: Site
+    http: Http
+
+    def store(self, messages: list[Message]) -> list[Any]:
+        """Store ``messages`` in the sink and feed the stats, like the router does."""
+        outcomes = fired(self.sink.store_batch(messages))
+        self.stats.observe(messages, outcomes)
+        self.clock.advance(1.1)  # past the snapshot cache
+        return outcomes
+
+
+def server_fixture(record: MemorySink | None = None, sinks: list[Any] | None = None,
+                   token: str | None = None, allowed_hosts: list[str] | None = None) -> ServerFixture:
+    """Build a server site on a Clock at t=10000."""
+    clock = Clock()
+    clock.advance(10_000)
+    sink = record if record is not None else MemorySink()
+    stats = ServerStats(clock)
+    metrics = ServerMetrics()
+    site = make_server_site(record=sink, sinks=sinks if sinks is not None else [sink], stats=stats,
+                            metrics=metrics, clock=clock, token=token, allowed_hosts=allowed_hosts)
+    return ServerFixture(clock, sink, stats, metrics, site, Http(site, clock))
+
+
+def client_site(ready: bool | Exception = True, token: str | None = None) -> tuple[Site, ClientMetrics, Clock]:
+    """A client site whose readiness answers ``ready`` (or raises it)."""
+    clock = Clock()
+    metrics = ClientMetrics()
+
+    def readiness() -> tuple[bool, dict[str, Any]]:
+        if isinstance(ready, Exception):
+            raise ready
+        return ready, {"last_poll_age": 1.5, "link_up": ready}
+
+    return make_client_site(metrics=metrics, readiness=readiness, clock=clock, token=token), metrics, clock
+
+
+def combined_site(client_ready: bool = True) -> tuple[Site, MemorySink, Clock]:
+    """An ``eth run`` site over a MemorySink and a client whose readiness is ``client_ready``."""
+    clock = Clock()
+    sink = MemorySink()
+    site = make_combined_site(
+        record=sink, sinks=[sink], stats=ServerStats(clock), metrics=ServerMetrics(),
+        client_metrics=ClientMetrics(), client_readiness=lambda: (client_ready, {"link_up": client_ready}),
+        clock=clock,
+    )
+    return site, sink, clock
