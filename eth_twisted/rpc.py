@@ -169,9 +169,10 @@ class _CappedBody(Protocol):
     call's timeout.
     """
 
-    def __init__(self, cap: int, label: str) -> None:
+    def __init__(self, cap: int, label: str, length: int | None = None) -> None:
         self.cap = cap
         self.label = label
+        self.length = length
         self.size = 0
         self.chunks: list[bytes] = []
         self.finished: Deferred[bytes] | None = Deferred(self._cancel)
@@ -185,6 +186,14 @@ class _CappedBody(Protocol):
     def _cancel(self, d: Deferred[bytes]) -> None:
         self.finished = None
         self._close()
+
+    def connectionMade(self) -> None:
+        if self.length is not None and self.length > self.cap and self.finished is not None:
+            d, self.finished = self.finished, None
+            self._close()
+            d.errback(
+                RPCFailure(f"response body of {self.length} bytes is over {self.cap}", "too-large", self.label)
+            )
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished is None:
@@ -212,17 +221,9 @@ class _CappedBody(Protocol):
 def collect_capped(response: Any, cap: int, label: str = "") -> Deferred[bytes]:
     """The body of ``response`` (an IResponse), failing ``too-large`` past ``cap`` bytes."""
     length = getattr(response, "length", None)
-    if isinstance(length, int) and length > cap:
-        body = _CappedBody(0, label)
-        response.deliverBody(body)
-        if body.finished is not None:
-            d, body.finished = body.finished, None
-            body._close()
-            d.errback(RPCFailure(f"response body of {length} bytes is over {cap}", "too-large", label))
-            return d
     if length == 0:
         return defer.succeed(b"")
-    body = _CappedBody(cap, label)
+    body = _CappedBody(cap, label, length if isinstance(length, int) else None)
     d = body.finished
     assert d is not None
     response.deliverBody(body)

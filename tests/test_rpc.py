@@ -359,3 +359,39 @@ def test_unverified_endpoint_checked_before_use(world: World) -> None:
 def test_close_with_injected_http_is_noop(world: World) -> None:
     """close() fires at once when the http client was injected."""
     assert result_of(world.rpc.close()) is None
+
+
+class _StreamedResponse:
+    """An IResponse of unknown length delivering ``chunks`` then a clean end."""
+
+    length = object()  # UNKNOWN_LENGTH stand-in: not an int
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.closed = False
+
+    def deliverBody(self, protocol: Any) -> None:
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseDone
+
+        outer = self
+
+        class Transport:
+            def loseConnection(self) -> None:
+                outer.closed = True
+
+        protocol.makeConnection(Transport())
+        for chunk in self.chunks:
+            protocol.dataReceived(chunk)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+def test_streamed_body_over_cap_closes_connection() -> None:
+    """A body of unknown length is cut at the cap: too-large, and the connection is closed."""
+    from eth_twisted.rpc import collect_capped
+
+    response = _StreamedResponse([b"x" * 600, b"y" * 600])
+    assert failure_of(collect_capped(response, 1000, "http://a.example")).kind == "too-large"
+    assert response.closed
+    small = _StreamedResponse([b"ab", b"cd"])
+    assert result_of(collect_capped(small, 1000)) == b"abcd"
