@@ -1,0 +1,226 @@
+"""The eth-client assembled: RPC client, poller, durable outbox, sender link, stats site.
+
+:func:`make_client_service` takes plain arguments (the tap turns options into
+them) and returns an :class:`EthClientService` whose children are the
+delivery link (started first, stopped last) and the poller; the stats site,
+when configured, is a third child. Stopping closes the RPC connection pool
+and then the outbox file.
+
+A fatal condition (the RPC endpoints or the stored cursor disagree about the
+chain) is reported by the poller through :meth:`EthClientService.fatal`: it
+logs critically, sets ``exit_code`` to 2 and stops the reactor. The ``eth``
+CLI returns ``exit_code`` as the process status. Under ``twistd``, which has
+no exit-code channel, the service is built with ``exit_on_fatal=True`` and
+registers an ``atexit`` hook that ends the process with status 2 after
+twistd has finished its own shutdown (pidfile removed, logs flushed), so a
+supervisor sees the failure instead of a clean exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString
+from twisted.logger import Logger
+
+from eth_twisted.metrics import ClientMetrics
+from eth_twisted.outbox import Outbox, open_outbox
+from eth_twisted.sender import DeliveryService
+
+log = Logger()
+
+FATAL_EXIT_CODE = 2
+
+
+class EthClientService(service.MultiService):
+    """Everything ``eth client`` runs, with the parts others need as attributes.
+
+    ``outbox``, ``poller``, ``delivery``, ``metrics`` and ``rpc`` are the
+    parts; ``exit_code`` is 0 until :meth:`fatal` is called.
+    """
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        outbox: Outbox,
+        metrics: ClientMetrics,
+        delivery: DeliveryService,
+        rpc: Any,
+        interval: float,
+        exit_on_fatal: bool = False,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.outbox = outbox
+        self.metrics = metrics
+        self.delivery = delivery
+        self.rpc = rpc
+        self.interval = interval
+        self.poller: Any = None
+        self.stats: service.Service | None = None
+        self.exit_code = 0
+        self.fatal_message: str | None = None
+        self.exit_on_fatal = exit_on_fatal
+        delivery.setServiceParent(self)
+
+    def fatal(self, message: str) -> None:
+        """Stop the process with a non-zero status after logging ``message``."""
+        if self.fatal_message is not None:
+            return
+        self.fatal_message = message
+        self.exit_code = FATAL_EXIT_CODE
+        log.critical("eth-client cannot continue: {message}", message=message)
+        if self.exit_on_fatal:
+            atexit.register(_exit_with, FATAL_EXIT_CODE)
+        # Never stop from inside the caller's own callback chain.
+        self.reactor.callLater(0, self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        try:
+            self.reactor.stop()
+        except Exception as e:  # ReactorNotRunning: already on its way down
+            log.info("Reactor already stopping: {error}", error=e)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """For /readyz: linked to the server and a poll succeeded recently."""
+        now = self.reactor.seconds()
+        last_poll = getattr(self.poller, "last_success", None)
+        fresh = last_poll is not None and now - last_poll <= max(3 * self.interval, 30.0)
+        detail = {
+            "server_link": {"ok": self.delivery.connected, "last_ack_at": self.delivery.last_ack_at},
+            "poller": {"ok": fresh, "last_success": last_poll},
+            "outbox": {"ok": self.outbox.free_slots() > 0, "depth": self.outbox.depth(),
+                       "free_slots": self.outbox.free_slots()},
+        }
+        ok = self.delivery.connected and fresh and self.outbox.free_slots() > 0
+        return ok, detail
+
+    def startService(self) -> None:
+        super().startService()
+        _notify("READY", "eth-client ready")
+
+    def stopService(self) -> defer.Deferred[None]:
+        _notify("STOPPING", "eth-client stopping")
+        d: defer.Deferred[Any] = defer.maybeDeferred(super().stopService)
+        d.addBoth(self._close_rpc)
+        d.addBoth(self._close_outbox)
+        return d
+
+    def _close_rpc(self, result: Any) -> Any:
+        close = getattr(self.rpc, "close", None)
+        if close is None:
+            return result
+        closing = defer.maybeDeferred(close)
+        closing.addErrback(lambda f: log.failure("Closing the RPC client failed", f))
+        return closing.addCallback(lambda _: result)
+
+    def _close_outbox(self, result: Any) -> Any:
+        self.outbox.close()
+        return result
+
+
+def _exit_with(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _notify(kind: str, status: str) -> None:
+    try:
+        from eth_twisted import systemd
+    except ImportError:  # pragma: no cover
+        return
+    if kind == "READY":
+        systemd.notify_ready(status)
+    else:
+        systemd.notify_stopping(status)
+
+
+def make_client_service(
+    *,
+    reactor: Any,
+    connect: str,
+    rpc_urls: Sequence[str],
+    spool: str | None = None,
+    max_outbox: int = 100_000,
+    reset_cursor: bool = False,
+    fmt: str = "html",
+    interval: float = 5.0,
+    max_backfill: int = 128,
+    max_gap: int | None = None,
+    chain_id: int | None = None,
+    window: int = 256,
+    ack_timeout: float = 30.0,
+    heartbeat: float = 10.0,
+    rpc_timeout: float = 10.0,
+    stats_listen: str | None = None,
+    exit_on_fatal: bool = False,
+    http: Any = None,
+    metrics: ClientMetrics | None = None,
+) -> EthClientService:
+    """Build the client. Opens (and locks) the outbox now, so a bad spool fails at once.
+
+    ``connect`` is a client endpoint string (``tcp:host=H:port=P``);
+    ``http`` injects a treq-like client for the RPC calls (tests).
+    """
+    from eth_twisted.poller import BlockPoller
+    from eth_twisted.rpc import RPCClient
+
+    metrics = metrics if metrics is not None else ClientMetrics()
+    outbox = open_outbox(spool, max_messages=max_outbox, clock=reactor)
+    try:
+        if reset_cursor:
+            old = outbox.cursor()
+            outbox.reset_cursor()
+            log.warn(
+                "--reset-cursor: forgot the stored cursor ({cursor}); starting at the chain head; "
+                "{depth} waiting messages are still delivered",
+                cursor=old, depth=outbox.depth(),
+            )
+        endpoint = clientFromString(reactor, connect)
+        delivery = DeliveryService(
+            endpoint, outbox, clock=reactor, metrics=metrics, window=window,
+            ack_timeout=ack_timeout, heartbeat=heartbeat, server=connect,
+        )
+        rpc = RPCClient(list(rpc_urls), http=http, clock=reactor, timeout=rpc_timeout, metrics=metrics)
+        client = EthClientService(
+            reactor=reactor, outbox=outbox, metrics=metrics, delivery=delivery, rpc=rpc,
+            interval=interval, exit_on_fatal=exit_on_fatal,
+        )
+        poller = BlockPoller(
+            rpc, outbox, fmt=fmt, interval=interval, max_backfill=max_backfill, max_gap=max_gap,
+            chain_id_option=chain_id, clock=reactor, metrics=metrics,
+            on_enqueued=delivery.wake, fatal=client.fatal, close_rpc=False,
+        )
+        poller.setServiceParent(client)
+        client.poller = poller
+        if stats_listen:
+            client.stats = _stats_service(client, stats_listen, reactor)
+    except BaseException:
+        outbox.close()
+        raise
+    log.info(
+        "eth-client: {urls} every {interval} s ({fmt}) -> {connect}; outbox {spool}",
+        urls=len(rpc_urls), interval=interval, fmt=fmt, connect=connect, spool=outbox.path,
+    )
+    return client
+
+
+def _stats_service(client: EthClientService, listen: str, reactor: Any) -> service.Service | None:
+    try:
+        from eth_twisted.web import make_client_site
+    except ImportError:  # the web layer is optional for the client
+        log.warn("Stats site not available (eth_twisted.web missing); {listen} not served", listen=listen)
+        return None
+    site = make_client_site(metrics=client.metrics, readiness=client.readiness, clock=reactor)
+    svc = strports.service(listen, site, reactor=reactor)
+    svc.setName("stats")
+    svc.setServiceParent(client)
+    return svc

@@ -1,0 +1,152 @@
+"""``twistd eth-client`` / ``eth client``: options, and the service they describe."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from eth_twisted.config import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
+from eth_twisted.outbox import DEFAULT_MAX_MESSAGES, DEFAULT_SPOOL
+from eth_twisted.payload import FORMATS
+from eth_twisted.sender import DEFAULT_ACK_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_WINDOW, MAX_WINDOW
+
+log = Logger()
+
+DEFAULT_STATS = "tcp:8081:interface=127.0.0.1"
+SERVER_DEADLINE = 10.0
+"""The server's default per-message deadline; the ack timeout must be at least twice it."""
+
+
+def optional_positive_int(value: str) -> int | None:
+    """A coerce function: ``off``/``none`` for None, else an integer >= 1."""
+    if value.strip().lower() in ("off", "none", ""):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer >= 1 or 'off', got {value!r}")
+    if number < 1:
+        raise ValueError(f"expected an integer >= 1 or 'off', got {number}")
+    return number
+
+
+optional_positive_int.coerceDoc = ""  # type: ignore[attr-defined]
+
+
+def tcp_client_endpoint(host: str, port: int) -> str:
+    """The client endpoint string for ``--host``/``--port`` (IPv6 colons escaped)."""
+    return f"tcp:host={host.replace(':', chr(92) + ':')}:port={port}"
+
+
+class Options(EnvOptions):
+    """Options of the eth-client (same for ``twistd eth-client`` and ``eth client``)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Watch the Ethereum chain head over JSON-RPC and deliver every new block, in "
+        "order and acknowledged, to an eth-server. Blocks wait in a durable outbox "
+        "(--spool) until the server answers OK or DUP. " + PRECEDENCE
+    )
+    repeatable = ("rpc",)
+    doc_rpc = "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)"
+    optFlags = [
+        ["reset-cursor", None, "Forget the stored cursor and start at the chain head (after a chain change)"],
+        ["verbose", "v", "Log at debug level (every poll, every frame)"],
+    ]
+    optParameters: list[list[Any]] = [
+        ["host", None, "127.0.0.1", "Server host"],
+        ["port", None, 9999, "Server port", int_in(1, 65535)],
+        ["connect", None, None, "Server endpoint string instead of --host/--port, e.g. tcp:host=h:port=9999"],
+        ["interval", None, 5.0, "Seconds between polls of the chain head", positive_float],
+        ["max-backfill", None, 128, "Most blocks fetched and enqueued per poll", int_in(1, 100_000)],
+        ["max-gap", None, None, "Skip ahead (recording the gap) when further behind than this many blocks; 'off' never skips", optional_positive_int],
+        ["format", None, "html", "Payload format: html or json (use json for more than one chain)"],
+        ["chain-id", None, None, "Expected chain id; refuse endpoints that disagree", int_in(1)],
+        ["spool", None, None, f"Outbox file, or ':memory:' (not durable) [default: {DEFAULT_SPOOL} in $STATE_DIRECTORY, else the working directory]"],
+        ["max-outbox", None, DEFAULT_MAX_MESSAGES, "Most messages the outbox holds; when full the poller waits", int_in(1, 100_000_000)],
+        ["window", None, DEFAULT_WINDOW, f"Unanswered frames in flight (1..{MAX_WINDOW}, at most the server's window)", int_in(1, MAX_WINDOW)],
+        ["ack-timeout", None, DEFAULT_ACK_TIMEOUT, f"Seconds to wait for a reply before reconnecting (>= {2 * SERVER_DEADLINE:.0f})", positive_float],
+        ["heartbeat", None, DEFAULT_HEARTBEAT, "Seconds of quiet before sending the empty probe frame", positive_float],
+        ["rpc-timeout", None, 10.0, "Seconds for one JSON-RPC call, headers and body", positive_float],
+        ["stats", None, DEFAULT_STATS, "Endpoint of /healthz, /readyz and /metrics, or 'none'"],
+    ]
+
+    def postOptions(self) -> None:
+        if self["format"] not in FORMATS:
+            raise usage.UsageError(f"--format: expected html or json, got {self['format']!r}")
+        if self["ack-timeout"] < 2 * SERVER_DEADLINE:
+            raise usage.UsageError(
+                f"--ack-timeout: must be at least {2 * SERVER_DEADLINE:.0f} s (twice the server's "
+                f"{SERVER_DEADLINE:.0f} s deadline), got {self['ack-timeout']}"
+            )
+        if self["heartbeat"] >= self["ack-timeout"]:
+            raise usage.UsageError(
+                f"--heartbeat: must be shorter than --ack-timeout ({self['ack-timeout']}), got {self['heartbeat']}"
+            )
+        if self["connect"]:
+            _check_endpoint(self["connect"])
+        else:
+            self["connect"] = tcp_client_endpoint(self["host"], self["port"])
+        if not self["rpc"]:
+            from eth_twisted.rpc import DEFAULT_RPC_URLS
+
+            self["rpc"] = list(DEFAULT_RPC_URLS)
+        for url in self["rpc"]:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise usage.UsageError(f"--rpc: expected an http:// or https:// URL, got {url!r}")
+        if not self["spool"]:
+            self["spool"] = state_path(DEFAULT_SPOOL, self.environ)
+        if self["stats"].strip().lower() == "none":
+            self["stats"] = None
+
+
+def _check_endpoint(description: str) -> None:
+    """Parse ``description`` as a client endpoint string, or raise a UsageError naming --connect."""
+    from twisted.internet.endpoints import clientFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        clientFromString(MemoryReactor(), description)
+    except Exception as e:  # ValueError, KeyError, TypeError from the parsers
+        raise usage.UsageError(f"--connect: not a client endpoint string {description!r}: {e}")
+
+
+def makeService(config: Options, reactor: Any = None) -> Any:
+    """Build the eth-client from parsed options.
+
+    twistd calls this without a reactor: the global one is used and a fatal
+    error ends the process with status 2 (see :mod:`eth_twisted.client`).
+    The ``eth`` CLI passes its reactor and reads ``exit_code`` instead.
+    """
+    from eth_twisted.client import make_client_service
+
+    exit_on_fatal = reactor is None
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    for warning in config.warnings:
+        log.warn("{warning}", warning=warning)
+    return make_client_service(
+        reactor=reactor,
+        connect=config["connect"],
+        rpc_urls=list(config["rpc"]),
+        spool=config["spool"],
+        max_outbox=config["max-outbox"],
+        reset_cursor=bool(config["reset-cursor"]),
+        fmt=config["format"],
+        interval=config["interval"],
+        max_backfill=config["max-backfill"],
+        max_gap=config["max-gap"],
+        chain_id=config["chain-id"],
+        window=config["window"],
+        ack_timeout=config["ack-timeout"],
+        heartbeat=config["heartbeat"],
+        rpc_timeout=config["rpc-timeout"],
+        stats_listen=config["stats"],
+        exit_on_fatal=exit_on_fatal,
+    )

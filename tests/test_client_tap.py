@@ -1,0 +1,247 @@
+"""Options of eth-client (twistd plugin and ``eth client``) and the service they build."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.application import service
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+
+from eth_twisted import client_tap
+from eth_twisted.client import EthClientService
+from eth_twisted.client_tap import Options
+from eth_twisted.errors import OutboxLocked
+from eth_twisted.outbox import Cursor, open_outbox
+from eth_twisted.rpc import DEFAULT_RPC_URLS
+from tests.support import ROOT
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> Options:
+    o = Options(environ=env or {})
+    o.parseOptions(argv)
+    return o
+
+
+def test_defaults() -> None:
+    """With no options the client polls the default endpoints every 5 s and sends to 127.0.0.1:9999."""
+    o = parse([])
+    assert o["connect"] == "tcp:host=127.0.0.1:port=9999"
+    assert o["rpc"] == list(DEFAULT_RPC_URLS)
+    assert (o["interval"], o["max-backfill"], o["max-gap"], o["format"]) == (5.0, 128, None, "html")
+    assert (o["window"], o["ack-timeout"], o["heartbeat"], o["rpc-timeout"]) == (256, 30.0, 10.0, 10.0)
+    assert o["spool"] == "eth-client-spool.sqlite3"
+    assert o["max-outbox"] == 100_000
+    assert o["stats"] == "tcp:8081:interface=127.0.0.1"
+    assert not o["reset-cursor"] and o["chain-id"] is None
+
+
+def test_seed_flags_host_and_port() -> None:
+    """The seed's --host/--port still choose the server."""
+    o = parse(["--host", "10.0.0.5", "--port", "8888"])
+    assert o["connect"] == "tcp:host=10.0.0.5:port=8888"
+
+
+def test_connect_overrides_host_and_port() -> None:
+    """--connect takes an endpoint string and wins over --host/--port."""
+    o = parse(["--connect", "tcp:host=srv:port=7000", "--port", "1"])
+    assert o["connect"] == "tcp:host=srv:port=7000"
+
+
+def test_ipv6_host_is_escaped() -> None:
+    """An IPv6 --host becomes a valid endpoint string."""
+    assert parse(["--host", "::1"])["connect"] == "tcp:host=\\:\\:1:port=9999"
+
+
+def test_every_option_parses() -> None:
+    """Every option takes its documented value type."""
+    o = parse([
+        "--rpc", "http://127.0.0.1:8545", "--rpc", "https://a.example/key", "--interval", "1.5",
+        "--max-backfill", "64", "--max-gap", "1000", "--format", "json", "--chain-id", "31337",
+        "--reset-cursor", "--spool", ":memory:", "--max-outbox", "50", "--window", "16",
+        "--ack-timeout", "45", "--heartbeat", "5", "--rpc-timeout", "3", "--stats", "none", "--verbose",
+    ])
+    assert o["rpc"] == ["http://127.0.0.1:8545", "https://a.example/key"]
+    assert (o["interval"], o["max-backfill"], o["max-gap"], o["format"]) == (1.5, 64, 1000, "json")
+    assert (o["chain-id"], o["reset-cursor"], o["spool"], o["max-outbox"]) == (31337, True, ":memory:", 50)
+    assert (o["window"], o["ack-timeout"], o["heartbeat"], o["rpc-timeout"]) == (16, 45.0, 5.0, 3.0)
+    assert o["stats"] is None and o["verbose"]
+
+
+def test_environment_and_precedence(tmp_path: Path) -> None:
+    """ETH_* variables set options (lists comma-separated, flags as words); the command line wins."""
+    env = {
+        "ETH_RPC": "http://a:1, http://b:2", "ETH_WINDOW": "100", "ETH_RESET_CURSOR": "yes",
+        "ETH_FORMAT": "json", "ETH_MAX_GAP": "off", "ETH_PORT": "7777", "ETH_STATE_DIRECTORY": "x",
+        "STATE_DIRECTORY": str(tmp_path),
+    }
+    o = parse([], env)
+    assert o["rpc"] == ["http://a:1", "http://b:2"]
+    assert (o["window"], o["reset-cursor"], o["format"], o["max-gap"]) == (100, True, "json", None)
+    assert o["connect"] == "tcp:host=127.0.0.1:port=7777"
+    assert o["spool"] == str(tmp_path / "eth-client-spool.sqlite3")
+    o = parse(["--window", "8"], env)
+    assert o["window"] == 8
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="eth_twisted/config.py EnvOptions appends argv values of a repeatable option to the "
+    "ETH_* list instead of replacing it (reported to the lead; not this module's file)",
+)
+def test_repeatable_option_on_command_line_replaces_environment() -> None:
+    """--rpc on the command line replaces ETH_RPC instead of adding to it (command line wins)."""
+    o = parse(["--rpc", "http://c:3"], {"ETH_RPC": "http://a:1,http://b:2"})
+    assert o["rpc"] == ["http://c:3"]
+
+
+@pytest.mark.parametrize(
+    "argv, env, named",
+    [
+        (["--window", "257"], {}, "--window"),
+        (["--window", "0"], {}, "--window"),
+        (["--port", "http"], {}, "--port"),
+        (["--interval", "0"], {}, "--interval"),
+        (["--format", "xml"], {}, "--format"),
+        (["--ack-timeout", "19"], {}, "--ack-timeout"),
+        (["--heartbeat", "30"], {}, "--heartbeat"),
+        (["--max-gap", "-3"], {}, "--max-gap"),
+        (["--chain-id", "zero"], {}, "--chain-id"),
+        (["--connect", "bogus:1"], {}, "--connect"),
+        (["--rpc", "ftp://x"], {}, "--rpc"),
+        ([], {"ETH_WINDOW": "1000"}, "ETH_WINDOW"),
+        ([], {"ETH_RESET_CURSOR": "maybe"}, "ETH_RESET_CURSOR"),
+    ],
+)
+def test_bad_values_name_the_option(argv: list[str], env: dict[str, str], named: str) -> None:
+    """A bad value is a UsageError naming the option (or its variable)."""
+    with pytest.raises(usage.UsageError, match=named):
+        parse(argv, env)
+
+
+def test_help_mentions_environment() -> None:
+    """--help documents the ETH_* variable of every option."""
+    text = str(Options(environ={}))
+    assert "ETH_ACK_TIMEOUT" in text and "ETH_RPC" in text and "--reset-cursor" in text
+
+
+# -- makeService -----------------------------------------------------------------
+
+
+def build(tmp_path: Path, *extra: str) -> tuple[EthClientService, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    o = parse(["--spool", str(tmp_path / "spool.sqlite3"), "--rpc", "http://127.0.0.1:1",
+               "--stats", "none", *extra])
+    return client_tap.makeService(o, reactor), reactor
+
+
+def test_make_service_wires_the_parts(tmp_path: Path) -> None:
+    """makeService returns a MultiService with outbox, poller, delivery and metrics wired together."""
+    client, reactor = build(tmp_path, "--window", "32", "--connect", "tcp:host=127.0.0.1:port=4567")
+    try:
+        assert isinstance(client, service.MultiService)
+        assert client.outbox.path == str(tmp_path / "spool.sqlite3")
+        assert client.delivery.window == 32
+        assert client.delivery.outbox is client.outbox
+        assert client.poller.outbox is client.outbox
+        assert client.delivery.metrics is client.metrics
+        assert set(client) == {client.delivery, client.poller}
+        assert client.exit_code == 0 and not client.exit_on_fatal
+        client.delivery.startService()
+        host, port = reactor.tcpClients[0][:2]
+        assert (host, port) == ("127.0.0.1", 4567)
+        client.delivery.stopService()
+    finally:
+        client.outbox.close()
+
+
+def test_make_service_with_stats_listens(tmp_path: Path) -> None:
+    """--stats serves the client's site on the given endpoint."""
+    reactor = MemoryReactorClock()
+    o = parse(["--spool", str(tmp_path / "s.sqlite3"), "--rpc", "http://127.0.0.1:1",
+               "--stats", "tcp:0:interface=127.0.0.1"])
+    client = client_tap.makeService(o, reactor)
+    try:
+        assert client.stats is not None
+        client.stats.startService()
+        assert reactor.tcpServers and reactor.tcpServers[0][3] == "127.0.0.1"
+        ok, detail = client.readiness()
+        assert not ok and detail["server_link"]["ok"] is False
+    finally:
+        client.outbox.close()
+
+
+def test_reset_cursor_clears_stored_cursor(tmp_path: Path) -> None:
+    """--reset-cursor forgets the cursor but keeps the waiting messages."""
+    box = open_outbox(str(tmp_path / "spool.sqlite3"), clock=lambda: 0.0)
+    box.append([(b"payload", 1)], Cursor(1, "0xg", 1, "0xh"))
+    box.close()
+    client, _ = build(tmp_path, "--reset-cursor")
+    try:
+        assert client.outbox.cursor() is None
+        assert client.outbox.depth() == 1
+    finally:
+        client.outbox.close()
+
+
+def test_locked_spool_fails_at_build(tmp_path: Path) -> None:
+    """A spool held by another client fails makeService with OutboxLocked."""
+    box = open_outbox(str(tmp_path / "spool.sqlite3"), clock=lambda: 0.0)
+    try:
+        with pytest.raises(OutboxLocked):
+            build(tmp_path)
+    finally:
+        box.close()
+
+
+def test_fatal_sets_exit_code_and_stops_reactor(tmp_path: Path) -> None:
+    """fatal() logs, sets exit_code 2 and stops the reactor on the next turn."""
+    client, reactor = build(tmp_path)
+    try:
+        client.fatal("chain id changed; run with --reset-cursor")
+        assert client.exit_code == 2
+        assert not reactor.hasStopped
+        reactor.advance(0)
+        assert reactor.hasStopped
+        client.fatal("again")  # only the first one counts
+        assert client.fatal_message == "chain id changed; run with --reset-cursor"
+    finally:
+        client.outbox.close()
+
+
+def test_stop_service_closes_outbox(tmp_path: Path) -> None:
+    """Stopping the client releases the outbox file for the next run."""
+    client, reactor = build(tmp_path)
+    client.startService()
+    d = client.stopService()
+    reactor.advance(0)
+    assert d.called
+    again = open_outbox(str(tmp_path / "spool.sqlite3"), clock=lambda: 0.0)
+    again.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ETH_")}
+    environ.update(env or {})
+    return subprocess.run(
+        [*args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=environ,
+    )
+
+
+def test_eth_client_bad_option_exits_nonzero_naming_it() -> None:
+    """``eth client --window 999`` exits 2 and names --window."""
+    proc = run_cli(str(ROOT / ".venv/bin/eth"), "client", "--window", "999")
+    assert proc.returncode == 2
+    assert "--window" in proc.stderr
+
+
+def test_twistd_eth_client_bad_option_exits_nonzero_naming_it() -> None:
+    """``twistd -n eth-client --ack-timeout 5`` exits non-zero and names --ack-timeout."""
+    proc = run_cli(sys.executable, "-m", "twisted", "--help")  # warm the plugin cache
+    proc = run_cli(str(ROOT / ".venv/bin/twistd"), "-n", "--pidfile=", "eth-client", "--ack-timeout", "5")
+    assert proc.returncode != 0
+    assert "--ack-timeout" in proc.stdout + proc.stderr
