@@ -53,6 +53,8 @@ from eth_twisted.stats import ServerStats
 log = Logger()
 
 DEFAULT_LIMIT = 50
+MAX_ID = 2**63 - 1
+"""Largest record id (and largest ``limit``/``before`` the API parses)."""
 MAX_LIMIT = 200
 PING_TIMEOUT = 2.0
 """Seconds each sink has to answer a /readyz ping."""
@@ -531,8 +533,8 @@ def _server_routes(
 
     @defer.inlineCallbacks
     def messages(request: Request, match: re.Match[str]) -> Any:
-        limit = parse_int(_single(request, "limit"), "limit", 1)
-        before = parse_int(_single(request, "before"), "before", 1)
+        limit = parse_int(_single(request, "limit"), "limit", 1, MAX_ID)
+        before = parse_int(_single(request, "before"), "before", 1, MAX_ID)
         limit = min(limit if limit is not None else DEFAULT_LIMIT, MAX_LIMIT)
         rows = yield record.recent(limit, before)
         items = [record_json(r) for r in rows]
