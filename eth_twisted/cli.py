@@ -16,6 +16,7 @@ from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     globalLogBeginner,
     textFileLogObserver,
 )
@@ -75,13 +76,24 @@ class Options(EnvOptions):
             raise usage.UsageError("a command is required: server, client, run, stats or migrate")
 
 
-def start_logging(verbose: bool, stream: Any = None) -> None:
-    """Log to standard output at info level, or debug with ``--verbose``."""
-    level = LogLevel.debug if verbose else LogLevel.info
-    observer = FilteringLogObserver(
-        textFileLogObserver(stream or sys.stdout),
-        [LogLevelFilterPredicate(defaultLogLevel=level)],
-    )
+QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory", "eth_twisted.web.QuietSite")
+"""Namespaces whose info-level chatter (factory start/stop) is dropped unless --verbose."""
+
+
+def _drop_chatter(event: dict[str, Any]) -> PredicateResult:
+    level = event.get("log_level")
+    if event.get("log_namespace") in QUIET_NAMESPACES and level is not None and level < LogLevel.warn:
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
+def start_logging(verbose: bool, stream: Any = None, quiet: bool = False) -> None:
+    """Log to standard output: info level, debug with ``--verbose``, warnings only when ``quiet``."""
+    level = LogLevel.debug if verbose else (LogLevel.warn if quiet else LogLevel.info)
+    predicates: list[Any] = [LogLevelFilterPredicate(defaultLogLevel=level)]
+    if not verbose:
+        predicates.insert(0, _drop_chatter)
+    observer = FilteringLogObserver(textFileLogObserver(stream or sys.stdout), predicates)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(stats_cli.run(sub))
     if command == "migrate":
         return migrate(sub)
-    start_logging(verbose)
+    start_logging(verbose, quiet=command == "run")
     if command == "server":
         sub["verbose"] = verbose
         return run_service(lambda reactor: server_tap.makeService(sub, reactor))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import errno
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from twisted.application import service
+from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
@@ -35,6 +35,7 @@ class RunOptions(EnvOptions):
         "and store every block locally, with the dashboard on --stats. " + PRECEDENCE
     )
     repeatable = ("rpc",)
+    optFlags = [["reset-cursor", None, "Forget the client's stored cursor and start at the chain head"]]
     doc_rpc = "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)"
     optParameters = [
         ["port", None, 9999, "Internal server port on 127.0.0.1 (a free one is used when it is taken)", int_in(0, 65535)],
@@ -69,13 +70,25 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 class RunService(service.MultiService):
-    """The server and the client; stopping drains the client's outbox first."""
+    """The server and the client; stopping drains the client's outbox first.
 
-    def __init__(self, server: Any, client_config: usage.Options, reactor: Any, drain_timeout: float,
-                 out: TextIO) -> None:
+    The client is built once the server listens, so it can be pointed at the
+    server's actual port (a free one when 9999 is taken).
+    """
+
+    def __init__(
+        self,
+        server: Any,
+        make_client: Callable[[int], Any],
+        stats_listen: str | None,
+        reactor: Any,
+        drain_timeout: float,
+        out: TextIO,
+    ) -> None:
         super().__init__()
         self.server = server
-        self.client_config = client_config
+        self.make_client = make_client
+        self.stats_listen = stats_listen
         self.reactor = reactor
         self.drain_timeout = drain_timeout
         self.out = out
@@ -85,60 +98,78 @@ class RunService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        port = self.server.listening_port.getHost().port
-        from eth_twisted import client_tap
+        self.server.on_ready.append(self._start_client)
 
-        self.client_config.parseOptions(["--connect", f"tcp:127.0.0.1:{port}", *self.client_argv])
-        self.client = client_tap.makeService(self.client_config, self.reactor)
+    def _start_client(self) -> None:
+        """Once the server's sinks answer, start the client against its actual port."""
+        if not self.running:
+            return
+        port = self.server.listening_port.getHost().port
+        self.client = self.make_client(port)
         self.client.setServiceParent(self)
         self.say(f"eth run: server on 127.0.0.1:{port}, records in {self.server.summary}")
-        self.say(f"eth run: client outbox in {self.client_config['spool']}")
+        self.say(f"eth run: client outbox in {self.client.outbox.path}")
+        if self.stats_listen is not None:
+            self._serve_site(self.stats_listen)
 
-    client_argv: Sequence[str] = ()
+    def _serve_site(self, listen: str) -> None:
+        from eth_twisted.web import make_combined_site
+
+        site = make_combined_site(
+            record=self.server.record, sinks=self.server.sinks, stats=self.server.stats,
+            metrics=self.server.metrics, client_metrics=self.client.metrics,
+            client_readiness=self.client.readiness, clock=self.reactor,
+        )
+        web = strports.service(listen, site, reactor=self.reactor)
+        web.setServiceParent(self)
+        self.say(f"eth run: dashboard at {_url_for(listen)}")
 
     def say(self, line: str) -> None:
+        """One line for the person watching the terminal."""
         print(line, file=self.out, flush=True)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        delivery = getattr(self.client, "delivery", None)
-        if delivery is not None and hasattr(delivery, "drain"):
-            self.say(f"eth run: draining the outbox (at most {self.drain_timeout:.0f}s)")
-            try:
-                yield delivery.drain(self.drain_timeout)
-            except Exception as e:
-                self.say(f"eth run: drain stopped: {e}")
         if self.client is not None:
+            depth = self.client.outbox.depth()
+            if depth:
+                self.say(f"eth run: delivering {depth} waiting messages (at most {self.drain_timeout:.0f}s)")
+                try:
+                    yield self.client.delivery.drain(self.drain_timeout)
+                except Exception as e:
+                    self.say(f"eth run: drain stopped: {e}")
+            self.exit_code = int(self.client.exit_code or 0)
             yield self.client.disownServiceParent()
         yield super().stopService()
-        self.exit_code = int(getattr(self.client, "exit_code", 0) or 0)
 
 
 def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, out: TextIO | None = None) -> RunService:
     """Build ``eth run`` from its options."""
-    from eth_twisted import client_tap
+    from eth_twisted.client import make_client_service
+    from eth_twisted.rpc import DEFAULT_RPC_URLS
     from eth_twisted.server import build_server
 
     out = out or sys.stdout
     port = config["port"] if port_is_free(config["port"]) else 0
+    if port == 0 and config["port"]:
+        print(f"eth run: port {config['port']} is taken; using a free port", file=out, flush=True)
     stats = None if config["stats"].lower() == "none" else config["stats"]
     server = build_server(
-        reactor=reactor, listen=f"tcp:{port}:interface=127.0.0.1", stats_listen=stats,
+        reactor=reactor, listen=f"tcp:{port}:interface=127.0.0.1", stats_listen=None,
         storage={"migrate": True, "sqlite": config["sqlite"]}, max_length=65536, window=256,
         deadline=10.0, batch_size=1000, batch_delay=0.002, reconcile_interval=300.0,
         verbose=verbose, summary=f"sqlite:{config['sqlite']}",
     )
-    if port == 0 and config["port"]:
-        print(f"eth run: port {config['port']} is taken; using a free port", file=out, flush=True)
-    client_config = client_tap.Options(environ={})
-    run = RunService(server, client_config, reactor, config["drain-timeout"], out)
-    argv = ["--spool", config["spool"], "--interval", str(config["interval"]), "--format", config["format"],
-            "--max-backfill", str(config["max-backfill"]), "--stats", "none"]
-    for url in config["rpc"]:
-        argv += ["--rpc", url]
-    if verbose:
-        argv.append("--verbose")
-    run.client_argv = argv
+    rpc_urls = list(config["rpc"]) or list(DEFAULT_RPC_URLS)
+
+    def make_client(server_port: int) -> Any:
+        return make_client_service(
+            reactor=reactor, connect=f"tcp:host=127.0.0.1:port={server_port}", rpc_urls=rpc_urls,
+            spool=config["spool"], fmt=config["format"], interval=config["interval"],
+            max_backfill=config["max-backfill"], reset_cursor=bool(config["reset-cursor"]),
+        )
+
+    run = RunService(server, make_client, stats, reactor, config["drain-timeout"], out)
 
     def print_blocks(messages: Sequence[Message], codes: Sequence[str]) -> None:
         for m, code in zip(messages, codes, strict=True):
@@ -147,9 +178,6 @@ def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, ou
                 run.say(f"stored block {block}  sha256 {m.hash[:16]}…  from {m.client_ip}")
 
     server.router.observers.append(print_blocks)
-    if stats is not None:
-        host_port = _url_for(stats)
-        server.on_ready.append(lambda: run.say(f"eth run: dashboard at {host_port}"))
     return run
 
 
