@@ -256,7 +256,7 @@ class RPCEndpoint:
 
 
 def _default_http(clock: Any, timeout: float) -> tuple[Any, Any]:
-    import treq
+    from treq.client import HTTPClient
     from twisted.internet import reactor as global_reactor
     from twisted.internet.interfaces import IReactorTCP
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -265,7 +265,7 @@ def _default_http(clock: Any, timeout: float) -> tuple[Any, Any]:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 4
     agent = Agent(reactor, connectTimeout=timeout, pool=pool)
-    return treq.HTTPClient(agent), pool
+    return HTTPClient(agent), pool
 
 
 class RPCClient:
@@ -445,6 +445,12 @@ class RPCClient:
                 f"genesis {self._expected[1]}. {advice}"
             )
         if self.identity is not None and (chain_id, genesis) != self.identity:
+            if ep.label == self._identity_source:
+                raise ChainMismatch(
+                    f"{ep.label} changed chains: it now reports chain id {chain_id} with genesis "
+                    f"{genesis}, but this client has been following chain id {self.identity[0]} "
+                    f"with genesis {self.identity[1]}. {advice}"
+                )
             raise ChainMismatch(
                 f"RPC endpoints disagree: {seen}, but {self._identity_source} is on chain id "
                 f"{self.identity[0]} with genesis {self.identity[1]}. {advice}"
@@ -739,7 +745,7 @@ class RPCClient:
                 log.info("RPC endpoint {endpoint} is usable again (was {previous})",
                          endpoint=ep.label, previous=previous)
         else:
-            log.warn("RPC endpoint {endpoint} is {state}: {detail}",
+            log.warn("RPC endpoint {endpoint}: {state} ({detail})",
                      endpoint=ep.label, state=state, detail=detail)
 
 

@@ -342,7 +342,7 @@ def test_restarted_node_reverified_after_transport_failure() -> None:
     w.a.fail("drop", times=2)
     failure_of(w.rpc.head_round())
     w.a.reset(height=3)
-    with pytest.raises(ChainMismatch, match="--reset-cursor"):
+    with pytest.raises(ChainMismatch, match="changed chains.*--reset-cursor"):
         result_of(w.rpc.head_round())
 
 
@@ -395,3 +395,14 @@ def test_streamed_body_over_cap_closes_connection() -> None:
     assert response.closed
     small = _StreamedResponse([b"ab", b"cd"])
     assert result_of(collect_capped(small, 1000)) == b"abcd"
+
+
+def test_default_http_client_has_own_pool() -> None:
+    """Without an injected client, RPCClient builds treq on its own pool, which close() closes."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    rpc = RPCClient([A], clock=reactor)
+    assert rpc._pool is not None and rpc._pool._reactor is reactor
+    assert hasattr(rpc.http, "post")
+    assert result_of(rpc.close()) is None
