@@ -23,6 +23,9 @@ from eth_twisted.model import IRecord, Message, Outcome, Record, Totals
 CHART_POINTS = 600
 """How many (received_at, block_number) points the chart ring keeps."""
 
+SAME_POINT = 0.01
+"""Seconds within which two chart points of one block number are the same record."""
+
 SNAPSHOT_TTL = 1.0
 """Seconds a snapshot is served from cache."""
 
@@ -113,10 +116,18 @@ class ServerStats:
         Points observed since start are kept: the ring ends up holding the
         newest ``chart_points`` of both, each (time, block) once.
         """
-        points = {(r.received_at, int(r.block_number)) for r in records if r.block_number is not None}
-        points.update(self.chart)
+        points = sorted(
+            {(r.received_at, int(r.block_number)) for r in records if r.block_number is not None}
+            | set(self.chart)
+        )
+        merged: list[tuple[float, int]] = []
+        for at, number in points:
+            # The same record seen live and read back (SQL keeps microseconds): one point.
+            if merged and merged[-1][1] == number and at - merged[-1][0] < SAME_POINT:
+                continue
+            merged.append((at, number))
         self.chart.clear()
-        self.chart.extend(sorted(points))
+        self.chart.extend(merged)
         self.chart_seeded = True
         self._cache = None
 

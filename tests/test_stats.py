@@ -163,3 +163,11 @@ def test_load_seeds_totals_and_chart_from_a_record():
     assert snap["totals"]["records"] == 5
     assert snap["latest_block"]["number"] == 5
     assert snap["chart"] == [[float(n), n] for n in range(1, 6)]
+
+
+def test_seed_chart_does_not_double_a_record_read_back_with_rounded_time() -> None:
+    """A block seen live and read back from SQL (time rounded to microseconds) is one point."""
+    stats = ServerStats(Clock())
+    stats.observe([msg(9, at=1700000000.1234567)], ["OK"])
+    stats.seed_chart([Record(1, "h", b"", 9, "a", None, 1700000000.123456)])
+    assert [n for _, n in stats.chart] == [9]
