@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer
@@ -72,7 +72,7 @@ class BlockPoller(service.Service):
     last successful poll, or None.
     """
 
-    name = "poller"
+    name = "poller"  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -165,7 +165,7 @@ class BlockPoller(service.Service):
 
     # -- one tick ------------------------------------------------------------
 
-    def tick(self) -> Deferred[None] | None:
+    def tick(self) -> Deferred[Any] | None:
         """Run one poll; the Deferred fires when it is over and never fails."""
         if self.fatal_message is not None or self._in_flight is not None:
             return None
@@ -291,9 +291,10 @@ class BlockPoller(service.Service):
             )
             for ok, value in results:
                 if not ok:
-                    if value.check(ChainMismatch):
-                        value.raiseException()
-                    return blocks, value
+                    failure = cast(Failure, value)
+                    if not failure.check(RPCFailure):
+                        failure.raiseException()  # ChainMismatch, or a bug
+                    return blocks, failure
                 blocks.append(value)
         return blocks, None
 

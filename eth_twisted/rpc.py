@@ -32,7 +32,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, error
@@ -180,8 +180,11 @@ class _CappedBody(Protocol):
     def _close(self) -> None:
         transport = self.transport
         if transport is not None:
-            lose = getattr(transport, "loseConnection", None)
-            (lose or transport.stopProducing)()
+            # TransportProxyProducer (what Agent hands a body protocol) has both.
+            close = getattr(transport, "loseConnection", None)
+            if close is None:
+                close = transport.stopProducing  # type: ignore[attr-defined]
+            close()
 
     def _cancel(self, d: Deferred[bytes]) -> None:
         self.finished = None
@@ -402,12 +405,7 @@ class RPCClient:
         failures: list[RPCFailure] = []
         for ok, value in results:
             if not ok:
-                if value.check(ChainMismatch):
-                    value.raiseException()
-                if value.check(RPCFailure):
-                    failures.append(value.value)
-                else:
-                    value.raiseException()
+                failures.append(_rpc_failure(value))
         if self.identity is None:
             raise self._exhausted("chain verification", failures)
         log.info(
@@ -472,13 +470,9 @@ class RPCClient:
         failures: list[RPCFailure] = []
         for ep, (ok, value) in zip(candidates, results, strict=True):
             if ok:
-                answers.append((ep, value))
-            elif value.check(ChainMismatch):
-                value.raiseException()
-            elif value.check(RPCFailure):
-                failures.append(value.value)
+                answers.append((ep, cast(int, value)))
             else:
-                value.raiseException()
+                failures.append(_rpc_failure(value))
         if not answers:
             raise self._exhausted("eth_blockNumber", failures)
         now = self.clock.seconds()
@@ -747,6 +741,15 @@ class RPCClient:
         else:
             log.warn("RPC endpoint {endpoint}: {state} ({detail})",
                      endpoint=ep.label, state=state, detail=detail)
+
+
+def _rpc_failure(value: Any) -> RPCFailure:
+    """The RPCFailure inside a DeferredList failure; anything else (ChainMismatch, bugs) is raised."""
+    failure = cast(Failure, value)
+    if failure.check(RPCFailure):
+        return cast(RPCFailure, failure.value)
+    failure.raiseException()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _reasons(e: Exception) -> str:

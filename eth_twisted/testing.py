@@ -220,7 +220,7 @@ class FakeEthereumNode(Resource):
     def render_POST(self, request: Request) -> bytes | int:
         """Serve one JSON-RPC request (batches are refused), with any scheduled fault."""
         try:
-            call = json.loads(request.content.read())
+            call = json.loads(request.content.read())  # type: ignore[union-attr,attr-defined]
             method = str(call["method"])
             params = list(call.get("params") or [])
             call_id = call.get("id")
@@ -294,7 +294,7 @@ class FakeEthereumNode(Resource):
             self.stalled.append(request)
             return NOT_DONE_YET
         if mode == "drop":
-            request.channel.transport.loseConnection()
+            request.channel.transport.loseConnection()  # type: ignore[union-attr]
             return NOT_DONE_YET
         raise AssertionError(mode)  # pragma: no cover
 
