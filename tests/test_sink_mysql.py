@@ -1,0 +1,532 @@
+"""The MySQL/MariaDB record sink against the machine's MariaDB (a database of each test's own).
+
+Besides the contract: rows and schema_version as another client sees them,
+killed and idle-reaped connections that cost no message, a server that went
+away failing fast as SinkUnavailable, and recovery when it is back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pymysql
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, threads
+from twisted.protocols import portforward
+
+from eth_twisted.errors import ConfigError, SinkBusy, SinkTimeout, SinkUnavailable
+from eth_twisted.model import Message, Outcome
+from eth_twisted.sinks.sql import (
+    DataRefused,
+    MySQLSink,
+    ReconnectingConnectionPool,
+    apply_migrations,
+    from_utc_datetime,
+    latest_version,
+    make_mysql_sink,
+    migrate_mysql,
+    to_utc_datetime,
+)
+from tests.conftest import mysql_query
+from tests.sink_contract import T0, SinkContract, msg, numbered
+from tests.support import async_wait_until, free_port
+
+
+def sink_for(db: dict[str, Any], **kw: Any) -> MySQLSink:
+    """A sink on the test's database (not started)."""
+    return make_mysql_sink(db["host"], db["port"], db["user"], db["password"], db["database"], **kw)
+
+
+@pytest_twisted.async_yield_fixture
+async def sink(mysql_db: dict[str, Any]) -> AsyncIterator[MySQLSink]:
+    """A started MySQL sink on this test's own database."""
+    s = sink_for(mysql_db)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.mark.live
+class TestMySQLSink(SinkContract):
+    """The MySQL sink keeps the sink contract."""
+
+
+def other_connection_ids(db: dict[str, Any]) -> list[int]:
+    """Ids of the sink's server connections (every session on the test database but the asker)."""
+    rows = mysql_query(db, "SELECT ID FROM information_schema.PROCESSLIST "
+                           "WHERE DB = %s AND ID <> CONNECTION_ID()", (db["database"],))
+    return [int(r[0]) for r in rows]
+
+
+def kill_all(db: dict[str, Any]) -> int:
+    """KILL every connection the sink holds; answer how many were killed."""
+    ids = other_connection_ids(db)
+    for cid in ids:
+        try:
+            mysql_query(db, f"KILL {int(cid)}")
+        except Exception:  # noqa: BLE001 - it may have gone already
+            pass
+    return len(ids)
+
+
+def test_datetime_round_trip() -> None:
+    """Unix time survives the DATETIME(6) conversion to the microsecond, in UTC."""
+    for ts in (0.0, T0, 1_700_000_000.123456, 2_000_000_000.999999):
+        dt = to_utc_datetime(ts)
+        assert from_utc_datetime(dt) == pytest.approx(ts, abs=1e-6)
+    assert to_utc_datetime(0.0).isoformat() == "1970-01-01T00:00:00"
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_rows_and_schema_visible(sink: MySQLSink, mysql_db: dict[str, Any]) -> None:
+    """Another client sees the rows, the UTC DATETIME(6), the schema version and the table shape."""
+    await sink.store_batch([msg(b"seen", ip="::ffff:192.0.2.1", at=1_700_000_000.654321, block=42,
+                                client_id="cli")])
+    [row] = mysql_query(mysql_db, "SELECT hash, payload, block_number, client_ip, client_id, "
+                                  "received_at FROM ethereum_data")
+    assert row[0] == msg(b"seen").hash and row[1] == b"seen" and row[2] == 42
+    assert row[3] == "192.0.2.1" and row[4] == "cli"
+    assert row[5].isoformat() == "2023-11-14T22:13:20.654321"
+    versions = [r[0] for r in mysql_query(mysql_db, "SELECT version FROM schema_version")]
+    assert versions == list(range(1, latest_version("mysql") + 1))
+    cols = dict(mysql_query(mysql_db, "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS "
+                                      "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'ethereum_data'",
+                            (mysql_db["database"],)))
+    assert cols["hash"] == "char(64)" and cols["payload"] == "mediumblob"
+    assert cols["block_number"] == "bigint(20) unsigned" and cols["received_at"] == "datetime(6)"
+    assert cols["client_ip"] == "varchar(45)" and cols["client_id"] == "varchar(255)"
+    [(engine,)] = mysql_query(mysql_db, "SELECT ENGINE FROM information_schema.TABLES WHERE "
+                                        "TABLE_SCHEMA = %s AND TABLE_NAME = 'ethereum_data'",
+                              (mysql_db["database"],))
+    assert engine == "InnoDB"
+
+
+@pytest.mark.live
+def test_migrate_mysql_idempotent(mysql_db: dict[str, Any]) -> None:
+    """migrate_mysql applies every migration once, then nothing."""
+    kw = {k: mysql_db[k] for k in ("host", "port", "user", "password", "database")}
+    assert migrate_mysql(**kw) == list(range(1, latest_version("mysql") + 1))
+    assert migrate_mysql(**kw) == []
+    assert mysql_query(mysql_db, "SELECT COUNT(*) FROM schema_version") == [(1,)]
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_migrate_false_behind_fails_naming_eth_migrate(mysql_db: dict[str, Any]) -> None:
+    """With migrations off, an empty database stops start() with a message naming `eth migrate`."""
+    s = sink_for(mysql_db, migrate=False)
+    with pytest.raises(ConfigError, match="eth migrate"):
+        await s.start()
+    assert mysql_query(mysql_db, "SHOW TABLES") == []
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_start_twice_on_same_database(mysql_db: dict[str, Any]) -> None:
+    """A second sink on a migrated database applies nothing and sees the first one's rows as DUP."""
+    a = sink_for(mysql_db)
+    await a.start()
+    try:
+        assert await a.store_batch([msg(b"shared")]) == [Outcome.STORED]
+        b = sink_for(mysql_db)
+        await b.start()
+        try:
+            assert b.migrations_applied == []
+            assert await b.store_batch([msg(b"shared")]) == [Outcome.DUPLICATE]
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_bad_row_isolated(sink: MySQLSink) -> None:
+    """Rows MariaDB refuses (malformed hash, overlong client id) are REJECTED; the rest commit."""
+    bad_hash = Message(b"bad", "not-a-sha256", "10.0.0.1", T0)
+    long_id = msg(b"long-id", client_id="x" * 300)
+    batch = numbered(5)[:2] + [bad_hash] + numbered(5)[2:] + [long_id]
+    outcomes = await sink.store_batch(batch)
+    assert outcomes == [Outcome.STORED] * 2 + [Outcome.REJECTED] + [Outcome.STORED] * 3 + [Outcome.REJECTED]
+    assert (await sink.totals()).records == 5
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_statements_split_under_max_allowed_packet(sink: MySQLSink) -> None:
+    """A batch larger than a quarter of max_allowed_packet is split into several statements."""
+    assert sink.max_statement_bytes >= 64 * 1024
+    sink.max_statement_bytes = 200_000  # as if max_allowed_packet were 800 kB
+    big = [msg(bytes([i]) * 60_000) for i in range(12)]  # 720 kB of payload
+    assert await sink.store_batch(big) == [Outcome.STORED] * 12
+    assert [r.payload for r in await sink.fetch_records(0, 20)] == [m.payload for m in big]
+
+
+@pytest.mark.live
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_killed_connections_cost_no_message(mysql_db: dict[str, Any]) -> None:
+    """KILLing the sink's connections while batches are in flight loses and duplicates nothing."""
+    s = sink_for(mysql_db)
+    await s.start()
+    try:
+        expected = 0
+        for round_ in range(6):
+            # both pools connected, then kill them while a batch is on its way
+            assert await s.store_batch([msg(b"warm-%d" % round_)]) == [Outcome.STORED]
+            await s.ping()
+            batch = numbered(300, prefix=b"k%d" % round_)
+            d = s.store_batch(batch)
+            killed = await threads.deferToThread(kill_all, mysql_db)
+            assert killed >= 1
+            assert await d == [Outcome.STORED] * 300
+            expected += 301
+        await s.ping()
+        assert s.retried >= 1
+        assert mysql_query(mysql_db, "SELECT COUNT(*), COUNT(DISTINCT hash) FROM ethereum_data") == [
+            (expected, expected)]
+        assert (await s.totals()).records == expected
+    finally:
+        await s.stop()
+
+
+@pytest.mark.live
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_idle_reaped_connection_is_transparent(mysql_db: dict[str, Any]) -> None:
+    """After the server reaps idle connections (wait_timeout=1), the next batch and read just work."""
+    s = sink_for(mysql_db, init_command="SET SESSION wait_timeout = 1")
+    await s.start()
+    try:
+        assert await s.store_batch([msg(b"before")]) == [Outcome.STORED]
+        assert other_connection_ids(mysql_db)
+        await async_wait_until(lambda: threads.deferToThread(
+            lambda: not other_connection_ids(mysql_db)), timeout=15, what="the server to reap the sink")
+        before = s.retried
+        assert await s.store_batch([msg(b"after"), msg(b"before")]) == [Outcome.STORED, Outcome.DUPLICATE]
+        assert len(await s.fetch_records(0, 10)) == 2
+        assert s.retried > before
+    finally:
+        await s.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_listening_fails_fast() -> None:
+    """start() against a port where nothing listens fails with SinkUnavailable within the connect timeout."""
+    s = make_mysql_sink("127.0.0.1", free_port(), "u", "secret-password", "db", connect_timeout=2)
+    started = time.monotonic()
+    with pytest.raises(SinkUnavailable) as e:
+        await s.start()
+    assert time.monotonic() - started < 2.5
+    assert "secret-password" not in str(e.value)
+
+
+class _Tracked(portforward.ProxyServer):
+    """A proxied connection the test can cut."""
+
+    def connectionMade(self) -> None:
+        self.factory.live.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.live.discard(self)
+        super().connectionLost(reason)
+
+
+class CuttableProxy:
+    """A TCP proxy in front of MariaDB that the test can take down and bring back on the same port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.factory = portforward.ProxyFactory(host, port)
+        self.factory.protocol = _Tracked
+        self.factory.live = set()
+        self.port = free_port()
+        self.listening: Any = None
+
+    def up(self) -> None:
+        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+    @defer.inlineCallbacks
+    def down(self) -> Any:
+        yield self.listening.stopListening()
+        for p in list(self.factory.live):
+            p.transport.abortConnection()
+
+
+@pytest.mark.live
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_server_gone_fails_fast_then_recovers(mysql_db: dict[str, Any]) -> None:
+    """When the server goes away, batches and pings fail fast as SinkUnavailable; when back, they work."""
+    proxy = CuttableProxy(mysql_db["host"], mysql_db["port"])
+    proxy.up()
+    s = make_mysql_sink("127.0.0.1", proxy.port, mysql_db["user"], mysql_db["password"],
+                        mysql_db["database"], connect_timeout=2)
+    await s.start()
+    try:
+        assert await s.store_batch([msg(b"one")]) == [Outcome.STORED]
+        await proxy.down()
+        started = time.monotonic()
+        with pytest.raises(SinkUnavailable):
+            await s.store_batch([msg(b"two")])
+        with pytest.raises(SinkUnavailable):
+            await s.ping()
+        assert time.monotonic() - started < 4.0
+        proxy.up()
+        assert await s.store_batch([msg(b"two"), msg(b"one")]) == [Outcome.STORED, Outcome.DUPLICATE]
+        await s.ping()
+    finally:
+        await s.stop()
+        if proxy.listening is not None and proxy.listening.connected:
+            await proxy.down()
+
+
+# -- the retrying pool, on a scripted fake driver (no network) ------------------------
+
+
+class FakeCursor:
+    """Runs the next scripted step on execute()."""
+
+    def __init__(self, conn: FakeConn) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, args: Any = None) -> None:
+        self.conn.driver.executed += 1
+        step = self.conn.driver.script.pop(0) if self.conn.driver.script else None
+        if step is not None:
+            raise step
+
+    def fetchall(self) -> list[tuple[int]]:
+        return [(1,)]
+
+    def close(self) -> None:
+        pass
+
+
+class FakeConn:
+    """A DB-API connection whose statements follow the driver's script."""
+
+    def __init__(self, driver: FakeDriver) -> None:
+        self.driver = driver
+        self.closed = False
+
+    def cursor(self) -> FakeCursor:
+        return FakeCursor(self)
+
+    def commit(self) -> None:
+        if self.driver.commit_errors:
+            raise self.driver.commit_errors.pop(0)
+
+    def rollback(self) -> None:
+        self.driver.rollbacks += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeDriver:
+    """Stands in for the pymysql module: connect() and Error."""
+
+    Error = pymysql.err.MySQLError
+
+    def __init__(self, script: list[BaseException | None], connect_errors: int = 0) -> None:
+        self.script = script
+        self.connect_errors = connect_errors
+        self.commit_errors: list[BaseException] = []
+        self.connections: list[FakeConn] = []
+        self.executed = 0
+        self.rollbacks = 0
+        self.held = 0
+        """Connections the pool still held after the interaction."""
+
+    def connect(self, *args: Any, **kw: Any) -> FakeConn:
+        if self.connect_errors:
+            self.connect_errors -= 1
+            raise pymysql.err.OperationalError(2003, "Can't connect to MySQL server (refused)")
+        conn = FakeConn(self)
+        self.connections.append(conn)
+        return conn
+
+
+def fake_pool(driver: FakeDriver, sleeps: list[float]) -> ReconnectingConnectionPool:
+    """A one-thread retrying pool on ``driver`` that records its back-off delays."""
+    pool = ReconnectingConnectionPool("pymysql", sink_name="fake", sleep=sleeps.append,
+                                      cp_min=1, cp_max=1, cp_reactor=reactor)
+    pool.dbapi = driver
+    pool.start()
+    return pool
+
+
+def one_statement(txn: Any) -> str:
+    """The interaction the pool tests run."""
+    txn.execute("SELECT 1")
+    return "done"
+
+
+def lost(code: int = 2013) -> pymysql.err.OperationalError:
+    """A lost-connection error as PyMySQL raises it."""
+    return pymysql.err.OperationalError(code, "Lost connection to MySQL server during query")
+
+
+async def run_fake(script: list[BaseException | None], **kw: Any) -> tuple[Any, FakeDriver, list[float], Any]:
+    """Run one interaction on a fake pool; answer (result or exception, driver, sleeps, pool)."""
+    driver = FakeDriver(script, **kw)
+    sleeps: list[float] = []
+    pool = fake_pool(driver, sleeps)
+    try:
+        try:
+            result: Any = await pool.runInteraction(one_statement)
+        except Exception as e:  # noqa: BLE001 - returned for the test to inspect
+            result = e
+        driver.held = len(pool.connections)
+    finally:
+        pool.close()
+    return result, driver, sleeps, pool
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_retries_lost_connection_on_new_connection() -> None:
+    """A 2006/2013 drops the connection and re-runs the interaction on a fresh one."""
+    result, driver, sleeps, pool = await run_fake([lost(2006), lost(2013), None])
+    assert result == "done"
+    assert len(driver.connections) == 3 and [c.closed for c in driver.connections[:2]] == [True, True]
+    assert pool.retried == 2 and sleeps == [0.05, 0.2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_interface_error_exhausts_to_unavailable() -> None:
+    """A connection that stays broken fails as SinkUnavailable after the bounded retries."""
+    result, driver, sleeps, _ = await run_fake([pymysql.err.InterfaceError(0, "")] * 10)
+    assert isinstance(result, SinkUnavailable)
+    assert driver.executed == 4 and sleeps == [0.05, 0.2, 0.8]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_deadlock_rolls_back_and_retries_on_same_connection() -> None:
+    """1213 and 1205 roll back and retry without reconnecting; when they persist: SinkBusy."""
+    result, driver, _, _ = await run_fake([pymysql.err.OperationalError(1213, "Deadlock found"), None])
+    assert result == "done" and len(driver.connections) == 1 and driver.rollbacks == 1
+    assert driver.held == 1
+    result, _, _, _ = await run_fake([pymysql.err.OperationalError(1205, "Lock wait timeout")] * 10)
+    assert isinstance(result, SinkBusy)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_read_timeout_is_not_retried() -> None:
+    """A read timeout drops the connection and fails at once as SinkTimeout (the write may land)."""
+    timed_out = pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query (timed out)")
+    result, driver, sleeps, _ = await run_fake([timed_out, None])
+    assert isinstance(result, SinkTimeout)
+    assert driver.executed == 1 and sleeps == [] and driver.held == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_data_error_is_not_retried() -> None:
+    """A data error comes out as DataRefused after one attempt, connection kept."""
+    result, driver, _, _ = await run_fake([pymysql.err.DataError(1406, "Data too long for column")])
+    assert isinstance(result, DataRefused) and driver.executed == 1
+    assert driver.rollbacks == 1 and driver.held == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_other_errors_fail_once() -> None:
+    """A privilege error is not retried and becomes SinkUnavailable naming the code."""
+    result, driver, _, _ = await run_fake([pymysql.err.OperationalError(1142, "INSERT command denied")])
+    assert isinstance(result, SinkUnavailable) and "1142" in str(result) and driver.executed == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_cannot_connect_is_bounded() -> None:
+    """Refused connections are retried a bounded number of times, then SinkUnavailable."""
+    result, driver, sleeps, _ = await run_fake([None], connect_errors=100)
+    assert isinstance(result, SinkUnavailable) and "2003" in str(result)
+    assert len(sleeps) == 3 and driver.connections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_lost_commit_is_retried() -> None:
+    """A connection lost during COMMIT re-runs the (idempotent) interaction."""
+    driver = FakeDriver([None, None])
+    driver.commit_errors = [lost(2013)]
+    sleeps: list[float] = []
+    pool = fake_pool(driver, sleeps)
+    try:
+        assert await pool.runInteraction(one_statement) == "done"
+    finally:
+        pool.close()
+    assert driver.executed == 2 and len(driver.connections) == 2
+
+
+class ScriptedMigrationConn:
+    """A connection whose account may read but not create tables."""
+
+    def __init__(self, have: list[int]) -> None:
+        self.have = have
+        self.rows: list[tuple[Any, ...]] = []
+
+    def cursor(self) -> ScriptedMigrationConn:
+        return self
+
+    def execute(self, sql: str, args: Any = None) -> None:
+        if sql.startswith("SELECT version"):
+            if not self.have:
+                raise pymysql.err.ProgrammingError(1146, "Table 'schema_version' doesn't exist")
+            self.rows = [(v,) for v in self.have]
+        elif sql.startswith("SELECT GET_LOCK") or sql.startswith("SELECT RELEASE_LOCK"):
+            self.rows = [(1,)]
+        elif sql.startswith("CREATE"):
+            raise pymysql.err.OperationalError(1142, "CREATE command denied to user 'ro'@'localhost'")
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.rows
+
+    def fetchone(self) -> tuple[Any, ...]:
+        return self.rows[0]
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_migrations_without_privilege() -> None:
+    """An account that may not create tables: a current schema proceeds, one behind names `eth migrate`."""
+    assert apply_migrations(ScriptedMigrationConn(list(range(1, latest_version("mysql") + 1))),
+                            "mysql") == []
+    with pytest.raises(ConfigError, match="eth migrate"):
+        apply_migrations(ScriptedMigrationConn([]), "mysql")
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_ambiguous_commit_answers_stored(sink: MySQLSink, mysql_db: dict[str, Any]) -> None:
+    """When the COMMIT reply is lost after the rows landed, the retry answers OK (not DUP) and stores once."""
+    assert sink.writer is not None
+    pool = sink.writer
+    real_factory = pool.connectionFactory
+    state = {"lose": 1}
+
+    class LosesOneCommitReply(real_factory):  # type: ignore[misc,valid-type]
+        def commit(self) -> None:
+            self._connection.commit()
+            if state["lose"]:
+                state["lose"] -= 1
+                raise pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+
+    pool.connectionFactory = LosesOneCommitReply
+    try:
+        batch = [msg(b"a1"), msg(b"a2"), msg(b"a1")]
+        assert await sink.store_batch(batch) == [Outcome.STORED, Outcome.STORED, Outcome.DUPLICATE]
+    finally:
+        pool.connectionFactory = real_factory
+    assert state["lose"] == 0 and sink.retried >= 1
+    assert mysql_query(mysql_db, "SELECT COUNT(*) FROM ethereum_data") == [(2,)]
+    assert await sink.store_batch([msg(b"a1", at=T0 + 1)]) == [Outcome.DUPLICATE]
