@@ -328,6 +328,12 @@ class DeliveryService(service.MultiService):
         self._in_flight.clear()
         self._probes.clear()
         why = reason.getErrorMessage() if reason is not None else "closed"
+        if not self.running:
+            self.log.info(
+                "Disconnected from {server} (stopping); {depth} messages kept in the outbox",
+                server=self.server, depth=self.outbox.depth(),
+            )
+            return
         self.log.warn(
             "Lost the connection to {server} ({why}); {lost} unanswered messages will be resent",
             server=self.server, why=why, lost=lost,

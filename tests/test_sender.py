@@ -620,5 +620,14 @@ def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> No
     assert outbox.depth() == 0
     assert len(sink.order) == 300
     assert link.metrics.registry.get_sample_value("eth_client_replies_total", {"kind": "DUP"}) == 3
+    # A quiet link sends the probe; the real receiver answers ERR empty and the link stays up.
+    clock.advance(10)
+    pumps[-1].flush()
+    assert link.metrics.registry.get_sample_value("eth_client_replies_total", {"kind": "ERR:empty"}) == 1
+    assert link.connected and outbox.dead_letters() == []
+    clock.advance(40)
+    pumps[-1].flush()
+    assert link.connected
+    assert link.metrics.registry.get_sample_value("eth_client_ack_timeouts_total") == 0
     link.stopService()
     pumps[-1].flush()
