@@ -4,7 +4,7 @@ Usage in a scenario::
 
     oracle = Oracle(node, db_info, redis=("127.0.0.1", port, "eth:"))
     ...                                  # start things, wait for the first block stored
-    oracle.begin()                       # the range starts at the newest block stored now
+    oracle.begin()                       # the range starts at the oldest block stored now
     ...                                  # mine, inject the fault, heal it
     oracle.freeze()                      # stop mining: the range ends at the head now
     oracle.wait_stored(timeout=60)       # every block of the range in SQL (returns when)
@@ -216,12 +216,16 @@ class Oracle:
         return int(wait_until(self.newest_stored, timeout, interval=0.2, what="the first block in SQL"))
 
     def begin(self, first: int | None = None) -> int:
-        """Start the checked range at ``first``, or at the newest block stored now."""
+        """Start the checked range at ``first``, or at the oldest block stored now.
+
+        The client starts at the head it first sees and never skips after
+        that, so everything from its first block on must arrive.
+        """
         if first is None:
-            newest = self.newest_stored()
-            if newest is None:
+            blocks = self.stored_blocks()
+            if not blocks:
                 raise AssertionError("begin(): nothing stored yet; call wait_first_stored() first")
-            first = newest
+            first = min(blocks)
         self.first = first
         return first
 
