@@ -176,6 +176,14 @@
     setText("sinks-meta", status === 200 ? "all answering" : "degraded");
   }
 
+  function payloadKind(m) {
+    if (m.payload_encoding !== "utf-8") return "binary";
+    const head = m.payload.slice(0, 64).trimStart().toLowerCase();
+    if (head.startsWith("<!doctype html") || head.startsWith("<html")) return "html";
+    if (head.startsWith("{") || head.startsWith("[")) return "json";
+    return "text";
+  }
+
   function renderMessages(page) {
     const list = $("messages-list");
     const items = page.messages.map((m) => {
@@ -185,6 +193,7 @@
         el("details", {},
           el("summary", {},
             el("span", { class: "blk" }, m.block_number === null ? "no block" : "#" + fmtInt(m.block_number)),
+            el("span", { class: "kind kind-" + payloadKind(m) }, payloadKind(m)),
             el("span", { class: "preview" }, oneLine.slice(0, 160)),
             el("span", { class: "who" }, m.client_ip),
             el("span", { class: "when" }, fmtClock(m.received_at))),
