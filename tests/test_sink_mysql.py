@@ -250,6 +250,13 @@ class CuttableProxy:
     def up(self) -> None:
         self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
 
+    def stall(self, stalled: bool) -> None:
+        """Stop (or resume) moving bytes either way, keeping the connections open."""
+        for p in self.factory.live:
+            for t in (p.transport, p.peer.transport if p.peer else None):
+                if t is not None:
+                    (t.pauseProducing if stalled else t.resumeProducing)()
+
     @defer.inlineCallbacks
     def down(self) -> Any:
         yield self.listening.stopListening()
@@ -530,3 +537,41 @@ async def test_ambiguous_commit_answers_stored(sink: MySQLSink, mysql_db: dict[s
     assert state["lose"] == 0 and sink.retried >= 1
     assert mysql_query(mysql_db, "SELECT COUNT(*) FROM ethereum_data") == [(2,)]
     assert await sink.store_batch([msg(b"a1", at=T0 + 1)]) == [Outcome.DUPLICATE]
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_ping_times_out_on_stalled_server(mysql_db: dict[str, Any]) -> None:
+    """A server that stops answering fails ping() with SinkTimeout after ping_timeout, not a hang."""
+    proxy = CuttableProxy(mysql_db["host"], mysql_db["port"])
+    proxy.up()
+    s = make_mysql_sink("127.0.0.1", proxy.port, mysql_db["user"], mysql_db["password"],
+                        mysql_db["database"], read_timeout=5, ping_timeout=0.5)
+    await s.start()
+    try:
+        await s.ping()
+        proxy.stall(True)
+        started = time.monotonic()
+        with pytest.raises(SinkTimeout):
+            await s.ping()
+        assert 0.4 < time.monotonic() - started < 2.0
+        proxy.stall(False)
+        await s.ping()
+    finally:
+        proxy.stall(False)
+        await s.stop()
+        await proxy.down()
+
+
+def test_tls_settings() -> None:
+    """TLS settings become an SSLContext; verify=false turns checks off; unknown keys are refused."""
+    import ssl
+
+    kw = make_mysql_sink("db.example", 3306, "u", "p", "d", ssl={"verify": False})._connect_kwargs
+    assert isinstance(kw["ssl"], ssl.SSLContext) and kw["ssl"].verify_mode == ssl.CERT_NONE
+    kw = make_mysql_sink("db.example", 3306, "u", "p", "d", ssl={})._connect_kwargs
+    assert "ssl" not in kw
+    kw = make_mysql_sink("db.example", 3306, "u", "p", "d", ssl={"verify": True})._connect_kwargs
+    assert kw["ssl"].check_hostname and kw["ssl"].verify_mode == ssl.CERT_REQUIRED
+    with pytest.raises(ConfigError, match="capath"):
+        make_mysql_sink("db.example", 3306, "u", "p", "d", ssl={"capath": "/x"})

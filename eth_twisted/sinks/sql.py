@@ -674,10 +674,8 @@ class SQLSink:
         return self._track(d)
 
     def _as_sink_error(self, failure: Failure) -> Failure | None:
-        if failure.check(SinkError):
-            return failure
-        if failure.check(DataRefused):
-            return failure
+        if failure.check(SinkError, DataRefused, defer.CancelledError):
+            return failure  # ours, or a caller's timeout (addTimeout turns it into TimeoutError)
         log.failure("Unexpected error from {sink}", failure, sink=self.name)
         raise SinkUnavailable(self.name, describe_error(failure.value))
 
