@@ -110,7 +110,13 @@ class SenderProtocol(NetstringReceiver):
 
     def start_link(self) -> None:
         """Called from ClientService's ``prepareConnection``: start resending."""
-        self.link.link_up(self)
+        try:
+            self.link.link_up(self)
+        except Exception:
+            # The outbox could not be read or written (disk full, I/O error):
+            # drop this connection; the next one tries again.
+            self.log.failure("Could not start sending on a new connection; dropping it")
+            self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         # All replies in one read settle in one outbox transaction (one fsync).
@@ -237,8 +243,12 @@ class DeliveryService(service.MultiService):
     def wake(self) -> None:
         """New messages were appended: send what the window allows."""
         if self._proto is not None:
-            with self.outbox.transaction():
-                self.fill()
+            try:
+                with self.outbox.transaction():
+                    self.fill()
+            except Exception:
+                self.log.failure("Could not send from the outbox; dropping the connection to retry")
+                self._proto.transport.abortConnection()
         self.refresh_metrics()
 
     def drain(self, deadline: float) -> Deferred[bool]:

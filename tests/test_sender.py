@@ -631,3 +631,50 @@ def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> No
     assert link.metrics.registry.get_sample_value("eth_client_ack_timeouts_total") == 0
     link.stopService()
     pumps[-1].flush()
+
+
+def test_outbox_failure_drops_connection_and_recovers(
+    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outbox write failing while sending aborts the connection; once it works again all is resent."""
+    import sqlite3
+
+    def broken(hashes: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    add_blocks(outbox, 1, 2)
+    monkeypatch.setattr(outbox, "mark_sent", broken)
+    started.wake()
+    assert endpoint.transport.aborted
+    assert endpoint.transport.take_frames() == []
+    clock.advance(0)
+    assert not started.connected
+    monkeypatch.undo()
+    clock.advance(1)
+    assert started.connected
+    assert endpoint.transport.take_frames() == [render_html(1), render_html(2)]
+
+
+def test_failure_while_settling_replies_drops_connection(
+    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If acks cannot be committed, nothing is forgotten: the connection drops and the messages are resent."""
+    import sqlite3
+
+    h = add_blocks(outbox, 1, 1)
+    started.wake()
+    endpoint.transport.take_frames()
+
+    def broken(hash: str) -> bool:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(outbox, "ack", broken)
+    endpoint.reply(f"OK {h[0]}")
+    assert endpoint.transport.aborted
+    assert outbox.depth() == 1
+    monkeypatch.undo()
+    clock.advance(0)
+    clock.advance(1)
+    assert endpoint.transport.take_frames() == [render_html(1)]
+    endpoint.reply(f"DUP {h[0]}")
+    assert outbox.depth() == 0
