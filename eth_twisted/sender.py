@@ -101,6 +101,7 @@ class SenderProtocol(NetstringReceiver):
 
     log = Logger()
     link: DeliveryService
+    transport: Any  # a TCP transport: abortConnection, setTcpKeepAlive, disconnecting
 
     def connectionMade(self) -> None:
         try:
