@@ -597,6 +597,8 @@ class RPCClient:
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure is classified and counted
+            if _cancelled(e):  # our caller gave up (poll deadline, shutdown): not the endpoint's fault
+                raise defer.CancelledError() from e
             failure = self._classify(ep, e)
             self._record_failure(ep, failure, method)
             raise failure from e
@@ -611,6 +613,8 @@ class RPCClient:
             try:
                 return await d
             except (ResponseNeverReceived, RequestTransmissionFailed) as e:
+                if _cancelled(e):
+                    raise defer.CancelledError() from e
                 if attempt == 1:
                     log.debug(
                         "RPC {endpoint}: request failed before any answer ({why}); retrying once",
@@ -750,6 +754,15 @@ def _rpc_failure(value: Any) -> RPCFailure:
         return cast(RPCFailure, failure.value)
     failure.raiseException()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _cancelled(e: BaseException) -> bool:
+    """Whether ``e`` is, or wraps (twisted.web's reasons lists), a cancellation."""
+    if isinstance(e, defer.CancelledError):
+        return True
+    return any(
+        isinstance(r, Failure) and r.check(defer.CancelledError) for r in getattr(e, "reasons", None) or ()
+    )
 
 
 def _reasons(e: Exception) -> str:

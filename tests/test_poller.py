@@ -351,8 +351,11 @@ def test_stop_service_cancels_in_flight_tick() -> None:
     rig.node.fail("stall-headers", method="eth_blockNumber")
     rig.tick()
     fired: list[Any] = []
+    asked = len(rig.node.requests)
     rig.poller.stopService().addBoth(fired.append)
     assert fired == [None]
-    asked = len(rig.node.requests)
+    assert len(rig.node.requests) == asked, "a cancelled call must not be retried"
+    failures = [s for s in rig.metrics.rpc_failures.collect()[0].samples if s.name.endswith("_total")]
+    assert failures == [], "a cancellation is not the endpoint's failure"
     rig.clock.advance(30)
     assert len(rig.node.requests) == asked
