@@ -19,7 +19,7 @@ FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS build
 WORKDIR /src
 # .dockerignore makes the context an allowlist (sources, packaging, tests).
 COPY . .
-RUN scripts/install-app /opt/eth-twisted/venv /src
+RUN PIP_NO_CACHE_DIR=1 scripts/install-app /opt/eth-twisted/venv /src
 
 
 # anvil (a local Ethereum dev node) for the live tests, from its npm package.
@@ -33,14 +33,14 @@ RUN npm install --no-save --no-audit --no-fund "@foundry-rs/anvil-linux-${TARGET
 
 # The test suite against the compose MariaDB and Redis (docker-compose.yml).
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS test
-# redis-server: the fault tests' private Redis. Debian's current package is
+# redis-server: the private Redis some live tests kill and restart. Debian's current package is
 # wanted (security updates), hence no version pin (.hadolint.yaml, DL3008).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends redis-server \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src /src
 COPY --from=anvil /anvil/anvil /usr/local/bin/anvil
-RUN /src/scripts/install-app --extras test /opt/eth-twisted/venv /src \
+RUN PIP_NO_CACHE_DIR=1 /src/scripts/install-app --extras test /opt/eth-twisted/venv /src \
     && useradd --system --uid 10001 --user-group --home-dir /src --no-create-home eth \
     && chown -R eth:eth /src
 ENV PATH=/opt/eth-twisted/venv/bin:$PATH \
@@ -48,7 +48,7 @@ ENV PATH=/opt/eth-twisted/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 USER 10001:10001
-CMD ["python", "-m", "pytest", "-p", "no:cacheprovider", "-m", "not browser"]
+CMD ["python", "-m", "pytest", "-p", "no:cacheprovider", "-m", "not browser and not fault"]
 
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime

@@ -54,15 +54,20 @@ class NotifyListener:
         self.messages.append((pid, fields))
         return pid, fields
 
-    def wait_for(self, key: str, timeout: float = 10.0) -> tuple[int, dict[str, str]]:
-        """The first message (already received or arriving before the deadline) with ``key``."""
+    def wait_for(self, key: str, timeout: float = 10.0, pid: int | None = None) -> tuple[int, dict[str, str]]:
+        """The first message with ``key`` (from process ``pid``, when given), already
+        received or arriving before the deadline."""
+
+        def wanted(message: tuple[int, dict[str, str]] | None) -> bool:
+            return message is not None and key in message[1] and pid in (None, message[0])
+
         for message in self.messages:
-            if key in message[1]:
+            if wanted(message):
                 return message
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             message = self.receive(left)
-            if message is not None and key in message[1]:
+            if message is not None and wanted(message):
                 return message
         raise AssertionError(f"no {key} within {timeout}s; got {self.messages!r}")
 
@@ -102,6 +107,14 @@ def test_status_with_line_breaks_stays_one_field(listener: NotifyListener) -> No
     assert systemd.notify_status("sink down\nMAINPID=1\r\n", env)
     _pid, fields = listener.wait_for("STATUS", timeout=2)
     assert fields == {"STATUS": "sink down MAINPID=1"}
+
+
+def test_wait_for_picks_the_named_process(listener: NotifyListener) -> None:
+    """The listener tells messages apart by sender pid, as NotifyAccess=main does."""
+    assert systemd.notify_ready("mine", {"NOTIFY_SOCKET": listener.name})
+    with pytest.raises(AssertionError):
+        listener.wait_for("READY", timeout=0.2, pid=os.getpid() + 1)
+    assert listener.wait_for("READY", timeout=1, pid=os.getpid())[1]["STATUS"] == "mine"
 
 
 def test_raw_notify_sends_the_state_verbatim(listener: NotifyListener) -> None:
