@@ -42,6 +42,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -163,7 +164,8 @@ def record_json(record: Record) -> dict[str, Any]:
 
 
 def _single(request: Request, name: str) -> str | None:
-    values = (request.args or {}).get(name.encode(), [])
+    args: dict[bytes, list[bytes]] = request.args or {}
+    values = args.get(name.encode(), [])
     if not values:
         return None
     if len(values) > 1:
@@ -348,7 +350,7 @@ class QuietSite(Site):
 
     displayTracebacks = False
 
-    def log(self, request: Request) -> None:  # noqa: D102 - Twisted hook
+    def log(self, request: http.Request) -> None:
         """Per-request access lines are left to a reverse proxy; metrics count what matters."""
 
 
@@ -385,25 +387,30 @@ class Readiness:
         self.clock = clock
         self.timeout = timeout
         self._cached: tuple[float, bool, dict[str, Any]] | None = None
-        self._running: defer.Deferred[tuple[bool, dict[str, Any]]] | None = None
+        self._waiters: list[defer.Deferred[tuple[bool, dict[str, Any]]]] = []
 
     def check(self) -> defer.Deferred[tuple[bool, dict[str, Any]]]:
-        """Fire with (all sinks ok, {name: {"ok", "latency_ms", "error"?}})."""
-        now = self.clock.seconds()
-        if self._cached is not None and now - self._cached[0] < READY_CACHE:
-            return defer.succeed(self._cached[1:])  # type: ignore[arg-type]
-        if self._running is not None:
-            waiter: defer.Deferred[tuple[bool, dict[str, Any]]] = defer.Deferred()
-            self._running.addBoth(lambda r: (waiter.callback(r), r)[1])
-            return waiter
-        d = self._running = self._ping_all()
+        """Fire with (all sinks ok, {name: {"ok", "latency_ms", "error"?}}).
 
-        def done(result: tuple[bool, dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
-            self._running = None
-            self._cached = (self.clock.seconds(), *result)
-            return result
+        Concurrent checks share one round of pings.
+        """
+        if self._cached is not None and self.clock.seconds() - self._cached[0] < READY_CACHE:
+            return defer.succeed((self._cached[1], self._cached[2]))
+        waiter: defer.Deferred[tuple[bool, dict[str, Any]]] = defer.Deferred()
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            self._ping_all().addBoth(self._done)
+        return waiter
 
-        return d.addCallback(done)
+    def _done(self, result: Any) -> None:
+        if isinstance(result, Failure):
+            log.failure("Readiness check failed", result)
+            result = (False, {})
+        else:
+            self._cached = (self.clock.seconds(), result[0], result[1])
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(result)
 
     @defer.inlineCallbacks
     def _ping_all(self) -> Any:

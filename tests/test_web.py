@@ -447,3 +447,24 @@ def test_combined_readyz_needs_the_client() -> None:
     reply = Http(site).get("/readyz")
     assert reply.code == 503
     assert reply.json()["failing"] == ["client"]
+
+
+def test_concurrent_readyz_share_one_ping_round() -> None:
+    """Probes arriving while a ping is in flight wait for it instead of pinging again."""
+    from twisted.internet import defer
+
+    pending: list[defer.Deferred[None]] = []
+
+    class SlowPing(MemorySink):
+        def ping(self) -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()
+            pending.append(d)
+            return d
+
+    sink = SlowPing()
+    s = server_fixture(record=sink)
+    first, second = s.http.start("/readyz"), s.http.start("/readyz")
+    assert len(pending) == 1
+    pending[0].callback(None)
+    assert s.http.finish(first).code == 200
+    assert s.http.finish(second).code == 200
