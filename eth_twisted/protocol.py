@@ -14,13 +14,32 @@ Replies (DESIGN.md, wire protocol version 1)::
                          empty/too-long/rejected/auth: final)
     ERR - <code>         the connection's framing broke (bad-frame, too-long,
                          truncated); the connection closes after it
+
+Limits (:class:`ReceiverLimits`), each guarding against one kind of peer:
+
+* ``max_length``: a longer declared frame is refused before it is buffered;
+* ``partial_budget``: bytes held in incomplete frames across all connections;
+  past it, connections growing a partial frame stop being read (the oldest
+  one keeps reading, so the budget always drains);
+* ``frame_timeout``: a frame must complete within it after its first byte
+  (slowloris); ``idle_timeout``: a connection must send a complete frame
+  (heartbeats count) within it. Both abort the connection, and neither runs
+  while the server itself holds the peer up (paused it, or owes it replies);
+* ``window``: unanswered messages per connection before reading pauses;
+  ``rate``/``burst``: a per-connection token bucket that pauses reading
+  rather than refusing; the transport's own write buffer pauses reading from
+  a peer that does not read its replies, and ``write_stall`` aborts it;
+* ``max_connections``/``max_per_ip``: connection caps (IPv6 grouped by /64),
+  enforced by :class:`ReceiverFactory` (Twisted's ``LimitConnectionsByPeer``
+  is broken, RELIABILITY.md 2.6).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import interfaces
@@ -45,11 +64,31 @@ DEFAULT_DEADLINE = 10.0
 
 @dataclass(slots=True)
 class ReceiverLimits:
-    """Per-connection limits of the receiver (see README, "Limits")."""
+    """The receiver's limits; every one is a server option (README, "Limits")."""
 
     max_length: int = DEFAULT_MAX_LENGTH
     window: int = DEFAULT_WINDOW
     deadline: float = DEFAULT_DEADLINE
+    frame_timeout: float = 30.0
+    idle_timeout: float = 90.0
+    write_stall: float = 60.0
+    rate: float = 5000.0
+    burst: int = 10000
+    partial_budget: int = 32 * 1024 * 1024
+    max_connections: int = 10000
+    max_per_ip: int = 100
+    violation_log_interval: float = 60.0
+
+    def check(self) -> None:
+        """Raise ValueError naming the first limit that cannot work."""
+        if self.max_length < 1:
+            raise ValueError("max_length must be at least 1")
+        if self.window < 1:
+            raise ValueError("window must be at least 1")
+        if self.idle_timeout <= self.deadline:
+            raise ValueError("idle_timeout must be longer than the deadline")
+        if self.rate <= 0 or self.burst < 1:
+            raise ValueError("rate and burst must be positive")
 
 
 @dataclass(slots=True)
@@ -59,10 +98,20 @@ class _Slot:
     sha: str
     due: float
     text: bytes | None = None
-    callbacks: list[Any] = field(default_factory=list)
 
 
-@implementer(interfaces.IHalfCloseableProtocol)
+def peer_group(ip: str) -> str:
+    """The key connections are capped by: the address, or its /64 for IPv6."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 6:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
+
+
+@implementer(interfaces.IHalfCloseableProtocol, interfaces.IPushProducer)
 class ReceiverProtocol(Protocol):
     """One client connection on the server."""
 
@@ -73,13 +122,22 @@ class ReceiverProtocol(Protocol):
         self._decoder: NetstringDecoder | None = None
         self._slots: deque[_Slot] = deque()
         self._unanswered = 0
-        self._paused = False
+        self._pauses: set[str] = set()
         self._closing = False  # no more frames accepted; close once replies are out
         self._read_closed = False
         self._gone = False
-        self._timer: Any = None
+        self._deadline_timer: Any = None
+        self._frame_timer: Any = None
+        self._idle_timer: Any = None
+        self._rate_timer: Any = None
+        self._tokens = 0.0
+        self._tokens_at = 0.0
+        self._partial = 0
+        self._frame_started = 0.0
+        self._write_paused_at: float | None = None
         self.peer_ip = "-"
         self.peer = "-"
+        self.group = "-"
         self.client_id: str | None = None
 
     # -- connection lifecycle -------------------------------------------------
@@ -92,28 +150,35 @@ class ReceiverProtocol(Protocol):
         self.peer_ip = normalise_ip(host) if host else "-"
         port = getattr(address, "port", None)
         self.peer = f"{self.peer_ip}:{port}" if port is not None else self.peer_ip
-        f.connections.add(self)
-        f.metrics.connections.inc()
-        f.metrics.open_connections.inc()
+        self.group = peer_group(self.peer_ip)
+        self._tokens = float(f.limits.burst)
+        self._tokens_at = f.clock.seconds()
+        f.connection_made(self)
         try:
             self.transport.setTcpKeepAlive(True)
         except (AttributeError, OSError):
             pass
+        # The transport pauses us when its write buffer fills (a peer that does
+        # not read its replies); we then stop reading from that peer.
+        self.transport.registerProducer(self, True)
+        self._reset_idle()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._gone:
             return
         self._gone = True
-        self.factory.connections.discard(self)
-        self.factory.metrics.open_connections.dec()
-        if self._paused:
-            self.factory.metrics.paused_connections.dec()
-            self._paused = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         if self._decoder is not None and self._decoder.in_frame and not self._read_closed:
             self._violation("truncated", "connection closed mid-frame")
+        for name in ("_deadline_timer", "_frame_timer", "_idle_timer", "_rate_timer"):
+            timer = getattr(self, name)
+            if timer is not None and timer.active():
+                timer.cancel()
+            setattr(self, name, None)
+        if self._pauses:
+            self.factory.metrics.paused_connections.dec()
+            self._pauses.clear()
+        self._set_partial(0)
+        self.factory.connection_lost(self)
         # Answers still owed are dropped: the client resends and gets DUP.
         self._slots.clear()
 
@@ -130,12 +195,27 @@ class ReceiverProtocol(Protocol):
         """The peer stopped reading: nobody will see our replies."""
         self.transport.loseConnection()
 
+    # -- IPushProducer: the transport's write buffer drives these -------------
+
+    def pauseProducing(self) -> None:
+        self._write_paused_at = self.factory.clock.seconds()
+        self._pause("writes")
+
+    def resumeProducing(self) -> None:
+        self._write_paused_at = None
+        self._unpause("writes")
+
+    def stopProducing(self) -> None:
+        self._closing = True
+
     # -- frames ---------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._decoder is None:
             return
-        frames = self._decoder.feed(data)
+        decoder = self._decoder
+        was_in_frame = decoder.in_frame
+        frames = decoder.feed(data)
         for payload in frames:
             if self._closing:
                 break
@@ -149,17 +229,23 @@ class ReceiverProtocol(Protocol):
                 self._forget_last(payload)
                 self._finish(None)
                 return
-        error = self._decoder.error
-        if error is not None and not self._closing:
-            self._frame_error(error)
+        if decoder.error is not None:
+            if not self._closing:
+                self._frame_error(decoder.error)
+            return
+        if frames:
+            self._reset_idle()
+        self._track_frame_timer(was_in_frame and not frames, decoder.in_frame)
+        self._set_partial(decoder.buffered)
+        if frames and not self._closing:
+            self._take_tokens(len(frames))
 
     def _frame_received(self, payload: bytes) -> None:
         f = self.factory
         f.metrics.received.inc()
         now = f.clock.seconds()
         if not payload:
-            sha = EMPTY_SHA256
-            slot = _Slot(sha, now)
+            slot = _Slot(EMPTY_SHA256, now)
             self._slots.append(slot)
             self._resolve(slot, "empty")
             return
@@ -171,13 +257,14 @@ class ReceiverProtocol(Protocol):
         try:
             block_number = recognise_block_number(payload)
         except OutOfRange:
+            f.metrics.outcomes.labels(outcome="rejected").inc()
             self._resolve(slot, "rejected")
             return
         message = Message(payload, sha, self.peer_ip, now, block_number, self.client_id)
         self._unanswered += 1
         self._arm_deadline()
         if self._unanswered >= f.limits.window:
-            self._pause()
+            self._pause("window")
         f.submit(message, lambda code, slot=slot: self._answered(slot, code))
 
     def _forget_last(self, payload: bytes) -> None:
@@ -191,8 +278,8 @@ class ReceiverProtocol(Protocol):
             return  # already answered (deadline passed) or nobody to tell
         self._unanswered -= 1
         self._resolve(slot, code)
-        if self._paused and self._unanswered < self.factory.limits.window:
-            self._resume()
+        if self._unanswered < self.factory.limits.window:
+            self._unpause("window")
 
     def _resolve(self, slot: _Slot, code: str) -> None:
         """Set the reply for ``slot`` and write every reply now due, in order."""
@@ -205,30 +292,30 @@ class ReceiverProtocol(Protocol):
     def _flush(self) -> None:
         if self._gone:
             return
-        f = self.factory
+        replies = self.factory.metrics.replies
         out = []
         while self._slots and self._slots[0].text is not None:
             text = self._slots.popleft().text
             assert text is not None
             out.append(encode(text))
-            f.metrics.replies.labels(kind=text.split(b" ", 1)[0].decode()).inc()
+            replies.labels(kind=text[: text.index(b" ")].decode()).inc()
         if out:
             self.transport.write(b"".join(out))
         if self._closing and not self._slots:
             self.transport.loseConnection()
 
-    # -- deadlines and backpressure -------------------------------------------
+    # -- deadlines, timeouts and rate -----------------------------------------
 
     def _arm_deadline(self) -> None:
-        if self._timer is None or not self._timer.active():
-            pending = [s for s in self._slots if s.text is None]
-            if pending:
-                delay = max(0.0, pending[0].due - self.factory.clock.seconds())
-                self._timer = self.factory.clock.callLater(delay, self._deadline_passed)
+        if self._deadline_timer is None or not self._deadline_timer.active():
+            pending = next((s for s in self._slots if s.text is None), None)
+            if pending is not None:
+                delay = max(0.0, pending.due - self.factory.clock.seconds())
+                self._deadline_timer = self.factory.clock.callLater(delay, self._deadline_passed)
 
     def _deadline_passed(self) -> None:
         """Answer ``timeout`` for every message whose deadline has passed."""
-        self._timer = None
+        self._deadline_timer = None
         now = self.factory.clock.seconds()
         for slot in list(self._slots):
             if slot.text is None and slot.due <= now:
@@ -236,45 +323,131 @@ class ReceiverProtocol(Protocol):
                 self._answered(slot, "timeout")
         self._arm_deadline()
 
-    def _pause(self) -> None:
-        if not self._paused:
-            self._paused = True
-            self.factory.metrics.paused_connections.inc()
-            self.transport.pauseProducing()
+    def _held_up_by_us(self) -> bool:
+        """True while the server keeps this peer waiting (so its timers must not run)."""
+        return self._unanswered > 0 or bool(self._pauses - {"writes"})
 
-    def _resume(self) -> None:
-        if self._paused and not self._closing:
-            self._paused = False
+    def _reset_idle(self) -> None:
+        timeout = self.factory.limits.idle_timeout
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(timeout)
+        else:
+            self._idle_timer = self.factory.clock.callLater(timeout, self._idle_passed)
+
+    def _idle_passed(self) -> None:
+        self._idle_timer = None
+        if self._gone or self._closing:
+            return
+        limits = self.factory.limits
+        now = self.factory.clock.seconds()
+        if self._write_paused_at is not None and now - self._write_paused_at >= limits.write_stall:
+            self._abort("write-stall", f"replies unread for {limits.write_stall:.0f}s")
+        elif self._held_up_by_us() or self._write_paused_at is not None:
+            self._reset_idle()
+        else:
+            self._abort("idle-timeout", f"no complete frame for {limits.idle_timeout:.0f}s")
+
+    def _track_frame_timer(self, continuing: bool, in_frame: bool) -> None:
+        """Start the whole-frame timer at a frame's first byte; stop it when no frame is open."""
+        if not in_frame:
+            if self._frame_timer is not None and self._frame_timer.active():
+                self._frame_timer.cancel()
+            self._frame_timer = None
+            return
+        if continuing and self._frame_timer is not None:
+            return
+        if self._frame_timer is not None and self._frame_timer.active():
+            self._frame_timer.cancel()
+        self._frame_started = self.factory.clock.seconds()
+        self._frame_timer = self.factory.clock.callLater(self.factory.limits.frame_timeout, self._frame_passed)
+
+    def _frame_passed(self) -> None:
+        self._frame_timer = None
+        if self._gone or self._closing:
+            return
+        if self._held_up_by_us():
+            # We are not reading from this peer: give it the full time again
+            # once we do.
+            self._frame_timer = self.factory.clock.callLater(
+                self.factory.limits.frame_timeout, self._frame_passed)
+            return
+        self._abort("frame-timeout", f"frame incomplete after {self.factory.limits.frame_timeout:.0f}s")
+
+    def _take_tokens(self, count: int) -> None:
+        """Token bucket: past the rate, stop reading until enough tokens are back."""
+        limits = self.factory.limits
+        now = self.factory.clock.seconds()
+        self._tokens = min(float(limits.burst), self._tokens + (now - self._tokens_at) * limits.rate)
+        self._tokens_at = now
+        self._tokens -= count
+        if self._tokens < 0 and (self._rate_timer is None or not self._rate_timer.active()):
+            self.factory.metrics.protocol_errors.labels(reason="rate-limited").inc()
+            self._pause("rate")
+            self._rate_timer = self.factory.clock.callLater(-self._tokens / limits.rate, self._rate_refilled)
+
+    def _rate_refilled(self) -> None:
+        self._rate_timer = None
+        self._unpause("rate")
+
+    def _set_partial(self, nbytes: int) -> None:
+        """Account this connection's partial-frame bytes against the global budget."""
+        if nbytes != self._partial:
+            self.factory.partial_changed(self, nbytes - self._partial)
+            self._partial = nbytes
+
+    # -- pausing --------------------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        if not self._pauses:
+            self.factory.metrics.paused_connections.inc()
+            if not self._gone:
+                self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def _unpause(self, reason: str) -> None:
+        if reason not in self._pauses:
+            return
+        self._pauses.discard(reason)
+        if not self._pauses:
             self.factory.metrics.paused_connections.dec()
-            self.transport.resumeProducing()
+            if not self._gone and not self._closing:
+                self.transport.resumeProducing()
+
+    @property
+    def paused(self) -> frozenset[str]:
+        """Why reading from this peer is paused (empty while reading)."""
+        return frozenset(self._pauses)
 
     # -- errors and closing ---------------------------------------------------
 
     def _frame_error(self, error: FrameError) -> None:
         self._violation(error.code, error.detail)
+        self._set_partial(0)
         self._finish(f"ERR - {error.code}".encode("ascii"))
 
     def _violation(self, reason: str, detail: str) -> None:
         self.factory.metrics.protocol_errors.labels(reason=reason).inc()
-        self.factory.report_violation(self.peer, reason, detail)
+        self.factory.report_violation(self.peer_ip, self.peer, reason, detail)
+
+    def _abort(self, reason: str, detail: str) -> None:
+        self._violation(reason, detail)
+        self._closing = True
+        self.transport.abortConnection()
 
     def _finish(self, last: bytes | None) -> None:
         """Stop reading; write the owed replies, then ``last``, then close."""
         if self._closing:
             return
-        self._closing = True
         if last is not None:
             self._slots.append(_Slot("-", 0.0, text=last))
-        if not self._paused:
-            try:
-                self.transport.pauseProducing()
-            except Exception:  # noqa: BLE001 - a half-closed transport may refuse
-                pass
+        self._pause("closing")
+        self._closing = True
         self._flush()
 
 
 class ReceiverFactory(Factory):
-    """Builds :class:`ReceiverProtocol` for every connection and holds what they share."""
+    """Builds :class:`ReceiverProtocol` for every connection and holds what they share:
+    the connection caps, the partial-frame budget and the violation log's rate limit."""
 
     protocol = ReceiverProtocol
     log = Logger()
@@ -290,13 +463,87 @@ class ReceiverFactory(Factory):
         log_payloads: bool = False,
     ) -> None:
         self.submit = submit
-        self.log_payloads = log_payloads
         self.clock = clock
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.limits = limits if limits is not None else ReceiverLimits()
-        if self.limits.max_length < 1:
-            raise ValueError("max_length must be at least 1")
+        self.limits.check()
+        self.log_payloads = log_payloads
         self.connections: set[ReceiverProtocol] = set()
+        self.per_group: dict[str, int] = {}
+        self.partial_bytes = 0
+        self._partial_holders: dict[ReceiverProtocol, float] = {}
+        self._budget_paused: set[ReceiverProtocol] = set()
+        self._violations_logged: dict[tuple[str, str], float] = {}
+
+    # -- connection caps ------------------------------------------------------
+
+    def buildProtocol(self, addr: Any) -> ReceiverProtocol | None:
+        host = getattr(addr, "host", None)
+        group = peer_group(normalise_ip(host)) if host else "-"
+        if len(self.connections) >= self.limits.max_connections:
+            self._refuse("max-connections", host)
+            return None
+        if self.per_group.get(group, 0) >= self.limits.max_per_ip:
+            self._refuse("max-per-ip", host)
+            return None
+        # Count the connection now, not at connectionMade, so a burst of
+        # simultaneous connects cannot overshoot the caps.
+        self.per_group[group] = self.per_group.get(group, 0) + 1
+        protocol = super().buildProtocol(addr)
+        protocol._reserved_group = group  # type: ignore[union-attr]
+        return protocol  # type: ignore[return-value]
+
+    def _refuse(self, reason: str, host: str | None) -> None:
+        self.metrics.refused_connections.labels(reason=reason).inc()
+        self.report_violation(host or "-", host or "-", reason, "connection refused")
+
+    def connection_made(self, protocol: ReceiverProtocol) -> None:
+        reserved = getattr(protocol, "_reserved_group", None)
+        if reserved is None:  # built without buildProtocol (tests)
+            self.per_group[protocol.group] = self.per_group.get(protocol.group, 0) + 1
+        elif reserved != protocol.group:
+            self._release_group(reserved)
+            self.per_group[protocol.group] = self.per_group.get(protocol.group, 0) + 1
+        protocol._reserved_group = protocol.group  # type: ignore[attr-defined]
+        self.connections.add(protocol)
+        self.metrics.connections.inc()
+        self.metrics.open_connections.inc()
+
+    def connection_lost(self, protocol: ReceiverProtocol) -> None:
+        if protocol in self.connections:
+            self.connections.discard(protocol)
+            self.metrics.open_connections.dec()
+            self._release_group(getattr(protocol, "_reserved_group", protocol.group))
+        self._budget_paused.discard(protocol)
+
+    def _release_group(self, group: str) -> None:
+        left = self.per_group.get(group, 0) - 1
+        if left > 0:
+            self.per_group[group] = left
+        else:
+            self.per_group.pop(group, None)
+
+    # -- partial-frame budget -------------------------------------------------
+
+    def partial_changed(self, protocol: ReceiverProtocol, delta: int) -> None:
+        """Account ``delta`` bytes of partial frames held by ``protocol``; pause or resume readers."""
+        self.partial_bytes += delta
+        if protocol._partial + delta > 0:
+            self._partial_holders.setdefault(protocol, self.clock.seconds())
+        else:
+            self._partial_holders.pop(protocol, None)
+        if self.partial_bytes > self.limits.partial_budget:
+            oldest = min(self._partial_holders, key=self._partial_holders.__getitem__, default=None)
+            if delta > 0 and protocol is not oldest and not protocol._gone:
+                self._budget_paused.add(protocol)
+                protocol._pause("budget")
+                self.metrics.protocol_errors.labels(reason="partial-budget").inc()
+        elif self._budget_paused:
+            waiting, self._budget_paused = self._budget_paused, set()
+            for p in waiting:
+                p._unpause("budget")
+
+    # -- shutdown -------------------------------------------------------------
 
     def stop_reading(self) -> None:
         """Shutting down: every connection stops reading, answers what it owes, then closes."""
@@ -308,6 +555,16 @@ class ReceiverFactory(Factory):
         for protocol in list(self.connections):
             protocol.transport.abortConnection()
 
-    def report_violation(self, peer: str, reason: str, detail: str) -> None:
-        """Log one protocol violation from ``peer``."""
+    # -- violations -----------------------------------------------------------
+
+    def report_violation(self, ip: str, peer: str, reason: str, detail: str) -> None:
+        """Log a protocol violation, at most once per address and reason per interval."""
+        now = self.clock.seconds()
+        key = (ip, reason)
+        last = self._violations_logged.get(key)
+        if last is not None and now - last < self.limits.violation_log_interval:
+            return
+        if len(self._violations_logged) > 10000:
+            self._violations_logged.clear()
+        self._violations_logged[key] = now
         self.log.warn("Protocol violation from {peer}: {reason} ({detail})", peer=peer, reason=reason, detail=detail)

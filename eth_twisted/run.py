@@ -156,8 +156,7 @@ def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, ou
     stats = None if config["stats"].lower() == "none" else config["stats"]
     server = build_server(
         reactor=reactor, listen=f"tcp:{port}:interface=127.0.0.1", stats_listen=None,
-        storage={"migrate": True, "sqlite": config["sqlite"]}, max_length=65536, window=256,
-        deadline=10.0, batch_size=1000, batch_delay=0.002, reconcile_interval=300.0,
+        storage={"migrate": True, "sqlite": config["sqlite"]},
         verbose=verbose, summary=f"sqlite:{config['sqlite']}",
     )
     rpc_urls = list(config["rpc"]) or list(DEFAULT_RPC_URLS)

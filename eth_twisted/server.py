@@ -184,12 +184,10 @@ def build_server(
     listen: str,
     stats_listen: str | None,
     storage: dict[str, Any],
-    max_length: int,
-    window: int,
-    deadline: float,
-    batch_size: int,
-    batch_delay: float,
-    reconcile_interval: float,
+    limits: ReceiverLimits | None = None,
+    batch_size: int = 1000,
+    batch_delay: float = 0.002,
+    reconcile_interval: float = 300.0,
     verbose: bool = False,
     summary: str = "",
     stats_token: str | None = None,
@@ -198,7 +196,6 @@ def build_server(
     """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site."""
     record, mirrors = build_sinks(storage, reactor)
     metrics = ServerMetrics()
-    limits = ReceiverLimits(max_length=max_length, window=window, deadline=deadline)
     server = make_server_service(
         listen=listen, record=record, mirrors=mirrors, reactor=reactor, metrics=metrics,
         limits=limits, max_batch=batch_size, batch_delay=batch_delay,

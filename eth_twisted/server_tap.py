@@ -16,7 +16,12 @@ from eth_twisted.config import (
     positive_float,
     state_path,
 )
-from eth_twisted.protocol import DEFAULT_DEADLINE, DEFAULT_MAX_LENGTH, DEFAULT_WINDOW
+from eth_twisted.protocol import (
+    DEFAULT_DEADLINE,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_WINDOW,
+    ReceiverLimits,
+)
 
 log = Logger()
 
@@ -108,12 +113,34 @@ class Options(StorageOptions):
         ["batch-size", None, 1000, "Most messages per sink batch", int_in(1, 100_000)],
         ["batch-delay", None, 0.002, "Seconds to collect a batch before storing it", non_negative_float],
         ["reconcile-interval", None, 300.0, "Seconds between Redis rebuilds from SQL", positive_float],
+        ["frame-timeout", None, 30.0, "Seconds a frame may take from its first byte to its comma", positive_float],
+        ["idle-timeout", None, 90.0, "Seconds without a complete frame before a connection is dropped (clients heartbeat at a third of it)", positive_float],
+        ["write-stall", None, 60.0, "Seconds a peer may leave its replies unread before it is dropped", positive_float],
+        ["rate", None, 5000.0, "Messages per second per connection before reading pauses", positive_float],
+        ["burst", None, 10000, "Messages a connection may send at once before the rate applies", int_in(1)],
+        ["partial-budget", None, 32 * 1024 * 1024, "Bytes of incomplete frames held across all connections before reading pauses", int_in(1024)],
+        ["max-connections", None, 10000, "Connections the server holds at once", int_in(1)],
+        ["max-per-ip", None, 100, "Connections per client address (IPv6: per /64)", int_in(1)],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
         if not self["listen"]:
             self["listen"] = tcp_endpoint(self["host"], self["port"])
+        try:
+            self.limits().check()
+        except ValueError as e:
+            raise usage.UsageError(str(e).replace("idle_timeout", "--idle-timeout").replace("deadline", "--deadline"))
+
+    def limits(self) -> ReceiverLimits:
+        """The receiver's limits from these options."""
+        return ReceiverLimits(
+            max_length=self["max-length"], window=self["window"], deadline=self["deadline"],
+            frame_timeout=self["frame-timeout"], idle_timeout=self["idle-timeout"],
+            write_stall=self["write-stall"], rate=self["rate"], burst=self["burst"],
+            partial_budget=self["partial-budget"], max_connections=self["max-connections"],
+            max_per_ip=self["max-per-ip"],
+        )
 
 
 def makeService(config: Options, reactor: Any = None) -> Any:
@@ -131,9 +158,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         listen=config["listen"],
         stats_listen=None if config["stats"].lower() == "none" else config["stats"],
         storage=storage_kwargs(config),
-        max_length=config["max-length"],
-        window=config["window"],
-        deadline=config["deadline"],
+        limits=config.limits(),
         batch_size=config["batch-size"],
         batch_delay=config["batch-delay"],
         reconcile_interval=config["reconcile-interval"],

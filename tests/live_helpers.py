@@ -18,8 +18,6 @@ def start_server(storage: dict[str, Any], **overrides: Any) -> Any:
     """Build and start an eth-server on 127.0.0.1:<free port>; fire with (service, port)."""
     kwargs: dict[str, Any] = dict(
         reactor=reactor, listen="tcp:0:interface=127.0.0.1", stats_listen=None, storage=storage,
-        max_length=65536, window=256, deadline=10.0, batch_size=1000, batch_delay=0.002,
-        reconcile_interval=300.0,
     )
     kwargs.update(overrides)
     server: ServerService = build_server(**kwargs)
