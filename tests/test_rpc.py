@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import pytest_twisted
 from prometheus_client import CollectorRegistry
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
@@ -18,7 +19,7 @@ from eth_twisted.rpc import (
     endpoint_label,
     parse_retry_after,
 )
-from eth_twisted.testing import FakeEthereumNode, FakeNetwork
+from eth_twisted.testing import FakeEthereumNode, FakeNetwork, url_of
 
 A = "http://a.example/v3/SECRETKEY?token=hush"
 B = "http://b.example:8545/"
@@ -406,3 +407,27 @@ def test_default_http_client_has_own_pool() -> None:
     assert rpc._pool is not None and rpc._pool._reactor is reactor
     assert hasattr(rpc.http, "post")
     assert result_of(rpc.close()) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_http_loopback_timeout_covers_body() -> Any:
+    """Over real loopback HTTP (default treq client and pool), a stalled body ends at the call's timeout."""
+    from twisted.internet import reactor
+
+    node = FakeEthereumNode(height=7)
+    port = node.listen(reactor)
+    rpc = RPCClient([url_of(port)], clock=reactor, timeout=0.5)
+    try:
+        assert (yield rpc.block_number()) == 7
+        node.fail("stall-body", method="eth_blockNumber")
+        started = reactor.seconds()
+        with pytest.raises(RPCFailure) as info:
+            yield rpc.block_number()
+        assert info.value.kind == "timeout"
+        assert 0.4 < reactor.seconds() - started < 3.0
+        node.fail("drop", method="eth_blockNumber")
+        assert (yield rpc.block_number()) == 7
+    finally:
+        node.release_stalled()
+        yield rpc.close()
+        yield port.stopListening()
