@@ -7,8 +7,8 @@ stops (a LoopingCall dies for good on the first unhandled failure).
 
 One tick:
 
-1. Until the chain is verified (at start, and again after the head fell
-   below the cursor), every endpoint must show the chain of the stored
+1. Until the chain is verified (at start, after a failed poll, i.e. when
+   the endpoints come back), every endpoint must show the chain of the stored
    cursor (:meth:`RPCClient.verify_chain`). A mismatch calls ``fatal`` with a
    message naming ``--reset-cursor``; the tap stops the process.
 2. ``head_round`` gives the best trusted head.
@@ -194,6 +194,9 @@ class BlockPoller(service.Service):
         if failure.check(RPCFailure):
             e = failure.value
             log.warn("poll failed ({kind}): {why}", kind=e.kind, why=str(e))
+            # No endpoint gave what the poll needed: when one answers again it may be
+            # a node restarted on another chain, so the chain is verified again first.
+            self.verified = False
             self._count(e.kind)
             return
         if failure.check(defer.TimeoutError):
@@ -359,6 +362,7 @@ class BlockPoller(service.Service):
     async def _mismatch(self, cursor: Cursor, head: int, block: dict[str, Any]) -> str:
         """Block cursor+1 does not name the cursor's block as parent."""
         number = int(block["number"], 16)
+        self.rpc.invalidate()  # a node restarted on another chain looks like a reorg: check first
         log.warn(
             "block {number} names parent {parent}, not {expected}: a reorg or a node out of step",
             number=number, parent=block["parentHash"], expected=cursor.block_hash,

@@ -359,3 +359,24 @@ def test_stop_service_cancels_in_flight_tick() -> None:
     assert failures == [], "a cancellation is not the endpoint's failure"
     rig.clock.advance(30)
     assert len(rig.node.requests) == asked
+
+
+def test_chain_verified_again_after_failed_poll() -> None:
+    """After a poll in which no endpoint answered, the next poll verifies the chain again first."""
+    rig = Rig().start()
+    checks = lambda: sum(1 for m, _ in rig.node.requests if m == "eth_chainId")  # noqa: E731
+    assert checks() == 1
+    rig.node.fail("http-5xx", method="eth_blockNumber")
+    rig.tick()
+    rig.clock.advance(30)
+    assert checks() == 2
+    assert rig.fatal == []
+
+
+def test_new_chain_behind_5xx_proxy_is_fatal_not_a_reorg() -> None:
+    """A node replaced by a taller, different chain (no transport failure seen) is fatal, never mixed in."""
+    rig = Rig(fmt="json").start()
+    rig.node.reset(height=150)
+    rig.tick()
+    assert rig.fatal and "--reset-cursor" in rig.fatal[0]
+    assert rig.numbers() == [100]
