@@ -754,3 +754,73 @@ def test_client_unit_exec_start_becomes_ready_and_delivers(
     assert list(client_state.glob("eth-client-spool.sqlite3*"))
     assert client.stop() in (0, -signal.SIGTERM)
     assert server.stop() in (0, -signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------- the default command, AWS bundle
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_image_default_command_relays_blocks(
+    tmp_path: Path, service_env: dict[str, str], daemons: list[Daemon], anvil: Any
+) -> None:
+    """The image's CMD (`eth run`, through the entrypoint, state in STATE_DIRECTORY) serves
+    /healthz for the HEALTHCHECK and stores the chain's blocks; only the stats port and the
+    RPC endpoint are adapted to this machine."""
+    (cmd,) = [exec_form(a) for w, a in final_stage(ROOT / "Dockerfile") if w == "CMD"]
+    stats = free_port()
+    argv = [arg.replace("tcp:8080:", f"tcp:{stats}:") for arg in cmd]
+    state = tmp_path / "state"
+    state.mkdir()
+    env = dict(service_env, STATE_DIRECTORY=str(state), ETH_PORT=str(free_port()))
+    daemon = Daemon([str(ROOT / "deploy/docker/entrypoint"), *argv, "--rpc", anvil.url, "--interval", "0.5"],
+                    env, state, tmp_path / "run.log")
+    daemons.append(daemon)
+
+    def stored() -> int:
+        status, body = http_get(f"http://127.0.0.1:{stats}/api/stats")
+        return int(json.loads(body)["totals"]["records"]) if status == 200 else 0
+
+    wait_until(lambda: stored() >= 2, 30, what=f"eth run to store blocks:\n{daemon.output()[-2000:]}")
+    assert http_get(f"http://127.0.0.1:{stats}/healthz")[0] == 200
+    assert {p.name for p in state.iterdir()} >= {"eth-server.sqlite3", "eth-client-spool.sqlite3"}
+    assert daemon.stop() in (0, -signal.SIGTERM, 130)
+
+
+def test_beanstalk_bundle_has_dockerfile_compose_and_ebextensions_at_its_root(tmp_path: Path) -> None:
+    """make-beanstalk-bundle zips the committed sources with the Beanstalk Dockerfile and compose
+    file at the root, and .ebextensions asking for a network load balancer with a TCP 9999 listener."""
+    import zipfile
+
+    bundle = tmp_path / "bundle.zip"
+    subprocess.run([str(ROOT / "deploy/aws/make-beanstalk-bundle"), str(bundle)], check=True,
+                   capture_output=True, timeout=120)
+    with zipfile.ZipFile(bundle) as z:
+        names = set(z.namelist())
+        assert z.read("Dockerfile") == (ROOT / "deploy/aws/Dockerfile-server-beanstalk").read_bytes()
+        assert z.read("docker-compose.yml") == (ROOT / "deploy/aws/beanstalk/docker-compose.yml").read_bytes()
+        lb = yaml.safe_load(z.read(".ebextensions/01-network-load-balancer.config"))
+    assert {"scripts/install-app", "setup.cfg", "twisted/plugins/eth_twisted_plugins.py",
+            ".dockerignore", "deploy/docker/entrypoint"} <= names
+    assert not any(n.startswith("./") for n in names)
+    settings = lb["option_settings"]
+    assert settings["aws:elasticbeanstalk:environment"]["LoadBalancerType"] == "network"
+    assert settings["aws:elbv2:listener:9999"] == {
+        "ListenerEnabled": "true", "Protocol": "TCP", "DefaultProcess": "ingest"}
+    assert settings["aws:elasticbeanstalk:environment:process:ingest"]["Port"] == "9999"
+    ports = load_compose(ROOT / "deploy/aws/beanstalk/docker-compose.yml")["services"]["server"]["ports"]
+    assert ports == ["80:8080", "9999:9999"]
+
+
+def test_ecs_task_definition_matches_the_client_image() -> None:
+    """The ECS task definition runs the client image as its user, with the image's health check
+    port, the state volume and awslogs; it sets no secret in its environment."""
+    task = json.loads((ROOT / "deploy/aws/ecs-task-definition.json").read_text())
+    (container,) = task["containerDefinitions"]
+    assert container["user"] == "10001:10001"
+    assert container["mountPoints"][0]["containerPath"] == STATE_DIR
+    assert "127.0.0.1:8081/healthz" in container["healthCheck"]["command"][-1]
+    assert container["logConfiguration"]["logDriver"] == "awslogs"
+    assert not [e for e in container["environment"] if re.search(r"PASS|SECRET|TOKEN", e["name"])]
+    env = " ".join(a for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-client-ecs") if w == "ENV")
+    assert "ETH_STATS=tcp:8081:interface=0.0.0.0" in env
