@@ -280,6 +280,8 @@ class ReceiverProtocol(Protocol):
         self._resolve(slot, code)
         if self._unanswered < self.factory.limits.window:
             self._unpause("window")
+        if self._unanswered == 0:
+            self._released()
 
     def _resolve(self, slot: _Slot, code: str) -> None:
         """Set the reply for ``slot`` and write every reply now due, in order."""
@@ -412,6 +414,15 @@ class ReceiverProtocol(Protocol):
             self.factory.metrics.paused_connections.dec()
             if not self._gone and not self._closing:
                 self.transport.resumeProducing()
+        self._released()
+
+    def _released(self) -> None:
+        """When the server stops holding the peer up, its timers start afresh."""
+        if self._gone or self._closing or self._held_up_by_us():
+            return
+        self._reset_idle()
+        if self._frame_timer is not None and self._frame_timer.active():
+            self._frame_timer.reset(self.factory.limits.frame_timeout)
 
     @property
     def paused(self) -> frozenset[str]:
