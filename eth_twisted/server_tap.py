@@ -37,7 +37,7 @@ def tcp_endpoint(host: str, port: int) -> str:
 class StorageOptions(EnvOptions):
     """The storage flags shared by ``eth server`` and ``eth migrate``."""
 
-    secrets = ("mysql-pass", "redis-password")
+    secrets: tuple[str, ...] = ("mysql-pass", "redis-password")
 
     optFlags = [
         ["use-mysql", None, "Store to MySQL/MariaDB (else to the embedded SQLite file)"],
@@ -93,6 +93,8 @@ class StorageOptions(EnvOptions):
 class Options(StorageOptions):
     """Options of the eth-server (same for ``twistd eth-server`` and ``eth server``)."""
 
+    secrets = (*StorageOptions.secrets, "stats-token")
+
     synopsis = "[options]"
     longdesc = (
         "Receive netstring messages, store each in SQL (MySQL, or the embedded SQLite "
@@ -107,6 +109,9 @@ class Options(StorageOptions):
         ["port", None, 9999, "TCP port to listen on", int_in(0, 65535)],
         ["listen", None, None, "Endpoint string to listen on instead of --host/--port, e.g. tcp:9999:interface=0.0.0.0"],
         ["stats", None, DEFAULT_STATS, "Endpoint of the stats HTTP API, or 'none'"],
+        ["stats-token", None, None, "Bearer token the stats API requires (not /healthz, /readyz); prefer ETH_STATS_TOKEN or --stats-token-file"],
+        ["stats-token-file", None, None, "File holding the stats API token"],
+        ["stats-allowed-hosts", None, None, "Comma list of Host header values the stats API answers [default on loopback: localhost,127.0.0.1,::1]"],
         ["max-length", None, DEFAULT_MAX_LENGTH, "Largest message accepted, in bytes", int_in(1, 16 * 1024 * 1024)],
         ["window", None, DEFAULT_WINDOW, "Unanswered messages per connection before reading pauses", int_in(1, 65536)],
         ["deadline", None, DEFAULT_DEADLINE, "Seconds within which every message is answered (else ERR timeout)", positive_float],
@@ -127,6 +132,8 @@ class Options(StorageOptions):
         super().postOptions()
         if not self["listen"]:
             self["listen"] = tcp_endpoint(self["host"], self["port"])
+        self["stats-token-resolved"] = self.resolve_secret("stats-token")
+        self["allowed-hosts"] = allowed_hosts(self["stats"], self["stats-allowed-hosts"])
         try:
             self.limits().check()
         except ValueError as e:
@@ -159,12 +166,26 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         stats_listen=None if config["stats"].lower() == "none" else config["stats"],
         storage=storage_kwargs(config),
         limits=config.limits(),
+        stats_token=config["stats-token-resolved"],
+        allowed_hosts=config["allowed-hosts"],
         batch_size=config["batch-size"],
         batch_delay=config["batch-delay"],
         reconcile_interval=config["reconcile-interval"],
         verbose=config["verbose"],
         summary=config.storage_summary(),
     )
+
+
+def allowed_hosts(stats: str, option: str | None) -> list[str] | None:
+    """The Host allowlist: the option's list, or the loopback names when the API listens on loopback.
+
+    On loopback a fixed list stops DNS-rebinding pages from reading the API.
+    """
+    if option:
+        return [h.strip() for h in option.split(",") if h.strip()]
+    if stats and ("interface=127." in stats or "interface=localhost" in stats or "interface=\\:\\:1" in stats):
+        return ["localhost", "127.0.0.1", "::1"]
+    return None
 
 
 def storage_kwargs(config: StorageOptions) -> dict[str, Any]:
