@@ -824,3 +824,35 @@ def test_ecs_task_definition_matches_the_client_image() -> None:
     assert not [e for e in container["environment"] if re.search(r"PASS|SECRET|TOKEN", e["name"])]
     env = " ".join(a for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-client-ecs") if w == "ENV")
     assert "ETH_STATS=tcp:8081:interface=0.0.0.0" in env
+
+
+SHELL_SCRIPTS = ["scripts/install-app", "deploy/docker/entrypoint", "deploy/secrets/generate",
+                 "deploy/aws/make-beanstalk-bundle", "deploy/compose/mariadb-init/10-eth-test-user.sh"]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shell_scripts_parse_and_are_executable(script: str) -> None:
+    """Each deployment script is executable and its shell (from the #! line) parses it."""
+    path = ROOT / script
+    shebang = path.read_text().splitlines()[0]
+    assert shebang in ("#!/bin/sh", "#!/bin/bash") and os.access(path, os.X_OK)
+    result = subprocess.run([shebang[2:], "-n", str(path)], capture_output=True, text=True, timeout=10)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_secrets_generator_writes_new_random_files_and_keeps_existing_ones(tmp_path: Path) -> None:
+    """deploy/secrets/generate creates one random secret per template, readable by the
+    containers, and never overwrites a secret that exists."""
+    work = tmp_path / "secrets"
+    work.mkdir()
+    shutil.copy2(ROOT / "deploy/secrets/generate", work / "generate")
+    for template in (ROOT / "deploy/secrets").glob("*.example"):
+        shutil.copy2(template, work / template.name)
+    (work / "mysql-pass").write_text("kept\n")
+    subprocess.run([str(work / "generate")], check=True, capture_output=True, timeout=30)
+    assert (work / "mysql-pass").read_text() == "kept\n"
+    made = [work / "mysql-root-pass", work / "mysql-test-pass"]
+    values = [p.read_text().strip() for p in made]
+    assert all(len(v) >= 24 for v in values) and len(set(values)) == 2
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in made)
+    assert work.stat().st_mode & 0o777 == 0o700
