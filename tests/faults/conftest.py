@@ -57,11 +57,11 @@ def fault_redis() -> Iterator[FaultRedis]:
 
 @pytest.fixture
 def scratch(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A directory for one scenario's logs and files; kept (and named) when the test fails."""
+    """A directory for one scenario's logs and files; kept (and named) when the test fails or ETH_FAULTS_KEEP is set."""
     path = tempfile.mkdtemp(prefix=f"eth-fault-{request.node.name[:40]}-")
     yield path
     rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
+    if (rep is not None and rep.failed) or os.environ.get("ETH_FAULTS_KEEP"):
         print(f"\nscenario files kept in {path}")
     else:
         shutil.rmtree(path, ignore_errors=True)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tests.faults.oracle import Oracle, Verdict
+from tests.faults.oracle import Oracle, Verdict, read_outbox
 from tests.faults.proxy import ProxyProcess
 from tests.faults.results import ResultLog, ScenarioResult
 from tests.faults.rpcfault import RPCFaultProcess
@@ -217,8 +217,9 @@ class Rig:
         recover: float | None = None
         try:
             stored_at = oracle.wait_stored(store_timeout)
+            drained_at = self.wait_drained(store_timeout)
             if healed_at is not None:
-                recover = max(0.0, stored_at - healed_at)
+                recover = max(0.0, max(stored_at, drained_at) - healed_at)
         except AssertionError as e:
             problems.append(str(e).splitlines()[0][:300])
         try:
@@ -231,11 +232,29 @@ class Rig:
         result_log.record(ScenarioResult(
             scenario=scenario, injected=injected, produced=verdict.produced, stored=verdict.stored,
             lost=verdict.lost, duplicated=verdict.duplicates, recover_seconds=recover,
-            passed=verdict.ok, acked=verdict.wire_ok, acked_not_stored=len(verdict.acked_not_stored),
+            passed=verdict.ok, acked=verdict.wire_ok, dup_replies=verdict.wire_dup,
+            acked_not_stored=len(verdict.acked_not_stored),
             duration_seconds=time.monotonic() - self.began, notes="; ".join(self.notes),
             problems=verdict.problems,
         ))
         return verdict
+
+    def outbox_depth(self) -> int:
+        """Messages waiting in the client's outbox (read-only look at its file)."""
+        return len(read_outbox(self.spool)["pending"])
+
+    def wait_drained(self, timeout: float = 60.0) -> float:
+        """Block until the client holds nothing unacknowledged; return the monotonic time it did."""
+
+        def drained() -> bool:
+            self.check_alive()
+            return self.outbox_depth() == 0
+
+        try:
+            wait_until(drained, timeout, interval=0.2, what="the client's outbox to drain (every message acked)")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; {self.outbox_depth()} still waiting") from None
+        return time.monotonic()
 
     def explain(self, verdict: Verdict) -> str:
         """An assertion message with the verdict and the daemons' last log lines."""

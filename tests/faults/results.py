@@ -34,6 +34,7 @@ class ScenarioResult:
     recover_seconds: float | None
     passed: bool
     acked: int = 0
+    dup_replies: int = 0
     acked_not_stored: int = 0
     duration_seconds: float = 0.0
     notes: str = ""
@@ -90,8 +91,9 @@ sent (recorded by the fault proxy on the wire) names a committed row.
 
 Columns: *produced* = blocks the node mined in the checked range; *stored* = distinct rows for
 them; *lost* = produced but not stored; *duplicated* = extra rows for one block;
-*acked* = `OK` replies seen on the wire; *recover s* = seconds from healing the fault until
-the last block was stored (– when nothing needed healing).
+*OK/DUP* = distinct hashes answered `OK` / `DUP` on the wire (a `DUP` is a resend of something
+already committed: its first ack was lost); *recover s* = seconds from healing the fault until
+the last block was stored and the client's outbox had drained (– when nothing needed healing).
 
 """
 
@@ -99,7 +101,7 @@ the last block was stored (– when nothing needed healing).
 def render(rows: list[dict[str, Any]]) -> str:
     """The Markdown page for ``rows``."""
     lines = [HEADER]
-    lines.append("| scenario | injected | produced | stored | lost | duplicated | acked | recover s | result | notes |")
+    lines.append("| scenario | injected | produced | stored | lost | duplicated | OK/DUP | recover s | result | notes |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         result = "pass" if r.get("passed") else "**FAIL**"
@@ -110,7 +112,8 @@ def render(rows: list[dict[str, Any]]) -> str:
             "| " + " | ".join(
                 _cell(x) for x in (
                     r.get("scenario"), r.get("injected"), r.get("produced"), r.get("stored"),
-                    r.get("lost"), r.get("duplicated"), r.get("acked"), r.get("recover_seconds"),
+                    r.get("lost"), r.get("duplicated"), f"{r.get('acked', 0)}/{r.get('dup_replies', 0)}",
+                    r.get("recover_seconds"),
                 )
             ) + f" | {result} | {_cell(notes)} |"
         )

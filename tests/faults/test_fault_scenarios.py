@@ -274,10 +274,10 @@ def test_client_sigkill_with_durable_outbox(make_rig: MakeRig, fault_results: Re
 
 @pytest.fixture
 def small_tmpfs(scratch: str) -> Iterator[str]:
-    """A 2 MiB tmpfs for the client's outbox (root only)."""
+    """A 32 MiB tmpfs for the client's outbox (root only): room for SQLite's WAL (up to ~4 MiB) until filled."""
     mount = os.path.join(scratch, "spool-tmpfs")
     os.makedirs(mount)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mount], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", mount], capture_output=True)
     if done.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
     yield mount
@@ -287,7 +287,7 @@ def small_tmpfs(scratch: str) -> Iterator[str]:
 def _fill(directory: str) -> str:
     """Fill the file system holding ``directory``; return the filler's path."""
     path = os.path.join(directory, "filler")
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
@@ -316,13 +316,13 @@ def test_outbox_disk_full_stops_the_client_advancing(make_rig: MakeRig, fault_re
     os.unlink(filler)
     healed = time.monotonic()
     rig.notes.append(
-        f"2 MiB tmpfs filled; cursor {frozen_cursor} -> {cursor} while head reached {head}; "
+        f"32 MiB tmpfs filled; cursor {frozen_cursor} -> {cursor} while head reached {head}; "
         f"client {'running' if rig.client and rig.client.running() else 'exited'}"
     )
     if rig.client is not None and not rig.client.running():
         rig.client.start()
     assert cursor is not None and cursor <= frozen_cursor + 1, "the cursor advanced while the disk was full"
-    finish(rig, fault_results, "outbox disk full", "client outbox on a 2 MiB tmpfs, filled for 8 blocks", healed)
+    finish(rig, fault_results, "outbox disk full", "client outbox on a 32 MiB tmpfs, filled up for 8 blocks", healed)
 
 
 # -- the Ethereum node
