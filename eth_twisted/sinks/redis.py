@@ -234,6 +234,7 @@ class RedisSink:
         self._outage_failures = 0
         self._listeners: list[Callable[[], None]] = []
         self._stopped = False
+        self._notify_pending = False
 
     # -- ISink -------------------------------------------------------------------------
 
@@ -531,10 +532,14 @@ class RedisSink:
         self._notify()
 
     def _notify(self) -> None:
-        # Called from inside a call's callbacks: let the listeners run on the next turn.
-        self._reactor.callLater(0, self._run_listeners)
+        # Called from inside a call's callbacks: let the listeners run on the next turn,
+        # once for every signal (recovery, new run_id) that arrived before it.
+        if not self._notify_pending:
+            self._notify_pending = True
+            self._reactor.callLater(0, self._run_listeners)
 
     def _run_listeners(self) -> None:
+        self._notify_pending = False
         for listener in list(self._listeners):
             try:
                 listener()
