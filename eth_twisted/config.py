@@ -125,6 +125,7 @@ class EnvOptions(usage.Options):
             if long not in ("help", "version"):
                 self.docs[long] = f"{self.docs[long] or ''} [env {env_name(long)}]".strip()
         self._from_argv: set[str] = set()
+        self._replaced: set[str] = set()
         for name, handler in list(self._dispatch.items()):
             if isinstance(handler, usage.CoerceParameter):
                 self._dispatch[name] = _NamedCoerce(self, handler.coerce)
@@ -133,7 +134,9 @@ class EnvOptions(usage.Options):
         attr = "opt_" + name.replace("-", "_")
 
         def opt(self: EnvOptions, value: str) -> None:
-            self._from_argv.add(name)
+            if name not in self._replaced:
+                self[name] = []  # the command line replaces the environment's list
+                self._replaced.add(name)
             self[name].extend(split_list(value))
 
         opt.__doc__ = getattr(type(self), f"doc_{name.replace('-', '_')}", f"--{name} (repeatable)")

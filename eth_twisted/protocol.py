@@ -130,6 +130,7 @@ class ReceiverProtocol(Protocol):
         self._frame_timer: Any = None
         self._idle_timer: Any = None
         self._rate_timer: Any = None
+        self._stall_timer: Any = None
         self._tokens = 0.0
         self._tokens_at = 0.0
         self._partial = 0
@@ -169,7 +170,7 @@ class ReceiverProtocol(Protocol):
         self._gone = True
         if self._decoder is not None and self._decoder.in_frame and not self._read_closed:
             self._violation("truncated", "connection closed mid-frame")
-        for name in ("_deadline_timer", "_frame_timer", "_idle_timer", "_rate_timer"):
+        for name in ("_deadline_timer", "_frame_timer", "_idle_timer", "_rate_timer", "_stall_timer"):
             timer = getattr(self, name)
             if timer is not None and timer.active():
                 timer.cancel()
@@ -198,12 +199,22 @@ class ReceiverProtocol(Protocol):
     # -- IPushProducer: the transport's write buffer drives these -------------
 
     def pauseProducing(self) -> None:
-        self._write_paused_at = self.factory.clock.seconds()
+        if self._write_paused_at is None:
+            self._write_paused_at = self.factory.clock.seconds()
+            self._stall_timer = self.factory.clock.callLater(self.factory.limits.write_stall, self._stalled)
         self._pause("writes")
 
     def resumeProducing(self) -> None:
         self._write_paused_at = None
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        self._stall_timer = None
         self._unpause("writes")
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if not self._gone and self._write_paused_at is not None:
+            self._abort("write-stall", f"replies unread for {self.factory.limits.write_stall:.0f}s")
 
     def stopProducing(self) -> None:
         self._closing = True
@@ -340,14 +351,10 @@ class ReceiverProtocol(Protocol):
         self._idle_timer = None
         if self._gone or self._closing:
             return
-        limits = self.factory.limits
-        now = self.factory.clock.seconds()
-        if self._write_paused_at is not None and now - self._write_paused_at >= limits.write_stall:
-            self._abort("write-stall", f"replies unread for {limits.write_stall:.0f}s")
-        elif self._held_up_by_us() or self._write_paused_at is not None:
-            self._reset_idle()
+        if self._held_up_by_us() or self._write_paused_at is not None:
+            self._reset_idle()  # held up by us, or the write-stall timer decides
         else:
-            self._abort("idle-timeout", f"no complete frame for {limits.idle_timeout:.0f}s")
+            self._abort("idle-timeout", f"no complete frame for {self.factory.limits.idle_timeout:.0f}s")
 
     def _track_frame_timer(self, continuing: bool, in_frame: bool) -> None:
         """Start the whole-frame timer at a frame's first byte; stop it when no frame is open."""

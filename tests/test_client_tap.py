@@ -88,11 +88,6 @@ def test_environment_and_precedence(tmp_path: Path) -> None:
     assert o["window"] == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eth_twisted/config.py EnvOptions appends argv values of a repeatable option to the "
-    "ETH_* list instead of replacing it (reported to the lead; not this module's file)",
-)
 def test_repeatable_option_on_command_line_replaces_environment() -> None:
     """--rpc on the command line replaces ETH_RPC instead of adding to it (command line wins)."""
     o = parse(["--rpc", "http://c:3"], {"ETH_RPC": "http://a:1,http://b:2"})

@@ -215,7 +215,12 @@ def test_row18_peer_never_reads_replies() -> None:
     p.dataReceived(encode(b"a"))
     p.pauseProducing()  # what the transport does when its buffer is full
     assert t.producerState == "paused" and "writes" in p.paused
-    h.clock.advance(91)
+    h.clock.advance(59)
+    p.resumeProducing()  # the peer read a little: the stall timer starts again next time
+    p.pauseProducing()
+    h.clock.advance(59)
+    assert not t.disconnecting
+    h.clock.advance(1.1)
     assert t.disconnecting
     assert h.errors("write-stall") == 1
 
