@@ -214,3 +214,20 @@ def test_eth_server_bad_option_exits_nonzero() -> None:
                           cwd=ROOT)
     assert proc.returncode == 2
     assert b"--mysql-host" in proc.stderr
+
+
+@pytest_twisted.inlineCallbacks
+def test_netcat_half_close(tmp_path: Path) -> None:
+    """`printf '5:hello,' | nc -N host port` (the seed's habit) gets its OK before the server closes."""
+    from twisted.internet import threads
+
+    server, port = yield start_server({"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")})
+    try:
+        proc = yield threads.deferToThread(
+            subprocess.run, ["sh", "-c", f"printf '5:hello,' | nc -N 127.0.0.1 {port}"],
+            capture_output=True, timeout=20,
+        )
+    finally:
+        yield server.stopService()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"67:OK " + sha256_hex(b"hello").encode() + b","
