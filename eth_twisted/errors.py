@@ -70,3 +70,16 @@ class OutboxFull(EthTwistedError):
 
 class OutboxLocked(EthTwistedError):
     """Another process holds the outbox file."""
+
+
+class HandshakeFailed(EthTwistedError):
+    """A link handshake (TLS or the shared-secret exchange) did not complete.
+
+    ``reason`` is a short machine word (``bad-proof``, ``timeout``, ``tls``,
+    ...) used for metrics; the message says what happened, never the secret.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

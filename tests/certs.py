@@ -1,0 +1,167 @@
+"""Test certificates made with ``cryptography``: CAs, server, client and expired certs.
+
+:func:`make_pki` writes a complete set of PEM files to a directory: two
+independent CAs, a server certificate (SANs ``DNS:localhost`` and
+``IP:127.0.0.1``), an expired one, a server certificate from the other CA,
+and client certificates from both CAs. EC P-256 keys keep it fast.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ORG = "eth-twisted test"
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A key and its certificate."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+
+@dataclass(frozen=True)
+class PemPair:
+    """Where one certificate and its key were written."""
+
+    cert: str
+    key: str
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+        x509.NameAttribute(NameOID.COMMON_NAME, cn),
+    ])
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def make_ca(cn: str = "eth-twisted test CA") -> Issued:
+    """A self-signed CA certificate valid from yesterday for ten days."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=10))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(key, cert)
+
+
+def issue(
+    ca: Issued,
+    cn: str,
+    *,
+    server: bool = False,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
+    days_valid: tuple[float, float] = (-1, 10),
+) -> Issued:
+    """A leaf certificate signed by ``ca``; ``days_valid`` is (start, end) relative to now."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=days_valid[0]))
+        .not_valid_after(now + datetime.timedelta(days=days_valid[1]))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
+    )
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return Issued(key, builder.sign(ca.key, hashes.SHA256()))
+
+
+def write_pem(directory: Path, name: str, issued: Issued) -> PemPair:
+    """Write ``name.crt`` and ``name.key`` (PKCS#8, 0600) under ``directory``."""
+    cert_path = directory / f"{name}.crt"
+    key_path = directory / f"{name}.key"
+    cert_path.write_bytes(issued.cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        issued.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return PemPair(str(cert_path), str(key_path))
+
+
+@dataclass(frozen=True)
+class PKI:
+    """Paths of a complete test PKI (see :func:`make_pki`)."""
+
+    ca: str
+    other_ca: str
+    server: PemPair
+    expired_server: PemPair
+    other_server: PemPair
+    client: PemPair
+    other_client: PemPair
+    client_subject: str
+
+
+SERVER_DNS = ("localhost",)
+SERVER_IPS = ("127.0.0.1",)
+
+
+def make_pki(directory: Path) -> PKI:
+    """Write two CAs and the server/client certificates the TLS tests need."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = make_ca("eth-twisted test CA")
+    other = make_ca("eth-twisted other CA")
+    ca_pair = write_pem(directory, "ca", ca)
+    other_pair = write_pem(directory, "other-ca", other)
+    server = issue(ca, "localhost", server=True, dns=SERVER_DNS, ips=SERVER_IPS)
+    expired = issue(ca, "localhost", server=True, dns=SERVER_DNS, ips=SERVER_IPS, days_valid=(-10, -1))
+    other_server = issue(other, "localhost", server=True, dns=SERVER_DNS, ips=SERVER_IPS)
+    client = issue(ca, "client-1")
+    other_client = issue(other, "client-1")
+    return PKI(
+        ca=ca_pair.cert,
+        other_ca=other_pair.cert,
+        server=write_pem(directory, "server", server),
+        expired_server=write_pem(directory, "expired-server", expired),
+        other_server=write_pem(directory, "other-server", other_server),
+        client=write_pem(directory, "client", client),
+        other_client=write_pem(directory, "other-client", other_client),
+        client_subject=client.cert.subject.rfc4514_string(),
+    )

@@ -1,0 +1,673 @@
+"""Unit tests of eth_twisted.security: the shared-secret gates, TLS helpers, secrets.
+
+No network: the gates run on StringTransports and iosim pumps with a Clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import interfaces
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.basic import NetstringReceiver
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from zope.interface import directlyProvides
+
+from eth_twisted import security
+from eth_twisted.errors import ConfigError, HandshakeFailed
+from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.model import Message
+from eth_twisted.protocol import ReceiverFactory
+from eth_twisted.security import (
+    AuthClientEndpoint,
+    AuthClientFactory,
+    AuthServerFactory,
+    TLSGateFactory,
+    check_secret_transport,
+    client_proof,
+    listen_endpoint,
+    load_secret,
+    peer_identity,
+    server_proof,
+    server_tls_options,
+)
+from tests.certs import make_pki
+
+SECRET = b"correct horse battery staple!"
+WRONG = b"incorrect horse battery staple"
+NAME = "client-1"
+REAL_COMPARE = hmac.compare_digest
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def frames_of(data: bytes) -> list[bytes]:
+    """Every netstring in ``data`` (asserting it is well formed)."""
+    decoder = NetstringDecoder(1 << 20)
+    out = decoder.feed(data)
+    assert decoder.error is None and decoder.buffered == 0, data
+    return out
+
+
+class Recorder(NetstringReceiver):
+    """An inner protocol that records its life and every frame."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.raw = b""
+        self.made = False
+        self.lost: Failure | None = None
+        self.client_id: str | None = None
+        self.transport_seen: Any = None
+
+    def connectionMade(self) -> None:
+        self.made = True
+        self.transport_seen = self.transport
+
+    def dataReceived(self, data: bytes) -> None:
+        self.raw += data
+        super().dataReceived(data)
+
+    def stringReceived(self, string: bytes) -> None:
+        self.frames.append(string)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = reason
+
+
+class RecorderFactory(Factory):
+    """Builds Recorders and keeps them."""
+
+    def __init__(self) -> None:
+        self.built: list[Recorder] = []
+
+    def buildProtocol(self, addr: Any) -> Recorder:
+        proto = Recorder()
+        proto.factory = self
+        self.built.append(proto)
+        return proto
+
+
+def tls_transport() -> StringTransport:
+    """A StringTransport that says it is TLS."""
+    t = StringTransport()
+    directlyProvides(t, interfaces.ISSLTransport)
+    return t
+
+
+def server_gate(
+    secret: bytes = SECRET, transport: StringTransport | None = None, **kwargs: Any
+) -> tuple[Any, StringTransport, RecorderFactory, Clock, list[str]]:
+    clock = Clock()
+    inner = RecorderFactory()
+    failures: list[str] = []
+    factory = AuthServerFactory(inner, secret, clock, on_failure=failures.append, **kwargs)
+    proto = factory.buildProtocol(None)
+    transport = transport if transport is not None else tls_transport()
+    proto.makeConnection(transport)
+    return proto, transport, inner, clock, failures
+
+
+def hello_nonce(transport: StringTransport) -> bytes:
+    (hello,) = frames_of(transport.value())
+    match = re.fullmatch(rb"HELLO eth/1 ([0-9a-f]{64})", hello)
+    assert match, hello
+    return match.group(1)
+
+
+def auth_frame(server_nonce: bytes, secret: bytes = SECRET, name: str = NAME) -> tuple[bytes, bytes]:
+    client_nonce = os.urandom(32).hex().encode()
+    proof = client_proof(secret, server_nonce, client_nonce, name.encode())
+    return encode(b"AUTH " + name.encode() + b" " + client_nonce + b" " + proof), client_nonce
+
+
+def client_gate(
+    secret: bytes = SECRET, **kwargs: Any
+) -> tuple[Any, StringTransport, RecorderFactory, AuthClientFactory, Clock, list[Any]]:
+    clock = Clock()
+    inner = RecorderFactory()
+    factory = AuthClientFactory(inner, secret, NAME, clock, **kwargs)
+    results: list[Any] = []
+    factory.ready.addBoth(results.append)
+    proto = factory.buildProtocol(None)
+    transport = tls_transport()
+    proto.makeConnection(transport)
+    return proto, transport, inner, factory, clock, results
+
+
+# -- server side of the handshake ------------------------------------------------------
+
+
+def test_server_greets_with_hello_and_a_fresh_nonce() -> None:
+    """Each connection is greeted with one HELLO eth/1 frame holding a new 64-hex nonce."""
+    _, t1, inner, _, _ = server_gate()
+    _, t2, _, _, _ = server_gate()
+    assert hello_nonce(t1) != hello_nonce(t2)
+    assert inner.built == []
+
+
+def test_right_secret_connects_inner_with_exactly_the_frames_after_auth() -> None:
+    """A valid AUTH gets AUTH-OK with the server's proof; the inner protocol gets only later bytes."""
+    proto, t, inner, clock, failures = server_gate()
+    nonce = hello_nonce(t)
+    t.clear()
+    auth, client_nonce = auth_frame(nonce)
+    proto.dataReceived(auth + b"1:a,2:bb,3:cc")
+    (ok,) = frames_of(t.value())
+    assert ok == b"AUTH-OK " + server_proof(SECRET, nonce, client_nonce, NAME.encode())
+    (rec,) = inner.built
+    assert rec.made and rec.client_id == NAME and rec.transport_seen is t
+    assert rec.raw == b"1:a,2:bb,3:cc" and rec.frames == [b"a", b"bb"]
+    proto.dataReceived(b"c,")
+    assert rec.frames == [b"a", b"bb", b"ccc"]
+    assert failures == [] and not t.disconnecting
+    clock.advance(60)
+    assert not t.disconnecting, "the handshake timer must not outlive the handshake"
+
+
+def test_handshake_fed_one_byte_at_a_time() -> None:
+    """The gate parses AUTH across arbitrary read boundaries and forwards the rest intact."""
+    proto, t, inner, _, _ = server_gate()
+    nonce = hello_nonce(t)
+    auth, _ = auth_frame(nonce)
+    for byte in auth + b"5:hello,":
+        proto.dataReceived(bytes([byte]))
+    (rec,) = inner.built
+    assert rec.frames == [b"hello"]
+
+
+def test_wrong_secret_with_pipelined_frames_never_reaches_inner() -> None:
+    """A wrong proof is answered ERR - auth and closed; frames pipelined behind it are never delivered."""
+    proto, t, inner, _, failures = server_gate()
+    nonce = hello_nonce(t)
+    t.clear()
+    auth, _ = auth_frame(nonce, secret=WRONG)
+    proto.dataReceived(auth + b"5:msg-1,5:msg-2,")
+    proto.dataReceived(b"5:msg-3,")
+    assert frames_of(t.value()) == [b"ERR - auth"]
+    assert t.disconnecting
+    assert inner.built == []
+    assert failures == ["bad-proof"]
+
+
+def test_wrong_name_for_the_proof_is_refused() -> None:
+    """A proof computed for another name does not authenticate this one."""
+    proto, t, inner, _, failures = server_gate()
+    nonce = hello_nonce(t)
+    t.clear()
+    client_nonce = os.urandom(32).hex().encode()
+    proof = client_proof(SECRET, nonce, client_nonce, b"client-2")
+    proto.dataReceived(encode(b"AUTH client-1 " + client_nonce + b" " + proof))
+    assert frames_of(t.value()) == [b"ERR - auth"] and inner.built == []
+
+
+def test_first_frame_not_auth_gets_err_sha_auth() -> None:
+    """A data frame before AUTH is answered ERR <its sha256> auth and the connection closes."""
+    proto, t, inner, _, failures = server_gate()
+    t.clear()
+    payload = b"<p>19000000</p>"
+    proto.dataReceived(encode(payload) + encode(b"more"))
+    sha = hashlib.sha256(payload).hexdigest().encode()
+    assert frames_of(t.value()) == [b"ERR " + sha + b" auth"]
+    assert t.disconnecting and inner.built == [] and failures == ["not-auth"]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"AUTH",
+        b"AUTH client-1",
+        b"AUTH client-1 " + b"a" * 64,
+        b"AUTH client 1 " + b"a" * 64 + b" " + b"b" * 64,
+        b"AUTH client-1 " + b"A" * 64 + b" " + b"b" * 64,
+        b"AUTH client-1 " + b"a" * 63 + b" " + b"b" * 64,
+        b"AUTH -x " + b"a" * 64 + b" " + b"b" * 64,
+        b"AUTH client-1 " + b"a" * 64 + b" " + b"b" * 64 + b" extra",
+    ],
+)
+def test_malformed_auth_gets_err_dash_auth(frame: bytes) -> None:
+    """An AUTH frame of the wrong shape is answered ERR - auth and closed."""
+    proto, t, inner, _, failures = server_gate()
+    t.clear()
+    proto.dataReceived(encode(frame))
+    assert frames_of(t.value()) == [b"ERR - auth"]
+    assert t.disconnecting and inner.built == [] and failures == ["malformed"]
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"007:AUTH ab,", b"99999:"])
+def test_framing_error_before_auth_gets_err_dash_auth(data: bytes) -> None:
+    """Garbage or an over-long frame before AUTH is answered ERR - auth and closed."""
+    proto, t, inner, _, failures = server_gate()
+    t.clear()
+    proto.dataReceived(data)
+    assert frames_of(t.value()) == [b"ERR - auth"]
+    assert t.disconnecting and inner.built == [] and failures == ["bad-frame"]
+
+
+def test_handshake_timeout_aborts() -> None:
+    """No AUTH within the timeout aborts the connection (not a graceful close)."""
+    proto, t, inner, clock, failures = server_gate(timeout=5.0)
+    proto.dataReceived(b"12")  # a partial frame, then silence
+    clock.advance(4.9)
+    assert not t.disconnecting
+    clock.advance(0.2)
+    assert t.disconnected, "abortConnection, not loseConnection"
+    assert failures == ["timeout"] and inner.built == []
+
+
+def test_refused_peer_that_never_reads_is_aborted_later() -> None:
+    """After ERR - auth the connection is closed gracefully, then aborted if still open after the timeout."""
+    proto, t, _, clock, _ = server_gate(timeout=3.0)
+    proto.dataReceived(encode(b"AUTH nope"))
+    assert t.disconnecting and not t.disconnected
+    clock.advance(3.0)
+    assert t.disconnected
+
+
+def test_plaintext_transport_refused_unless_allowed() -> None:
+    """Over a non-TLS transport the server aborts without HELLO, unless allow_plaintext."""
+    proto, t, inner, _, failures = server_gate(transport=StringTransport())
+    assert t.value() == b"" and t.disconnected and failures == ["plaintext"]
+    proto, t, _, _, failures = server_gate(transport=StringTransport(), allow_plaintext=True)
+    assert hello_nonce(t) and failures == []
+
+
+def test_server_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server checks the client's proof with hmac.compare_digest."""
+    calls: list[tuple[bytes, bytes]] = []
+
+    def recording(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return REAL_COMPARE(a, b)
+
+    monkeypatch.setattr(security.hmac, "compare_digest", recording)
+    proto, t, inner, _, _ = server_gate()
+    nonce = hello_nonce(t)
+    auth, _ = auth_frame(nonce, secret=WRONG)
+    proto.dataReceived(auth)
+    assert len(calls) == 1 and inner.built == []
+
+
+def test_max_pending_handshakes() -> None:
+    """Beyond max_pending concurrent handshakes a new connection is aborted."""
+    clock = Clock()
+    failures: list[str] = []
+    factory = AuthServerFactory(RecorderFactory(), SECRET, clock, max_pending=2, on_failure=failures.append)
+    transports = []
+    for _ in range(3):
+        t = tls_transport()
+        factory.buildProtocol(None).makeConnection(t)
+        transports.append(t)
+    assert [t.disconnected for t in transports] == [False, False, True]
+    assert failures == ["busy"] and len(factory.pending) == 2
+
+
+def test_short_secret_rejected() -> None:
+    """The factories refuse a secret shorter than 16 bytes."""
+    with pytest.raises(ConfigError):
+        AuthServerFactory(RecorderFactory(), b"short", Clock())
+    with pytest.raises(ConfigError):
+        AuthClientFactory(RecorderFactory(), b"short", NAME, Clock())
+
+
+def test_inner_receiver_gets_client_id_and_half_close() -> None:
+    """With the real receiver behind the gate, messages carry the name and a half-close is answered."""
+    clock = Clock()
+    got: list[Message] = []
+
+    def submit(message: Message, reply: Any) -> None:
+        got.append(message)
+        reply("OK")
+
+    factory = AuthServerFactory(ReceiverFactory(submit, clock=clock), SECRET, clock)
+    proto = factory.buildProtocol(None)
+    t = tls_transport()
+    proto.makeConnection(t)
+    nonce = hello_nonce(t)
+    t.clear()
+    auth, _ = auth_frame(nonce)
+    proto.dataReceived(auth + encode(b"payload"))
+    proto.readConnectionLost()
+    replies = frames_of(t.value())
+    assert replies[1] == b"OK " + hashlib.sha256(b"payload").hexdigest().encode()
+    assert [m.client_id for m in got] == [NAME]
+    assert t.disconnecting, "the receiver closes after answering a half-closed peer"
+
+
+def test_connection_lost_forwarded_after_auth() -> None:
+    """Once open, connectionLost reaches the inner protocol."""
+    proto, t, inner, _, _ = server_gate()
+    auth, _ = auth_frame(hello_nonce(t))
+    proto.dataReceived(auth)
+    proto.connectionLost(Failure(Exception("gone")))
+    assert inner.built[0].lost is not None
+
+
+# -- client side of the handshake -------------------------------------------------------
+
+
+def server_says(proto: Any, *frames: bytes) -> None:
+    proto.dataReceived(b"".join(encode(f) for f in frames))
+
+
+def test_client_waits_for_hello_then_proves_itself() -> None:
+    """The client writes nothing before HELLO, then one AUTH with a valid proof."""
+    proto, t, inner, _, _, results = client_gate()
+    assert t.value() == b""
+    nonce = b"ab" * 32
+    server_says(proto, b"HELLO eth/1 " + nonce)
+    (auth,) = frames_of(t.value())
+    word, name, client_nonce, proof = auth.split(b" ")
+    assert (word, name) == (b"AUTH", NAME.encode())
+    assert proof == client_proof(SECRET, nonce, client_nonce, name)
+    assert inner.built == [] and results == []
+
+
+def test_client_connects_inner_only_after_server_proof() -> None:
+    """After a valid AUTH-OK the inner protocol is connected and ready fires with it."""
+    proto, t, inner, _, clock, results = client_gate()
+    nonce = b"cd" * 32
+    server_says(proto, b"HELLO eth/1 " + nonce)
+    client_nonce = frames_of(t.value())[0].split(b" ")[2]
+    server_says(proto, b"AUTH-OK " + server_proof(SECRET, nonce, client_nonce, NAME.encode()), b"OK x")
+    (rec,) = inner.built
+    assert rec.made and results == [rec]
+    assert rec.frames == [b"OK x"], "frames after AUTH-OK reach the inner protocol"
+    clock.advance(60)
+    assert not t.disconnecting
+
+
+def test_impostor_server_never_gets_a_message_frame() -> None:
+    """A server whose proof is wrong is dropped; the inner protocol is never built."""
+    proto, t, inner, factory, _, results = client_gate()
+    nonce = b"ef" * 32
+    server_says(proto, b"HELLO eth/1 " + nonce)
+    client_nonce = frames_of(t.value())[0].split(b" ")[2]
+    server_says(proto, b"AUTH-OK " + server_proof(WRONG, nonce, client_nonce, NAME.encode()))
+    assert [f.split(b" ")[0] for f in frames_of(t.value())] == [b"AUTH"]
+    assert t.disconnected and inner.built == []
+    assert isinstance(results[0], Failure) and results[0].value.reason == "bad-proof"
+    assert factory.failures == {"bad-proof": 1}
+
+
+def test_impostor_replaying_a_proof_for_another_nonce_fails() -> None:
+    """A server proof recorded from an earlier handshake does not fit this client nonce."""
+    proto, t, inner, _, _, results = client_gate()
+    nonce = b"01" * 32
+    server_says(proto, b"HELLO eth/1 " + nonce)
+    old = server_proof(SECRET, nonce, b"99" * 32, NAME.encode())
+    server_says(proto, b"AUTH-OK " + old)
+    assert inner.built == [] and results[0].value.reason == "bad-proof"
+
+
+def test_client_times_out_without_hello() -> None:
+    """No HELLO within the timeout: the client aborts having written nothing."""
+    proto, t, inner, _, clock, results = client_gate(timeout=4.0)
+    clock.advance(4.0)
+    assert t.value() == b"" and t.disconnected and inner.built == []
+    assert results[0].value.reason == "timeout" and "HELLO" in results[0].value.detail
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        ((b"OK " + b"a" * 64,), "no-hello"),
+        ((b"HELLO eth/2 " + b"a" * 64,), "version"),
+        ((b"HELLO eth/1 xyz",), "no-hello"),
+        ((b"HELLO eth/1 " + b"a" * 64, b"ERR - auth"), "refused"),
+        ((b"HELLO eth/1 " + b"a" * 64, b"OK " + b"a" * 64), "unexpected"),
+    ],
+)
+def test_client_refuses_unexpected_server_frames(frames: tuple[bytes, ...], reason: str) -> None:
+    """Anything but HELLO then a valid AUTH-OK fails the handshake with a named reason."""
+    proto, t, inner, _, _, results = client_gate()
+    server_says(proto, *frames)
+    assert inner.built == [] and t.disconnected
+    assert isinstance(results[0].value, HandshakeFailed) and results[0].value.reason == reason
+
+
+def test_client_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client checks the server's proof with hmac.compare_digest."""
+    calls: list[bytes] = []
+
+    def recording(a: bytes, b: bytes) -> bool:
+        calls.append(b)
+        return REAL_COMPARE(a, b)
+
+    monkeypatch.setattr(security.hmac, "compare_digest", recording)
+    proto, t, _, _, _, _ = client_gate()
+    server_says(proto, b"HELLO eth/1 " + b"a" * 64, b"AUTH-OK " + b"b" * 64)
+    assert calls == [b"b" * 64]
+
+
+def test_client_refuses_plaintext_unless_allowed() -> None:
+    """Without TLS the client aborts before reading HELLO unless allow_plaintext."""
+    clock = Clock()
+    factory = AuthClientFactory(RecorderFactory(), SECRET, NAME, clock)
+    factory.ready.addErrback(lambda f: None)
+    t = StringTransport()
+    factory.buildProtocol(None).makeConnection(t)
+    assert t.disconnected and factory.failures == {"plaintext": 1}
+
+
+@pytest.mark.parametrize("name", ["", "has space", "-lead", "x" * 129, "caf\u00e9"])
+def test_client_name_validated(name: str) -> None:
+    """A client name that cannot go in an AUTH frame is a ConfigError at construction."""
+    with pytest.raises(ConfigError):
+        AuthClientFactory(RecorderFactory(), SECRET, name, Clock())
+
+
+# -- both sides in memory ---------------------------------------------------------------
+
+
+def pair(client_secret: bytes, server_secret: bytes = SECRET) -> tuple[Any, ...]:
+    clock = Clock()
+    got: list[Message] = []
+
+    def submit(message: Message, reply: Any) -> None:
+        got.append(message)
+        reply("OK")
+
+    receiver = ReceiverFactory(submit, clock=clock)
+    server = AuthServerFactory(receiver, server_secret, clock, allow_plaintext=True)
+    inner = RecorderFactory()
+    client = AuthClientFactory(inner, client_secret, NAME, clock, allow_plaintext=True)
+    results: list[Any] = []
+    client.ready.addBoth(results.append)
+    c, s, pump = iosim.connectedServerAndClient(
+        lambda: server.buildProtocol(None), lambda: client.buildProtocol(None), clock=clock
+    )
+    return c, s, pump, got, receiver, inner, results
+
+
+def test_iosim_mutual_handshake_then_messages() -> None:
+    """Both gates with the same secret: the sender's frames reach the receiver with client_id set."""
+    c, s, pump, got, receiver, inner, results = pair(SECRET)
+    pump.flush()
+    (rec,) = inner.built
+    assert results == [rec]
+    rec.transport.write(encode(b"block 1") + encode(b"block 2"))
+    pump.flush()
+    assert [(m.payload, m.client_id) for m in got] == [(b"block 1", NAME), (b"block 2", NAME)]
+    assert [f.split(b" ")[0] for f in rec.frames] == [b"OK", b"OK"]
+
+
+def test_iosim_wrong_secret_nothing_crosses() -> None:
+    """Different secrets: the server refuses, the client never connects its inner protocol."""
+    c, s, pump, got, receiver, inner, results = pair(WRONG)
+    pump.flush()
+    assert inner.built == [] and got == [] and receiver.connections == set()
+    assert isinstance(results[0], Failure) and results[0].value.reason == "refused"
+
+
+def test_auth_endpoint_fires_only_after_handshake() -> None:
+    """AuthClientEndpoint.connect fires with the inner protocol after mutual auth."""
+    reactor = MemoryReactorClock()
+    server = AuthServerFactory(RecorderFactory(), SECRET, reactor, allow_plaintext=True)
+    TCP4ServerEndpoint(reactor, 4321).listen(server)
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    endpoint = AuthClientEndpoint(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", 4321), SECRET, NAME, reactor, allow_plaintext=True
+    )
+    inner = RecorderFactory()
+    results: list[Any] = []
+    endpoint.connect(inner).addBoth(results.append)
+    pump = iosim.ConnectionCompleter(reactor).succeedOnce(greet=False)
+    assert pump is not None and results == []
+    pump.flush()
+    assert results == inner.built and len(inner.built) == 1
+
+
+def test_auth_endpoint_fails_on_wrong_secret_and_cancel_aborts() -> None:
+    """A refused handshake fails connect with HandshakeFailed; cancelling mid-handshake aborts."""
+    reactor = MemoryReactorClock()
+    TCP4ServerEndpoint(reactor, 4321).listen(
+        AuthServerFactory(RecorderFactory(), SECRET, reactor, allow_plaintext=True)
+    )
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", 4321)
+    endpoint = AuthClientEndpoint(tcp, WRONG, NAME, reactor, allow_plaintext=True)
+    results: list[Any] = []
+    endpoint.connect(RecorderFactory()).addBoth(results.append)
+    pump = iosim.ConnectionCompleter(reactor).succeedOnce()
+    assert pump is not None
+    pump.flush()
+    assert isinstance(results[0], Failure) and results[0].check(HandshakeFailed)
+
+    inner = RecorderFactory()
+    results2: list[Any] = []
+    d = AuthClientEndpoint(tcp, SECRET, NAME, reactor, allow_plaintext=True).connect(inner)
+    d.addBoth(results2.append)
+    pump = iosim.ConnectionCompleter(reactor).succeedOnce(greet=False)
+    assert pump is not None
+    d.cancel()
+    pump.flush()
+    assert isinstance(results2[0], Failure) and inner.built == []
+
+
+# -- TLS helpers and secrets --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_server_tls_options_mutual_requires_client_certs(pki: Any) -> None:
+    """With a client CA the options verify and require a client certificate; without, they do not."""
+    plain = server_tls_options(pki.server.cert, pki.server.key)
+    mutual = server_tls_options(pki.server.cert, pki.server.key, client_ca_file=pki.ca, min_tls="1.3")
+    assert not plain.verify
+    assert mutual.verify and mutual.requireCertificate
+    assert mutual.getContext() is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"min_tls": "1.1"}, {"key": "other"}, {"cert": "/nonexistent.crt"}, {"client_ca_file": "/nonexistent"}],
+)
+def test_server_tls_options_config_errors(pki: Any, kwargs: dict[str, str]) -> None:
+    """Bad versions, unreadable files and a key that does not match are ConfigErrors."""
+    cert = kwargs.pop("cert", pki.server.cert)
+    key = pki.client.key if kwargs.pop("key", None) else pki.server.key
+    with pytest.raises(ConfigError):
+        server_tls_options(cert, key, **kwargs)
+
+
+def test_listen_endpoint_wraps_tls(pki: Any) -> None:
+    """With TLS options the endpoint listens on the tcp: address through a TLS factory."""
+    reactor = MemoryReactorClock()
+    tls = server_tls_options(pki.server.cert, pki.server.key)
+    listen_endpoint(reactor, "tcp:9443:interface=127.0.0.1", tls=tls).listen(Factory.forProtocol(Protocol))
+    port, factory, _, interface = reactor.tcpServers[0]
+    assert (port, interface) == (9443, "127.0.0.1")
+    assert isinstance(factory, TLSMemoryBIOFactory)
+    listen_endpoint(reactor, "tcp:9999").listen(Factory.forProtocol(Protocol))
+    assert not isinstance(reactor.tcpServers[1][1], TLSMemoryBIOFactory)
+    with pytest.raises(ConfigError):
+        listen_endpoint(reactor, f"ssl:9443:privateKey={pki.server.key}", tls=tls)
+
+
+def test_peer_identity(pki: Any) -> None:
+    """peer_identity is the certificate subject in RFC 4514, None without a certificate."""
+    from OpenSSL import crypto
+
+    cert = crypto.load_certificate(crypto.FILETYPE_PEM, Path(pki.client.cert).read_bytes())
+
+    class WithCert(StringTransport):
+        def getPeerCertificate(self) -> Any:
+            return cert
+
+    assert peer_identity(WithCert()) == pki.client_subject
+    assert peer_identity(StringTransport()) is None
+
+
+def test_tls_gate_sets_client_id_on_handshake() -> None:
+    """The server TLS gate connects the inner protocol on handshakeCompleted with the subject."""
+    clock = Clock()
+    inner = RecorderFactory()
+    failures: list[str] = []
+    gate = TLSGateFactory(inner, clock=clock, timeout=5, on_failure=failures.append)
+    proto = gate.buildProtocol(None)
+    t = StringTransport()
+    t.getPeerCertificate = lambda: None  # type: ignore[attr-defined]
+    proto.makeConnection(t)
+    assert inner.built == []
+    proto.handshakeCompleted()
+    assert inner.built[0].made and inner.built[0].client_id is None
+    proto2 = gate.buildProtocol(None)
+    t2 = StringTransport()
+    proto2.makeConnection(t2)
+    clock.advance(5)
+    assert t2.disconnected and failures == ["timeout"]
+
+
+def test_load_secret_sources(tmp_path: Path) -> None:
+    """load_secret reads the value, a file, $ETH_SECRET, then $CREDENTIALS_DIRECTORY, in that order."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(b"file-secret-0123456789\n")
+    secret_file.chmod(0o600)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "link-secret").write_bytes(b"credential-secret-0123\r\n")
+    env = {"ETH_SECRET": "env-secret-0123456789", "CREDENTIALS_DIRECTORY": str(creds)}
+    assert load_secret("value-secret-0123456", str(secret_file), environ=env) == b"value-secret-0123456"
+    assert load_secret(None, str(secret_file), environ=env) == b"file-secret-0123456789"
+    assert load_secret(environ=env) == b"env-secret-0123456789"
+    assert load_secret(environ={"CREDENTIALS_DIRECTORY": str(creds)}) == b"credential-secret-0123"
+    assert load_secret(environ={}) is None
+
+
+def test_load_secret_rejects_short_and_unreadable(tmp_path: Path) -> None:
+    """A secret under 16 bytes or an unreadable file is a ConfigError that says why."""
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_secret("too-short", environ={})
+    short = tmp_path / "s"
+    short.write_bytes(b"0123456789abcde\n")
+    with pytest.raises(ConfigError, match="15 bytes"):
+        load_secret(file=str(short), environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_secret(file=str(tmp_path / "missing"), environ={})
+
+
+def test_check_secret_transport() -> None:
+    """A secret over plaintext is a ConfigError unless allowed; TLS or no secret is fine."""
+    with pytest.raises(ConfigError, match="allow-plaintext-secret"):
+        check_secret_transport(SECRET, tls=False)
+    check_secret_transport(SECRET, tls=False, allow_plaintext=True)
+    check_secret_transport(SECRET, tls=True)
+    check_secret_transport(None, tls=False)
