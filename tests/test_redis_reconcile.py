@@ -256,6 +256,19 @@ async def test_reconcile_empty_record_clears_ip_addresses(
 
 
 @pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_reconcile_many_ips(sink: RedisSink, redis_server: dict[str, Any], redis_prefix: str) -> None:
+    """1,300 IPs (more than one HSET chunk in the script) all land in ip_addresses and ip_messages."""
+    record = MemorySink()
+    await record.store_batch([msg(b"ip-%d" % i, ip=f"10.{i // 256}.{i % 256}.1") for i in range(1300)])
+    result = await sink.reconcile(record)
+    assert (result.ips, result.ip_messages_raised) == (1300, 1300)
+    addresses = hgetall(redis_server["port"], redis_prefix + "ip_addresses")
+    assert len(addresses) == 1300 and set(addresses.values()) == {1}
+    assert hgetall(redis_server["port"], redis_prefix + "ip_messages") == addresses
+
+
+@pytest.mark.live
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_reconcile_rate(sink: RedisSink) -> None:
