@@ -218,7 +218,8 @@ class BlockPoller(service.Service):
     def _fatal(self, message: str) -> None:
         self.fatal_message = message
         self._count("chain-mismatch")
-        log.critical("stopping: {message}", message=message)
+        if self.fatal is None:  # otherwise the callback logs it, once
+            log.critical("stopping: {message}", message=message)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self.fatal is not None:
