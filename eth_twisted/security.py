@@ -193,7 +193,8 @@ def _read_secret_file(path: Path) -> bytes:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         _log.warn(
             "The secret file {path} is readable by other users (mode {mode}); chmod 600 it",
-            path=str(path), mode=oct(stat.S_IMODE(mode)),
+            path=str(path),
+            mode=oct(stat.S_IMODE(mode)),
         )
     return data.rstrip(b"\r\n")
 
@@ -222,7 +223,9 @@ def server_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, name: 
     return _proof(secret, b"server\0", server_nonce, client_nonce, name)
 
 
-def _proof(secret: bytes, role: bytes, server_nonce: bytes, client_nonce: bytes, name: bytes) -> bytes:
+def _proof(
+    secret: bytes, role: bytes, server_nonce: bytes, client_nonce: bytes, name: bytes
+) -> bytes:
     mac = hmac.new(secret, role + server_nonce + client_nonce + name, hashlib.sha256)
     return mac.hexdigest().encode("ascii")
 
@@ -262,10 +265,14 @@ def _tls_version(min_tls: str) -> TLSVersion:
     try:
         return _TLS_VERSIONS[min_tls]
     except KeyError:
-        raise ConfigError(f"minimum TLS version must be one of {sorted(_TLS_VERSIONS)}, got {min_tls!r}")
+        raise ConfigError(
+            f"minimum TLS version must be one of {sorted(_TLS_VERSIONS)}, got {min_tls!r}"
+        )
 
 
-def _private_certificate(cert_file: str, key_file: str | None) -> tuple[PrivateCertificate, list[Certificate]]:
+def _private_certificate(
+    cert_file: str, key_file: str | None
+) -> tuple[PrivateCertificate, list[Certificate]]:
     """The leaf certificate with its key, and any chain certificates after it."""
     cert_pem = _read(cert_file, "certificate")
     key_pem = _read(key_file, "private key") if key_file else cert_pem
@@ -348,7 +355,9 @@ def listen_endpoint(
 
 def is_tls(transport: Any) -> bool:
     """True when ``transport`` is a TLS connection."""
-    return isinstance(transport, TLSMemoryBIOProtocol) or interfaces.ISSLTransport.providedBy(transport)
+    return isinstance(transport, TLSMemoryBIOProtocol) or interfaces.ISSLTransport.providedBy(
+        transport
+    )
 
 
 def peer_identity(transport: Any) -> str | None:
@@ -420,7 +429,9 @@ _log = Logger(namespace="eth_twisted.security")
 class _LogLimiter:
     """At most ``burst`` lines per ``interval`` seconds per reason; counts the rest."""
 
-    def __init__(self, clock: interfaces.IReactorTime, burst: int = 20, interval: float = 60.0) -> None:
+    def __init__(
+        self, clock: interfaces.IReactorTime, burst: int = 20, interval: float = 60.0
+    ) -> None:
         self.clock = clock
         self.burst = burst
         self.interval = interval
@@ -457,6 +468,7 @@ class _GateFactory(Factory):
     noisy = False
     log = _log
     gate_name = "gate"
+    gate_protocol: type[_GateProtocol]
 
     def __init__(
         self,
@@ -476,8 +488,8 @@ class _GateFactory(Factory):
         self.failures: dict[str, int] = {}
         self._limiter = _LogLimiter(clock)
 
-    def buildProtocol(self, addr: Any) -> _GateProtocol:
-        proto: _GateProtocol = self.protocol(addr)  # type: ignore[misc]
+    def buildProtocol(self, addr: Any) -> _GateProtocol:  # type: ignore[override]
+        proto = self.gate_protocol(addr)
         proto.factory = self
         return proto
 
@@ -508,7 +520,10 @@ class _GateFactory(Factory):
         if ok:
             self.log.warn(
                 "{gate} refused {peer}: {reason} ({detail}){more}",
-                gate=self.gate_name, peer=proto.peer, reason=error.reason, detail=error.detail,
+                gate=self.gate_name,
+                peer=proto.peer,
+                reason=error.reason,
+                detail=error.detail,
                 more=f"; {suppressed} more like it not logged" if suppressed else "",
             )
         if self.on_failure is not None:
@@ -523,6 +538,7 @@ class _GateProtocol(Protocol):
     """A connection held until a check passes; then a pass-through to the inner protocol."""
 
     factory: _GateFactory
+    transport: Any
 
     def __init__(self, addr: Any) -> None:
         self.addr = addr
@@ -558,7 +574,7 @@ class _GateProtocol(Protocol):
         """The check passed: build and connect the inner protocol, hand it ``rest``."""
         self._cancel_timer()
         self.factory.pending.discard(self)
-        inner = self.factory.inner_factory.buildProtocol(self.addr)
+        inner: Any = self.factory.inner_factory.buildProtocol(self.addr)
         if inner is None:
             self._fail("refused", "the inner factory refused the connection", close="abort")
             return
@@ -675,7 +691,9 @@ class _TLSGateProtocol(_GateProtocol):
         # keep anything that races handshakeCompleted, bounded.
         self._early += data
         if len(self._early) > 1 << 20:
-            self._fail("early-data", "too much data before the TLS handshake completed", close="abort")
+            self._fail(
+                "early-data", "too much data before the TLS handshake completed", close="abort"
+            )
 
     def timeout_detail(self) -> str:
         return f"TLS handshake not complete within {self.factory.timeout:g} s"
@@ -701,7 +719,7 @@ class TLSGateFactory(_GateFactory):
     when there is one (mutual TLS).
     """
 
-    protocol = _TLSServerGateProtocol  # type: ignore[assignment]
+    gate_protocol = _TLSServerGateProtocol
     gate_name = "TLS"
 
     def __init__(
@@ -739,7 +757,10 @@ class _ClientGateFactory(_GateFactory):
         self.failures[error.reason] = self.failures.get(error.reason, 0) + 1
         self.log.error(
             "{gate} handshake with {server} failed: {reason} ({detail}); nothing was sent",
-            gate=self.gate_name, server=self.server, reason=error.reason, detail=error.detail,
+            gate=self.gate_name,
+            server=self.server,
+            reason=error.reason,
+            detail=error.detail,
         )
         if self.on_failure is not None:
             try:
@@ -757,7 +778,7 @@ class _ClientGateFactory(_GateFactory):
 
 
 class _TLSClientGateFactory(_ClientGateFactory):
-    protocol = _TLSGateProtocol  # type: ignore[assignment]
+    gate_protocol = _TLSGateProtocol
     gate_name = "TLS"
 
 
@@ -847,7 +868,9 @@ class _AuthServerProtocol(_GateProtocol):
         answer = server_proof(secret, self._server_nonce, client_nonce, name)
         self.transport.write(encode(b"AUTH-OK " + answer))
         client = name.decode("ascii")
-        self.factory.log.info("Client {client} authenticated from {peer}", client=client, peer=self.peer)
+        self.factory.log.info(
+            "Client {client} authenticated from {peer}", client=client, peer=self.peer
+        )
         self._open(client, rest)
 
 
@@ -866,7 +889,7 @@ class AuthServerFactory(_GateFactory):
     ``bad-frame``, ``timeout``, ``closed``, ``plaintext``, ``busy``).
     """
 
-    protocol = _AuthServerProtocol  # type: ignore[assignment]
+    gate_protocol = _AuthServerProtocol
     gate_name = "Handshake"
 
     def __init__(
@@ -922,15 +945,25 @@ class _AuthClientProtocol(_GateProtocol):
             if self.state != "waiting":
                 return
         if self._decoder.error is not None:
-            self._fail("bad-frame", f"server sent a bad frame ({self._decoder.error.detail})", close="abort")
+            self._fail(
+                "bad-frame",
+                f"server sent a bad frame ({self._decoder.error.detail})",
+                close="abort",
+            )
 
     def _hello(self, frame: bytes) -> None:
         parts = frame.split(b" ")
         if len(parts) != 3 or parts[0] != b"HELLO":
-            self._fail("no-hello", f"the server did not greet us with HELLO (got {frame[:40]!r})", close="abort")
+            self._fail(
+                "no-hello",
+                f"the server did not greet us with HELLO (got {frame[:40]!r})",
+                close="abort",
+            )
             return
         if parts[1] != VERSION:
-            self._fail("version", f"the server speaks {parts[1][:20]!r}, not {VERSION!r}", close="abort")
+            self._fail(
+                "version", f"the server speaks {parts[1][:20]!r}, not {VERSION!r}", close="abort"
+            )
             return
         if not _HEX64.match(parts[2]):
             self._fail("no-hello", "the server's HELLO nonce is malformed", close="abort")
@@ -946,17 +979,27 @@ class _AuthClientProtocol(_GateProtocol):
         f = self.factory
         parts = frame.split(b" ")
         if frame.startswith(b"ERR ") and frame.endswith(b" auth"):
-            self._fail("refused", "the server refused our credentials (wrong secret or name)", close="abort")
+            self._fail(
+                "refused",
+                "the server refused our credentials (wrong secret or name)",
+                close="abort",
+            )
             return
         if len(parts) != 2 or parts[0] != b"AUTH-OK" or not _HEX64.match(parts[1]):
             self._fail("unexpected", f"expected AUTH-OK, got {frame[:40]!r}", close="abort")
             return
         expected = server_proof(f.secret, self._server_nonce, self._client_nonce, f.name)
         if not _proof_matches(expected, parts[1]):
-            self._fail("bad-proof", "the server's proof is wrong: it does not know the secret", close="abort")
+            self._fail(
+                "bad-proof",
+                "the server's proof is wrong: it does not know the secret",
+                close="abort",
+            )
             return
         self._raw = bytearray()
-        f.log.info("Authenticated to {server} as {name}", server=f.server, name=f.name.decode("ascii"))
+        f.log.info(
+            "Authenticated to {server} as {name}", server=f.server, name=f.name.decode("ascii")
+        )
         self._open(None, rest)
 
 
@@ -973,7 +1016,7 @@ class AuthClientFactory(_ClientGateFactory):
     these per attempt.
     """
 
-    protocol = _AuthClientProtocol  # type: ignore[assignment]
+    gate_protocol = _AuthClientProtocol
     gate_name = "Handshake"
 
     def __init__(
@@ -988,7 +1031,9 @@ class AuthClientFactory(_ClientGateFactory):
         on_failure: OnFailure | None = None,
         server: str = "server",
     ) -> None:
-        super().__init__(inner_factory, clock=clock, timeout=timeout, on_failure=on_failure, server=server)
+        super().__init__(
+            inner_factory, clock=clock, timeout=timeout, on_failure=on_failure, server=server
+        )
         _check_secret(secret)
         raw_name = name.encode("ascii", "replace")
         if not _NAME.match(raw_name):
@@ -1030,8 +1075,14 @@ class AuthClientEndpoint(_GatedClientEndpoint):
 
         def make(factory: interfaces.IProtocolFactory) -> _ClientGateFactory:
             return AuthClientFactory(
-                factory, secret, name, clock, timeout, allow_plaintext,
-                on_failure=on_failure, server=server,
+                factory,
+                secret,
+                name,
+                clock,
+                timeout,
+                allow_plaintext,
+                on_failure=on_failure,
+                server=server,
             )
 
         super().__init__(endpoint, make)

@@ -38,10 +38,12 @@ class PemPair:
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
-        x509.NameAttribute(NameOID.COMMON_NAME, cn),
-    ])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
 
 
 def _now() -> datetime.datetime:
@@ -63,9 +65,15 @@ def make_ca(cn: str = "eth-twisted test CA") -> Issued:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -151,7 +159,9 @@ def make_pki(directory: Path) -> PKI:
     ca_pair = write_pem(directory, "ca", ca)
     other_pair = write_pem(directory, "other-ca", other)
     server = issue(ca, "localhost", server=True, dns=SERVER_DNS, ips=SERVER_IPS)
-    expired = issue(ca, "localhost", server=True, dns=SERVER_DNS, ips=SERVER_IPS, days_valid=(-10, -1))
+    expired = issue(
+        ca, "localhost", server=True, dns=SERVER_DNS, ips=SERVER_IPS, days_valid=(-10, -1)
+    )
     other_server = issue(other, "localhost", server=True, dns=SERVER_DNS, ips=SERVER_IPS)
     client = issue(ca, "client-1")
     other_client = issue(other, "client-1")

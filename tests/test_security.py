@@ -127,7 +127,9 @@ def hello_nonce(transport: StringTransport) -> bytes:
     return match.group(1)
 
 
-def auth_frame(server_nonce: bytes, secret: bytes = SECRET, name: str = NAME) -> tuple[bytes, bytes]:
+def auth_frame(
+    server_nonce: bytes, secret: bytes = SECRET, name: str = NAME
+) -> tuple[bytes, bytes]:
     client_nonce = os.urandom(32).hex().encode()
     proof = client_proof(secret, server_nonce, client_nonce, name.encode())
     return encode(b"AUTH " + name.encode() + b" " + client_nonce + b" " + proof), client_nonce
@@ -246,7 +248,9 @@ def test_malformed_auth_gets_err_dash_auth(frame: bytes) -> None:
     assert t.disconnecting and inner.built == [] and failures == ["malformed"]
 
 
-@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"007:AUTH ab,", b"99999:"])
+@pytest.mark.parametrize(
+    "data", [b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"007:AUTH ab,", b"99999:"]
+)
 def test_framing_error_before_auth_gets_err_dash_auth(data: bytes) -> None:
     """Garbage or an over-long frame before AUTH is answered ERR - auth and closed."""
     proto, t, inner, _, failures = server_gate()
@@ -304,7 +308,9 @@ def test_max_pending_handshakes() -> None:
     """Beyond max_pending concurrent handshakes a new connection is aborted."""
     clock = Clock()
     failures: list[str] = []
-    factory = AuthServerFactory(RecorderFactory(), SECRET, clock, max_pending=2, on_failure=failures.append)
+    factory = AuthServerFactory(
+        RecorderFactory(), SECRET, clock, max_pending=2, on_failure=failures.append
+    )
     transports = []
     for _ in range(3):
         t = tls_transport()
@@ -381,7 +387,9 @@ def test_client_connects_inner_only_after_server_proof() -> None:
     nonce = b"cd" * 32
     server_says(proto, b"HELLO eth/1 " + nonce)
     client_nonce = frames_of(t.value())[0].split(b" ")[2]
-    server_says(proto, b"AUTH-OK " + server_proof(SECRET, nonce, client_nonce, NAME.encode()), b"OK x")
+    server_says(
+        proto, b"AUTH-OK " + server_proof(SECRET, nonce, client_nonce, NAME.encode()), b"OK x"
+    )
     (rec,) = inner.built
     assert rec.made and results == [rec]
     assert rec.frames == [b"OK x"], "frames after AUTH-OK reach the inner protocol"
@@ -570,7 +578,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_server_tls_options_mutual_requires_client_certs(pki: Any) -> None:
     """With a client CA the options verify and require a client certificate; without, they do not."""
     plain = server_tls_options(pki.server.cert, pki.server.key)
-    mutual = server_tls_options(pki.server.cert, pki.server.key, client_ca_file=pki.ca, min_tls="1.3")
+    mutual = server_tls_options(
+        pki.server.cert, pki.server.key, client_ca_file=pki.ca, min_tls="1.3"
+    )
     assert not plain.verify
     assert mutual.verify and mutual.requireCertificate
     assert mutual.getContext() is not None
@@ -578,7 +588,12 @@ def test_server_tls_options_mutual_requires_client_certs(pki: Any) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"min_tls": "1.1"}, {"key": "other"}, {"cert": "/nonexistent.crt"}, {"client_ca_file": "/nonexistent"}],
+    [
+        {"min_tls": "1.1"},
+        {"key": "other"},
+        {"cert": "/nonexistent.crt"},
+        {"client_ca_file": "/nonexistent"},
+    ],
 )
 def test_server_tls_options_config_errors(pki: Any, kwargs: dict[str, str]) -> None:
     """Bad versions, unreadable files and a key that does not match are ConfigErrors."""
@@ -592,7 +607,9 @@ def test_listen_endpoint_wraps_tls(pki: Any) -> None:
     """With TLS options the endpoint listens on the tcp: address through a TLS factory."""
     reactor = MemoryReactorClock()
     tls = server_tls_options(pki.server.cert, pki.server.key)
-    listen_endpoint(reactor, "tcp:9443:interface=127.0.0.1", tls=tls).listen(Factory.forProtocol(Protocol))
+    listen_endpoint(reactor, "tcp:9443:interface=127.0.0.1", tls=tls).listen(
+        Factory.forProtocol(Protocol)
+    )
     port, factory, _, interface = reactor.tcpServers[0]
     assert (port, interface) == (9443, "127.0.0.1")
     assert isinstance(factory, TLSMemoryBIOFactory)
@@ -645,7 +662,10 @@ def test_load_secret_sources(tmp_path: Path) -> None:
     creds.mkdir()
     (creds / "link-secret").write_bytes(b"credential-secret-0123\r\n")
     env = {"ETH_SECRET": "env-secret-0123456789", "CREDENTIALS_DIRECTORY": str(creds)}
-    assert load_secret("value-secret-0123456", str(secret_file), environ=env) == b"value-secret-0123456"
+    assert (
+        load_secret("value-secret-0123456", str(secret_file), environ=env)
+        == b"value-secret-0123456"
+    )
     assert load_secret(None, str(secret_file), environ=env) == b"file-secret-0123456789"
     assert load_secret(environ=env) == b"env-secret-0123456789"
     assert load_secret(environ={"CREDENTIALS_DIRECTORY": str(creds)}) == b"credential-secret-0123"
