@@ -404,13 +404,14 @@ def client_tls_endpoint(
         if ca_file
         else platformTrust()
     )
-    client_cert = _private_certificate(cert_file, key_file)[0] if cert_file else None
-    options = optionsForClientTLS(
-        hostname or host,
-        trustRoot=trust,
-        clientCertificate=client_cert,
-        extraCertificateOptions={"raiseMinimumTo": _tls_version(min_tls)},
-    )
+    extra: dict[str, Any] = {"raiseMinimumTo": _tls_version(min_tls)}
+    if cert_file:
+        # What clientCertificate= would do, with cryptography objects (pyOpenSSL
+        # 26 deprecates passing its own X509/PKey).
+        client_cert = _private_certificate(cert_file, key_file)[0]
+        extra["privateKey"] = client_cert.privateKey.original.to_cryptography_key()
+        extra["certificate"] = client_cert.original.to_cryptography()
+    options = optionsForClientTLS(hostname or host, trustRoot=trust, extraCertificateOptions=extra)
     tcp = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
     server = f"{host}:{port}"
 

@@ -157,6 +157,7 @@ def test_tls_link_delivers(pki: PKI, server: LinkServer) -> Generator[Any, Any, 
     yield async_wait_until(lambda: proto.replies, timeout=5)
     assert proto.replies == [b"OK " + sha256_hex(b"payload over tls").encode()]
     assert server.got[0].client_id is None, "plain TLS: no client identity"
+    assert server.got[0].client_ip == "127.0.0.1", "the receiver sees the peer through the gate"
     proto.transport.loseConnection()
 
 
