@@ -239,6 +239,10 @@ class Rig:
         ))
         return verdict
 
+    def finish_notes(self, result_log: ResultLog, scenario: str) -> None:
+        """Rewrite the notes of an already recorded row (for facts known only after :meth:`finish`)."""
+        result_log.update_notes(scenario, "; ".join(self.notes))
+
     def outbox_depth(self) -> int:
         """Messages waiting in the client's outbox (read-only look at its file)."""
         return len(read_outbox(self.spool)["pending"])

@@ -215,12 +215,16 @@ def test_link_blackhole(make_rig: MakeRig, fault_results: ResultLog) -> None:
     rig.warm_up()
     rig.link.mode("blackhole")
     rig.burst(30)
-    rig.during(22)
+    rig.during(30)
+    accepted_in_hole = rig.link.status()["accepted"]
     rig.link.mode("pass")
     healed = time.monotonic()
+    finish(rig, fault_results, "link blackhole", "proxy drops every byte both ways for 30 s (+ burst of 30)", healed)
     st = rig.link.status()
-    rig.notes.append(f"22 s black hole, ack timeout 20 s; dropped {st['dropped_bytes']} bytes; {st['accepted']} connections")
-    finish(rig, fault_results, "link blackhole", "proxy drops every byte both ways for 22 s (+ burst of 30)", healed)
+    rig.notes.append(f"30 s black hole, client ack timeout 20 s; dropped {st['dropped_bytes']} bytes; "
+                     f"{accepted_in_hole - 1} reconnects into the hole, {st['accepted']} connections in all")
+    rig.finish_notes(fault_results, "link blackhole")
+    assert accepted_in_hole >= 2, "the client never gave up on the dead connection (ack timeout)"
 
 
 def test_link_reset(make_rig: MakeRig, fault_results: ResultLog) -> None:
@@ -234,7 +238,8 @@ def test_link_reset(make_rig: MakeRig, fault_results: ResultLog) -> None:
     rig.during(5)
     rig.link.mode("pass")
     healed = time.monotonic()
-    rig.notes.append(f"{rig.link.status()['resets']} connections reset")
+    st = rig.link.status()
+    rig.notes.append(f"{st['resets']} open connections reset, {st['refused']} new ones refused with RST")
     finish(rig, fault_results, "link reset", "proxy RSTs every connection for 5 s during a 300-block burst", healed)
 
 
@@ -345,7 +350,9 @@ def test_rpc_node_misbehaves(make_rig: MakeRig, fault_results: ResultLog, mode: 
     healed = time.monotonic()
     rig.notes.append(f"{st['faulted']} of {st['requests']} RPC requests spoiled")
     assert rig.client is not None and rig.client.running(), f"the client died:\n{rig.tail('client')}"
-    finish(rig, fault_results, f"RPC {mode}", f"the only RPC node answers {mode} {' '.join(map(str, args))} for 8 s".strip(), healed)
+    what = {"garbage": "bytes that are not JSON", "html": "an HTML 502 page", "429": "429 with Retry-After: 3",
+            "stall": "headers and half a body, then nothing"}[mode]
+    finish(rig, fault_results, f"RPC {mode}", f"the only RPC node answers {what} for 8 s", healed)
 
 
 def test_rpc_lagging_node_among_healthy(make_rig: MakeRig, fault_results: ResultLog) -> None:
