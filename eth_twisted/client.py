@@ -164,6 +164,10 @@ def make_client_service(
     exit_on_fatal: bool = False,
     http: Any = None,
     metrics: ClientMetrics | None = None,
+    tls: dict[str, Any] | None = None,
+    secret: bytes | None = None,
+    client_name: str = "eth-client",
+    allow_plaintext_secret: bool = False,
 ) -> EthClientService:
     """Build the client. Opens (and locks) the outbox now, so a bad spool fails at once.
 
@@ -184,7 +188,8 @@ def make_client_service(
                 "{depth} waiting messages are still delivered",
                 cursor=old, depth=outbox.depth(),
             )
-        endpoint = clientFromString(reactor, connect)
+        endpoint = link_endpoint(reactor, connect, tls=tls, secret=secret, name=client_name,
+                                 allow_plaintext=allow_plaintext_secret)
         delivery = DeliveryService(
             endpoint, outbox, clock=reactor, metrics=metrics, window=window,
             ack_timeout=ack_timeout, heartbeat=heartbeat, server=connect,
@@ -211,6 +216,36 @@ def make_client_service(
         urls=len(rpc_urls), interval=interval, fmt=fmt, connect=connect, spool=outbox.path,
     )
     return client
+
+
+def link_endpoint(
+    reactor: Any,
+    connect: str,
+    *,
+    tls: dict[str, Any] | None = None,
+    secret: bytes | None = None,
+    name: str = "eth-client",
+    allow_plaintext: bool = False,
+) -> Any:
+    """The endpoint the sender connects with: plain, TLS (verified, never falling back), and/or
+    behind the shared-secret handshake.
+
+    ``tls`` is ``{"host", "port", "ca", "cert", "key", "hostname", "min_version"}``.
+    """
+    from eth_twisted.security import AuthClientEndpoint, check_secret_transport, client_tls_endpoint
+
+    check_secret_transport(secret, tls is not None or connect.startswith("tls:"), allow_plaintext)
+    if tls is not None:
+        endpoint = client_tls_endpoint(
+            reactor, tls["host"], tls["port"], ca_file=tls.get("ca"), cert_file=tls.get("cert"),
+            key_file=tls.get("key"), hostname=tls.get("hostname"), min_tls=tls.get("min_version", "1.2"),
+        )
+    else:
+        endpoint = clientFromString(reactor, connect)
+    if secret is not None:
+        endpoint = AuthClientEndpoint(endpoint, secret, name, clock=reactor, allow_plaintext=allow_plaintext,
+                                      server=connect)
+    return endpoint
 
 
 def _stats_service(client: EthClientService, listen: str, reactor: Any) -> service.Service | None:

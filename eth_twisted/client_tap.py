@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -9,6 +10,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from eth_twisted.config import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
+from eth_twisted.errors import ConfigError
 from eth_twisted.outbox import DEFAULT_MAX_MESSAGES, DEFAULT_SPOOL
 from eth_twisted.payload import FORMATS
 from eth_twisted.sender import DEFAULT_ACK_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_WINDOW, MAX_WINDOW
@@ -55,6 +57,8 @@ class Options(EnvOptions):
     optFlags = [
         ["reset-cursor", None, "Forget the stored cursor and start at the chain head (after a chain change)"],
         ["verbose", "v", "Log at debug level (every poll, every frame)"],
+        ["tls", None, "Connect to --host/--port over TLS, verifying the server's certificate and name (no plaintext fallback)"],
+        ["allow-plaintext-secret", None, "Allow the shared-secret handshake without TLS"],
     ]
     optParameters: list[list[Any]] = [
         ["host", None, "127.0.0.1", "Server host"],
@@ -71,6 +75,13 @@ class Options(EnvOptions):
         ["ack-timeout", None, DEFAULT_ACK_TIMEOUT, f"Seconds to wait for a reply before reconnecting (>= {2 * SERVER_DEADLINE:.0f})", positive_float],
         ["heartbeat", None, DEFAULT_HEARTBEAT, "Seconds of quiet before sending the empty probe frame", positive_float],
         ["rpc-timeout", None, 10.0, "Seconds for one JSON-RPC call, headers and body", positive_float],
+        ["tls-ca", None, None, "PEM CA the server's certificate must chain to [default: the system's trust store]"],
+        ["tls-cert", None, None, "PEM client certificate (for servers that require one)"],
+        ["tls-key", None, None, "PEM private key of --tls-cert"],
+        ["tls-hostname", None, None, "Name the server's certificate must carry [default: --host]"],
+        ["tls-min-version", None, "1.2", "Lowest TLS version: 1.2 or 1.3"],
+        ["secret-file", None, None, "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret)"],
+        ["client-name", None, "eth-client", "Name this client proves in the shared-secret handshake (recorded as client_id)"],
         ["stats", None, DEFAULT_STATS, "Endpoint of /healthz, /readyz and /metrics, or 'none'"],
     ]
 
@@ -86,10 +97,21 @@ class Options(EnvOptions):
             raise usage.UsageError(
                 f"--heartbeat: must be shorter than --ack-timeout ({self['ack-timeout']}), got {self['heartbeat']}"
             )
-        if self["connect"]:
+        if self["tls"] and self.from_argv("connect"):
+            raise usage.UsageError("--tls connects to --host/--port; leave out --connect")
+        if self["connect"] and not self["tls"]:
             _check_endpoint(self["connect"])
         else:
             self["connect"] = tcp_client_endpoint(self["host"], self["port"])
+        self["tls-settings"] = self._tls_settings()
+        try:
+            from eth_twisted.security import check_secret_transport, load_secret
+
+            self["secret"] = load_secret(file=self["secret-file"], environ=self.environ)
+            check_secret_transport(self["secret"], bool(self["tls"]) or self["connect"].startswith("tls:"),
+                                   self["allow-plaintext-secret"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
         if not self["rpc"]:
             from eth_twisted.rpc import DEFAULT_RPC_URLS
 
@@ -102,6 +124,23 @@ class Options(EnvOptions):
             self["spool"] = state_path(DEFAULT_SPOOL, self.environ)
         if self["stats"].strip().lower() == "none":
             self["stats"] = None
+
+
+    def _tls_settings(self) -> dict[str, Any] | None:
+        if not self["tls"]:
+            for name in ("tls-ca", "tls-cert", "tls-key", "tls-hostname"):
+                if self[name]:
+                    raise usage.UsageError(f"--{name} needs --tls")
+            return None
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        for name in ("tls-ca", "tls-cert", "tls-key"):
+            if self[name] and not Path(self[name]).is_file():
+                raise usage.UsageError(f"--{name}: no such file {self[name]}")
+        if self["tls-min-version"] not in ("1.2", "1.3"):
+            raise usage.UsageError(f"--tls-min-version: expected 1.2 or 1.3, got {self['tls-min-version']!r}")
+        return {"host": self["host"], "port": self["port"], "ca": self["tls-ca"], "cert": self["tls-cert"],
+                "key": self["tls-key"], "hostname": self["tls-hostname"], "min_version": self["tls-min-version"]}
 
 
 def _check_endpoint(description: str) -> None:
@@ -149,4 +188,8 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         rpc_timeout=config["rpc-timeout"],
         stats_listen=config["stats"],
         exit_on_fatal=exit_on_fatal,
+        tls=config["tls-settings"],
+        secret=config["secret"],
+        client_name=config["client-name"],
+        allow_plaintext_secret=config["allow-plaintext-secret"],
     )

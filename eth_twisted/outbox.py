@@ -291,16 +291,23 @@ class Outbox:
             )
         now = self._clock()
         rows = [(sha256_hex(payload), payload, number, now) for payload, number in items]
-        with self.transaction():
-            conn = self.conn
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO outbox (hash, payload, block_number, created_at) "
-                "VALUES (?, ?, ?, ?)",
-                rows,
-            )
-            self._changed(conn.total_changes - before)
-            self._write_cursor(cursor, now)
+        try:
+            with self.transaction():
+                conn = self.conn
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT OR IGNORE INTO outbox (hash, payload, block_number, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    rows,
+                )
+                self._changed(conn.total_changes - before)
+                self._write_cursor(cursor, now)
+        except sqlite3.OperationalError as e:
+            # SQLITE_FULL: the disk (or its quota) is full. The transaction rolled
+            # back, the cursor did not move: the poller waits, as for a full outbox.
+            if "full" in str(e).lower():
+                raise OutboxFull(f"outbox {self.path}: the disk is full ({e})")
+            raise
 
     def _write_cursor(self, cursor: Cursor, now: float) -> None:
         self.conn.execute(

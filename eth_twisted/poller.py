@@ -345,7 +345,8 @@ class BlockPoller(service.Service):
         return "ok"
 
     def _outbox_full(self, why: str) -> str:
-        log.warn("outbox full, not advancing: {why}", why=why)
+        if self.last_result != "outbox-full":  # once per episode, not every poll
+            log.error("outbox full, not advancing the cursor until it drains: {why}", why=why)
         if self.metrics is not None:
             self.metrics.outbox_full.inc()
         return "outbox-full"

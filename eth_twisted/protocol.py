@@ -44,6 +44,7 @@ from typing import Any
 
 from twisted.internet import interfaces
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -487,6 +488,8 @@ class ReceiverFactory(Factory):
         self.limits.check()
         self.log_payloads = log_payloads
         self.connections: set[ReceiverProtocol] = set()
+        self.enforce_caps = True  # False when a CapsFactory in front of TLS/auth gates counts
+        self.open_count = 0
         self.per_group: dict[str, int] = {}
         self.partial_bytes = 0
         self._partial_holders: dict[ReceiverProtocol, float] = {}
@@ -496,33 +499,45 @@ class ReceiverFactory(Factory):
     # -- connection caps ------------------------------------------------------
 
     def buildProtocol(self, addr: Any) -> ReceiverProtocol | None:
+        group = self.admit(addr) if self.enforce_caps else None
+        if self.enforce_caps and group is None:
+            return None
+        protocol = super().buildProtocol(addr)
+        protocol._reserved_group = group  # type: ignore[union-attr]
+        return protocol  # type: ignore[return-value]
+
+    def admit(self, addr: Any) -> str | None:
+        """Count a new connection from ``addr`` against the caps; None when refused.
+
+        Counted at accept time, not at connectionMade, so a burst of
+        simultaneous connects cannot overshoot the caps.
+        """
         host = getattr(addr, "host", None)
         group = peer_group(normalise_ip(host)) if host else "-"
-        if len(self.connections) >= self.limits.max_connections:
+        if self.open_count >= self.limits.max_connections:
             self._refuse("max-connections", host)
             return None
         if self.per_group.get(group, 0) >= self.limits.max_per_ip:
             self._refuse("max-per-ip", host)
             return None
-        # Count the connection now, not at connectionMade, so a burst of
-        # simultaneous connects cannot overshoot the caps.
         self.per_group[group] = self.per_group.get(group, 0) + 1
-        protocol = super().buildProtocol(addr)
-        protocol._reserved_group = group  # type: ignore[union-attr]
-        return protocol  # type: ignore[return-value]
+        self.open_count += 1
+        return group
+
+    def release(self, group: str) -> None:
+        """A connection counted by :meth:`admit` has ended."""
+        self.open_count -= 1
+        left = self.per_group.get(group, 0) - 1
+        if left > 0:
+            self.per_group[group] = left
+        else:
+            self.per_group.pop(group, None)
 
     def _refuse(self, reason: str, host: str | None) -> None:
         self.metrics.refused_connections.labels(reason=reason).inc()
         self.report_violation(host or "-", host or "-", reason, "connection refused")
 
     def connection_made(self, protocol: ReceiverProtocol) -> None:
-        reserved = getattr(protocol, "_reserved_group", None)
-        if reserved is None:  # built without buildProtocol (tests)
-            self.per_group[protocol.group] = self.per_group.get(protocol.group, 0) + 1
-        elif reserved != protocol.group:
-            self._release_group(reserved)
-            self.per_group[protocol.group] = self.per_group.get(protocol.group, 0) + 1
-        protocol._reserved_group = protocol.group  # type: ignore[attr-defined]
         self.connections.add(protocol)
         self.metrics.connections.inc()
         self.metrics.open_connections.inc()
@@ -531,15 +546,10 @@ class ReceiverFactory(Factory):
         if protocol in self.connections:
             self.connections.discard(protocol)
             self.metrics.open_connections.dec()
-            self._release_group(getattr(protocol, "_reserved_group", protocol.group))
+            group = getattr(protocol, "_reserved_group", None)
+            if group is not None:
+                self.release(group)
         self._budget_paused.discard(protocol)
-
-    def _release_group(self, group: str) -> None:
-        left = self.per_group.get(group, 0) - 1
-        if left > 0:
-            self.per_group[group] = left
-        else:
-            self.per_group.pop(group, None)
 
     # -- partial-frame budget -------------------------------------------------
 
@@ -586,3 +596,56 @@ class ReceiverFactory(Factory):
             self._violations_logged.clear()
         self._violations_logged[key] = now
         self.log.warn("Protocol violation from {peer}: {reason} ({detail})", peer=peer, reason=reason, detail=detail)
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class _CappedConnection(ProtocolWrapper):
+    """Holds a connection's place in the caps until it ends; forwards half-closes."""
+
+    group: str
+
+    def readConnectionLost(self) -> None:
+        if interfaces.IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if interfaces.IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.writeConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+
+class CapsFactory(WrappingFactory):
+    """Applies the receiver's connection caps in front of TLS or handshake gates.
+
+    Without it a connection still in its TLS or secret handshake would not be
+    counted until the receiver's own protocol is built.
+    """
+
+    protocol = _CappedConnection
+    noisy = False
+
+    def __init__(self, wrapped: Any, receiver: ReceiverFactory) -> None:
+        super().__init__(wrapped)
+        self.receiver = receiver
+        receiver.enforce_caps = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        group = self.receiver.admit(addr)
+        if group is None:
+            return None
+        wrapper = super().buildProtocol(addr)
+        if wrapper is None:
+            self.receiver.release(group)
+            return None
+        wrapper.group = group
+        return wrapper
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        group = getattr(p, "group", None)
+        if group is not None:
+            p.group = None
+            self.receiver.release(group)

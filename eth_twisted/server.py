@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import IRecord, ISink
-from eth_twisted.protocol import ReceiverFactory, ReceiverLimits
+from eth_twisted.protocol import CapsFactory, ReceiverFactory, ReceiverLimits
 from eth_twisted.router import Router
 
 START_RETRY_INITIAL = 1.0
@@ -58,9 +59,17 @@ class ServerService(service.MultiService):
         self._stopping = False
         self.listening_port: Any = None
 
-    def listen(self, description: str) -> None:
-        """Serve the receiver on an endpoint string (``tcp:9999:interface=127.0.0.1``)."""
-        svc = strports.service(description, self.factory, reactor=self.reactor)
+    def listen(self, description: str, factory: Any = None, tls: Any = None) -> None:
+        """Serve the receiver on an endpoint string (``tcp:9999:interface=127.0.0.1``).
+
+        ``factory`` is what listens (the receiver, or the TLS/handshake gates in
+        front of it); ``tls`` wraps every connection in TLS (security.server_tls_options).
+        """
+        from eth_twisted.security import listen_endpoint
+
+        endpoint = listen_endpoint(self.reactor, description, tls=tls)
+        svc = StreamServerEndpointService(endpoint, factory or self.factory)
+        svc._raiseSynchronously = True  # a bind failure stops start-up loudly, as strports does
         svc.setName("receiver")
         svc.setServiceParent(self)
 
@@ -144,8 +153,16 @@ def make_server_service(
     max_batch: int = 1000,
     max_batch_bytes: int = 4 * 1024 * 1024,
     batch_delay: float = 0.002,
+    tls: dict[str, Any] | None = None,
+    secret: bytes | None = None,
+    allow_plaintext_secret: bool = False,
 ) -> ServerService:
-    """Assemble the server from already-built sinks."""
+    """Assemble the server from already-built sinks.
+
+    ``tls`` is ``{"cert", "key", "client_ca" (optional: require client
+    certificates), "min_version"}``; ``secret`` turns on the shared-secret
+    handshake (refused over plaintext unless ``allow_plaintext_secret``).
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -157,8 +174,51 @@ def make_server_service(
     )
     factory = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=limits)
     server = ServerService(record=record, mirrors=mirrors, router=router, factory=factory, reactor=reactor)
-    server.listen(listen)
+    tls_options = None
+    if tls is not None:
+        from eth_twisted.security import server_tls_options
+
+        tls_options = server_tls_options(tls["cert"], tls["key"], client_ca_file=tls.get("client_ca"),
+                                         min_tls=tls.get("min_version", "1.2"))
+    server.listen(listen, gated_factory(factory, reactor=reactor, tls=tls_options is not None,
+                                        secret=secret, allow_plaintext=allow_plaintext_secret,
+                                        listen=listen, metrics=metrics), tls=tls_options)
     return server
+
+
+def gated_factory(
+    receiver: ReceiverFactory,
+    *,
+    reactor: Any,
+    tls: bool,
+    secret: bytes | None,
+    allow_plaintext: bool,
+    listen: str,
+    metrics: ServerMetrics,
+) -> Any:
+    """The factory that listens: the receiver, behind the TLS and shared-secret gates when configured.
+
+    The caps are counted in front of the gates, so connections still in a
+    handshake count too.
+    """
+    from eth_twisted.security import AuthServerFactory, TLSGateFactory, check_secret_transport
+
+    encrypted = tls or listen.split(":", 1)[0].lower() == "ssl"
+    check_secret_transport(secret, encrypted, allow_plaintext)
+    factory: Any = receiver
+    if secret is not None:
+        factory = AuthServerFactory(
+            factory, secret, reactor, allow_plaintext=allow_plaintext,
+            on_failure=lambda reason: metrics.protocol_errors.labels(reason=f"auth-{reason}").inc(),
+        )
+    if tls:
+        factory = TLSGateFactory(
+            factory, clock=reactor,
+            on_failure=lambda reason: metrics.protocol_errors.labels(reason=f"tls-{reason}").inc(),
+        )
+    if factory is not receiver:
+        factory = CapsFactory(factory, receiver)
+    return factory
 
 
 def build_sinks(storage: dict[str, Any], reactor: Any) -> tuple[IRecord, list[ISink]]:
@@ -192,6 +252,9 @@ def build_server(
     summary: str = "",
     stats_token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
+    tls: dict[str, Any] | None = None,
+    secret: bytes | None = None,
+    allow_plaintext_secret: bool = False,
 ) -> ServerService:
     """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site."""
     record, mirrors = build_sinks(storage, reactor)
@@ -199,6 +262,7 @@ def build_server(
     server = make_server_service(
         listen=listen, record=record, mirrors=mirrors, reactor=reactor, metrics=metrics,
         limits=limits, max_batch=batch_size, batch_delay=batch_delay,
+        tls=tls, secret=secret, allow_plaintext_secret=allow_plaintext_secret,
     )
     server.factory.log_payloads = verbose
     server.summary = summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.logger import Logger
@@ -16,6 +17,7 @@ from eth_twisted.config import (
     positive_float,
     state_path,
 )
+from eth_twisted.errors import ConfigError
 from eth_twisted.protocol import (
     DEFAULT_DEADLINE,
     DEFAULT_MAX_LENGTH,
@@ -103,12 +105,18 @@ class Options(StorageOptions):
     # usage.Options gathers optFlags/optParameters from every base class.
     optFlags = [
         ["verbose", "v", "Log every message received (the seed's DATA line) and other debug detail"],
+        ["allow-plaintext-secret", None, "Allow the shared-secret handshake without TLS (the secret never crosses the wire, but the messages do, in clear)"],
     ]
     optParameters = [
         ["host", None, "127.0.0.1", "Interface to listen on"],
         ["port", None, 9999, "TCP port to listen on", int_in(0, 65535)],
         ["listen", None, None, "Endpoint string to listen on instead of --host/--port, e.g. tcp:9999:interface=0.0.0.0"],
         ["stats", None, DEFAULT_STATS, "Endpoint of the stats HTTP API, or 'none'"],
+        ["tls-cert", None, None, "PEM certificate (chain) of the server: listen with TLS"],
+        ["tls-key", None, None, "PEM private key of --tls-cert"],
+        ["tls-client-ca", None, None, "PEM CA: require client certificates issued by it (mutual TLS); the subject becomes client_id"],
+        ["tls-min-version", None, "1.2", "Lowest TLS version accepted: 1.2 or 1.3"],
+        ["secret-file", None, None, "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret): clients must pass the HMAC handshake"],
         ["stats-token", None, None, "Bearer token the stats API requires (not /healthz, /readyz); prefer ETH_STATS_TOKEN or --stats-token-file"],
         ["stats-token-file", None, None, "File holding the stats API token"],
         ["stats-allowed-hosts", None, None, "Comma list of Host header values the stats API answers [default on loopback: localhost,127.0.0.1,::1]"],
@@ -133,6 +141,15 @@ class Options(StorageOptions):
         if not self["listen"]:
             self["listen"] = tcp_endpoint(self["host"], self["port"])
         self["stats-token-resolved"] = self.resolve_secret("stats-token")
+        self["tls"] = tls_kwargs(self)
+        try:
+            from eth_twisted.security import check_secret_transport, load_secret
+
+            self["secret"] = load_secret(file=self["secret-file"], environ=self.environ)
+            check_secret_transport(self["secret"], bool(self["tls"]) or self["listen"].startswith("ssl:"),
+                                   self["allow-plaintext-secret"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
         self["allowed-hosts"] = allowed_hosts(self["stats"], self["stats-allowed-hosts"])
         try:
             self.limits().check()
@@ -167,6 +184,9 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         storage=storage_kwargs(config),
         limits=config.limits(),
         stats_token=config["stats-token-resolved"],
+        tls=config["tls"],
+        secret=config["secret"],
+        allow_plaintext_secret=config["allow-plaintext-secret"],
         allowed_hosts=config["allowed-hosts"],
         batch_size=config["batch-size"],
         batch_delay=config["batch-delay"],
@@ -174,6 +194,24 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         verbose=config["verbose"],
         summary=config.storage_summary(),
     )
+
+
+def tls_kwargs(config: usage.Options) -> dict[str, Any] | None:
+    """The server's TLS settings, or None for plaintext; a half-given pair is an error naming it."""
+    cert, key = config["tls-cert"], config["tls-key"]
+    if not cert and not key:
+        if config["tls-client-ca"]:
+            raise usage.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not cert or not key:
+        raise usage.UsageError("--tls-cert and --tls-key go together")
+    for name in ("tls-cert", "tls-key", "tls-client-ca"):
+        path = config[name]
+        if path and not Path(path).is_file():
+            raise usage.UsageError(f"--{name}: no such file {path}")
+    if config["tls-min-version"] not in ("1.2", "1.3"):
+        raise usage.UsageError(f"--tls-min-version: expected 1.2 or 1.3, got {config['tls-min-version']!r}")
+    return {"cert": cert, "key": key, "client_ca": config["tls-client-ca"], "min_version": config["tls-min-version"]}
 
 
 def allowed_hosts(stats: str, option: str | None) -> list[str] | None:
