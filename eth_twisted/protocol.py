@@ -598,11 +598,16 @@ class ReceiverFactory(Factory):
         self.log.warn("Protocol violation from {peer}: {reason} ({detail})", peer=peer, reason=reason, detail=detail)
 
 
-@implementer(interfaces.IHalfCloseableProtocol)
+@implementer(interfaces.IHalfCloseableProtocol, interfaces.IHandshakeListener)
 class _CappedConnection(ProtocolWrapper):
-    """Holds a connection's place in the caps until it ends; forwards half-closes."""
+    """Holds a connection's place in the caps until it ends; forwards half-closes and
+    the TLS handshake's completion to the gate behind it."""
 
     group: str
+
+    def handshakeCompleted(self) -> None:
+        if interfaces.IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def readConnectionLost(self) -> None:
         if interfaces.IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
