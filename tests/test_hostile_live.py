@@ -219,7 +219,8 @@ def test_connection_flood_caps_hold_and_others_are_served(tmp_path: Path) -> Non
     """Row 19: thousands of connections from one address hit the per-address cap; 127.0.0.2 is still served."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
-    server, port = yield start_server({"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")}, limits=LIMITS)
+    server, port = yield start_server({"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")}, limits=LIMITS,
+                                      listen="tcp:0:interface=127.0.0.1:backlog=4096")
     before = rss_kib()
 
     def flood(n: int) -> list[socket.socket]:
