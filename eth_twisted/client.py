@@ -161,6 +161,8 @@ def make_client_service(
     heartbeat: float = 10.0,
     rpc_timeout: float = 10.0,
     stats_listen: str | None = None,
+    stats_token: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
     exit_on_fatal: bool = False,
     http: Any = None,
     metrics: ClientMetrics | None = None,
@@ -207,7 +209,7 @@ def make_client_service(
         poller.setServiceParent(client)
         client.poller = poller
         if stats_listen:
-            client.stats = _stats_service(client, stats_listen, reactor)
+            client.stats = _stats_service(client, stats_listen, reactor, stats_token, allowed_hosts)
     except BaseException:
         outbox.close()
         raise
@@ -248,13 +250,17 @@ def link_endpoint(
     return endpoint
 
 
-def _stats_service(client: EthClientService, listen: str, reactor: Any) -> service.Service | None:
+def _stats_service(
+    client: EthClientService, listen: str, reactor: Any, token: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+) -> service.Service | None:
     try:
         from eth_twisted.web import make_client_site
     except ImportError:  # the web layer is optional for the client
         log.warn("Stats site not available (eth_twisted.web missing); {listen} not served", listen=listen)
         return None
-    site = make_client_site(metrics=client.metrics, readiness=client.readiness, clock=reactor)
+    site = make_client_site(metrics=client.metrics, readiness=client.readiness, clock=reactor,
+                            token=token, allowed_hosts=allowed_hosts)
     svc = strports.service(listen, site, reactor=reactor)
     svc.setName("stats")
     svc.setServiceParent(client)

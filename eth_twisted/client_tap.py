@@ -53,6 +53,7 @@ class Options(EnvOptions):
         "(--spool) until the server answers OK or DUP. " + PRECEDENCE
     )
     repeatable = ("rpc",)
+    secrets = ("stats-token",)
     doc_rpc = "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)"
     optFlags = [
         ["reset-cursor", None, "Forget the stored cursor and start at the chain head (after a chain change)"],
@@ -82,6 +83,9 @@ class Options(EnvOptions):
         ["tls-min-version", None, "1.2", "Lowest TLS version: 1.2 or 1.3"],
         ["secret-file", None, None, "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret)"],
         ["client-name", None, "eth-client", "Name this client proves in the shared-secret handshake (recorded as client_id)"],
+        ["stats-token", None, None, "Bearer token /metrics requires (prefer ETH_STATS_TOKEN or --stats-token-file)"],
+        ["stats-token-file", None, None, "File holding the stats token"],
+        ["stats-allowed-hosts", None, None, "Comma list of Host header values the stats site answers [default on loopback: localhost,127.0.0.1,::1]"],
         ["stats", None, DEFAULT_STATS, "Endpoint of /healthz, /readyz and /metrics, or 'none'"],
     ]
 
@@ -122,8 +126,12 @@ class Options(EnvOptions):
                 raise usage.UsageError(f"--rpc: expected an http:// or https:// URL, got {url!r}")
         if not self["spool"]:
             self["spool"] = state_path(DEFAULT_SPOOL, self.environ)
+        self["stats-token-resolved"] = self.resolve_secret("stats-token")
         if self["stats"].strip().lower() == "none":
             self["stats"] = None
+        from eth_twisted.server_tap import allowed_hosts
+
+        self["allowed-hosts"] = allowed_hosts(self["stats"] or "", self["stats-allowed-hosts"])
 
 
     def _tls_settings(self) -> dict[str, Any] | None:
@@ -187,6 +195,8 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         heartbeat=config["heartbeat"],
         rpc_timeout=config["rpc-timeout"],
         stats_listen=config["stats"],
+        stats_token=config["stats-token-resolved"],
+        allowed_hosts=config["allowed-hosts"],
         exit_on_fatal=exit_on_fatal,
         tls=config["tls-settings"],
         secret=config["secret"],
