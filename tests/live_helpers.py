@@ -13,6 +13,19 @@ from eth_twisted.server import ServerService, build_server
 from tests.support import async_wait_until
 
 
+def mysql_storage(db: dict[str, Any], redis: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Storage settings for build_server: the test's MariaDB database, and Redis under a prefix if given."""
+    storage: dict[str, Any] = {
+        "migrate": True,
+        "mysql": {"host": db["host"], "port": db["port"], "user": db["user"], "password": db["password"],
+                  "database": db["database"], "ssl": None, "connect_timeout": 5.0, "read_timeout": 10.0},
+    }
+    if redis is not None:
+        storage["redis"] = {"host": redis["host"], "port": redis["port"], "db": 0, "prefix": redis["prefix"],
+                            "username": None, "password": None, "reply_timeout": 2.0}
+    return storage
+
+
 @defer.inlineCallbacks
 def start_server(storage: dict[str, Any], **overrides: Any) -> Any:
     """Build and start an eth-server on 127.0.0.1:<free port>; fire with (service, port)."""

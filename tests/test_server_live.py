@@ -19,7 +19,7 @@ from twisted.internet import defer
 from eth_twisted.model import EMPTY_SHA256, sha256_hex
 from eth_twisted.payload import render_html
 from tests.conftest import mysql_query
-from tests.live_helpers import exchange, exchange_in_thread, start_server
+from tests.live_helpers import exchange, exchange_in_thread, mysql_storage, start_server
 from tests.support import ROOT, async_wait_until, free_port, wait_for_port, wait_until
 
 pytestmark = pytest.mark.live
@@ -33,18 +33,6 @@ def ok(payload: bytes) -> bytes:
 
 def dup(payload: bytes) -> bytes:
     return b"DUP " + sha256_hex(payload).encode()
-
-
-def mysql_storage(db: dict[str, Any], redis: dict[str, Any] | None = None) -> dict[str, Any]:
-    storage: dict[str, Any] = {
-        "migrate": True,
-        "mysql": {"host": db["host"], "port": db["port"], "user": db["user"], "password": db["password"],
-                  "database": db["database"], "ssl": None, "connect_timeout": 5.0, "read_timeout": 10.0},
-    }
-    if redis is not None:
-        storage["redis"] = {"host": redis["host"], "port": redis["port"], "db": 0, "prefix": redis["prefix"],
-                            "username": None, "password": None, "reply_timeout": 2.0}
-    return storage
 
 
 def redis_cmd(port: int, *args: str, host: str = "127.0.0.1") -> Any:

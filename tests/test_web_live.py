@@ -19,7 +19,7 @@ from twisted.internet import defer, threads
 from eth_twisted.framing import NetstringDecoder, encode
 from eth_twisted.model import sha256_hex
 from eth_twisted.payload import render_html
-from tests.live_helpers import start_server
+from tests.live_helpers import mysql_storage, start_server
 from tests.support import PrivateRedis, async_wait_until, free_port
 
 pytestmark = pytest.mark.live
@@ -59,18 +59,6 @@ def start_with_stats(storage: dict[str, Any], **kw: Any) -> Any:
     yield async_wait_until(lambda: get(web, "/healthz").addCallback(lambda r: r[0] == 200), 10,
                            what="stats site to answer")
     return server, port, web
-
-
-def mysql_storage(db: dict[str, Any], redis: dict[str, Any] | None = None) -> dict[str, Any]:
-    storage: dict[str, Any] = {
-        "migrate": True,
-        "mysql": {"host": db["host"], "port": db["port"], "user": db["user"], "password": db["password"],
-                  "database": db["database"], "ssl": None, "connect_timeout": 5.0, "read_timeout": 10.0},
-    }
-    if redis is not None:
-        storage["redis"] = {"host": redis["host"], "port": redis["port"], "db": 0, "prefix": redis["prefix"],
-                            "username": None, "password": None, "reply_timeout": 2.0}
-    return storage
 
 
 @defer.inlineCallbacks
