@@ -144,3 +144,15 @@ def test_cli_global_options() -> None:
     o.parseOptions(["--verbose", "--wait", "2", "server", "--port", "1"])
     assert o["verbose"] and o["wait"] == 2.0 and o.subCommand == "server"
     assert o.subOptions["listen"] == "tcp:1:interface=127.0.0.1"
+
+
+def test_redis_tls_builds_a_verifying_context(tmp_path) -> None:
+    """--redis-tls-ca gives the Redis sink a TLS creator that checks the CA and the host name."""
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    o = parse(["--use-redis", "--redis-host", "localhost", "--redis-tls-ca", pki.ca])
+    creator = storage_kwargs(o)["redis"]["tls"]
+    assert creator._hostnameASCII == "localhost"
+    with pytest.raises(usage.UsageError, match="--redis-tls-ca"):
+        storage_kwargs(parse(["--use-redis", "--redis-tls-ca", str(tmp_path / "missing.pem")]))
