@@ -36,10 +36,10 @@ def test_eth_run_against_anvil(tmp_path: Path, anvil: Any) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ),
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(l.decode() for l in proc.stdout), daemon=True)  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: lines.extend(raw.decode() for raw in proc.stdout), daemon=True)  # type: ignore[union-attr]
     reader.start()
     try:
-        wait_until(lambda: sum("stored block" in l for l in lines) >= 3, 30, what="three stored-block lines")
+        wait_until(lambda: sum("stored block" in line for line in lines) >= 3, 30, what="three stored-block lines")
         with urllib.request.urlopen(f"http://127.0.0.1:{stats_port}/api/stats", timeout=5) as r:
             assert r.status == 200
     finally:
@@ -53,7 +53,7 @@ def test_eth_run_against_anvil(tmp_path: Path, anvil: Any) -> None:
     assert str(tmp_path / "eth-server.sqlite3") in text
     assert str(tmp_path / "eth-client-spool.sqlite3") in text
     assert f"dashboard at http://127.0.0.1:{stats_port}/" in text
-    stored = [int(l.split()[2]) for l in lines if l.startswith("stored block")]
+    stored = [int(line.split()[2]) for line in lines if line.startswith("stored block")]
     assert stored == list(range(stored[0], stored[0] + len(stored)))
     rows = sqlite3.connect(tmp_path / "eth-server.sqlite3").execute(
         "SELECT block_number FROM ethereum_data ORDER BY block_number").fetchall()
