@@ -23,7 +23,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from eth_twisted import __version__, server_tap
-from eth_twisted.config import PRECEDENCE, EnvOptions, non_negative_float, parse_bool
+from eth_twisted.config import PRECEDENCE, EnvOptions, non_negative_float
 
 
 def _client_options() -> usage.Options:
@@ -177,7 +177,7 @@ def migrate(config: server_tap.StorageOptions) -> int:
     return 0
 
 
-__all__ = ["main", "parse_bool"]
+__all__ = ["main"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -53,6 +53,8 @@ class ServerService(service.MultiService):
         self.reactor = reactor
         self.drain_timeout = drain_timeout
         self.ready = False
+        self.summary = ""  # where messages are stored, for start-up lines (no secrets)
+        self.stats: Any = None  # the ServerStats the API reads, once attached
         self.on_ready: list[Callable[[], Any]] = []
         self.before_stop: list[Callable[[], Any]] = []
         self._starting: defer.Deferred[None] | None = None

@@ -8,7 +8,6 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from eth_twisted.errors import SinkUnavailable
 from eth_twisted.model import IRecord, Message, Outcome, Record, Totals
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 
@@ -72,9 +71,8 @@ class MemorySink:
         t = Totals(records=len(self.order))
         for r in self.order:
             t.first_by_ip[r.client_ip] = t.first_by_ip.get(r.client_ip, 0) + 1
-            if r.block_number is not None:
-                if t.latest_block is None or r.id > 0:
-                    t.latest_block, t.latest_block_at = r.block_number, r.received_at
+            if r.block_number is not None:  # rows are in id order: the last one wins
+                t.latest_block, t.latest_block_at = r.block_number, r.received_at
                 t.latest_block_by_ip[r.client_ip] = r.block_number
         if self.order:
             t.first_received_at = min(r.received_at for r in self.order)
@@ -82,4 +80,4 @@ class MemorySink:
         return defer.succeed(t)
 
 
-__all__ = ["MemorySink", "SinkUnavailable"]
+__all__ = ["MemorySink"]
