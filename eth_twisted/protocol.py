@@ -40,6 +40,7 @@ import ipaddress
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet import interfaces
@@ -118,6 +119,7 @@ class ReceiverProtocol(Protocol):
 
     log = Logger()
     factory: ReceiverFactory
+    transport: Any  # ITCPTransport and IProducer (or a TLS/wrapper transport that forwards them)
 
     def __init__(self) -> None:
         self._decoder: NetstringDecoder | None = None
@@ -277,7 +279,7 @@ class ReceiverProtocol(Protocol):
         self._arm_deadline()
         if self._unanswered >= f.limits.window:
             self._pause("window")
-        f.submit(message, lambda code, slot=slot: self._answered(slot, code))
+        f.submit(message, partial(self._answered, slot))
 
     def _forget_last(self, payload: bytes) -> None:
         """Drop the unanswered slot of the frame whose handling just failed."""
@@ -468,7 +470,7 @@ class ReceiverFactory(Factory):
     """Builds :class:`ReceiverProtocol` for every connection and holds what they share:
     the connection caps, the partial-frame budget and the violation log's rate limit."""
 
-    protocol = ReceiverProtocol
+    protocol = ReceiverProtocol  # type: ignore[assignment]
     log = Logger()
     noisy = False
 
@@ -498,7 +500,7 @@ class ReceiverFactory(Factory):
 
     # -- connection caps ------------------------------------------------------
 
-    def buildProtocol(self, addr: Any) -> ReceiverProtocol | None:
+    def buildProtocol(self, addr: Any) -> ReceiverProtocol | None:  # type: ignore[override]
         group = self.admit(addr) if self.enforce_caps else None
         if self.enforce_caps and group is None:
             return None
@@ -603,7 +605,8 @@ class _CappedConnection(ProtocolWrapper):
     """Holds a connection's place in the caps until it ends; forwards half-closes and
     the TLS handshake's completion to the gate behind it."""
 
-    group: str
+    group: str | None
+    transport: Any
 
     def handshakeCompleted(self) -> None:
         if interfaces.IHandshakeListener.providedBy(self.wrappedProtocol):
@@ -641,7 +644,7 @@ class CapsFactory(WrappingFactory):
         group = self.receiver.admit(addr)
         if group is None:
             return None
-        wrapper = super().buildProtocol(addr)
+        wrapper: Any = super().buildProtocol(addr)
         if wrapper is None:
             self.receiver.release(group)
             return None

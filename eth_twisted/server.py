@@ -11,12 +11,11 @@ answer what was already received, then close the sinks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 from eth_twisted.metrics import ServerMetrics
@@ -149,7 +148,7 @@ def make_server_service(
     listen: str,
     record: IRecord,
     mirrors: Sequence[ISink] = (),
-    reactor: IReactorTime | IReactorCore | None = None,
+    reactor: Any = None,
     metrics: ServerMetrics | None = None,
     limits: ReceiverLimits | None = None,
     max_batch: int = 1000,
@@ -307,7 +306,7 @@ def _seed_stats(server: ServerService, stats: Any) -> Any:
     redis = next((m for m in server.mirrors if m.name == "redis"), None)
     if redis is not None:
         try:
-            _firsts, ip_messages = yield redis.read_counts()
+            _firsts, ip_messages = yield cast(Any, redis).read_counts()
         except Exception as e:
             server.log.warn("Could not read per-client message counts from Redis: {error}", error=_reason(e))
     stats.seed(totals, ip_messages)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -39,7 +39,7 @@ def tcp_endpoint(host: str, port: int) -> str:
 class StorageOptions(EnvOptions):
     """The storage flags shared by ``eth server`` and ``eth migrate``."""
 
-    secrets: tuple[str, ...] = ("mysql-pass", "redis-password")
+    secrets: ClassVar[tuple[str, ...]] = ("mysql-pass", "redis-password")
 
     optFlags = [
         ["use-mysql", None, "Store to MySQL/MariaDB (else to the embedded SQLite file)"],
@@ -96,7 +96,7 @@ class StorageOptions(EnvOptions):
 class Options(StorageOptions):
     """Options of the eth-server (same for ``twistd eth-server`` and ``eth server``)."""
 
-    secrets = (*StorageOptions.secrets, "stats-token")
+    secrets: ClassVar[tuple[str, ...]] = (*StorageOptions.secrets, "stats-token")
 
     synopsis = "[options]"
     longdesc = (
