@@ -22,6 +22,7 @@ from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import IRecord, ISink
 from eth_twisted.protocol import CapsFactory, ReceiverFactory, ReceiverLimits
 from eth_twisted.router import Router
+from eth_twisted.systemd import notify_ready
 
 START_RETRY_INITIAL = 1.0
 START_RETRY_MAX = 30.0
@@ -271,7 +272,7 @@ def build_server(
     _attach_stats(server, reactor, stats_listen, stats_token, allowed_hosts)
     for mirror in mirrors:
         _attach_reconciler(server, mirror, reactor, reconcile_interval)
-    server.on_ready.append(_notify_systemd)
+    server.on_ready.append(lambda: notify_ready(f"eth-server ready: {listen}, storing to {summary}"))
     return server
 
 
@@ -323,9 +324,3 @@ def _attach_reconciler(server: ServerService, mirror: ISink, reactor: Any, inter
     server.on_ready.append(lambda: reconciler.setServiceParent(server))
 
 
-def _notify_systemd() -> None:
-    try:
-        from eth_twisted.systemd import notify_ready
-    except ImportError:  # pragma: no cover - module arrives with the deployment work
-        return
-    notify_ready("eth-server ready")
