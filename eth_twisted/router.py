@@ -11,7 +11,7 @@ chain, on the hot path.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,6 +93,8 @@ class Router:
         self._timer: Any = None
         self._in_flight: defer.Deferred[None] | None = None
         self._drained: list[defer.Deferred[None]] = []
+        # Read when scraped: no gauge update (and its lock) per message.
+        self.metrics.pending.set_function(lambda: len(self._queue))
 
     @property
     def pending(self) -> int:
@@ -110,7 +112,6 @@ class Router:
             reply("busy")
             return
         self._queue.append((message, reply))
-        self.metrics.pending.set(len(self._queue))
         if self._in_flight is None:
             if len(self._queue) >= self.max_batch:
                 self._flush()
@@ -120,13 +121,14 @@ class Router:
     def _take_batch(self) -> list[tuple[Message, Reply]]:
         batch: list[tuple[Message, Reply]] = []
         size = 0
-        while self._queue and len(batch) < self.max_batch:
-            nbytes = len(self._queue[0][0].payload)
-            if batch and size + nbytes > self.max_batch_bytes:
+        queue = self._queue
+        limit, max_bytes = self.max_batch, self.max_batch_bytes
+        while queue and len(batch) < limit:
+            nbytes = len(queue[0][0].payload)
+            if batch and size + nbytes > max_bytes:
                 break
-            batch.append(self._queue.popleft())
+            batch.append(queue.popleft())
             size += nbytes
-        self.metrics.pending.set(len(self._queue))
         return batch
 
     def _flush(self) -> None:
@@ -167,8 +169,8 @@ class Router:
                     if isinstance(result, str):
                         codes = [c if c == Outcome.REJECTED.value else result for c in codes]
                         break
-        for code in codes:
-            self._count(code)
+        for code, n in Counter(codes).items():
+            self._count(code, n)
         for observer in self.observers:
             try:
                 observer(messages, codes)
@@ -210,9 +212,9 @@ class Router:
         self.health[name].failed(error.reason, self.clock.seconds())
         return error.code
 
-    def _count(self, code: str) -> None:
+    def _count(self, code: str, n: int = 1) -> None:
         label = {"OK": "stored", "DUP": "duplicate"}.get(code, code)
-        self.metrics.outcomes.labels(outcome=label).inc()
+        self.metrics.outcomes.labels(outcome=label).inc(n)
 
     def drain(self) -> defer.Deferred[None]:
         """Fire when every queued message has been stored and answered."""

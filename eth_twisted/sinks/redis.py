@@ -48,7 +48,9 @@ DEFAULT_RECONCILE_INTERVAL = 300.0
 # One batch. KEYS: hashes, ip_addresses, ip_messages. ARGV: n, then per message
 # (hash, score, ip, flag) with flag "1" = the record stored it (first delivery),
 # "0" = the record called it a duplicate, "?" = no record: decide by ZADD NX.
-# Answers one integer per message: 1 when ZADD added the hash, else 0.
+# Answers one character per message, "1" when ZADD added the hash, else "0", as a
+# single bulk string: an array of integers costs the client a parsed element (and,
+# in txredisapi, a Deferred) per message.
 STORE_SCRIPT = """
 local n = tonumber(ARGV[1])
 local added = {}
@@ -66,7 +68,7 @@ for i = 0, n - 1 do
 end
 for ip, c in pairs(delivered) do redis.call('HINCRBY', KEYS[3], ip, c) end
 for ip, c in pairs(firsts) do redis.call('HINCRBY', KEYS[2], ip, c) end
-return added
+return table.concat(added)
 """
 
 # Replace ip_addresses with the record's counts. KEYS: ip_addresses, a temporary
@@ -316,6 +318,8 @@ class RedisSink:
         d = self._eval(_STORE, keys, [str(len(sent)), *args])
 
         def answer(added: Any) -> list[Outcome]:
+            if isinstance(added, bytes | str):
+                added = [1 if c in ("1", 49) else 0 for c in added]
             if not isinstance(added, list) or len(added) != len(sent):
                 raise SinkUnavailable(self.name, f"store script answered {added!r}")
             for i, a in zip(sent, added, strict=True):
