@@ -230,11 +230,14 @@ class ReceiverProtocol(Protocol):
         decoder = self._decoder
         was_in_frame = decoder.in_frame
         frames = decoder.feed(data)
+        if frames:
+            self.factory.metrics.received.inc(len(frames))
+            now = self.factory.clock.seconds()
         for payload in frames:
             if self._closing:
                 break
             try:
-                self._frame_received(payload)
+                self._frame_received(payload, now)
             except Exception:
                 # A bug of ours: the frame is not acknowledged, the owed
                 # replies still go out, and the connection closes.
@@ -254,10 +257,8 @@ class ReceiverProtocol(Protocol):
         if frames and not self._closing:
             self._take_tokens(len(frames))
 
-    def _frame_received(self, payload: bytes) -> None:
+    def _frame_received(self, payload: bytes, now: float) -> None:
         f = self.factory
-        f.metrics.received.inc()
-        now = f.clock.seconds()
         if not payload:
             slot = _Slot(EMPTY_SHA256, now)
             self._slots.append(slot)
@@ -276,7 +277,8 @@ class ReceiverProtocol(Protocol):
             return
         message = Message(payload, sha, self.peer_ip, now, block_number, self.client_id)
         self._unanswered += 1
-        self._arm_deadline()
+        if self._deadline_timer is None:
+            self._arm_deadline()
         if self._unanswered >= f.limits.window:
             self._pause("window")
         f.submit(message, partial(self._answered, slot))
@@ -308,21 +310,20 @@ class ReceiverProtocol(Protocol):
     def _flush(self) -> None:
         if self._gone:
             return
-        replies = self.factory.metrics.replies
+        slots = self._slots
         out = []
-        while self._slots and self._slots[0].text is not None:
-            text = self._slots.popleft().text
-            assert text is not None
-            out.append(encode(text))
-            replies.labels(kind=text[: text.index(b" ")].decode()).inc()
+        while slots and slots[0].text is not None:
+            out.append(encode(slots.popleft().text))  # type: ignore[arg-type]
         if out:
+            self.factory.count_replies(out)
             self.transport.write(b"".join(out))
-        if self._closing and not self._slots:
+        if self._closing and not slots:
             self.transport.loseConnection()
 
     # -- deadlines, timeouts and rate -----------------------------------------
 
     def _arm_deadline(self) -> None:
+        """Schedule the deadline check for the oldest unanswered message (one timer per connection)."""
         if self._deadline_timer is None or not self._deadline_timer.active():
             pending = next((s for s in self._slots if s.text is None), None)
             if pending is not None:
@@ -497,6 +498,7 @@ class ReceiverFactory(Factory):
         self._partial_holders: dict[ReceiverProtocol, float] = {}
         self._budget_paused: set[ReceiverProtocol] = set()
         self._violations_logged: dict[tuple[str, str], float] = {}
+        self._reply_counters: dict[bytes, Any] = {}
 
     # -- connection caps ------------------------------------------------------
 
@@ -552,6 +554,18 @@ class ReceiverFactory(Factory):
             if group is not None:
                 self.release(group)
         self._budget_paused.discard(protocol)
+
+    def count_replies(self, frames: list[bytes]) -> None:
+        """Count written replies by kind (OK, DUP, ERR), one counter update per kind."""
+        counts: dict[bytes, int] = {}
+        for frame in frames:
+            kind = frame[frame.index(b":") + 1 : frame.index(b" ")]
+            counts[kind] = counts.get(kind, 0) + 1
+        for kind, n in counts.items():
+            child = self._reply_counters.get(kind)
+            if child is None:
+                child = self._reply_counters[kind] = self.metrics.replies.labels(kind=kind.decode())
+            child.inc(n)
 
     # -- partial-frame budget -------------------------------------------------
 
