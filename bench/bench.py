@@ -59,15 +59,16 @@ SINK_SETS = ("sqlite", "mysql", "redis+sqlite", "mysql+redis")
 # -- /proc ---------------------------------------------------------------------------
 
 
-def cpu_of(pid: int | None) -> float:
-    """utime + stime of ``pid`` in seconds (0 when unknown or gone)."""
+def cpu_of(pid: int | None, part: str = "both") -> float:
+    """utime + stime of ``pid`` in seconds (0 when unknown or gone); ``part`` "user" or "system" for one."""
     if not pid:
         return 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    user, system = int(fields[11]), int(fields[12])
+    return {"user": user, "system": system}.get(part, user + system) / CLK_TCK
 
 
 def rss_mb(pid: int) -> float:
@@ -231,7 +232,11 @@ class Proc:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 30 s; always reaped."""
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            if "py-spy" in self.args[0]:
+                # Stop the profiled server, not py-spy, which then writes its profile.
+                os.kill(server_pid(self), signal.SIGTERM)
+            else:
+                self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(30)
             except subprocess.TimeoutExpired:
@@ -247,7 +252,8 @@ class Proc:
 
 def server_command(code: Path, port: int, storage: list[str], extra: list[str]) -> list[str]:
     """``eth server`` from the source tree ``code`` (the checkout, or an older copy)."""
-    boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'; "
+    prelude = os.environ.get("ETH_BENCH_PRELUDE") or "pass"  # e.g. "import gc; gc.disable()", for experiments
+    boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'; {prelude}; "
             "from eth_twisted.cli import main; sys.exit(main())")
     return [PYTHON, "-c", boot, "server", "--port", str(port), "--stats", "none",
             "--reconcile-interval", "3600", *storage, *extra]
@@ -272,7 +278,7 @@ def start_server(code: Path, port: int, storage: list[str], log: Path, extra: li
     """An ``eth server`` subprocess, returned once its sinks are ready."""
     cmd = server_command(code, port, storage, list(extra))
     if profile is not None:
-        cmd = [str(Path(PYTHON).parent / "py-spy"), "record", "--format", "raw", "-r", "250",
+        cmd = [str(Path(PYTHON).parent / "py-spy"), "record", "--format", "raw", "-r", "250", "--gil",
                "-o", str(profile), "--", *cmd]
     return Proc(cmd, log, env={"ETH_MYSQL_PASS": MYSQL["password"]},
                 ready=lambda: b"Sinks ready" in log.read_bytes())
@@ -309,6 +315,8 @@ def cpu_split(pids: dict[str, int | None], before: dict[str, float], n: int,
         secs = cpu_of(pid) - before[name]
         out[name] = {"seconds": secs, "us_per_msg": 1e6 * secs / max(1, n),
                      "cores": secs / elapsed if elapsed else 0.0}
+        if f"{name}.system" in before:
+            out[name]["system_seconds"] = cpu_of(pid, "system") - before[f"{name}.system"]
     return out
 
 
@@ -324,6 +332,7 @@ def ingest(sinks: str, opts: argparse.Namespace, code: Path, block0: int,
             pid = server_pid(srv)
             pids = {"server": pid, **service_pids()}
             before = {k: cpu_of(v) for k, v in pids.items()}
+            before["server.system"] = cpu_of(pid, "system")
             t0 = time.perf_counter()
             result = loadgen(port, clients=opts.clients, messages=opts.messages, start_block=block0)
             wall = time.perf_counter() - t0
@@ -467,16 +476,18 @@ def raw_redis(messages: int, per_script: int = 500, depth: int = 4) -> dict[str,
             "verified": zcard == messages}
 
 
-def paced_latency(opts: argparse.Namespace, code: Path, block0: int) -> dict[str, Any]:
+def paced_latency(opts: argparse.Namespace, code: Path, block0: int,
+                  profile: Path | None = None) -> dict[str, Any]:
     """Ack latency at ``opts.paced_rate`` msgs/s offered (MySQL+Redis, K clients)."""
     n = int(opts.paced_rate * opts.paced_seconds)
     with tempfile.TemporaryDirectory(prefix="ethbench-") as tmp, \
             bench_database() as database, bench_prefix() as prefix:
         port = free_port()
         storage = storage_args("mysql+redis", Path(tmp), database, prefix)
-        with start_server(code, port, storage, Path(tmp) / "server.log", opts.server_args) as srv:
-            pids = {"server": srv.pid, **service_pids()}
+        with start_server(code, port, storage, Path(tmp) / "server.log", opts.server_args, profile) as srv:
+            pids = {"server": server_pid(srv), **service_pids()}
             before = {k: cpu_of(v) for k, v in pids.items()}
+            before["server.system"] = cpu_of(pids["server"], "system")
             result = loadgen(port, mode="paced", clients=opts.clients, messages=n, start_block=block0,
                              extra=["--rate", str(opts.paced_rate)])
             result["cpu"] = cpu_split(pids, before, n, result["elapsed"])
@@ -627,7 +638,9 @@ def report(res: dict[str, Any]) -> str:
         r = res["paced"]
         lines += ["", f"## Latency at {r['offered']:,.0f} msgs/s offered (MySQL+Redis, {r['clients']} clients)", "",
                   f"p50 **{r['p50_ms']:.2f} ms**, p99 **{r['p99_ms']:.2f} ms**, max {r['max_ms']:.1f} ms over "
-                  f"{r['answered']:,} messages; server CPU {r['cpu']['server']['cores']:.2f} of a core; "
+                  f"{r['answered']:,} messages; server CPU {r['cpu']['server']['cores']:.2f} of a core "
+                  f"({r['cpu']['server'].get('system_seconds', 0) / max(1e-9, r['cpu']['server']['seconds']):.0%} "
+                  "in the kernel); "
                   f"verified: {'yes' if r['verified'] else 'NO'}"]
     if "idle" in res:
         r = res["idle"]
@@ -758,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         block += opts.seed_messages
     if "paced" in sections:
         step("latency at 1,000 msgs/s")
-        res["paced"] = paced_latency(opts, code, block)
+        res["paced"] = paced_latency(opts, code, block,
+                                     RESULTS / f"profile-paced{suffix}.txt" if opts.profile else None)
         block += int(opts.paced_rate * opts.paced_seconds)
     if "idle" in sections:
         step(f"{opts.idle} idle connections")

@@ -813,6 +813,33 @@ class SQLSink:
     def _classify(self, error: BaseException) -> ErrorKind:
         raise NotImplementedError
 
+    def _insert_all_new(self, txn: Any, messages: Sequence[Message], candidates: list[int],
+                        state: _StoreState) -> bool:
+        """Insert every candidate at once; True when every one was new (the common case).
+
+        The duplicate-ignoring insert reports how many rows it added. When that
+        is all of them, each is this delivery's: OK, and the ``SELECT ... IN``
+        round is saved. Otherwise the transaction is rolled back (it has done
+        nothing else), a new one begins, and the caller takes the SELECT-first
+        path, so OK/DUP stay exact. A data error propagates (the batch is then
+        re-run isolating the bad rows).
+        """
+        hashes = [messages[i].hash for i in candidates]
+        rows = [self._row(messages[i]) for i in candidates]
+        sizes = [self._row_bytes(messages[i].payload) for i in candidates]
+        state.attempted.update(hashes)  # a lost COMMIT reply must find these on the re-run
+        try:
+            inserted = self._insert(txn, rows, sizes)
+        except Exception:
+            state.attempted.difference_update(hashes)
+            raise
+        if inserted == len(candidates):
+            return True
+        txn.execute("ROLLBACK")
+        state.attempted.difference_update(hashes)
+        self._begin_write(txn)
+        return False
+
     def _store_txn(self, txn: Any, messages: Sequence[Message], careful: bool,
                    state: _StoreState) -> list[Outcome]:
         """One batch, one transaction. Runs in a writer thread; may be re-run by the pool."""
@@ -835,6 +862,11 @@ class SQLSink:
                 outcomes[i] = Outcome.REJECTED
             else:
                 candidates.append(i)
+        if candidates and not careful and not state.attempted and self._insert_all_new(
+                txn, messages, candidates, state):
+            for i in candidates:
+                outcomes[i] = Outcome.STORED
+            return [o if o is not None else Outcome.DUPLICATE for o in outcomes]
         existing = self._select_existing(txn, [messages[i].hash for i in candidates])
         new: list[int] = []
         for i in candidates:
