@@ -606,7 +606,9 @@ def report(res: dict[str, Any]) -> str:
     lines = [f"# eth-twisted benchmark ({m['label']})", "",
              f"{m['when']} on {m['host']} ({m['cpus']} CPUs, Python {m['python']}), "
              f"load average at start {m['load_start']:.2f}; {m['messages']:,} messages, "
-             f"{m['clients']} clients, window 256, the seed's HTML payload.", "",
+             f"{m['clients']} clients, window 256, the seed's HTML payload"
+             + (f"; server started with `{m['server_prelude']}`" if m.get("server_prelude") else "")
+             + (f"; server options {' '.join(m['server_args'])}" if m.get("server_args") else "") + ".", "",
              "## Ingest (acknowledged messages/s; latency under full load, window-bound)", "",
              "| sinks | msgs/s | p50 ms | p99 ms | max ms | server µs/msg | mariadbd µs/msg | "
              "redis µs/msg | loadgen µs/msg | verified |",
@@ -710,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", help="label of an earlier run to plot beside this one")
     p.add_argument("--code", default=str(ROOT), help="source tree the server runs from (default: this checkout)")
     p.add_argument("--profile", action="store_true", help="record a py-spy profile of the MySQL+Redis server")
+    p.add_argument("--tune-gc", action="store_true",
+                   help="start servers with eth_twisted.router.tune_gc() applied (until `eth server` calls it)")
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
                    help="extra option for every `eth server` (repeatable)")
     opts = p.parse_args(argv)
@@ -725,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     opts.client_seconds = 15 if q else 60
     opts.client_warmup = 5
     sections = set(opts.only.split(","))
+    if opts.tune_gc:
+        os.environ["ETH_BENCH_PRELUDE"] = "from eth_twisted.router import tune_gc; tune_gc()"
     code = Path(opts.code).resolve()
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if opts.label == "current" else f"-{opts.label}"
@@ -734,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
         "messages": opts.messages, "clients": opts.clients, "load_start": load_average(),
         "code": str(code), "server_args": opts.server_args,
+        "server_prelude": os.environ.get("ETH_BENCH_PRELUDE", ""),
     }}
     block = 10_000_000
 

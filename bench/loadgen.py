@@ -251,13 +251,47 @@ def raise_nofile() -> int:
     return hard
 
 
-def open_idle(host: str, port: int, count: int, sources: list[str]) -> tuple[list[socket.socket], float]:
-    """Open ``count`` connections spread over ``sources``; return them and the seconds it took."""
+def open_idle(host: str, port: int, count: int, sources: list[str],
+              burst: int = 40, pause: float = 0.01) -> tuple[list[socket.socket], float]:
+    """Open ``count`` connections spread over ``sources``; return them and the seconds it took.
+
+    Connections go out in bursts smaller than the server's listen backlog (50
+    in Twisted), each burst finished before the next, so no SYN is dropped and
+    retried a second later.
+    """
     started = time.perf_counter()
-    socks = []
-    for i in range(count):
-        socks.append(connect(host, port, sources[i % len(sources)], blocking=True))
+    socks: list[socket.socket] = []
+    while len(socks) < count:
+        batch = []
+        for i in range(len(socks), min(count, len(socks) + burst)):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((sources[i % len(sources)], 0))
+            s.setblocking(False)
+            s.connect_ex((host, port))
+            batch.append(s)
+        _, writable, _ = select_all(batch, 30.0)
+        for s in batch:
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or s not in writable:
+                raise SystemExit(f"loadgen: idle connect failed ({os.strerror(err) if err else 'timeout'})")
+        socks.extend(batch)
+        time.sleep(pause)
     return socks, time.perf_counter() - started
+
+
+def select_all(socks: list[socket.socket], timeout: float) -> tuple[list, set, list]:
+    """Wait until every socket in ``socks`` is writable (connected), or ``timeout``."""
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_WRITE)
+    done: set[socket.socket] = set()
+    deadline = time.monotonic() + timeout
+    while len(done) < len(socks) and time.monotonic() < deadline:
+        for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+            done.add(key.fileobj)  # type: ignore[arg-type]
+            sel.unregister(key.fileobj)
+    sel.close()
+    return [], done, []
 
 
 def check_alive(socks: list[socket.socket]) -> int:
