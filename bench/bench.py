@@ -714,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="record a py-spy profile of the MySQL+Redis server")
     p.add_argument("--tune-gc", action="store_true",
                    help="start servers with eth_twisted.router.tune_gc() applied (until `eth server` calls it)")
+    p.add_argument("--overlap", action="store_true",
+                   help="start servers with the router's overlap mode on (until `eth server` has an option)")
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
                    help="extra option for every `eth server` (repeatable)")
     opts = p.parse_args(argv)
@@ -729,8 +731,13 @@ def main(argv: list[str] | None = None) -> int:
     opts.client_seconds = 15 if q else 60
     opts.client_warmup = 5
     sections = set(opts.only.split(","))
+    prelude = []
     if opts.tune_gc:
-        os.environ["ETH_BENCH_PRELUDE"] = "from eth_twisted.router import tune_gc; tune_gc()"
+        prelude.append("from eth_twisted.router import tune_gc; tune_gc()")
+    if opts.overlap:
+        prelude.append("from eth_twisted.router import Router; Router.overlap_default = True")
+    if prelude:
+        os.environ["ETH_BENCH_PRELUDE"] = "; ".join(prelude)
     code = Path(opts.code).resolve()
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if opts.label == "current" else f"-{opts.label}"
