@@ -662,6 +662,28 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A markdown table of the key numbers of an earlier run beside this one."""
+    b, a = before["meta"]["label"], after["meta"]["label"]
+    rows = [f"| {name} msgs/s | {before['ingest'][name]['rate']:,.0f} | {r['rate']:,.0f} | "
+            f"{r['rate'] / before['ingest'][name]['rate']:.2f}x |"
+            for name, r in after.get("ingest", {}).items() if name in before.get("ingest", {})]
+    for name, key in (("MySQL+Redis server CPU µs/msg", "server"), ("MySQL+Redis mariadbd CPU µs/msg", "mariadbd")):
+        try:
+            x = before["ingest"]["mysql+redis"]["cpu"][key]["us_per_msg"]
+            y = after["ingest"]["mysql+redis"]["cpu"][key]["us_per_msg"]
+            rows.append(f"| {name} | {x:.0f} | {y:.0f} | {y / x:.2f}x |")
+        except KeyError:
+            pass
+    for k in ("p50_ms", "p99_ms"):
+        if "paced" in before and "paced" in after:
+            rows.append(f"| {k[:3]} at 1,000 msgs/s (ms) | {before['paced'][k]:.1f} | {after['paced'][k]:.1f} | |")
+    if "idle" in before and "idle" in after:
+        rows.append(f"| RSS with {after['idle']['idle_opened']:,} idle connections (MB) | "
+                    f"{before['idle']['rss_mb']:.0f} | {after['idle']['rss_mb']:.0f} | |")
+    return "\n".join(["", f"## {b} → {a}", "", f"| | {b} | {a} | |", "|---|---|---|---|", *rows]) + "\n"
+
+
 def plot(res: dict[str, Any], path: Path, before: dict[str, Any] | None) -> None:
     """Bar chart of acknowledged msgs/s per sink set (before/after), with the limits as lines."""
     import matplotlib
@@ -675,7 +697,7 @@ def plot(res: dict[str, Any], path: Path, before: dict[str, Any] | None) -> None
     xs = range(len(names))
     if before:
         ax.bar([x - width / 2 for x in xs], [before.get("ingest", {}).get(n, {}).get("rate", 0) for n in names],
-               width, label=f"before ({before['meta']['label']})", color="#bbbbbb")
+               width, label=before["meta"]["label"], color="#bbbbbb")
         ax.bar([x + width / 2 for x in xs], [res["ingest"][n]["rate"] for n in names], width,
                label=res["meta"]["label"], color="#3b6ea5")
     else:
@@ -814,13 +836,14 @@ def main(argv: list[str] | None = None) -> int:
         res["meta"]["mysql_redis_spread"] = (max(runs) - min(runs)) / statistics.median(runs)
 
     text = report(res)
+    before = None
+    if opts.compare and (RESULTS / f"results-{opts.compare}.json").exists():
+        before = json.loads((RESULTS / f"results-{opts.compare}.json").read_text())
+        text += comparison(before, res)
     print()
     print(text)
     (RESULTS / f"results{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
     (RESULTS / f"results{suffix}.md").write_text(text)
-    before = None
-    if opts.compare and (RESULTS / f"results-{opts.compare}.json").exists():
-        before = json.loads((RESULTS / f"results-{opts.compare}.json").read_text())
     if res.get("ingest"):
         plot(res, RESULTS / f"ingest{suffix}.png", before)
     print(f"[bench] wrote {RESULTS}/results{suffix}.md, .json, ingest{suffix}.png")
