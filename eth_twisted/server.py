@@ -158,6 +158,7 @@ def make_server_service(
     tls: dict[str, Any] | None = None,
     secret: bytes | None = None,
     allow_plaintext_secret: bool = False,
+    pipeline: bool = False,
 ) -> ServerService:
     """Assemble the server from already-built sinks.
 
@@ -172,7 +173,7 @@ def make_server_service(
     metrics = metrics if metrics is not None else ServerMetrics()
     router = Router(
         record, mirrors, clock=reactor, metrics=metrics, max_batch=max_batch,
-        max_batch_bytes=max_batch_bytes, max_delay=batch_delay,
+        max_batch_bytes=max_batch_bytes, max_delay=batch_delay, overlap=pipeline,
     )
     factory = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=limits)
     server = ServerService(record=record, mirrors=mirrors, router=router, factory=factory, reactor=reactor)
@@ -257,14 +258,20 @@ def build_server(
     tls: dict[str, Any] | None = None,
     secret: bytes | None = None,
     allow_plaintext_secret: bool = False,
+    pipeline: bool = True,
 ) -> ServerService:
-    """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site."""
+    """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site.
+
+    ``pipeline``: with mirrors (Redis), SQL stores the next batch while Redis
+    stores the current one (answers still wait for both).
+    """
     record, mirrors = build_sinks(storage, reactor)
     metrics = ServerMetrics()
     server = make_server_service(
         listen=listen, record=record, mirrors=mirrors, reactor=reactor, metrics=metrics,
         limits=limits, max_batch=batch_size, batch_delay=batch_delay,
         tls=tls, secret=secret, allow_plaintext_secret=allow_plaintext_secret,
+        pipeline=pipeline and bool(mirrors),
     )
     server.factory.log_payloads = verbose
     server.summary = summary

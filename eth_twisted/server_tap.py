@@ -106,6 +106,7 @@ class Options(StorageOptions):
     # usage.Options gathers optFlags/optParameters from every base class.
     optFlags = [
         ["verbose", "v", "Log every message received (the seed's DATA line) and other debug detail"],
+        ["no-pipeline", None, "Store each batch in SQL and Redis before the next starts (default: SQL stores the next batch while Redis stores the current one)"],
         ["allow-plaintext-secret", None, "Allow the shared-secret handshake without TLS (the secret never crosses the wire, but the messages do, in clear)"],
     ]
     optParameters = [
@@ -178,6 +179,9 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         reactor = default_reactor
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
+    from eth_twisted.router import tune_gc
+
+    tune_gc()  # this is the process's entry point (twistd or eth server)
     return build_server(
         reactor=reactor,
         listen=config["listen"],
@@ -189,6 +193,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         secret=config["secret"],
         allow_plaintext_secret=config["allow-plaintext-secret"],
         allowed_hosts=config["allowed-hosts"],
+        pipeline=not config["no-pipeline"],
         batch_size=config["batch-size"],
         batch_delay=config["batch-delay"],
         reconcile_interval=config["reconcile-interval"],
