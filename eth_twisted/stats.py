@@ -116,16 +116,16 @@ class ServerStats:
         Points observed since start are kept: the ring ends up holding the
         newest ``chart_points`` of both, each (time, block) once.
         """
-        points = sorted(
-            {(r.received_at, int(r.block_number)) for r in records if r.block_number is not None}
-            | set(self.chart)
-        )
+        points = {(r.received_at, int(r.block_number)) for r in records if r.block_number is not None}
+        points |= set(self.chart)
         merged: list[tuple[float, int]] = []
-        for at, number in points:
-            # The same record seen live and read back (SQL keeps microseconds): one point.
+        # By block, then time: the same record seen live and read back (SQL keeps
+        # microseconds) is one point even when other blocks share its time.
+        for at, number in sorted(points, key=lambda p: (p[1], p[0])):
             if merged and merged[-1][1] == number and at - merged[-1][0] < SAME_POINT:
                 continue
             merged.append((at, number))
+        merged.sort()
         self.chart.clear()
         self.chart.extend(merged)
         self.chart_seeded = True

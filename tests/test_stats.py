@@ -171,3 +171,15 @@ def test_seed_chart_does_not_double_a_record_read_back_with_rounded_time() -> No
     stats.observe([msg(9, at=1700000000.1234567)], ["OK"])
     stats.seed_chart([Record(1, "h", b"", 9, "a", None, 1700000000.123456)])
     assert [n for _, n in stats.chart] == [9]
+
+
+def test_seed_chart_merges_a_batch_sharing_one_receipt_time() -> None:
+    """Blocks received together (one timestamp) and read back from SQL a microsecond off stay one point each."""
+    stats = ServerStats(Clock())
+    now = 1_700_000_000.1234567
+    messages = [Message.build(render_html(n), "10.0.0.1", now, n) for n in (7, 8, 9)]
+    stats.observe(messages, [Outcome.STORED] * 3)
+    read_back = [Record(i, m.hash, m.payload, m.block_number, m.client_ip, None, round(now, 6))
+                 for i, m in enumerate(messages, 1)]
+    stats.seed_chart(read_back)
+    assert sorted(n for _, n in stats.chart) == [7, 8, 9]

@@ -204,8 +204,11 @@ class PrivateMariaDB:
             self.proc.wait(wait)
 
     def pause(self) -> None:
-        """SIGSTOP: connections stay open, nothing answers."""
+        """SIGSTOP: connections stay open, nothing answers (returns once the process is stopped)."""
         self.kill(signal.SIGSTOP)
+        pid = self.proc.pid if self.proc is not None else None
+        if pid is not None:
+            wait_until(lambda: _proc_state(pid) in ("T", "t"), 5, interval=0.01, what="mariadbd to stop")
 
     def resume(self) -> None:
         """SIGCONT."""
@@ -491,3 +494,12 @@ class EthProcess:
     def wait_log(self, text: str, timeout: float = 30.0, after: int = 0) -> None:
         """Block until ``text`` appears in the log (after character ``after``)."""
         wait_until(lambda: text in self.log_text()[after:], timeout, interval=0.1, what=f"log line {text!r}")
+
+
+def _proc_state(pid: int) -> str:
+    """The one-letter state of a process (R, S, T, ...) from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "?"
+    return stat.rsplit(")", 1)[1].split()[0]
