@@ -17,7 +17,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from tests.support import Anvil, PrivateRedis
+from tests.support import Anvil, PrivateRedis, redis_command
 
 MYSQL_HOST = os.environ.get("ETH_TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("ETH_TEST_MYSQL_PORT", "3306"))
@@ -114,11 +114,8 @@ def redis_prefix(redis_server: dict[str, Any]) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards."""
     prefix = f"ethtest:{secrets.token_hex(6)}:"
     yield prefix
-    with socket.create_connection((redis_server["host"], redis_server["port"]), timeout=5) as s:
-        script = b"for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 1"
-        parts = [b"EVAL", script, b"0", (prefix + "*").encode()]
-        s.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
-        s.recv(64)
+    script = "for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 1"
+    redis_command(redis_server["host"], redis_server["port"], "EVAL", script, 0, prefix + "*")
 
 
 @pytest.fixture

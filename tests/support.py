@@ -73,6 +73,55 @@ def async_wait_until(
         yield task.deferLater(reactor, interval, lambda: None)
 
 
+def resp_encode(args: Any) -> bytes:
+    """A Redis command as RESP: an array of bulk strings."""
+    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+class RespReader:
+    """Reads RESP replies from a blocking socket (bulk strings as bytes, errors raised)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self, needed: int | None = None) -> None:
+        while (b"\r\n" not in self.buf) if needed is None else (len(self.buf) < needed):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self.buf += chunk
+
+    def reply(self) -> Any:
+        self._fill()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind in (b"$", b"*"):
+            n = int(rest)
+            if n < 0:
+                return None
+            if kind == b"*":
+                return [self.reply() for _ in range(n)]
+            self._fill(n + 2)
+            data, self.buf = self.buf[:n], self.buf[n + 2 :]
+            return data
+        raise RuntimeError(f"unexpected RESP reply {line!r}")
+
+
+def redis_command(host: str, port: int, *args: Any, timeout: float = 5.0) -> Any:
+    """One blocking Redis command over a fresh socket, for inspecting what the code under test wrote."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(resp_encode(args))
+        return RespReader(s).reply()
+
+
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Block until something accepts TCP connections on ``host:port``."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +19,14 @@ from eth_twisted.model import EMPTY_SHA256, sha256_hex
 from eth_twisted.payload import render_html
 from tests.conftest import mysql_query
 from tests.live_helpers import exchange, exchange_in_thread, mysql_storage, start_server
-from tests.support import ROOT, async_wait_until, free_port, wait_for_port, wait_until
+from tests.support import (
+    ROOT,
+    async_wait_until,
+    free_port,
+    redis_command,
+    wait_for_port,
+    wait_until,
+)
 
 pytestmark = pytest.mark.live
 
@@ -35,30 +41,9 @@ def dup(payload: bytes) -> bytes:
     return b"DUP " + sha256_hex(payload).encode()
 
 
-def redis_cmd(port: int, *args: str, host: str = "127.0.0.1") -> Any:
-    """One blocking Redis command with a minimal RESP reader (arrays of bulk strings and integers)."""
-    with socket.create_connection((host, port), timeout=5) as s:
-        parts = [a.encode() for a in args]
-        s.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
-        f = s.makefile("rb")
-
-        def read() -> Any:
-            line = f.readline().rstrip(b"\r\n")
-            kind, rest = line[:1], line[1:]
-            if kind == b":":
-                return int(rest)
-            if kind == b"+":
-                return rest.decode()
-            if kind == b"-":
-                raise RuntimeError(rest.decode())
-            if kind == b"$":
-                n = int(rest)
-                return None if n < 0 else f.read(n + 2)[:-2].decode()
-            if kind == b"*":
-                return [read() for _ in range(int(rest))]
-            raise RuntimeError(line)
-
-        return read()
+def redis_cmd(port: int, *args: str) -> Any:
+    """One blocking command against the Redis on 127.0.0.1:``port``."""
+    return redis_command("127.0.0.1", port, *args)
 
 
 @pytest_twisted.inlineCallbacks
@@ -95,8 +80,8 @@ def test_mysql_and_redis_pipelined(mysql_db: dict[str, Any], redis_server: dict[
                                  "FROM ethereum_data")[0] == (500, 500, 1000, 1499)
     port_r = redis_server["port"]
     assert redis_cmd(port_r, "ZCARD", redis_prefix + "hashes") == 500
-    assert redis_cmd(port_r, "HGET", redis_prefix + "ip_addresses", "127.0.0.1") == "500"
-    assert redis_cmd(port_r, "HGET", redis_prefix + "ip_messages", "127.0.0.1") == "510"
+    assert redis_cmd(port_r, "HGET", redis_prefix + "ip_addresses", "127.0.0.1") == b"500"
+    assert redis_cmd(port_r, "HGET", redis_prefix + "ip_messages", "127.0.0.1") == b"510"
 
 
 @pytest_twisted.inlineCallbacks
@@ -168,7 +153,7 @@ def test_private_redis_restart_empty_converges(mysql_db: dict[str, Any], private
         yield server.stopService()
     assert mysql_query(mysql_db, "SELECT COUNT(*) FROM ethereum_data")[0][0] == 100
     firsts = redis_cmd(private_redis.port, "HGET", prefix + "ip_addresses", "127.0.0.1")
-    assert firsts == "100"
+    assert firsts == b"100"
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ the sink's bounds and error mapping with a fake client and a ``Clock``.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -26,7 +25,7 @@ from eth_twisted.model import Message, Outcome
 from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.sinks.redis import RedisSink, make_redis_sink, parse_run_id
 from tests.sink_contract import T0, SinkContract, msg, numbered
-from tests.support import PrivateRedis, async_wait_until
+from tests.support import PrivateRedis, async_wait_until, redis_command
 
 OK, DUP, REJECTED = Outcome.STORED, Outcome.DUPLICATE, Outcome.REJECTED
 
@@ -35,30 +34,8 @@ OK, DUP, REJECTED = Outcome.STORED, Outcome.DUPLICATE, Outcome.REJECTED
 
 
 def resp(port: int, *args: Any, host: str = "127.0.0.1") -> Any:
-    """One blocking Redis command over a fresh socket (inspection only, never the code under test)."""
-    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-    with socket.create_connection((host, port), timeout=5) as s:
-        s.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
-        f = s.makefile("rb")
-        return _read_reply(f)
-
-
-def _read_reply(f: Any) -> Any:
-    line = f.readline()[:-2]
-    kind, rest = line[:1], line[1:]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else f.read(n + 2)[:-2]
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_read_reply(f) for _ in range(n)]
-    raise RuntimeError(f"bad reply {line!r}")
+    """One blocking Redis command (inspection only, never the code under test)."""
+    return redis_command(host, port, *args)
 
 
 def hgetall(port: int, key: str) -> dict[str, int]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pymysql
 
-from tests.support import PrivateRedis, free_port, wait_until
+from tests.support import PrivateRedis, free_port, redis_command, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -297,59 +297,6 @@ class PrivateMariaDB:
 
 
 # -- Redis
-
-
-def _resp_encode(args: Sequence[Any]) -> bytes:
-    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-
-
-class _RespReader:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("redis closed the connection")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def _exact(self, n: int) -> bytes:
-        while len(self.buf) < n + 2:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("redis closed the connection")
-            self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n + 2 :]
-        return data
-
-    def reply(self) -> Any:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            return None if n < 0 else self._exact(n)
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self.reply() for _ in range(n)]
-        raise RuntimeError(f"unexpected RESP reply {line!r}")
-
-
-def redis_command(host: str, port: int, *args: Any, timeout: float = 5.0) -> Any:
-    """One blocking Redis command; bulk strings come back as bytes, errors raise RuntimeError."""
-    with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(_resp_encode(args))
-        return _RespReader(s).reply()
 
 
 class FaultRedis(PrivateRedis):
