@@ -158,7 +158,7 @@ def make_server_service(
     tls: dict[str, Any] | None = None,
     secret: bytes | None = None,
     allow_plaintext_secret: bool = False,
-    pipeline: bool = False,
+    pipeline: bool | None = None,
 ) -> ServerService:
     """Assemble the server from already-built sinks.
 
@@ -258,12 +258,14 @@ def build_server(
     tls: dict[str, Any] | None = None,
     secret: bytes | None = None,
     allow_plaintext_secret: bool = False,
-    pipeline: bool = True,
+    pipeline: bool | None = None,
 ) -> ServerService:
     """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site.
 
     ``pipeline``: with mirrors (Redis), SQL stores the next batch while Redis
-    stores the current one (answers still wait for both).
+    stores the current one (answers still wait for both): more throughput
+    under saturation, more latency at low load. None leaves the router's
+    default (off).
     """
     record, mirrors = build_sinks(storage, reactor)
     metrics = ServerMetrics()
@@ -271,7 +273,7 @@ def build_server(
         listen=listen, record=record, mirrors=mirrors, reactor=reactor, metrics=metrics,
         limits=limits, max_batch=batch_size, batch_delay=batch_delay,
         tls=tls, secret=secret, allow_plaintext_secret=allow_plaintext_secret,
-        pipeline=pipeline and bool(mirrors),
+        pipeline=pipeline if mirrors else False,
     )
     server.factory.log_payloads = verbose
     server.summary = summary

@@ -106,7 +106,7 @@ class Options(StorageOptions):
     # usage.Options gathers optFlags/optParameters from every base class.
     optFlags = [
         ["verbose", "v", "Log every message received (the seed's DATA line) and other debug detail"],
-        ["no-pipeline", None, "Store each batch in SQL and Redis before the next starts (default: SQL stores the next batch while Redis stores the current one)"],
+        ["pipeline", None, "With Redis, let SQL store the next batch while Redis stores the current one: about 30% more throughput under saturation, about twice the latency at low load"],
         ["allow-plaintext-secret", None, "Allow the shared-secret handshake without TLS (the secret never crosses the wire, but the messages do, in clear)"],
     ]
     optParameters = [
@@ -193,7 +193,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         secret=config["secret"],
         allow_plaintext_secret=config["allow-plaintext-secret"],
         allowed_hosts=config["allowed-hosts"],
-        pipeline=not config["no-pipeline"],
+        pipeline=True if config["pipeline"] else None,
         batch_size=config["batch-size"],
         batch_delay=config["batch-delay"],
         reconcile_interval=config["reconcile-interval"],

@@ -156,3 +156,14 @@ def test_redis_tls_builds_a_verifying_context(tmp_path) -> None:
     assert creator._hostnameASCII == "localhost"
     with pytest.raises(usage.UsageError, match="--redis-tls-ca"):
         storage_kwargs(parse(["--use-redis", "--redis-tls-ca", str(tmp_path / "missing.pem")]))
+
+
+def test_pipeline_is_opt_in(tmp_path) -> None:
+    """SQL/Redis pipelining is off unless --pipeline asks for it (it trades latency for throughput)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from eth_twisted.server_tap import makeService
+
+    base = ["--use-redis", "--stats", "none", "--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0"]
+    assert makeService(parse(base), MemoryReactorClock()).router.overlap is False
+    assert makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.overlap is True
