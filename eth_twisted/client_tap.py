@@ -9,7 +9,14 @@ from urllib.parse import urlsplit
 from twisted.logger import Logger
 from twisted.python import usage
 
-from eth_twisted.config import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
+from eth_twisted.config import (
+    PRECEDENCE,
+    EnvOptions,
+    int_in,
+    optional_positive_int,
+    positive_float,
+    state_path,
+)
 from eth_twisted.errors import ConfigError
 from eth_twisted.outbox import DEFAULT_MAX_MESSAGES, DEFAULT_SPOOL
 from eth_twisted.payload import FORMATS
@@ -20,22 +27,6 @@ log = Logger()
 DEFAULT_STATS = "tcp:8081:interface=127.0.0.1"
 SERVER_DEADLINE = 10.0
 """The server's default per-message deadline; the ack timeout must be at least twice it."""
-
-
-def optional_positive_int(value: str) -> int | None:
-    """A coerce function: ``off``/``none`` for None, else an integer >= 1."""
-    if value.strip().lower() in ("off", "none", ""):
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"expected an integer >= 1 or 'off', got {value!r}")
-    if number < 1:
-        raise ValueError(f"expected an integer >= 1 or 'off', got {number}")
-    return number
-
-
-optional_positive_int.coerceDoc = ""  # type: ignore[attr-defined]
 
 
 def tcp_client_endpoint(host: str, port: int) -> str:

@@ -101,6 +101,22 @@ def non_negative_float(value: str) -> float:
 non_negative_float.coerceDoc = ""  # type: ignore[attr-defined]
 
 
+def optional_positive_int(value: str) -> int | None:
+    """A coerce function: ``off``/``none`` for None, else an integer >= 1."""
+    if value.strip().lower() in ("off", "none", ""):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer >= 1 or 'off', got {value!r}")
+    if number < 1:
+        raise ValueError(f"expected an integer >= 1 or 'off', got {number}")
+    return number
+
+
+optional_positive_int.coerceDoc = ""  # type: ignore[attr-defined]
+
+
 class EnvOptions(usage.Options):
     """``usage.Options`` that also reads ``ETH_*`` environment variables.
 

@@ -122,6 +122,18 @@ def redis_command(host: str, port: int, *args: Any, timeout: float = 5.0) -> Any
         return RespReader(s).reply()
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """Terminate ``proc`` if it still runs: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Block until something accepts TCP connections on ``host:port``."""
 
@@ -233,10 +245,4 @@ class Anvil:
         self.rpc("anvil_mine", hex(blocks))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)

@@ -585,13 +585,9 @@ class ControlledProcess:
 
     def stop(self) -> None:
         """Terminate it (SIGTERM, then SIGKILL after 5 s)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        from tests.support import stop_process
+
+        stop_process(self.proc)
 
 
 class ProxyProcess(ControlledProcess):

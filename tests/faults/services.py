@@ -28,7 +28,7 @@ from typing import Any
 
 import pymysql
 
-from tests.support import PrivateRedis, free_port, redis_command, wait_until
+from tests.support import PrivateRedis, free_port, redis_command, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -400,12 +400,7 @@ class EthProcess:
         if self.running():
             assert self.proc is not None
             self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            stop_process(self.proc, grace=15)
 
     def restart(self, sig: int = signal.SIGKILL) -> None:
         """Kill with ``sig`` and start again."""
