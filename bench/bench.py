@@ -134,6 +134,22 @@ def mysql_conn(database: str | None = None) -> Any:
     return pymysql.connect(**MYSQL, database=database, autocommit=True, charset="utf8mb4")
 
 
+def ensure_mysql_account() -> None:
+    """Log in as the test user; on a fresh machine create it first, as the tests do."""
+    try:
+        mysql_conn().close()
+        return
+    except pymysql.err.OperationalError as e:
+        if e.args[0] != 1045:  # not "access denied": MariaDB is not answering
+            raise SystemExit(f"bench: MariaDB at {MYSQL['host']}:{MYSQL['port']}: {e}; "
+                             "start it with scripts/services") from e
+    from tests.support import provision_mysql_user  # only on a fresh machine
+
+    provision_mysql_user(os.environ.get("ETH_TEST_MYSQL_SOCKET", "/run/mysqld/mysqld.sock"),
+                         MYSQL["user"], MYSQL["password"])
+    mysql_conn().close()
+
+
 @contextmanager
 def bench_database() -> Iterator[str]:
     """A fresh ``eth_test_bench_<hex>`` database, dropped afterwards."""
@@ -761,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     if prelude:
         os.environ["ETH_BENCH_PRELUDE"] = "; ".join(prelude)
     code = Path(opts.code).resolve()
+    ensure_mysql_account()
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if opts.label == "current" else f"-{opts.label}"
 

@@ -17,7 +17,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from tests.support import Anvil, PrivateRedis, redis_command
+from tests.support import Anvil, PrivateRedis, provision_mysql_user, redis_command
 
 MYSQL_HOST = os.environ.get("ETH_TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("ETH_TEST_MYSQL_PORT", "3306"))
@@ -38,17 +38,7 @@ def _connect_test_user(database: str | None = None) -> pymysql.connections.Conne
 
 
 def _provision_test_user() -> None:
-    """Create the test user as root over the socket (root over TCP is not relied on)."""
-    root = pymysql.connect(unix_socket=MYSQL_SOCKET, user="root", connect_timeout=5, autocommit=True)
-    try:
-        with root.cursor() as c:
-            for host in ("127.0.0.1", "localhost", "::1"):
-                c.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", (MYSQL_USER, host, MYSQL_PASS))
-                c.execute("ALTER USER %s@%s IDENTIFIED BY %s", (MYSQL_USER, host, MYSQL_PASS))
-                c.execute("GRANT ALL PRIVILEGES ON `eth\\_test\\_%%`.* TO %s@%s", (MYSQL_USER, host))
-                # KILL of its own sessions needs nothing more; reading wait_timeout neither.
-    finally:
-        root.close()
+    provision_mysql_user(MYSQL_SOCKET, MYSQL_USER, MYSQL_PASS)
 
 
 @pytest.fixture(scope="session")

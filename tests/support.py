@@ -115,6 +115,25 @@ class RespReader:
         raise RuntimeError(f"unexpected RESP reply {line!r}")
 
 
+def provision_mysql_user(socket_path: str, user: str, password: str) -> None:
+    """Create (or reset) the tests' MariaDB user as root over the local socket.
+
+    Root over TCP is not relied on. The user may create and drop databases
+    named ``eth_test_*`` (the tests' and the benchmark's own) and nothing else.
+    """
+    import pymysql
+
+    root = pymysql.connect(unix_socket=socket_path, user="root", connect_timeout=5, autocommit=True)
+    try:
+        with root.cursor() as c:
+            for host in ("127.0.0.1", "localhost", "::1"):
+                c.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", (user, host, password))
+                c.execute("ALTER USER %s@%s IDENTIFIED BY %s", (user, host, password))
+                c.execute("GRANT ALL PRIVILEGES ON `eth\\_test\\_%%`.* TO %s@%s", (user, host))
+    finally:
+        root.close()
+
+
 def redis_command(host: str, port: int, *args: Any, timeout: float = 5.0) -> Any:
     """One blocking Redis command over a fresh socket, for inspecting what the code under test wrote."""
     with socket.create_connection((host, port), timeout=timeout) as s:
