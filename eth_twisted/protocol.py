@@ -160,6 +160,9 @@ class ReceiverProtocol(Protocol):
         f.connection_made(self)
         try:
             self.transport.setTcpKeepAlive(True)
+            # Replies are small and wanted at once: Nagle would hold one back
+            # until the peer acknowledges the previous (up to a delayed ACK).
+            self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass
         # The transport pauses us when its write buffer fills (a peer that does

@@ -106,6 +106,9 @@ class SenderProtocol(NetstringReceiver):
     def connectionMade(self) -> None:
         try:
             self.transport.setTcpKeepAlive(1)
+            # Frames go out while earlier ones are unanswered: Nagle would hold
+            # each small write until the server's ACK.
+            self.transport.setTcpNoDelay(1)
         except (AttributeError, OSError):
             pass  # not TCP (tests, UNIX sockets)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 import pytest
+import pytest_twisted
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -14,6 +16,7 @@ from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, sha256_hex
 from eth_twisted.payload import render_html
 from eth_twisted.protocol import ReceiverFactory, ReceiverLimits, ReceiverProtocol
+from tests.support import async_wait_until
 
 
 class FakeRouter:
@@ -228,3 +231,35 @@ def test_connection_lost_drops_pending_answers_quietly() -> None:
     router.submitted[0][1]("OK")
     assert transport.value() == b""
     assert factory.metrics.open_connections._value.get() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepted_sockets_send_replies_without_nagle() -> None:
+    """Each accepted connection has TCP_NODELAY (a small reply is not held for the peer's ACK) and keepalive."""
+    from twisted.internet import reactor
+
+    router = FakeRouter(auto="OK")
+    factory = ReceiverFactory(router.submit, clock=reactor, metrics=ServerMetrics())
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        await async_wait_until(lambda: len(factory.connections) == 1)
+        [proto] = factory.connections
+        handle = proto.transport.getHandle()
+        assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+        client.sendall(encode(b"x"))
+        client.setblocking(False)  # the reactor runs in this thread: never block it
+        received = bytearray()
+
+        def replied() -> bool:
+            try:
+                received.extend(client.recv(100))
+            except BlockingIOError:
+                pass
+            return bytes(received) == encode(b"OK " + sha256_hex(b"x").encode())
+
+        await async_wait_until(replied)
+    finally:
+        client.close()
+        await port.stopListening()

@@ -49,11 +49,15 @@ class FakeTransport(StringTransport):
         self.clock = clock
         self.protocol: Any = None
         self.keepalive = False
+        self.nodelay = False
         self.aborted = False
         self.read_pos = 0
 
     def setTcpKeepAlive(self, enabled: int) -> None:
         self.keepalive = bool(enabled)
+
+    def setTcpNoDelay(self, enabled: int) -> None:
+        self.nodelay = bool(enabled)
 
     def loseConnection(self) -> None:
         if not self.disconnecting:
@@ -205,6 +209,7 @@ def test_connect_resends_outbox_oldest_first(
     started.wake()
     assert endpoint.transport.take_frames() == [render_html(n) for n in (1, 2, 3)]
     assert endpoint.transport.keepalive
+    assert endpoint.transport.nodelay  # no Nagle: a frame behind an unanswered one goes at once
     assert started.connected
     assert metric(started, "eth_client_server_link_up") == 1
     assert metric(started, "eth_client_frames_sent_total") == 3
