@@ -455,7 +455,7 @@ def raw_mysql_per_row(rows_total: int) -> dict[str, Any]:
 def raw_redis(messages: int, per_script: int = 500, depth: int = 4) -> dict[str, Any]:
     """EVALSHA of the sink's own store script per ``per_script`` messages, ``depth`` in flight."""
     from eth_twisted.model import sha256_hex
-    from eth_twisted.sinks.redis import STORE_SCRIPT
+    from eth_twisted.sinks.redis import STORE_SCRIPT, pack_store_entries
 
     with bench_prefix() as prefix:
         r = Resp(REDIS_HOST, REDIS_PORT)
@@ -465,10 +465,9 @@ def raw_redis(messages: int, per_script: int = 500, depth: int = 4) -> dict[str,
         commands = []
         now = time.time()
         for i in range(0, messages, per_script):
-            args: list[Any] = []
-            for n in range(i, min(messages, i + per_script)):
-                args += [sha256_hex(b"raw-redis-%d" % n), repr(now), f"10.0.{n % 50}.1", "1"]
-            commands.append(encode("EVALSHA", sha, 3, *keys, len(args) // 4, *args))
+            entries = [(sha256_hex(b"raw-redis-%d" % n), now, f"10.0.{n % 50}.1", "1")
+                       for n in range(i, min(messages, i + per_script))]
+            commands.append(encode("EVALSHA", sha, 3, *keys, len(entries), pack_store_entries(entries)))
         redis_pid = service_pids()["redis"]
         cpu0, r0 = time.process_time(), cpu_of(redis_pid)
         t0 = time.perf_counter()

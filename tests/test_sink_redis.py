@@ -23,7 +23,13 @@ from twisted.logger import LogLevel, globalLogPublisher
 from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
 from eth_twisted.model import Message, Outcome
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.sinks.redis import RedisSink, make_redis_sink, parse_run_id
+from eth_twisted.sinks.redis import (
+    STORE_SCRIPT,
+    RedisSink,
+    make_redis_sink,
+    pack_store_entries,
+    parse_run_id,
+)
 from tests.sink_contract import T0, SinkContract, msg, numbered
 from tests.support import PrivateRedis, async_wait_until, redis_command
 
@@ -179,18 +185,37 @@ async def test_verdicts_must_match_messages(sink: RedisSink) -> None:
 @pytest.mark.live
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_lua_batch_rate(sink: RedisSink, redis_prefix: str, redis_server: dict[str, Any]) -> None:
-    """500-message batches with verdicts run at thousands of messages per second (rate printed)."""
-    batches = [[msg(b"rate-%d-%d" % (k, i), f"10.1.{i % 4}.{i % 50}", T0 + i) for i in range(500)]
+async def test_large_batches_count_exactly(sink: RedisSink, redis_prefix: str,
+                                           redis_server: dict[str, Any]) -> None:
+    """40 batches of 500 (one packed script argument each) leave exact keys; the rate is bench/'s job."""
+    batches = [[msg(b"big-%d-%d" % (k, i), f"10.1.{i % 4}.{i % 50}", T0 + i) for i in range(500)]
                for k in range(40)]
-    verdicts = [OK] * 500
-    started = time.perf_counter()
-    for batch in batches:
-        await sink.store_batch(batch, verdicts)
-    rate = 40 * 500 / (time.perf_counter() - started)
-    print(f"\nLua batch rate: {rate:.0f} messages/s (500-message batches)")
+    for k, batch in enumerate(batches):
+        verdicts = [OK if i % 10 else DUP for i in range(500)] if k else [OK] * 500
+        assert await sink.store_batch(batch, verdicts) == verdicts
     assert await sink.hash_count() == 20_000
-    assert rate > 2_000
+    first, every = await sink.read_counts()
+    assert sum(every.values()) == 20_000
+    assert sum(first.values()) == 500 + 39 * 450
+    assert len(every) == 100 and set(every.values()) == {200}
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_store_script_refuses_a_batch_it_cannot_parse(
+    sink: RedisSink, redis_prefix: str, redis_server: dict[str, Any]
+) -> None:
+    """The script checks the packed lines against the announced count and writes nothing on a mismatch."""
+    port = redis_server["port"]
+    keys = [redis_prefix + k for k in ("hashes", "ip_addresses", "ip_messages")]
+    line = f"{msg(b'p').hash} 1.5 10.0.0.1 1\n"
+    for n, packed in (("2", line), ("1", line.replace(" 1\n", " 7\n")), ("1", line.rstrip("\n"))):
+        with pytest.raises(Exception, match="entries parsed"):
+            redis_command("127.0.0.1", port, "EVAL", STORE_SCRIPT.strip(), 3, *keys, n, packed)
+    assert resp(port, "KEYS", redis_prefix + "*") == []
+    out = redis_command("127.0.0.1", port, "EVAL", STORE_SCRIPT.strip(), 3, *keys, "1", line)
+    assert out == b"1"
+    assert hgetall(port, keys[1]) == {"10.0.0.1": 1}
 
 
 # -- scripts --------------------------------------------------------------------------------
@@ -516,7 +541,14 @@ def test_store_script_arguments() -> None:
     assert out == [[OK, REJECTED, DUP]]
     [call] = fake.calls
     assert call[2:6] == (3, "p:hashes", "p:ip_addresses", "p:ip_messages")
-    assert call[6:] == ("2", batch[0].hash, "5.5", "1.1.1.1", "1", batch[2].hash, "7.25", "3.3.3.3", "0")
+    assert call[6:] == ("2", f"{batch[0].hash} 5.5 1.1.1.1 1\n{batch[2].hash} 7.25 3.3.3.3 0\n")
+
+
+def test_pack_store_entries_keeps_lines_parseable() -> None:
+    """An address the line format cannot carry (empty, spaces, control characters) is sent as '-'."""
+    packed = pack_store_entries([("h1", 1.0, "::1", "?"), ("h2", 2.5, "", "1"), ("h3", 3.0, "a b", "0"),
+                                 ("h4", 4.0, "x\ty", "1"), ("h5", 5.0, "fe80::1%eth0", "0")])
+    assert packed == "h1 1.0 ::1 ?\nh2 2.5 - 1\nh3 3.0 - 0\nh4 4.0 - 1\nh5 5.0 fe80::1%eth0 0\n"
 
 
 def test_parse_run_id() -> None:
