@@ -21,6 +21,7 @@ from eth_twisted.errors import ConfigError, SinkBusy, SinkTimeout, SinkUnavailab
 from eth_twisted.model import Message, Outcome
 from eth_twisted.sinks.sql import (
     DataRefused,
+    MySQLRowEncoder,
     MySQLSink,
     ReconnectingConnectionPool,
     apply_migrations,
@@ -575,3 +576,13 @@ def test_tls_settings() -> None:
     assert kw["ssl"].check_hostname and kw["ssl"].verify_mode == ssl.CERT_REQUIRED
     with pytest.raises(ConfigError, match="capath"):
         make_mysql_sink("db.example", 3306, "u", "p", "d", ssl={"capath": "/x"})
+
+
+def test_row_encoder_reuses_a_receipt_time_only_for_the_same_time() -> None:
+    """Rows sharing a receipt time share its literal; a different time gets its own, exactly rounded."""
+    enc = MySQLRowEncoder()
+    times = [T0 + 0.1234565, T0 + 0.1234565, T0 + 7.5, T0 + 0.1234565, 0.0]
+    rows = [enc.row(msg(b"r%d" % i, "::ffff:10.0.0.9", t)) for i, t in enumerate(times)]
+    for row, t in zip(rows, times, strict=True):
+        expected = to_utc_datetime(t).isoformat(" ", "microseconds")
+        assert row.endswith(f",'10.0.0.9',NULL,'{expected}')")

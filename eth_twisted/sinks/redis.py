@@ -88,10 +88,15 @@ def pack_store_entries(entries: Sequence[tuple[str, float, str, str]]) -> str:
     A client IP holding whitespace (or empty) would break the line format; it is
     stored as ``-`` (unknown) instead. Real peer addresses never hold any.
     """
-    return "".join([
-        f"{h} {_score(at)} {ip if ip and ip.isprintable() and ' ' not in ip else '-'} {flag}\n"
-        for h, at, ip, flag in entries
-    ])
+    lines = []
+    last_at, score = None, ""
+    for h, at, ip, flag in entries:
+        if at != last_at:  # the messages of one read share their receipt time
+            last_at, score = at, _score(at)
+        if not ip or " " in ip or not ip.isprintable():
+            ip = "-"
+        lines.append(f"{h} {score} {ip} {flag}\n")
+    return "".join(lines)
 
 
 # Replace ip_addresses with the record's counts. KEYS: ip_addresses, a temporary

@@ -599,12 +599,15 @@ class MySQLRowEncoder:
     encoded by one cheap function: the payload as a hex literal (exact size, no
     escaping: ``X'...'`` is binary for a MEDIUMBLOB), the hash as is when it is
     lowercase hex, IPs normalised and escaped once per distinct address, the time
-    straight from the float. The statement is the same multi-row
-    ``INSERT ... VALUES`` PyMySQL would have built.
+    straight from the float, once per distinct receipt time (the messages of one
+    read share theirs). The statement is the same multi-row ``INSERT ... VALUES``
+    PyMySQL would have built.
     """
 
     def __init__(self) -> None:
         self._ips: dict[str, str] = {}
+        self._ts: float | None = None
+        self._ts_sql = ""
 
     def row(self, m: Message) -> str:
         """One message as ``(hash, payload, block_number, client_ip, client_id, received_at)``."""
@@ -616,8 +619,10 @@ class MySQLRowEncoder:
         bn = m.block_number
         bn_sql = "NULL" if bn is None else int(bn)
         cid_sql = "NULL" if m.client_id is None else _sql_text(m.client_id)
-        return (f"({_sql_hash(m.hash)},X'{m.payload.hex()}',{bn_sql},{ip_sql},{cid_sql},"
-                f"{_sql_datetime(m.received_at)})")
+        if m.received_at != self._ts:
+            self._ts_sql = _sql_datetime(m.received_at)
+            self._ts = m.received_at
+        return f"({_sql_hash(m.hash)},X'{m.payload.hex()}',{bn_sql},{ip_sql},{cid_sql},{self._ts_sql})"
 
 
 class _StoreState:
