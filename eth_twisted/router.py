@@ -89,6 +89,14 @@ class Router:
     in order, at most one stored batch waits for the mirrors, and every message
     is still answered only once both have it. Without it (the default) a batch
     goes through both stages before the next one starts.
+
+    With ``concurrency`` N > 1 (not with ``overlap``) up to N batches are in the
+    record at once, each in its own transaction: while one waits for its
+    COMMIT's fsync the next is already inserting, and the database can make both
+    durable with one flush (group commit). The record's own locking keeps
+    OK/DUP exact when two batches hold the same hash (the later one waits, then
+    finds it). The mirror stage and the answers still go batch by batch, in the
+    order the batches were taken, so a mirror never sees a later delivery first.
     """
 
     log = Logger()
@@ -108,9 +116,13 @@ class Router:
         max_pending: int = 100_000,
         batch_timeout: float = 30.0,
         overlap: bool | None = None,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.record = record
         self.overlap = self.overlap_default if overlap is None else overlap
+        self.concurrency = 1 if self.overlap else concurrency
         self.mirrors = list(mirrors)
         self.clock = clock
         self.metrics = metrics if metrics is not None else ServerMetrics()
@@ -124,7 +136,10 @@ class Router:
         self.ready = True
         self._queue: deque[tuple[Message, Reply]] = deque()
         self._timer: Any = None
-        self._in_flight: defer.Deferred[None] | None = None
+        self._in_flight = 0
+        """Batches taken and not yet answered (at most ``concurrency``)."""
+        self._finish_tail: defer.Deferred[None] | None = None
+        """Fires when the newest taken batch has been answered: the next one's mirrors wait for it."""
         self._stored: deque[tuple[list[tuple[Message, Reply]], list[Message], Any]] = deque()
         self._mirroring = False
         self._drained: list[defer.Deferred[None]] = []
@@ -147,7 +162,7 @@ class Router:
             reply("busy")
             return
         self._queue.append((message, reply))
-        if self._in_flight is None:
+        if self._in_flight < self.concurrency:
             if len(self._queue) >= self.max_batch:
                 self._flush()
             elif self._timer is None:
@@ -167,24 +182,27 @@ class Router:
         return batch
 
     def _idle(self) -> bool:
-        return self._in_flight is None and not self._queue and not self._stored and not self._mirroring
+        return not self._in_flight and not self._queue and not self._stored and not self._mirroring
 
     def _flush(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._in_flight is not None or self._stored:
+        if self._in_flight >= self.concurrency or self._stored:
             return  # the record is busy, or a stored batch still waits for the mirrors
         batch = self._take_batch()
         if not batch:
             if self._idle():
                 self._notify_drained()
             return
-        self._in_flight = self._store(batch)
-        self._in_flight.addBoth(self._batch_done)
+        self._in_flight += 1
+        previous, self._finish_tail = self._finish_tail, defer.Deferred()
+        self._store(batch, previous, self._finish_tail).addBoth(self._batch_done)
+        if self._queue and self._in_flight < self.concurrency and len(self._queue) >= self.max_batch:
+            self._flush()
 
     def _batch_done(self, _: object) -> None:
-        self._in_flight = None
+        self._in_flight -= 1
         if self._queue:
             # Whatever arrived while the batch was being stored goes next, at once.
             self._flush()
@@ -204,20 +222,27 @@ class Router:
     def _mirrors_done(self, _: object) -> None:
         self._mirroring = False
         self._pump_mirrors()
-        if self._queue and self._in_flight is None:
+        if self._queue and self._in_flight < self.concurrency:
             self._flush()
         elif self._idle():
             self._notify_drained()
 
     @defer.inlineCallbacks
-    def _store(self, batch: list[tuple[Message, Reply]]) -> Any:
-        messages = [m for m, _ in batch]
-        verdicts = yield self._call_sink(self.record, messages, None)
-        if self.overlap:
-            self._stored.append((batch, messages, verdicts))
-            self._pump_mirrors()
-        else:
-            yield self._finish(batch, messages, verdicts)
+    def _store(self, batch: list[tuple[Message, Reply]], previous: defer.Deferred[None] | None,
+               finished: defer.Deferred[None]) -> Any:
+        """The record, then (after the batch taken before this one is answered) the mirrors and answers."""
+        try:
+            messages = [m for m, _ in batch]
+            verdicts = yield self._call_sink(self.record, messages, None)
+            if previous is not None and not previous.called:
+                yield previous  # only with concurrency > 1: answer in the order batches were taken
+            if self.overlap:
+                self._stored.append((batch, messages, verdicts))
+                self._pump_mirrors()
+            else:
+                yield self._finish(batch, messages, verdicts)
+        finally:
+            finished.callback(None)
 
     @defer.inlineCallbacks
     def _finish(self, batch: list[tuple[Message, Reply]], messages: list[Message], verdicts: Any) -> Any:
@@ -288,7 +313,7 @@ class Router:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._drained.append(d)
-        if self._in_flight is None:
+        if self._in_flight < self.concurrency:
             self._flush()
         return d
 

@@ -159,6 +159,7 @@ def make_server_service(
     secret: bytes | None = None,
     allow_plaintext_secret: bool = False,
     pipeline: bool | None = None,
+    concurrent_batches: int = 2,
 ) -> ServerService:
     """Assemble the server from already-built sinks.
 
@@ -174,6 +175,7 @@ def make_server_service(
     router = Router(
         record, mirrors, clock=reactor, metrics=metrics, max_batch=max_batch,
         max_batch_bytes=max_batch_bytes, max_delay=batch_delay, overlap=pipeline,
+        concurrency=concurrent_batches,
     )
     factory = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=limits)
     server = ServerService(record=record, mirrors=mirrors, router=router, factory=factory, reactor=reactor)
@@ -259,6 +261,7 @@ def build_server(
     secret: bytes | None = None,
     allow_plaintext_secret: bool = False,
     pipeline: bool | None = None,
+    concurrent_batches: int = 2,
 ) -> ServerService:
     """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site.
 
@@ -273,7 +276,7 @@ def build_server(
         listen=listen, record=record, mirrors=mirrors, reactor=reactor, metrics=metrics,
         limits=limits, max_batch=batch_size, batch_delay=batch_delay,
         tls=tls, secret=secret, allow_plaintext_secret=allow_plaintext_secret,
-        pipeline=pipeline if mirrors else False,
+        pipeline=pipeline if mirrors else False, concurrent_batches=concurrent_batches,
     )
     server.factory.log_payloads = verbose
     server.summary = summary

@@ -184,3 +184,87 @@ def test_drain_waits_for_queued_messages() -> None:
     drained = router.drain()
     assert drained.called
     assert answers == {b"a": ["OK"]}
+
+
+@implementer(ISink)
+class ManualRecord:
+    """A record whose batches finish when the test says, each with all-OK verdicts."""
+
+    name = "manual"
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[list[bytes], defer.Deferred[list[Outcome]]]] = []
+
+    def start(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def ping(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def store_batch(
+        self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None
+    ) -> defer.Deferred[list[Outcome]]:
+        d: defer.Deferred[list[Outcome]] = defer.Deferred()
+        self.pending.append(([m.payload for m in messages], d))
+        return d
+
+    def finish(self, index: int) -> None:
+        payloads, d = self.pending[index]
+        d.callback([Outcome.STORED] * len(payloads))
+
+
+def concurrent_setup(concurrency: int) -> tuple[Router, ManualRecord, RecordingMirror, Clock, list[bytes]]:
+    clock = Clock()
+    record, mirror = ManualRecord(), RecordingMirror()
+    router = Router(record, [mirror], clock=clock, metrics=ServerMetrics(),  # type: ignore[list-item]
+                    max_batch=2, max_delay=0.002, concurrency=concurrency)
+    order: list[bytes] = []
+    return router, record, mirror, clock, order
+
+
+def test_concurrent_batches_are_in_the_record_together_and_answered_in_order() -> None:
+    """With concurrency 2 a second batch enters the record before the first commits; a later batch
+    that commits first still waits: mirrors and answers go in the order the batches were taken."""
+    router, record, mirror, clock, order = concurrent_setup(2)
+    for p in (b"a1", b"a2", b"b1", b"b2", b"c1"):
+        router.submit(msg(p), lambda code, p=p: order.append(p))
+    assert [batch for batch, _ in record.pending] == [[b"a1", b"a2"], [b"b1", b"b2"]]  # both full: at once
+    clock.advance(0.002)
+    assert len(record.pending) == 2  # c1 waits: two batches are in the record already
+    record.finish(1)  # the later batch commits first
+    assert order == [] and mirror.calls == []
+    record.finish(0)
+    assert order == [b"a1", b"a2", b"b1", b"b2"]
+    assert [calls for calls, _ in mirror.calls] == [[msg(b"a1").hash, msg(b"a2").hash],
+                                                    [msg(b"b1").hash, msg(b"b2").hash]]
+    assert [batch for batch, _ in record.pending][2:] == [[b"c1"]]  # room again: c1 goes in
+    record.finish(2)
+    assert order[-1] == b"c1"
+    assert router.drain().called
+
+
+def test_concurrency_one_keeps_one_batch_in_the_record() -> None:
+    """The default: the next batch is taken only after the previous one was answered."""
+    router, record, _, clock, order = concurrent_setup(1)
+    for p in (b"a1", b"a2", b"b1", b"b2"):
+        router.submit(msg(p), lambda code, p=p: order.append(p))
+    clock.advance(0.01)
+    assert [batch for batch, _ in record.pending] == [[b"a1", b"a2"]]
+    record.finish(0)
+    assert order == [b"a1", b"a2"]
+    assert [batch for batch, _ in record.pending] == [[b"a1", b"a2"], [b"b1", b"b2"]]
+
+
+def test_a_failed_batch_does_not_block_the_next_in_concurrent_mode() -> None:
+    """A batch whose record fails is answered with the sink's code, and the batch after it still goes on."""
+    router, record, _, clock, order = concurrent_setup(2)
+    codes: dict[bytes, str] = {}
+    for p in (b"a1", b"a2", b"b1", b"b2"):
+        router.submit(msg(p), lambda code, p=p: (order.append(p), codes.__setitem__(p, code)))
+    record.finish(1)
+    record.pending[0][1].errback(SinkUnavailable("manual", "down"))
+    assert order == [b"a1", b"a2", b"b1", b"b2"]
+    assert codes == {b"a1": "unavailable", b"a2": "unavailable", b"b1": "OK", b"b2": "OK"}

@@ -167,3 +167,19 @@ def test_pipeline_is_opt_in(tmp_path) -> None:
     base = ["--use-redis", "--stats", "none", "--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0"]
     assert makeService(parse(base), MemoryReactorClock()).router.overlap is False
     assert makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.overlap is True
+
+
+def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
+    """Two batches may be in the SQL record at once by default; --concurrent-batches sets it, within 1..8,
+    and the pipeline mode (one batch per stage) keeps one."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from eth_twisted.server_tap import makeService
+
+    base = ["--use-redis", "--stats", "none", "--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0"]
+    assert makeService(parse(base), MemoryReactorClock()).router.concurrency == 2
+    assert makeService(parse([*base, "--concurrent-batches", "1"]), MemoryReactorClock()).router.concurrency == 1
+    assert makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.concurrency == 1
+    for bad in ("0", "9", "two"):
+        with pytest.raises(usage.UsageError, match="concurrent-batches"):
+            parse([*base, "--concurrent-batches", bad])

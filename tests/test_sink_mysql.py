@@ -586,3 +586,23 @@ def test_row_encoder_reuses_a_receipt_time_only_for_the_same_time() -> None:
     for row, t in zip(rows, times, strict=True):
         expected = to_utc_datetime(t).isoformat(" ", "microseconds")
         assert row.endswith(f",'10.0.0.9',NULL,'{expected}')")
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_concurrent_batches_sharing_hashes_answer_each_hash_ok_once(
+    sink: MySQLSink, mysql_db: dict[str, Any]
+) -> None:
+    """Batches stored at once (the router's --concurrent-batches) that share hashes, in opposite orders
+    (a deadlock when both lock their first rows): every hash is OK exactly once, DUP otherwise."""
+    base = numbered(300, prefix=b"conc")
+    batches = [base[0:200], list(reversed(base[100:300])), base[50:250:2], base[::3]]
+    results = await defer.gatherResults([sink.store_batch(b) for b in batches], consumeErrors=True)
+    ok: dict[str, int] = {}
+    for batch, outcomes in zip(batches, results, strict=True):
+        assert set(outcomes) <= {Outcome.STORED, Outcome.DUPLICATE}
+        for m, o in zip(batch, outcomes, strict=True):
+            ok[m.hash] = ok.get(m.hash, 0) + (o is Outcome.STORED)
+    assert ok == {m.hash: 1 for m in base}
+    [(rows,)] = mysql_query(mysql_db, "SELECT COUNT(*) FROM ethereum_data")
+    assert rows == 300
