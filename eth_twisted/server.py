@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import IRecord, ISink
 from eth_twisted.protocol import CapsFactory, ReceiverFactory, ReceiverLimits
-from eth_twisted.router import Router
+from eth_twisted.router import SERVER_CONCURRENCY, Router
 from eth_twisted.systemd import notify_ready
 
 START_RETRY_INITIAL = 1.0
@@ -159,7 +159,7 @@ def make_server_service(
     secret: bytes | None = None,
     allow_plaintext_secret: bool = False,
     pipeline: bool | None = None,
-    concurrent_batches: int = 2,
+    concurrent_batches: int = SERVER_CONCURRENCY,
 ) -> ServerService:
     """Assemble the server from already-built sinks.
 
@@ -261,7 +261,7 @@ def build_server(
     secret: bytes | None = None,
     allow_plaintext_secret: bool = False,
     pipeline: bool | None = None,
-    concurrent_batches: int = 2,
+    concurrent_batches: int = SERVER_CONCURRENCY,
 ) -> ServerService:
     """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site.
 

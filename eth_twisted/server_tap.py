@@ -24,6 +24,7 @@ from eth_twisted.protocol import (
     DEFAULT_WINDOW,
     ReceiverLimits,
 )
+from eth_twisted.router import SERVER_CONCURRENCY
 
 log = Logger()
 
@@ -127,7 +128,7 @@ class Options(StorageOptions):
         ["deadline", None, DEFAULT_DEADLINE, "Seconds within which every message is answered (else ERR timeout)", positive_float],
         ["batch-size", None, 1000, "Most messages per sink batch", int_in(1, 100_000)],
         ["batch-delay", None, 0.002, "Seconds to collect a batch before storing it", non_negative_float],
-        ["concurrent-batches", None, 2, "Batches in the SQL record at once, each in its own transaction (answers stay in order); more than 1 lets the database share one flush between them", int_in(1, 8)],
+        ["concurrent-batches", None, SERVER_CONCURRENCY, "Batches in the SQL record at once, each in its own transaction (answers stay in order); more than 1 lets the database share one flush between them", int_in(1, 8)],
         ["reconcile-interval", None, 300.0, "Seconds between Redis rebuilds from SQL", positive_float],
         ["frame-timeout", None, 30.0, "Seconds a frame may take from its first byte to its comma", positive_float],
         ["idle-timeout", None, 90.0, "Seconds without a complete frame before a connection is dropped (clients heartbeat at a third of it)", positive_float],

@@ -19,16 +19,8 @@ def msg(payload: bytes, ip: str = "10.0.0.1", block: int | None = None) -> Messa
     return Message.build(payload, ip, 1000.0, block)
 
 
-@implementer(ISink)
-class RecordingMirror:
-    """A mirror that remembers the verdicts it was given, and can be made to fail or hang."""
-
-    name = "mirror"
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[list[str], list[Outcome] | None]] = []
-        self.fail: Exception | None = None
-        self.hang = False
+class AlwaysUp:
+    """The lifecycle of a fake sink that is always up: only ``store_batch`` differs."""
 
     def start(self) -> defer.Deferred[None]:
         return defer.succeed(None)
@@ -38,6 +30,18 @@ class RecordingMirror:
 
     def ping(self) -> defer.Deferred[None]:
         return defer.succeed(None)
+
+
+@implementer(ISink)
+class RecordingMirror(AlwaysUp):
+    """A mirror that remembers the verdicts it was given, and can be made to fail or hang."""
+
+    name = "mirror"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[Outcome] | None]] = []
+        self.fail: Exception | None = None
+        self.hang = False
 
     def store_batch(
         self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None
@@ -187,22 +191,13 @@ def test_drain_waits_for_queued_messages() -> None:
 
 
 @implementer(ISink)
-class ManualRecord:
+class ManualRecord(AlwaysUp):
     """A record whose batches finish when the test says, each with all-OK verdicts."""
 
     name = "manual"
 
     def __init__(self) -> None:
         self.pending: list[tuple[list[bytes], defer.Deferred[list[Outcome]]]] = []
-
-    def start(self) -> defer.Deferred[None]:
-        return defer.succeed(None)
-
-    def stop(self) -> defer.Deferred[None]:
-        return defer.succeed(None)
-
-    def ping(self) -> defer.Deferred[None]:
-        return defer.succeed(None)
 
     def store_batch(
         self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None
