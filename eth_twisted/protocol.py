@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -102,6 +103,13 @@ class _Slot:
     text: bytes | None = None
 
 
+def reply_text(sha: str, code: str) -> bytes:
+    """The reply to the frame with id ``sha``: ``OK``/``DUP <sha>``, or ``ERR <sha> <code>``."""
+    if code == "OK" or code == "DUP":
+        return f"{code} {sha}".encode("ascii")
+    return f"ERR {sha} {code}".encode("ascii")
+
+
 def peer_group(ip: str) -> str:
     """The key connections are capped by: the address, or its /64 for IPv6."""
     try:
@@ -139,6 +147,7 @@ class ReceiverProtocol(Protocol):
         self._partial = 0
         self._frame_started = 0.0
         self._write_paused_at: float | None = None
+        self._held = False  # answered inside the factory's holding_replies(): flush when it ends
         self.peer_ip = "-"
         self.peer = "-"
         self.group = "-"
@@ -296,21 +305,28 @@ class ReceiverProtocol(Protocol):
         if slot.text is not None or self._gone:
             return  # already answered (deadline passed) or nobody to tell
         self._unanswered -= 1
-        self._resolve(slot, code)
-        if self._unanswered < self.factory.limits.window:
+        f = self.factory
+        if f.holding:
+            # The router is answering a batch: write once for all of this
+            # connection's replies in it, when the batch is done.
+            slot.text = reply_text(slot.sha, code)
+            if not self._held:
+                self._held = True
+                f.held.append(self)
+        else:
+            self._resolve(slot, code)
+        if self._unanswered < f.limits.window:
             self._unpause("window")
         if self._unanswered == 0:
             self._released()
 
     def _resolve(self, slot: _Slot, code: str) -> None:
         """Set the reply for ``slot`` and write every reply now due, in order."""
-        if code in ("OK", "DUP"):
-            slot.text = f"{code} {slot.sha}".encode("ascii")
-        else:
-            slot.text = f"ERR {slot.sha} {code}".encode("ascii")
+        slot.text = reply_text(slot.sha, code)
         self._flush()
 
     def _flush(self) -> None:
+        self._held = False
         if self._gone:
             return
         slots = self._slots
@@ -502,6 +518,10 @@ class ReceiverFactory(Factory):
         self._budget_paused: set[ReceiverProtocol] = set()
         self._violations_logged: dict[tuple[str, str], float] = {}
         self._reply_counters: dict[bytes, Any] = {}
+        self.holding = False
+        """Inside :meth:`holding_replies`: answers are written when it ends."""
+        self.held: list[ReceiverProtocol] = []
+        """Connections answered inside :meth:`holding_replies`, to flush when it ends."""
 
     # -- connection caps ------------------------------------------------------
 
@@ -557,6 +577,27 @@ class ReceiverFactory(Factory):
             if group is not None:
                 self.release(group)
         self._budget_paused.discard(protocol)
+
+    @contextmanager
+    def holding_replies(self) -> Iterator[None]:
+        """Answers given inside are written when it ends: one write per connection, not per answer.
+
+        The router answers a whole batch inside one (``Router.answering``), so a
+        connection with twenty messages in the batch gets one ``write`` and one
+        counter update instead of twenty (they were 15% of the server's CPU under
+        load). Replies still leave in frame order; nested use is one scope.
+        """
+        if self.holding:
+            yield
+            return
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            held, self.held = self.held, []
+            for protocol in held:
+                protocol._flush()
 
     def count_replies(self, frames: list[bytes]) -> None:
         """Count written replies by kind (OK, DUP, ERR), one counter update per kind."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from twisted.internet import defer
@@ -141,6 +142,8 @@ class Router:
         self.max_pending = max_pending
         self.batch_timeout = batch_timeout
         self.observers: list[Observer] = []
+        self.answering: Callable[[], AbstractContextManager[object]] = nullcontext
+        """Entered around each batch's replies: the receiver holds its writes until the batch is answered."""
         self.health = {s.name: SinkHealth(s.name, self.metrics) for s in [record, *self.mirrors]}
         self.ready = True
         self._queue: deque[tuple[Message, Reply]] = deque()
@@ -276,11 +279,12 @@ class Router:
                 observer(messages, codes)
             except Exception:
                 self.log.failure("Batch observer {observer!r} failed", observer=observer)
-        for (_, reply), code in zip(batch, codes, strict=True):
-            try:
-                reply(code)
-            except Exception:
-                self.log.failure("Reply callback failed")
+        with self.answering():
+            for (_, reply), code in zip(batch, codes, strict=True):
+                try:
+                    reply(code)
+                except Exception:
+                    self.log.failure("Reply callback failed")
 
     @defer.inlineCallbacks
     def _call_sink(

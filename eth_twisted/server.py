@@ -178,6 +178,7 @@ def make_server_service(
         concurrency=concurrent_batches,
     )
     factory = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=limits)
+    router.answering = factory.holding_replies
     server = ServerService(record=record, mirrors=mirrors, router=router, factory=factory, reactor=reactor)
     tls_options = None
     if tls is not None:

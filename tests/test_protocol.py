@@ -263,3 +263,105 @@ async def test_accepted_sockets_send_replies_without_nagle() -> None:
     finally:
         client.close()
         await port.stopListening()
+
+
+# -- answers held for a batch ---------------------------------------------------
+
+class CountingTransport(StringTransport):
+    """A StringTransport that counts ``write`` calls."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def connect_counting(factory: ReceiverFactory, host: str) -> tuple[ReceiverProtocol, CountingTransport]:
+    proto = factory.buildProtocol(None)
+    transport = CountingTransport(peerAddress=IPv4Address("TCP", host, 5555))
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_answers_given_while_holding_leave_in_one_write_per_connection() -> None:
+    """Inside holding_replies() nothing is written; when it ends each connection gets its replies,
+    in frame order, in one write, and the reply counter counts every one."""
+    router = FakeRouter()
+    factory = ReceiverFactory(router.submit, clock=Clock(), metrics=ServerMetrics())
+    one, t1 = connect_counting(factory, "10.0.0.1")
+    two, t2 = connect_counting(factory, "10.0.0.2")
+    one.dataReceived(encode(b"a") + encode(b"b") + encode(b"c"))
+    two.dataReceived(encode(b"x"))
+    (_, ra), (_, rb), (_, rc), (_, rx) = router.submitted
+    with factory.holding_replies():
+        rc("DUP")
+        rx("busy")
+        ra("OK")
+        rb("OK")
+        assert t1.value() == b"" and t2.value() == b""
+    assert replies(t1) == [b"OK " + sha256_hex(p).encode() for p in (b"a", b"b")] + [
+        b"DUP " + sha256_hex(b"c").encode()]
+    assert replies(t2) == [b"ERR " + sha256_hex(b"x").encode() + b" busy"]
+    assert (t1.writes, t2.writes) == (1, 1)
+    counted = {k: factory.metrics.replies.labels(kind=k)._value.get() for k in ("OK", "DUP", "ERR")}
+    assert counted == {"OK": 2, "DUP": 1, "ERR": 1}
+    assert not factory.holding and factory.held == []
+
+
+def test_held_answers_still_wait_for_an_earlier_unanswered_frame() -> None:
+    """Holding never reorders: later frames answered in the scope wait for the first one's answer."""
+    router = FakeRouter()
+    proto, transport, _, factory = connect(router)
+    proto.dataReceived(encode(b"a") + encode(b"b") + encode(b"c"))
+    (_, ra), (_, rb), (_, rc) = router.submitted
+    with factory.holding_replies():
+        rb("OK")
+        rc("OK")
+    assert transport.value() == b""
+    ra("DUP")  # outside any scope: written at once, with the two behind it
+    assert replies(transport) == [b"DUP " + sha256_hex(b"a").encode()] + [
+        b"OK " + sha256_hex(p).encode() for p in (b"b", b"c")]
+
+
+def test_held_answers_are_written_even_when_the_scope_fails() -> None:
+    """An exception inside the scope (a bug in whoever answers) does not strand the answers given."""
+    router = FakeRouter()
+    proto, transport, _, factory = connect(router)
+    proto.dataReceived(encode(b"a"))
+    with pytest.raises(RuntimeError), factory.holding_replies():
+        router.submitted[0][1]("OK")
+        raise RuntimeError("boom")
+    assert replies(transport) == [b"OK " + sha256_hex(b"a").encode()]
+    assert not factory.holding
+
+
+def test_a_connection_lost_while_held_gets_nothing_and_breaks_nothing() -> None:
+    """A peer that goes away between its answer and the end of the scope is skipped; others still get theirs."""
+    router = FakeRouter()
+    factory = ReceiverFactory(router.submit, clock=Clock(), metrics=ServerMetrics())
+    gone, t1 = connect_counting(factory, "10.0.0.1")
+    stays, t2 = connect_counting(factory, "10.0.0.2")
+    gone.dataReceived(encode(b"a"))
+    stays.dataReceived(encode(b"b"))
+    with factory.holding_replies():
+        router.submitted[0][1]("OK")
+        router.submitted[1][1]("OK")
+        gone.connectionLost(None)
+    assert t1.writes == 0
+    assert replies(t2) == [b"OK " + sha256_hex(b"b").encode()]
+
+
+def test_a_closing_connection_closes_once_its_held_replies_are_out() -> None:
+    """A half-closed peer answered inside a scope is answered, then closed, when the scope ends."""
+    router = FakeRouter()
+    proto, transport, _, factory = connect(router)
+    proto.dataReceived(encode(b"seed"))
+    proto.readConnectionLost()
+    with factory.holding_replies():
+        router.submitted[0][1]("OK")
+        assert not transport.disconnecting
+    assert replies(transport) == [b"OK " + sha256_hex(b"seed").encode()]
+    assert transport.disconnecting

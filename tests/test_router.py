@@ -263,3 +263,23 @@ def test_a_failed_batch_does_not_block_the_next_in_concurrent_mode() -> None:
     record.pending[0][1].errback(SinkUnavailable("manual", "down"))
     assert order == [b"a1", b"a2", b"b1", b"b2"]
     assert codes == {b"a1": "unavailable", b"a2": "unavailable", b"b1": "OK", b"b2": "OK"}
+
+
+def test_each_batch_is_answered_inside_one_answering_scope() -> None:
+    """The router enters ``answering`` once per batch, around all of that batch's replies (the
+    receiver holds its writes in it), and not around anything else."""
+    router, _, clock, _ = setup(max_batch=2)
+    events: list[str] = []
+
+    class Scope:
+        def __enter__(self) -> None:
+            events.append("enter")
+
+        def __exit__(self, *exc: object) -> None:
+            events.append("exit")
+
+    router.answering = Scope
+    for p in (b"a", b"b", b"c"):
+        router.submit(msg(p), lambda code, p=p: events.append(f"{p.decode()}:{code}"))
+    clock.advance(0.01)
+    assert events == ["enter", "a:OK", "b:OK", "exit", "enter", "c:OK", "exit"]

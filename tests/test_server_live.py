@@ -68,10 +68,15 @@ def test_mysql_and_redis_pipelined(mysql_db: dict[str, Any], redis_server: dict[
                                    redis_prefix: str) -> None:
     """500 pipelined frames on one connection are answered OK in order, stored once in MySQL and counted in Redis."""
     server, port = yield start_server(mysql_storage(mysql_db, dict(redis_server, prefix=redis_prefix)))
+    assert server.router.answering == server.factory.holding_replies  # how build_server wires them
+    scopes = []
+    holding = server.factory.holding_replies
+    server.router.answering = lambda: (scopes.append(1), holding())[1]
     try:
         pages = [render_html(n) for n in range(1000, 1500)]
         replies = yield exchange_in_thread(port, pages, half_close=False)
         assert replies == [ok(p) for p in pages]
+        assert 1 <= len(scopes) < 500  # answered a batch at a time, each batch's writes held together
         again = yield exchange_in_thread(port, pages[:10], half_close=False)
         assert again == [dup(p) for p in pages[:10]]
     finally:
