@@ -37,7 +37,7 @@ Limits (:class:`ReceiverLimits`), each guarding against one kind of peer:
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,6 +101,10 @@ class _Slot:
     sha: str
     due: float
     text: bytes | None = None
+
+
+_REPLY_KINDS = {ord("O"): "OK", ord("D"): "DUP", ord("E"): "ERR"}
+"""A reply's kind by its first byte (what :meth:`ReceiverFactory.count_replies` counts)."""
 
 
 def reply_text(sha: str, code: str) -> bytes:
@@ -330,12 +334,12 @@ class ReceiverProtocol(Protocol):
         if self._gone:
             return
         slots = self._slots
-        out = []
+        texts: list[bytes] = []
         while slots and slots[0].text is not None:
-            out.append(encode(slots.popleft().text))  # type: ignore[arg-type]
-        if out:
-            self.factory.count_replies(out)
-            self.transport.write(b"".join(out))
+            texts.append(slots.popleft().text)  # type: ignore[arg-type]
+        if texts:
+            self.factory.count_replies(texts)
+            self.transport.write(b"".join(map(encode, texts)))
         if self._closing and not slots:
             self.transport.loseConnection()
 
@@ -517,7 +521,7 @@ class ReceiverFactory(Factory):
         self._partial_holders: dict[ReceiverProtocol, float] = {}
         self._budget_paused: set[ReceiverProtocol] = set()
         self._violations_logged: dict[tuple[str, str], float] = {}
-        self._reply_counters: dict[bytes, Any] = {}
+        self._reply_counters: dict[int, Any] = {}
         self.holding = False
         """Inside :meth:`holding_replies`: answers are written when it ends."""
         self.held: list[ReceiverProtocol] = []
@@ -599,16 +603,13 @@ class ReceiverFactory(Factory):
             for protocol in held:
                 protocol._flush()
 
-    def count_replies(self, frames: list[bytes]) -> None:
-        """Count written replies by kind (OK, DUP, ERR), one counter update per kind."""
-        counts: dict[bytes, int] = {}
-        for frame in frames:
-            kind = frame[frame.index(b":") + 1 : frame.index(b" ")]
-            counts[kind] = counts.get(kind, 0) + 1
-        for kind, n in counts.items():
-            child = self._reply_counters.get(kind)
+    def count_replies(self, texts: list[bytes]) -> None:
+        """Count replies about to be written by kind (OK, DUP, ERR): one counter update per kind."""
+        for first, n in Counter(text[0] for text in texts).items():
+            child = self._reply_counters.get(first)
             if child is None:
-                child = self._reply_counters[kind] = self.metrics.replies.labels(kind=kind.decode())
+                kind = _REPLY_KINDS.get(first, "ERR")
+                child = self._reply_counters[first] = self.metrics.replies.labels(kind=kind)
             child.inc(n)
 
     # -- partial-frame budget -------------------------------------------------

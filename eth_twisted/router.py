@@ -30,6 +30,10 @@ Reply = Callable[[str], None]
 Observer = Callable[[Sequence[Message], Sequence[str]], None]
 
 
+_CODES = {outcome: outcome.value for outcome in Outcome}
+"""Each outcome's reply code (a lookup: ``Outcome.value`` is a slow enum property, once per message)."""
+
+
 SERVER_CONCURRENCY = 2
 """Record batches ``eth server`` keeps in flight (``--concurrent-batches``); a bare Router keeps 1.
 
@@ -263,7 +267,7 @@ class Router:
         if isinstance(verdicts, str):
             codes = [verdicts] * len(messages)
         else:
-            codes = [v.value for v in verdicts]
+            codes = list(map(_CODES.__getitem__, verdicts))
             if self.mirrors:
                 results = yield defer.gatherResults(
                     [self._call_sink(m, messages, verdicts) for m in self.mirrors], consumeErrors=True

@@ -572,7 +572,9 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i:i + size]
 
 
-_HEX_HASH = re.compile(r"[0-9a-f]{64}\Z")
+def _needs_no_escaping(value: str) -> bool:
+    """ASCII letters and digits only (every hex hash): safe between quotes as it is."""
+    return value.isascii() and value.isalnum()
 
 
 def _sql_text(value: str) -> str:
@@ -581,8 +583,8 @@ def _sql_text(value: str) -> str:
 
 
 def _sql_hash(value: str) -> str:
-    """A hash as a literal: lowercase hex needs no escaping, anything else is escaped."""
-    return f"'{value}'" if _HEX_HASH.match(value) else _sql_text(value)
+    """A hash as a literal: ASCII letters and digits (every hex hash) need no escaping, anything else is escaped."""
+    return f"'{value}'" if _needs_no_escaping(value) else _sql_text(value)
 
 
 def _sql_datetime(ts: float) -> str:
@@ -1120,7 +1122,7 @@ class MySQLSink(SQLSink):
 
     def _execute_in(self, txn: Any, sql: str, hashes: Sequence[str]) -> None:
         # Hex hashes go in as literals (no mogrify); anything else through parameters.
-        if all(_HEX_HASH.match(h) for h in hashes):
+        if all(map(_needs_no_escaping, hashes)):
             txn.execute(sql.format(",".join([f"'{h}'" for h in hashes])))
         else:
             super()._execute_in(txn, sql, hashes)
