@@ -107,13 +107,6 @@ _REPLY_KINDS = {ord("O"): "OK", ord("D"): "DUP", ord("E"): "ERR"}
 """A reply's kind by its first byte (what :meth:`ReceiverFactory.count_replies` counts)."""
 
 
-def reply_text(sha: str, code: str) -> bytes:
-    """The reply to the frame with id ``sha``: ``OK``/``DUP <sha>``, or ``ERR <sha> <code>``."""
-    if code == "OK" or code == "DUP":
-        return f"{code} {sha}".encode("ascii")
-    return f"ERR {sha} {code}".encode("ascii")
-
-
 def peer_group(ip: str) -> str:
     """The key connections are capped by: the address, or its /64 for IPv6."""
     try:
@@ -151,7 +144,6 @@ class ReceiverProtocol(Protocol):
         self._partial = 0
         self._frame_started = 0.0
         self._write_paused_at: float | None = None
-        self._held = False  # answered inside the factory's holding_replies(): flush when it ends
         self.peer_ip = "-"
         self.peer = "-"
         self.group = "-"
@@ -309,29 +301,25 @@ class ReceiverProtocol(Protocol):
         if slot.text is not None or self._gone:
             return  # already answered (deadline passed) or nobody to tell
         self._unanswered -= 1
-        f = self.factory
-        if f.holding:
-            # The router is answering a batch: write once for all of this
-            # connection's replies in it, when the batch is done.
-            slot.text = reply_text(slot.sha, code)
-            if not self._held:
-                self._held = True
-                f.held.append(self)
-        else:
-            self._resolve(slot, code)
-        if self._unanswered < f.limits.window:
+        self._resolve(slot, code)
+        if self._unanswered < self.factory.limits.window:
             self._unpause("window")
         if self._unanswered == 0:
             self._released()
 
     def _resolve(self, slot: _Slot, code: str) -> None:
         """Set the reply for ``slot`` and write every reply now due, in order."""
-        slot.text = reply_text(slot.sha, code)
+        if code == "OK" or code == "DUP":
+            slot.text = f"{code} {slot.sha}".encode("ascii")
+        else:
+            slot.text = f"ERR {slot.sha} {code}".encode("ascii")
         self._flush()
 
     def _flush(self) -> None:
-        self._held = False
         if self._gone:
+            return
+        if self.factory.holding:
+            self.factory.held[self] = None  # written once, when the batch's answers are all in
             return
         slots = self._slots
         texts: list[bytes] = []
@@ -524,8 +512,8 @@ class ReceiverFactory(Factory):
         self._reply_counters: dict[int, Any] = {}
         self.holding = False
         """Inside :meth:`holding_replies`: answers are written when it ends."""
-        self.held: list[ReceiverProtocol] = []
-        """Connections answered inside :meth:`holding_replies`, to flush when it ends."""
+        self.held: dict[ReceiverProtocol, None] = {}
+        """Connections with replies due inside :meth:`holding_replies` (an ordered set), written when it ends."""
 
     # -- connection caps ------------------------------------------------------
 
@@ -599,7 +587,7 @@ class ReceiverFactory(Factory):
             yield
         finally:
             self.holding = False
-            held, self.held = self.held, []
+            held, self.held = self.held, {}
             for protocol in held:
                 protocol._flush()
 

@@ -308,7 +308,7 @@ def test_answers_given_while_holding_leave_in_one_write_per_connection() -> None
     assert (t1.writes, t2.writes) == (1, 1)
     counted = {k: factory.metrics.replies.labels(kind=k)._value.get() for k in ("OK", "DUP", "ERR")}
     assert counted == {"OK": 2, "DUP": 1, "ERR": 1}
-    assert not factory.holding and factory.held == []
+    assert not factory.holding and factory.held == {}
 
 
 def test_held_answers_still_wait_for_an_earlier_unanswered_frame() -> None:

@@ -69,9 +69,13 @@ def test_mysql_and_redis_pipelined(mysql_db: dict[str, Any], redis_server: dict[
     """500 pipelined frames on one connection are answered OK in order, stored once in MySQL and counted in Redis."""
     server, port = yield start_server(mysql_storage(mysql_db, dict(redis_server, prefix=redis_prefix)))
     assert server.router.answering == server.factory.holding_replies  # how build_server wires them
-    scopes = []
-    holding = server.factory.holding_replies
-    server.router.answering = lambda: (scopes.append(1), holding())[1]
+    scopes: list[None] = []
+
+    def counted_scope() -> Any:
+        scopes.append(None)
+        return server.factory.holding_replies()
+
+    server.router.answering = counted_scope
     try:
         pages = [render_html(n) for n in range(1000, 1500)]
         replies = yield exchange_in_thread(port, pages, half_close=False)
