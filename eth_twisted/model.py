@@ -18,6 +18,27 @@ from zope.interface import Attribute, Interface
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
+MAX_CLIENT_ID = 255
+"""Characters of ``client_id`` the record keeps (``VARCHAR(255)``); see :func:`bounded`."""
+MAX_CLIENT_IP = 45
+"""Characters of ``client_ip`` the record keeps (``VARCHAR(45)``); see :func:`bounded`."""
+
+
+def bounded(value: str, limit: int) -> str:
+    """``value`` when it fits in ``limit`` characters, else a prefix of it plus a digest of the whole.
+
+    Server-side metadata (a certificate subject, an address) must never cost a
+    payload its place in the record: a value too long for its column is stored
+    in this bounded form, which stays distinct for distinct values (the digest
+    covers every character) and readable (the prefix). ``limit`` is at least 16.
+    """
+    if len(value) <= limit:
+        return value
+    if limit < 16:
+        raise ValueError("limit must be at least 16")
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[: min(64, limit // 3)]
+    return value[: limit - len(digest) - 1] + "~" + digest
+
 
 def sha256_hex(payload: bytes) -> str:
     """Return the message id of ``payload``: its SHA-256 as lowercase hex."""
