@@ -25,8 +25,14 @@ _ZERO = ord("0")
 class NetstringDecoder:
     """Incremental netstring parser with a maximum payload length.
 
-    ``feed(data)`` returns the frames completed by ``data``; once a framing
-    error is found it is kept in ``error`` and every later byte is ignored.
+    ``add(data)`` keeps bytes; ``next()`` parses and returns one complete
+    frame at a time, so a reader can stop between frames (its window is full,
+    its peer stopped reading) and leave the rest here, unparsed and counted in
+    :attr:`buffered`. ``feed(data)`` does both and returns every frame. Once a
+    framing error is found it is kept in ``error`` and every later byte is
+    ignored. Parsing is linear in the bytes added: each byte is examined once,
+    and consumed frames are dropped from the buffer lazily (at the next
+    ``add``), never by re-slicing per frame.
     """
 
     def __init__(self, max_length: int) -> None:
@@ -35,47 +41,71 @@ class NetstringDecoder:
         self.max_length = max_length
         self._max_digits = len(str(max_length))
         self._buf = bytearray()
+        self._pos = 0  # bytes of _buf already handed out as frames
         self.error: FrameError | None = None
 
     @property
     def buffered(self) -> int:
-        """Bytes held for a frame that is not complete yet."""
-        return len(self._buf)
+        """Bytes held and not yet returned as frames: an incomplete frame, or frames not yet taken."""
+        return len(self._buf) - self._pos
 
     @property
     def in_frame(self) -> bool:
-        """True while part of a frame has arrived and the rest has not."""
-        return bool(self._buf) and self.error is None
+        """True while bytes are held that have not been returned as frames (and no error was found)."""
+        return self.buffered > 0 and self.error is None
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data``; return the frames it completes, in order."""
+    def add(self, data: bytes) -> None:
+        """Keep ``data`` for :meth:`next`."""
         if self.error is not None:
-            return []
+            return
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next(self) -> bytes | None:
+        """The next complete frame, or None when the bytes held do not complete one.
+
+        After None, check :attr:`error`: a framing error also ends the frames.
+        """
+        if self.error is not None:
+            return None
         buf = self._buf
-        buf += data
-        frames: list[bytes] = []
-        pos = 0
+        pos = self._pos
         end = len(buf)
+        if pos >= end:
+            return None
         try:
-            while pos < end:
-                colon = self._length_end(buf, pos, end)
-                if colon < 0:
-                    break
-                length = int(buf[pos:colon])
-                if length > self.max_length:
-                    raise FrameError("too-long", f"declared length {length} > {self.max_length}")
-                stop = colon + 1 + length
-                if stop >= end:
-                    break
-                if buf[stop] != _COMMA:
-                    raise FrameError("bad-frame", "payload not followed by ','")
-                frames.append(bytes(buf[colon + 1 : stop]))
-                pos = stop + 1
+            colon = self._length_end(buf, pos, end)
+            if colon < 0:
+                return None
+            length = int(buf[pos:colon])
+            if length > self.max_length:
+                raise FrameError("too-long", f"declared length {length} > {self.max_length}")
+            stop = colon + 1 + length
+            if stop >= end:
+                return None
+            if buf[stop] != _COMMA:
+                raise FrameError("bad-frame", "payload not followed by ','")
         except FrameError as e:
             self.error = e
             buf.clear()
-            return frames
-        del buf[:pos]
+            self._pos = 0
+            return None
+        frame = bytes(buf[colon + 1 : stop])
+        if stop + 1 == end:
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = stop + 1
+        return frame
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return every frame the bytes held now complete, in order."""
+        self.add(data)
+        frames: list[bytes] = []
+        while (frame := self.next()) is not None:
+            frames.append(frame)
         return frames
 
     def _length_end(self, buf: bytearray, pos: int, end: int) -> int:

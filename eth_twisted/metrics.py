@@ -55,6 +55,14 @@ class ServerMetrics:
             "eth_server_paused_connections", "Connections whose reading is paused (backpressure)", registry=r
         )
         self.pending = Gauge("eth_server_pending_messages", "Messages waiting for a sink", registry=r)
+        self.pending_bytes = Gauge(
+            "eth_server_pending_bytes", "Payload bytes of the messages waiting for a sink", registry=r
+        )
+        self.withdrawn = Counter(
+            "eth_server_withdrawn_messages",
+            "Queued messages dropped before a batch took them: their deadline passed or their connection closed",
+            registry=r,
+        )
 
 
 class ClientMetrics:

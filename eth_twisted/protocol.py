@@ -18,17 +18,26 @@ Replies (DESIGN.md, wire protocol version 1)::
 Limits (:class:`ReceiverLimits`), each guarding against one kind of peer:
 
 * ``max_length``: a longer declared frame is refused before it is buffered;
-* ``partial_budget``: bytes held in incomplete frames across all connections;
-  past it, connections growing a partial frame stop being read (the oldest
-  one keeps reading, so the budget always drains);
+* ``partial_budget``: bytes held in incomplete (or not yet handled) frames
+  across all connections; past it, connections growing a partial frame stop
+  being read, except the oldest holder, which always reads, so the budget
+  always drains;
 * ``frame_timeout``: a frame must complete within it after its first byte
   (slowloris); ``idle_timeout``: a connection must send a complete frame
-  (heartbeats count) within it. Both abort the connection, and neither runs
-  while the server itself holds the peer up (paused it, or owes it replies);
+  (heartbeats count) within it. Both abort the connection. Neither runs
+  while the server itself holds the peer up (its window is full, its tokens
+  are spent, it is owed replies), but both keep running while the peer is
+  paused for the partial-frame budget: a peer holding budget must finish or
+  go, so a pause for the budget always ends within ``frame_timeout``;
 * ``window``: unanswered messages per connection before reading pauses;
   ``rate``/``burst``: a per-connection token bucket that pauses reading
   rather than refusing; the transport's own write buffer pauses reading from
-  a peer that does not read its replies, and ``write_stall`` aborts it;
+  a peer that does not read its replies, and ``write_stall`` aborts it. The
+  frame loop stops at once when any of these pauses reading, leaving the
+  rest of a read in the decoder (counted in the budget), so one read can
+  neither overrun the window nor make the server queue replies without
+  bound: a connection owes at most ``2 * window`` replies (84 bytes each at
+  most) beyond the transport's own write buffer;
 * ``max_connections``/``max_per_ip``: connection caps (IPv6 grouped by /64),
   enforced by :class:`ReceiverFactory` (Twisted's ``LimitConnectionsByPeer``
   is broken, RELIABILITY.md 2.6).
@@ -37,12 +46,14 @@ Limits (:class:`ReceiverLimits`), each guarding against one kind of peer:
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter, deque
+import socket
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+from typing import Protocol as Protocol_
 
 from twisted.internet import interfaces
 from twisted.internet.protocol import Factory, Protocol
@@ -56,9 +67,6 @@ from eth_twisted.framing import NetstringDecoder, encode
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, normalise_ip, sha256_hex
 from eth_twisted.payload import OutOfRange, recognise_block_number
-
-Reply = Callable[[str], None]
-Submit = Callable[[Message, Reply], None]
 
 DEFAULT_MAX_LENGTH = 64 * 1024
 DEFAULT_WINDOW = 256
@@ -94,6 +102,17 @@ class ReceiverLimits:
             raise ValueError("rate and burst must be positive")
 
 
+class Ticket(Protocol_):
+    """What the router hands back for a queued message: the receiver withdraws it when it is no longer wanted."""
+
+    def cancel(self) -> None:
+        """The message timed out or its connection is gone: do not store it if it is still queued."""
+
+
+Reply = Callable[[str], None]
+Submit = Callable[[Message, Reply], "Ticket | None"]
+
+
 @dataclass(slots=True)
 class _Slot:
     """A reply owed for one frame, in frame order."""
@@ -101,10 +120,37 @@ class _Slot:
     sha: str
     due: float
     text: bytes | None = None
+    ticket: Ticket | None = None
 
+
+_BUDGET_ONLY = frozenset({"budget"})
+"""A connection paused only for the partial-frame budget may still handle the whole frames it holds."""
+_OWN_TIMERS_RUN = frozenset({"writes", "budget"})
+"""Pauses that do not stop the peer's frame and idle timers: ``writes`` has its own
+stall timer, and a peer paused for the budget holds bytes others are waiting for."""
 
 _REPLY_KINDS = {ord("O"): "OK", ord("D"): "DUP", ord("E"): "ERR"}
 """A reply's kind by its first byte (what :meth:`ReceiverFactory.count_replies` counts)."""
+
+
+SEND_BUFFER = 128 * 1024
+"""SO_SNDBUF of a client connection (Linux doubles it): the kernel's share of the reply bytes owed.
+
+Replies are small (at most 84 bytes a message), so this is room for thousands
+in flight; without it Linux autotunes a socket whose peer never reads up to 4
+MiB of queued replies (``net.ipv4.tcp_wmem``), times every such connection.
+"""
+
+
+def limit_send_buffer(transport: Any) -> None:
+    """Cap the kernel send buffer of ``transport``'s socket (a no-op without one, e.g. in tests)."""
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    except (AttributeError, OSError):
+        pass
 
 
 def peer_group(ip: str) -> str:
@@ -139,6 +185,10 @@ class ReceiverProtocol(Protocol):
         self._idle_timer: Any = None
         self._rate_timer: Any = None
         self._stall_timer: Any = None
+        self._close_timer: Any = None
+        self._read_call: Any = None
+        self._stopped_early = False  # the frame loop stopped while the decoder may hold whole frames
+        self._owed_limit = 0
         self._tokens = 0.0
         self._tokens_at = 0.0
         self._partial = 0
@@ -162,6 +212,7 @@ class ReceiverProtocol(Protocol):
         self.group = peer_group(self.peer_ip)
         self._tokens = float(f.limits.burst)
         self._tokens_at = f.clock.seconds()
+        self._owed_limit = 2 * f.limits.window
         f.connection_made(self)
         try:
             self.transport.setTcpKeepAlive(True)
@@ -170,6 +221,7 @@ class ReceiverProtocol(Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass
+        limit_send_buffer(self.transport)
         # The transport pauses us when its write buffer fills (a peer that does
         # not read its replies); we then stop reading from that peer.
         self.transport.registerProducer(self, True)
@@ -179,9 +231,11 @@ class ReceiverProtocol(Protocol):
         if self._gone:
             return
         self._gone = True
-        if self._decoder is not None and self._decoder.in_frame and not self._read_closed:
+        if (self._decoder is not None and self._decoder.in_frame and not self._read_closed
+                and not self._stopped_early):
             self._violation("truncated", "connection closed mid-frame")
-        for name in ("_deadline_timer", "_frame_timer", "_idle_timer", "_rate_timer", "_stall_timer"):
+        for name in ("_deadline_timer", "_frame_timer", "_idle_timer", "_rate_timer", "_stall_timer",
+                     "_close_timer", "_read_call"):
             timer = getattr(self, name)
             if timer is not None and timer.active():
                 timer.cancel()
@@ -191,12 +245,22 @@ class ReceiverProtocol(Protocol):
             self._pauses.clear()
         self._set_partial(0)
         self.factory.connection_lost(self)
-        # Answers still owed are dropped: the client resends and gets DUP.
+        # Answers still owed are dropped (the client resends and gets DUP), and
+        # messages not yet taken into a batch are withdrawn: nobody waits for them.
+        for slot in self._slots:
+            if slot.text is None and slot.ticket is not None:
+                slot.ticket.cancel()
         self._slots.clear()
 
     def readConnectionLost(self) -> None:
         """The peer half-closed (the seed's client, ``nc -N``): answer, then close."""
         self._read_closed = True
+        if not self._stopped_early:
+            self._end_of_input()
+        # else: whole frames are still held; _read_frames ends the input after them.
+
+    def _end_of_input(self) -> None:
+        """Every byte the peer sent is handled: answer, then close (``ERR - truncated`` for a cut frame)."""
         if self._decoder is not None and self._decoder.in_frame:
             self._violation("truncated", "half-closed mid-frame")
             self._finish(b"ERR - truncated")
@@ -235,38 +299,81 @@ class ReceiverProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._decoder is None:
             return
+        self._decoder.add(data)
+        self._read_frames()
+
+    def _read_frames(self) -> None:
+        """Handle the frames the decoder holds, one at a time, until reading must pause.
+
+        The loop stops the moment the window fills, the tokens run out, the
+        connection owes too many replies or its transport pauses us: whatever
+        the read held beyond that stays in the decoder (counted against the
+        partial-frame budget) until the pause ends.
+        """
         decoder = self._decoder
-        was_in_frame = decoder.in_frame
-        frames = decoder.feed(data)
-        if frames:
-            self.factory.metrics.received.inc(len(frames))
-            now = self.factory.clock.seconds()
-        for payload in frames:
-            if self._closing:
+        assert decoder is not None
+        f = self.factory
+        handled = 0
+        now = 0.0
+        exhausted = False
+        while not self._closing:
+            if self._pauses and not self._pauses <= _BUDGET_ONLY:
                 break
+            if not decoder.buffered:
+                exhausted = True
+                break
+            if self._tokens < 1.0 and not self._refill_tokens():
+                break
+            payload = decoder.next()
+            if payload is None:
+                exhausted = True
+                break
+            if not handled:
+                now = f.clock.seconds()
+            handled += 1
+            self._tokens -= 1.0
             try:
                 self._frame_received(payload, now)
             except Exception:
                 # A bug of ours: the frame is not acknowledged, the owed
                 # replies still go out, and the connection closes.
                 self.log.failure("Internal error handling a frame from {peer}", peer=self.peer)
-                self.factory.metrics.protocol_errors.labels(reason="internal").inc()
+                f.metrics.protocol_errors.labels(reason="internal").inc()
+                f.metrics.received.inc(handled)
                 self._forget_last(payload)
                 self._finish(None)
                 return
+        if handled:
+            f.metrics.received.inc(handled)
         if decoder.error is not None:
             if not self._closing:
                 self._frame_error(decoder.error)
             return
-        if frames:
+        if self._closing:
+            return
+        if handled:
             self._reset_idle()
-        self._track_frame_timer(was_in_frame and not frames, decoder.in_frame)
-        self._set_partial(decoder.buffered)
-        if frames and not self._closing:
-            self._take_tokens(len(frames))
+        self._stopped_early = not exhausted and decoder.buffered > 0
+        partial = exhausted and decoder.buffered > 0
+        self._track_frame_timer(restarted=handled > 0, in_frame=partial)
+        self._set_partial(decoder.buffered, restarted=handled > 0)
+        if exhausted and self._read_closed:
+            self._end_of_input()
+
+    def _schedule_read(self) -> None:
+        """Reading may go on: handle the frames the decoder held, from the reactor (never re-entrantly)."""
+        if self._read_call is None and not self._gone and not self._closing:
+            self._read_call = self.factory.clock.callLater(0, self._scheduled_read)
+
+    def _scheduled_read(self) -> None:
+        self._read_call = None
+        if not self._gone and not self._closing and self._decoder is not None:
+            self._read_frames()
 
     def _frame_received(self, payload: bytes, now: float) -> None:
         f = self.factory
+        if len(self._slots) + 1 >= self._owed_limit:
+            self._pause("owed")  # stop after this frame until replies are written
         if not payload:
             slot = _Slot(EMPTY_SHA256, now)
             self._slots.append(slot)
@@ -289,17 +396,20 @@ class ReceiverProtocol(Protocol):
             self._arm_deadline()
         if self._unanswered >= f.limits.window:
             self._pause("window")
-        f.submit(message, partial(self._answered, slot))
+        slot.ticket = f.submit(message, partial(self._answered, slot))
 
     def _forget_last(self, payload: bytes) -> None:
         """Drop the unanswered slot of the frame whose handling just failed."""
         if self._slots and self._slots[-1].text is None and self._slots[-1].sha == sha256_hex(payload):
-            self._slots.pop()
+            slot = self._slots.pop()
+            if slot.ticket is not None:
+                slot.ticket.cancel()
             self._unanswered = max(0, self._unanswered - 1)
 
     def _answered(self, slot: _Slot, code: str) -> None:
         if slot.text is not None or self._gone:
             return  # already answered (deadline passed) or nobody to tell
+        slot.ticket = None
         self._unanswered -= 1
         self._resolve(slot, code)
         if self._unanswered < self.factory.limits.window:
@@ -328,6 +438,8 @@ class ReceiverProtocol(Protocol):
         if texts:
             self.factory.count_replies(texts)
             self.transport.write(b"".join(map(encode, texts)))
+            if "owed" in self._pauses and len(slots) + 1 < self._owed_limit:
+                self._unpause("owed")
         if self._closing and not slots:
             self.transport.loseConnection()
 
@@ -348,12 +460,14 @@ class ReceiverProtocol(Protocol):
         for slot in list(self._slots):
             if slot.text is None and slot.due <= now:
                 self.factory.metrics.outcomes.labels(outcome="timeout").inc()
+                if slot.ticket is not None:
+                    slot.ticket.cancel()  # still queued: the client resends it, one copy is enough
                 self._answered(slot, "timeout")
         self._arm_deadline()
 
     def _held_up_by_us(self) -> bool:
         """True while the server keeps this peer waiting (so its timers must not run)."""
-        return self._unanswered > 0 or bool(self._pauses - {"writes"})
+        return self._unanswered > 0 or bool(self._pauses - _OWN_TIMERS_RUN)
 
     def _reset_idle(self) -> None:
         timeout = self.factory.limits.idle_timeout
@@ -371,15 +485,15 @@ class ReceiverProtocol(Protocol):
         else:
             self._abort("idle-timeout", f"no complete frame for {self.factory.limits.idle_timeout:.0f}s")
 
-    def _track_frame_timer(self, continuing: bool, in_frame: bool) -> None:
+    def _track_frame_timer(self, restarted: bool, in_frame: bool) -> None:
         """Start the whole-frame timer at a frame's first byte; stop it when no frame is open."""
         if not in_frame:
             if self._frame_timer is not None and self._frame_timer.active():
                 self._frame_timer.cancel()
             self._frame_timer = None
             return
-        if continuing and self._frame_timer is not None:
-            return
+        if not restarted and self._frame_timer is not None:
+            return  # the same frame goes on: its timer counts from its first byte
         if self._frame_timer is not None and self._frame_timer.active():
             self._frame_timer.cancel()
         self._frame_started = self.factory.clock.seconds()
@@ -397,26 +511,34 @@ class ReceiverProtocol(Protocol):
             return
         self._abort("frame-timeout", f"frame incomplete after {self.factory.limits.frame_timeout:.0f}s")
 
-    def _take_tokens(self, count: int) -> None:
-        """Token bucket: past the rate, stop reading until enough tokens are back."""
+    def _refill_tokens(self) -> bool:
+        """Token bucket: True when a token is available; else pause reading until one is back."""
         limits = self.factory.limits
         now = self.factory.clock.seconds()
         self._tokens = min(float(limits.burst), self._tokens + (now - self._tokens_at) * limits.rate)
         self._tokens_at = now
-        self._tokens -= count
-        if self._tokens < 0 and (self._rate_timer is None or not self._rate_timer.active()):
+        if self._tokens >= 1.0:
+            return True
+        if self._rate_timer is None or not self._rate_timer.active():
             self.factory.metrics.protocol_errors.labels(reason="rate-limited").inc()
             self._pause("rate")
-            self._rate_timer = self.factory.clock.callLater(-self._tokens / limits.rate, self._rate_refilled)
+            # Resume with a tenth of a second's tokens, not one: one wake-up per frame would cost more than the frame.
+            wanted = max(1.0, min(float(limits.burst), limits.rate / 10.0))
+            self._rate_timer = self.factory.clock.callLater((wanted - self._tokens) / limits.rate,
+                                                            self._rate_refilled)
+        return False
 
     def _rate_refilled(self) -> None:
         self._rate_timer = None
         self._unpause("rate")
 
-    def _set_partial(self, nbytes: int) -> None:
-        """Account this connection's partial-frame bytes against the global budget."""
-        if nbytes != self._partial:
-            self.factory.partial_changed(self, nbytes - self._partial)
+    def _set_partial(self, nbytes: int, restarted: bool = False) -> None:
+        """Account the bytes this connection's decoder holds against the global budget.
+
+        ``restarted``: frames completed, so what is held now is a newer frame.
+        """
+        if nbytes != self._partial or (restarted and nbytes):
+            self.factory.partial_changed(self, nbytes - self._partial, restarted)
             self._partial = nbytes
 
     # -- pausing --------------------------------------------------------------
@@ -436,7 +558,12 @@ class ReceiverProtocol(Protocol):
             self.factory.metrics.paused_connections.dec()
             if not self._gone and not self._closing:
                 self.transport.resumeProducing()
-        self._released()
+        if self._stopped_early and self._pauses <= _BUDGET_ONLY:
+            self._schedule_read()
+        if reason != "budget":
+            # The budget pauses a peer for holding bytes, not for our sake: its
+            # frame timer keeps counting from the frame's first byte.
+            self._released()
 
     def _released(self) -> None:
         """When the server stops holding the peer up, its timers start afresh."""
@@ -466,6 +593,9 @@ class ReceiverProtocol(Protocol):
         self._violation(reason, detail)
         self._closing = True
         self.transport.abortConnection()
+        # connectionLost comes a reactor turn later: give the budget back now, so
+        # the next oldest holder is reading before its own timer can fire.
+        self._set_partial(0)
 
     def _finish(self, last: bytes | None) -> None:
         """Stop reading; write the owed replies, then ``last``, then close."""
@@ -475,7 +605,17 @@ class ReceiverProtocol(Protocol):
             self._slots.append(_Slot("-", 0.0, text=last))
         self._pause("closing")
         self._closing = True
+        # Replies wait at most the deadline for the sinks, then the peer has
+        # write_stall to read them: past both the connection is aborted.
+        limits = self.factory.limits
+        self._close_timer = self.factory.clock.callLater(limits.deadline + limits.write_stall, self._close_overdue)
         self._flush()
+
+    def _close_overdue(self) -> None:
+        self._close_timer = None
+        if not self._gone:
+            self._violation("close-timeout", "replies not taken before the close deadline")
+            self.transport.abortConnection()
 
 
 class ReceiverFactory(Factory):
@@ -506,7 +646,11 @@ class ReceiverFactory(Factory):
         self.open_count = 0
         self.per_group: dict[str, int] = {}
         self.partial_bytes = 0
-        self._partial_holders: dict[ReceiverProtocol, float] = {}
+        self._partial_holders: OrderedDict[ReceiverProtocol, None] = OrderedDict()
+        """Every connection holding bytes, oldest first."""
+        self._group_holders: dict[str, OrderedDict[ReceiverProtocol, None]] = {}
+        """The same, per address group (IPv4 address, IPv6 /64)."""
+        self._group_bytes: dict[str, int] = {}
         self._budget_paused: set[ReceiverProtocol] = set()
         self._violations_logged: dict[tuple[str, str], float] = {}
         self._reply_counters: dict[int, Any] = {}
@@ -602,23 +746,86 @@ class ReceiverFactory(Factory):
 
     # -- partial-frame budget -------------------------------------------------
 
-    def partial_changed(self, protocol: ReceiverProtocol, delta: int) -> None:
-        """Account ``delta`` bytes of partial frames held by ``protocol``; pause or resume readers."""
-        self.partial_bytes += delta
-        if protocol._partial + delta > 0:
-            self._partial_holders.setdefault(protocol, self.clock.seconds())
-        else:
-            self._partial_holders.pop(protocol, None)
+    @property
+    def group_share(self) -> int:
+        """Bytes one address group may hold before its own newer holders pause: a sixteenth of the budget.
+
+        So a few addresses filling their share cannot make the budget full for
+        everyone else (at least two frames of ``max_length``, so a group can always
+        hold one and start the next).
+        """
+        return max(self.limits.partial_budget // 16, 2 * self.limits.max_length)
+
+    def may_grow(self, protocol: ReceiverProtocol) -> bool:
+        """Whether ``protocol`` may read more under the budget rules.
+
+        Over the global budget only the oldest holder may; over its group's
+        share only the group's oldest holder may. The oldest holder overall is
+        also the oldest of its group, so somebody can always read.
+        """
+        group = protocol.group
+        if self._group_bytes.get(group, 0) > self.group_share:
+            members = self._group_holders.get(group)
+            if members and next(iter(members)) is not protocol:
+                return False
         if self.partial_bytes > self.limits.partial_budget:
-            oldest = min(self._partial_holders, key=self._partial_holders.__getitem__, default=None)
-            if delta > 0 and protocol is not oldest and not protocol._gone:
-                self._budget_paused.add(protocol)
-                protocol._pause("budget")
-                self.metrics.protocol_errors.labels(reason="partial-budget").inc()
-        elif self._budget_paused:
-            waiting, self._budget_paused = self._budget_paused, set()
-            for p in waiting:
-                p._unpause("budget")
+            if self._partial_holders and next(iter(self._partial_holders)) is not protocol:
+                return False
+        return True
+
+    def partial_changed(self, protocol: ReceiverProtocol, delta: int, restarted: bool = False) -> None:
+        """Account ``delta`` bytes held by ``protocol``'s decoder; pause or resume readers.
+
+        Holders are kept oldest first, overall and per address group (ordered
+        dicts: O(1) to find the oldest, to add and to remove). A connection whose
+        holding grows pauses when :meth:`may_grow` says no; whenever the oldest
+        holder changes, or a total falls back under its bound, the paused ones
+        that may grow again are resumed, so the budget always drains.
+        """
+        budget, share = self.limits.partial_budget, self.group_share
+        group = protocol.group
+        was_over = self.partial_bytes > budget
+        group_was_over = self._group_bytes.get(group, 0) > share
+        self.partial_bytes += delta
+        held = self._group_bytes.get(group, 0) + delta
+        members = self._group_holders.get(group)
+        if protocol._partial + delta > 0:
+            self._group_bytes[group] = held
+            if members is None:
+                members = self._group_holders[group] = OrderedDict()
+            if protocol not in members:
+                members[protocol] = None
+                self._partial_holders[protocol] = None
+            elif restarted:
+                members.move_to_end(protocol)  # a new frame: no longer the oldest
+                self._partial_holders.move_to_end(protocol)
+        else:
+            if held > 0:
+                self._group_bytes[group] = held
+            else:
+                self._group_bytes.pop(group, None)
+            self._partial_holders.pop(protocol, None)
+            if members is not None:
+                members.pop(protocol, None)
+                if not members:
+                    del self._group_holders[group]
+        if (delta > 0 and protocol not in self._budget_paused and not protocol._gone
+                and not self.may_grow(protocol)):
+            self._budget_paused.add(protocol)
+            protocol._pause("budget")
+            self.metrics.protocol_errors.labels(reason="partial-budget").inc()
+        if not self._budget_paused:
+            return
+        if was_over and self.partial_bytes <= budget:
+            candidates: Any = list(self._budget_paused)
+        elif group_was_over and self._group_bytes.get(group, 0) <= share:
+            candidates = [p for p in self._group_holders.get(group, ()) if p in self._budget_paused]
+        else:
+            candidates = [next(iter(self._partial_holders), None), next(iter(self._group_holders.get(group, ())), None)]
+        for candidate in candidates:
+            if candidate is not None and candidate in self._budget_paused and self.may_grow(candidate):
+                self._budget_paused.discard(candidate)
+                candidate._unpause("budget")
 
     # -- shutdown -------------------------------------------------------------
 

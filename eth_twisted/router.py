@@ -63,6 +63,33 @@ def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLD) -> None:
     gc.set_threshold(*thresholds)
 
 
+DEFAULT_PENDING_BUDGET = 64 * 1024 * 1024
+"""Payload bytes queued for the sinks across every connection before new messages get ``busy``."""
+
+
+class _Queued:
+    """A message waiting for a batch, and the ticket its receiver holds.
+
+    ``cancel()`` withdraws it while it is still waiting (its deadline passed or
+    its connection went away: the client will resend it, and one copy is
+    enough); once it is in a batch, cancelling does nothing.
+    """
+
+    __slots__ = ("message", "reply", "router")
+
+    def __init__(self, message: Message, reply: Reply, router: Router) -> None:
+        self.message: Message | None = message
+        self.reply = reply
+        self.router: Router | None = router
+
+    def cancel(self) -> None:
+        """Withdraw the message if it has not been taken into a batch yet."""
+        router = self.router
+        if router is not None:
+            self.router = None
+            router._withdrawn(self)
+
+
 class SinkHealth:
     """Tracks one sink's outages so each is logged once, when it starts and ends."""
 
@@ -128,6 +155,7 @@ class Router:
         max_batch_bytes: int = 4 * 1024 * 1024,
         max_delay: float = 0.002,
         max_pending: int = 100_000,
+        pending_budget: int = DEFAULT_PENDING_BUDGET,
         batch_timeout: float = 30.0,
         overlap: bool | None = None,
         concurrency: int = 1,
@@ -144,13 +172,18 @@ class Router:
         self.max_batch_bytes = max_batch_bytes
         self.max_delay = max_delay
         self.max_pending = max_pending
+        self.pending_budget = pending_budget
         self.batch_timeout = batch_timeout
         self.observers: list[Observer] = []
         self.answering: Callable[[], AbstractContextManager[object]] = nullcontext
         """Entered around each batch's replies: the receiver holds its writes until the batch is answered."""
         self.health = {s.name: SinkHealth(s.name, self.metrics) for s in [record, *self.mirrors]}
         self.ready = True
-        self._queue: deque[tuple[Message, Reply]] = deque()
+        self._queue: deque[_Queued] = deque()
+        self._queued = 0
+        """Messages in the queue that are still wanted (cancelled ones are skipped lazily)."""
+        self._queued_bytes = 0
+        """Payload bytes of those messages: with ``max_pending`` the queue's bound (bytes and items)."""
         self._timer: Any = None
         self._in_flight = 0
         """Batches taken and not yet answered (at most ``concurrency``)."""
@@ -160,29 +193,59 @@ class Router:
         self._mirroring = False
         self._drained: list[defer.Deferred[None]] = []
         # Read when scraped: no gauge update (and its lock) per message.
-        self.metrics.pending.set_function(lambda: len(self._queue))
+        self.metrics.pending.set_function(lambda: self._queued)
+        self.metrics.pending_bytes.set_function(lambda: self._queued_bytes)
 
     @property
     def pending(self) -> int:
-        """Messages waiting for a batch (not counting the one being stored)."""
-        return len(self._queue)
+        """Messages waiting for a batch (not counting the ones being stored)."""
+        return self._queued
 
-    def submit(self, message: Message, reply: Reply) -> None:
-        """Queue ``message``; ``reply`` is called once with OK, DUP or an ERR code."""
+    @property
+    def pending_bytes(self) -> int:
+        """Payload bytes of the messages waiting for a batch."""
+        return self._queued_bytes
+
+    def submit(self, message: Message, reply: Reply) -> _Queued | None:
+        """Queue ``message``; ``reply`` is called once with OK, DUP or an ERR code.
+
+        Returns the ticket that withdraws it while it waits, or None when it
+        was answered at once: ``unavailable`` before the sinks are ready,
+        ``busy`` when the queue already holds ``max_pending`` messages or
+        ``pending_budget`` payload bytes.
+        """
         if not self.ready:
             self._count("unavailable")
             reply("unavailable")
-            return
-        if len(self._queue) >= self.max_pending:
+            return None
+        nbytes = len(message.payload)
+        if self._queued and (self._queued >= self.max_pending
+                             or self._queued_bytes + nbytes > self.pending_budget):
             self._count("busy")
             reply("busy")
-            return
-        self._queue.append((message, reply))
+            return None
+        entry = _Queued(message, reply, self)
+        self._queue.append(entry)
+        self._queued += 1
+        self._queued_bytes += nbytes
         if self._in_flight < self.concurrency:
-            if len(self._queue) >= self.max_batch:
+            if self._queued >= self.max_batch:
                 self._flush()
             elif self._timer is None:
                 self._timer = self.clock.callLater(self.max_delay, self._flush)
+        return entry
+
+    def _withdrawn(self, entry: _Queued) -> None:
+        """A queued message was cancelled: release its place and its bytes now."""
+        message = entry.message
+        assert message is not None
+        entry.message = None  # the payload is freed now, the entry is skipped when reached
+        self._queued -= 1
+        self._queued_bytes -= len(message.payload)
+        self.metrics.withdrawn.inc()
+        if len(self._queue) > 2 * self._queued + 1024:
+            # Mostly withdrawn entries: drop them at once (amortised, each entry goes once).
+            self._queue = deque(e for e in self._queue if e.router is not None)
 
     def _take_batch(self) -> list[tuple[Message, Reply]]:
         batch: list[tuple[Message, Reply]] = []
@@ -190,15 +253,24 @@ class Router:
         queue = self._queue
         limit, max_bytes = self.max_batch, self.max_batch_bytes
         while queue and len(batch) < limit:
-            nbytes = len(queue[0][0].payload)
+            entry = queue[0]
+            message = entry.message
+            if entry.router is None or message is None:
+                queue.popleft()  # withdrawn
+                continue
+            nbytes = len(message.payload)
             if batch and size + nbytes > max_bytes:
                 break
-            batch.append(queue.popleft())
+            queue.popleft()
+            entry.router = None  # in a batch now: too late to withdraw
+            batch.append((message, entry.reply))
             size += nbytes
+        self._queued -= len(batch)
+        self._queued_bytes -= size
         return batch
 
     def _idle(self) -> bool:
-        return not self._in_flight and not self._queue and not self._stored and not self._mirroring
+        return not self._in_flight and not self._queued and not self._stored and not self._mirroring
 
     def _flush(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -214,12 +286,12 @@ class Router:
         self._in_flight += 1
         previous, self._finish_tail = self._finish_tail, defer.Deferred()
         self._store(batch, previous, self._finish_tail).addBoth(self._batch_done)
-        if self._queue and self._in_flight < self.concurrency and len(self._queue) >= self.max_batch:
+        if self._queued and self._in_flight < self.concurrency and self._queued >= self.max_batch:
             self._flush()
 
     def _batch_done(self, _: object) -> None:
         self._in_flight -= 1
-        if self._queue:
+        if self._queued:
             # Whatever arrived while the batch was being stored goes next, at once.
             self._flush()
         elif self._idle():
@@ -238,7 +310,7 @@ class Router:
     def _mirrors_done(self, _: object) -> None:
         self._mirroring = False
         self._pump_mirrors()
-        if self._queue and self._in_flight < self.concurrency:
+        if self._queued and self._in_flight < self.concurrency:
             self._flush()
         elif self._idle():
             self._notify_drained()

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import IRecord, ISink
 from eth_twisted.protocol import CapsFactory, ReceiverFactory, ReceiverLimits
-from eth_twisted.router import SERVER_CONCURRENCY, Router
+from eth_twisted.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY, Router
 from eth_twisted.systemd import notify_ready
 
 START_RETRY_INITIAL = 1.0
@@ -160,6 +160,7 @@ def make_server_service(
     allow_plaintext_secret: bool = False,
     pipeline: bool | None = None,
     concurrent_batches: int = SERVER_CONCURRENCY,
+    pending_budget: int = DEFAULT_PENDING_BUDGET,
 ) -> ServerService:
     """Assemble the server from already-built sinks.
 
@@ -175,7 +176,7 @@ def make_server_service(
     router = Router(
         record, mirrors, clock=reactor, metrics=metrics, max_batch=max_batch,
         max_batch_bytes=max_batch_bytes, max_delay=batch_delay, overlap=pipeline,
-        concurrency=concurrent_batches,
+        concurrency=concurrent_batches, pending_budget=pending_budget,
     )
     factory = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=limits)
     router.answering = factory.holding_replies
@@ -263,6 +264,7 @@ def build_server(
     allow_plaintext_secret: bool = False,
     pipeline: bool | None = None,
     concurrent_batches: int = SERVER_CONCURRENCY,
+    pending_budget: int = DEFAULT_PENDING_BUDGET,
 ) -> ServerService:
     """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site.
 
@@ -278,6 +280,7 @@ def build_server(
         limits=limits, max_batch=batch_size, batch_delay=batch_delay,
         tls=tls, secret=secret, allow_plaintext_secret=allow_plaintext_secret,
         pipeline=pipeline if mirrors else False, concurrent_batches=concurrent_batches,
+        pending_budget=pending_budget,
     )
     server.factory.log_payloads = verbose
     server.summary = summary

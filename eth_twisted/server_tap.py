@@ -24,7 +24,7 @@ from eth_twisted.protocol import (
     DEFAULT_WINDOW,
     ReceiverLimits,
 )
-from eth_twisted.router import SERVER_CONCURRENCY
+from eth_twisted.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY
 
 log = Logger()
 
@@ -135,7 +135,8 @@ class Options(StorageOptions):
         ["write-stall", None, 60.0, "Seconds a peer may leave its replies unread before it is dropped", positive_float],
         ["rate", None, 5000.0, "Messages per second per connection before reading pauses", positive_float],
         ["burst", None, 10000, "Messages a connection may send at once before the rate applies", int_in(1)],
-        ["partial-budget", None, 32 * 1024 * 1024, "Bytes of incomplete frames held across all connections before reading pauses", int_in(1024)],
+        ["partial-budget", None, 32 * 1024 * 1024, "Bytes of incomplete (or not yet handled) frames held across all connections before reading pauses; the oldest holder always reads", int_in(1024)],
+        ["pending-budget", None, DEFAULT_PENDING_BUDGET, "Payload bytes queued for the sinks across all connections before new messages are answered busy", int_in(65536)],
         ["max-connections", None, 10000, "Connections the server holds at once", int_in(1)],
         ["max-per-ip", None, 100, "Connections per client address (IPv6: per /64)", int_in(1)],
     ]
@@ -199,6 +200,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         batch_size=config["batch-size"],
         batch_delay=config["batch-delay"],
         concurrent_batches=config["concurrent-batches"],
+        pending_budget=config["pending-budget"],
         reconcile_interval=config["reconcile-interval"],
         verbose=config["verbose"],
         summary=config.storage_summary(),

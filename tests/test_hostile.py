@@ -67,7 +67,9 @@ def ok(p: bytes) -> bytes:
 
 
 def aborted(t: StringTransport) -> bool:
-    return bool(getattr(t, "aborting", False)) or (t.disconnecting and t.producerState == "stopped")
+    """Whether the receiver aborted ``t`` (StringTransport.abortConnection sets ``disconnected``)."""
+    return bool(getattr(t, "aborting", False) or getattr(t, "disconnected", False)) or (
+        t.disconnecting and t.producerState == "stopped")
 
 
 def test_row01_empty_frame() -> None:
@@ -180,14 +182,19 @@ def test_row09_truncated_by_fin() -> None:
 
 
 def test_row10_ten_thousand_probes_in_one_segment() -> None:
-    """Row 10: 10,000 pipelined frames are all answered; the rate limit pauses reading, then resumes."""
+    """Row 10: of 10,000 frames in one read, the burst is handled, the rest waits for tokens, all are answered."""
     h = Harness(rate=1000.0, burst=2000)
     p, t = h.connect()
     p.dataReceived(b"0:," * 10000)
-    assert len(replies(t)) == 10000
+    assert len(replies(t)) == 2000  # the bucket's burst; the rest stays in the decoder
     assert t.producerState == "paused" and "rate" in p.paused
-    h.clock.advance(8.1)  # 8,000 tokens owed at 1,000/s
-    assert t.producerState == "producing"
+    assert h.factory.partial_bytes == 3 * 8000  # counted against the budget while it waits
+    for second in range(1, 9):
+        h.clock.advance(1.0)  # 1,000 tokens a second
+        assert len(replies(t)) == 2000 + 1000 * second
+    assert h.factory.partial_bytes == 0
+    h.clock.advance(3.0)
+    assert t.producerState == "producing" and not p.paused
 
 
 def test_row13_binary_payload_is_stored_as_bytes() -> None:
@@ -381,3 +388,255 @@ def test_fuzz_arbitrary_streams(frames: list[bytes], garbage: bytes, cuts: list[
     for frame, reply in zip(expected, answered, strict=True):
         assert sha256_hex(frame).encode() in reply
     assert sorted(set(h.stored)) == sorted(set(non_empty))
+
+
+# -- round 2 (issue 13): no limit may wedge, no read may overrun a bound -------------
+
+
+class BufferedTransport(StringTransport):
+    """A StringTransport that pauses its producer past ``high`` bytes written, as a real TCP transport does."""
+
+    def __init__(self, high: int, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.high = high
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.high and self.producer is not None and self.producerState == "producing":
+            self.producerState = "paused"
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        """The peer reads everything: empty the buffer and resume the producer."""
+        data = self.value()
+        self.clear()
+        if self.producer is not None and self.producerState == "paused":
+            self.producerState = "producing"
+            self.producer.resumeProducing()
+        return data
+
+
+def connect_with(h: Harness, transport: StringTransport, host: str = "10.0.0.1") -> ReceiverProtocol:
+    addr = IPv4Address("TCP", host, 40000)
+    proto = h.factory.buildProtocol(addr)
+    assert proto is not None
+    transport.peerAddress = addr  # type: ignore[attr-defined]
+    proto.makeConnection(transport)
+    return proto
+
+
+def test_budget_wedge_the_next_oldest_holder_is_resumed_when_the_oldest_leaves() -> None:
+    """Over the budget, when the oldest holder leaves, the next oldest reads again (the budget still drains)."""
+    h = Harness(max_length=60000, partial_budget=10000)
+    conns = [h.connect(f"10.0.0.{i}") for i in range(1, 5)]
+    for p, _ in conns:
+        assert p is not None
+        p.dataReceived(b"50000:" + b"x" * 6000)
+    first, second, third, fourth = (p for p, _ in conns)
+    assert "budget" not in first.paused
+    assert all("budget" in p.paused for p in (second, third, fourth))
+    first.connectionLost(None)  # 18,000 bytes still held: over the budget
+    assert h.factory.partial_bytes == 3 * len(b"50000:" + b"x" * 6000)
+    assert "budget" not in second.paused and conns[1][1].producerState == "producing"
+    assert "budget" in third.paused and "budget" in fourth.paused
+    second.dataReceived(b"x" * 44000 + b",")  # it can finish its frame
+    assert h.stored == [b"x" * 50000]
+
+
+def test_budget_paused_peers_still_time_out_and_release_the_budget() -> None:
+    """A peer paused for the budget keeps its frame deadline: it is aborted, and its bytes come back."""
+    h = Harness(max_length=60000, partial_budget=10000, frame_timeout=30.0, idle_timeout=90.0)
+    holders = [h.connect(f"10.0.0.{i}") for i in range(1, 4)]
+    for p, _ in holders:
+        assert p is not None
+        p.dataReceived(b"50000:" + b"x" * 6000)
+    h.clock.advance(30.1)
+    assert all(aborted(t) for _, t in holders)
+    for p, _ in holders:
+        p.connectionLost(None)  # what the abort leads to
+    assert h.factory.partial_bytes == 0
+    assert h.errors("frame-timeout") == 3
+
+
+def test_after_a_budget_attack_a_frame_in_two_reads_is_answered() -> None:
+    """Once the attackers are gone (reaped by their frame timers), a frame that spans two reads is answered."""
+    h = Harness(max_length=60000, partial_budget=10000, frame_timeout=30.0)
+    attackers = [h.connect(f"10.0.1.{i}") for i in range(20)]
+    for p, _ in attackers:
+        assert p is not None
+        p.dataReceived(b"50000:" + b"y" * 5000)
+    h.clock.advance(31)
+    for p, t in attackers:
+        if aborted(t):
+            p.connectionLost(None)  # what an abort leads to
+    good, t = h.connect("10.0.0.200")
+    assert good is not None
+    good.dataReceived(b"5:hel")
+    good.dataReceived(b"lo,")
+    assert replies(t) == [ok(b"hello")]
+
+
+def test_a_budget_paused_peer_that_closed_is_reaped_within_the_frame_timeout() -> None:
+    """Item 3: a paused transport never reports the peer's FIN, so the frame timer must reap it."""
+    h = Harness(max_length=60000, partial_budget=10000, frame_timeout=30.0, idle_timeout=90.0)
+    oldest, _ = h.connect("10.0.0.1")
+    assert oldest is not None
+    oldest.dataReceived(b"50000:" + b"x" * 12000)
+    paused, t = h.connect("10.0.0.2")
+    assert paused is not None
+    paused.dataReceived(b"50000:" + b"x" * 100)
+    assert "budget" in paused.paused
+    h.clock.advance(10)
+    assert not aborted(t)
+    h.clock.advance(20.1)
+    assert aborted(t)
+
+
+def test_a_closing_connection_whose_peer_never_takes_its_replies_is_aborted() -> None:
+    """Every pause has a way out: a close waiting on an unread reply is aborted after deadline + write_stall."""
+    h = Harness(hold=True, deadline=10.0, write_stall=60.0)
+    p, t = h.connect()
+    assert p is not None
+    p.dataReceived(encode(b"a"))
+    p.readConnectionLost()  # half-closed: answer, then close
+    h.clock.advance(10.1)  # the deadline answers ERR timeout ...
+    t.loseConnection = lambda: None  # type: ignore[method-assign]  # ... but the close never completes
+    h.clock.advance(60)
+    assert aborted(t)
+    assert h.errors("close-timeout") == 1
+
+
+def test_window_is_enforced_within_one_read() -> None:
+    """Item 5: one read holding 100 messages submits only a window's worth; the rest waits in the decoder."""
+    h = Harness(hold=True, window=4, deadline=10.0)
+    p, t = h.connect()
+    assert p is not None
+    p.dataReceived(b"".join(encode(b"m%d" % i) for i in range(100)))
+    assert len(h.pending) == 4 and "window" in p.paused
+    assert h.factory.partial_bytes > 0  # the other 96 frames, held and counted
+    for message, reply in h.pending[:]:
+        h.pending.remove((message, reply))
+        reply("OK")
+    h.clock.advance(0)  # reading resumes from the decoder, on the reactor
+    assert len(h.pending) == 4
+    assert [r.split()[0] for r in replies(t)] == [b"OK"] * 4
+
+
+def test_frames_stop_when_the_transport_pauses_us() -> None:
+    """Item 4: 64 KiB of probes from a peer that never reads: replies stop at the write buffer's mark."""
+    h = Harness(rate=1e9, burst=10**9)
+    t = BufferedTransport(high=4096)
+    p = connect_with(h, t)
+    p.dataReceived(b"0:," * 21845)
+    written = len(t.value())
+    assert "writes" in p.paused
+    assert written < 4096 + 200  # one reply past the mark, not 21,845 replies (1.8 MB)
+    assert h.factory.partial_bytes > 60000  # the rest is held in the decoder, counted
+    total = t.drain()
+    while "writes" not in p.paused and h.factory.partial_bytes:
+        h.clock.advance(0)
+        total += t.drain()
+        if "writes" in p.paused:
+            total += t.drain()
+    h.clock.advance(0)
+    total += t.drain()
+    assert len(replies_of(total)) == 21845
+
+
+def replies_of(data: bytes) -> list[bytes]:
+    return NetstringDecoder(1 << 16).feed(data)
+
+
+def test_replies_owed_behind_an_unanswered_message_are_bounded() -> None:
+    """Item 4: behind one message the sinks have not answered, probes stop at 2 x window owed replies."""
+    h = Harness(hold=True, window=8, rate=1e9, burst=10**9)
+    p, t = h.connect()
+    assert p is not None
+    p.dataReceived(encode(b"slow") + b"0:," * 20000)
+    assert len(p._slots) <= 2 * 8 and "owed" in p.paused
+    assert t.value() == b""  # everything waits for the first answer, in order
+    _, reply = h.pending.pop()
+    reply("OK")
+    h.clock.advance(0)
+    got = replies(t)
+    assert got[0] == ok(b"slow") and len(got) == 20001
+    assert not p.paused
+
+
+def test_a_timed_out_message_is_withdrawn_from_the_queue() -> None:
+    """Item 5: when a message's deadline passes, its ticket is cancelled (the client resends it)."""
+    cancelled: list[bytes] = []
+
+    class Ticket:
+        def __init__(self, payload: bytes) -> None:
+            self.payload = payload
+
+        def cancel(self) -> None:
+            cancelled.append(self.payload)
+
+    h = Harness(deadline=10.0)
+    h.factory.submit = lambda message, reply: Ticket(message.payload)  # type: ignore[assignment,misc,return-value]
+    p, t = h.connect()
+    assert p is not None
+    p.dataReceived(encode(b"a") + encode(b"b"))
+    h.clock.advance(10.1)
+    assert cancelled == [b"a", b"b"]
+    assert [r.split()[-1] for r in replies(t)] == [b"timeout", b"timeout"]
+    p.dataReceived(encode(b"c"))
+    p.connectionLost(None)  # gone before an answer: withdrawn too
+    assert cancelled == [b"a", b"b", b"c"]
+
+
+def test_half_close_behind_held_frames_answers_them_all_then_closes() -> None:
+    """A peer that half-closes while the window holds its later frames back gets every answer, then the close."""
+    h = Harness(hold=True, window=2)
+    p, t = h.connect()
+    assert p is not None
+    p.dataReceived(b"".join(encode(b"f%d" % i) for i in range(5)))
+    p.readConnectionLost()
+    assert not t.disconnecting  # frames are still held: not the end of the input yet
+    while h.pending:
+        for message, reply in h.pending[:]:
+            h.pending.remove((message, reply))
+            reply("OK")
+        h.clock.advance(0)
+    assert replies(t) == [ok(b"f%d" % i) for i in range(5)]
+    assert t.disconnecting and not aborted(t)
+
+
+def test_one_address_filling_its_share_does_not_pause_other_addresses() -> None:
+    """Past its group's share (a sixteenth of the budget) an address's newer holders pause; other addresses read."""
+    h = Harness(max_length=4000, partial_budget=160000)
+    assert h.factory.group_share == 10000
+    attackers = [h.connect("10.0.0.1", 40000 + i)[0] for i in range(6)]
+    for p in attackers:
+        assert p is not None
+        p.dataReceived(b"3999:" + b"a" * 2995)
+    assert [("budget" in p.paused) for p in attackers] == [False, False, False, True, True, True]
+    good, t = h.connect("10.0.0.2")
+    assert good is not None
+    good.dataReceived(b"3999:" + b"g" * 2000)
+    assert "budget" not in good.paused
+    good.dataReceived(b"g" * 1999 + b",")
+    assert replies(t) == [ok(b"g" * 3999)]
+    attackers[0].connectionLost(None)  # 15,000 bytes still over the share: the group's oldest (1) reads
+    assert "budget" not in attackers[1].paused and all("budget" in p.paused for p in attackers[3:])
+    attackers[1].connectionLost(None)
+    attackers[2].connectionLost(None)  # back under the share: the rest resume
+    assert not any("budget" in p.paused for p in attackers[3:])
+
+
+def test_an_aborted_holder_gives_its_bytes_back_before_its_connection_is_lost() -> None:
+    """The abort's connectionLost comes a reactor turn later; the budget is released at once."""
+    h = Harness(max_length=60000, partial_budget=10000, frame_timeout=30.0)
+    first, _ = h.connect("10.0.0.1")
+    assert first is not None
+    first.dataReceived(b"50000:" + b"x" * 6000)
+    h.clock.advance(15)
+    second, _ = h.connect("10.0.0.2")
+    assert second is not None
+    second.dataReceived(b"50000:" + b"x" * 6000)
+    assert "budget" in second.paused
+    h.clock.advance(15.1)  # the first frame times out; its connection is not lost yet
+    assert h.factory.partial_bytes == 6006
+    assert "budget" not in second.paused  # the next oldest reads before its own timer fires

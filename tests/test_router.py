@@ -283,3 +283,61 @@ def test_each_batch_is_answered_inside_one_answering_scope() -> None:
         router.submit(msg(p), lambda code, p=p: events.append(f"{p.decode()}:{code}"))
     clock.advance(0.01)
     assert events == ["enter", "a:OK", "b:OK", "exit", "enter", "c:OK", "exit"]
+
+
+def test_queue_byte_budget_answers_busy() -> None:
+    """Past pending_budget payload bytes queued the router answers busy, whatever the count."""
+    mirror = RecordingMirror()
+    mirror.hang = True  # the first batch never finishes: everything after it queues
+    router, record, clock, answers = setup([mirror], max_delay=0.001, max_batch=1, pending_budget=1000)
+    submit(router, answers, msg(b"first"))
+    clock.advance(0.001)  # taken into the (hanging) batch
+    for i in range(3):
+        submit(router, answers, msg(b"%d" % i + b"x" * 399))
+    assert router.pending == 2 and router.pending_bytes == 800
+    assert [k[:1] for k, v in answers.items() if v == ["busy"]] == [b"2"]
+    assert router.metrics.registry.get_sample_value("eth_server_pending_bytes") == 800
+
+
+def test_withdrawn_messages_leave_the_queue_and_free_their_bytes() -> None:
+    """A cancelled ticket drops its message before a batch takes it; a taken one cannot be withdrawn."""
+    router, record, clock, answers = setup(max_delay=0.001)
+    ticket_a = router.submit(msg(b"a" * 100), lambda code: answers.setdefault(b"a", []).append(code))
+    submit(router, answers, msg(b"b"))
+    assert ticket_a is not None and router.pending_bytes == 101
+    ticket_a.cancel()
+    ticket_a.cancel()  # twice is harmless
+    assert router.pending == 1 and router.pending_bytes == 1
+    clock.advance(0.001)
+    assert [r.payload for r in record.order] == [b"b"]
+    assert b"a" not in answers and answers[b"b"] == ["OK"]
+    assert router.metrics.withdrawn._value.get() == 1
+
+
+def test_a_taken_message_is_not_withdrawn() -> None:
+    """Once in a batch, cancel() does nothing: the message is stored and answered."""
+    clock = Clock()
+    manual = ManualRecord()
+    router = Router(manual, [], clock=clock, metrics=ServerMetrics(), max_delay=0.001)
+    answers: dict[bytes, list[str]] = {}
+    ticket = router.submit(msg(b"a"), lambda code: answers.setdefault(b"a", []).append(code))
+    clock.advance(0.001)
+    assert ticket is not None
+    ticket.cancel()
+    manual.finish(0)
+    assert answers == {b"a": ["OK"]}
+
+
+def test_mostly_withdrawn_queue_is_compacted() -> None:
+    """Withdrawn entries never pile up: the queue is rebuilt once they outnumber the live ones."""
+    mirror = RecordingMirror()
+    mirror.hang = True
+    router, record, clock, answers = setup([mirror], max_delay=0.001, max_batch=1)
+    submit(router, answers, msg(b"first"))
+    clock.advance(0.001)
+    tickets = [router.submit(msg(b"%d" % i), lambda code: None) for i in range(5000)]
+    for t in tickets:
+        assert t is not None
+        t.cancel()
+    assert router.pending == 0 and router.pending_bytes == 0
+    assert len(router._queue) <= 1024 + 1
