@@ -457,12 +457,17 @@ class ReceiverProtocol(Protocol):
         """Answer ``timeout`` for every message whose deadline has passed."""
         self._deadline_timer = None
         now = self.factory.clock.seconds()
-        for slot in list(self._slots):
-            if slot.text is None and slot.due <= now:
-                self.factory.metrics.outcomes.labels(outcome="timeout").inc()
-                if slot.ticket is not None:
-                    slot.ticket.cancel()  # still queued: the client resends it, one copy is enough
-                self._answered(slot, "timeout")
+        expired = []
+        for slot in self._slots:  # frame order is deadline order: stop at the first one still running
+            if slot.text is None:
+                if slot.due > now:
+                    break
+                expired.append(slot)
+        for slot in expired:
+            self.factory.metrics.outcomes.labels(outcome="timeout").inc()
+            if slot.ticket is not None:
+                slot.ticket.cancel()  # still queued: the client resends it, one copy is enough
+            self._answered(slot, "timeout")
         self._arm_deadline()
 
     def _held_up_by_us(self) -> bool:

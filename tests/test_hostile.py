@@ -7,6 +7,7 @@ violation is counted by reason, and nothing else is affected.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -640,3 +641,27 @@ def test_an_aborted_holder_gives_its_bytes_back_before_its_connection_is_lost() 
     h.clock.advance(15.1)  # the first frame times out; its connection is not lost yet
     assert h.factory.partial_bytes == 6006
     assert "budget" not in second.paused  # the next oldest reads before its own timer fires
+
+
+def _time_deadlines(n: int) -> float:
+    """Seconds of CPU to answer ``timeout`` to ``n`` held messages whose deadlines fall 1 ms apart."""
+    h = Harness(hold=True, window=n + 1, deadline=10.0, rate=1e9, burst=10**9, idle_timeout=60.0)
+    p, t = h.connect()
+    assert p is not None
+    for i in range(n):
+        p.dataReceived(encode(b"m%d" % i))
+        h.clock.advance(0.001)
+    h.clock.advance(10.0 - n * 0.001 - 0.0005)
+    started = time.perf_counter()
+    for _ in range(n):
+        h.clock.advance(0.001)
+    spent = time.perf_counter() - started
+    assert len(replies(t)) == n
+    return spent
+
+
+def test_deadlines_cost_linear_work_in_the_window() -> None:
+    """Each deadline looks only at the slots that expired: 8x the messages costs at most ~3x8 the time."""
+    small = min(_time_deadlines(250) for _ in range(3))
+    large = min(_time_deadlines(2000) for _ in range(2))
+    assert large < 3 * 8 * small, f"{large:.4f}s for 2,000 against {small:.4f}s for 250"
