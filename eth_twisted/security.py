@@ -23,8 +23,11 @@ failed connection attempt and ``ClientService`` backs off)::
     endpoint = AuthClientEndpoint(endpoint, secret, name, clock=reactor)
 
 TLS
-    Twisted's defaults (TLS >= 1.2, secure ciphers), ``min_tls="1.3"`` to
-    raise it. The client checks the chain against ``ca_file`` (or the
+    TLS >= 1.2 (``min_tls="1.3"`` to raise it) with Mozilla's "intermediate"
+    cipher list on both ends (:data:`LINK_CIPHERS`: forward-secret AEAD only,
+    no static-RSA key exchange, no CBC), client-initiated renegotiation off,
+    and an ALPN answer that lets clients offering protocols we do not speak
+    (curl, browsers, HAProxy ``check-ssl``) connect without one. The client checks the chain against ``ca_file`` (or the
     platform's trust store) and the host name or IP address with
     service_identity. There is no fallback to plaintext: a TLS failure is a
     connection failure. With ``client_ca_file`` the server requires a client
@@ -80,12 +83,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import (
+    AcceptableCiphers,
     Certificate,
     CertificateOptions,
     KeyPair,
@@ -105,6 +109,7 @@ from eth_twisted.framing import NetstringDecoder, encode
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "LINK_CIPHERS",
     "MIN_SECRET_BYTES",
     "AuthClientEndpoint",
     "AuthClientFactory",
@@ -113,6 +118,8 @@ __all__ = [
     "check_secret_transport",
     "client_proof",
     "client_tls_endpoint",
+    "client_tls_options",
+    "harden_server_context",
     "is_tls",
     "listen_endpoint",
     "load_secret",
@@ -288,6 +295,73 @@ def _private_certificate(
     return private, certs[1:]
 
 
+LINK_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+"""The TLS 1.2 cipher suites of both ends: Mozilla's "intermediate" list (Server Side TLS 5.7).
+
+Forward-secret key exchange (ECDHE, DHE) with AEAD encryption (AES-GCM,
+ChaCha20-Poly1305) only; no static-RSA key exchange (no forward secrecy, the
+ROBOT family) and no CBC (LUCKY13). DHE uses the RFC 7919 groups OpenSSL 3
+picks (2048 bits and up). TLS 1.3 uses OpenSSL's own suites (all AEAD).
+Twisted's default list also allows ``RSA+AES`` and CBC.
+"""
+
+_LINK_ACCEPTABLE_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(LINK_CIPHERS)
+
+
+def _alpn_select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """ALPN on the server: the first protocol we speak that the client offered, else "no overlap".
+
+    Twisted 26.10 installs a select callback on every server context (even
+    without protocols of its own) that answers ``b""`` when nothing matches;
+    OpenSSL 3 treats an empty selection as an internal error and aborts the
+    handshake with alert 80, so every client offering ALPN was refused.
+    pyOpenSSL's ``NO_OVERLAPPING_PROTOCOLS`` makes OpenSSL carry on without
+    ALPN instead (RFC 7301 allows a server to ignore the extension).
+    """
+    ours: tuple[bytes, ...] = ()
+    tls_protocol = connection.get_app_data()
+    factory = getattr(getattr(tls_protocol, "factory", None), "wrappedFactory", None)
+    negotiation = interfaces.IProtocolNegotiationFactory(factory, None)
+    if negotiation is not None:
+        ours = tuple(negotiation.acceptableProtocols())
+    for protocol in ours:
+        if protocol in offered:
+            return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def harden_server_context(context: SSL.Context, *, ciphers: bool = False) -> SSL.Context:
+    """Apply the link's server policy to an OpenSSL context; returns it.
+
+    The ALPN callback that answers "no overlap" (:func:`_alpn_select`), no
+    client-initiated renegotiation (a CPU cost a peer could repeat at will),
+    and with ``ciphers`` the :data:`LINK_CIPHERS` list (for contexts built
+    elsewhere, e.g. by an ``ssl:`` endpoint string).
+    """
+    context.set_alpn_select_callback(_alpn_select)
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
+    if ciphers:
+        context.set_cipher_list(LINK_CIPHERS.encode("ascii"))
+    return context
+
+
+class _LinkServerOptions(CertificateOptions):
+    """``CertificateOptions`` whose context gets :func:`harden_server_context` once."""
+
+    _hardened: SSL.Context | None = None
+
+    def getContext(self) -> SSL.Context:
+        context = super().getContext()
+        if context is not self._hardened:
+            self._hardened = harden_server_context(context)
+        return context
+
+
 def server_tls_options(
     cert_file: str,
     key_file: str,
@@ -300,18 +374,21 @@ def server_tls_options(
     (one or more PEM CA certificates) every client must present a certificate
     issued by one of them: mutual TLS, which the ``ssl:`` endpoint string
     cannot express. ``min_tls`` is ``"1.2"`` (Twisted's default) or ``"1.3"``.
+    The cipher list is :data:`LINK_CIPHERS`; the context is hardened with
+    :func:`harden_server_context` (ALPN, renegotiation).
     """
     private, chain = _private_certificate(cert_file, key_file)
     kwargs: dict[str, Any] = {}
     if client_ca_file:
         cas = _pem_certificates(_read(client_ca_file, "client CA"), client_ca_file)
         kwargs["trustRoot"] = trustRootFromCertificates(cas)  # implies verify + requireCertificate
-    return CertificateOptions(
+    return _LinkServerOptions(
         # cryptography objects: passing pyOpenSSL ones is deprecated in pyOpenSSL 26
         privateKey=private.privateKey.original.to_cryptography_key(),
         certificate=private.original.to_cryptography(),
         extraCertChain=[c.original.to_cryptography() for c in chain],
         raiseMinimumTo=_tls_version(min_tls),
+        acceptableCiphers=_LINK_ACCEPTABLE_CIPHERS,
         **kwargs,
     )
 
@@ -339,6 +416,7 @@ def listen_endpoint(
     ``tcp6:...``, ``unix:...``, ``systemd:...``) and every connection is
     wrapped in TLS, as ``reactor.listenSSL`` does; an ``ssl:`` description
     together with ``tls`` is a ConfigError (two sources of certificates).
+    An ``ssl:`` listener gets the same cipher list and hardening as ``tls``.
     """
     kind = description.split(":", 1)[0].strip().lower()
     if tls is not None and kind in ("ssl", "tls"):
@@ -350,7 +428,15 @@ def listen_endpoint(
         endpoint = serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"bad listen endpoint {description!r}: {e}")
-    return endpoint if tls is None else _TLSServerEndpoint(endpoint, tls)
+    if tls is None:
+        # An ssl: string builds its own CertificateOptions (Twisted's ciphers, its
+        # ALPN callback): give its context the link's policy too. The options
+        # cache that context, so changing it once covers every connection.
+        options = getattr(endpoint, "_sslContextFactory", None)
+        if isinstance(options, CertificateOptions):
+            harden_server_context(options.getContext(), ciphers=True)
+        return endpoint
+    return _TLSServerEndpoint(endpoint, tls)
 
 
 def is_tls(transport: Any) -> bool:
@@ -375,6 +461,42 @@ def peer_identity(transport: Any) -> str | None:
     return subject
 
 
+def client_tls_options(
+    host: str,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    hostname: str | None = None,
+    *,
+    min_tls: str = "1.2",
+) -> Any:
+    """The client's TLS options (an ``IOpenSSLClientConnectionCreator``) for :func:`client_tls_endpoint`.
+
+    The server's chain is checked against ``ca_file`` (PEM, one or more CAs;
+    default: the platform's trust store) and its name against ``hostname``
+    (default ``host``; an IP address is matched against IP SANs). With
+    ``cert_file`` (and ``key_file``, default: the same file) the client
+    presents a certificate. It offers only :data:`LINK_CIPHERS` (and TLS
+    1.3's), so a server that allows only CBC or static-RSA suites is refused.
+    """
+    trust: Any = (
+        trustRootFromCertificates(_pem_certificates(_read(ca_file, "CA"), ca_file))
+        if ca_file
+        else platformTrust()
+    )
+    extra: dict[str, Any] = {
+        "raiseMinimumTo": _tls_version(min_tls),
+        "acceptableCiphers": _LINK_ACCEPTABLE_CIPHERS,
+    }
+    if cert_file:
+        # What clientCertificate= would do, with cryptography objects (pyOpenSSL
+        # 26 deprecates passing its own X509/PKey).
+        client_cert = _private_certificate(cert_file, key_file)[0]
+        extra["privateKey"] = client_cert.privateKey.original.to_cryptography_key()
+        extra["certificate"] = client_cert.original.to_cryptography()
+    return optionsForClientTLS(hostname or host, trustRoot=trust, extraCertificateOptions=extra)
+
+
 def client_tls_endpoint(
     reactor: Any,
     host: str,
@@ -388,30 +510,14 @@ def client_tls_endpoint(
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     connect_timeout: float = 30.0,
 ) -> interfaces.IStreamClientEndpoint:
-    """A client endpoint to ``host:port`` over verified TLS.
+    """A client endpoint to ``host:port`` over verified TLS (:func:`client_tls_options`).
 
-    The server's chain is checked against ``ca_file`` (PEM, one or more CAs;
-    default: the platform's trust store) and its name against ``hostname``
-    (default ``host``; an IP address is matched against IP SANs). With
-    ``cert_file`` (and ``key_file``, default: the same file) the client
-    presents a certificate. ``connect`` fires only after the handshake and
-    the checks succeeded, with the protocol the factory built; any TLS
-    failure or a handshake longer than ``timeout`` fails it, so the
-    connection never carries a byte in plaintext.
+    ``connect`` fires only after the handshake and the checks succeeded,
+    with the protocol the factory built; any TLS failure or a handshake
+    longer than ``timeout`` fails it, so the connection never carries a byte
+    in plaintext.
     """
-    trust: Any = (
-        trustRootFromCertificates(_pem_certificates(_read(ca_file, "CA"), ca_file))
-        if ca_file
-        else platformTrust()
-    )
-    extra: dict[str, Any] = {"raiseMinimumTo": _tls_version(min_tls)}
-    if cert_file:
-        # What clientCertificate= would do, with cryptography objects (pyOpenSSL
-        # 26 deprecates passing its own X509/PKey).
-        client_cert = _private_certificate(cert_file, key_file)[0]
-        extra["privateKey"] = client_cert.privateKey.original.to_cryptography_key()
-        extra["certificate"] = client_cert.original.to_cryptography()
-    options = optionsForClientTLS(hostname or host, trustRoot=trust, extraCertificateOptions=extra)
+    options = client_tls_options(host, ca_file, cert_file, key_file, hostname, min_tls=min_tls)
     tcp = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
     server = f"{host}:{port}"
 

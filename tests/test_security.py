@@ -16,6 +16,7 @@ import pytest
 from twisted.internet import interfaces
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.basic import NetstringReceiver
@@ -42,7 +43,7 @@ from eth_twisted.security import (
     server_proof,
     server_tls_options,
 )
-from tests.certs import make_pki
+from tests.certs import PKI, issue_into, make_pki
 
 SECRET = b"correct horse battery staple!"
 WRONG = b"incorrect horse battery staple"
@@ -573,6 +574,169 @@ def test_auth_endpoint_fails_on_wrong_secret_and_cancel_aborts() -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def rsa_server(pki: PKI) -> Any:
+    """An RSA server certificate: static-RSA key exchange needs one."""
+    return issue_into(pki, "rsa-server", server=True, dns=("localhost",), ips=("127.0.0.1",),
+                      rsa_bits=2048)
+
+
+class TLSPair:
+    """A TLS server and client (Recorders inside TLSMemoryBIOProtocols) joined by an iosim pump."""
+
+    def __init__(self, server_options: Any, client_options: Any) -> None:
+        self.clock = Clock()  # the TLS layer aggregates small writes until the next reactor turn
+        server_inner, client_inner = RecorderFactory(), RecorderFactory()
+        server_tls = TLSMemoryBIOFactory(server_options, False, server_inner, self.clock)
+        client_tls = TLSMemoryBIOFactory(client_options, True, client_inner, self.clock)
+        client, server, self.pump = iosim.connectedServerAndClient(
+            lambda: server_tls.buildProtocol(None), lambda: client_tls.buildProtocol(None)
+        )
+        self.server_tls, self.client_tls = server, client
+        self.server: Recorder = server_inner.built[0]
+        self.client: Recorder = client_inner.built[0]
+        self.flush()
+
+    def flush(self) -> None:
+        """Run writes and the pump until nothing moves."""
+        for _ in range(10):
+            self.clock.advance(0)
+            self.pump.flush()
+
+    @property
+    def handshake_done(self) -> bool:
+        """Both ends finished the TLS handshake."""
+        return bool(self.server_tls._handshakeDone and self.client_tls._handshakeDone)
+
+
+def client_options(pki: PKI, *, alpn: list[bytes] | None = None, ciphers: str | None = None,
+                   version: str = "1.2") -> Any:
+    """A client trusting the test CA; optionally offering ALPN, or only ``ciphers`` over TLS 1.2."""
+    from twisted.internet.ssl import AcceptableCiphers, TLSVersion, optionsForClientTLS
+
+    ca = Certificate.loadPEM(Path(pki.ca).read_bytes())
+    extra: dict[str, Any] = {}
+    if ciphers is not None:
+        extra["acceptableCiphers"] = AcceptableCiphers.fromOpenSSLCipherString(ciphers)
+        extra["lowerMaximumSecurityTo"] = TLSVersion.TLSv1_2
+    return optionsForClientTLS("localhost", trustRoot=ca, acceptableProtocols=alpn,
+                               extraCertificateOptions=extra)
+
+
+def test_client_offering_alpn_is_served_without_a_protocol(pki: PKI) -> None:
+    """A client offering ALPN (h2, http/1.1, as curl does) completes the handshake; none is selected."""
+    tls = TLSPair(server_tls_options(pki.server.cert, pki.server.key),
+                  client_options(pki, alpn=[b"h2", b"http/1.1"]))
+    assert tls.handshake_done, f"the handshake must complete (client saw {tls.client.lost})"
+    assert tls.client.lost is None and tls.server.lost is None
+    assert tls.client_tls.negotiatedProtocol is None
+    tls.client.sendString(b"after alpn")
+    tls.flush()
+    assert tls.server.frames == [b"after alpn"]
+
+
+def test_alpn_select_prefers_a_protocol_the_server_speaks() -> None:
+    """With a negotiating factory behind TLS the first protocol both speak is chosen; else no-overlap."""
+    from OpenSSL import SSL
+    from twisted.internet.interfaces import IProtocolNegotiationFactory
+    from zope.interface import alsoProvides
+
+    inner = Factory()
+    alsoProvides(inner, IProtocolNegotiationFactory)
+    inner.acceptableProtocols = lambda: [b"eth/1"]  # type: ignore[attr-defined]
+
+    class Conn:
+        def __init__(self, wrapped: Any) -> None:
+            self.app = type("TLS", (), {"factory": type("F", (), {"wrappedFactory": wrapped})()})()
+
+        def get_app_data(self) -> Any:
+            return self.app
+
+    assert security._alpn_select(Conn(inner), [b"h2", b"eth/1"]) == b"eth/1"  # type: ignore[arg-type]
+    assert security._alpn_select(Conn(inner), [b"h2"]) is SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[arg-type]
+    assert security._alpn_select(Conn(Factory()), [b"h2"]) is SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[arg-type]
+
+
+def tls12_suites(options: Any) -> list[str]:
+    """The TLS 1.2 cipher suites a context offers (TLS 1.3's are named TLS_*)."""
+    from OpenSSL import SSL
+
+    names = SSL.Connection(options.getContext(), None).get_cipher_list()
+    return [n for n in names if not n.startswith("TLS_")]
+
+
+def forward_secret_aead(name: str) -> bool:
+    """ECDHE/DHE key exchange and AES-GCM or ChaCha20-Poly1305: what Mozilla intermediate allows."""
+    return name.startswith(("ECDHE-", "DHE-")) and ("-GCM-" in name or "CHACHA20-POLY1305" in name)
+
+
+def test_server_offers_only_forward_secret_aead_suites(pki: PKI) -> None:
+    """The server's TLS 1.2 list is non-empty and every suite is ECDHE/DHE with GCM or ChaCha20."""
+    suites = tls12_suites(server_tls_options(pki.server.cert, pki.server.key))
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in suites
+    assert [s for s in suites if not forward_secret_aead(s)] == []
+
+
+@pytest.mark.parametrize(
+    ("ciphers", "accepted"),
+    [
+        ("AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES128-SHA", False),  # static RSA
+        ("ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256", False),  # CBC
+        ("ECDHE-RSA-AES128-GCM-SHA256", True),
+        ("ECDHE-RSA-CHACHA20-POLY1305", True),
+    ],
+)
+def test_server_refuses_static_rsa_and_cbc_clients(pki: PKI, rsa_server: Any, ciphers: str,
+                                                   accepted: bool) -> None:
+    """Over TLS 1.2 with an RSA certificate: static-RSA-only and CBC-only clients fail, AEAD ECDHE passes."""
+    tls = TLSPair(server_tls_options(rsa_server.cert, rsa_server.key),
+                  client_options(pki, ciphers=ciphers))
+    assert tls.handshake_done is accepted
+    if not accepted:
+        assert tls.client.lost is not None and "handshake failure" in tls.client.lost.getErrorMessage()
+
+
+def test_client_refuses_a_cbc_only_server(pki: PKI, rsa_server: Any) -> None:
+    """The link's client offers the same list: a server that allows only CBC suites cannot talk to it."""
+    from twisted.internet.ssl import AcceptableCiphers, TLSVersion
+
+    server_side = CertificateOptions(
+        privateKey=KeyPair.load(Path(rsa_server.key).read_bytes(), 1).original.to_cryptography_key(),
+        certificate=Certificate.loadPEM(Path(rsa_server.cert).read_bytes()).original.to_cryptography(),
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString("ECDHE-RSA-AES128-SHA:AES128-SHA"),
+        lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
+    )
+    tls = TLSPair(server_side, security.client_tls_options("127.0.0.1", pki.ca, hostname="localhost"))
+    assert not tls.handshake_done and tls.client.lost is not None
+
+
+def test_client_suites_match_the_server_policy(pki: PKI) -> None:
+    """The link's client offers only forward-secret AEAD suites in TLS 1.2, and connects to the server."""
+    tls = TLSPair(server_tls_options(pki.server.cert, pki.server.key),
+                  security.client_tls_options("127.0.0.1", pki.ca))
+    assert tls.handshake_done
+    names = [n for n in tls.client_tls.getHandle().get_cipher_list() if not n.startswith("TLS_")]
+    assert names and [n for n in names if not forward_secret_aead(n)] == []
+
+
+def test_ssl_endpoint_string_gets_the_same_policy(pki: PKI) -> None:
+    """An ssl: listen string is hardened too: its suites are the link's, ALPN clients are served."""
+    reactor = MemoryReactorClock()
+    endpoint = listen_endpoint(reactor, f"ssl:9443:privateKey={pki.server.key}:certKey={pki.server.cert}")
+    options = endpoint._sslContextFactory  # type: ignore[attr-defined]
+    assert [s for s in tls12_suites(options) if not forward_secret_aead(s)] == []
+    tls = TLSPair(options, client_options(pki, alpn=[b"h2", b"http/1.1"]))
+    assert tls.handshake_done
+
+
+def test_client_initiated_renegotiation_is_off(pki: PKI) -> None:
+    """The server context refuses renegotiation (a CPU cost a peer could repeat at will)."""
+    from OpenSSL import SSL
+
+    context = server_tls_options(pki.server.cert, pki.server.key).getContext()
+    assert context.set_options(0) & SSL.OP_NO_RENEGOTIATION
 
 
 def test_server_tls_options_mutual_requires_client_certs(pki: Any) -> None:
