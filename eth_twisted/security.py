@@ -33,7 +33,8 @@ TLS
     connection failure. With ``client_ca_file`` the server requires a client
     certificate issued by that CA; :class:`TLSGateFactory` sets the inner
     protocol's ``client_id`` to the certificate subject (RFC 4514, e.g.
-    ``CN=client-1,O=eth``). Caveat: with TLS 1.3 the client finishes its side
+    ``CN=client-1,O=eth``; one longer than the 255-character column is
+    stored as a prefix plus a digest, and logged in full at connect). Caveat: with TLS 1.3 the client finishes its side
     of the handshake before the server has judged the client certificate, so
     a client refused for its certificate sees a connection that closes at once
     (nothing it wrote is delivered); the server logs the reason.
@@ -79,6 +80,7 @@ import os
 import re
 import secrets
 import stat
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,7 @@ from zope.interface import implementer
 
 from eth_twisted.errors import ConfigError, HandshakeFailed
 from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.model import MAX_CLIENT_ID, bounded
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -447,7 +450,16 @@ def is_tls(transport: Any) -> bool:
 
 
 def peer_identity(transport: Any) -> str | None:
-    """The peer certificate's subject as an RFC 4514 string, or None without one."""
+    """The peer certificate's subject as an RFC 4514 string, or None without one.
+
+    Never raises for what a peer's certificate holds: characters that are not
+    printable (control characters, bidirectional overrides) are escaped as
+    RFC 4514 ``\\XX`` hex pairs, so the string is safe in a log line; a
+    subject that ``cryptography`` refuses to parse although OpenSSL verified
+    the certificate (e.g. ``_`` or ``@`` in a PrintableString, which some
+    CAs issue) is rebuilt from OpenSSL's own parse, and failing that the
+    certificate's SHA-256 fingerprint (``sha256-fingerprint=<hex>``) names it.
+    """
     get = getattr(transport, "getPeerCertificate", None)
     if get is None:
         return None
@@ -457,8 +469,46 @@ def peer_identity(transport: Any) -> str | None:
         return None
     if cert is None:
         return None
-    subject: str = cert.to_cryptography().subject.rfc4514_string()
-    return subject
+    try:
+        return _escape_unprintable(cert.to_cryptography().subject.rfc4514_string())
+    except Exception:  # noqa: BLE001 - a subject cryptography cannot decode
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # X509.get_subject: the only parse left
+            components = cert.get_subject().get_components()
+        return ",".join(
+            f"{_escape_value(key)}={_escape_value(value)}" for key, value in reversed(components)
+        )
+    except Exception:  # noqa: BLE001
+        digest: str = cert.digest("sha256").decode("ascii").replace(":", "").lower()
+        return f"sha256-fingerprint={digest}"
+
+
+_RFC4514_SPECIAL = frozenset(b',+"\\<>;=')
+
+
+def _escape_value(raw: bytes) -> str:
+    """Raw attribute bytes as an RFC 4514 value: printable ASCII as is, specials and the rest as ``\\XX``."""
+    out = []
+    for i, byte in enumerate(raw):
+        if byte in _RFC4514_SPECIAL or (byte in b"# " and i == 0) or (byte == 0x20 and i == len(raw) - 1):
+            out.append("\\" + chr(byte))
+        elif 0x20 <= byte < 0x7F:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\{byte:02X}")
+    return "".join(out)
+
+
+def _escape_unprintable(text: str) -> str:
+    """``text`` with every non-printable character as RFC 4514 hex pairs of its UTF-8 bytes."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else "".join(f"\\{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+        for ch in text
+    )
 
 
 def client_tls_options(
@@ -812,7 +862,25 @@ class _TLSGateProtocol(_GateProtocol):
 
 class _TLSServerGateProtocol(_TLSGateProtocol):
     def identity(self) -> str | None:
-        return peer_identity(self.transport)
+        """The client certificate's subject, bounded to the record's ``client_id`` column.
+
+        A subject longer than ``MAX_CLIENT_ID`` characters (an ordinary
+        corporate DN) becomes its prefix plus a digest of the whole
+        (:func:`eth_twisted.model.bounded`), so it can never cost a message its
+        row; the full subject is in the log line written here.
+        """
+        subject = peer_identity(self.transport)
+        if subject is None:
+            return None
+        client_id = bounded(subject, MAX_CLIENT_ID)
+        self.factory.log.info(
+            "TLS client {subject} connected from {peer}{stored}",
+            subject=subject,
+            peer=self.peer,
+            client_id=client_id,
+            stored="" if client_id == subject else f" (stored as client_id {client_id})",
+        )
+        return client_id
 
 
 class TLSGateFactory(_GateFactory):
@@ -823,7 +891,7 @@ class TLSGateFactory(_GateFactory):
     longer than ``timeout`` seconds, logs (rate-limited) and counts failed
     handshakes (``on_failure("tls")``, ``on_failure("timeout")``), and sets
     ``client_id`` on the inner protocol to the client certificate's subject
-    when there is one (mutual TLS).
+    when there is one (mutual TLS), bounded to ``MAX_CLIENT_ID`` characters.
     """
 
     gate_protocol = _TLSServerGateProtocol

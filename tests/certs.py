@@ -6,19 +6,24 @@ independent CAs, a server certificate (SANs ``DNS:localhost`` and
 and client certificates from both CAs. EC P-256 keys keep it fast.
 :func:`issue_into` adds more from the same CA: an RSA server certificate (the
 only kind that can do static-RSA key exchange) or a client with a long
-corporate subject (:func:`long_subject`).
+corporate subject (:func:`long_subject`); :func:`write_lax_printable` writes
+the kind of certificate some CAs issue that OpenSSL verifies but
+``cryptography`` cannot parse.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ORG = "eth-twisted test"
@@ -234,3 +239,58 @@ def long_subject(length: int = 320) -> x509.Name:
         name = x509.Name([*attrs, cn])
     assert len(name.rfc4514_string()) >= length, "add more units"
     return name
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _der_skip(der: bytes, at: int) -> int:
+    """The offset just after the DER element starting at ``at``."""
+    length = der[at + 1]
+    start = at + 2
+    if length & 0x80:
+        count = length & 0x7F
+        length = int.from_bytes(der[start : start + count], "big")
+        start += count
+    return start + length
+
+
+def write_lax_printable(pki: PKI, name: str, cn: str) -> PemPair:
+    """Write a client certificate, validly signed by ``pki``'s CA, whose CN is a PrintableString ``cn``.
+
+    ``cn`` may hold characters PrintableString does not allow (``_``, ``@``),
+    as some CAs issue: OpenSSL parses and verifies such a certificate,
+    ``cryptography`` refuses to load it (and to build it, so the TBS bytes
+    are patched and signed again here).
+    """
+    directory = Path(pki.ca).parent
+    ca = load_issued(PemPair(pki.ca, str(directory / "ca.key")))
+    placeholder = "Q" * len(cn)
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+        x509.NameAttribute(NameOID.COMMON_NAME, placeholder, _type=_ASN1Type.PrintableString),
+    ])
+    template = issue(ca, placeholder, subject=subject)
+    tbs = template.cert.tbs_certificate_bytes
+    assert tbs.count(placeholder.encode()) == 1
+    tbs = tbs.replace(placeholder.encode(), cn.encode("latin-1"))
+    if isinstance(ca.key, ec.EllipticCurvePrivateKey):
+        signature = ca.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    else:
+        signature = ca.key.sign(tbs, PKCS1v15(), hashes.SHA256())
+    # Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }
+    der = template.cert.public_bytes(serialization.Encoding.DER)
+    assert _der_skip(der, 0) == len(der)
+    header = 2 + (der[1] & 0x7F if der[1] & 0x80 else 0)
+    algorithm_at = _der_skip(der, header)
+    algorithm = der[algorithm_at : _der_skip(der, algorithm_at)]
+    bit_string = b"\x03" + _der_length(len(signature) + 1) + b"\x00" + signature
+    body = tbs + algorithm + bit_string
+    cert_der = b"\x30" + _der_length(len(body)) + body
+    pair = write_pem(directory, name, template)
+    Path(pair.cert).write_text(ssl.DER_cert_to_PEM_cert(cert_der))
+    return pair

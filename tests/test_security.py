@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import interfaces
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
@@ -28,7 +29,7 @@ from zope.interface import directlyProvides
 from eth_twisted import security
 from eth_twisted.errors import ConfigError, HandshakeFailed
 from eth_twisted.framing import NetstringDecoder, encode
-from eth_twisted.model import Message
+from eth_twisted.model import MAX_CLIENT_ID, Message, bounded
 from eth_twisted.protocol import ReceiverFactory
 from eth_twisted.security import (
     AuthClientEndpoint,
@@ -43,7 +44,7 @@ from eth_twisted.security import (
     server_proof,
     server_tls_options,
 )
-from tests.certs import PKI, issue_into, make_pki
+from tests.certs import PKI, issue_into, long_subject, make_pki, write_lax_printable
 
 SECRET = b"correct horse battery staple!"
 WRONG = b"incorrect horse battery staple"
@@ -815,6 +816,73 @@ def test_tls_gate_sets_client_id_on_handshake() -> None:
     proto2.makeConnection(t2)
     clock.advance(5)
     assert t2.disconnected and failures == ["timeout"]
+
+
+class CertTransport(StringTransport):
+    """A StringTransport whose peer presented ``cert_file`` (a PEM certificate), as a TLS one would."""
+
+    def __init__(self, cert_file: str) -> None:
+        from OpenSSL import crypto
+
+        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 4242))
+        self.cert = crypto.load_certificate(crypto.FILETYPE_PEM, Path(cert_file).read_bytes())
+
+    def getPeerCertificate(self) -> Any:
+        return self.cert
+
+
+def tls_gate_with(transport: StringTransport) -> tuple[Any, RecorderFactory, list[str]]:
+    """A server TLS gate connection on ``transport`` whose handshake has just completed."""
+    inner = RecorderFactory()
+    failures: list[str] = []
+    gate = TLSGateFactory(inner, clock=Clock(), timeout=5, on_failure=failures.append)
+    proto = gate.buildProtocol(None)
+    proto.makeConnection(transport)
+    proto.handshakeCompleted()
+    return proto, inner, failures
+
+
+def test_tls_gate_bounds_a_long_subject_and_logs_it_whole(pki: PKI) -> None:
+    """A 300+ character subject becomes a 255-character client_id (model.bounded); the log has it all."""
+    from twisted.logger import capturedLogs
+
+    pair = issue_into(pki, "long-client", "unused", subject=long_subject())
+    subject = long_subject().rfc4514_string()
+    assert len(subject) > 300
+    with capturedLogs() as events:
+        _, inner, failures = tls_gate_with(CertTransport(pair.cert))
+    client_id = inner.built[0].client_id
+    assert client_id == bounded(subject, MAX_CLIENT_ID) and len(client_id) == MAX_CLIENT_ID
+    assert client_id.startswith(subject[:100]) and failures == []
+    connected = [e for e in events if e.get("subject") == subject]
+    assert len(connected) == 1 and connected[0]["client_id"] == client_id
+    assert "192.0.2.7" in connected[0]["peer"]
+
+
+def test_tls_gate_keeps_a_short_subject_as_is(pki: PKI) -> None:
+    """A subject that fits its column is the client_id unchanged."""
+    _, inner, _ = tls_gate_with(CertTransport(pki.client.cert))
+    assert inner.built[0].client_id == pki.client_subject
+
+
+def test_subject_cryptography_cannot_parse_still_names_the_client(pki: PKI) -> None:
+    """A CA-signed PrintableString CN with _ and @ (OpenSSL verifies it) is a client_id, not a traceback."""
+    pair = write_lax_printable(pki, "lax-client", "svc_eth@corp")
+    proto, inner, failures = tls_gate_with(CertTransport(pair.cert))
+    assert proto.state == "open" and failures == []
+    assert inner.built[0].client_id == "CN=svc_eth@corp,O=eth-twisted test"
+
+
+def test_unprintable_subject_characters_are_escaped(pki: PKI) -> None:
+    """Control and bidi-override characters in a subject are RFC 4514 hex escapes (safe in a log line)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "evil\n\x1b[31m\u202eok")])
+    pair = issue_into(pki, "unprintable", "unused", subject=name)
+    identity = peer_identity(CertTransport(pair.cert))
+    assert identity == "CN=evil\\0A\\1B[31m\\E2\\80\\AEok"
+    assert identity is not None and identity.isprintable()
 
 
 def test_load_secret_sources(tmp_path: Path) -> None:

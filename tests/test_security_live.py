@@ -40,7 +40,7 @@ from eth_twisted.security import (
     server_tls_options,
 )
 from eth_twisted.sender import DeliveryService
-from tests.certs import PKI, PemPair, issue_into, make_pki
+from tests.certs import PKI, PemPair, issue_into, make_pki, write_lax_printable
 from tests.support import async_wait_until
 
 pytestmark = pytest.mark.live
@@ -293,6 +293,20 @@ def test_mtls_refuses_clients_without_a_good_certificate(
     assert server.got == [] and server.receiver.connections == set()
 
 
+@pytest_twisted.inlineCallbacks
+def test_mtls_client_whose_subject_cryptography_refuses_is_served(
+    pki: PKI, server: LinkServer
+) -> Generator[Any, Any, None]:
+    """A CA-signed certificate with _ and @ in a PrintableString CN: answered OK, named by its subject."""
+    pair = write_lax_printable(pki, "lax-client", "svc_eth@corp")
+    port = yield server.start(pki, client_ca=pki.ca)
+    _, _, _, replies = yield threads.deferToThread(
+        python_tls_exchange, port, pki.ca, b"lax subject", client_cert=pair
+    )
+    assert replies == [b"OK " + sha256_hex(b"lax subject").encode()]
+    assert [m.client_id for m in server.got] == ["CN=svc_eth@corp,O=eth-twisted test"]
+
+
 # -- shared secret over TLS ----------------------------------------------------------------
 
 
@@ -486,13 +500,17 @@ def python_tls_exchange(
     *,
     alpn: list[str] | None = None,
     ciphers: str | None = None,
+    client_cert: PemPair | None = None,
 ) -> tuple[str | None, str, str | None, list[bytes]]:
     """Blocking: connect with Python's ssl, send one netstring, read one reply.
 
     Returns (TLS version, cipher, selected ALPN protocol, replies). With
-    ``ciphers`` the client speaks TLS 1.2 only, offering just those suites.
+    ``ciphers`` the client speaks TLS 1.2 only, offering just those suites;
+    with ``client_cert`` it presents that certificate.
     """
     context = ssl.create_default_context(cafile=ca)
+    if client_cert is not None:
+        context.load_cert_chain(client_cert.cert, client_cert.key)
     if alpn:
         context.set_alpn_protocols(alpn)
     if ciphers:
