@@ -81,7 +81,7 @@ import re
 import secrets
 import stat
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,15 +108,19 @@ from zope.interface import implementer
 
 from eth_twisted.errors import ConfigError, HandshakeFailed
 from eth_twisted.framing import NetstringDecoder, encode
-from eth_twisted.model import MAX_CLIENT_ID, bounded
+from eth_twisted.model import MAX_CLIENT_ID, bounded, normalise_ip
+from eth_twisted.protocol import peer_group
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_PENDING_PER_GROUP",
     "LINK_CIPHERS",
     "MIN_SECRET_BYTES",
     "AuthClientEndpoint",
     "AuthClientFactory",
     "AuthServerFactory",
+    "PendingHandshakes",
     "TLSGateFactory",
     "check_secret_transport",
     "client_proof",
@@ -136,6 +140,11 @@ NONCE_BYTES = 32
 MIN_SECRET_BYTES = 16
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_PENDING = 1024
+"""Handshakes a server gate holds at once; past it the newest connection evicts an old one."""
+DEFAULT_MAX_PENDING_PER_GROUP = 64
+"""Handshakes one address group (an IPv4 address, an IPv6 /64) holds at once in a server gate."""
+EARLY_DATA_MAX = 64 * 1024
+"""Bytes the TLS gate keeps that race its handshake's completion (times ``max_pending``: 64 MiB at most)."""
 HANDSHAKE_MAX_LENGTH = 4096
 """Longest frame read before authentication (data frames up to this get ``ERR <sha> auth``)."""
 CREDENTIALS_NAME = "link-secret"
@@ -619,6 +628,92 @@ def _peer_text(transport: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _peer_group(transport: Any) -> str:
+    """The address group a connection counts against (``protocol.peer_group``), ``-`` without one."""
+    try:
+        host = getattr(transport.getPeer(), "host", None)
+    except Exception:  # noqa: BLE001
+        host = None
+    return peer_group(normalise_ip(host)) if isinstance(host, str) and host else "-"
+
+
+class PendingHandshakes:
+    """Connections still in a handshake, by address group, oldest first; full means evict, not refuse.
+
+    ``add`` never refuses the newcomer. When its group already holds
+    ``max_per_group`` it evicts that group's oldest; else, when the table
+    holds ``max_total``, it evicts the oldest of the group holding the most
+    (the first to reach that size, on a tie). Silent connections from a few
+    addresses can then never lock out a client that completes its handshake
+    promptly: at worst they push each other out. Every operation is O(1)
+    (groups are kept in buckets by size, like an LFU cache). ``None`` means
+    no limit (the client side, which has one connection).
+    """
+
+    def __init__(self, max_total: int | None = None, max_per_group: int | None = None) -> None:
+        if (max_total is not None and max_total < 1) or (max_per_group is not None and max_per_group < 1):
+            raise ValueError("pending handshake limits must be at least 1")
+        self.max_total = max_total
+        self.max_per_group = max_per_group
+        self._groups: dict[str, dict[Any, None]] = {}  # group -> its connections, oldest first
+        self._group_of: dict[Any, str] = {}
+        self._by_size: dict[int, dict[str, None]] = {}  # size -> groups of that size, by arrival
+        self._largest = 0
+
+    def __len__(self) -> int:
+        return len(self._group_of)
+
+    def __contains__(self, proto: object) -> bool:
+        return proto in self._group_of
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._group_of))
+
+    def group_size(self, group: str) -> int:
+        """How many handshakes ``group`` holds."""
+        return len(self._groups.get(group, ()))
+
+    def add(self, proto: Any, group: str) -> Any | None:
+        """Hold ``proto`` under ``group``; returns the connection it evicted (already removed), if any."""
+        victim = None
+        if self.max_per_group is not None and self.group_size(group) >= self.max_per_group:
+            victim = next(iter(self._groups[group]))
+        elif self.max_total is not None and len(self) >= self.max_total:
+            largest = next(iter(self._by_size[self._largest]))
+            victim = next(iter(self._groups[largest]))
+        if victim is not None:
+            self.discard(victim)
+        members = self._groups.setdefault(group, {})
+        self._move(group, len(members), len(members) + 1)
+        members[proto] = None
+        self._group_of[proto] = group
+        return victim
+
+    def discard(self, proto: Any) -> None:
+        """Forget ``proto`` (it opened, failed or closed); nothing if it is not held."""
+        group = self._group_of.pop(proto, None)
+        if group is None:
+            return
+        members = self._groups[group]
+        del members[proto]
+        self._move(group, len(members) + 1, len(members))
+        if not members:
+            del self._groups[group]
+
+    def _move(self, group: str, old: int, new: int) -> None:
+        if old:
+            bucket = self._by_size[old]
+            del bucket[group]
+            if not bucket:
+                del self._by_size[old]
+        if new:
+            self._by_size.setdefault(new, {})[group] = None
+        if new > self._largest:
+            self._largest = new
+        while self._largest and self._largest not in self._by_size:
+            self._largest -= 1
+
+
 class _GateFactory(Factory):
     """Wraps ``inner_factory``; its protocols hold each connection until a check passes."""
 
@@ -634,6 +729,8 @@ class _GateFactory(Factory):
         clock: interfaces.IReactorTime,
         timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         on_failure: OnFailure | None = None,
+        max_pending: int | None = None,
+        max_pending_per_group: int | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -641,7 +738,9 @@ class _GateFactory(Factory):
         self.clock = clock
         self.timeout = timeout
         self.on_failure = on_failure
-        self.pending: set[_GateProtocol] = set()
+        self.max_pending = max_pending
+        self.max_pending_per_group = max_pending_per_group
+        self.pending = PendingHandshakes(max_pending, max_pending_per_group)
         self.failures: dict[str, int] = {}
         self._limiter = _LogLimiter(clock)
 
@@ -702,6 +801,7 @@ class _GateProtocol(Protocol):
         self.inner: Any = None
         self.state = "waiting"  # waiting -> open | failed
         self.peer = "-"
+        self.group = "-"  # the address group it counts against in the pending table
         self.client_id: str | None = None
         self._timer: Any = None
 
@@ -709,8 +809,18 @@ class _GateProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.peer = _peer_text(self.transport)
-        self.factory.pending.add(self)
-        self._timer = self.factory.clock.callLater(self.factory.timeout, self._timed_out)
+        self.group = _peer_group(self.transport)
+        f = self.factory
+        victim = f.pending.add(self, self.group)
+        self._timer = f.clock.callLater(f.timeout, self._timed_out)
+        if victim is not None:
+            victim._fail(
+                "evicted",
+                f"handshake table full ({len(f.pending)} pending, at most {f.max_pending}; "
+                f"{f.pending.group_size(victim.group)} from its address group, at most "
+                f"{f.max_pending_per_group}): the oldest of the largest group makes room",
+                close="abort",
+            )
         self.gate_started()
 
     def gate_started(self) -> None:
@@ -847,7 +957,7 @@ class _TLSGateProtocol(_GateProtocol):
         # The TLS layer delivers application data only after the handshake;
         # keep anything that races handshakeCompleted, bounded.
         self._early += data
-        if len(self._early) > 1 << 20:
+        if len(self._early) > EARLY_DATA_MAX:
             self._fail(
                 "early-data", "too much data before the TLS handshake completed", close="abort"
             )
@@ -892,6 +1002,9 @@ class TLSGateFactory(_GateFactory):
     handshakes (``on_failure("tls")``, ``on_failure("timeout")``), and sets
     ``client_id`` on the inner protocol to the client certificate's subject
     when there is one (mutual TLS), bounded to ``MAX_CLIENT_ID`` characters.
+    Like the shared-secret gate it holds at most ``max_pending`` handshakes,
+    ``max_pending_per_group`` per address group, evicting the oldest of the
+    largest group rather than refusing (``on_failure("evicted")``).
     """
 
     gate_protocol = _TLSServerGateProtocol
@@ -904,8 +1017,13 @@ class TLSGateFactory(_GateFactory):
         clock: interfaces.IReactorTime,
         timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         on_failure: OnFailure | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_per_group: int = DEFAULT_MAX_PENDING_PER_GROUP,
     ) -> None:
-        super().__init__(inner_factory, clock=clock, timeout=timeout, on_failure=on_failure)
+        super().__init__(
+            inner_factory, clock=clock, timeout=timeout, on_failure=on_failure,
+            max_pending=max_pending, max_pending_per_group=max_pending_per_group,
+        )
 
 
 class _ClientGateFactory(_GateFactory):
@@ -996,9 +1114,6 @@ class _AuthServerProtocol(_GateProtocol):
         if not f.allow_plaintext and not is_tls(self.transport):
             self._fail("plaintext", "shared-secret handshake refused over plaintext", close="abort")
             return
-        if len(f.pending) > f.max_pending:
-            self._fail("busy", f"more than {f.max_pending} handshakes in progress", close="abort")
-            return
         self._decoder = NetstringDecoder(HANDSHAKE_MAX_LENGTH)
         self._raw = bytearray()
         self._server_nonce = _nonce()
@@ -1059,9 +1174,12 @@ class AuthServerFactory(_GateFactory):
     closed, and nothing behind it is ever read; no ``AUTH`` within
     ``timeout`` seconds aborts the connection. Over a non-TLS transport each
     connection is aborted unless ``allow_plaintext``. At most
-    ``max_pending`` handshakes run at once. ``on_failure(reason)`` is called
-    for each refusal (reasons: ``bad-proof``, ``not-auth``, ``malformed``,
-    ``bad-frame``, ``timeout``, ``closed``, ``plaintext``, ``busy``).
+    ``max_pending`` handshakes run at once, ``max_pending_per_group`` from
+    one address group; a newcomer past either evicts (aborts) an old one
+    (:class:`PendingHandshakes`) and is never refused. ``on_failure(reason)``
+    is called for each refusal (reasons: ``bad-proof``, ``not-auth``,
+    ``malformed``, ``bad-frame``, ``timeout``, ``closed``, ``plaintext``,
+    ``evicted``).
     """
 
     gate_protocol = _AuthServerProtocol
@@ -1077,12 +1195,15 @@ class AuthServerFactory(_GateFactory):
         *,
         on_failure: OnFailure | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_per_group: int = DEFAULT_MAX_PENDING_PER_GROUP,
     ) -> None:
-        super().__init__(inner_factory, clock=clock, timeout=timeout, on_failure=on_failure)
+        super().__init__(
+            inner_factory, clock=clock, timeout=timeout, on_failure=on_failure,
+            max_pending=max_pending, max_pending_per_group=max_pending_per_group,
+        )
         _check_secret(secret)
         self.secret = secret
         self.allow_plaintext = allow_plaintext
-        self.max_pending = max_pending
 
 
 def _check_secret(secret: bytes) -> None:

@@ -306,20 +306,127 @@ def test_server_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(calls) == 1 and inner.built == []
 
 
-def test_max_pending_handshakes() -> None:
-    """Beyond max_pending concurrent handshakes a new connection is aborted."""
+def peer_transport(host: str, port: int = 40000) -> StringTransport:
+    """A TLS-flagged StringTransport whose peer is ``host`` (IPv4 or IPv6)."""
+    from twisted.internet.address import IPv6Address
+
+    address: Any = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+    t = StringTransport(peerAddress=address)
+    directlyProvides(t, interfaces.ISSLTransport)
+    return t
+
+
+def connect_from(factory: Any, host: str, port: int = 40000) -> tuple[Any, StringTransport]:
+    """A new gate connection from ``host`` (its handshake not begun)."""
+    t = peer_transport(host, port)
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(t)
+    return proto, t
+
+
+def test_full_handshake_table_evicts_instead_of_refusing() -> None:
+    """With max_pending held by silent peers, a client with the right secret still gets in and is served."""
     clock = Clock()
     failures: list[str] = []
-    factory = AuthServerFactory(
-        RecorderFactory(), SECRET, clock, max_pending=2, on_failure=failures.append
-    )
-    transports = []
-    for _ in range(3):
-        t = tls_transport()
-        factory.buildProtocol(None).makeConnection(t)
-        transports.append(t)
-    assert [t.disconnected for t in transports] == [False, False, True]
-    assert failures == ["busy"] and len(factory.pending) == 2
+    inner = RecorderFactory()
+    factory = AuthServerFactory(inner, SECRET, clock, max_pending=4, on_failure=failures.append)
+    silent = [connect_from(factory, f"192.0.2.{1 + n % 2}", 1000 + n) for n in range(4)]
+    assert len(factory.pending) == 4 and failures == []
+    proto, t = connect_from(factory, "198.51.100.9")
+    assert failures == ["evicted"] and len(factory.pending) == 4
+    assert silent[0][1].disconnected, "the oldest of the largest group makes room"
+    assert [s[1].disconnected for s in silent[1:]] == [False, False, False]
+    assert not t.disconnected
+    proto.dataReceived(auth_frame(hello_nonce(t))[0] + encode(b"payload"))
+    assert frames_of(t.value())[1].startswith(b"AUTH-OK ")
+    assert inner.built[0].frames == [b"payload"] and proto not in factory.pending
+
+
+def test_per_group_cap_evicts_the_groups_own_oldest() -> None:
+    """One address past max_pending_per_group pushes out its own oldest handshake, not another's."""
+    clock = Clock()
+    failures: list[str] = []
+    factory = AuthServerFactory(RecorderFactory(), SECRET, clock, max_pending=100,
+                                max_pending_per_group=2, on_failure=failures.append)
+    other, other_t = connect_from(factory, "198.51.100.1")
+    mine = [connect_from(factory, "192.0.2.1", 1000 + n) for n in range(5)]
+    assert [m[1].disconnected for m in mine] == [True, True, True, False, False]
+    assert failures == ["evicted"] * 3 and not other_t.disconnected
+    assert factory.pending.group_size("192.0.2.1") == 2 and len(factory.pending) == 3
+
+
+def test_ipv6_peers_are_grouped_by_64() -> None:
+    """Addresses in one IPv6 /64 share one group's cap; another /64 is its own group."""
+    factory = AuthServerFactory(RecorderFactory(), SECRET, Clock(), max_pending_per_group=2)
+    same = [connect_from(factory, f"2001:db8:1:2::{n:x}")[1] for n in range(1, 4)]
+    other = connect_from(factory, "2001:db8:1:3::1")[1]
+    assert [t.disconnected for t in same] == [True, False, False] and not other.disconnected
+    assert factory.pending.group_size("2001:db8:1:2::/64") == 2
+
+
+def test_tls_gate_has_the_same_eviction_policy() -> None:
+    """The TLS gate's table (connections still in their TLS handshake) is capped and evicts too."""
+    clock = Clock()
+    failures: list[str] = []
+    inner = RecorderFactory()
+    gate = TLSGateFactory(inner, clock=clock, max_pending=3, max_pending_per_group=2,
+                          on_failure=failures.append)
+    silent = [connect_from(gate, f"192.0.2.{1 + n % 2}", 1000 + n)[1] for n in range(4)]
+    # the 4th finds the table full: the oldest of 192.0.2.1 (2 held, there first) goes
+    assert [t.disconnected for t in silent] == [True, False, False, False]
+    proto, t = connect_from(gate, "198.51.100.9")
+    assert [t.disconnected for t in silent] == [True, True, False, False], "now 192.0.2.2 holds most"
+    assert failures == ["evicted", "evicted"] and len(gate.pending) == 3 and not t.disconnected
+    proto.handshakeCompleted()
+    assert inner.built[-1].made and len(gate.pending) == 2
+    assert security.DEFAULT_MAX_PENDING == TLSGateFactory(inner, clock=clock).pending.max_total
+
+
+def test_tls_gate_early_data_is_bounded_in_bytes() -> None:
+    """Bytes racing the TLS handshake are kept up to 64 KiB (x the table's 1,024 = 64 MiB), then the peer is aborted."""
+    failures: list[str] = []
+    gate = TLSGateFactory(RecorderFactory(), clock=Clock(), on_failure=failures.append)
+    proto, t = connect_from(gate, "192.0.2.1")
+    proto.dataReceived(b"x" * (64 * 1024))
+    assert failures == [] and not t.disconnected
+    proto.dataReceived(b"x")
+    assert failures == ["early-data"] and t.disconnected
+    assert security.EARLY_DATA_MAX * security.DEFAULT_MAX_PENDING == 64 * 1024 * 1024
+
+
+def test_pending_table_picks_the_largest_group_first_to_reach_its_size() -> None:
+    """PendingHandshakes: full, it evicts the oldest of the largest group; sizes follow adds and discards."""
+    table = security.PendingHandshakes(max_total=5)
+    for name, group in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("b2", "b"), ("c1", "c")]:
+        assert table.add(name, group) is None
+    assert table.add("c2", "c") == "a1", "a and b both hold 2; a got there first"
+    assert table.add("c3", "c") == "b1", "b and c hold 2; b got there first"
+    assert table.add("d1", "d") == "c1", "c holds 3"
+    table.discard("c2")
+    table.discard("c3")
+    assert table.group_size("c") == 0 and len(table) == 3
+    assert table.add("e1", "e") is None and table.add("e2", "e") is None
+    assert table.add("e3", "e") == "e1"
+    assert set(table) == {"a2", "b2", "d1", "e2", "e3"}
+
+
+def test_pending_table_work_is_linear() -> None:
+    """A full table with thousands of one-connection groups costs the same per add: 10x adds, ~10x time."""
+    import time
+
+    def run(n: int) -> float:
+        table = security.PendingHandshakes(max_total=n // 2, max_per_group=4)
+        start = time.perf_counter()
+        for i in range(n):
+            table.add(i, f"g{i}")
+        for i in range(n // 2, n):
+            table.discard(i)
+        return time.perf_counter() - start
+
+    run(2000)  # warm up
+    small = min(run(2000) for _ in range(3))
+    large = min(run(20000) for _ in range(3))
+    assert large / small < 30, f"10x the connections cost {large / small:.1f}x the time"
 
 
 def test_short_secret_rejected() -> None:

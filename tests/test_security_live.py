@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import NetstringReceiver
 from twisted.python.failure import Failure
@@ -36,6 +36,7 @@ from eth_twisted.security import (
     AuthServerFactory,
     TLSGateFactory,
     client_tls_endpoint,
+    client_tls_options,
     listen_endpoint,
     server_tls_options,
 )
@@ -83,6 +84,7 @@ class LinkServer:
         self.receiver = ReceiverFactory(self.submit, clock=reactor)
         self.port: Any = None
         self.made = 0
+        self.gates: list[Any] = []
 
     def submit(self, message: Message, reply: Any) -> None:
         self.got.append(message)
@@ -97,16 +99,20 @@ class LinkServer:
         cert: Any = None,
         secret: bytes | None = None,
         timeout: float = 10.0,
+        **limits: int,
     ) -> Generator[Any, Any, int]:
+        """Listen; ``limits`` (max_pending, max_pending_per_group) go to both gates."""
         cert = cert or pki.server
         factory: Any = self.receiver
         if secret is not None:
             factory = AuthServerFactory(
-                factory, secret, reactor, timeout, on_failure=self.failures.append
+                factory, secret, reactor, timeout, on_failure=self.failures.append, **limits
             )
+            self.gates.append(factory)
         factory = TLSGateFactory(
-            factory, clock=reactor, timeout=timeout, on_failure=self.failures.append
+            factory, clock=reactor, timeout=timeout, on_failure=self.failures.append, **limits
         )
+        self.gates.append(factory)
         tls = server_tls_options(cert.cert, cert.key, client_ca_file=client_ca)
         self.port = yield listen_endpoint(reactor, "tcp:0:interface=127.0.0.1", tls=tls).listen(
             factory
@@ -115,6 +121,8 @@ class LinkServer:
 
     @defer.inlineCallbacks
     def stop(self) -> Generator[Any, Any, None]:
+        for gate in self.gates:
+            gate.abort_pending()
         self.receiver.close_all()
         if self.port is not None:
             yield self.port.stopListening()
@@ -488,6 +496,93 @@ def test_plaintext_secret_listener_refuses_without_flag() -> Generator[Any, Any,
         assert proto.replies == [] and failures == ["plaintext"]
     finally:
         yield port.stopListening()
+
+
+# -- pending handshakes: silent peers cannot lock out a client with the right secret ------
+
+
+class Silent(Protocol):
+    """Connects and never says a word (a slot holder)."""
+
+    def __init__(self) -> None:
+        self.lost = False
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+
+
+@defer.inlineCallbacks
+def silent_connections(port: int, hosts: list[str], per_host: int, pki: PKI | None = None) -> Any:
+    """``per_host`` silent connections from each loopback address in ``hosts``; TLS ones with ``pki``."""
+    made: list[Silent] = []
+    for host in hosts:
+        for _ in range(per_host):
+            endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(host, 0))
+            if pki is not None:
+                endpoint = wrapClientTLS(client_tls_options("127.0.0.1", pki.ca), endpoint)
+            made.append((yield endpoint.connect(Factory.forProtocol(Silent))))
+    return made
+
+
+def abort_all(protocols: list[Any]) -> None:
+    """Abort every connection still open."""
+    for proto in protocols:
+        if not proto.lost:
+            proto.transport.abortConnection()
+
+
+HOSTS = [f"127.0.0.{n}" for n in range(2, 8)]  # 6 silent addresses, 10 connections each
+
+
+@pytest_twisted.inlineCallbacks
+def test_silent_tls_peers_cannot_fill_the_tls_gate(
+    pki: PKI, server: LinkServer
+) -> Generator[Any, Any, None]:
+    """60 silent TCP connections from 6 addresses, table 32 (8 per address): a TLS client is still answered."""
+    port = yield server.start(pki, timeout=120, max_pending=32, max_pending_per_group=8)
+    (gate,) = server.gates
+    silent = yield silent_connections(port, HOSTS, 10)
+    try:
+        yield async_wait_until(lambda: server.failures.count("evicted") >= 28, timeout=15,
+                               what="the gate to evict down to its table size")
+        assert len(gate.pending) == 32 and max(gate.pending.group_size(h) for h in HOSTS) <= 8
+        endpoint = client_tls_endpoint(reactor, "127.0.0.1", port, ca_file=pki.ca)
+        proto = yield endpoint.connect(ClientFactory())
+        proto.sendString(b"through a full table")
+        yield async_wait_until(lambda: proto.replies, timeout=10, what="the reply")
+        assert proto.replies == [b"OK " + sha256_hex(b"through a full table").encode()]
+        assert set(server.failures) == {"evicted"}, "nothing timed out: the table made the room"
+        proto.transport.loseConnection()
+    finally:
+        abort_all(silent)
+
+
+@pytest_twisted.inlineCallbacks
+def test_silent_authenticated_tls_peers_cannot_lock_out_the_secret(
+    pki: PKI, server: LinkServer
+) -> Generator[Any, Any, None]:
+    """60 TLS connections from 6 addresses that never send AUTH, table 32: the right secret gets AUTH-OK and OK."""
+    port = yield server.start(pki, secret=SECRET, timeout=120, max_pending=32, max_pending_per_group=8)
+    auth_gate, tls_gate = server.gates
+    silent = yield silent_connections(port, HOSTS, 10, pki=pki)
+    try:
+        yield async_wait_until(lambda: server.failures.count("evicted") >= 28, timeout=30,
+                               what="the handshake gate to evict down to its table size")
+        yield async_wait_until(lambda: len(tls_gate.pending) == 0, timeout=30,
+                               what="every silent peer's TLS handshake to finish")
+        assert len(auth_gate.pending) == 32
+        endpoint = AuthClientEndpoint(
+            client_tls_endpoint(reactor, "127.0.0.1", port, ca_file=pki.ca), SECRET, NAME, reactor
+        )
+        proto = yield endpoint.connect(ClientFactory())
+        proto.sendString(b"the right secret")
+        yield async_wait_until(lambda: proto.replies, timeout=10, what="the reply")
+        assert proto.replies == [b"OK " + sha256_hex(b"the right secret").encode()]
+        assert [m.client_id for m in server.got] == [NAME]
+        assert set(server.failures) == {"evicted"} and len(auth_gate.pending) == 31
+        proto.transport.loseConnection()
+    finally:
+        abort_all(silent)
 
 
 # -- TLS policy: ALPN and cipher suites, seen by real clients and scanners ---------------------
