@@ -22,9 +22,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import NetstringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from eth_twisted.errors import HandshakeFailed
 from eth_twisted.framing import NetstringDecoder, encode
@@ -501,11 +503,16 @@ def test_plaintext_secret_listener_refuses_without_flag() -> Generator[Any, Any,
 # -- pending handshakes: silent peers cannot lock out a client with the right secret ------
 
 
+@implementer(IHandshakeListener)
 class Silent(Protocol):
-    """Connects and never says a word (a slot holder)."""
+    """Connects (completing TLS, over TLS) and never says a word: a slot holder."""
 
     def __init__(self) -> None:
         self.lost = False
+        self.handshaken = False
+
+    def handshakeCompleted(self) -> None:
+        self.handshaken = True
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
