@@ -81,6 +81,7 @@ import re
 import secrets
 import stat
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -646,8 +647,10 @@ class PendingHandshakes:
     (the first to reach that size, on a tie). Silent connections from a few
     addresses can then never lock out a client that completes its handshake
     promptly: at worst they push each other out. Every operation is O(1)
-    (groups are kept in buckets by size, like an LFU cache). ``None`` means
-    no limit (the client side, which has one connection).
+    (groups are kept in buckets by size, like an LFU cache; OrderedDicts,
+    because finding the first key of a plain dict whose front was deleted
+    scans the deleted slots). ``None`` means no limit (the client side, which
+    has one connection).
     """
 
     def __init__(self, max_total: int | None = None, max_per_group: int | None = None) -> None:
@@ -655,9 +658,9 @@ class PendingHandshakes:
             raise ValueError("pending handshake limits must be at least 1")
         self.max_total = max_total
         self.max_per_group = max_per_group
-        self._groups: dict[str, dict[Any, None]] = {}  # group -> its connections, oldest first
+        self._groups: dict[str, OrderedDict[Any, None]] = {}  # group -> its connections, oldest first
         self._group_of: dict[Any, str] = {}
-        self._by_size: dict[int, dict[str, None]] = {}  # size -> groups of that size, by arrival
+        self._by_size: dict[int, OrderedDict[str, None]] = {}  # size -> groups of that size, by arrival
         self._largest = 0
 
     def __len__(self) -> int:
@@ -683,7 +686,9 @@ class PendingHandshakes:
             victim = next(iter(self._groups[largest]))
         if victim is not None:
             self.discard(victim)
-        members = self._groups.setdefault(group, {})
+        members = self._groups.get(group)
+        if members is None:
+            members = self._groups[group] = OrderedDict()
         self._move(group, len(members), len(members) + 1)
         members[proto] = None
         self._group_of[proto] = group
@@ -702,12 +707,15 @@ class PendingHandshakes:
 
     def _move(self, group: str, old: int, new: int) -> None:
         if old:
-            bucket = self._by_size[old]
-            del bucket[group]
-            if not bucket:
+            previous = self._by_size[old]
+            del previous[group]
+            if not previous:
                 del self._by_size[old]
         if new:
-            self._by_size.setdefault(new, {})[group] = None
+            bucket = self._by_size.get(new)
+            if bucket is None:
+                bucket = self._by_size[new] = OrderedDict()
+            bucket[group] = None
         if new > self._largest:
             self._largest = new
         while self._largest and self._largest not in self._by_size:
