@@ -27,17 +27,21 @@ TLS
     cipher list on both ends (:data:`LINK_CIPHERS`: forward-secret AEAD only,
     no static-RSA key exchange, no CBC), client-initiated renegotiation off,
     and an ALPN answer that lets clients offering protocols we do not speak
-    (curl, browsers, HAProxy ``check-ssl``) connect without one. The client checks the chain against ``ca_file`` (or the
-    platform's trust store) and the host name or IP address with
-    service_identity. There is no fallback to plaintext: a TLS failure is a
-    connection failure. With ``client_ca_file`` the server requires a client
-    certificate issued by that CA; :class:`TLSGateFactory` sets the inner
-    protocol's ``client_id`` to the certificate subject (RFC 4514, e.g.
-    ``CN=client-1,O=eth``; one longer than the 255-character column is
-    stored as a prefix plus a digest, and logged in full at connect). Caveat: with TLS 1.3 the client finishes its side
-    of the handshake before the server has judged the client certificate, so
-    a client refused for its certificate sees a connection that closes at once
-    (nothing it wrote is delivered); the server logs the reason.
+    (curl, browsers, HAProxy ``check-ssl``) connect without one. The client
+    checks the chain against ``ca_file`` (or the platform's trust store) and
+    the host name or IP address with service_identity. There is no fallback
+    to plaintext: a TLS failure is a connection failure. With
+    ``client_ca_file`` the server requires a client certificate issued by
+    that CA; :class:`TLSGateFactory` sets the inner protocol's ``client_id``
+    to the certificate subject (RFC 4514, e.g. ``CN=client-1,O=eth``; one
+    longer than the 255-character column is stored as a prefix plus a digest,
+    and logged in full at connect). Caveat: with TLS 1.3 the client finishes
+    its side of the handshake before the server has judged the client
+    certificate, so a client refused for its certificate sees a connection
+    that closes at once (nothing it wrote is delivered); the server logs the
+    reason. Both server gates hold at most ``max_pending`` handshakes
+    (``max_pending_per_group`` per address group) and evict rather than
+    refuse (:class:`PendingHandshakes`).
 
 Shared-secret handshake ("eth/1"), mutual HMAC-SHA256 challenge-response.
 Every frame is a netstring; nonces are 32 random bytes as 64 lowercase hex
@@ -485,7 +489,9 @@ def peer_identity(transport: Any) -> str | None:
         pass
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # X509.get_subject: the only parse left
+            warnings.simplefilter(
+                "ignore", DeprecationWarning
+            )  # X509.get_subject: the only parse left
             components = cert.get_subject().get_components()
         return ",".join(
             f"{_escape_value(key)}={_escape_value(value)}" for key, value in reversed(components)
@@ -502,7 +508,11 @@ def _escape_value(raw: bytes) -> str:
     """Raw attribute bytes as an RFC 4514 value: printable ASCII as is, specials and the rest as ``\\XX``."""
     out = []
     for i, byte in enumerate(raw):
-        if byte in _RFC4514_SPECIAL or (byte in b"# " and i == 0) or (byte == 0x20 and i == len(raw) - 1):
+        if (
+            byte in _RFC4514_SPECIAL
+            or (byte in b"# " and i == 0)
+            or (byte == 0x20 and i == len(raw) - 1)
+        ):
             out.append("\\" + chr(byte))
         elif 0x20 <= byte < 0x7F:
             out.append(chr(byte))
@@ -516,7 +526,9 @@ def _escape_unprintable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(
-        ch if ch.isprintable() else "".join(f"\\{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+        ch
+        if ch.isprintable()
+        else "".join(f"\\{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
         for ch in text
     )
 
@@ -654,13 +666,19 @@ class PendingHandshakes:
     """
 
     def __init__(self, max_total: int | None = None, max_per_group: int | None = None) -> None:
-        if (max_total is not None and max_total < 1) or (max_per_group is not None and max_per_group < 1):
+        if (max_total is not None and max_total < 1) or (
+            max_per_group is not None and max_per_group < 1
+        ):
             raise ValueError("pending handshake limits must be at least 1")
         self.max_total = max_total
         self.max_per_group = max_per_group
-        self._groups: dict[str, OrderedDict[Any, None]] = {}  # group -> its connections, oldest first
+        self._groups: dict[
+            str, OrderedDict[Any, None]
+        ] = {}  # group -> its connections, oldest first
         self._group_of: dict[Any, str] = {}
-        self._by_size: dict[int, OrderedDict[str, None]] = {}  # size -> groups of that size, by arrival
+        self._by_size: dict[
+            int, OrderedDict[str, None]
+        ] = {}  # size -> groups of that size, by arrival
         self._largest = 0
 
     def __len__(self) -> int:
@@ -1029,8 +1047,12 @@ class TLSGateFactory(_GateFactory):
         max_pending_per_group: int = DEFAULT_MAX_PENDING_PER_GROUP,
     ) -> None:
         super().__init__(
-            inner_factory, clock=clock, timeout=timeout, on_failure=on_failure,
-            max_pending=max_pending, max_pending_per_group=max_pending_per_group,
+            inner_factory,
+            clock=clock,
+            timeout=timeout,
+            on_failure=on_failure,
+            max_pending=max_pending,
+            max_pending_per_group=max_pending_per_group,
         )
 
 
@@ -1206,8 +1228,12 @@ class AuthServerFactory(_GateFactory):
         max_pending_per_group: int = DEFAULT_MAX_PENDING_PER_GROUP,
     ) -> None:
         super().__init__(
-            inner_factory, clock=clock, timeout=timeout, on_failure=on_failure,
-            max_pending=max_pending, max_pending_per_group=max_pending_per_group,
+            inner_factory,
+            clock=clock,
+            timeout=timeout,
+            on_failure=on_failure,
+            max_pending=max_pending,
+            max_pending_per_group=max_pending_per_group,
         )
         _check_secret(secret)
         self.secret = secret

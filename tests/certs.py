@@ -220,7 +220,9 @@ def long_subject(length: int = 320) -> x509.Name:
         x509.NameAttribute(NameOID.COUNTRY_NAME, "GB"),
         x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "Greater London"),
         x509.NameAttribute(NameOID.LOCALITY_NAME, "London"),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Corporation International Holdings plc"),
+        x509.NameAttribute(
+            NameOID.ORGANIZATION_NAME, "Example Corporation International Holdings plc"
+        ),
     ]
     units = [
         "Group Technology Operations and Infrastructure",
@@ -270,10 +272,12 @@ def write_lax_printable(pki: PKI, name: str, cn: str) -> PemPair:
     directory = Path(pki.ca).parent
     ca = load_issued(PemPair(pki.ca, str(directory / "ca.key")))
     placeholder = "Q" * len(cn)
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
-        x509.NameAttribute(NameOID.COMMON_NAME, placeholder, _type=_ASN1Type.PrintableString),
-    ])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+            x509.NameAttribute(NameOID.COMMON_NAME, placeholder, _type=_ASN1Type.PrintableString),
+        ]
+    )
     template = issue(ca, placeholder, subject=subject)
     tbs = template.cert.tbs_certificate_bytes
     assert tbs.count(placeholder.encode()) == 1

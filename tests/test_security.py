@@ -346,8 +346,14 @@ def test_per_group_cap_evicts_the_groups_own_oldest() -> None:
     """One address past max_pending_per_group pushes out its own oldest handshake, not another's."""
     clock = Clock()
     failures: list[str] = []
-    factory = AuthServerFactory(RecorderFactory(), SECRET, clock, max_pending=100,
-                                max_pending_per_group=2, on_failure=failures.append)
+    factory = AuthServerFactory(
+        RecorderFactory(),
+        SECRET,
+        clock,
+        max_pending=100,
+        max_pending_per_group=2,
+        on_failure=failures.append,
+    )
     other, other_t = connect_from(factory, "198.51.100.1")
     mine = [connect_from(factory, "192.0.2.1", 1000 + n) for n in range(5)]
     assert [m[1].disconnected for m in mine] == [True, True, True, False, False]
@@ -369,13 +375,16 @@ def test_tls_gate_has_the_same_eviction_policy() -> None:
     clock = Clock()
     failures: list[str] = []
     inner = RecorderFactory()
-    gate = TLSGateFactory(inner, clock=clock, max_pending=3, max_pending_per_group=2,
-                          on_failure=failures.append)
+    gate = TLSGateFactory(
+        inner, clock=clock, max_pending=3, max_pending_per_group=2, on_failure=failures.append
+    )
     silent = [connect_from(gate, f"192.0.2.{1 + n % 2}", 1000 + n)[1] for n in range(4)]
     # the 4th finds the table full: the oldest of 192.0.2.1 (2 held, there first) goes
     assert [t.disconnected for t in silent] == [True, False, False, False]
     proto, t = connect_from(gate, "198.51.100.9")
-    assert [t.disconnected for t in silent] == [True, True, False, False], "now 192.0.2.2 holds most"
+    assert [t.disconnected for t in silent] == [True, True, False, False], (
+        "now 192.0.2.2 holds most"
+    )
     assert failures == ["evicted", "evicted"] and len(gate.pending) == 3 and not t.disconnected
     proto.handshakeCompleted()
     assert inner.built[-1].made and len(gate.pending) == 2
@@ -699,8 +708,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="module")
 def rsa_server(pki: PKI) -> Any:
     """An RSA server certificate: static-RSA key exchange needs one."""
-    return issue_into(pki, "rsa-server", server=True, dns=("localhost",), ips=("127.0.0.1",),
-                      rsa_bits=2048)
+    return issue_into(
+        pki, "rsa-server", server=True, dns=("localhost",), ips=("127.0.0.1",), rsa_bits=2048
+    )
 
 
 class TLSPair:
@@ -731,8 +741,9 @@ class TLSPair:
         return bool(self.server_tls._handshakeDone and self.client_tls._handshakeDone)
 
 
-def client_options(pki: PKI, *, alpn: list[bytes] | None = None, ciphers: str | None = None,
-                   version: str = "1.2") -> Any:
+def client_options(
+    pki: PKI, *, alpn: list[bytes] | None = None, ciphers: str | None = None, version: str = "1.2"
+) -> Any:
     """A client trusting the test CA; optionally offering ALPN, or only ``ciphers`` over TLS 1.2."""
     from twisted.internet.ssl import AcceptableCiphers, TLSVersion, optionsForClientTLS
 
@@ -741,14 +752,17 @@ def client_options(pki: PKI, *, alpn: list[bytes] | None = None, ciphers: str | 
     if ciphers is not None:
         extra["acceptableCiphers"] = AcceptableCiphers.fromOpenSSLCipherString(ciphers)
         extra["lowerMaximumSecurityTo"] = TLSVersion.TLSv1_2
-    return optionsForClientTLS("localhost", trustRoot=ca, acceptableProtocols=alpn,
-                               extraCertificateOptions=extra)
+    return optionsForClientTLS(
+        "localhost", trustRoot=ca, acceptableProtocols=alpn, extraCertificateOptions=extra
+    )
 
 
 def test_client_offering_alpn_is_served_without_a_protocol(pki: PKI) -> None:
     """A client offering ALPN (h2, http/1.1, as curl does) completes the handshake; none is selected."""
-    tls = TLSPair(server_tls_options(pki.server.cert, pki.server.key),
-                  client_options(pki, alpn=[b"h2", b"http/1.1"]))
+    tls = TLSPair(
+        server_tls_options(pki.server.cert, pki.server.key),
+        client_options(pki, alpn=[b"h2", b"http/1.1"]),
+    )
     assert tls.handshake_done, f"the handshake must complete (client saw {tls.client.lost})"
     assert tls.client.lost is None and tls.server.lost is None
     assert tls.client_tls.negotiatedProtocol is None
@@ -808,14 +822,18 @@ def test_server_offers_only_forward_secret_aead_suites(pki: PKI) -> None:
         ("ECDHE-RSA-CHACHA20-POLY1305", True),
     ],
 )
-def test_server_refuses_static_rsa_and_cbc_clients(pki: PKI, rsa_server: Any, ciphers: str,
-                                                   accepted: bool) -> None:
+def test_server_refuses_static_rsa_and_cbc_clients(
+    pki: PKI, rsa_server: Any, ciphers: str, accepted: bool
+) -> None:
     """Over TLS 1.2 with an RSA certificate: static-RSA-only and CBC-only clients fail, AEAD ECDHE passes."""
-    tls = TLSPair(server_tls_options(rsa_server.cert, rsa_server.key),
-                  client_options(pki, ciphers=ciphers))
+    tls = TLSPair(
+        server_tls_options(rsa_server.cert, rsa_server.key), client_options(pki, ciphers=ciphers)
+    )
     assert tls.handshake_done is accepted
     if not accepted:
-        assert tls.client.lost is not None and "handshake failure" in tls.client.lost.getErrorMessage()
+        assert (
+            tls.client.lost is not None and "handshake failure" in tls.client.lost.getErrorMessage()
+        )
 
 
 def test_client_refuses_a_cbc_only_server(pki: PKI, rsa_server: Any) -> None:
@@ -823,19 +841,29 @@ def test_client_refuses_a_cbc_only_server(pki: PKI, rsa_server: Any) -> None:
     from twisted.internet.ssl import AcceptableCiphers, TLSVersion
 
     server_side = CertificateOptions(
-        privateKey=KeyPair.load(Path(rsa_server.key).read_bytes(), 1).original.to_cryptography_key(),
-        certificate=Certificate.loadPEM(Path(rsa_server.cert).read_bytes()).original.to_cryptography(),
-        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString("ECDHE-RSA-AES128-SHA:AES128-SHA"),
+        privateKey=KeyPair.load(
+            Path(rsa_server.key).read_bytes(), 1
+        ).original.to_cryptography_key(),
+        certificate=Certificate.loadPEM(
+            Path(rsa_server.cert).read_bytes()
+        ).original.to_cryptography(),
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(
+            "ECDHE-RSA-AES128-SHA:AES128-SHA"
+        ),
         lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
     )
-    tls = TLSPair(server_side, security.client_tls_options("127.0.0.1", pki.ca, hostname="localhost"))
+    tls = TLSPair(
+        server_side, security.client_tls_options("127.0.0.1", pki.ca, hostname="localhost")
+    )
     assert not tls.handshake_done and tls.client.lost is not None
 
 
 def test_client_suites_match_the_server_policy(pki: PKI) -> None:
     """The link's client offers only forward-secret AEAD suites in TLS 1.2, and connects to the server."""
-    tls = TLSPair(server_tls_options(pki.server.cert, pki.server.key),
-                  security.client_tls_options("127.0.0.1", pki.ca))
+    tls = TLSPair(
+        server_tls_options(pki.server.cert, pki.server.key),
+        security.client_tls_options("127.0.0.1", pki.ca),
+    )
     assert tls.handshake_done
     names = [n for n in tls.client_tls.getHandle().get_cipher_list() if not n.startswith("TLS_")]
     assert names and [n for n in names if not forward_secret_aead(n)] == []
@@ -844,7 +872,9 @@ def test_client_suites_match_the_server_policy(pki: PKI) -> None:
 def test_ssl_endpoint_string_gets_the_same_policy(pki: PKI) -> None:
     """An ssl: listen string is hardened too: its suites are the link's, ALPN clients are served."""
     reactor = MemoryReactorClock()
-    endpoint = listen_endpoint(reactor, f"ssl:9443:privateKey={pki.server.key}:certKey={pki.server.cert}")
+    endpoint = listen_endpoint(
+        reactor, f"ssl:9443:privateKey={pki.server.key}:certKey={pki.server.cert}"
+    )
     options = endpoint._sslContextFactory  # type: ignore[attr-defined]
     assert [s for s in tls12_suites(options) if not forward_secret_aead(s)] == []
     tls = TLSPair(options, client_options(pki, alpn=[b"h2", b"http/1.1"]))

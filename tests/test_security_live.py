@@ -60,15 +60,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 @pytest.fixture(scope="module")
 def rsa_server(pki: PKI) -> PemPair:
     """An RSA server certificate (the kind most deployments use; static RSA needs one)."""
-    return issue_into(pki, "rsa-server", server=True, dns=("localhost",), ips=("127.0.0.1",),
-                      rsa_bits=2048)
+    return issue_into(
+        pki, "rsa-server", server=True, dns=("localhost",), ips=("127.0.0.1",), rsa_bits=2048
+    )
 
 
 def tool(name: str, package: str) -> str:
     """The path of a command-line tool; a clear failure (never a skip) when it is missing."""
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: scripts/test installs it (apt-get install {package})")
+        pytest.fail(
+            f"{name} is not installed: scripts/test installs it (apt-get install {package})"
+        )
     return path
 
 
@@ -550,8 +553,11 @@ def test_silent_tls_peers_cannot_fill_the_tls_gate(
     (gate,) = server.gates
     silent = yield silent_connections(port, HOSTS, 10)
     try:
-        yield async_wait_until(lambda: server.failures.count("evicted") >= 28, timeout=15,
-                               what="the gate to evict down to its table size")
+        yield async_wait_until(
+            lambda: server.failures.count("evicted") >= 28,
+            timeout=15,
+            what="the gate to evict down to its table size",
+        )
         assert len(gate.pending) == 32 and max(gate.pending.group_size(h) for h in HOSTS) <= 8
         endpoint = client_tls_endpoint(reactor, "127.0.0.1", port, ca_file=pki.ca)
         proto = yield endpoint.connect(ClientFactory())
@@ -569,14 +575,22 @@ def test_silent_authenticated_tls_peers_cannot_lock_out_the_secret(
     pki: PKI, server: LinkServer
 ) -> Generator[Any, Any, None]:
     """60 TLS connections from 6 addresses that never send AUTH, table 32: the right secret gets AUTH-OK and OK."""
-    port = yield server.start(pki, secret=SECRET, timeout=120, max_pending=32, max_pending_per_group=8)
+    port = yield server.start(
+        pki, secret=SECRET, timeout=120, max_pending=32, max_pending_per_group=8
+    )
     auth_gate, tls_gate = server.gates
     silent = yield silent_connections(port, HOSTS, 10, pki=pki)
     try:
-        yield async_wait_until(lambda: server.failures.count("evicted") >= 28, timeout=30,
-                               what="the handshake gate to evict down to its table size")
-        yield async_wait_until(lambda: len(tls_gate.pending) == 0, timeout=30,
-                               what="every silent peer's TLS handshake to finish")
+        yield async_wait_until(
+            lambda: server.failures.count("evicted") >= 28,
+            timeout=30,
+            what="the handshake gate to evict down to its table size",
+        )
+        yield async_wait_until(
+            lambda: len(tls_gate.pending) == 0,
+            timeout=30,
+            what="every silent peer's TLS handshake to finish",
+        )
         assert len(auth_gate.pending) == 32
         endpoint = AuthClientEndpoint(
             client_tls_endpoint(reactor, "127.0.0.1", port, ca_file=pki.ca), SECRET, NAME, reactor
@@ -655,9 +669,20 @@ def test_openssl_s_client_with_alpn_completes_the_handshake(
     port = yield server.start(pki)
     proc = yield threads.deferToThread(
         subprocess.run,
-        [openssl, "s_client", "-alpn", "h2,http/1.1", "-connect", f"127.0.0.1:{port}",
-         "-CAfile", pki.ca, "-verify_return_error"],
-        input=b"", capture_output=True, timeout=30,
+        [
+            openssl,
+            "s_client",
+            "-alpn",
+            "h2,http/1.1",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            pki.ca,
+            "-verify_return_error",
+        ],
+        input=b"",
+        capture_output=True,
+        timeout=30,
     )
     out = (proc.stdout + proc.stderr).decode("utf-8", "replace")
     assert "alert" not in out.lower(), out
@@ -689,9 +714,14 @@ def test_ssl_endpoint_string_listener_serves_alpn_clients(pki: PKI) -> Generator
 @pytest.mark.parametrize(
     "ciphers",
     [
-        pytest.param("AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES256-SHA", id="static-rsa"),
-        pytest.param("ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA:ECDHE-RSA-AES128-SHA256:"
-                     "ECDHE-RSA-AES256-SHA384", id="cbc"),
+        pytest.param(
+            "AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES256-SHA", id="static-rsa"
+        ),
+        pytest.param(
+            "ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA:ECDHE-RSA-AES128-SHA256:"
+            "ECDHE-RSA-AES256-SHA384",
+            id="cbc",
+        ),
     ],
 )
 @pytest_twisted.inlineCallbacks
@@ -706,7 +736,9 @@ def test_static_rsa_or_cbc_only_client_is_refused(
     assert server.failures == ["tls"] and server.got == []
 
 
-@pytest.mark.parametrize("ciphers", [None, "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305"])
+@pytest.mark.parametrize(
+    "ciphers", [None, "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305"]
+)
 @pytest_twisted.inlineCallbacks
 def test_normal_clients_are_accepted(
     pki: PKI, rsa_server: PemPair, server: LinkServer, ciphers: str | None
@@ -734,19 +766,41 @@ def test_testssl_finds_nothing_weak(
     # would only judge the test CA).
     proc = yield threads.deferToThread(
         subprocess.run,
-        [testssl, "--quiet", "--color", "0", "--warnings", "off", "--jsonfile", str(report),
-         "-p", "-s", "-f", "-E", "-L", "-R", f"127.0.0.1:{port}"],
-        capture_output=True, timeout=300,
+        [
+            testssl,
+            "--quiet",
+            "--color",
+            "0",
+            "--warnings",
+            "off",
+            "--jsonfile",
+            str(report),
+            "-p",
+            "-s",
+            "-f",
+            "-E",
+            "-L",
+            "-R",
+            f"127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        timeout=300,
     )
     assert report.exists(), proc.stdout.decode("utf-8", "replace")[-2000:]
     findings = {f["id"]: f for f in json.loads(report.read_text())}
-    weak = {i: (f["severity"], f["finding"]) for i, f in findings.items()
-            if f["severity"] in ("LOW", "MEDIUM", "HIGH", "CRITICAL")}
+    weak = {
+        i: (f["severity"], f["finding"])
+        for i, f in findings.items()
+        if f["severity"] in ("LOW", "MEDIUM", "HIGH", "CRITICAL")
+    }
     assert weak == {}, weak
     assert findings["LUCKY13"]["severity"] == "OK", findings["LUCKY13"]
     for name in ("NULL", "aNULL", "EXPORT", "LOW", "3DES_IDEA", "AVERAGE"):
         assert findings[f"cipherlist_{name}"]["finding"] == "not offered", name
-    assert findings["TLS1"]["finding"] == "not offered" and findings["TLS1_1"]["finding"] == "not offered"
+    assert (
+        findings["TLS1"]["finding"] == "not offered"
+        and findings["TLS1_1"]["finding"] == "not offered"
+    )
     tls12 = [f["finding"].split() for i, f in findings.items() if i.startswith("cipher-tls1_2_")]
     assert tls12, "testssl listed no TLS 1.2 suite: the scan did not run"
     # columns: TLS 1.2 <hexcode> <OpenSSL name> <key exchange> <bits> <encryption> ...
@@ -762,12 +816,17 @@ def test_sslscan_accepts_only_forward_secret_aead(
     sslscan = tool("sslscan", "sslscan")
     port = yield server.start(pki, cert=rsa_server)
     proc = yield threads.deferToThread(
-        subprocess.run, [sslscan, "--no-colour", "--xml=-", f"127.0.0.1:{port}"],
-        capture_output=True, timeout=120,
+        subprocess.run,
+        [sslscan, "--no-colour", "--xml=-", f"127.0.0.1:{port}"],
+        capture_output=True,
+        timeout=120,
     )
-    root = ET.fromstring(proc.stdout[proc.stdout.index(b"<?xml"):])
-    accepted = [(c.get("sslversion"), c.get("cipher", "")) for c in root.iter("cipher")
-                if c.get("status") in ("accepted", "preferred")]
+    root = ET.fromstring(proc.stdout[proc.stdout.index(b"<?xml") :])
+    accepted = [
+        (c.get("sslversion"), c.get("cipher", ""))
+        for c in root.iter("cipher")
+        if c.get("status") in ("accepted", "preferred")
+    ]
     assert {v for v, _ in accepted} == {"TLSv1.2", "TLSv1.3"}, accepted
     weak = [c for v, c in accepted if v == "TLSv1.2" and not forward_secret_aead(c)]
     assert weak == [], weak
