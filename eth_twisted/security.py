@@ -23,17 +23,25 @@ failed connection attempt and ``ClientService`` backs off)::
     endpoint = AuthClientEndpoint(endpoint, secret, name, clock=reactor)
 
 TLS
-    Twisted's defaults (TLS >= 1.2, secure ciphers), ``min_tls="1.3"`` to
-    raise it. The client checks the chain against ``ca_file`` (or the
-    platform's trust store) and the host name or IP address with
-    service_identity. There is no fallback to plaintext: a TLS failure is a
-    connection failure. With ``client_ca_file`` the server requires a client
-    certificate issued by that CA; :class:`TLSGateFactory` sets the inner
-    protocol's ``client_id`` to the certificate subject (RFC 4514, e.g.
-    ``CN=client-1,O=eth``). Caveat: with TLS 1.3 the client finishes its side
-    of the handshake before the server has judged the client certificate, so
-    a client refused for its certificate sees a connection that closes at once
-    (nothing it wrote is delivered); the server logs the reason.
+    TLS >= 1.2 (``min_tls="1.3"`` to raise it) with Mozilla's "intermediate"
+    cipher list on both ends (:data:`LINK_CIPHERS`: forward-secret AEAD only,
+    no static-RSA key exchange, no CBC), client-initiated renegotiation off,
+    and an ALPN answer that lets clients offering protocols we do not speak
+    (curl, browsers, HAProxy ``check-ssl``) connect without one. The client
+    checks the chain against ``ca_file`` (or the platform's trust store) and
+    the host name or IP address with service_identity. There is no fallback
+    to plaintext: a TLS failure is a connection failure. With
+    ``client_ca_file`` the server requires a client certificate issued by
+    that CA; :class:`TLSGateFactory` sets the inner protocol's ``client_id``
+    to the certificate subject (RFC 4514, e.g. ``CN=client-1,O=eth``; one
+    longer than the 255-character column is stored as a prefix plus a digest,
+    and logged in full at connect). Caveat: with TLS 1.3 the client finishes
+    its side of the handshake before the server has judged the client
+    certificate, so a client refused for its certificate sees a connection
+    that closes at once (nothing it wrote is delivered); the server logs the
+    reason. Both server gates hold at most ``max_pending`` handshakes
+    (``max_pending_per_group`` per address group) and evict rather than
+    refuse (:class:`PendingHandshakes`).
 
 Shared-secret handshake ("eth/1"), mutual HMAC-SHA256 challenge-response.
 Every frame is a netstring; nonces are 32 random bytes as 64 lowercase hex
@@ -76,16 +84,19 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Mapping
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import (
+    AcceptableCiphers,
     Certificate,
     CertificateOptions,
     KeyPair,
@@ -102,17 +113,25 @@ from zope.interface import implementer
 
 from eth_twisted.errors import ConfigError, HandshakeFailed
 from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.model import MAX_CLIENT_ID, bounded, normalise_ip
+from eth_twisted.protocol import peer_group
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_PENDING_PER_GROUP",
+    "LINK_CIPHERS",
     "MIN_SECRET_BYTES",
     "AuthClientEndpoint",
     "AuthClientFactory",
     "AuthServerFactory",
+    "PendingHandshakes",
     "TLSGateFactory",
     "check_secret_transport",
     "client_proof",
     "client_tls_endpoint",
+    "client_tls_options",
+    "harden_server_context",
     "is_tls",
     "listen_endpoint",
     "load_secret",
@@ -126,6 +145,11 @@ NONCE_BYTES = 32
 MIN_SECRET_BYTES = 16
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_PENDING = 1024
+"""Handshakes a server gate holds at once; past it the newest connection evicts an old one."""
+DEFAULT_MAX_PENDING_PER_GROUP = 64
+"""Handshakes one address group (an IPv4 address, an IPv6 /64) holds at once in a server gate."""
+EARLY_DATA_MAX = 64 * 1024
+"""Bytes the TLS gate keeps that race its handshake's completion (times ``max_pending``: 64 MiB at most)."""
 HANDSHAKE_MAX_LENGTH = 4096
 """Longest frame read before authentication (data frames up to this get ``ERR <sha> auth``)."""
 CREDENTIALS_NAME = "link-secret"
@@ -288,6 +312,73 @@ def _private_certificate(
     return private, certs[1:]
 
 
+LINK_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+"""The TLS 1.2 cipher suites of both ends: Mozilla's "intermediate" list (Server Side TLS 5.7).
+
+Forward-secret key exchange (ECDHE, DHE) with AEAD encryption (AES-GCM,
+ChaCha20-Poly1305) only; no static-RSA key exchange (no forward secrecy, the
+ROBOT family) and no CBC (LUCKY13). DHE uses the RFC 7919 groups OpenSSL 3
+picks (2048 bits and up). TLS 1.3 uses OpenSSL's own suites (all AEAD).
+Twisted's default list also allows ``RSA+AES`` and CBC.
+"""
+
+_LINK_ACCEPTABLE_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(LINK_CIPHERS)
+
+
+def _alpn_select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """ALPN on the server: the first protocol we speak that the client offered, else "no overlap".
+
+    Twisted 26.10 installs a select callback on every server context (even
+    without protocols of its own) that answers ``b""`` when nothing matches;
+    OpenSSL 3 treats an empty selection as an internal error and aborts the
+    handshake with alert 80, so every client offering ALPN was refused.
+    pyOpenSSL's ``NO_OVERLAPPING_PROTOCOLS`` makes OpenSSL carry on without
+    ALPN instead (RFC 7301 allows a server to ignore the extension).
+    """
+    ours: tuple[bytes, ...] = ()
+    tls_protocol = connection.get_app_data()
+    factory = getattr(getattr(tls_protocol, "factory", None), "wrappedFactory", None)
+    negotiation = interfaces.IProtocolNegotiationFactory(factory, None)
+    if negotiation is not None:
+        ours = tuple(negotiation.acceptableProtocols())
+    for protocol in ours:
+        if protocol in offered:
+            return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def harden_server_context(context: SSL.Context, *, ciphers: bool = False) -> SSL.Context:
+    """Apply the link's server policy to an OpenSSL context; returns it.
+
+    The ALPN callback that answers "no overlap" (:func:`_alpn_select`), no
+    client-initiated renegotiation (a CPU cost a peer could repeat at will),
+    and with ``ciphers`` the :data:`LINK_CIPHERS` list (for contexts built
+    elsewhere, e.g. by an ``ssl:`` endpoint string).
+    """
+    context.set_alpn_select_callback(_alpn_select)
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
+    if ciphers:
+        context.set_cipher_list(LINK_CIPHERS.encode("ascii"))
+    return context
+
+
+class _LinkServerOptions(CertificateOptions):
+    """``CertificateOptions`` whose context gets :func:`harden_server_context` once."""
+
+    _hardened: SSL.Context | None = None
+
+    def getContext(self) -> SSL.Context:
+        context = super().getContext()
+        if context is not self._hardened:
+            self._hardened = harden_server_context(context)
+        return context
+
+
 def server_tls_options(
     cert_file: str,
     key_file: str,
@@ -300,18 +391,21 @@ def server_tls_options(
     (one or more PEM CA certificates) every client must present a certificate
     issued by one of them: mutual TLS, which the ``ssl:`` endpoint string
     cannot express. ``min_tls`` is ``"1.2"`` (Twisted's default) or ``"1.3"``.
+    The cipher list is :data:`LINK_CIPHERS`; the context is hardened with
+    :func:`harden_server_context` (ALPN, renegotiation).
     """
     private, chain = _private_certificate(cert_file, key_file)
     kwargs: dict[str, Any] = {}
     if client_ca_file:
         cas = _pem_certificates(_read(client_ca_file, "client CA"), client_ca_file)
         kwargs["trustRoot"] = trustRootFromCertificates(cas)  # implies verify + requireCertificate
-    return CertificateOptions(
+    return _LinkServerOptions(
         # cryptography objects: passing pyOpenSSL ones is deprecated in pyOpenSSL 26
         privateKey=private.privateKey.original.to_cryptography_key(),
         certificate=private.original.to_cryptography(),
         extraCertChain=[c.original.to_cryptography() for c in chain],
         raiseMinimumTo=_tls_version(min_tls),
+        acceptableCiphers=_LINK_ACCEPTABLE_CIPHERS,
         **kwargs,
     )
 
@@ -339,6 +433,7 @@ def listen_endpoint(
     ``tcp6:...``, ``unix:...``, ``systemd:...``) and every connection is
     wrapped in TLS, as ``reactor.listenSSL`` does; an ``ssl:`` description
     together with ``tls`` is a ConfigError (two sources of certificates).
+    An ``ssl:`` listener gets the same cipher list and hardening as ``tls``.
     """
     kind = description.split(":", 1)[0].strip().lower()
     if tls is not None and kind in ("ssl", "tls"):
@@ -350,7 +445,15 @@ def listen_endpoint(
         endpoint = serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"bad listen endpoint {description!r}: {e}")
-    return endpoint if tls is None else _TLSServerEndpoint(endpoint, tls)
+    if tls is None:
+        # An ssl: string builds its own CertificateOptions (Twisted's ciphers, its
+        # ALPN callback): give its context the link's policy too. The options
+        # cache that context, so changing it once covers every connection.
+        options = getattr(endpoint, "_sslContextFactory", None)
+        if isinstance(options, CertificateOptions):
+            harden_server_context(options.getContext(), ciphers=True)
+        return endpoint
+    return _TLSServerEndpoint(endpoint, tls)
 
 
 def is_tls(transport: Any) -> bool:
@@ -361,7 +464,16 @@ def is_tls(transport: Any) -> bool:
 
 
 def peer_identity(transport: Any) -> str | None:
-    """The peer certificate's subject as an RFC 4514 string, or None without one."""
+    """The peer certificate's subject as an RFC 4514 string, or None without one.
+
+    Never raises for what a peer's certificate holds: characters that are not
+    printable (control characters, bidirectional overrides) are escaped as
+    RFC 4514 ``\\XX`` hex pairs, so the string is safe in a log line; a
+    subject that ``cryptography`` refuses to parse although OpenSSL verified
+    the certificate (e.g. ``_`` or ``@`` in a PrintableString, which some
+    CAs issue) is rebuilt from OpenSSL's own parse, and failing that the
+    certificate's SHA-256 fingerprint (``sha256-fingerprint=<hex>``) names it.
+    """
     get = getattr(transport, "getPeerCertificate", None)
     if get is None:
         return None
@@ -371,8 +483,90 @@ def peer_identity(transport: Any) -> str | None:
         return None
     if cert is None:
         return None
-    subject: str = cert.to_cryptography().subject.rfc4514_string()
-    return subject
+    try:
+        return _escape_unprintable(cert.to_cryptography().subject.rfc4514_string())
+    except Exception:  # noqa: BLE001 - a subject cryptography cannot decode
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore", DeprecationWarning
+            )  # X509.get_subject: the only parse left
+            components = cert.get_subject().get_components()
+        return ",".join(
+            f"{_escape_value(key)}={_escape_value(value)}" for key, value in reversed(components)
+        )
+    except Exception:  # noqa: BLE001
+        digest: str = cert.digest("sha256").decode("ascii").replace(":", "").lower()
+        return f"sha256-fingerprint={digest}"
+
+
+_RFC4514_SPECIAL = frozenset(b',+"\\<>;=')
+
+
+def _escape_value(raw: bytes) -> str:
+    """Raw attribute bytes as an RFC 4514 value: printable ASCII as is, specials and the rest as ``\\XX``."""
+    out = []
+    for i, byte in enumerate(raw):
+        if (
+            byte in _RFC4514_SPECIAL
+            or (byte in b"# " and i == 0)
+            or (byte == 0x20 and i == len(raw) - 1)
+        ):
+            out.append("\\" + chr(byte))
+        elif 0x20 <= byte < 0x7F:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\{byte:02X}")
+    return "".join(out)
+
+
+def _escape_unprintable(text: str) -> str:
+    """``text`` with every non-printable character as RFC 4514 hex pairs of its UTF-8 bytes."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch
+        if ch.isprintable()
+        else "".join(f"\\{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+        for ch in text
+    )
+
+
+def client_tls_options(
+    host: str,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    hostname: str | None = None,
+    *,
+    min_tls: str = "1.2",
+) -> Any:
+    """The client's TLS options (an ``IOpenSSLClientConnectionCreator``) for :func:`client_tls_endpoint`.
+
+    The server's chain is checked against ``ca_file`` (PEM, one or more CAs;
+    default: the platform's trust store) and its name against ``hostname``
+    (default ``host``; an IP address is matched against IP SANs). With
+    ``cert_file`` (and ``key_file``, default: the same file) the client
+    presents a certificate. It offers only :data:`LINK_CIPHERS` (and TLS
+    1.3's), so a server that allows only CBC or static-RSA suites is refused.
+    """
+    trust: Any = (
+        trustRootFromCertificates(_pem_certificates(_read(ca_file, "CA"), ca_file))
+        if ca_file
+        else platformTrust()
+    )
+    extra: dict[str, Any] = {
+        "raiseMinimumTo": _tls_version(min_tls),
+        "acceptableCiphers": _LINK_ACCEPTABLE_CIPHERS,
+    }
+    if cert_file:
+        # What clientCertificate= would do, with cryptography objects (pyOpenSSL
+        # 26 deprecates passing its own X509/PKey).
+        client_cert = _private_certificate(cert_file, key_file)[0]
+        extra["privateKey"] = client_cert.privateKey.original.to_cryptography_key()
+        extra["certificate"] = client_cert.original.to_cryptography()
+    return optionsForClientTLS(hostname or host, trustRoot=trust, extraCertificateOptions=extra)
 
 
 def client_tls_endpoint(
@@ -388,30 +582,14 @@ def client_tls_endpoint(
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     connect_timeout: float = 30.0,
 ) -> interfaces.IStreamClientEndpoint:
-    """A client endpoint to ``host:port`` over verified TLS.
+    """A client endpoint to ``host:port`` over verified TLS (:func:`client_tls_options`).
 
-    The server's chain is checked against ``ca_file`` (PEM, one or more CAs;
-    default: the platform's trust store) and its name against ``hostname``
-    (default ``host``; an IP address is matched against IP SANs). With
-    ``cert_file`` (and ``key_file``, default: the same file) the client
-    presents a certificate. ``connect`` fires only after the handshake and
-    the checks succeeded, with the protocol the factory built; any TLS
-    failure or a handshake longer than ``timeout`` fails it, so the
-    connection never carries a byte in plaintext.
+    ``connect`` fires only after the handshake and the checks succeeded,
+    with the protocol the factory built; any TLS failure or a handshake
+    longer than ``timeout`` fails it, so the connection never carries a byte
+    in plaintext.
     """
-    trust: Any = (
-        trustRootFromCertificates(_pem_certificates(_read(ca_file, "CA"), ca_file))
-        if ca_file
-        else platformTrust()
-    )
-    extra: dict[str, Any] = {"raiseMinimumTo": _tls_version(min_tls)}
-    if cert_file:
-        # What clientCertificate= would do, with cryptography objects (pyOpenSSL
-        # 26 deprecates passing its own X509/PKey).
-        client_cert = _private_certificate(cert_file, key_file)[0]
-        extra["privateKey"] = client_cert.privateKey.original.to_cryptography_key()
-        extra["certificate"] = client_cert.original.to_cryptography()
-    options = optionsForClientTLS(hostname or host, trustRoot=trust, extraCertificateOptions=extra)
+    options = client_tls_options(host, ca_file, cert_file, key_file, hostname, min_tls=min_tls)
     tcp = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
     server = f"{host}:{port}"
 
@@ -463,6 +641,105 @@ def _peer_text(transport: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _peer_group(transport: Any) -> str:
+    """The address group a connection counts against (``protocol.peer_group``), ``-`` without one."""
+    try:
+        host = getattr(transport.getPeer(), "host", None)
+    except Exception:  # noqa: BLE001
+        host = None
+    return peer_group(normalise_ip(host)) if isinstance(host, str) and host else "-"
+
+
+class PendingHandshakes:
+    """Connections still in a handshake, by address group, oldest first; full means evict, not refuse.
+
+    ``add`` never refuses the newcomer. When its group already holds
+    ``max_per_group`` it evicts that group's oldest; else, when the table
+    holds ``max_total``, it evicts the oldest of the group holding the most
+    (the first to reach that size, on a tie). Silent connections from a few
+    addresses can then never lock out a client that completes its handshake
+    promptly: at worst they push each other out. Every operation is O(1)
+    (groups are kept in buckets by size, like an LFU cache; OrderedDicts,
+    because finding the first key of a plain dict whose front was deleted
+    scans the deleted slots). ``None`` means no limit (the client side, which
+    has one connection).
+    """
+
+    def __init__(self, max_total: int | None = None, max_per_group: int | None = None) -> None:
+        if (max_total is not None and max_total < 1) or (
+            max_per_group is not None and max_per_group < 1
+        ):
+            raise ValueError("pending handshake limits must be at least 1")
+        self.max_total = max_total
+        self.max_per_group = max_per_group
+        self._groups: dict[
+            str, OrderedDict[Any, None]
+        ] = {}  # group -> its connections, oldest first
+        self._group_of: dict[Any, str] = {}
+        self._by_size: dict[
+            int, OrderedDict[str, None]
+        ] = {}  # size -> groups of that size, by arrival
+        self._largest = 0
+
+    def __len__(self) -> int:
+        return len(self._group_of)
+
+    def __contains__(self, proto: object) -> bool:
+        return proto in self._group_of
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._group_of))
+
+    def group_size(self, group: str) -> int:
+        """How many handshakes ``group`` holds."""
+        return len(self._groups.get(group, ()))
+
+    def add(self, proto: Any, group: str) -> Any | None:
+        """Hold ``proto`` under ``group``; returns the connection it evicted (already removed), if any."""
+        victim = None
+        if self.max_per_group is not None and self.group_size(group) >= self.max_per_group:
+            victim = next(iter(self._groups[group]))
+        elif self.max_total is not None and len(self) >= self.max_total:
+            largest = next(iter(self._by_size[self._largest]))
+            victim = next(iter(self._groups[largest]))
+        if victim is not None:
+            self.discard(victim)
+        members = self._groups.get(group)
+        if members is None:
+            members = self._groups[group] = OrderedDict()
+        self._move(group, len(members), len(members) + 1)
+        members[proto] = None
+        self._group_of[proto] = group
+        return victim
+
+    def discard(self, proto: Any) -> None:
+        """Forget ``proto`` (it opened, failed or closed); nothing if it is not held."""
+        group = self._group_of.pop(proto, None)
+        if group is None:
+            return
+        members = self._groups[group]
+        del members[proto]
+        self._move(group, len(members) + 1, len(members))
+        if not members:
+            del self._groups[group]
+
+    def _move(self, group: str, old: int, new: int) -> None:
+        if old:
+            previous = self._by_size[old]
+            del previous[group]
+            if not previous:
+                del self._by_size[old]
+        if new:
+            bucket = self._by_size.get(new)
+            if bucket is None:
+                bucket = self._by_size[new] = OrderedDict()
+            bucket[group] = None
+        if new > self._largest:
+            self._largest = new
+        while self._largest and self._largest not in self._by_size:
+            self._largest -= 1
+
+
 class _GateFactory(Factory):
     """Wraps ``inner_factory``; its protocols hold each connection until a check passes."""
 
@@ -478,6 +755,8 @@ class _GateFactory(Factory):
         clock: interfaces.IReactorTime,
         timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         on_failure: OnFailure | None = None,
+        max_pending: int | None = None,
+        max_pending_per_group: int | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -485,7 +764,9 @@ class _GateFactory(Factory):
         self.clock = clock
         self.timeout = timeout
         self.on_failure = on_failure
-        self.pending: set[_GateProtocol] = set()
+        self.max_pending = max_pending
+        self.max_pending_per_group = max_pending_per_group
+        self.pending = PendingHandshakes(max_pending, max_pending_per_group)
         self.failures: dict[str, int] = {}
         self._limiter = _LogLimiter(clock)
 
@@ -546,6 +827,7 @@ class _GateProtocol(Protocol):
         self.inner: Any = None
         self.state = "waiting"  # waiting -> open | failed
         self.peer = "-"
+        self.group = "-"  # the address group it counts against in the pending table
         self.client_id: str | None = None
         self._timer: Any = None
 
@@ -553,8 +835,18 @@ class _GateProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.peer = _peer_text(self.transport)
-        self.factory.pending.add(self)
-        self._timer = self.factory.clock.callLater(self.factory.timeout, self._timed_out)
+        self.group = _peer_group(self.transport)
+        f = self.factory
+        victim = f.pending.add(self, self.group)
+        self._timer = f.clock.callLater(f.timeout, self._timed_out)
+        if victim is not None:
+            victim._fail(
+                "evicted",
+                f"handshake table full ({len(f.pending)} pending, at most {f.max_pending}; "
+                f"{f.pending.group_size(victim.group)} from its address group, at most "
+                f"{f.max_pending_per_group}): the oldest of the largest group makes room",
+                close="abort",
+            )
         self.gate_started()
 
     def gate_started(self) -> None:
@@ -691,7 +983,7 @@ class _TLSGateProtocol(_GateProtocol):
         # The TLS layer delivers application data only after the handshake;
         # keep anything that races handshakeCompleted, bounded.
         self._early += data
-        if len(self._early) > 1 << 20:
+        if len(self._early) > EARLY_DATA_MAX:
             self._fail(
                 "early-data", "too much data before the TLS handshake completed", close="abort"
             )
@@ -706,7 +998,25 @@ class _TLSGateProtocol(_GateProtocol):
 
 class _TLSServerGateProtocol(_TLSGateProtocol):
     def identity(self) -> str | None:
-        return peer_identity(self.transport)
+        """The client certificate's subject, bounded to the record's ``client_id`` column.
+
+        A subject longer than ``MAX_CLIENT_ID`` characters (an ordinary
+        corporate DN) becomes its prefix plus a digest of the whole
+        (:func:`eth_twisted.model.bounded`), so it can never cost a message its
+        row; the full subject is in the log line written here.
+        """
+        subject = peer_identity(self.transport)
+        if subject is None:
+            return None
+        client_id = bounded(subject, MAX_CLIENT_ID)
+        self.factory.log.info(
+            "TLS client {subject} connected from {peer}{stored}",
+            subject=subject,
+            peer=self.peer,
+            client_id=client_id,
+            stored="" if client_id == subject else f" (stored as client_id {client_id})",
+        )
+        return client_id
 
 
 class TLSGateFactory(_GateFactory):
@@ -717,7 +1027,10 @@ class TLSGateFactory(_GateFactory):
     longer than ``timeout`` seconds, logs (rate-limited) and counts failed
     handshakes (``on_failure("tls")``, ``on_failure("timeout")``), and sets
     ``client_id`` on the inner protocol to the client certificate's subject
-    when there is one (mutual TLS).
+    when there is one (mutual TLS), bounded to ``MAX_CLIENT_ID`` characters.
+    Like the shared-secret gate it holds at most ``max_pending`` handshakes,
+    ``max_pending_per_group`` per address group, evicting the oldest of the
+    largest group rather than refusing (``on_failure("evicted")``).
     """
 
     gate_protocol = _TLSServerGateProtocol
@@ -730,8 +1043,17 @@ class TLSGateFactory(_GateFactory):
         clock: interfaces.IReactorTime,
         timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         on_failure: OnFailure | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_per_group: int = DEFAULT_MAX_PENDING_PER_GROUP,
     ) -> None:
-        super().__init__(inner_factory, clock=clock, timeout=timeout, on_failure=on_failure)
+        super().__init__(
+            inner_factory,
+            clock=clock,
+            timeout=timeout,
+            on_failure=on_failure,
+            max_pending=max_pending,
+            max_pending_per_group=max_pending_per_group,
+        )
 
 
 class _ClientGateFactory(_GateFactory):
@@ -822,9 +1144,6 @@ class _AuthServerProtocol(_GateProtocol):
         if not f.allow_plaintext and not is_tls(self.transport):
             self._fail("plaintext", "shared-secret handshake refused over plaintext", close="abort")
             return
-        if len(f.pending) > f.max_pending:
-            self._fail("busy", f"more than {f.max_pending} handshakes in progress", close="abort")
-            return
         self._decoder = NetstringDecoder(HANDSHAKE_MAX_LENGTH)
         self._raw = bytearray()
         self._server_nonce = _nonce()
@@ -885,9 +1204,12 @@ class AuthServerFactory(_GateFactory):
     closed, and nothing behind it is ever read; no ``AUTH`` within
     ``timeout`` seconds aborts the connection. Over a non-TLS transport each
     connection is aborted unless ``allow_plaintext``. At most
-    ``max_pending`` handshakes run at once. ``on_failure(reason)`` is called
-    for each refusal (reasons: ``bad-proof``, ``not-auth``, ``malformed``,
-    ``bad-frame``, ``timeout``, ``closed``, ``plaintext``, ``busy``).
+    ``max_pending`` handshakes run at once, ``max_pending_per_group`` from
+    one address group; a newcomer past either evicts (aborts) an old one
+    (:class:`PendingHandshakes`) and is never refused. ``on_failure(reason)``
+    is called for each refusal (reasons: ``bad-proof``, ``not-auth``,
+    ``malformed``, ``bad-frame``, ``timeout``, ``closed``, ``plaintext``,
+    ``evicted``).
     """
 
     gate_protocol = _AuthServerProtocol
@@ -903,12 +1225,19 @@ class AuthServerFactory(_GateFactory):
         *,
         on_failure: OnFailure | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_per_group: int = DEFAULT_MAX_PENDING_PER_GROUP,
     ) -> None:
-        super().__init__(inner_factory, clock=clock, timeout=timeout, on_failure=on_failure)
+        super().__init__(
+            inner_factory,
+            clock=clock,
+            timeout=timeout,
+            on_failure=on_failure,
+            max_pending=max_pending,
+            max_pending_per_group=max_pending_per_group,
+        )
         _check_secret(secret)
         self.secret = secret
         self.allow_plaintext = allow_plaintext
-        self.max_pending = max_pending
 
 
 def _check_secret(secret: bytes) -> None:

@@ -11,10 +11,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 
 from eth_twisted.client import make_client_service
-from tests.certs import make_pki
-from tests.live_helpers import start_server
+from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.model import MAX_CLIENT_ID, bounded, sha256_hex
+from eth_twisted.security import AuthClientEndpoint, client_tls_endpoint
+from tests.certs import issue_into, long_subject, make_pki
+from tests.conftest import mysql_query
+from tests.live_helpers import mysql_storage, start_server
 from tests.support import async_wait_until
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
@@ -99,3 +104,75 @@ def test_cli_client_wrong_ca_fails_closed(tmp_path: Path) -> None:
     proc = subprocess.run([str(VENV_BIN / "eth"), "client", "--tls", "--tls-ca", str(tmp_path / "nope.pem")],
                           capture_output=True, timeout=60)
     assert proc.returncode == 2 and b"--tls-ca" in proc.stderr
+
+
+class Replies(Protocol):
+    """Collects the server's netstring replies."""
+
+    def __init__(self) -> None:
+        self.decoder = NetstringDecoder(1024)
+        self.replies: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.replies += self.decoder.feed(data)
+
+
+@pytest_twisted.inlineCallbacks
+def test_mtls_client_with_a_long_subject_is_stored_in_mariadb(
+    tmp_path: Path, mysql_db: dict[str, Any]
+) -> Any:
+    """A client certificate with a 300+ character subject: every message OK, stored with the bounded client_id."""
+    pki = make_pki(tmp_path / "pki")
+    client = issue_into(pki, "corporate-client", "unused", subject=long_subject())
+    subject = long_subject().rfc4514_string()
+    server, port = yield start_server(
+        mysql_storage(mysql_db),
+        tls={"cert": pki.server.cert, "key": pki.server.key, "client_ca": pki.ca},
+    )
+    try:
+        endpoint = client_tls_endpoint(reactor, "127.0.0.1", port, ca_file=pki.ca,
+                                       cert_file=client.cert, key_file=client.key)
+        proto = yield endpoint.connect(Factory.forProtocol(Replies))
+        payloads = [f"corporate block {n}".encode() for n in range(3)]
+        proto.transport.write(b"".join(encode(p) for p in payloads))
+        yield async_wait_until(lambda: len(proto.replies) == 3, 15, what="three replies")
+        proto.transport.loseConnection()
+    finally:
+        yield server.stopService()
+    assert proto.replies == [b"OK " + sha256_hex(p).encode() for p in payloads]
+    rows = mysql_query(mysql_db, "SELECT payload, client_id FROM ethereum_data ORDER BY id")
+    expected = bounded(subject, MAX_CLIENT_ID)
+    assert len(subject) > 300 and len(expected) == MAX_CLIENT_ID
+    assert rows == [(p, expected) for p in payloads]
+
+
+@pytest_twisted.inlineCallbacks
+def test_eleven_silent_addresses_do_not_lock_out_the_secret(tmp_path: Path) -> Any:
+    """The issue's attack at default limits: 11 addresses x 100 silent TLS connections; the right secret still gets OK."""
+    from tests.test_security_live import abort_all, silent_connections
+
+    pki = make_pki(tmp_path / "pki")
+    db = tmp_path / "server.sqlite3"
+    server, port = yield start_server(
+        {"migrate": True, "sqlite": str(db)},
+        tls={"cert": pki.server.cert, "key": pki.server.key}, secret=SECRET,
+    )
+    hosts = [f"127.0.0.{n}" for n in range(2, 13)]
+    silent = yield silent_connections(port, hosts, 100, pki=pki)
+    try:
+        errors = server.metrics.protocol_errors
+        yield async_wait_until(lambda: all(c.handshaken or c.lost for c in silent), 60,
+                               what="every silent connection through its TLS handshake")
+        endpoint = AuthClientEndpoint(client_tls_endpoint(reactor, "127.0.0.1", port, ca_file=pki.ca),
+                                      SECRET, "edge-1", reactor)
+        proto = yield endpoint.connect(Factory.forProtocol(Replies))
+        proto.transport.write(encode(b"past the silent crowd"))
+        yield async_wait_until(lambda: proto.replies, 15, what="the reply")
+        assert proto.replies == [b"OK " + sha256_hex(b"past the silent crowd").encode()]
+        assert errors.labels(reason="auth-busy")._value.get() == 0
+        assert errors.labels(reason="auth-evicted")._value.get() == 11 * (100 - 64)
+        proto.transport.loseConnection()
+    finally:
+        abort_all(silent)
+        yield server.stopService()
+    assert rows(db)[0][1] == "edge-1"

@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 from twisted.internet import interfaces
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.basic import NetstringReceiver
@@ -27,7 +29,7 @@ from zope.interface import directlyProvides
 from eth_twisted import security
 from eth_twisted.errors import ConfigError, HandshakeFailed
 from eth_twisted.framing import NetstringDecoder, encode
-from eth_twisted.model import Message
+from eth_twisted.model import MAX_CLIENT_ID, Message, bounded
 from eth_twisted.protocol import ReceiverFactory
 from eth_twisted.security import (
     AuthClientEndpoint,
@@ -42,7 +44,7 @@ from eth_twisted.security import (
     server_proof,
     server_tls_options,
 )
-from tests.certs import make_pki
+from tests.certs import PKI, issue_into, long_subject, make_pki, write_lax_printable
 
 SECRET = b"correct horse battery staple!"
 WRONG = b"incorrect horse battery staple"
@@ -304,20 +306,148 @@ def test_server_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(calls) == 1 and inner.built == []
 
 
-def test_max_pending_handshakes() -> None:
-    """Beyond max_pending concurrent handshakes a new connection is aborted."""
+def peer_transport(host: str, port: int = 40000) -> StringTransport:
+    """A TLS-flagged StringTransport whose peer is ``host`` (IPv4 or IPv6)."""
+    from twisted.internet.address import IPv6Address
+
+    address: Any = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+    t = StringTransport(peerAddress=address)
+    directlyProvides(t, interfaces.ISSLTransport)
+    return t
+
+
+def connect_from(factory: Any, host: str, port: int = 40000) -> tuple[Any, StringTransport]:
+    """A new gate connection from ``host`` (its handshake not begun)."""
+    t = peer_transport(host, port)
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(t)
+    return proto, t
+
+
+def test_full_handshake_table_evicts_instead_of_refusing() -> None:
+    """With max_pending held by silent peers, a client with the right secret still gets in and is served."""
+    clock = Clock()
+    failures: list[str] = []
+    inner = RecorderFactory()
+    factory = AuthServerFactory(inner, SECRET, clock, max_pending=4, on_failure=failures.append)
+    silent = [connect_from(factory, f"192.0.2.{1 + n % 2}", 1000 + n) for n in range(4)]
+    assert len(factory.pending) == 4 and failures == []
+    proto, t = connect_from(factory, "198.51.100.9")
+    assert failures == ["evicted"] and len(factory.pending) == 4
+    assert silent[0][1].disconnected, "the oldest of the largest group makes room"
+    assert [s[1].disconnected for s in silent[1:]] == [False, False, False]
+    assert not t.disconnected
+    proto.dataReceived(auth_frame(hello_nonce(t))[0] + encode(b"payload"))
+    assert frames_of(t.value())[1].startswith(b"AUTH-OK ")
+    assert inner.built[0].frames == [b"payload"] and proto not in factory.pending
+
+
+def test_per_group_cap_evicts_the_groups_own_oldest() -> None:
+    """One address past max_pending_per_group pushes out its own oldest handshake, not another's."""
     clock = Clock()
     failures: list[str] = []
     factory = AuthServerFactory(
-        RecorderFactory(), SECRET, clock, max_pending=2, on_failure=failures.append
+        RecorderFactory(),
+        SECRET,
+        clock,
+        max_pending=100,
+        max_pending_per_group=2,
+        on_failure=failures.append,
     )
-    transports = []
-    for _ in range(3):
-        t = tls_transport()
-        factory.buildProtocol(None).makeConnection(t)
-        transports.append(t)
-    assert [t.disconnected for t in transports] == [False, False, True]
-    assert failures == ["busy"] and len(factory.pending) == 2
+    other, other_t = connect_from(factory, "198.51.100.1")
+    mine = [connect_from(factory, "192.0.2.1", 1000 + n) for n in range(5)]
+    assert [m[1].disconnected for m in mine] == [True, True, True, False, False]
+    assert failures == ["evicted"] * 3 and not other_t.disconnected
+    assert factory.pending.group_size("192.0.2.1") == 2 and len(factory.pending) == 3
+
+
+def test_ipv6_peers_are_grouped_by_64() -> None:
+    """Addresses in one IPv6 /64 share one group's cap; another /64 is its own group."""
+    factory = AuthServerFactory(RecorderFactory(), SECRET, Clock(), max_pending_per_group=2)
+    same = [connect_from(factory, f"2001:db8:1:2::{n:x}")[1] for n in range(1, 4)]
+    other = connect_from(factory, "2001:db8:1:3::1")[1]
+    assert [t.disconnected for t in same] == [True, False, False] and not other.disconnected
+    assert factory.pending.group_size("2001:db8:1:2::/64") == 2
+
+
+def test_tls_gate_has_the_same_eviction_policy() -> None:
+    """The TLS gate's table (connections still in their TLS handshake) is capped and evicts too."""
+    clock = Clock()
+    failures: list[str] = []
+    inner = RecorderFactory()
+    gate = TLSGateFactory(
+        inner, clock=clock, max_pending=3, max_pending_per_group=2, on_failure=failures.append
+    )
+    silent = [connect_from(gate, f"192.0.2.{1 + n % 2}", 1000 + n)[1] for n in range(4)]
+    # the 4th finds the table full: the oldest of 192.0.2.1 (2 held, there first) goes
+    assert [t.disconnected for t in silent] == [True, False, False, False]
+    proto, t = connect_from(gate, "198.51.100.9")
+    assert [t.disconnected for t in silent] == [True, True, False, False], (
+        "now 192.0.2.2 holds most"
+    )
+    assert failures == ["evicted", "evicted"] and len(gate.pending) == 3 and not t.disconnected
+    proto.handshakeCompleted()
+    assert inner.built[-1].made and len(gate.pending) == 2
+    assert security.DEFAULT_MAX_PENDING == TLSGateFactory(inner, clock=clock).pending.max_total
+
+
+def test_tls_gate_early_data_is_bounded_in_bytes() -> None:
+    """Bytes racing the TLS handshake are kept up to 64 KiB (x the table's 1,024 = 64 MiB), then the peer is aborted."""
+    failures: list[str] = []
+    gate = TLSGateFactory(RecorderFactory(), clock=Clock(), on_failure=failures.append)
+    proto, t = connect_from(gate, "192.0.2.1")
+    proto.dataReceived(b"x" * (64 * 1024))
+    assert failures == [] and not t.disconnected
+    proto.dataReceived(b"x")
+    assert failures == ["early-data"] and t.disconnected
+    assert security.EARLY_DATA_MAX * security.DEFAULT_MAX_PENDING == 64 * 1024 * 1024
+
+
+def test_pending_table_picks_the_largest_group_first_to_reach_its_size() -> None:
+    """PendingHandshakes: full, it evicts the oldest of the largest group; sizes follow adds and discards."""
+    table = security.PendingHandshakes(max_total=5)
+    for name, group in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("b2", "b"), ("c1", "c")]:
+        assert table.add(name, group) is None
+    assert table.add("c2", "c") == "a1", "a and b both hold 2; a got there first"
+    assert table.add("c3", "c") == "b1", "b and c hold 2; b got there first"
+    assert table.add("d1", "d") == "c1", "c holds 3"
+    table.discard("c2")
+    table.discard("c3")
+    assert table.group_size("c") == 0 and len(table) == 3
+    assert table.add("e1", "e") is None and table.add("e2", "e") is None
+    assert table.add("e3", "e") == "e1"
+    assert set(table) == {"a2", "b2", "d1", "e2", "e3"}
+
+
+@pytest.mark.parametrize("shape", ["many-groups", "one-group"])
+def test_pending_table_work_is_linear(shape: str) -> None:
+    """A full table costs the same per add however large: 10x the connections, well under 30x the time.
+
+    many-groups: every add evicts from a table of one-connection groups (a
+    scan for the largest group would be quadratic); one-group: one address
+    past its cap evicts its own oldest each time (a scan of the group would
+    be quadratic).
+    """
+    import time
+
+    def run(n: int) -> float:
+        if shape == "many-groups":
+            table = security.PendingHandshakes(max_total=n // 2, max_per_group=4)
+            groups = [f"g{i}" for i in range(n)]
+        else:
+            table = security.PendingHandshakes(max_total=None, max_per_group=n // 2)
+            groups = ["g"] * n
+        start = time.perf_counter()
+        for i, group in enumerate(groups):
+            table.add(i, group)
+        for i in range(n // 2, n):
+            table.discard(i)
+        return time.perf_counter() - start
+
+    run(4000)  # warm up
+    small = min(run(4000) for _ in range(3))
+    large = min(run(40000) for _ in range(3))
+    assert large / small < 30, f"10x the connections cost {large / small:.1f}x the time"
 
 
 def test_short_secret_rejected() -> None:
@@ -575,6 +705,190 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+@pytest.fixture(scope="module")
+def rsa_server(pki: PKI) -> Any:
+    """An RSA server certificate: static-RSA key exchange needs one."""
+    return issue_into(
+        pki, "rsa-server", server=True, dns=("localhost",), ips=("127.0.0.1",), rsa_bits=2048
+    )
+
+
+class TLSPair:
+    """A TLS server and client (Recorders inside TLSMemoryBIOProtocols) joined by an iosim pump."""
+
+    def __init__(self, server_options: Any, client_options: Any) -> None:
+        self.clock = Clock()  # the TLS layer aggregates small writes until the next reactor turn
+        server_inner, client_inner = RecorderFactory(), RecorderFactory()
+        server_tls = TLSMemoryBIOFactory(server_options, False, server_inner, self.clock)
+        client_tls = TLSMemoryBIOFactory(client_options, True, client_inner, self.clock)
+        client, server, self.pump = iosim.connectedServerAndClient(
+            lambda: server_tls.buildProtocol(None), lambda: client_tls.buildProtocol(None)
+        )
+        self.server_tls, self.client_tls = server, client
+        self.server: Recorder = server_inner.built[0]
+        self.client: Recorder = client_inner.built[0]
+        self.flush()
+
+    def flush(self) -> None:
+        """Run writes and the pump until nothing moves."""
+        for _ in range(10):
+            self.clock.advance(0)
+            self.pump.flush()
+
+    @property
+    def handshake_done(self) -> bool:
+        """Both ends finished the TLS handshake."""
+        return bool(self.server_tls._handshakeDone and self.client_tls._handshakeDone)
+
+
+def client_options(
+    pki: PKI, *, alpn: list[bytes] | None = None, ciphers: str | None = None, version: str = "1.2"
+) -> Any:
+    """A client trusting the test CA; optionally offering ALPN, or only ``ciphers`` over TLS 1.2."""
+    from twisted.internet.ssl import AcceptableCiphers, TLSVersion, optionsForClientTLS
+
+    ca = Certificate.loadPEM(Path(pki.ca).read_bytes())
+    extra: dict[str, Any] = {}
+    if ciphers is not None:
+        extra["acceptableCiphers"] = AcceptableCiphers.fromOpenSSLCipherString(ciphers)
+        extra["lowerMaximumSecurityTo"] = TLSVersion.TLSv1_2
+    return optionsForClientTLS(
+        "localhost", trustRoot=ca, acceptableProtocols=alpn, extraCertificateOptions=extra
+    )
+
+
+def test_client_offering_alpn_is_served_without_a_protocol(pki: PKI) -> None:
+    """A client offering ALPN (h2, http/1.1, as curl does) completes the handshake; none is selected."""
+    tls = TLSPair(
+        server_tls_options(pki.server.cert, pki.server.key),
+        client_options(pki, alpn=[b"h2", b"http/1.1"]),
+    )
+    assert tls.handshake_done, f"the handshake must complete (client saw {tls.client.lost})"
+    assert tls.client.lost is None and tls.server.lost is None
+    assert tls.client_tls.negotiatedProtocol is None
+    tls.client.sendString(b"after alpn")
+    tls.flush()
+    assert tls.server.frames == [b"after alpn"]
+
+
+def test_alpn_select_prefers_a_protocol_the_server_speaks() -> None:
+    """With a negotiating factory behind TLS the first protocol both speak is chosen; else no-overlap."""
+    from OpenSSL import SSL
+    from twisted.internet.interfaces import IProtocolNegotiationFactory
+    from zope.interface import alsoProvides
+
+    inner = Factory()
+    alsoProvides(inner, IProtocolNegotiationFactory)
+    inner.acceptableProtocols = lambda: [b"eth/1"]  # type: ignore[attr-defined]
+
+    class Conn:
+        def __init__(self, wrapped: Any) -> None:
+            self.app = type("TLS", (), {"factory": type("F", (), {"wrappedFactory": wrapped})()})()
+
+        def get_app_data(self) -> Any:
+            return self.app
+
+    assert security._alpn_select(Conn(inner), [b"h2", b"eth/1"]) == b"eth/1"  # type: ignore[arg-type]
+    assert security._alpn_select(Conn(inner), [b"h2"]) is SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[arg-type]
+    assert security._alpn_select(Conn(Factory()), [b"h2"]) is SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[arg-type]
+
+
+def tls12_suites(options: Any) -> list[str]:
+    """The TLS 1.2 cipher suites a context offers (TLS 1.3's are named TLS_*)."""
+    from OpenSSL import SSL
+
+    names = SSL.Connection(options.getContext(), None).get_cipher_list()
+    return [n for n in names if not n.startswith("TLS_")]
+
+
+def forward_secret_aead(name: str) -> bool:
+    """ECDHE/DHE key exchange and AES-GCM or ChaCha20-Poly1305: what Mozilla intermediate allows."""
+    return name.startswith(("ECDHE-", "DHE-")) and ("-GCM-" in name or "CHACHA20-POLY1305" in name)
+
+
+def test_server_offers_only_forward_secret_aead_suites(pki: PKI) -> None:
+    """The server's TLS 1.2 list is non-empty and every suite is ECDHE/DHE with GCM or ChaCha20."""
+    suites = tls12_suites(server_tls_options(pki.server.cert, pki.server.key))
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in suites
+    assert [s for s in suites if not forward_secret_aead(s)] == []
+
+
+@pytest.mark.parametrize(
+    ("ciphers", "accepted"),
+    [
+        ("AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES128-SHA", False),  # static RSA
+        ("ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256", False),  # CBC
+        ("ECDHE-RSA-AES128-GCM-SHA256", True),
+        ("ECDHE-RSA-CHACHA20-POLY1305", True),
+    ],
+)
+def test_server_refuses_static_rsa_and_cbc_clients(
+    pki: PKI, rsa_server: Any, ciphers: str, accepted: bool
+) -> None:
+    """Over TLS 1.2 with an RSA certificate: static-RSA-only and CBC-only clients fail, AEAD ECDHE passes."""
+    tls = TLSPair(
+        server_tls_options(rsa_server.cert, rsa_server.key), client_options(pki, ciphers=ciphers)
+    )
+    assert tls.handshake_done is accepted
+    if not accepted:
+        assert (
+            tls.client.lost is not None and "handshake failure" in tls.client.lost.getErrorMessage()
+        )
+
+
+def test_client_refuses_a_cbc_only_server(pki: PKI, rsa_server: Any) -> None:
+    """The link's client offers the same list: a server that allows only CBC suites cannot talk to it."""
+    from twisted.internet.ssl import AcceptableCiphers, TLSVersion
+
+    server_side = CertificateOptions(
+        privateKey=KeyPair.load(
+            Path(rsa_server.key).read_bytes(), 1
+        ).original.to_cryptography_key(),
+        certificate=Certificate.loadPEM(
+            Path(rsa_server.cert).read_bytes()
+        ).original.to_cryptography(),
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(
+            "ECDHE-RSA-AES128-SHA:AES128-SHA"
+        ),
+        lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
+    )
+    tls = TLSPair(
+        server_side, security.client_tls_options("127.0.0.1", pki.ca, hostname="localhost")
+    )
+    assert not tls.handshake_done and tls.client.lost is not None
+
+
+def test_client_suites_match_the_server_policy(pki: PKI) -> None:
+    """The link's client offers only forward-secret AEAD suites in TLS 1.2, and connects to the server."""
+    tls = TLSPair(
+        server_tls_options(pki.server.cert, pki.server.key),
+        security.client_tls_options("127.0.0.1", pki.ca),
+    )
+    assert tls.handshake_done
+    names = [n for n in tls.client_tls.getHandle().get_cipher_list() if not n.startswith("TLS_")]
+    assert names and [n for n in names if not forward_secret_aead(n)] == []
+
+
+def test_ssl_endpoint_string_gets_the_same_policy(pki: PKI) -> None:
+    """An ssl: listen string is hardened too: its suites are the link's, ALPN clients are served."""
+    reactor = MemoryReactorClock()
+    endpoint = listen_endpoint(
+        reactor, f"ssl:9443:privateKey={pki.server.key}:certKey={pki.server.cert}"
+    )
+    options = endpoint._sslContextFactory  # type: ignore[attr-defined]
+    assert [s for s in tls12_suites(options) if not forward_secret_aead(s)] == []
+    tls = TLSPair(options, client_options(pki, alpn=[b"h2", b"http/1.1"]))
+    assert tls.handshake_done
+
+
+def test_client_initiated_renegotiation_is_off(pki: PKI) -> None:
+    """The server context refuses renegotiation (a CPU cost a peer could repeat at will)."""
+    from OpenSSL import SSL
+
+    context = server_tls_options(pki.server.cert, pki.server.key).getContext()
+    assert context.set_options(0) & SSL.OP_NO_RENEGOTIATION
+
+
 def test_server_tls_options_mutual_requires_client_certs(pki: Any) -> None:
     """With a client CA the options verify and require a client certificate; without, they do not."""
     plain = server_tls_options(pki.server.cert, pki.server.key)
@@ -651,6 +965,73 @@ def test_tls_gate_sets_client_id_on_handshake() -> None:
     proto2.makeConnection(t2)
     clock.advance(5)
     assert t2.disconnected and failures == ["timeout"]
+
+
+class CertTransport(StringTransport):
+    """A StringTransport whose peer presented ``cert_file`` (a PEM certificate), as a TLS one would."""
+
+    def __init__(self, cert_file: str) -> None:
+        from OpenSSL import crypto
+
+        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 4242))
+        self.cert = crypto.load_certificate(crypto.FILETYPE_PEM, Path(cert_file).read_bytes())
+
+    def getPeerCertificate(self) -> Any:
+        return self.cert
+
+
+def tls_gate_with(transport: StringTransport) -> tuple[Any, RecorderFactory, list[str]]:
+    """A server TLS gate connection on ``transport`` whose handshake has just completed."""
+    inner = RecorderFactory()
+    failures: list[str] = []
+    gate = TLSGateFactory(inner, clock=Clock(), timeout=5, on_failure=failures.append)
+    proto = gate.buildProtocol(None)
+    proto.makeConnection(transport)
+    proto.handshakeCompleted()
+    return proto, inner, failures
+
+
+def test_tls_gate_bounds_a_long_subject_and_logs_it_whole(pki: PKI) -> None:
+    """A 300+ character subject becomes a 255-character client_id (model.bounded); the log has it all."""
+    from twisted.logger import capturedLogs
+
+    pair = issue_into(pki, "long-client", "unused", subject=long_subject())
+    subject = long_subject().rfc4514_string()
+    assert len(subject) > 300
+    with capturedLogs() as events:
+        _, inner, failures = tls_gate_with(CertTransport(pair.cert))
+    client_id = inner.built[0].client_id
+    assert client_id == bounded(subject, MAX_CLIENT_ID) and len(client_id) == MAX_CLIENT_ID
+    assert client_id.startswith(subject[:100]) and failures == []
+    connected = [e for e in events if e.get("subject") == subject]
+    assert len(connected) == 1 and connected[0]["client_id"] == client_id
+    assert "192.0.2.7" in connected[0]["peer"]
+
+
+def test_tls_gate_keeps_a_short_subject_as_is(pki: PKI) -> None:
+    """A subject that fits its column is the client_id unchanged."""
+    _, inner, _ = tls_gate_with(CertTransport(pki.client.cert))
+    assert inner.built[0].client_id == pki.client_subject
+
+
+def test_subject_cryptography_cannot_parse_still_names_the_client(pki: PKI) -> None:
+    """A CA-signed PrintableString CN with _ and @ (OpenSSL verifies it) is a client_id, not a traceback."""
+    pair = write_lax_printable(pki, "lax-client", "svc_eth@corp")
+    proto, inner, failures = tls_gate_with(CertTransport(pair.cert))
+    assert proto.state == "open" and failures == []
+    assert inner.built[0].client_id == "CN=svc_eth@corp,O=eth-twisted test"
+
+
+def test_unprintable_subject_characters_are_escaped(pki: PKI) -> None:
+    """Control and bidi-override characters in a subject are RFC 4514 hex escapes (safe in a log line)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "evil\n\x1b[31m\u202eok")])
+    pair = issue_into(pki, "unprintable", "unused", subject=name)
+    identity = peer_identity(CertTransport(pair.cert))
+    assert identity == "CN=evil\\0A\\1B[31m\\E2\\80\\AEok"
+    assert identity is not None and identity.isprintable()
 
 
 def test_load_secret_sources(tmp_path: Path) -> None:

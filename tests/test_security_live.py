@@ -7,17 +7,26 @@ stack, the real ``DeliveryService`` with an in-memory outbox.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
+import ssl
+import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet import defer, reactor, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import NetstringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from eth_twisted.errors import HandshakeFailed
 from eth_twisted.framing import NetstringDecoder, encode
@@ -29,11 +38,12 @@ from eth_twisted.security import (
     AuthServerFactory,
     TLSGateFactory,
     client_tls_endpoint,
+    client_tls_options,
     listen_endpoint,
     server_tls_options,
 )
 from eth_twisted.sender import DeliveryService
-from tests.certs import PKI, make_pki
+from tests.certs import PKI, PemPair, issue_into, make_pki, write_lax_printable
 from tests.support import async_wait_until
 
 pytestmark = pytest.mark.live
@@ -47,6 +57,29 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+@pytest.fixture(scope="module")
+def rsa_server(pki: PKI) -> PemPair:
+    """An RSA server certificate (the kind most deployments use; static RSA needs one)."""
+    return issue_into(
+        pki, "rsa-server", server=True, dns=("localhost",), ips=("127.0.0.1",), rsa_bits=2048
+    )
+
+
+def tool(name: str, package: str) -> str:
+    """The path of a command-line tool; a clear failure (never a skip) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(
+            f"{name} is not installed: scripts/test installs it (apt-get install {package})"
+        )
+    return path
+
+
+def forward_secret_aead(name: str) -> bool:
+    """ECDHE/DHE key exchange with AES-GCM or ChaCha20-Poly1305 (OpenSSL names)."""
+    return name.startswith(("ECDHE-", "DHE-")) and ("-GCM-" in name or "CHACHA20-POLY1305" in name)
+
+
 class LinkServer:
     """A receiver behind the gates, listening on a loopback port."""
 
@@ -56,6 +89,7 @@ class LinkServer:
         self.receiver = ReceiverFactory(self.submit, clock=reactor)
         self.port: Any = None
         self.made = 0
+        self.gates: list[Any] = []
 
     def submit(self, message: Message, reply: Any) -> None:
         self.got.append(message)
@@ -70,16 +104,20 @@ class LinkServer:
         cert: Any = None,
         secret: bytes | None = None,
         timeout: float = 10.0,
+        **limits: int,
     ) -> Generator[Any, Any, int]:
+        """Listen; ``limits`` (max_pending, max_pending_per_group) go to both gates."""
         cert = cert or pki.server
         factory: Any = self.receiver
         if secret is not None:
             factory = AuthServerFactory(
-                factory, secret, reactor, timeout, on_failure=self.failures.append
+                factory, secret, reactor, timeout, on_failure=self.failures.append, **limits
             )
+            self.gates.append(factory)
         factory = TLSGateFactory(
-            factory, clock=reactor, timeout=timeout, on_failure=self.failures.append
+            factory, clock=reactor, timeout=timeout, on_failure=self.failures.append, **limits
         )
+        self.gates.append(factory)
         tls = server_tls_options(cert.cert, cert.key, client_ca_file=client_ca)
         self.port = yield listen_endpoint(reactor, "tcp:0:interface=127.0.0.1", tls=tls).listen(
             factory
@@ -88,6 +126,8 @@ class LinkServer:
 
     @defer.inlineCallbacks
     def stop(self) -> Generator[Any, Any, None]:
+        for gate in self.gates:
+            gate.abort_pending()
         self.receiver.close_all()
         if self.port is not None:
             yield self.port.stopListening()
@@ -264,6 +304,20 @@ def test_mtls_refuses_clients_without_a_good_certificate(
     yield async_wait_until(lambda: server.failures, timeout=5)
     assert server.failures == ["tls"]
     assert server.got == [] and server.receiver.connections == set()
+
+
+@pytest_twisted.inlineCallbacks
+def test_mtls_client_whose_subject_cryptography_refuses_is_served(
+    pki: PKI, server: LinkServer
+) -> Generator[Any, Any, None]:
+    """A CA-signed certificate with _ and @ in a PrintableString CN: answered OK, named by its subject."""
+    pair = write_lax_printable(pki, "lax-client", "svc_eth@corp")
+    port = yield server.start(pki, client_ca=pki.ca)
+    _, _, _, replies = yield threads.deferToThread(
+        python_tls_exchange, port, pki.ca, b"lax subject", client_cert=pair
+    )
+    assert replies == [b"OK " + sha256_hex(b"lax subject").encode()]
+    assert [m.client_id for m in server.got] == ["CN=svc_eth@corp,O=eth-twisted test"]
 
 
 # -- shared secret over TLS ----------------------------------------------------------------
@@ -447,3 +501,333 @@ def test_plaintext_secret_listener_refuses_without_flag() -> Generator[Any, Any,
         assert proto.replies == [] and failures == ["plaintext"]
     finally:
         yield port.stopListening()
+
+
+# -- pending handshakes: silent peers cannot lock out a client with the right secret ------
+
+
+@implementer(IHandshakeListener)
+class Silent(Protocol):
+    """Connects (completing TLS, over TLS) and never says a word: a slot holder."""
+
+    def __init__(self) -> None:
+        self.lost = False
+        self.handshaken = False
+
+    def handshakeCompleted(self) -> None:
+        self.handshaken = True
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+
+
+@defer.inlineCallbacks
+def silent_connections(port: int, hosts: list[str], per_host: int, pki: PKI | None = None) -> Any:
+    """``per_host`` silent connections from each loopback address in ``hosts``; TLS ones with ``pki``."""
+    made: list[Silent] = []
+    for host in hosts:
+        for _ in range(per_host):
+            endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(host, 0))
+            if pki is not None:
+                endpoint = wrapClientTLS(client_tls_options("127.0.0.1", pki.ca), endpoint)
+            made.append((yield endpoint.connect(Factory.forProtocol(Silent))))
+    return made
+
+
+def abort_all(protocols: list[Any]) -> None:
+    """Abort every connection still open."""
+    for proto in protocols:
+        if not proto.lost:
+            proto.transport.abortConnection()
+
+
+HOSTS = [f"127.0.0.{n}" for n in range(2, 8)]  # 6 silent addresses, 10 connections each
+
+
+@pytest_twisted.inlineCallbacks
+def test_silent_tls_peers_cannot_fill_the_tls_gate(
+    pki: PKI, server: LinkServer
+) -> Generator[Any, Any, None]:
+    """60 silent TCP connections from 6 addresses, table 32 (8 per address): a TLS client is still answered."""
+    port = yield server.start(pki, timeout=120, max_pending=32, max_pending_per_group=8)
+    (gate,) = server.gates
+    silent = yield silent_connections(port, HOSTS, 10)
+    try:
+        yield async_wait_until(
+            lambda: server.failures.count("evicted") >= 28,
+            timeout=15,
+            what="the gate to evict down to its table size",
+        )
+        assert len(gate.pending) == 32 and max(gate.pending.group_size(h) for h in HOSTS) <= 8
+        endpoint = client_tls_endpoint(reactor, "127.0.0.1", port, ca_file=pki.ca)
+        proto = yield endpoint.connect(ClientFactory())
+        proto.sendString(b"through a full table")
+        yield async_wait_until(lambda: proto.replies, timeout=10, what="the reply")
+        assert proto.replies == [b"OK " + sha256_hex(b"through a full table").encode()]
+        assert set(server.failures) == {"evicted"}, "nothing timed out: the table made the room"
+        proto.transport.loseConnection()
+    finally:
+        abort_all(silent)
+
+
+@pytest_twisted.inlineCallbacks
+def test_silent_authenticated_tls_peers_cannot_lock_out_the_secret(
+    pki: PKI, server: LinkServer
+) -> Generator[Any, Any, None]:
+    """60 TLS connections from 6 addresses that never send AUTH, table 32: the right secret gets AUTH-OK and OK."""
+    port = yield server.start(
+        pki, secret=SECRET, timeout=120, max_pending=32, max_pending_per_group=8
+    )
+    auth_gate, tls_gate = server.gates
+    silent = yield silent_connections(port, HOSTS, 10, pki=pki)
+    try:
+        yield async_wait_until(
+            lambda: server.failures.count("evicted") >= 28,
+            timeout=30,
+            what="the handshake gate to evict down to its table size",
+        )
+        yield async_wait_until(
+            lambda: len(tls_gate.pending) == 0,
+            timeout=30,
+            what="every silent peer's TLS handshake to finish",
+        )
+        assert len(auth_gate.pending) == 32
+        endpoint = AuthClientEndpoint(
+            client_tls_endpoint(reactor, "127.0.0.1", port, ca_file=pki.ca), SECRET, NAME, reactor
+        )
+        proto = yield endpoint.connect(ClientFactory())
+        proto.sendString(b"the right secret")
+        yield async_wait_until(lambda: proto.replies, timeout=10, what="the reply")
+        assert proto.replies == [b"OK " + sha256_hex(b"the right secret").encode()]
+        assert [m.client_id for m in server.got] == [NAME]
+        assert set(server.failures) == {"evicted"} and len(auth_gate.pending) == 31
+        proto.transport.loseConnection()
+    finally:
+        abort_all(silent)
+
+
+# -- TLS policy: ALPN and cipher suites, seen by real clients and scanners ---------------------
+
+
+def python_tls_exchange(
+    port: int,
+    ca: str,
+    payload: bytes,
+    *,
+    alpn: list[str] | None = None,
+    ciphers: str | None = None,
+    client_cert: PemPair | None = None,
+) -> tuple[str | None, str, str | None, list[bytes]]:
+    """Blocking: connect with Python's ssl, send one netstring, read one reply.
+
+    Returns (TLS version, cipher, selected ALPN protocol, replies). With
+    ``ciphers`` the client speaks TLS 1.2 only, offering just those suites;
+    with ``client_cert`` it presents that certificate.
+    """
+    context = ssl.create_default_context(cafile=ca)
+    if client_cert is not None:
+        context.load_cert_chain(client_cert.cert, client_cert.key)
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    if ciphers:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(ciphers)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(encode(payload))
+            decoder = NetstringDecoder(1024)
+            replies: list[bytes] = []
+            while not replies:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    break
+                replies += decoder.feed(chunk)
+            cipher = tls.cipher()
+            return tls.version(), cipher[0] if cipher else "", tls.selected_alpn_protocol(), replies
+
+
+@pytest_twisted.inlineCallbacks
+def test_python_client_offering_alpn_is_answered(
+    pki: PKI, server: LinkServer
+) -> Generator[Any, Any, None]:
+    """Python ssl with set_alpn_protocols(h2, http/1.1) connects (no protocol chosen) and gets OK."""
+    port = yield server.start(pki)
+    version, _, selected, replies = yield threads.deferToThread(
+        python_tls_exchange, port, pki.ca, b"alpn payload", alpn=["h2", "http/1.1"]
+    )
+    assert version == "TLSv1.3" and selected is None
+    assert replies == [b"OK " + sha256_hex(b"alpn payload").encode()]
+    assert server.failures == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_openssl_s_client_with_alpn_completes_the_handshake(
+    pki: PKI, server: LinkServer
+) -> Generator[Any, Any, None]:
+    """`openssl s_client -alpn h2,http/1.1` (what curl and HAProxy check-ssl offer) is not aborted."""
+    openssl = tool("openssl", "openssl")
+    port = yield server.start(pki)
+    proc = yield threads.deferToThread(
+        subprocess.run,
+        [
+            openssl,
+            "s_client",
+            "-alpn",
+            "h2,http/1.1",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            pki.ca,
+            "-verify_return_error",
+        ],
+        input=b"",
+        capture_output=True,
+        timeout=30,
+    )
+    out = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+    assert "alert" not in out.lower(), out
+    assert "No ALPN negotiated" in out and "Verify return code: 0 (ok)" in out, out
+    assert "Cipher is TLS_" in out, out
+
+
+@pytest_twisted.inlineCallbacks
+def test_ssl_endpoint_string_listener_serves_alpn_clients(pki: PKI) -> Generator[Any, Any, None]:
+    """A listener from an ssl: endpoint string gets the same ALPN answer and cipher list."""
+    receiver = ReceiverFactory(lambda m, r: r("OK"), clock=reactor)
+    description = f"ssl:0:interface=127.0.0.1:privateKey={pki.server.key}:certKey={pki.server.cert}"
+    port = yield listen_endpoint(reactor, description).listen(receiver)
+    try:
+        number = port.getHost().port
+        _, _, selected, replies = yield threads.deferToThread(
+            python_tls_exchange, number, pki.ca, b"ssl string", alpn=["h2", "http/1.1"]
+        )
+        assert selected is None and replies[0].startswith(b"OK ")
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            yield threads.deferToThread(
+                python_tls_exchange, number, pki.ca, b"cbc", ciphers="ECDHE-ECDSA-AES128-SHA"
+            )
+    finally:
+        receiver.close_all()
+        yield port.stopListening()
+
+
+@pytest.mark.parametrize(
+    "ciphers",
+    [
+        pytest.param(
+            "AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES256-SHA", id="static-rsa"
+        ),
+        pytest.param(
+            "ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA:ECDHE-RSA-AES128-SHA256:"
+            "ECDHE-RSA-AES256-SHA384",
+            id="cbc",
+        ),
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_static_rsa_or_cbc_only_client_is_refused(
+    pki: PKI, rsa_server: PemPair, server: LinkServer, ciphers: str
+) -> Generator[Any, Any, None]:
+    """With an RSA certificate, a TLS 1.2 client offering only static-RSA or only CBC suites is refused."""
+    port = yield server.start(pki, cert=rsa_server)
+    with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+        yield threads.deferToThread(python_tls_exchange, port, pki.ca, b"weak", ciphers=ciphers)
+    yield async_wait_until(lambda: server.failures, timeout=5, what="the server to log the refusal")
+    assert server.failures == ["tls"] and server.got == []
+
+
+@pytest.mark.parametrize(
+    "ciphers", [None, "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305"]
+)
+@pytest_twisted.inlineCallbacks
+def test_normal_clients_are_accepted(
+    pki: PKI, rsa_server: PemPair, server: LinkServer, ciphers: str | None
+) -> Generator[Any, Any, None]:
+    """A default client (TLS 1.3) and TLS 1.2 ECDHE AEAD clients are accepted and answered."""
+    port = yield server.start(pki, cert=rsa_server)
+    version, cipher, _, replies = yield threads.deferToThread(
+        python_tls_exchange, port, pki.ca, b"good client", ciphers=ciphers
+    )
+    assert replies == [b"OK " + sha256_hex(b"good client").encode()]
+    assert version == ("TLSv1.3" if ciphers is None else "TLSv1.2")
+    assert ciphers is None or cipher == ciphers
+
+
+@pytest_twisted.inlineCallbacks
+def test_testssl_finds_nothing_weak(
+    pki: PKI, rsa_server: PemPair, server: LinkServer, tmp_path: Path
+) -> Generator[Any, Any, None]:
+    """testssl.sh against a real RSA listener: no CBC, no static RSA, no LUCKY13, no weak finding."""
+    testssl = tool("testssl", "testssl.sh")
+    port = yield server.start(pki, cert=rsa_server)
+    report = tmp_path / "testssl.json"
+    # protocols, cipher categories, forward secrecy, every cipher per protocol,
+    # LUCKY13, renegotiation: the checks about the suites (certificate checks
+    # would only judge the test CA).
+    proc = yield threads.deferToThread(
+        subprocess.run,
+        [
+            testssl,
+            "--quiet",
+            "--color",
+            "0",
+            "--warnings",
+            "off",
+            "--jsonfile",
+            str(report),
+            "-p",
+            "-s",
+            "-f",
+            "-E",
+            "-L",
+            "-R",
+            f"127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        timeout=300,
+    )
+    assert report.exists(), proc.stdout.decode("utf-8", "replace")[-2000:]
+    findings = {f["id"]: f for f in json.loads(report.read_text())}
+    weak = {
+        i: (f["severity"], f["finding"])
+        for i, f in findings.items()
+        if f["severity"] in ("LOW", "MEDIUM", "HIGH", "CRITICAL")
+    }
+    assert weak == {}, weak
+    assert findings["LUCKY13"]["severity"] == "OK", findings["LUCKY13"]
+    for name in ("NULL", "aNULL", "EXPORT", "LOW", "3DES_IDEA", "AVERAGE"):
+        assert findings[f"cipherlist_{name}"]["finding"] == "not offered", name
+    assert (
+        findings["TLS1"]["finding"] == "not offered"
+        and findings["TLS1_1"]["finding"] == "not offered"
+    )
+    tls12 = [f["finding"].split() for i, f in findings.items() if i.startswith("cipher-tls1_2_")]
+    assert tls12, "testssl listed no TLS 1.2 suite: the scan did not run"
+    # columns: TLS 1.2 <hexcode> <OpenSSL name> <key exchange> <bits> <encryption> ...
+    assert [row[3] for row in tls12 if not forward_secret_aead(row[3]) or row[4] == "RSA"] == []
+    assert findings["secure_client_renego"]["severity"] == "OK", findings["secure_client_renego"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_sslscan_accepts_only_forward_secret_aead(
+    pki: PKI, rsa_server: PemPair, server: LinkServer
+) -> Generator[Any, Any, None]:
+    """sslscan against a real RSA listener: TLS 1.2 and 1.3 only, every accepted suite ECDHE/DHE AEAD."""
+    sslscan = tool("sslscan", "sslscan")
+    port = yield server.start(pki, cert=rsa_server)
+    proc = yield threads.deferToThread(
+        subprocess.run,
+        [sslscan, "--no-colour", "--xml=-", f"127.0.0.1:{port}"],
+        capture_output=True,
+        timeout=120,
+    )
+    root = ET.fromstring(proc.stdout[proc.stdout.index(b"<?xml") :])
+    accepted = [
+        (c.get("sslversion"), c.get("cipher", ""))
+        for c in root.iter("cipher")
+        if c.get("status") in ("accepted", "preferred")
+    ]
+    assert {v for v, _ in accepted} == {"TLSv1.2", "TLSv1.3"}, accepted
+    weak = [c for v, c in accepted if v == "TLSv1.2" and not forward_secret_aead(c)]
+    assert weak == [], weak
+    assert all(c.startswith("TLS_") for v, c in accepted if v == "TLSv1.3")
