@@ -40,6 +40,61 @@ def bounded(value: str, limit: int) -> str:
     return value[: limit - len(digest) - 1] + "~" + digest
 
 
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(value: str, also: str = "") -> str:
+    """``value`` with every unprintable character (and each one in ``also``) as a backslash escape.
+
+    Unprintable means what :meth:`str.isprintable` says: controls (NUL, newline,
+    DEL, C1), lone surrogates (which no UTF-8 column can hold), format
+    characters such as U+202E and separators other than the ASCII space. The
+    common value has none and is returned as it is.
+    """
+    if value.isprintable() and not any(c in value for c in also):
+        return value
+    return "".join(_escape(c) if not c.isprintable() or c in also else c for c in value)
+
+
+def storable_client_ip(host: str) -> str:
+    """A client address as every sink stores it: normalised, printable, without spaces, bounded.
+
+    Real peer addresses come back unchanged (IPv4-mapped IPv6 unmapped); an
+    address from elsewhere (a PROXY header, a test) that holds spaces, controls
+    or lone surrogates is escaped, an empty one is ``-`` and a long one is
+    bounded to :data:`MAX_CLIENT_IP`. SQL, Redis and the memory sink all store
+    this same form, so the mirror's counts and the record agree.
+    """
+    return bounded(printable(normalise_ip(host), " ") or "-", MAX_CLIENT_IP)
+
+
+def storable_client_id(client_id: str | None) -> str | None:
+    """A client identity as every record stores it: printable and bounded to :data:`MAX_CLIENT_ID`.
+
+    The full subject stays in the server's logs; the record keeps a form no
+    column can refuse (non-BMP characters are kept: the schema is utf8mb4).
+    """
+    if client_id is None:
+        return None
+    return bounded(printable(client_id), MAX_CLIENT_ID)
+
+
+def ascii_metadata(value: str, limit: int) -> str:
+    """``value`` as ASCII (backslash escapes) bounded to ``limit``: what any column charset holds.
+
+    The last resort when a database refuses a row's metadata anyway (a column
+    an operator made ``utf8mb3`` or ``latin1``): the payload is stored with
+    this form rather than refused.
+    """
+    return bounded(printable(value).encode("ascii", "backslashreplace").decode("ascii"), limit)
+
+
 def sha256_hex(payload: bytes) -> str:
     """Return the message id of ``payload``: its SHA-256 as lowercase hex."""
     return hashlib.sha256(payload).hexdigest()

@@ -29,13 +29,52 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from eth_twisted.model import Message, Outcome, Record, Totals
+from eth_twisted.model import (
+    MAX_CLIENT_ID,
+    MAX_CLIENT_IP,
+    Message,
+    Outcome,
+    Record,
+    Totals,
+    bounded,
+)
 
 OK = Outcome.STORED
 DUP = Outcome.DUPLICATE
 REJECTED = Outcome.REJECTED
 
 T0 = 1_700_000_000.25
+
+LONG_SUBJECT = "CN=" + "a" * 300 + ",OU=Payments Platform,O=Example Corporation GmbH,L=Frankfurt,C=DE"
+"""An ordinary corporate certificate subject, longer than the 255 characters client_id holds."""
+
+HOSTILE_IDS = [
+    LONG_SUBJECT,
+    "CN=lone \udcff surrogate",
+    "CN=nul\x00inside",
+    "CN=" + "\U0001f600" * 300,  # non-BMP, and too long
+    "CN=line\nbreak,O=tab\there",
+    "\u202eCN=right-to-left override",
+    "",
+]
+"""Client identities no column should be able to refuse."""
+
+HOSTILE_IPS = [
+    "x" * 100,
+    "1.2.3.4\n5.6.7.8 1 1\n",
+    "a b",
+    "",
+    "fe80::1%\udc80",
+    "\x00",
+    "\U0001f600" * 50,
+]
+"""Client addresses (e.g. from a PROXY header) that must not cost a payload its row."""
+
+
+def storable_text(value: str) -> bool:
+    """True when ``value`` encodes as strict UTF-8 and holds no control characters."""
+    value.encode("utf-8")
+    return all(ch.isprintable() or ch == " " for ch in value)
 
 
 def msg(
@@ -153,6 +192,38 @@ class SinkContract:
         if self.is_record:
             rows: list[Record] = await sink.fetch_records(0, 100)
             assert [r.payload for r in rows] == weird
+
+    # -- metadata never costs a payload -------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_long_client_id_is_stored_bounded(self, sink: Any) -> None:
+        """A certificate subject over 255 characters is STORED, its client_id bounded to fit."""
+        assert await self.store(sink, [msg(b"corporate", client_id=LONG_SUBJECT)]) == [OK]
+        if self.is_record:
+            [rec] = await sink.fetch_records(0, 10)
+            assert rec.client_id == bounded(LONG_SUBJECT, MAX_CLIENT_ID)
+            assert len(rec.client_id) == MAX_CLIENT_ID
+
+    @pytest_twisted.ensureDeferred
+    async def test_hostile_metadata_never_refuses_a_payload(self, sink: Any) -> None:
+        """Lone surrogates, NUL, controls, non-BMP and overlong ids and IPs: every payload is STORED."""
+        batch = [msg(b"id-%d" % i, client_id=cid) for i, cid in enumerate(HOSTILE_IDS)]
+        batch += [msg(b"ip-%d" % i, ip=ip) for i, ip in enumerate(HOSTILE_IPS)]
+        assert await self.store(sink, batch) == [OK] * len(batch)
+        assert await self.store(sink, batch) == [DUP] * len(batch)
+        if self.is_record:
+            rows: list[Record] = await sink.fetch_records(0, 100)
+            assert [r.hash for r in rows] == [m.hash for m in batch]
+            for rec in rows:
+                assert storable_text(rec.client_ip) and 0 < len(rec.client_ip) <= MAX_CLIENT_IP
+                assert " " not in rec.client_ip
+                assert rec.client_id is None or (
+                    storable_text(rec.client_id) and len(rec.client_id) <= MAX_CLIENT_ID)
+            ids = [r.client_id for r in rows[:len(HOSTILE_IDS)]]
+            assert len(set(ids)) == len(HOSTILE_IDS)  # distinct identities stay distinct
+            assert ids[-1] == ""  # printable values are kept as they are
+            ips = [r.client_ip for r in rows[len(HOSTILE_IDS):]]
+            assert len(set(ips)) == len(HOSTILE_IPS)
 
     # -- record reads ------------------------------------------------------------
 

@@ -147,13 +147,34 @@ async def test_start_twice_on_same_database(mysql_db: dict[str, Any]) -> None:
 @pytest.mark.live
 @pytest_twisted.ensureDeferred
 async def test_bad_row_isolated(sink: MySQLSink) -> None:
-    """Rows MariaDB refuses (malformed hash, overlong client id) are REJECTED; the rest commit."""
+    """Rows MariaDB refuses (a malformed hash) are REJECTED; the rest, overlong client id too, commit."""
     bad_hash = Message(b"bad", "not-a-sha256", "10.0.0.1", T0)
     long_id = msg(b"long-id", client_id="x" * 300)
     batch = numbered(5)[:2] + [bad_hash] + numbered(5)[2:] + [long_id]
     outcomes = await sink.store_batch(batch)
-    assert outcomes == [Outcome.STORED] * 2 + [Outcome.REJECTED] + [Outcome.STORED] * 3 + [Outcome.REJECTED]
-    assert (await sink.totals()).records == 5
+    assert outcomes == [Outcome.STORED] * 2 + [Outcome.REJECTED] + [Outcome.STORED] * 4
+    assert (await sink.totals()).records == 6
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_metadata_the_column_charset_cannot_hold_is_stored_as_ascii(
+    sink: MySQLSink, mysql_db: dict[str, Any]
+) -> None:
+    """An operator's utf8mb3/latin1 metadata columns cannot refuse a payload: it is stored, metadata escaped."""
+    mysql_query(mysql_db, "ALTER TABLE ethereum_data "
+                          "MODIFY client_id VARCHAR(255) CHARACTER SET utf8mb3 NULL, "
+                          "MODIFY client_ip VARCHAR(45) CHARACTER SET latin1 NOT NULL")
+    plain = msg(b"plain", ip="10.0.0.1", client_id="CN=J\u00fcrgen")
+    emoji_id = msg(b"emoji-id", client_id="CN=\U0001f600 team")
+    greek_ip = msg(b"greek-ip", ip="fe80::\u03b1")
+    batch = [plain, emoji_id, greek_ip]
+    assert await sink.store_batch(batch) == [Outcome.STORED] * 3
+    rows = {r.hash: r for r in await sink.fetch_records(0, 10)}
+    assert (rows[plain.hash].client_ip, rows[plain.hash].client_id) == ("10.0.0.1", "CN=J\u00fcrgen")
+    assert rows[emoji_id.hash].client_id == "CN=\\U0001f600 team"
+    assert rows[greek_ip.hash].client_ip == "fe80::\\u03b1"
+    assert await sink.store_batch(batch) == [Outcome.DUPLICATE] * 3
 
 
 @pytest.mark.live

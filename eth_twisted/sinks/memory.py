@@ -8,7 +8,15 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from eth_twisted.model import IRecord, Message, Outcome, Record, Totals
+from eth_twisted.model import (
+    IRecord,
+    Message,
+    Outcome,
+    Record,
+    Totals,
+    storable_client_id,
+    storable_client_ip,
+)
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 
 
@@ -51,7 +59,8 @@ class MemorySink:
                 outcomes.append(Outcome.DUPLICATE)
             else:
                 rec = Record(len(self.order) + 1, m.hash, m.payload, m.block_number,
-                             m.client_ip, m.client_id, m.received_at)
+                             storable_client_ip(m.client_ip), storable_client_id(m.client_id),
+                             m.received_at)
                 self.records[m.hash] = rec
                 self.order.append(rec)
                 outcomes.append(Outcome.STORED)

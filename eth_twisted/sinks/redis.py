@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
-from eth_twisted.model import IRecord, ISink, Message, Outcome
+from eth_twisted.model import IRecord, ISink, Message, Outcome, storable_client_ip
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 
 DEFAULT_PREFIX = "eth:"
@@ -85,17 +85,22 @@ return table.concat(added)
 def pack_store_entries(entries: Sequence[tuple[str, float, str, str]]) -> str:
     """The store script's ARGV[2]: ``(hash, received_at, client_ip, flag)`` a line each.
 
-    A client IP holding whitespace (or empty) would break the line format; it is
-    stored as ``-`` (unknown) instead. Real peer addresses never hold any.
+    Each IP goes in the form the record stores
+    (:func:`~eth_twisted.model.storable_client_ip`): printable, no spaces, never
+    empty, bounded. So an address holding whitespace, a newline or a lone
+    surrogate can neither break the line format nor fail the encoding, and the
+    counts the store script keeps are the ones reconciliation rebuilds from SQL.
     """
     lines = []
     last_at, score = None, ""
+    ips: dict[str, str] = {}
     for h, at, ip, flag in entries:
         if at != last_at:  # the messages of one read share their receipt time
             last_at, score = at, _score(at)
-        if not ip or " " in ip or not ip.isprintable():
-            ip = "-"
-        lines.append(f"{h} {score} {ip} {flag}\n")
+        field = ips.get(ip)
+        if field is None:
+            field = ips[ip] = storable_client_ip(ip)
+        lines.append(f"{h} {score} {field} {flag}\n")
     return "".join(lines)
 
 

@@ -56,7 +56,18 @@ from eth_twisted.errors import (
     SinkTimeout,
     SinkUnavailable,
 )
-from eth_twisted.model import IRecord, Message, Outcome, Record, Totals, normalise_ip
+from eth_twisted.model import (
+    MAX_CLIENT_ID,
+    MAX_CLIENT_IP,
+    IRecord,
+    Message,
+    Outcome,
+    Record,
+    Totals,
+    ascii_metadata,
+    storable_client_id,
+    storable_client_ip,
+)
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 
 log = Logger(namespace="eth_twisted.sinks.sql")
@@ -600,7 +611,8 @@ class MySQLRowEncoder:
     the GIL the reactor needs). Our rows have a fixed shape, so each column is
     encoded by one cheap function: the payload as a hex literal (exact size, no
     escaping: ``X'...'`` is binary for a MEDIUMBLOB), the hash as is when it is
-    lowercase hex, IPs normalised and escaped once per distinct address, the time
+    lowercase hex, IPs and client ids made storable (:func:`~eth_twisted.model.storable_client_ip`)
+    and escaped once per distinct value, the time
     straight from the float, once per distinct receipt time (the messages of one
     read share theirs). The statement is the same multi-row ``INSERT ... VALUES``
     PyMySQL would have built.
@@ -608,6 +620,7 @@ class MySQLRowEncoder:
 
     def __init__(self) -> None:
         self._ips: dict[str, str] = {}
+        self._ids: dict[str, str] = {}
         self._ts: float | None = None
         self._ts_sql = ""
 
@@ -615,16 +628,23 @@ class MySQLRowEncoder:
         """One message as ``(hash, payload, block_number, client_ip, client_id, received_at)``."""
         ip_sql = self._ips.get(m.client_ip)
         if ip_sql is None:
-            ip_sql = _sql_text(normalise_ip(m.client_ip))
+            ip_sql = _sql_text(storable_client_ip(m.client_ip))
             if len(self._ips) < 10000:
                 self._ips[m.client_ip] = ip_sql
         bn = m.block_number
         bn_sql = "NULL" if bn is None else int(bn)
-        cid_sql = "NULL" if m.client_id is None else _sql_text(m.client_id)
+        cid = m.client_id
+        cid_sql = "NULL" if cid is None else self._ids.get(cid) or self._client_id_sql(cid)
         if m.received_at != self._ts:
             self._ts_sql = _sql_datetime(m.received_at)
             self._ts = m.received_at
         return f"({_sql_hash(m.hash)},X'{m.payload.hex()}',{bn_sql},{ip_sql},{cid_sql},{self._ts_sql})"
+
+    def _client_id_sql(self, client_id: str) -> str:
+        literal = _sql_text(storable_client_id(client_id) or "")
+        if len(self._ids) < 10000:
+            self._ids[client_id] = literal
+        return literal
 
 
 class _StoreState:
@@ -801,9 +821,14 @@ class SQLSink:
             start = end
         return inserted
 
-    def _insert_isolating(self, txn: Any, idx: list[int], rows: list[tuple[Any, ...]],
-                          sizes: list[int], rejected: set[int], depth: int = 0) -> None:
-        """Insert ``rows``; on a data error split in halves under savepoints to find the bad rows."""
+    def _insert_isolating(self, txn: Any, messages: Sequence[Message], idx: list[int],
+                          rows: list[tuple[Any, ...]], sizes: list[int], rejected: set[int],
+                          depth: int = 0) -> None:
+        """Insert ``rows``; on a data error split in halves under savepoints to find the bad rows.
+
+        A single row refused is tried once more with its client metadata as
+        ASCII (:meth:`_insert_ascii_metadata`): metadata never costs a payload.
+        """
         savepoint = f"eth_sp{depth}"
         txn.execute(f"SAVEPOINT {savepoint}")
         try:
@@ -814,15 +839,47 @@ class SQLSink:
             txn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
             txn.execute(f"RELEASE SAVEPOINT {savepoint}")
             if len(rows) == 1:
+                if self._insert_ascii_metadata(txn, messages[idx[0]], sizes[0], depth + 1, e):
+                    return
                 rejected.add(idx[0])
                 log.warn("{sink} refused one message ({reason}); answering rejected",
                          sink=self.name, reason=describe_error(e))
                 return
             half = len(rows) // 2
-            self._insert_isolating(txn, idx[:half], rows[:half], sizes[:half], rejected, depth + 1)
-            self._insert_isolating(txn, idx[half:], rows[half:], sizes[half:], rejected, depth + 1)
+            self._insert_isolating(txn, messages, idx[:half], rows[:half], sizes[:half], rejected,
+                                   depth + 1)
+            self._insert_isolating(txn, messages, idx[half:], rows[half:], sizes[half:], rejected,
+                                   depth + 1)
         else:
             txn.execute(f"RELEASE SAVEPOINT {savepoint}")
+
+    def _insert_ascii_metadata(self, txn: Any, m: Message, size: int, depth: int,
+                               refusal: BaseException) -> bool:
+        """Insert ``m`` with ASCII-only client metadata; False when that changes nothing or fails too.
+
+        For a column that cannot hold the characters the storable form keeps
+        (an operator's ``utf8mb3`` or ``latin1`` column and a non-BMP or
+        non-Latin character): ASCII fits every charset in play.
+        """
+        ip, cid = storable_client_ip(m.client_ip), storable_client_id(m.client_id)
+        plain_ip = ascii_metadata(ip, MAX_CLIENT_IP)
+        plain_id = None if cid is None else ascii_metadata(cid, MAX_CLIENT_ID)
+        if (plain_ip, plain_id) == (ip, cid):
+            return False  # the metadata was ASCII already: something else was refused
+        savepoint = f"eth_sp{depth}"
+        txn.execute(f"SAVEPOINT {savepoint}")
+        try:
+            self._insert(txn, [self._row(m._replace(client_ip=plain_ip, client_id=plain_id))], [size])
+        except Exception as e:
+            if self._classify(e) is not ErrorKind.DATA:
+                raise
+            txn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+            txn.execute(f"RELEASE SAVEPOINT {savepoint}")
+            return False
+        txn.execute(f"RELEASE SAVEPOINT {savepoint}")
+        log.warn("{sink} could not hold a message's client metadata ({reason}); stored it with the "
+                 "metadata as ASCII escapes", sink=self.name, reason=describe_error(refusal))
+        return True
 
     def _classify(self, error: BaseException) -> ErrorKind:
         raise NotImplementedError
@@ -900,7 +957,7 @@ class SQLSink:
             sizes = [self._row_bytes(messages[i].payload) for i in new]
             rejected: set[int] = set()
             if careful:
-                self._insert_isolating(txn, new, rows, sizes, rejected)
+                self._insert_isolating(txn, messages, new, rows, sizes, rejected)
                 inserted = -1
             else:
                 inserted = self._insert(txn, rows, sizes)
@@ -921,7 +978,7 @@ class SQLSink:
     def _same_delivery(self, m: Message, row: tuple[str, Any]) -> bool:
         ip, at = row
         stored = self._time_float(at)
-        return ip == normalise_ip(m.client_ip) and stored is not None and abs(
+        return ip == storable_client_ip(m.client_ip) and stored is not None and abs(
             stored - self._time_float(self._time_value(m.received_at))  # type: ignore[operator]
         ) < 1e-6
 
@@ -1226,8 +1283,8 @@ class SQLiteSink(SQLSink):
         return None if value is None else float(value)
 
     def _row(self, m: Message) -> tuple[Any, ...]:
-        return (m.hash, m.payload, m.block_number, normalise_ip(m.client_ip), m.client_id,
-                float(m.received_at))
+        return (m.hash, m.payload, m.block_number, storable_client_ip(m.client_ip),
+                storable_client_id(m.client_id), float(m.received_at))
 
 
 # -- factories ---------------------------------------------------------------------
