@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from eth_twisted.errors import ConfigError, SinkBusy
+from eth_twisted.errors import ConfigError, SinkBusy, SinkError
 from eth_twisted.model import Message, Outcome
 from eth_twisted.sinks.sql import SQLiteSink, latest_version, make_sqlite_sink, migrate_sqlite
 from tests.sink_contract import T0, SinkContract, msg, numbered
@@ -172,3 +172,20 @@ async def test_stopped_sink_refuses(tmp_path: Path) -> None:
     await s.stop()
     with pytest.raises(SinkUnavailable):
         await s.store_batch([msg(b"late")])
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_after_a_failed_start(tmp_path: Path) -> None:
+    """A sink whose start failed (no such directory) stops cleanly, twice, and can start later."""
+    path = tmp_path / "later" / "record.sqlite3"
+    s = make_sqlite_sink(str(path))
+    with pytest.raises(SinkError):
+        await s.start()
+    await s.stop()
+    await s.stop()
+    path.parent.mkdir()
+    await s.start()
+    try:
+        assert await s.store_batch([msg(b"after")]) == [Outcome.STORED]
+    finally:
+        await s.stop()

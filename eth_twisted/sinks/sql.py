@@ -229,9 +229,11 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
         retry_window: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        handshake_timeout: float | None = None,
         **connkw: Any,
     ) -> None:
         connkw["cp_reconnect"] = True
+        self.handshake_timeout = handshake_timeout
         self.sink_name = sink_name
         self.classify = classify
         self.retries = retries
@@ -255,7 +257,7 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
         tid = self.threadID()
         conn = self.connections.get(tid)
         if conn is None:
-            conn = self.dbapi.connect(*self.connargs, **self.connkw)
+            conn = self._open_connection()
             if self.openfun is not None:
                 try:
                     self.openfun(conn)
@@ -263,6 +265,28 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
                     self._close(conn)
                     raise
             self.connections[tid] = conn
+        return conn
+
+    def _open_connection(self) -> Any:
+        """A new driver connection; with ``handshake_timeout``, login is bounded by it.
+
+        PyMySQL reads the server's greeting and the login replies with
+        ``read_timeout`` (``Connection.connect`` sets it on the socket), so a
+        stopped server whose kernel still accepts connections held every
+        connect, and a shutdown joining the pool's threads, for the whole read
+        timeout (30 s) rather than the connect timeout. The connection is opened
+        with both I/O timeouts at most ``handshake_timeout``, then given its
+        own back: PyMySQL applies ``_read_timeout``/``_write_timeout`` to the
+        socket before each read and write.
+        """
+        if self.handshake_timeout is None:
+            return self.dbapi.connect(*self.connargs, **self.connkw)
+        kw = dict(self.connkw)
+        read, write = kw.get("read_timeout"), kw.get("write_timeout")
+        kw["read_timeout"] = min(read or self.handshake_timeout, self.handshake_timeout)
+        kw["write_timeout"] = min(write or self.handshake_timeout, self.handshake_timeout)
+        conn = self.dbapi.connect(*self.connargs, **kw)
+        conn._read_timeout, conn._write_timeout = read, write
         return conn
 
     def _close(self, conn: Any) -> None:
@@ -289,6 +313,7 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
     def _run_with_retries(self, body: Callable[[adbapi.Connection], Any]) -> Any:
         attempt = 0
         started = self._monotonic()
+        first_failure = ""
         while True:
             raw = None
             try:
@@ -296,6 +321,9 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
                 raw = conn._connection
                 result = body(conn)
                 conn.commit()
+                if attempt:
+                    log.info("{sink}: {failure}; retried away ({attempts} retries)",
+                             sink=self.sink_name, failure=first_failure, attempts=attempt)
                 return result
             except Exception as e:
                 kind = self.classify(e)
@@ -312,9 +340,14 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
                     attempt += 1
                     with self._counter_lock:
                         self.retried += 1
-                    log.info("{sink}: {kind} ({reason}); retry {attempt} of {retries}",
-                             sink=self.sink_name, kind=kind.value, reason=describe_error(e),
-                             attempt=attempt, retries=self.retries)
+                    # Debug only: work that fails for good is logged once per outage by
+                    # its caller (the router, the server's start loop), work retried
+                    # away once, above.
+                    if not first_failure:
+                        first_failure = f"{kind.value} ({describe_error(e)})"
+                    log.debug("{sink}: {kind} ({reason}); retry {attempt} of {retries}",
+                              sink=self.sink_name, kind=kind.value, reason=describe_error(e),
+                              attempt=attempt, retries=self.retries)
                     self._sleep(delay)
                     continue
                 if kind is ErrorKind.OTHER and not self._is_driver_error(e):
@@ -680,6 +713,8 @@ class SQLSink:
         self.migrations_applied: list[int] = []
         self._inflight: set[Deferred[Any]] = set()
         self._running = False
+        self._stopping = False
+        self._starting: Deferred[None] | None = None
 
     # pools are built by the subclasses
     def _make_pools(self) -> tuple[ReconnectingConnectionPool, ReconnectingConnectionPool]:
@@ -703,31 +738,75 @@ class SQLSink:
 
     # -- lifecycle -------------------------------------------------------------
 
+    def start(self) -> Deferred[None]:
+        """Open the pools, migrate (or check the schema version), learn the server's limits.
+
+        A failed start closes the pools it opened (each exactly once); the sink
+        may be started again. :meth:`stop` during a start makes it fail with
+        :class:`~eth_twisted.errors.SinkUnavailable` once its attempt ends
+        (bounded by the connect timeout), and waits for that.
+        """
+        if self._starting is not None:
+            return defer.fail(SinkUnavailable(self.name, "already starting"))
+        self._stopping = False
+        d: Deferred[None] = self._start()
+        self._starting = d
+
+        def done(result: Any) -> Any:
+            self._starting = None
+            return result
+
+        return d.addBoth(done)
+
     @defer.inlineCallbacks
-    def start(self) -> Any:
-        """Open the pools, migrate (or check the schema version), learn the server's limits."""
+    def _start(self) -> Any:
+        self._close_pools()  # a running sink started again gets fresh pools
+        self._running = False
         self.writer, self.reader = self._make_pools()
         try:
-            self.migrations_applied = yield self.writer.runWithConnection(self._prepare)
-            yield self.reader.runInteraction(self._ping_txn)
+            applied = yield self.writer.runWithConnection(self._prepare)
+            if not self._stopping:
+                yield self.reader.runInteraction(self._ping_txn)
+            if self._stopping:
+                raise SinkUnavailable(self.name, "stopped while starting")
         except BaseException as e:
             self._close_pools()
             if isinstance(e, DataRefused):
                 raise SinkUnavailable(self.name, str(e)) from e
             raise
+        self.migrations_applied = applied
         self._running = True
         log.info("SQL sink {sink} ready ({where}); migrations applied now: {applied}",
                  sink=self.name, where=self._describe(), applied=self.migrations_applied or "none")
 
     def _close_pools(self) -> None:
-        for pool in (self.reader, self.writer):
+        """Close the pools, each once (adbapi's second close raises ``AlreadyQuit``), and forget them."""
+        pools = (self.reader, self.writer)
+        self.reader = self.writer = None
+        for pool in pools:
             if pool is not None:
                 pool.close()
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
-        """Wait for in-flight work (bounded by the driver timeouts), then close both pools."""
+        """Wait for a start in progress and in-flight work (bounded by the driver timeouts), then close.
+
+        Safe to call at any time, any number of times: after a start that never
+        succeeded, during a start, twice.
+        """
         self._running = False
+        self._stopping = True
+        if self._starting is not None:
+            # Last in the start's chain: its caller sees the outcome first. A
+            # failed start has closed its own pools by then.
+            waiter: Deferred[None] = Deferred()
+
+            def release(result: Any) -> Any:
+                waiter.callback(None)
+                return result
+
+            self._starting.addBoth(release)
+            yield waiter
         while self._inflight:
             yield defer.DeferredList(list(self._inflight), consumeErrors=True)
         self._close_pools()
@@ -1134,12 +1213,13 @@ class MySQLSink(SQLSink):
         conn.commit()
 
     def _make_pools(self) -> tuple[ReconnectingConnectionPool, ReconnectingConnectionPool]:
-        window = max(2.0, float(self._connect_kwargs.get("connect_timeout") or 5.0))
+        connect_timeout = float(self._connect_kwargs.get("connect_timeout") or 5.0)
+        window = max(2.0, connect_timeout)
 
         def pool(name: str, size: int) -> ReconnectingConnectionPool:
             return ReconnectingConnectionPool(
                 "pymysql", sink_name=self.name, classify=classify_mysql_error,
-                retries=self.retries, retry_window=window,
+                retries=self.retries, retry_window=window, handshake_timeout=connect_timeout,
                 cp_min=1, cp_max=size, cp_name=f"eth-{self.name}-{name}", cp_openfun=self._open,
                 cp_reactor=self._reactor, **self._connect_kwargs,
             )
