@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -161,6 +161,56 @@ class Record:
     received_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class RecordSummary:
+    """One stored row without its payload: what reconciliation and the chart read.
+
+    A payload is up to 16 MiB (64 KiB by default); a summary is a few hundred
+    bytes at most, so a page of them is bounded by its row count and bytes.
+    """
+
+    id: int
+    hash: str
+    block_number: int | None
+    client_ip: str
+    received_at: float
+
+
+SUMMARY_FIXED_BYTES = 32
+"""What :func:`summary_bytes` counts for a summary's numbers (id, block, time) and framing."""
+
+DEFAULT_SUMMARY_PAGE_BYTES = 1 << 20
+"""Default byte bound of one page of summaries (``fetch_summaries``, ``recent_summaries``)."""
+
+
+def summary_bytes(summary: RecordSummary) -> int:
+    """The bytes a page of summaries is bounded by for ``summary``: its text fields as UTF-8, plus numbers."""
+    ip = summary.client_ip
+    ip_bytes = len(ip) if ip.isascii() else len(ip.encode("utf-8", "surrogatepass"))
+    return SUMMARY_FIXED_BYTES + len(summary.hash) + ip_bytes
+
+
+def take_page(summaries: Iterable[RecordSummary], limit: int, max_bytes: int) -> list[RecordSummary]:
+    """The first summaries of ``summaries`` that fit ``limit`` and ``max_bytes`` (at least one).
+
+    Stops reading ``summaries`` as soon as the page is full, so a lazy source
+    (a cursor) is never read past it.
+    """
+    page: list[RecordSummary] = []
+    total = 0
+    if limit <= 0:
+        return page
+    for summary in summaries:
+        size = summary_bytes(summary)
+        if page and total + size > max_bytes:
+            break
+        page.append(summary)
+        total += size
+        if len(page) >= limit:
+            break
+    return page
+
+
 @dataclass(slots=True)
 class Totals:
     """Aggregate counts over the record, for stats and for Redis reconciliation."""
@@ -209,6 +259,22 @@ class IRecord(ISink):
 
     def fetch_records(after_id: int, limit: int) -> Deferred[list[Record]]:
         """Records with ``id > after_id`` in id order, at most ``limit``."""
+
+    def fetch_summaries(
+        after_id: int, limit: int, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        """Summaries (no payloads) of the records with ``id > after_id``, in id order: one page.
+
+        At most ``limit`` of them and, past the first, at most ``max_bytes`` of
+        :func:`summary_bytes` in all; a page is never empty while records are
+        left, so passing the last id back (keyset pagination) reaches them all.
+        The read never loads a payload, nor more rows than the page holds.
+        """
+
+    def recent_summaries(
+        limit: int, before: int | None = None, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        """Summaries newest first (by id), ids below ``before`` if given; bounded as ``fetch_summaries``."""
 
     def recent(limit: int, before: int | None = None) -> Deferred[list[Record]]:
         """Newest first (by id), at most ``limit``, only ids below ``before`` if given."""

@@ -35,8 +35,10 @@ from eth_twisted.model import (
     Message,
     Outcome,
     Record,
+    RecordSummary,
     Totals,
     bounded,
+    summary_bytes,
 )
 
 OK = Outcome.STORED
@@ -247,6 +249,57 @@ class SinkContract:
         assert last.received_at == pytest.approx(T0 + 7.123456, abs=1e-6)
         assert rest[0].block_number == 4 and rest[0].client_id is None
         assert await sink.fetch_records(last.id, 10) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_fetch_summaries_page_through_every_record_without_payloads(self, sink: Any) -> None:
+        """fetch_summaries pages by id (keyset) through every record: its fields, never its payload."""
+        self.require_record()
+        await self.store(sink, numbered(5, ip="10.0.0.1"))
+        await self.store(sink, [msg(b"no-block" * 1000, ip="10.0.0.2", at=T0 + 7.123456)])
+        records: list[Record] = await sink.fetch_records(0, 100)
+        pages: list[list[RecordSummary]] = []
+        after = 0
+        while page := await sink.fetch_summaries(after, 2):
+            assert len(page) <= 2
+            pages.append(page)
+            after = page[-1].id
+        assert [len(p) for p in pages] == [2, 2, 2]
+        summaries = [s for p in pages for s in p]
+        assert all(isinstance(s, RecordSummary) and not hasattr(s, "payload") for s in summaries)
+        assert [(s.id, s.hash, s.block_number, s.client_ip) for s in summaries] == [
+            (r.id, r.hash, r.block_number, r.client_ip) for r in records]
+        assert [s.received_at for s in summaries] == pytest.approx([r.received_at for r in records], abs=1e-6)
+        assert await sink.fetch_summaries(records[-1].id, 10) == []
+        assert await sink.fetch_summaries(0, 0) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_summary_pages_are_bounded_by_bytes(self, sink: Any) -> None:
+        """A page of summaries stops at max_bytes (never empty), and paging on still reaches every record."""
+        self.require_record()
+        await self.store(sink, numbered(10, ip="10.0.0.1"))
+        one = summary_bytes((await sink.fetch_summaries(0, 1))[0])
+        page = await sink.fetch_summaries(0, 100, max_bytes=3 * one + one // 2)
+        assert len(page) == 3 and sum(map(summary_bytes, page)) <= 3 * one + one // 2
+        assert len(await sink.fetch_summaries(0, 100, max_bytes=1)) == 1
+        newest = await sink.recent_summaries(100, max_bytes=2 * one)
+        assert [s.block_number for s in newest] == [9, 8]
+        seen, after = [], 0
+        while page := await sink.fetch_summaries(after, 100, max_bytes=4 * one):
+            seen += [s.block_number for s in page]
+            after = page[-1].id
+        assert seen == list(range(10))
+
+    @pytest_twisted.ensureDeferred
+    async def test_recent_summaries_newest_first(self, sink: Any) -> None:
+        """recent_summaries answers newest first, bounded by limit and by ``before``, like recent()."""
+        self.require_record()
+        await self.store(sink, numbered(6))
+        newest = await sink.recent_summaries(3)
+        assert [s.block_number for s in newest] == [5, 4, 3]
+        assert [s.id for s in newest] == [r.id for r in await sink.recent(3)]
+        older = await sink.recent_summaries(10, before=newest[-1].id)
+        assert [s.block_number for s in older] == [2, 1, 0]
+        assert await sink.recent_summaries(10, before=older[-1].id) == []
 
     @pytest_twisted.ensureDeferred
     async def test_duplicate_keeps_first_sender(self, sink: Any) -> None:

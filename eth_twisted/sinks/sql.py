@@ -57,16 +57,20 @@ from eth_twisted.errors import (
     SinkUnavailable,
 )
 from eth_twisted.model import (
+    DEFAULT_SUMMARY_PAGE_BYTES,
     MAX_CLIENT_ID,
     MAX_CLIENT_IP,
+    SUMMARY_FIXED_BYTES,
     IRecord,
     Message,
     Outcome,
     Record,
+    RecordSummary,
     Totals,
     ascii_metadata,
     storable_client_id,
     storable_client_ip,
+    take_page,
 )
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 
@@ -609,6 +613,9 @@ def migrate_sqlite(path: str) -> list[int]:
 
 
 _COLUMNS = "id, hash, payload, block_number, client_ip, client_id, received_at"
+_SUMMARY_COLUMNS = "id, hash, block_number, client_ip, received_at"
+_SUMMARY_MIN_BYTES = SUMMARY_FIXED_BYTES + 64
+"""The least a summary counts (its hash is always 64 characters): bounds the rows a page asks for."""
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -1121,6 +1128,53 @@ class SQLSink:
         return self._read(
             f"SELECT {_COLUMNS} FROM ethereum_data WHERE id < %s ORDER BY id DESC LIMIT %s",
             int(before), max(0, int(limit)))
+
+    def _summary(self, row: Sequence[Any]) -> RecordSummary:
+        rid, h, bn, ip, at = row
+        return RecordSummary(int(rid), h, None if bn is None else int(bn), ip,
+                             self._time_float(at) or 0.0)
+
+    def _select_summaries(self, txn: Any, sql: str, args: tuple[Any, ...], limit: int,
+                          max_bytes: int) -> list[RecordSummary]:
+        txn.execute(self._q(sql), args)
+
+        def rows() -> Iterator[Sequence[Any]]:
+            while True:
+                chunk = txn.fetchmany(256)
+                if not chunk:
+                    return
+                yield from chunk
+
+        return take_page(map(self._summary, rows()), limit, max_bytes)
+
+    def _summaries(self, sql: str, args: tuple[Any, ...], limit: int,
+                   max_bytes: int) -> Deferred[list[RecordSummary]]:
+        # Never ask for more rows than the page can hold: the payload column is not
+        # selected, and the driver buffers at most this many small rows.
+        rows = max(0, min(int(limit), int(max_bytes) // _SUMMARY_MIN_BYTES + 1))
+        d = self._run(self.reader, self._select_summaries, sql, (*args, rows), rows, int(max_bytes))
+        d.addErrback(self._data_to_unavailable)
+        return d
+
+    def fetch_summaries(
+        self, after_id: int, limit: int, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        """One page of summaries (no payloads) with ``id > after_id``, in id order (keyset pagination)."""
+        return self._summaries(
+            f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data WHERE id > %s ORDER BY id LIMIT %s",
+            (int(after_id),), limit, max_bytes)
+
+    def recent_summaries(
+        self, limit: int, before: int | None = None, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        """One page of summaries newest first, ids below ``before`` if given."""
+        if before is None:
+            return self._summaries(
+                f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data ORDER BY id DESC LIMIT %s",
+                (), limit, max_bytes)
+        return self._summaries(
+            f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data WHERE id < %s ORDER BY id DESC LIMIT %s",
+            (int(before),), limit, max_bytes)
 
     def by_block(self, block_number: int) -> Deferred[list[Record]]:
         """Every record whose recognised block number is ``block_number``, in id order."""
