@@ -644,6 +644,17 @@ def test_row_encoder_reuses_a_receipt_time_only_for_the_same_time() -> None:
         assert row.endswith(f",'10.0.0.9',NULL,'{expected}')")
 
 
+def test_row_encoder_caches_are_bounded_in_bytes() -> None:
+    """Peers choosing a new 60 KiB client name per message cannot grow the encoder's caches past a bound."""
+    enc = MySQLRowEncoder()
+    for i in range(5000):
+        row = enc.row(msg(b"n%d" % i, f"10.{i // 256 % 256}.{i % 256}.1", client_id=f"{i:06d}" + "n" * 60_000))
+        assert row.count("~") == 1  # stored bounded, with its digest
+    for cache in (enc._ips, enc._ids):
+        assert len(cache) <= 4096
+        assert sum(len(k) + len(v) for k, v in cache.items()) <= 4096 * 2 * (2 * 255 + 2)
+
+
 @pytest.mark.live
 @pytest_twisted.ensureDeferred
 async def test_concurrent_batches_sharing_hashes_answer_each_hash_ok_once(

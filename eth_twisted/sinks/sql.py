@@ -669,8 +669,7 @@ class MySQLRowEncoder:
         ip_sql = self._ips.get(m.client_ip)
         if ip_sql is None:
             ip_sql = _sql_text(storable_client_ip(m.client_ip))
-            if len(self._ips) < 10000:
-                self._ips[m.client_ip] = ip_sql
+            _remember(self._ips, m.client_ip, ip_sql)
         bn = m.block_number
         bn_sql = "NULL" if bn is None else int(bn)
         cid = m.client_id
@@ -682,9 +681,19 @@ class MySQLRowEncoder:
 
     def _client_id_sql(self, client_id: str) -> str:
         literal = _sql_text(storable_client_id(client_id) or "")
-        if len(self._ids) < 10000:
-            self._ids[client_id] = literal
+        _remember(self._ids, client_id, literal)
         return literal
+
+
+_CACHE_ENTRIES = 4096
+_CACHE_KEY_CHARS = 2 * MAX_CLIENT_ID
+"""Encoder caches hold at most this many values, each no longer than this: bounded in bytes too."""
+
+
+def _remember(cache: dict[str, str], key: str, literal: str) -> None:
+    """Cache ``literal`` for ``key`` unless the cache is full or ``key`` is long (peer-chosen, rare)."""
+    if len(cache) < _CACHE_ENTRIES and len(key) <= _CACHE_KEY_CHARS:
+        cache[key] = literal
 
 
 class _StoreState:
