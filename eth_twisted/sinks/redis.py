@@ -755,6 +755,7 @@ class Reconciler(Service):
         self.last_result: ReconcileResult | None = None
         self.last_success_at: float | None = None
         self._busy = False
+        self._stopping = False
         self._again = False
         self._waiters: list[Deferred[ReconcileResult | None]] = []
         self._loop: LoopingCall | None = None
@@ -762,6 +763,7 @@ class Reconciler(Service):
 
     def startService(self) -> None:
         """Start the loops; the first reconciliation runs now."""
+        self._stopping = False
         super().startService()
         self.sink.add_recovery_listener(self.trigger)
         self._loop = LoopingCall(self._tick)
@@ -774,6 +776,7 @@ class Reconciler(Service):
 
     def stopService(self) -> Deferred[None]:
         """Stop the loops and wait for a reconciliation in progress to end (at its next page)."""
+        self._stopping = True
         super().stopService()
         self.sink.remove_recovery_listener(self.trigger)
         for loop in (self._loop, self._watch):
@@ -820,7 +823,7 @@ class Reconciler(Service):
         self.runs += 1
         try:
             result = await self.sink.reconcile(self.record, self.page_size, self.page_bytes,
-                                               lambda: not self.running)
+                                               lambda: self._stopping)
         except ReconcileCancelled as e:
             self.log.info("Redis reconciliation stopped for shutdown ({reason})", reason=str(e))
             return None
