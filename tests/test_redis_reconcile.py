@@ -235,6 +235,16 @@ async def test_stop_service_does_not_wait_for_the_whole_rebuild() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_run_once_on_a_service_never_started_reconciles_everything() -> None:
+    """run_once() needs no running service: only stopService cancels a run."""
+    record = ScriptedRecord()
+    await record.store_batch(numbered(12))
+    rec, _, _, _, _ = clocked(record, watch_interval=None, page_size=5)
+    result = await rec.run_once()
+    assert result is not None and result.records == 12 and record.fetches == 4
+
+
+@pytest_twisted.ensureDeferred
 async def test_reconcile_reads_bounded_pages_of_summaries_only() -> None:
     """Reconciliation reads summaries (never payloads) in pages bounded by rows and bytes; each page one script."""
     record = ScriptedRecord()
