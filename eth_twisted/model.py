@@ -57,7 +57,7 @@ def printable(value: str, also: str = "") -> str:
     characters such as U+202E and separators other than the ASCII space. The
     common value has none and is returned as it is.
     """
-    if value.isprintable() and not any(c in value for c in also):
+    if value.isprintable() and (not also or not any(c in value for c in also)):
         return value
     return "".join(_escape(c) if not c.isprintable() or c in also else c for c in value)
 
@@ -71,7 +71,10 @@ def storable_client_ip(host: str) -> str:
     bounded to :data:`MAX_CLIENT_IP`. SQL, Redis and the memory sink all store
     this same form, so the mirror's counts and the record agree.
     """
-    return bounded(printable(normalise_ip(host), " ") or "-", MAX_CLIENT_IP)
+    ip = normalise_ip(host)
+    if ip.isprintable() and " " not in ip and 0 < len(ip) <= MAX_CLIENT_IP:
+        return ip  # every real peer address
+    return bounded(printable(ip, " ") or "-", MAX_CLIENT_IP)
 
 
 def storable_client_id(client_id: str | None) -> str | None:
