@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -38,6 +38,64 @@ def bounded(value: str, limit: int) -> str:
         raise ValueError("limit must be at least 16")
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[: min(64, limit // 3)]
     return value[: limit - len(digest) - 1] + "~" + digest
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(value: str, also: str = "") -> str:
+    """``value`` with every unprintable character (and each one in ``also``) as a backslash escape.
+
+    Unprintable means what :meth:`str.isprintable` says: controls (NUL, newline,
+    DEL, C1), lone surrogates (which no UTF-8 column can hold), format
+    characters such as U+202E and separators other than the ASCII space. The
+    common value has none and is returned as it is.
+    """
+    if value.isprintable() and (not also or not any(c in value for c in also)):
+        return value
+    return "".join(_escape(c) if not c.isprintable() or c in also else c for c in value)
+
+
+def storable_client_ip(host: str) -> str:
+    """A client address as every sink stores it: normalised, printable, without spaces, bounded.
+
+    Real peer addresses come back unchanged (IPv4-mapped IPv6 unmapped); an
+    address from elsewhere (a PROXY header, a test) that holds spaces, controls
+    or lone surrogates is escaped, an empty one is ``-`` and a long one is
+    bounded to :data:`MAX_CLIENT_IP`. SQL, Redis and the memory sink all store
+    this same form, so the mirror's counts and the record agree.
+    """
+    ip = normalise_ip(host)
+    if ip.isprintable() and " " not in ip and 0 < len(ip) <= MAX_CLIENT_IP:
+        return ip  # every real peer address
+    return bounded(printable(ip, " ") or "-", MAX_CLIENT_IP)
+
+
+def storable_client_id(client_id: str | None) -> str | None:
+    """A client identity as every record stores it: printable and bounded to :data:`MAX_CLIENT_ID`.
+
+    The full subject stays in the server's logs; the record keeps a form no
+    column can refuse (non-BMP characters are kept: the schema is utf8mb4).
+    """
+    if client_id is None:
+        return None
+    return bounded(printable(client_id), MAX_CLIENT_ID)
+
+
+def ascii_metadata(value: str, limit: int) -> str:
+    """``value`` as ASCII (backslash escapes) bounded to ``limit``: what any column charset holds.
+
+    The last resort when a database refuses a row's metadata anyway (a column
+    an operator made ``utf8mb3`` or ``latin1``): the payload is stored with
+    this form rather than refused.
+    """
+    return bounded(printable(value).encode("ascii", "backslashreplace").decode("ascii"), limit)
 
 
 def sha256_hex(payload: bytes) -> str:
@@ -106,6 +164,56 @@ class Record:
     received_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class RecordSummary:
+    """One stored row without its payload: what reconciliation and the chart read.
+
+    A payload is up to 16 MiB (64 KiB by default); a summary is a few hundred
+    bytes at most, so a page of them is bounded by its row count and bytes.
+    """
+
+    id: int
+    hash: str
+    block_number: int | None
+    client_ip: str
+    received_at: float
+
+
+SUMMARY_FIXED_BYTES = 32
+"""What :func:`summary_bytes` counts for a summary's numbers (id, block, time) and framing."""
+
+DEFAULT_SUMMARY_PAGE_BYTES = 1 << 20
+"""Default byte bound of one page of summaries (``fetch_summaries``, ``recent_summaries``)."""
+
+
+def summary_bytes(summary: RecordSummary) -> int:
+    """The bytes a page of summaries is bounded by for ``summary``: its text fields as UTF-8, plus numbers."""
+    ip = summary.client_ip
+    ip_bytes = len(ip) if ip.isascii() else len(ip.encode("utf-8", "surrogatepass"))
+    return SUMMARY_FIXED_BYTES + len(summary.hash) + ip_bytes
+
+
+def take_page(summaries: Iterable[RecordSummary], limit: int, max_bytes: int) -> list[RecordSummary]:
+    """The first summaries of ``summaries`` that fit ``limit`` and ``max_bytes`` (at least one).
+
+    Stops reading ``summaries`` as soon as the page is full, so a lazy source
+    (a cursor) is never read past it.
+    """
+    page: list[RecordSummary] = []
+    total = 0
+    if limit <= 0:
+        return page
+    for summary in summaries:
+        size = summary_bytes(summary)
+        if page and total + size > max_bytes:
+            break
+        page.append(summary)
+        total += size
+        if len(page) >= limit:
+            break
+    return page
+
+
 @dataclass(slots=True)
 class Totals:
     """Aggregate counts over the record, for stats and for Redis reconciliation."""
@@ -154,6 +262,22 @@ class IRecord(ISink):
 
     def fetch_records(after_id: int, limit: int) -> Deferred[list[Record]]:
         """Records with ``id > after_id`` in id order, at most ``limit``."""
+
+    def fetch_summaries(
+        after_id: int, limit: int, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        """Summaries (no payloads) of the records with ``id > after_id``, in id order: one page.
+
+        At most ``limit`` of them and, past the first, at most ``max_bytes`` of
+        :func:`summary_bytes` in all; a page is never empty while records are
+        left, so passing the last id back (keyset pagination) reaches them all.
+        The read never loads a payload, nor more rows than the page holds.
+        """
+
+    def recent_summaries(
+        limit: int, before: int | None = None, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        """Summaries newest first (by id), ids below ``before`` if given; bounded as ``fetch_summaries``."""
 
     def recent(limit: int, before: int | None = None) -> Deferred[list[Record]]:
         """Newest first (by id), at most ``limit``, only ids below ``before`` if given."""

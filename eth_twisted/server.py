@@ -97,6 +97,8 @@ class ServerService(service.MultiService):
                     yield sink.start()
                     break
                 except Exception as e:
+                    if self._stopping:
+                        return  # stopped while starting: the sink was told, nothing to retry
                     self.log.error(
                         "Sink {sink} could not start: {error}; retrying in {delay:.0f}s",
                         sink=sink.name, error=_reason(e), delay=delay,

@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from eth_twisted.model import IRecord, Message, Outcome, Record, Totals
+from eth_twisted.model import IRecord, Message, Outcome, Record, RecordSummary, Totals
 
 CHART_POINTS = 600
 """How many (received_at, block_number) points the chart ring keeps."""
@@ -110,7 +110,7 @@ class ServerStats:
         self.seeded = True
         self._cache = None
 
-    def seed_chart(self, records: Iterable[Record]) -> None:
+    def seed_chart(self, records: Iterable[Record | RecordSummary]) -> None:
         """Merge stored records (any order) into the chart ring, oldest first.
 
         Points observed since start are kept: the ring ends up holding the
@@ -135,7 +135,7 @@ class ServerStats:
     def load(self, record: IRecord, ip_messages: dict[str, int] | None = None) -> Any:
         """Seed totals and chart from ``record`` (its read path); fire when done."""
         totals = yield record.totals()
-        recent = yield record.recent(self.chart.maxlen or CHART_POINTS)
+        recent = yield record.recent_summaries(self.chart.maxlen or CHART_POINTS)  # no payloads
         self.seed(totals, ip_messages)
         self.seed_chart(recent)
 

@@ -518,7 +518,7 @@ def _server_routes(
     def fill_chart() -> Any:
         """Once, after the stats were seeded: the chart's history from the record's read path."""
         try:
-            rows = yield record.recent(stats.chart.maxlen or MAX_LIMIT, None)
+            rows = yield record.recent_summaries(stats.chart.maxlen or MAX_LIMIT)  # no payloads
             stats.seed_chart(rows)
         except Exception:
             log.failure("Could not load the chart's history; it shows new blocks only")

@@ -29,13 +29,54 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from eth_twisted.model import Message, Outcome, Record, Totals
+from eth_twisted.model import (
+    MAX_CLIENT_ID,
+    MAX_CLIENT_IP,
+    Message,
+    Outcome,
+    Record,
+    RecordSummary,
+    Totals,
+    bounded,
+    summary_bytes,
+)
 
 OK = Outcome.STORED
 DUP = Outcome.DUPLICATE
 REJECTED = Outcome.REJECTED
 
 T0 = 1_700_000_000.25
+
+LONG_SUBJECT = "CN=" + "a" * 300 + ",OU=Payments Platform,O=Example Corporation GmbH,L=Frankfurt,C=DE"
+"""An ordinary corporate certificate subject, longer than the 255 characters client_id holds."""
+
+HOSTILE_IDS = [
+    LONG_SUBJECT,
+    "CN=lone \udcff surrogate",
+    "CN=nul\x00inside",
+    "CN=" + "\U0001f600" * 300,  # non-BMP, and too long
+    "CN=line\nbreak,O=tab\there",
+    "\u202eCN=right-to-left override",
+    "",
+]
+"""Client identities no column should be able to refuse."""
+
+HOSTILE_IPS = [
+    "x" * 100,
+    "1.2.3.4\n5.6.7.8 1 1\n",
+    "a b",
+    "",
+    "fe80::1%\udc80",
+    "\x00",
+    "\U0001f600" * 50,
+]
+"""Client addresses (e.g. from a PROXY header) that must not cost a payload its row."""
+
+
+def storable_text(value: str) -> bool:
+    """True when ``value`` encodes as strict UTF-8 and holds no control characters."""
+    value.encode("utf-8")
+    return all(ch.isprintable() or ch == " " for ch in value)
 
 
 def msg(
@@ -154,6 +195,38 @@ class SinkContract:
             rows: list[Record] = await sink.fetch_records(0, 100)
             assert [r.payload for r in rows] == weird
 
+    # -- metadata never costs a payload -------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_long_client_id_is_stored_bounded(self, sink: Any) -> None:
+        """A certificate subject over 255 characters is STORED, its client_id bounded to fit."""
+        assert await self.store(sink, [msg(b"corporate", client_id=LONG_SUBJECT)]) == [OK]
+        if self.is_record:
+            [rec] = await sink.fetch_records(0, 10)
+            assert rec.client_id == bounded(LONG_SUBJECT, MAX_CLIENT_ID)
+            assert len(rec.client_id) == MAX_CLIENT_ID
+
+    @pytest_twisted.ensureDeferred
+    async def test_hostile_metadata_never_refuses_a_payload(self, sink: Any) -> None:
+        """Lone surrogates, NUL, controls, non-BMP and overlong ids and IPs: every payload is STORED."""
+        batch = [msg(b"id-%d" % i, client_id=cid) for i, cid in enumerate(HOSTILE_IDS)]
+        batch += [msg(b"ip-%d" % i, ip=ip) for i, ip in enumerate(HOSTILE_IPS)]
+        assert await self.store(sink, batch) == [OK] * len(batch)
+        assert await self.store(sink, batch) == [DUP] * len(batch)
+        if self.is_record:
+            rows: list[Record] = await sink.fetch_records(0, 100)
+            assert [r.hash for r in rows] == [m.hash for m in batch]
+            for rec in rows:
+                assert storable_text(rec.client_ip) and 0 < len(rec.client_ip) <= MAX_CLIENT_IP
+                assert " " not in rec.client_ip
+                assert rec.client_id is None or (
+                    storable_text(rec.client_id) and len(rec.client_id) <= MAX_CLIENT_ID)
+            ids = [r.client_id for r in rows[:len(HOSTILE_IDS)]]
+            assert len(set(ids)) == len(HOSTILE_IDS)  # distinct identities stay distinct
+            assert ids[-1] == ""  # printable values are kept as they are
+            ips = [r.client_ip for r in rows[len(HOSTILE_IDS):]]
+            assert len(set(ips)) == len(HOSTILE_IPS)
+
     # -- record reads ------------------------------------------------------------
 
     @pytest_twisted.ensureDeferred
@@ -176,6 +249,57 @@ class SinkContract:
         assert last.received_at == pytest.approx(T0 + 7.123456, abs=1e-6)
         assert rest[0].block_number == 4 and rest[0].client_id is None
         assert await sink.fetch_records(last.id, 10) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_fetch_summaries_page_through_every_record_without_payloads(self, sink: Any) -> None:
+        """fetch_summaries pages by id (keyset) through every record: its fields, never its payload."""
+        self.require_record()
+        await self.store(sink, numbered(5, ip="10.0.0.1"))
+        await self.store(sink, [msg(b"no-block" * 1000, ip="10.0.0.2", at=T0 + 7.123456)])
+        records: list[Record] = await sink.fetch_records(0, 100)
+        pages: list[list[RecordSummary]] = []
+        after = 0
+        while page := await sink.fetch_summaries(after, 2):
+            assert len(page) <= 2
+            pages.append(page)
+            after = page[-1].id
+        assert [len(p) for p in pages] == [2, 2, 2]
+        summaries = [s for p in pages for s in p]
+        assert all(isinstance(s, RecordSummary) and not hasattr(s, "payload") for s in summaries)
+        assert [(s.id, s.hash, s.block_number, s.client_ip) for s in summaries] == [
+            (r.id, r.hash, r.block_number, r.client_ip) for r in records]
+        assert [s.received_at for s in summaries] == pytest.approx([r.received_at for r in records], abs=1e-6)
+        assert await sink.fetch_summaries(records[-1].id, 10) == []
+        assert await sink.fetch_summaries(0, 0) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_summary_pages_are_bounded_by_bytes(self, sink: Any) -> None:
+        """A page of summaries stops at max_bytes (never empty), and paging on still reaches every record."""
+        self.require_record()
+        await self.store(sink, numbered(10, ip="10.0.0.1"))
+        one = summary_bytes((await sink.fetch_summaries(0, 1))[0])
+        page = await sink.fetch_summaries(0, 100, max_bytes=3 * one + one // 2)
+        assert len(page) == 3 and sum(map(summary_bytes, page)) <= 3 * one + one // 2
+        assert len(await sink.fetch_summaries(0, 100, max_bytes=1)) == 1
+        newest = await sink.recent_summaries(100, max_bytes=2 * one)
+        assert [s.block_number for s in newest] == [9, 8]
+        seen, after = [], 0
+        while page := await sink.fetch_summaries(after, 100, max_bytes=4 * one):
+            seen += [s.block_number for s in page]
+            after = page[-1].id
+        assert seen == list(range(10))
+
+    @pytest_twisted.ensureDeferred
+    async def test_recent_summaries_newest_first(self, sink: Any) -> None:
+        """recent_summaries answers newest first, bounded by limit and by ``before``, like recent()."""
+        self.require_record()
+        await self.store(sink, numbered(6))
+        newest = await sink.recent_summaries(3)
+        assert [s.block_number for s in newest] == [5, 4, 3]
+        assert [s.id for s in newest] == [r.id for r in await sink.recent(3)]
+        older = await sink.recent_summaries(10, before=newest[-1].id)
+        assert [s.block_number for s in older] == [2, 1, 0]
+        assert await sink.recent_summaries(10, before=older[-1].id) == []
 
     @pytest_twisted.ensureDeferred
     async def test_duplicate_keeps_first_sender(self, sink: Any) -> None:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from eth_twisted.model import MAX_CLIENT_ID, bounded, normalise_ip
+from eth_twisted.model import (
+    MAX_CLIENT_ID,
+    MAX_CLIENT_IP,
+    ascii_metadata,
+    bounded,
+    normalise_ip,
+    printable,
+    storable_client_id,
+    storable_client_ip,
+)
 
 
 def test_bounded_keeps_a_value_that_fits() -> None:
@@ -48,3 +57,37 @@ def test_normalise_ip_unmaps_ipv4_mapped_addresses() -> None:
     """``::ffff:1.2.3.4`` is stored as ``1.2.3.4``; other addresses are unchanged."""
     assert normalise_ip("::ffff:10.0.0.1") == "10.0.0.1"
     assert normalise_ip("2001:db8::1") == "2001:db8::1"
+
+
+def test_printable_escapes_what_no_column_or_log_line_should_hold() -> None:
+    """NUL, newline, lone surrogates and format characters become backslash escapes; the rest stays."""
+    assert printable("CN=J\u00fcrgen \U0001f600") == "CN=J\u00fcrgen \U0001f600"
+    assert printable("a\x00b\nc\udc80d\u202e") == "a\\x00b\\x0ac\\udc80d\\u202e"
+    assert printable("a b", also=" ") == "a\\x20b"
+
+
+def test_storable_client_ip_is_printable_spaceless_and_bounded() -> None:
+    """Real addresses are kept (unmapped); others are escaped, '-' when empty, bounded to 45."""
+    assert storable_client_ip("::ffff:10.0.0.1") == "10.0.0.1"
+    assert storable_client_ip("2001:db8::1") == "2001:db8::1"
+    assert storable_client_ip("") == "-"
+    assert storable_client_ip("a b\n") == "a\\x20b\\x0a"
+    long = storable_client_ip("1.2.3.4 " * 20)
+    assert len(long) == MAX_CLIENT_IP and " " not in long
+    storable_client_ip("fe80::1%\udc80").encode("utf-8")
+
+
+def test_storable_client_id_keeps_ordinary_subjects() -> None:
+    """An ordinary subject (spaces, commas, umlauts, non-BMP) is kept; a long or unprintable one is not."""
+    assert storable_client_id(None) is None
+    subject = "CN=J\u00fcrgen M\u00fcller \U0001f600,O=Example GmbH,C=DE"
+    assert storable_client_id(subject) == subject
+    assert len(storable_client_id("CN=" + "x" * 400) or "") == MAX_CLIENT_ID
+    assert storable_client_id("CN=\udcff") == "CN=\\udcff"
+
+
+def test_ascii_metadata_fits_any_charset() -> None:
+    """The last-resort form is ASCII only and bounded."""
+    value = ascii_metadata("CN=\U0001f600 \u03b1" * 40, MAX_CLIENT_ID)
+    assert value.isascii() and len(value) == MAX_CLIENT_ID
+    assert ascii_metadata("fe80::\u03b1", MAX_CLIENT_IP) == "fe80::\\u03b1"

@@ -6,8 +6,10 @@ reconciliation writes is checked on the shared Redis under a test prefix.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,16 +21,26 @@ from twisted.internet.task import Clock
 
 from eth_twisted.errors import SinkError, SinkUnavailable
 from eth_twisted.metrics import ServerMetrics
-from eth_twisted.model import Record
+from eth_twisted.model import Record, RecordSummary, summary_bytes
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.sinks.redis import Reconciler, RedisSink, make_redis_sink, start_reconciler
+from eth_twisted.sinks.redis import (
+    _RECONCILE_PAGE,
+    Reconciler,
+    RedisSink,
+    make_redis_sink,
+    start_reconciler,
+)
 from tests.sink_contract import T0, msg, numbered
 from tests.support import PrivateRedis, async_wait_until
 from tests.test_sink_redis import FakeRedis, hgetall, resp
 
 
 class ScriptedRecord(MemorySink):
-    """A memory record whose fetch_records can fail or be held open by the test."""
+    """A memory record whose summary reads can fail, or be held open by the test (first page of a run).
+
+    ``fetch_records`` (whole records, payloads included) must never be called by
+    a reconciliation: it fails the test.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,19 +51,22 @@ class ScriptedRecord(MemorySink):
         self.max_active = 0
 
     def fetch_records(self, after_id: int, limit: int) -> Deferred[list[Record]]:
+        raise AssertionError("a reconciliation read whole records (payloads) out of the record")
+
+    def fetch_summaries(self, after_id: int, limit: int, max_bytes: int = 1 << 20) -> Deferred[list[RecordSummary]]:
         self.fetches += 1
         if self.fetch_error is not None:
             return defer.fail(self.fetch_error)
-        if self.hold is None:
-            return super().fetch_records(after_id, limit)
+        if self.hold is None or after_id != 0:
+            return super().fetch_summaries(after_id, limit, max_bytes)
         gate: Deferred[None] = Deferred()
         self.hold.append(gate)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
 
-        def release(_: None) -> Deferred[list[Record]]:
+        def release(_: None) -> Deferred[list[RecordSummary]]:
             self.active -= 1
-            return super(ScriptedRecord, self).fetch_records(after_id, limit)
+            return super(ScriptedRecord, self).fetch_summaries(after_id, limit, max_bytes)
 
         return gate.addCallback(release)
 
@@ -84,8 +99,9 @@ class FakeMetrics:
 def clocked(record: MemorySink, **kwargs: Any) -> tuple[Reconciler, RedisSink, FakeRedis, Clock, FakeMetrics]:
     """A reconciler on a fake-client sink, a Clock and fake metrics (not started)."""
     fake, clock, metrics = FakeRedis(), Clock(), FakeMetrics()
-    fake.replies["ZADD"] = lambda args: (len(args) - 3) // 2
-    fake.replies["EVALSHA"] = 0
+    # A reconciliation page script answers how many hashes it added: all of them, here.
+    fake.replies["EVALSHA"] = lambda args: int(args[6]) // 2 if args[1] == _RECONCILE_PAGE.sha else 0
+    fake.replies["HSCAN"] = [b"0", []]
     fake.replies["INFO"] = b"# Server\r\nrun_id:aaaa\r\n"
     sink = RedisSink(fake, reactor=clock)
     rec = Reconciler(sink, record, interval=300, clock=clock, metrics=metrics, **kwargs)
@@ -201,6 +217,60 @@ async def test_stop_service_waits_for_the_run_and_stops_the_loop() -> None:
     assert rec.runs == 1 and len(record.hold) == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_stop_service_does_not_wait_for_the_whole_rebuild() -> None:
+    """A shutdown during a long reconciliation ends it at the next page, leaving ip_addresses alone."""
+    record = ScriptedRecord()
+    await record.store_batch(numbered(50))
+    record.hold = []
+    rec, _, fake, _, _ = clocked(record, watch_interval=None, page_size=5)
+    rec.startService()
+    stopped = rec.stopService()
+    record.hold[0].callback(None)  # the first page is read and written, then the run sees the stop
+    assert stopped.called
+    assert record.fetches == 1 and rec.failures == 0 and rec.last_result is None
+    scripts = [c[1] for c in fake.calls if c[0] == "EVALSHA"]
+    assert scripts == [_RECONCILE_PAGE.sha]
+    assert [c for c in fake.calls if c[0] == "DEL"]  # the run's own count key is dropped
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_once_on_a_service_never_started_reconciles_everything() -> None:
+    """run_once() needs no running service: only stopService cancels a run."""
+    record = ScriptedRecord()
+    await record.store_batch(numbered(12))
+    rec, _, _, _, _ = clocked(record, watch_interval=None, page_size=5)
+    result = await rec.run_once()
+    assert result is not None and result.records == 12 and record.fetches == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconcile_reads_bounded_pages_of_summaries_only() -> None:
+    """Reconciliation reads summaries (never payloads) in pages bounded by rows and bytes; each page one script."""
+    record = ScriptedRecord()
+    await record.store_batch([msg(b"p-%d" % i + b"x" * 65536, ip=f"10.0.0.{i % 3}", at=T0 + i)
+                              for i in range(30)])
+    asked: list[tuple[int, int, int]] = []
+    answered: list[list[RecordSummary]] = []
+    read = record.fetch_summaries
+
+    def spy(after_id: int, limit: int, max_bytes: int = 1 << 20) -> Deferred[list[RecordSummary]]:
+        asked.append((after_id, limit, max_bytes))
+        return read(after_id, limit, max_bytes).addCallback(lambda page: answered.append(page) or page)
+
+    record.fetch_summaries = spy  # type: ignore[method-assign]
+    _, sink, fake, _, _ = clocked(record)
+    one = summary_bytes((await read(0, 1))[0])
+    result = await sink.reconcile(record, page_size=7, page_bytes=3 * one)
+    assert result.records == 30 and result.hashes_added == 30
+    assert all(limit == 7 and max_bytes == 3 * one for _, limit, max_bytes in asked)
+    assert [len(p) for p in answered] == [3] * 10 + [0]
+    assert all(sum(map(summary_bytes, p)) <= 3 * one for p in answered)
+    pages = [c for c in fake.calls if c[0] == "EVALSHA" and c[1] == _RECONCILE_PAGE.sha]
+    assert len(pages) == 10
+    assert max(len(c) for c in pages) <= 7 + 2 * 3 + 2 * 3  # command, keys, ttl, count; 3 pairs; <= 3 IPs
+
+
 # -- what a reconciliation writes (shared Redis, own prefix) ------------------------------
 
 
@@ -238,7 +308,27 @@ async def test_reconcile_restores_hashes_and_counts(
     assert float(resp(port, "ZSCORE", redis_prefix + "hashes", last.hash)) == last.received_at
     assert hgetall(port, redis_prefix + "ip_addresses") == {"10.0.0.1": 30, "10.0.0.2": 20}
     assert hgetall(port, redis_prefix + "ip_messages") == {"10.0.0.1": 99, "10.0.0.2": 20, "10.9.9.9": 4}
-    assert resp(port, "EXISTS", sink.reconcile_tmp_key) == 0
+    assert resp(port, "KEYS", sink.reconcile_tmp_key + "*") == []
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_concurrent_reconciliations_do_not_mix_counts(
+    sink: RedisSink, redis_server: dict[str, Any], redis_prefix: str
+) -> None:
+    """Two servers rebuilding the same mirror at once (interleaved pages) both leave the right counts."""
+    other = make_redis_sink(redis_server["host"], redis_server["port"], prefix=redis_prefix)
+    await other.start()
+    try:
+        record = MemorySink()
+        await record.store_batch(numbered(40, ip="10.0.0.1") + numbered(25, prefix=b"n", ip="10.0.0.2"))
+        a, b = await defer.gatherResults([sink.reconcile(record, page_size=4),
+                                          other.reconcile(record, page_size=3)])
+        assert a.records == b.records == 65
+        assert hgetall(redis_server["port"], redis_prefix + "ip_addresses") == {"10.0.0.1": 40, "10.0.0.2": 25}
+        assert resp(redis_server["port"], "KEYS", sink.reconcile_tmp_key + "*") == []
+    finally:
+        await other.stop()
 
 
 @pytest.mark.live
@@ -332,3 +422,33 @@ async def test_redis_restarted_empty_converges_without_traffic(private_redis: Pr
     finally:
         await rec.stopService()
         await s.stop()
+
+
+def _rss_bench() -> Any:
+    """bench/reconcile_rss.py as a module (its children measure one process each)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "reconcile_rss.py"
+    spec = importlib.util.spec_from_file_location("reconcile_rss", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.live
+@pytest.mark.slow
+def test_reconcile_memory_does_not_grow_with_payloads(mysql_db: dict[str, Any], redis_server: dict[str, Any]) -> None:
+    """Reconciling 400 rows of 64 KiB from MariaDB costs a small fraction of reading their payloads once.
+
+    Both are measured in this run, each in a fresh process (peak RSS growth): the
+    baseline reads every record with its payload, as reconciliation used to.
+    """
+    rss = _rss_bench()
+    rss.fill(mysql_db, 400, 65536)
+    payloads = rss.measure("payloads", mysql_db)
+    rebuilt = rss.measure("reconcile", mysql_db)
+    print(f"\nRSS growth: reading the payloads {payloads['growth_kib']} KiB, "
+          f"reconciling {rebuilt['growth_kib']} KiB")
+    assert payloads["records"] == rebuilt["records"] == rebuilt["hashes_added"] == 400
+    assert payloads["payload_bytes"] == 400 * 65536
+    assert payloads["growth_kib"] * 1024 > payloads["payload_bytes"] / 2  # the baseline did load them
+    assert rebuilt["growth_kib"] < payloads["growth_kib"] / 4

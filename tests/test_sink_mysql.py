@@ -7,17 +7,26 @@ away failing fast as SinkUnavailable, and recovery when it is back.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pymysql
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols import portforward
+from twisted.python.failure import Failure
 
-from eth_twisted.errors import ConfigError, SinkBusy, SinkTimeout, SinkUnavailable
+from eth_twisted.errors import ConfigError, SinkBusy, SinkError, SinkTimeout, SinkUnavailable
 from eth_twisted.model import Message, Outcome
 from eth_twisted.sinks.sql import (
     DataRefused,
@@ -33,7 +42,7 @@ from eth_twisted.sinks.sql import (
 )
 from tests.conftest import mysql_query
 from tests.sink_contract import T0, SinkContract, msg, numbered
-from tests.support import async_wait_until, free_port
+from tests.support import async_wait_until, free_port, wait_until
 
 
 def sink_for(db: dict[str, Any], **kw: Any) -> MySQLSink:
@@ -147,13 +156,34 @@ async def test_start_twice_on_same_database(mysql_db: dict[str, Any]) -> None:
 @pytest.mark.live
 @pytest_twisted.ensureDeferred
 async def test_bad_row_isolated(sink: MySQLSink) -> None:
-    """Rows MariaDB refuses (malformed hash, overlong client id) are REJECTED; the rest commit."""
+    """Rows MariaDB refuses (a malformed hash) are REJECTED; the rest, overlong client id too, commit."""
     bad_hash = Message(b"bad", "not-a-sha256", "10.0.0.1", T0)
     long_id = msg(b"long-id", client_id="x" * 300)
     batch = numbered(5)[:2] + [bad_hash] + numbered(5)[2:] + [long_id]
     outcomes = await sink.store_batch(batch)
-    assert outcomes == [Outcome.STORED] * 2 + [Outcome.REJECTED] + [Outcome.STORED] * 3 + [Outcome.REJECTED]
-    assert (await sink.totals()).records == 5
+    assert outcomes == [Outcome.STORED] * 2 + [Outcome.REJECTED] + [Outcome.STORED] * 4
+    assert (await sink.totals()).records == 6
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_metadata_the_column_charset_cannot_hold_is_stored_as_ascii(
+    sink: MySQLSink, mysql_db: dict[str, Any]
+) -> None:
+    """An operator's utf8mb3/latin1 metadata columns cannot refuse a payload: it is stored, metadata escaped."""
+    mysql_query(mysql_db, "ALTER TABLE ethereum_data "
+                          "MODIFY client_id VARCHAR(255) CHARACTER SET utf8mb3 NULL, "
+                          "MODIFY client_ip VARCHAR(45) CHARACTER SET latin1 NOT NULL")
+    plain = msg(b"plain", ip="10.0.0.1", client_id="CN=J\u00fcrgen")
+    emoji_id = msg(b"emoji-id", client_id="CN=\U0001f600 team")
+    greek_ip = msg(b"greek-ip", ip="fe80::\u03b1")
+    batch = [plain, emoji_id, greek_ip]
+    assert await sink.store_batch(batch) == [Outcome.STORED] * 3
+    rows = {r.hash: r for r in await sink.fetch_records(0, 10)}
+    assert (rows[plain.hash].client_ip, rows[plain.hash].client_id) == ("10.0.0.1", "CN=J\u00fcrgen")
+    assert rows[emoji_id.hash].client_id == "CN=\\U0001f600 team"
+    assert rows[greek_ip.hash].client_ip == "fe80::\\u03b1"
+    assert await sink.store_batch(batch) == [Outcome.DUPLICATE] * 3
 
 
 @pytest.mark.live
@@ -405,6 +435,32 @@ async def test_pool_retries_lost_connection_on_new_connection() -> None:
     assert pool.retried == 2 and sleeps == [0.05, 0.2]
 
 
+@pytest.fixture
+def sql_log() -> Iterator[list[dict[str, Any]]]:
+    """Log events of the SQL sinks' namespace at info level and above."""
+    events: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "eth_twisted.sinks.sql" and event["log_level"] >= LogLevel.info:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_logs_an_outage_not_each_retry(sql_log: list[dict[str, Any]]) -> None:
+    """Retries that fail for good log nothing here (the caller logs the outage once); one retried away logs one line."""
+    result, _, _, _ = await run_fake([pymysql.err.InterfaceError(0, "")] * 10)
+    assert isinstance(result, SinkUnavailable)
+    assert sql_log == []
+    result, _, _, _ = await run_fake([lost(2006), lost(2013), None])
+    assert result == "done"
+    [line] = sql_log
+    assert line["attempts"] == 2 and "2006" in line["failure"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_pool_interface_error_exhausts_to_unavailable() -> None:
     """A connection that stays broken fails as SinkUnavailable after the bounded retries."""
@@ -588,6 +644,17 @@ def test_row_encoder_reuses_a_receipt_time_only_for_the_same_time() -> None:
         assert row.endswith(f",'10.0.0.9',NULL,'{expected}')")
 
 
+def test_row_encoder_caches_are_bounded_in_bytes() -> None:
+    """Peers choosing a new 60 KiB client name per message cannot grow the encoder's caches past a bound."""
+    enc = MySQLRowEncoder()
+    for i in range(5000):
+        row = enc.row(msg(b"n%d" % i, f"10.{i // 256 % 256}.{i % 256}.1", client_id=f"{i:06d}" + "n" * 60_000))
+        assert row.count("~") == 1  # stored bounded, with its digest
+    for cache in (enc._ips, enc._ids):
+        assert len(cache) <= 4096
+        assert sum(len(k) + len(v) for k, v in cache.items()) <= 4096 * 2 * (2 * 255 + 2)
+
+
 @pytest.mark.live
 @pytest_twisted.ensureDeferred
 async def test_concurrent_batches_sharing_hashes_answer_each_hash_ok_once(
@@ -606,3 +673,154 @@ async def test_concurrent_batches_sharing_hashes_answer_each_hash_ok_once(
     assert ok == {m.hash: 1 for m in base}
     [(rows,)] = mysql_query(mysql_db, "SELECT COUNT(*) FROM ethereum_data")
     assert rows == 300
+
+
+# -- lifecycle: a database that never answered ---------------------------------------
+
+
+class SilentServer:
+    """A port that completes TCP handshakes and never says a word: a SIGSTOPped MariaDB.
+
+    The socket listens and never accepts; the kernel completes connections into
+    the backlog, so a client connects at once and then waits for the greeting.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = int(self.sock.getsockname()[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    """A silent MariaDB stand-in on a free port, closed afterwards."""
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def pool_threads(sink: MySQLSink) -> list[str]:
+    """Names of the sink's pool threads still alive."""
+    return [t.name for t in threading.enumerate() if f"eth-{sink.name}-" in t.name and t.is_alive()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_after_starts_that_never_succeeded() -> None:
+    """A sink whose every start failed stops cleanly: each pool is closed once, no AlreadyQuit."""
+    s = make_mysql_sink("127.0.0.1", free_port(), "u", "pw", "db", connect_timeout=1)
+    for _ in range(2):
+        with pytest.raises(SinkUnavailable):
+            await s.start()
+    await s.stop()
+    await s.stop()
+    assert s.writer is None and s.reader is None
+    assert pool_threads(s) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_during_start_waits_for_the_connect_timeout_only(silent_server: SilentServer) -> None:
+    """stop() while start() waits for a greeting that never comes ends after the connect timeout.
+
+    The read timeout (60 s) is for queries; the greeting and login are bounded by
+    connect_timeout (1 s), so neither start nor a shutdown during it can hang on a
+    stopped server. Afterwards no pool thread is left.
+    """
+    s = make_mysql_sink("127.0.0.1", silent_server.port, "u", "pw", "db", connect_timeout=1,
+                        read_timeout=60, write_timeout=60)
+    started: list[Any] = []
+    s.start().addBoth(started.append)
+    began = time.monotonic()
+    await s.stop()
+    stopped_after = time.monotonic() - began
+    assert len(started) == 1 and isinstance(started[0], Failure) and started[0].check(SinkError)
+    assert stopped_after < 60 / 4, f"stop took {stopped_after:.1f}s: it waited for the read timeout"
+    assert s.writer is None and s.reader is None
+    assert pool_threads(s) == []
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_queries_keep_the_read_timeout_after_a_bounded_login(mysql_db: dict[str, Any]) -> None:
+    """Login is bounded by connect_timeout, but a query may take up to read_timeout as before."""
+    s = sink_for(mysql_db, connect_timeout=1, read_timeout=30)
+    await s.start()
+    try:
+        def slow(txn: Any) -> Any:
+            txn.execute("SELECT SLEEP(1.5)")
+            return txn.fetchall()
+
+        assert s.reader is not None
+        assert await s.reader.runInteraction(slow) == ((0,),)
+        conn = next(iter(s.reader.connections.values()))
+        assert (conn._read_timeout, conn._write_timeout) == (30, 30)
+    finally:
+        await s.stop()
+
+
+def _serve(argv: list[str], tmp_path: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start ``eth server`` with ``argv``; answer the process and the list its output lines go to."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETH_")}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "eth"), "server", "--port", str(free_port()), "--stats", "none",
+         *argv], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
+
+
+def _assert_clean_shutdown(proc: subprocess.Popen[str], lines: list[str], within: float) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"eth server did not stop within {within}s of SIGTERM:\n" + "".join(lines))
+    wait_until(lambda: any("Main loop terminated" in line for line in lines), 5, what="the last line")
+    log = "".join(lines)
+    assert proc.returncode == 0, log
+    for bad in ("Traceback", "AlreadyQuit", "#critical]", "Unhandled"):
+        assert bad not in log, log
+    after = log[log.index("Received SIGTERM"):]
+    assert "could not start" not in after, log
+
+
+@pytest.mark.live
+@pytest.mark.slow
+def test_server_whose_database_never_answered_stops_cleanly(tmp_path: Path) -> None:
+    """`eth server --use-mysql` at a port where nothing listens: SIGTERM between start attempts is clean."""
+    proc, lines = _serve(["--use-mysql", "--mysql-host", "127.0.0.1", "--mysql-port", str(free_port()),
+                          "--mysql-user", "u", "--mysql-db", "d", "--mysql-connect-timeout", "1"], tmp_path)
+    try:
+        # SIGTERM right after a failed attempt: the sink's pools are closed, a retry is waiting.
+        wait_until(lambda: any("could not start" in line for line in lines), 60,
+                   what="a failed start attempt")
+    finally:
+        _assert_clean_shutdown(proc, lines, within=30)
+
+
+@pytest.mark.live
+@pytest.mark.slow
+def test_server_on_a_stopped_database_stops_cleanly(tmp_path: Path, silent_server: SilentServer) -> None:
+    """`eth server` on a MariaDB that accepts and never answers: SIGTERM mid-connect exits cleanly, promptly.
+
+    The read timeout is 120 s; shutdown waits at most for the connect timeout (1 s).
+    """
+    proc, lines = _serve(["--use-mysql", "--mysql-host", "127.0.0.1", "--mysql-port", str(silent_server.port),
+                          "--mysql-user", "u", "--mysql-db", "d", "--mysql-connect-timeout", "1",
+                          "--mysql-read-timeout", "120"], tmp_path)
+    try:
+        wait_until(lambda: any("eth-server listening on" in line for line in lines), 30, what="the listener")
+    finally:
+        _assert_clean_shutdown(proc, lines, within=30)

@@ -21,7 +21,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
 from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
-from eth_twisted.model import Message, Outcome
+from eth_twisted.model import Message, Outcome, storable_client_ip
 from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.sinks.redis import (
     STORE_SCRIPT,
@@ -151,6 +151,32 @@ async def test_keys_after_batches_with_verdicts(sink: RedisSink, redis_server: d
     assert got == {msg(b"a").hash: T0, msg(b"b").hash: T0 + 1, msg(b"c").hash: T0 + 11}
     assert await sink.read_counts() == (addresses, {"10.0.0.1": 3, "10.0.0.2": 2})
     assert await sink.hash_count() == 3
+
+
+@pytest.mark.live
+@pytest_twisted.ensureDeferred
+async def test_hostile_addresses_counted_as_the_record_stores_them(
+    sink: RedisSink, redis_server: dict[str, Any], redis_prefix: str
+) -> None:
+    """Addresses with spaces, newlines, NUL or lone surrogates are mirrored, under the record's form.
+
+    The live counts and the counts reconciliation rebuilds from the record are the same keys.
+    """
+    port = redis_server["port"]
+    record = MemorySink()
+    hostile = ["a b", "1.2.3.4\n5.6.7.8 1 1\n", "", "\x00", "fe80::1%\udc80", "y" * 100, "10.0.0.1"]
+    batch = [msg(b"h-%d" % i, ip=ip, at=T0 + i) for i, ip in enumerate(hostile)]
+    assert await store_in_record(record, sink, batch) == [OK] * len(batch)
+    assert await store_in_record(record, sink, batch[:2]) == [DUP, DUP]
+    expected = {storable_client_ip(ip): 1 for ip in hostile}
+    assert len(expected) == len(hostile)
+    live = hgetall(port, redis_prefix + "ip_addresses")
+    assert live == expected
+    assert live == (await record.totals()).first_by_ip
+    await sink.reconcile(record)
+    assert hgetall(port, redis_prefix + "ip_addresses") == live
+    messages = hgetall(port, redis_prefix + "ip_messages")
+    assert messages == dict(expected, **{storable_client_ip(ip): 2 for ip in hostile[:2]})
 
 
 @pytest.mark.live
@@ -545,10 +571,23 @@ def test_store_script_arguments() -> None:
 
 
 def test_pack_store_entries_keeps_lines_parseable() -> None:
-    """An address the line format cannot carry (empty, spaces, control characters) is sent as '-'."""
+    """An address the line format cannot carry goes in the record's storable form: escaped, '-' when empty."""
     packed = pack_store_entries([("h1", 1.0, "::1", "?"), ("h2", 2.5, "", "1"), ("h3", 3.0, "a b", "0"),
-                                 ("h4", 4.0, "x\ty", "1"), ("h5", 5.0, "fe80::1%eth0", "0")])
-    assert packed == "h1 1.0 ::1 ?\nh2 2.5 - 1\nh3 3.0 - 0\nh4 4.0 - 1\nh5 5.0 fe80::1%eth0 0\n"
+                                 ("h4", 4.0, "x\ty", "1"), ("h5", 5.0, "fe80::1%eth0", "0"),
+                                 ("h6", 6.0, "::ffff:10.0.0.1", "1")])
+    assert packed == ("h1 1.0 ::1 ?\nh2 2.5 - 1\nh3 3.0 a\\x20b 0\nh4 4.0 x\\x09y 1\n"
+                      "h5 5.0 fe80::1%eth0 0\nh6 6.0 10.0.0.1 1\n")
+
+
+def test_pack_store_entries_encodes_any_address() -> None:
+    """A lone surrogate, a newline or an overlong address packs into lines the script parses, as UTF-8."""
+    ips = ["fe80::1%\udc80", "1.2.3.4\n5.6.7.8 1 1", "x" * 100, "\x00"]
+    packed = pack_store_entries([(f"h{i}", 1.0, ip, "1") for i, ip in enumerate(ips)])
+    packed.encode("utf-8")
+    lines = packed.splitlines()
+    assert len(lines) == len(ips)
+    assert [line.split(" ")[2] for line in lines] == [storable_client_ip(ip) for ip in ips]
+    assert all(len(line.split(" ")) == 4 for line in lines)
 
 
 def test_parse_run_id() -> None:

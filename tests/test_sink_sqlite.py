@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from eth_twisted.errors import ConfigError, SinkBusy
+from eth_twisted.errors import ConfigError, SinkBusy, SinkError
 from eth_twisted.model import Message, Outcome
 from eth_twisted.sinks.sql import SQLiteSink, latest_version, make_sqlite_sink, migrate_sqlite
 from tests.sink_contract import T0, SinkContract, msg, numbered
@@ -145,13 +145,13 @@ def test_memory_path_refused() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_bad_row_isolated(sink: SQLiteSink) -> None:
-    """A row the database refuses (malformed hash, overlong client id) is REJECTED; the rest commit."""
+    """A row the database refuses (a malformed hash) is REJECTED; the rest, overlong client id too, commit."""
     bad_hash = Message(b"bad", "not-a-sha256", "10.0.0.1", T0)
     long_id = msg(b"long-id", client_id="x" * 300)
     batch = numbered(5)[:2] + [bad_hash] + numbered(5)[2:] + [long_id]
     outcomes = await sink.store_batch(batch)
-    assert outcomes == [Outcome.STORED] * 2 + [Outcome.REJECTED] + [Outcome.STORED] * 3 + [Outcome.REJECTED]
-    assert (await sink.totals()).records == 5
+    assert outcomes == [Outcome.STORED] * 2 + [Outcome.REJECTED] + [Outcome.STORED] * 4
+    assert (await sink.totals()).records == 6
 
 
 @pytest_twisted.ensureDeferred
@@ -172,3 +172,20 @@ async def test_stopped_sink_refuses(tmp_path: Path) -> None:
     await s.stop()
     with pytest.raises(SinkUnavailable):
         await s.store_batch([msg(b"late")])
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_after_a_failed_start(tmp_path: Path) -> None:
+    """A sink whose start failed (no such directory) stops cleanly, twice, and can start later."""
+    path = tmp_path / "later" / "record.sqlite3"
+    s = make_sqlite_sink(str(path))
+    with pytest.raises(SinkError):
+        await s.start()
+    await s.stop()
+    await s.stop()
+    path.parent.mkdir()
+    await s.start()
+    try:
+        assert await s.store_batch([msg(b"after")]) == [Outcome.STORED]
+    finally:
+        await s.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest_twisted
 from twisted.internet.task import Clock
@@ -163,6 +164,26 @@ def test_load_seeds_totals_and_chart_from_a_record():
     assert snap["totals"]["records"] == 5
     assert snap["latest_block"]["number"] == 5
     assert snap["chart"] == [[float(n), n] for n in range(1, 6)]
+
+
+class PayloadlessReads(MemorySink):
+    """A record whose payload-carrying reads fail: what only needs summaries must not use them."""
+
+    def recent(self, limit: int, before: int | None = None) -> Any:
+        raise AssertionError("the chart read whole records (payloads)")
+
+    def fetch_records(self, after_id: int, limit: int) -> Any:
+        raise AssertionError("the chart read whole records (payloads)")
+
+
+@pytest_twisted.inlineCallbacks
+def test_load_reads_the_chart_without_payloads():
+    """load() seeds the chart from payload-free summaries of the newest records."""
+    sink = PayloadlessReads()
+    yield sink.store_batch([msg(n, at=float(n), payload=render_html(n) + b"x" * 65536) for n in range(1, 4)])
+    _, stats = fresh()
+    yield stats.load(sink)
+    assert stats.snapshot()["chart"] == [[float(n), n] for n in range(1, 4)]
 
 
 def test_seed_chart_does_not_double_a_record_read_back_with_rounded_time() -> None:

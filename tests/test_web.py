@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,20 @@ def test_stats_loads_chart_history_once_after_seeding() -> None:
     s.stats.seed(Totals(records=5))
     assert s.http.get("/api/stats").json()["chart"] == [[float(n), n] for n in range(5)]
     assert s.stats.chart_seeded
+
+
+def test_chart_history_is_read_without_payloads() -> None:
+    """The chart's history comes from payload-free summaries: recent() (payloads) is never called for it."""
+
+    class PayloadlessRecent(MemorySink):
+        def recent(self, limit: int, before: int | None = None) -> Any:
+            raise AssertionError("the chart read whole records (payloads)")
+
+    s = server_fixture(record=PayloadlessRecent())
+    for n in range(3):
+        s.sink.store_batch([block_message(n, at=float(n))])
+    s.stats.seed(Totals(records=3))
+    assert s.http.get("/api/stats").json()["chart"] == [[float(n), n] for n in range(3)]
 
 
 def test_stats_answer_is_cached_for_a_second() -> None:

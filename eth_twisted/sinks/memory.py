@@ -8,7 +8,18 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from eth_twisted.model import IRecord, Message, Outcome, Record, Totals
+from eth_twisted.model import (
+    DEFAULT_SUMMARY_PAGE_BYTES,
+    IRecord,
+    Message,
+    Outcome,
+    Record,
+    RecordSummary,
+    Totals,
+    storable_client_id,
+    storable_client_ip,
+    take_page,
+)
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 
 
@@ -51,7 +62,8 @@ class MemorySink:
                 outcomes.append(Outcome.DUPLICATE)
             else:
                 rec = Record(len(self.order) + 1, m.hash, m.payload, m.block_number,
-                             m.client_ip, m.client_id, m.received_at)
+                             storable_client_ip(m.client_ip), storable_client_id(m.client_id),
+                             m.received_at)
                 self.records[m.hash] = rec
                 self.order.append(rec)
                 outcomes.append(Outcome.STORED)
@@ -59,6 +71,18 @@ class MemorySink:
 
     def fetch_records(self, after_id: int, limit: int) -> Deferred[list[Record]]:
         return defer.succeed([r for r in self.order if r.id > after_id][:limit])
+
+    def fetch_summaries(
+        self, after_id: int, limit: int, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        rows = self.order[max(0, int(after_id)):]  # ids are positions + 1
+        return defer.succeed(take_page(map(_summary, rows), limit, max_bytes))
+
+    def recent_summaries(
+        self, limit: int, before: int | None = None, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        end = len(self.order) if before is None else max(0, min(len(self.order), int(before) - 1))
+        return defer.succeed(take_page(map(_summary, reversed(self.order[:end])), limit, max_bytes))
 
     def recent(self, limit: int, before: int | None = None) -> Deferred[list[Record]]:
         rows = [r for r in reversed(self.order) if before is None or r.id < before]
@@ -78,6 +102,10 @@ class MemorySink:
             t.first_received_at = min(r.received_at for r in self.order)
             t.last_received_at = max(r.received_at for r in self.order)
         return defer.succeed(t)
+
+
+def _summary(r: Record) -> RecordSummary:
+    return RecordSummary(r.id, r.hash, r.block_number, r.client_ip, r.received_at)
 
 
 __all__ = ["MemorySink"]

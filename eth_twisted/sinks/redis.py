@@ -23,6 +23,7 @@ changed ``run_id``).
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,11 +39,23 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
-from eth_twisted.model import IRecord, ISink, Message, Outcome
+from eth_twisted.model import (
+    DEFAULT_SUMMARY_PAGE_BYTES,
+    IRecord,
+    ISink,
+    Message,
+    Outcome,
+    storable_client_ip,
+)
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 
 DEFAULT_PREFIX = "eth:"
 DEFAULT_PAGE_SIZE = 5000
+"""Records per page of a reconciliation (each page is also bounded by bytes: DEFAULT_SUMMARY_PAGE_BYTES)."""
+RECONCILE_KEY_TTL = 600
+"""Seconds a reconciliation's own count key outlives its last page (an abandoned run's key expires)."""
+SCAN_COUNT = 1000
+"""HSCAN COUNT hint when raising ip_messages from the rebuilt counts."""
 DEFAULT_RECONCILE_INTERVAL = 300.0
 
 # One batch. KEYS: hashes, ip_addresses, ip_messages. ARGV[1]: n; ARGV[2]: the n
@@ -85,46 +98,73 @@ return table.concat(added)
 def pack_store_entries(entries: Sequence[tuple[str, float, str, str]]) -> str:
     """The store script's ARGV[2]: ``(hash, received_at, client_ip, flag)`` a line each.
 
-    A client IP holding whitespace (or empty) would break the line format; it is
-    stored as ``-`` (unknown) instead. Real peer addresses never hold any.
+    Each IP goes in the form the record stores
+    (:func:`~eth_twisted.model.storable_client_ip`): printable, no spaces, never
+    empty, bounded. So an address holding whitespace, a newline or a lone
+    surrogate can neither break the line format nor fail the encoding, and the
+    counts the store script keeps are the ones reconciliation rebuilds from SQL.
     """
     lines = []
     last_at, score = None, ""
+    ips: dict[str, str] = {}
     for h, at, ip, flag in entries:
         if at != last_at:  # the messages of one read share their receipt time
             last_at, score = at, _score(at)
-        if not ip or " " in ip or not ip.isprintable():
-            ip = "-"
-        lines.append(f"{h} {score} {ip} {flag}\n")
+        field = ips.get(ip)
+        if field is None:
+            field = ips[ip] = storable_client_ip(ip)
+        lines.append(f"{h} {score} {field} {flag}\n")
     return "".join(lines)
 
 
-# Replace ip_addresses with the record's counts. KEYS: ip_addresses, a temporary
-# key, ip_messages. ARGV: ip, count, ip, count, ... Built in the temporary key and
-# RENAMEd over the old one; ip_messages is raised to at least ip_addresses per IP
-# (it cannot be rebuilt from SQL, which keeps no duplicates). Answers how many
-# ip_messages fields were raised.
-RECONCILE_IPS_SCRIPT = """
-local dst, tmp, msgs = KEYS[1], KEYS[2], KEYS[3]
-redis.call('DEL', tmp)
-local n = #ARGV
-local i = 1
-while i <= n do
-  local j = math.min(i + 999, n)
-  redis.call('HSET', tmp, unpack(ARGV, i, j))
+# Reconciliation, page by page (the record is read in bounded pages of summaries,
+# never whole). One page: KEYS hashes, the run's own count key. ARGV[1]: seconds
+# the count key lives (refreshed by every page, so an abandoned run leaves
+# nothing behind); ARGV[2]: 2n; then n "score hash" pairs for ZADD NX; then
+# "ip count" pairs: this page's first deliveries per IP, added to the count key.
+# Answers how many hashes were added.
+RECONCILE_PAGE_SCRIPT = """
+local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local added = 0
+local i = 3
+while i < 3 + n do
+  local j = math.min(i + 999, 2 + n)
+  added = added + redis.call('ZADD', KEYS[1], 'NX', unpack(ARGV, i, j))
   i = j + 1
 end
+for k = 3 + n, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[2], ARGV[k], ARGV[k + 1])
+end
+if #ARGV > 2 + n then redis.call('EXPIRE', KEYS[2], ttl) end
+return added
+"""
+
+# Raise ip_messages to at least the rebuilt first-delivery count (it cannot be
+# rebuilt from SQL, which keeps no duplicates). KEYS: ip_messages. ARGV: ip,
+# count, ... (one HSCAN page of the run's count key). Answers how many were raised.
+RAISE_MESSAGES_SCRIPT = """
 local raised = 0
-for k = 1, n, 2 do
-  local ip, c = ARGV[k], tonumber(ARGV[k + 1])
-  local m = tonumber(redis.call('HGET', msgs, ip) or '0')
+for k = 1, #ARGV, 2 do
+  local c = tonumber(ARGV[k + 1])
+  local m = tonumber(redis.call('HGET', KEYS[1], ARGV[k]) or '0')
   if m < c then
-    redis.call('HSET', msgs, ip, c)
+    redis.call('HSET', KEYS[1], ARGV[k], c)
     raised = raised + 1
   end
 end
-if n > 0 then redis.call('RENAME', tmp, dst) else redis.call('DEL', dst) end
 return raised
+"""
+
+# Put the run's counts in place of ip_addresses. KEYS: the run's count key,
+# ip_addresses. Answers how many IPs ip_addresses now holds.
+INSTALL_COUNTS_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('RENAME', KEYS[1], KEYS[2])
+else
+  redis.call('DEL', KEYS[2])
+end
+return redis.call('HLEN', KEYS[2])
 """
 
 # A consistent snapshot of both count hashes. KEYS: ip_addresses, ip_messages.
@@ -160,9 +200,15 @@ class _Script:
 
 
 _STORE = _Script("store", STORE_SCRIPT)
-_RECONCILE_IPS = _Script("reconcile-ips", RECONCILE_IPS_SCRIPT)
+_RECONCILE_PAGE = _Script("reconcile-page", RECONCILE_PAGE_SCRIPT)
+_RAISE_MESSAGES = _Script("raise-messages", RAISE_MESSAGES_SCRIPT)
+_INSTALL_COUNTS = _Script("install-counts", INSTALL_COUNTS_SCRIPT)
 _READ_COUNTS = _Script("read-counts", READ_COUNTS_SCRIPT)
-_SCRIPTS = (_STORE, _RECONCILE_IPS, _READ_COUNTS)
+_SCRIPTS = (_STORE, _RECONCILE_PAGE, _RAISE_MESSAGES, _INSTALL_COUNTS, _READ_COUNTS)
+
+
+class ReconcileCancelled(Exception):
+    """A reconciliation stopped between pages because its caller asked it to (a shutdown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +295,7 @@ class RedisSink:
         self.ip_addresses_key = prefix + "ip_addresses"
         self.ip_messages_key = prefix + "ip_messages"
         self.reconcile_tmp_key = prefix + "ip_addresses:rebuild"
+        """Prefix of each reconciliation's own count key (``<this>:<random>``): runs never share one."""
         self.call_timeout = call_timeout
         self.max_in_flight = max_in_flight
         self.where = where
@@ -399,45 +446,78 @@ class RedisSink:
 
         return d.addCallback(compare)
 
-    def reconcile(self, record: IRecord, page_size: int = DEFAULT_PAGE_SIZE) -> Deferred[ReconcileResult]:
-        """Rebuild what Redis can know from the record.
+    def reconcile(
+        self,
+        record: IRecord,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Deferred[ReconcileResult]:
+        """Rebuild what Redis can know from the record, reading it in bounded pages.
 
-        Pages through ``record.fetch_records`` adding missing hashes (ZADD NX with
-        their receipt time, one command per page), then replaces ``ip_addresses``
-        with ``record.totals().first_by_ip`` (built in a temporary key and
-        RENAMEd, in one script) and raises ``ip_messages`` to at least
-        ``ip_addresses`` for every IP.
+        Pages through ``record.fetch_summaries`` (hash, receipt time and first
+        sender of each record, never a payload; at most ``page_size`` records and
+        ``page_bytes`` bytes a page, by id). Each page is one script: missing
+        hashes are added (ZADD NX with their receipt time) and the page's first
+        deliveries per IP are added to a count key of this run's own. Then
+        ``ip_messages`` is raised to at least those counts (HSCAN pages) and the
+        count key replaces ``ip_addresses`` (RENAME). Memory is one page here and
+        in each Redis call, whatever the size of the record or its payloads.
+
+        ``cancelled`` is asked between pages: when it answers True the run stops
+        with :class:`ReconcileCancelled` and ``ip_addresses`` is left as it was
+        (a shutdown does not wait for a long rebuild).
 
         A batch mirrored while this runs may be counted in ``ip_addresses`` once
         too few or too many times (its SQL commit and its Redis update are not
         one transaction); the next reconciliation corrects it.
         """
-        return defer.ensureDeferred(self._reconcile(record, page_size))
+        return defer.ensureDeferred(self._reconcile(record, page_size, page_bytes, cancelled))
 
-    async def _reconcile(self, record: IRecord, page_size: int) -> ReconcileResult:
+    async def _reconcile(self, record: IRecord, page_size: int, page_bytes: int,
+                         cancelled: Callable[[], bool] | None) -> ReconcileResult:
         started = self._reactor.seconds()
+        counts_key = f"{self.reconcile_tmp_key}:{secrets.token_hex(8)}"
         after, records, added = 0, 0, 0
-        while True:
-            rows = await record.fetch_records(after, page_size)
-            if not rows:
-                break
-            args: list[str] = []
-            for r in rows:
-                args += [_score(r.received_at), r.hash]
-            n = await self._call("reconcile ZADD", "ZADD", self.hashes_key, "NX", *args)
-            added += int(n)
-            records += len(rows)
-            after = rows[-1].id
-            if len(rows) < page_size:
-                break
-        totals = await record.totals()
-        flat: list[str] = []
-        for ip, count in sorted(totals.first_by_ip.items()):
-            flat += [ip, str(int(count))]
-        keys = [self.ip_addresses_key, self.reconcile_tmp_key, self.ip_messages_key]
-        raised = await self._eval(_RECONCILE_IPS, keys, flat)
-        return ReconcileResult(records, added, len(totals.first_by_ip), int(raised),
-                               self._reactor.seconds() - started)
+        try:
+            while True:
+                if cancelled is not None and cancelled():
+                    raise ReconcileCancelled(f"stopped after {records} records")
+                page = await record.fetch_summaries(after, page_size, page_bytes)
+                if not page:
+                    break
+                zadd: list[str] = []
+                firsts: dict[str, int] = {}
+                for r in page:
+                    zadd += [_score(r.received_at), r.hash]
+                    firsts[r.client_ip] = firsts.get(r.client_ip, 0) + 1
+                counts = [x for ip, n in firsts.items() for x in (ip, str(n))]
+                n = await self._eval(_RECONCILE_PAGE, [self.hashes_key, counts_key],
+                                     [str(RECONCILE_KEY_TTL), str(len(zadd)), *zadd, *counts])
+                added += int(n)
+                records += len(page)
+                after = page[-1].id
+            raised, cursor = 0, b"0"
+            while True:
+                if cancelled is not None and cancelled():
+                    raise ReconcileCancelled(f"stopped after {records} records")
+                cursor, flat = await self._call("reconcile HSCAN", "HSCAN", counts_key, cursor,
+                                                "COUNT", str(SCAN_COUNT))
+                if flat:
+                    raised += int(await self._eval(_RAISE_MESSAGES, [self.ip_messages_key], list(flat)))
+                if _text(cursor) == "0":
+                    break
+            ips = await self._eval(_INSTALL_COUNTS, [counts_key, self.ip_addresses_key], [])
+        except BaseException:
+            if records:  # a page was written: its count key exists
+                self._discard(counts_key)
+            raise
+        return ReconcileResult(records, added, int(ips), raised, self._reactor.seconds() - started)
+
+    def _discard(self, key: str) -> None:
+        """Best effort: delete an abandoned run's count key now (it expires anyway)."""
+        d = self._call("reconcile cleanup", "DEL", key, quiet=True)
+        d.addErrback(lambda _: None)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -626,7 +706,8 @@ def make_redis_sink(
 
 
 class _ReconcilableSink(Protocol):
-    def reconcile(self, record: IRecord, page_size: int = ...) -> Deferred[ReconcileResult]: ...
+    def reconcile(self, record: IRecord, page_size: int = ..., page_bytes: int = ...,
+                  cancelled: Callable[[], bool] | None = ...) -> Deferred[ReconcileResult]: ...
     def check_restart(self) -> Deferred[bool]: ...
     def add_recovery_listener(self, listener: Callable[[], None]) -> None: ...
     def remove_recovery_listener(self, listener: Callable[[], None]) -> None: ...
@@ -653,6 +734,7 @@ class Reconciler(Service):
         metrics: Any = None,
         page_size: int = DEFAULT_PAGE_SIZE,
         watch_interval: float | None = 10.0,
+        page_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as default_reactor
@@ -664,6 +746,7 @@ class Reconciler(Service):
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.metrics = metrics
         self.page_size = page_size
+        self.page_bytes = page_bytes
         self.watch_interval = watch_interval
         self.runs = 0
         """Reconciliations attempted."""
@@ -672,6 +755,7 @@ class Reconciler(Service):
         self.last_result: ReconcileResult | None = None
         self.last_success_at: float | None = None
         self._busy = False
+        self._stopping = False
         self._again = False
         self._waiters: list[Deferred[ReconcileResult | None]] = []
         self._loop: LoopingCall | None = None
@@ -679,6 +763,7 @@ class Reconciler(Service):
 
     def startService(self) -> None:
         """Start the loops; the first reconciliation runs now."""
+        self._stopping = False
         super().startService()
         self.sink.add_recovery_listener(self.trigger)
         self._loop = LoopingCall(self._tick)
@@ -690,7 +775,8 @@ class Reconciler(Service):
             self._watch.start(self.watch_interval, now=False).addErrback(self._loop_died, "watch")
 
     def stopService(self) -> Deferred[None]:
-        """Stop the loops and wait for a reconciliation in progress to end."""
+        """Stop the loops and wait for a reconciliation in progress to end (at its next page)."""
+        self._stopping = True
         super().stopService()
         self.sink.remove_recovery_listener(self.trigger)
         for loop in (self._loop, self._watch):
@@ -736,7 +822,11 @@ class Reconciler(Service):
     async def _attempt(self) -> ReconcileResult | None:
         self.runs += 1
         try:
-            result = await self.sink.reconcile(self.record, self.page_size)
+            result = await self.sink.reconcile(self.record, self.page_size, self.page_bytes,
+                                               lambda: self._stopping)
+        except ReconcileCancelled as e:
+            self.log.info("Redis reconciliation stopped for shutdown ({reason})", reason=str(e))
+            return None
         except SinkError as e:
             self.failures += 1
             self._count("error")
@@ -795,6 +885,7 @@ def start_reconciler(
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "ReconcileCancelled",
     "ReconcileResult",
     "Reconciler",
     "RedisSink",

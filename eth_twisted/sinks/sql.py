@@ -56,7 +56,22 @@ from eth_twisted.errors import (
     SinkTimeout,
     SinkUnavailable,
 )
-from eth_twisted.model import IRecord, Message, Outcome, Record, Totals, normalise_ip
+from eth_twisted.model import (
+    DEFAULT_SUMMARY_PAGE_BYTES,
+    MAX_CLIENT_ID,
+    MAX_CLIENT_IP,
+    SUMMARY_FIXED_BYTES,
+    IRecord,
+    Message,
+    Outcome,
+    Record,
+    RecordSummary,
+    Totals,
+    ascii_metadata,
+    storable_client_id,
+    storable_client_ip,
+    take_page,
+)
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 
 log = Logger(namespace="eth_twisted.sinks.sql")
@@ -218,9 +233,11 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
         retry_window: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        handshake_timeout: float | None = None,
         **connkw: Any,
     ) -> None:
         connkw["cp_reconnect"] = True
+        self.handshake_timeout = handshake_timeout
         self.sink_name = sink_name
         self.classify = classify
         self.retries = retries
@@ -244,7 +261,7 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
         tid = self.threadID()
         conn = self.connections.get(tid)
         if conn is None:
-            conn = self.dbapi.connect(*self.connargs, **self.connkw)
+            conn = self._open_connection()
             if self.openfun is not None:
                 try:
                     self.openfun(conn)
@@ -252,6 +269,28 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
                     self._close(conn)
                     raise
             self.connections[tid] = conn
+        return conn
+
+    def _open_connection(self) -> Any:
+        """A new driver connection; with ``handshake_timeout``, login is bounded by it.
+
+        PyMySQL reads the server's greeting and the login replies with
+        ``read_timeout`` (``Connection.connect`` sets it on the socket), so a
+        stopped server whose kernel still accepts connections held every
+        connect, and a shutdown joining the pool's threads, for the whole read
+        timeout (30 s) rather than the connect timeout. The connection is opened
+        with both I/O timeouts at most ``handshake_timeout``, then given its
+        own back: PyMySQL applies ``_read_timeout``/``_write_timeout`` to the
+        socket before each read and write.
+        """
+        if self.handshake_timeout is None:
+            return self.dbapi.connect(*self.connargs, **self.connkw)
+        kw = dict(self.connkw)
+        read, write = kw.get("read_timeout"), kw.get("write_timeout")
+        kw["read_timeout"] = min(read or self.handshake_timeout, self.handshake_timeout)
+        kw["write_timeout"] = min(write or self.handshake_timeout, self.handshake_timeout)
+        conn = self.dbapi.connect(*self.connargs, **kw)
+        conn._read_timeout, conn._write_timeout = read, write
         return conn
 
     def _close(self, conn: Any) -> None:
@@ -278,6 +317,7 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
     def _run_with_retries(self, body: Callable[[adbapi.Connection], Any]) -> Any:
         attempt = 0
         started = self._monotonic()
+        first_failure = ""
         while True:
             raw = None
             try:
@@ -285,6 +325,9 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
                 raw = conn._connection
                 result = body(conn)
                 conn.commit()
+                if attempt:
+                    log.info("{sink}: {failure}; retried away ({attempts} retries)",
+                             sink=self.sink_name, failure=first_failure, attempts=attempt)
                 return result
             except Exception as e:
                 kind = self.classify(e)
@@ -301,9 +344,14 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
                     attempt += 1
                     with self._counter_lock:
                         self.retried += 1
-                    log.info("{sink}: {kind} ({reason}); retry {attempt} of {retries}",
-                             sink=self.sink_name, kind=kind.value, reason=describe_error(e),
-                             attempt=attempt, retries=self.retries)
+                    # Debug only: work that fails for good is logged once per outage by
+                    # its caller (the router, the server's start loop), work retried
+                    # away once, above.
+                    if not first_failure:
+                        first_failure = f"{kind.value} ({describe_error(e)})"
+                    log.debug("{sink}: {kind} ({reason}); retry {attempt} of {retries}",
+                              sink=self.sink_name, kind=kind.value, reason=describe_error(e),
+                              attempt=attempt, retries=self.retries)
                     self._sleep(delay)
                     continue
                 if kind is ErrorKind.OTHER and not self._is_driver_error(e):
@@ -565,6 +613,9 @@ def migrate_sqlite(path: str) -> list[int]:
 
 
 _COLUMNS = "id, hash, payload, block_number, client_ip, client_id, received_at"
+_SUMMARY_COLUMNS = "id, hash, block_number, client_ip, received_at"
+_SUMMARY_MIN_BYTES = SUMMARY_FIXED_BYTES + 64
+"""The least a summary counts (its hash is always 64 characters): bounds the rows a page asks for."""
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -600,7 +651,8 @@ class MySQLRowEncoder:
     the GIL the reactor needs). Our rows have a fixed shape, so each column is
     encoded by one cheap function: the payload as a hex literal (exact size, no
     escaping: ``X'...'`` is binary for a MEDIUMBLOB), the hash as is when it is
-    lowercase hex, IPs normalised and escaped once per distinct address, the time
+    lowercase hex, IPs and client ids made storable (:func:`~eth_twisted.model.storable_client_ip`)
+    and escaped once per distinct value, the time
     straight from the float, once per distinct receipt time (the messages of one
     read share theirs). The statement is the same multi-row ``INSERT ... VALUES``
     PyMySQL would have built.
@@ -608,6 +660,7 @@ class MySQLRowEncoder:
 
     def __init__(self) -> None:
         self._ips: dict[str, str] = {}
+        self._ids: dict[str, str] = {}
         self._ts: float | None = None
         self._ts_sql = ""
 
@@ -615,16 +668,32 @@ class MySQLRowEncoder:
         """One message as ``(hash, payload, block_number, client_ip, client_id, received_at)``."""
         ip_sql = self._ips.get(m.client_ip)
         if ip_sql is None:
-            ip_sql = _sql_text(normalise_ip(m.client_ip))
-            if len(self._ips) < 10000:
-                self._ips[m.client_ip] = ip_sql
+            ip_sql = _sql_text(storable_client_ip(m.client_ip))
+            _remember(self._ips, m.client_ip, ip_sql)
         bn = m.block_number
         bn_sql = "NULL" if bn is None else int(bn)
-        cid_sql = "NULL" if m.client_id is None else _sql_text(m.client_id)
+        cid = m.client_id
+        cid_sql = "NULL" if cid is None else self._ids.get(cid) or self._client_id_sql(cid)
         if m.received_at != self._ts:
             self._ts_sql = _sql_datetime(m.received_at)
             self._ts = m.received_at
         return f"({_sql_hash(m.hash)},X'{m.payload.hex()}',{bn_sql},{ip_sql},{cid_sql},{self._ts_sql})"
+
+    def _client_id_sql(self, client_id: str) -> str:
+        literal = _sql_text(storable_client_id(client_id) or "")
+        _remember(self._ids, client_id, literal)
+        return literal
+
+
+_CACHE_ENTRIES = 4096
+_CACHE_KEY_CHARS = 2 * MAX_CLIENT_ID
+"""Encoder caches hold at most this many values, each no longer than this: bounded in bytes too."""
+
+
+def _remember(cache: dict[str, str], key: str, literal: str) -> None:
+    """Cache ``literal`` for ``key`` unless the cache is full or ``key`` is long (peer-chosen, rare)."""
+    if len(cache) < _CACHE_ENTRIES and len(key) <= _CACHE_KEY_CHARS:
+        cache[key] = literal
 
 
 class _StoreState:
@@ -660,6 +729,8 @@ class SQLSink:
         self.migrations_applied: list[int] = []
         self._inflight: set[Deferred[Any]] = set()
         self._running = False
+        self._stopping = False
+        self._starting: Deferred[None] | None = None
 
     # pools are built by the subclasses
     def _make_pools(self) -> tuple[ReconnectingConnectionPool, ReconnectingConnectionPool]:
@@ -683,31 +754,75 @@ class SQLSink:
 
     # -- lifecycle -------------------------------------------------------------
 
+    def start(self) -> Deferred[None]:
+        """Open the pools, migrate (or check the schema version), learn the server's limits.
+
+        A failed start closes the pools it opened (each exactly once); the sink
+        may be started again. :meth:`stop` during a start makes it fail with
+        :class:`~eth_twisted.errors.SinkUnavailable` once its attempt ends
+        (bounded by the connect timeout), and waits for that.
+        """
+        if self._starting is not None:
+            return defer.fail(SinkUnavailable(self.name, "already starting"))
+        self._stopping = False
+        d: Deferred[None] = self._start()
+        self._starting = d
+
+        def done(result: Any) -> Any:
+            self._starting = None
+            return result
+
+        return d.addBoth(done)
+
     @defer.inlineCallbacks
-    def start(self) -> Any:
-        """Open the pools, migrate (or check the schema version), learn the server's limits."""
+    def _start(self) -> Any:
+        self._close_pools()  # a running sink started again gets fresh pools
+        self._running = False
         self.writer, self.reader = self._make_pools()
         try:
-            self.migrations_applied = yield self.writer.runWithConnection(self._prepare)
-            yield self.reader.runInteraction(self._ping_txn)
+            applied = yield self.writer.runWithConnection(self._prepare)
+            if not self._stopping:
+                yield self.reader.runInteraction(self._ping_txn)
+            if self._stopping:
+                raise SinkUnavailable(self.name, "stopped while starting")
         except BaseException as e:
             self._close_pools()
             if isinstance(e, DataRefused):
                 raise SinkUnavailable(self.name, str(e)) from e
             raise
+        self.migrations_applied = applied
         self._running = True
         log.info("SQL sink {sink} ready ({where}); migrations applied now: {applied}",
                  sink=self.name, where=self._describe(), applied=self.migrations_applied or "none")
 
     def _close_pools(self) -> None:
-        for pool in (self.reader, self.writer):
+        """Close the pools, each once (adbapi's second close raises ``AlreadyQuit``), and forget them."""
+        pools = (self.reader, self.writer)
+        self.reader = self.writer = None
+        for pool in pools:
             if pool is not None:
                 pool.close()
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
-        """Wait for in-flight work (bounded by the driver timeouts), then close both pools."""
+        """Wait for a start in progress and in-flight work (bounded by the driver timeouts), then close.
+
+        Safe to call at any time, any number of times: after a start that never
+        succeeded, during a start, twice.
+        """
         self._running = False
+        self._stopping = True
+        if self._starting is not None:
+            # Last in the start's chain: its caller sees the outcome first. A
+            # failed start has closed its own pools by then.
+            waiter: Deferred[None] = Deferred()
+
+            def release(result: Any) -> Any:
+                waiter.callback(None)
+                return result
+
+            self._starting.addBoth(release)
+            yield waiter
         while self._inflight:
             yield defer.DeferredList(list(self._inflight), consumeErrors=True)
         self._close_pools()
@@ -801,9 +916,14 @@ class SQLSink:
             start = end
         return inserted
 
-    def _insert_isolating(self, txn: Any, idx: list[int], rows: list[tuple[Any, ...]],
-                          sizes: list[int], rejected: set[int], depth: int = 0) -> None:
-        """Insert ``rows``; on a data error split in halves under savepoints to find the bad rows."""
+    def _insert_isolating(self, txn: Any, messages: Sequence[Message], idx: list[int],
+                          rows: list[tuple[Any, ...]], sizes: list[int], rejected: set[int],
+                          depth: int = 0) -> None:
+        """Insert ``rows``; on a data error split in halves under savepoints to find the bad rows.
+
+        A single row refused is tried once more with its client metadata as
+        ASCII (:meth:`_insert_ascii_metadata`): metadata never costs a payload.
+        """
         savepoint = f"eth_sp{depth}"
         txn.execute(f"SAVEPOINT {savepoint}")
         try:
@@ -814,15 +934,47 @@ class SQLSink:
             txn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
             txn.execute(f"RELEASE SAVEPOINT {savepoint}")
             if len(rows) == 1:
+                if self._insert_ascii_metadata(txn, messages[idx[0]], sizes[0], depth + 1, e):
+                    return
                 rejected.add(idx[0])
                 log.warn("{sink} refused one message ({reason}); answering rejected",
                          sink=self.name, reason=describe_error(e))
                 return
             half = len(rows) // 2
-            self._insert_isolating(txn, idx[:half], rows[:half], sizes[:half], rejected, depth + 1)
-            self._insert_isolating(txn, idx[half:], rows[half:], sizes[half:], rejected, depth + 1)
+            self._insert_isolating(txn, messages, idx[:half], rows[:half], sizes[:half], rejected,
+                                   depth + 1)
+            self._insert_isolating(txn, messages, idx[half:], rows[half:], sizes[half:], rejected,
+                                   depth + 1)
         else:
             txn.execute(f"RELEASE SAVEPOINT {savepoint}")
+
+    def _insert_ascii_metadata(self, txn: Any, m: Message, size: int, depth: int,
+                               refusal: BaseException) -> bool:
+        """Insert ``m`` with ASCII-only client metadata; False when that changes nothing or fails too.
+
+        For a column that cannot hold the characters the storable form keeps
+        (an operator's ``utf8mb3`` or ``latin1`` column and a non-BMP or
+        non-Latin character): ASCII fits every charset in play.
+        """
+        ip, cid = storable_client_ip(m.client_ip), storable_client_id(m.client_id)
+        plain_ip = ascii_metadata(ip, MAX_CLIENT_IP)
+        plain_id = None if cid is None else ascii_metadata(cid, MAX_CLIENT_ID)
+        if (plain_ip, plain_id) == (ip, cid):
+            return False  # the metadata was ASCII already: something else was refused
+        savepoint = f"eth_sp{depth}"
+        txn.execute(f"SAVEPOINT {savepoint}")
+        try:
+            self._insert(txn, [self._row(m._replace(client_ip=plain_ip, client_id=plain_id))], [size])
+        except Exception as e:
+            if self._classify(e) is not ErrorKind.DATA:
+                raise
+            txn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+            txn.execute(f"RELEASE SAVEPOINT {savepoint}")
+            return False
+        txn.execute(f"RELEASE SAVEPOINT {savepoint}")
+        log.warn("{sink} could not hold a message's client metadata ({reason}); stored it with the "
+                 "metadata as ASCII escapes", sink=self.name, reason=describe_error(refusal))
+        return True
 
     def _classify(self, error: BaseException) -> ErrorKind:
         raise NotImplementedError
@@ -900,7 +1052,7 @@ class SQLSink:
             sizes = [self._row_bytes(messages[i].payload) for i in new]
             rejected: set[int] = set()
             if careful:
-                self._insert_isolating(txn, new, rows, sizes, rejected)
+                self._insert_isolating(txn, messages, new, rows, sizes, rejected)
                 inserted = -1
             else:
                 inserted = self._insert(txn, rows, sizes)
@@ -921,7 +1073,7 @@ class SQLSink:
     def _same_delivery(self, m: Message, row: tuple[str, Any]) -> bool:
         ip, at = row
         stored = self._time_float(at)
-        return ip == normalise_ip(m.client_ip) and stored is not None and abs(
+        return ip == storable_client_ip(m.client_ip) and stored is not None and abs(
             stored - self._time_float(self._time_value(m.received_at))  # type: ignore[operator]
         ) < 1e-6
 
@@ -985,6 +1137,53 @@ class SQLSink:
         return self._read(
             f"SELECT {_COLUMNS} FROM ethereum_data WHERE id < %s ORDER BY id DESC LIMIT %s",
             int(before), max(0, int(limit)))
+
+    def _summary(self, row: Sequence[Any]) -> RecordSummary:
+        rid, h, bn, ip, at = row
+        return RecordSummary(int(rid), h, None if bn is None else int(bn), ip,
+                             self._time_float(at) or 0.0)
+
+    def _select_summaries(self, txn: Any, sql: str, args: tuple[Any, ...], limit: int,
+                          max_bytes: int) -> list[RecordSummary]:
+        txn.execute(self._q(sql), args)
+
+        def rows() -> Iterator[Sequence[Any]]:
+            while True:
+                chunk = txn.fetchmany(256)
+                if not chunk:
+                    return
+                yield from chunk
+
+        return take_page(map(self._summary, rows()), limit, max_bytes)
+
+    def _summaries(self, sql: str, args: tuple[Any, ...], limit: int,
+                   max_bytes: int) -> Deferred[list[RecordSummary]]:
+        # Never ask for more rows than the page can hold: the payload column is not
+        # selected, and the driver buffers at most this many small rows.
+        rows = max(0, min(int(limit), int(max_bytes) // _SUMMARY_MIN_BYTES + 1))
+        d = self._run(self.reader, self._select_summaries, sql, (*args, rows), rows, int(max_bytes))
+        d.addErrback(self._data_to_unavailable)
+        return d
+
+    def fetch_summaries(
+        self, after_id: int, limit: int, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        """One page of summaries (no payloads) with ``id > after_id``, in id order (keyset pagination)."""
+        return self._summaries(
+            f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data WHERE id > %s ORDER BY id LIMIT %s",
+            (int(after_id),), limit, max_bytes)
+
+    def recent_summaries(
+        self, limit: int, before: int | None = None, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
+    ) -> Deferred[list[RecordSummary]]:
+        """One page of summaries newest first, ids below ``before`` if given."""
+        if before is None:
+            return self._summaries(
+                f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data ORDER BY id DESC LIMIT %s",
+                (), limit, max_bytes)
+        return self._summaries(
+            f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data WHERE id < %s ORDER BY id DESC LIMIT %s",
+            (int(before),), limit, max_bytes)
 
     def by_block(self, block_number: int) -> Deferred[list[Record]]:
         """Every record whose recognised block number is ``block_number``, in id order."""
@@ -1077,12 +1276,13 @@ class MySQLSink(SQLSink):
         conn.commit()
 
     def _make_pools(self) -> tuple[ReconnectingConnectionPool, ReconnectingConnectionPool]:
-        window = max(2.0, float(self._connect_kwargs.get("connect_timeout") or 5.0))
+        connect_timeout = float(self._connect_kwargs.get("connect_timeout") or 5.0)
+        window = max(2.0, connect_timeout)
 
         def pool(name: str, size: int) -> ReconnectingConnectionPool:
             return ReconnectingConnectionPool(
                 "pymysql", sink_name=self.name, classify=classify_mysql_error,
-                retries=self.retries, retry_window=window,
+                retries=self.retries, retry_window=window, handshake_timeout=connect_timeout,
                 cp_min=1, cp_max=size, cp_name=f"eth-{self.name}-{name}", cp_openfun=self._open,
                 cp_reactor=self._reactor, **self._connect_kwargs,
             )
@@ -1226,8 +1426,8 @@ class SQLiteSink(SQLSink):
         return None if value is None else float(value)
 
     def _row(self, m: Message) -> tuple[Any, ...]:
-        return (m.hash, m.payload, m.block_number, normalise_ip(m.client_ip), m.client_id,
-                float(m.received_at))
+        return (m.hash, m.payload, m.block_number, storable_client_ip(m.client_ip),
+                storable_client_id(m.client_id), float(m.received_at))
 
 
 # -- factories ---------------------------------------------------------------------
