@@ -58,6 +58,7 @@ class ServerService(service.MultiService):
         self.on_ready: list[Callable[[], Any]] = []
         self.before_stop: list[Callable[[], Any]] = []
         self._starting: defer.Deferred[None] | None = None
+        self._retry_wait: defer.Deferred[None] | None = None
         self._stopping = False
         self.listening_port: Any = None
 
@@ -89,24 +90,47 @@ class ServerService(service.MultiService):
 
     @defer.inlineCallbacks
     def _start_sinks(self) -> Any:
-        """Start every sink, retrying each with a capped backoff until it answers."""
+        """Start every sink, retrying each with a capped backoff until it answers.
+
+        An outage is logged once when it starts (with why) and once when it
+        ends (with how long it took); the attempts in between are debug lines.
+        A stop during the wait between attempts ends the wait at once.
+        """
         for sink in self.sinks:
             delay = START_RETRY_INITIAL
+            failed_at: float | None = None
+            attempts = 0
             while not self._stopping:
+                attempts += 1
                 try:
                     yield sink.start()
                     break
                 except Exception as e:
                     if self._stopping:
                         return  # stopped while starting: the sink was told, nothing to retry
-                    self.log.error(
-                        "Sink {sink} could not start: {error}; retrying in {delay:.0f}s",
-                        sink=sink.name, error=_reason(e), delay=delay,
-                    )
-                    yield task.deferLater(self.reactor, delay, lambda: None)
+                    if failed_at is None:
+                        failed_at = self.reactor.seconds()
+                        self.log.error(
+                            "Sink {sink} could not start: {error}; retrying every {delay:.0f}s to "
+                            "{longest:.0f}s until it answers (ERR unavailable meanwhile)",
+                            sink=sink.name, error=_reason(e), delay=delay, longest=START_RETRY_MAX,
+                        )
+                    else:
+                        self.log.debug("Sink {sink} still cannot start: {error}", sink=sink.name,
+                                       error=_reason(e))
+                    self._retry_wait = task.deferLater(self.reactor, delay, lambda: None)
+                    try:
+                        yield self._retry_wait
+                    except defer.CancelledError:
+                        return
+                    finally:
+                        self._retry_wait = None
                     delay = min(delay * 2, START_RETRY_MAX)
             if self._stopping:
                 return
+            if failed_at is not None:
+                self.log.info("Sink {sink} started after {seconds:.1f}s and {attempts} attempts",
+                              sink=sink.name, seconds=self.reactor.seconds() - failed_at, attempts=attempts)
         self.router.ready = True
         self.ready = True
         self.log.info("Sinks ready: {sinks}", sinks=", ".join(s.name for s in self.sinks))
@@ -119,6 +143,8 @@ class ServerService(service.MultiService):
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         self._stopping = True
+        if self._retry_wait is not None:
+            self._retry_wait.cancel()
         for callback in self.before_stop:
             try:
                 yield callback()
