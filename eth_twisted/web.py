@@ -311,12 +311,13 @@ class App(Resource):
     def _check_token(self, request: Request) -> None:
         if self._token is None:
             return
-        header = request.getHeader("authorization") or ""
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
+        # Bytes throughout: a header that is not UTF-8 is a wrong token, never an exception.
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, presented = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not presented.strip():
             raise ApiError(401, "unauthorized", "a bearer token is required",
                            {"WWW-Authenticate": 'Bearer realm="eth-twisted"'})
-        if not hmac.compare_digest(presented.strip().encode(), self._token):
+        if not hmac.compare_digest(presented.strip(), self._token):
             raise ApiError(401, "unauthorized", "the bearer token is not valid",
                            {"WWW-Authenticate": 'Bearer realm="eth-twisted", error="invalid_token"'})
 
