@@ -25,6 +25,7 @@ from eth_twisted.protocol import (
     ReceiverLimits,
 )
 from eth_twisted.router import SERVER_CONCURRENCY
+from eth_twisted.web_limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()
 
@@ -138,6 +139,7 @@ class Options(StorageOptions):
         ["partial-budget", None, 32 * 1024 * 1024, "Bytes of incomplete frames held across all connections before reading pauses", int_in(1024)],
         ["max-connections", None, 10000, "Connections the server holds at once", int_in(1)],
         ["max-per-ip", None, 100, "Connections per client address (IPv6: per /64)", int_in(1)],
+        *STATS_LIMIT_OPTIONS,
     ]
 
     def postOptions(self) -> None:
@@ -155,6 +157,7 @@ class Options(StorageOptions):
         except ConfigError as e:
             raise usage.UsageError(str(e))
         self["allowed-hosts"] = allowed_hosts(self["stats"], self["stats-allowed-hosts"])
+        self["stats-limits"] = limits_from_options(self)
         try:
             self.limits().check()
         except ValueError as e:
@@ -195,6 +198,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         secret=config["secret"],
         allow_plaintext_secret=config["allow-plaintext-secret"],
         allowed_hosts=config["allowed-hosts"],
+        stats_limits=config["stats-limits"],
         pipeline=True if config["pipeline"] else None,
         batch_size=config["batch-size"],
         batch_delay=config["batch-delay"],

@@ -42,7 +42,6 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -50,6 +49,7 @@ from eth_twisted.metrics import ClientMetrics, ServerMetrics
 from eth_twisted.model import IRecord, ISink, Record
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 from eth_twisted.stats import ServerStats
+from eth_twisted.web_limits import REASONS, SECURITY_HEADERS, GuardedSite, SiteLimits
 
 log = Logger()
 
@@ -65,18 +65,6 @@ READY_CACHE = 1.0
 """Seconds a /readyz answer is reused, so probes and dashboards cannot hammer the sinks."""
 
 JSON_TYPE = "application/json; charset=utf-8"
-
-SECURITY_HEADERS: dict[str, str] = {
-    "Content-Security-Policy": (
-        "default-src 'self'; base-uri 'none'; object-src 'none'; "
-        "frame-ancestors 'none'; form-action 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
-}
 
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -336,7 +324,7 @@ class App(Resource):
     def _write(self, request: Request, response: Response) -> None:
         if request._disconnected or request.finished:
             return
-        request.setResponseCode(response.status)
+        request.setResponseCode(response.status, REASONS.get(response.status))
         request.setHeader("Content-Type", response.content_type)
         for name, value in response.headers.items():
             request.setHeader(name, value)
@@ -346,19 +334,9 @@ class App(Resource):
         request.finish()
 
 
-class QuietSite(Site):
-    """A Site that never shows tracebacks and logs no per-request line."""
-
-    displayTracebacks = False
-
-    def log(self, request: http.Request) -> None:
-        """Per-request access lines are left to a reverse proxy; metrics count what matters."""
-
-
-def _site(app: App) -> Site:
-    site = QuietSite(app)
-    site.displayTracebacks = False
-    return site
+def _site(app: App, limits: SiteLimits) -> Site:
+    """The listener's site: every connection gets the limits of :mod:`eth_twisted.web_limits`."""
+    return GuardedSite(app, limits, app.clock)
 
 
 # -- handlers ----------------------------------------------------------------------------
@@ -585,6 +563,7 @@ def make_server_site(
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
     redis: Any = None,
+    limits: SiteLimits | None = None,
 ) -> Site:
     """The server's stats site.
 
@@ -593,11 +572,12 @@ def make_server_site(
     /readyz; ``stats`` answers /api/stats; ``metrics.registry`` is /metrics.
     ``redis`` is accepted for symmetry with the server's wiring and unused:
     Redis's counts reach the stats through :meth:`ServerStats.seed`.
+    ``limits`` are the listener's (:class:`~eth_twisted.web_limits.SiteLimits`).
     """
     del redis
     routes = _server_routes(record=record, sinks=sinks, stats=stats,
                             registries=[metrics.registry], clock=clock)
-    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts))
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits or SiteLimits())
 
 
 def _client_routes(
@@ -623,10 +603,11 @@ def make_client_site(
     clock: IReactorTime,
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
+    limits: SiteLimits | None = None,
 ) -> Site:
     """The client's site: /healthz, /readyz (``readiness()`` -> (ok, detail)) and /metrics."""
     routes = _client_routes(metrics=metrics, readiness=readiness, clock=clock)
-    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts))
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits or SiteLimits())
 
 
 def make_combined_site(
@@ -641,6 +622,7 @@ def make_combined_site(
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
     redis: Any = None,
+    limits: SiteLimits | None = None,
 ) -> Site:
     """One site for ``eth run``: the server's endpoints plus the client's.
 
@@ -657,7 +639,7 @@ def make_combined_site(
     )
     routes += _client_routes(metrics=client_metrics, readiness=client_readiness, clock=clock,
                              prefix="/client")
-    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts))
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits or SiteLimits())
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from eth_twisted.payload import render_html
 from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.stats import ServerStats
 from eth_twisted.web import make_client_site, make_combined_site, make_server_site
+from eth_twisted.web_limits import SiteLimits
 
 BASE = "http://127.0.0.1:8080"
 
@@ -123,7 +124,8 @@ class ServerFixture:
 
 
 def server_fixture(record: MemorySink | None = None, sinks: list[Any] | None = None,
-                   token: str | None = None, allowed_hosts: list[str] | None = None) -> ServerFixture:
+                   token: str | None = None, allowed_hosts: list[str] | None = None,
+                   limits: SiteLimits | None = None) -> ServerFixture:
     """Build a server site on a Clock at t=10000."""
     clock = Clock()
     clock.advance(10_000)
@@ -131,7 +133,8 @@ def server_fixture(record: MemorySink | None = None, sinks: list[Any] | None = N
     stats = ServerStats(clock)
     metrics = ServerMetrics()
     site = make_server_site(record=sink, sinks=sinks if sinks is not None else [sink], stats=stats,
-                            metrics=metrics, clock=clock, token=token, allowed_hosts=allowed_hosts)
+                            metrics=metrics, clock=clock, token=token, allowed_hosts=allowed_hosts,
+                            limits=limits)
     return ServerFixture(clock, sink, stats, metrics, site, Http(site, clock))
 
 

@@ -7,13 +7,21 @@ whose answers are never read, responses that grow with history.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
-from tests.test_web_helpers import server_fixture
+from eth_twisted.web_limits import ABORT_GRACE, GuardedChannel, SiteLimits
+from tests.test_web_helpers import SlowRecord, server_fixture
 
 
 @pytest.fixture
@@ -53,3 +61,331 @@ def test_token_is_compared_as_bytes() -> None:
     assert good.code == 200
     latin1 = s.http.get("/api/stats", headers={b"Authorization": [b"Bearer t\xf6k"]})
     assert latin1.code == 401
+
+
+# -- the channel on a StringTransport ---------------------------------------------------------
+
+
+class Wire(StringTransport):
+    """A StringTransport that ends like TCP: a close or an abort is followed by connectionLost.
+
+    With ``buffer_limit`` it also fills like TCP: past that many unread bytes
+    it pauses its producer, and :meth:`drain` (the peer reading) resumes it.
+    ``reads=False`` is a peer that never reads: only an abort ends it.
+    """
+
+    def __init__(self, clock: Clock, host: str, *, reads: bool = True, buffer_limit: int | None = None):
+        address = IPv6Address("TCP", host, 40000) if ":" in host else IPv4Address("TCP", host, 40000)
+        super().__init__(peerAddress=address, lenient=True)
+        self.clock = clock
+        self.reads = reads
+        self.buffer_limit = buffer_limit
+        self.full = False
+        self.lost = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.buffer_limit is not None and not self.full and len(self.value()) > self.buffer_limit:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        """The peer reads everything written so far."""
+        data = self.value()
+        self.clear()
+        if self.full:
+            self.full = False
+            self.producer.resumeProducing()
+        return data
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting and self.reads:
+            self.clock.callLater(0, self._lost)
+        super().loseConnection()
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().loseConnection()
+        self.clock.callLater(0, self._lost)
+
+    def _lost(self) -> None:
+        if not self.lost:
+            self.lost = True
+            self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def connect(s: Any, host: str = "10.0.0.1", **kw: Any) -> tuple[Any, Wire]:
+    """A channel of the fixture's site on a fresh :class:`Wire` from ``host``."""
+    wire = Wire(s.clock, host, **kw)
+    channel = s.site.buildProtocol(wire.peerAddr)
+    wire.protocol = channel
+    channel.makeConnection(wire)
+    return channel, wire
+
+
+def statuses(data: bytes) -> list[int]:
+    """Status codes of every answer in ``data``."""
+    return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+
+
+def error_of(data: bytes) -> dict[str, Any]:
+    """The JSON body of the (last) answer in ``data``."""
+    return cast(dict[str, Any], json.loads(data.rpartition(b"\r\n\r\n")[2]))
+
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+# -- item 14: a whole-request header deadline ---------------------------------------------------
+
+
+def test_trickled_headers_are_cut_at_the_deadline_however_often_a_byte_arrives() -> None:
+    """A byte every second does not extend the header deadline: 408 and close at header_timeout."""
+    limits = SiteLimits(header_timeout=10.0, idle_timeout=30.0)
+    s = server_fixture(limits=limits)
+    _channel, wire = connect(s)
+    wire.protocol.dataReceived(b"GET /healthz HTTP/1.1\r\n")
+    for byte in b"X-Slow: aaaaaaaa":
+        s.clock.advance(0.6)
+        wire.protocol.dataReceived(bytes([byte]))
+    assert wire.value() == b"" and not wire.disconnecting
+    s.clock.advance(10.0 - 16 * 0.6 - 0.01)
+    assert wire.value() == b""
+    s.clock.advance(0.02)
+    assert statuses(wire.value()) == [408]
+    assert error_of(wire.value())["error"] == "request-timeout"
+    assert wire.disconnecting
+    s.clock.advance(0)
+    assert wire.lost and s.site.table.open == set()
+
+
+def test_the_deadline_runs_per_request_from_its_first_byte() -> None:
+    """On a kept-alive connection each request has its own deadline; idle time between them is the idle timer's."""
+    s = server_fixture(limits=SiteLimits(header_timeout=10.0, idle_timeout=30.0))
+    _channel, wire = connect(s)
+    wire.protocol.dataReceived(HEALTHZ)
+    assert statuses(wire.drain()) == [200]
+    s.clock.advance(25.0)  # idle, below the idle timeout
+    wire.protocol.dataReceived(b"GET /healthz HTTP/1.1\r\n")
+    s.clock.advance(9.0)
+    wire.protocol.dataReceived(b"Host: 127.0.0.1\r\n\r\n")
+    assert statuses(wire.drain()) == [200]
+    s.clock.advance(9.0)
+    assert not wire.disconnecting
+
+
+def test_a_silent_connection_is_closed_at_the_idle_timeout_without_a_log_line(
+        logged: list[dict[str, Any]]) -> None:
+    """A connection that never sends a byte is closed after idle_timeout, and nothing is logged for it."""
+    s = server_fixture(limits=SiteLimits(idle_timeout=30.0))
+    _channel, wire = connect(s)
+    s.clock.advance(29.9)
+    assert not wire.disconnecting
+    s.clock.advance(0.2)
+    assert wire.disconnecting
+    assert [e for e in logged if "Timing out" in str(e.get("log_format"))] == []
+
+
+def test_a_peer_that_does_not_read_its_refusal_is_aborted() -> None:
+    """After a refusal the peer has ABORT_GRACE seconds to read it, then the connection is aborted."""
+    s = server_fixture(limits=SiteLimits(header_timeout=1.0))
+    _channel, wire = connect(s, reads=False)
+    wire.protocol.dataReceived(b"G")
+    s.clock.advance(1.0)
+    assert statuses(wire.value()) == [408] and not wire.aborted
+    s.clock.advance(ABORT_GRACE)
+    assert wire.aborted
+    s.clock.advance(0)
+    assert s.site.table.open == set()
+
+
+def test_refusals_are_logged_at_most_once_a_minute(logged: list[dict[str, Any]]) -> None:
+    """A hundred trickling connections cut in one minute make one warning, with the counts."""
+    s = server_fixture(limits=SiteLimits(header_timeout=1.0, max_per_ip=1000, max_connections=1000))
+    for _ in range(100):
+        _channel, wire = connect(s)
+        wire.protocol.dataReceived(b"G")
+    s.clock.advance(1.0)
+    warnings = [e for e in logged if "refused or cut" in str(e.get("log_format"))]
+    assert len(warnings) == 1
+    assert s.site.table.refused["request-timeout"] == 100
+
+
+# -- item 14: small header limits -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    (b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(60)) + b"\r\n", 431),
+    (b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"b" * 4000) for i in range(5)) + b"\r\n",
+     431),
+    (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+])
+def test_oversized_or_malformed_headers_get_a_json_error_and_close(request_bytes: bytes, status: int) -> None:
+    """Past the line, count or byte limit of the headers: 414/431 (400 when malformed), JSON, closed."""
+    s = server_fixture()
+    _channel, wire = connect(s)
+    wire.protocol.dataReceived(request_bytes)
+    assert statuses(wire.value()) == [status]
+    assert error_of(wire.value())["error"] in ("uri-too-long", "headers-too-large", "bad-request")
+    assert b"Content-Security-Policy: default-src 'self'" in wire.value()
+    assert wire.disconnecting
+
+
+def test_a_browser_sized_request_is_within_the_limits() -> None:
+    """Twenty ordinary headers and a 4 KiB cookie are served."""
+    s = server_fixture()
+    _channel, wire = connect(s)
+    headers = b"".join(b"X-Browser-%d: %s\r\n" % (i, b"v" * 60) for i in range(20))
+    wire.protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers
+                               + b"Cookie: " + b"c" * 4096 + b"\r\n\r\n")
+    assert statuses(wire.value()) == [200]
+
+
+# -- item 15: bodies are refused at the headers -------------------------------------------------
+
+
+@pytest.fixture
+def spooled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records every temporary file twisted.web opens for a request body."""
+    import tempfile
+
+    import twisted.web.http as twisted_http
+
+    opened: list[int] = []
+    real = tempfile.TemporaryFile
+
+    def recording(*args: Any, **kw: Any) -> Any:
+        opened.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(twisted_http.tempfile, "TemporaryFile", recording)
+    return opened
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    (b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 314572800\r\n\r\n", 405),
+    (b"PUT /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", 405),
+    (b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\n", 413),
+    (b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", 413),
+    (b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 314572800\r\nExpect: 100-continue\r\n\r\n",
+     405),
+])
+def test_a_body_is_refused_at_its_headers_and_never_spooled(head: bytes, status: int, spooled: list[int]) -> None:
+    """A declared body gets 413 (405 for other methods) as soon as the headers end; nothing is read or spooled."""
+    s = server_fixture(token="tok")
+    _channel, wire = connect(s)
+    wire.protocol.dataReceived(head)
+    assert statuses(wire.value()) == [status], wire.value()[:200]
+    assert b"100 Continue" not in wire.value()
+    assert wire.disconnecting
+    wire.protocol.dataReceived(b"x" * 65536)  # whatever follows is dropped, not buffered
+    assert spooled == []
+    assert statuses(wire.value()) == [status]
+    if status == 405:
+        assert b"Allow: GET, HEAD" in wire.value()
+
+
+def test_a_post_without_a_body_is_an_ordinary_405_on_a_kept_connection() -> None:
+    """A method other than GET/HEAD without a body is answered 405 by the app; the connection stays."""
+    s = server_fixture()
+    _channel, wire = connect(s)
+    wire.protocol.dataReceived(b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+    assert statuses(wire.drain()) == [405]
+    wire.protocol.dataReceived(HEALTHZ)
+    assert statuses(wire.drain()) == [200]
+    assert not wire.disconnecting
+
+
+# -- item 14: connection caps -----------------------------------------------------------------
+
+
+def test_at_the_per_address_cap_the_longest_waiting_connection_of_that_address_is_cut() -> None:
+    """A new connection from an address at its cap cuts that address's oldest idle one; others keep theirs."""
+    s = server_fixture(limits=SiteLimits(max_connections=10, max_per_ip=2))
+    _a1, w1 = connect(s, "10.0.0.1")
+    s.clock.advance(1)
+    _a2, w2 = connect(s, "10.0.0.1")
+    _b1, wb = connect(s, "10.0.0.2")
+    _a3, w3 = connect(s, "10.0.0.1")
+    assert (w1.aborted, w2.aborted, wb.aborted, w3.aborted) == (True, False, False, False)
+    w3.protocol.dataReceived(HEALTHZ)
+    assert statuses(w3.value()) == [200]
+    s.clock.advance(0)
+    assert len(s.site.table.open) == 3
+
+
+def test_ipv6_peers_share_their_slash_64() -> None:
+    """Two addresses in one IPv6 /64 count against one per-address cap."""
+    s = server_fixture(limits=SiteLimits(max_connections=10, max_per_ip=1))
+    _a, wa = connect(s, "2001:db8::1")
+    _b, wb = connect(s, "2001:db8::2")
+    _c, wc = connect(s, "2001:db8:0:1::1")
+    assert (wa.aborted, wb.aborted, wc.aborted) == (True, False, False)
+
+
+def test_at_the_global_cap_the_longest_waiting_connection_is_cut() -> None:
+    """A new connection at max_connections cuts the connection that has waited longest without a request."""
+    s = server_fixture(limits=SiteLimits(max_connections=3, max_per_ip=3))
+    wires = []
+    for i in range(3):
+        wires.append(connect(s, f"10.0.1.{i}")[1])
+        s.clock.advance(1)
+    wires[0].protocol.dataReceived(HEALTHZ)  # answered: it waits again, now the newest waiter
+    newcomer = connect(s, "10.0.2.1")[1]
+    assert [w.aborted for w in wires] == [False, True, False]
+    assert not newcomer.disconnecting
+
+
+def test_when_every_connection_is_busy_a_new_one_gets_a_503() -> None:
+    """Connections with a request in progress are never cut; a new one beyond the cap is refused 503."""
+    s = server_fixture(record=SlowRecord(), limits=SiteLimits(max_connections=2, max_per_ip=2))
+    busy = [connect(s, "10.0.0.1")[1] for _ in range(2)]
+    for wire in busy:
+        wire.protocol.dataReceived(b"GET /api/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    refused = connect(s, "10.0.0.9")[1]
+    assert statuses(refused.value()) == [503]
+    assert b"Retry-After: 1" in refused.value()
+    assert error_of(refused.value())["error"] == "busy"
+    assert not any(w.aborted or w.disconnecting for w in busy)
+
+
+def test_the_site_speaks_http_1_1_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even with the h2 package present, ALPN offers only http/1.1 (HTTP/2 would bypass the channel's limits)."""
+    import twisted.web.http as twisted_http
+
+    monkeypatch.setattr(twisted_http, "H2_ENABLED", True)
+    site = server_fixture().site
+    assert site.acceptableProtocols() == [b"http/1.1"]
+    assert isinstance(site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1)), GuardedChannel)
+
+
+# -- pipelined requests whose answers are never read ----------------------------------------------
+
+
+def test_pipelined_requests_wait_while_the_peer_leaves_answers_unread() -> None:
+    """With the write buffer full, queued requests are not parsed: the answers owed stay one at a time."""
+    s = server_fixture()
+    _channel, wire = connect(s, buffer_limit=4096)
+    one = b"GET /api/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    wire.protocol.dataReceived(one * 100)
+    first = wire.value()
+    assert len(statuses(first)) == 1
+    answers = statuses(wire.drain())
+    while len(answers) < 100:
+        more = statuses(wire.drain())
+        assert len(more) == 1, "one answer per drain: none is queued behind a full buffer"
+        answers += more
+    assert answers == [200] * 100
+    assert not wire.disconnecting
+
+
+def test_a_peer_that_never_reads_its_pipelined_answers_is_timed_out() -> None:
+    """Requests held behind unread answers do not hold the connection open past the idle timeout."""
+    s = server_fixture(limits=SiteLimits(idle_timeout=30.0))
+    _channel, wire = connect(s, buffer_limit=4096)
+    wire.protocol.dataReceived(b"GET /api/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 50)
+    s.clock.advance(30.1)
+    assert wire.disconnecting

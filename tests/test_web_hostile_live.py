@@ -7,14 +7,21 @@ another loopback address keeps getting ``/healthz`` answered.
 from __future__ import annotations
 
 import json
+import os
+import select
 import socket
+import threading
+import time
+from collections import Counter
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, task, threads
 
+from eth_twisted.web_limits import SiteLimits
 from tests.live_helpers import start_server
 from tests.support import async_wait_until, free_port
 
@@ -79,5 +86,244 @@ def test_non_utf8_authorization_is_a_401_live(tmp_path: Path):
         assert body_of(answer)["error"] == "unauthorized"
         assert (yield threads.deferToThread(get, web, "/api/stats", token=TOKEN)) == 200
         assert (yield threads.deferToThread(get, web, "/healthz")) == 200
+    finally:
+        yield server.stopService()
+
+
+class GoodClient:
+    """A well-behaved client on 127.0.0.2: GET /healthz every 0.1 s in a thread until stopped."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.statuses.append(get(self.port, "/healthz"))
+            except OSError:
+                self.statuses.append(0)
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> GoodClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def site_of(server: Any) -> Any:
+    """The GuardedSite a server's stats listener serves."""
+    return server.getServiceNamed("stats").factory
+
+
+def open_fds() -> int:
+    """Descriptors this process holds."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def trickle(port: int, sources: list[str], per_source: int, every: float, seconds: float) -> dict[str, Any]:
+    """Open connections from each source, send a request line, then one header byte every ``every`` s.
+
+    Returns how many the server still held open after ``seconds``, the
+    statuses it answered, and how many connects it accepted at all.
+    """
+    socks: list[socket.socket] = []
+    for source in sources:
+        for _ in range(per_source):
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+            except OSError:
+                continue
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")
+            s.setblocking(False)
+            socks.append(s)
+    alive = set(socks)
+    answers: dict[socket.socket, bytes] = {s: b"" for s in socks}
+    started = time.monotonic()
+    while alive and time.monotonic() - started < seconds:
+        for s in list(alive):
+            try:
+                s.send(b"X")
+            except OSError:
+                alive.discard(s)
+        until = time.monotonic() + every
+        while alive and time.monotonic() < until:
+            readable, _, _ = select.select(list(alive), [], [], max(0.0, until - time.monotonic()))
+            for s in readable:
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    data = b""
+                if data:
+                    answers[s] += data
+                else:
+                    alive.discard(s)
+    result = {"connected": len(socks), "still_open": len(alive),
+              "statuses": Counter(status_of(a) for a in answers.values())}
+    for s in socks:
+        s.close()
+    return result
+
+
+@pytest_twisted.inlineCallbacks
+def test_trickling_connections_are_cut_and_capped_live(tmp_path: Path):
+    """200 connections trickling a header byte every 0.3 s from 20 addresses are all closed within the
+    header deadline; the site never holds more than its cap; /healthz from elsewhere keeps answering."""
+    limits = SiteLimits(max_connections=64, max_per_ip=16, header_timeout=1.5)
+    server, web = yield start_site(tmp_path, stats_limits=limits)
+    table = site_of(server).table
+    peak: list[int] = [0]
+    sampler = task.LoopingCall(lambda: peak.__setitem__(0, max(peak[0], len(table.open))))
+    sampler.start(0.05)
+    fds_before = open_fds()
+    fds_peak: list[int] = [0]
+    fd_sampler = task.LoopingCall(lambda: fds_peak.__setitem__(0, max(fds_peak[0], open_fds())))
+    fd_sampler.start(0.1)
+    try:
+        with GoodClient(web) as good:
+            sources = [f"127.0.1.{i}" for i in range(1, 21)]
+            result = yield threads.deferToThread(trickle, web, sources, 10, 0.3, 6.0)
+        assert result["connected"] == 200
+        assert result["still_open"] == 0, result
+        assert result["statuses"][408] >= 1, result
+        assert peak[0] <= 64
+        # Descriptors (the sockets of both ends live in this process): the attacker's 200 plus at
+        # most the site's 64, never 400.
+        assert fds_peak[0] - fds_before <= 200 + 64 + 16, (fds_before, fds_peak[0])
+        assert good.statuses and set(good.statuses) == {200}, Counter(good.statuses)
+    finally:
+        sampler.stop()
+        fd_sampler.stop()
+        yield server.stopService()
+
+
+def silent_connections(port: int, source: str, n: int, hold: float) -> int:
+    """Open ``n`` silent connections from ``source``; after ``hold`` s, how many the server still holds."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        socks.append(s)
+    time.sleep(hold)
+    alive = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            alive += s.recv(1) == b"" and 0 or 1
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            pass
+        s.close()
+    return alive
+
+
+@pytest_twisted.inlineCallbacks
+def test_silent_connections_from_one_address_are_held_to_its_cap_live(tmp_path: Path):
+    """300 silent connections from one address leave it 16 places; /healthz from another address answers."""
+    server, web = yield start_site(tmp_path, stats_limits=SiteLimits(max_per_ip=16, max_connections=64))
+    try:
+        with GoodClient(web) as good:
+            alive = yield threads.deferToThread(silent_connections, web, "127.0.0.1", 300, 1.0)
+        assert alive == 16
+        assert len(site_of(server).table.open) <= 16 + 1
+        assert good.statuses and set(good.statuses) == {200}, Counter(good.statuses)
+    finally:
+        yield server.stopService()
+
+
+def deleted_temp_files() -> int:
+    """Descriptors of this process on unlinked files (where twisted.web spools request bodies)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").endswith("(deleted)")
+        except OSError:
+            pass
+    return count
+
+
+def send_body(port: int, head: bytes, body_bytes: int) -> tuple[bytes, bytes]:
+    """Send ``head``, read the answer before any body, then push ``body_bytes`` anyway."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head)
+        try:
+            early = s.recv(65536)
+        except TimeoutError:
+            early = b""
+        late = b""
+        try:
+            s.sendall(b"x" * body_bytes)
+            late = s.recv(65536)
+        except OSError:
+            pass
+        return early, late
+
+
+@pytest.mark.parametrize(("method", "status"), [("POST", 405), ("GET", 413)])
+@pytest_twisted.inlineCallbacks
+def test_a_large_body_is_refused_before_it_is_sent_live(tmp_path: Path, method: str, status: int):
+    """A request declaring 300 MiB is answered at its headers, before any body byte, and nothing is spooled."""
+    server, web = yield start_site(tmp_path)
+    try:
+        spooled_before = deleted_temp_files()
+        head = (f"{method} /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Length: {300 * 1024 * 1024}\r\n\r\n").encode()
+        with GoodClient(web) as good:
+            early, _late = yield threads.deferToThread(send_body, web, head, 8 * 1024 * 1024)
+            assert deleted_temp_files() <= spooled_before
+        assert status_of(early) == status, early[:300]
+        assert body_of(early)["error"] in ("method-not-allowed", "body-not-allowed")
+        assert good.statuses and set(good.statuses) == {200}, Counter(good.statuses)
+    finally:
+        yield server.stopService()
+
+
+def queued_bytes(channel: Any) -> int:
+    """Bytes a channel's TCP transport holds unsent (twisted.internet.abstract.FileDescriptor's buffers)."""
+    t = channel.transport
+    return len(t.dataBuffer) - t.offset + t._tempDataLen
+
+
+def pipeline_without_reading(port: int, requests: int, wait: float, report: Any) -> int:
+    """Pipeline ``requests`` GETs, read nothing for ``wait`` s, call ``report()``, then read every answer."""
+    one = b"GET /static/dashboard.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+        s.sendall(one * requests)
+        time.sleep(wait)
+        threads.blockingCallFromThread(reactor, report)
+        got = b""
+        while got.count(b"HTTP/1.1 200 OK") < requests:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        return got.count(b"HTTP/1.1 200 OK")
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_requests_behind_unread_answers_cost_one_answer_live(tmp_path: Path):
+    """500 pipelined requests from a peer that reads nothing leave about one answer queued, not 500;
+    once it reads, every one is answered."""
+    server, web = yield start_site(tmp_path)
+    site = site_of(server)
+    one_answer = len((resources.files("eth_twisted") / "static" / "dashboard.js").read_bytes())
+    built: list[Any] = []
+    build = site.buildProtocol
+    site.buildProtocol = lambda addr: built.append(build(addr)) or built[-1]
+    queued: list[int] = []
+    try:
+        answered = yield threads.deferToThread(
+            pipeline_without_reading, web, 500, 1.5,
+            lambda: queued.append(sum(queued_bytes(c) for c in built if c.transport is not None)))
+        assert answered == 500
+        assert queued and queued[0] <= 64 * 1024 + 2 * one_answer, (queued, one_answer)
     finally:
         yield server.stopService()
