@@ -27,13 +27,12 @@ The web layer reads the record's own read path and the in-memory
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import hmac
 import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 
@@ -50,6 +49,7 @@ from eth_twisted.model import IRecord, ISink, Record
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 from eth_twisted.stats import ServerStats
 from eth_twisted.web_limits import REASONS, SECURITY_HEADERS, GuardedSite, SiteLimits
+from eth_twisted.web_pages import Page, iso, json_bytes, read_page, record_json
 
 log = Logger()
 
@@ -61,6 +61,8 @@ PING_TIMEOUT = 2.0
 """Seconds each sink has to answer a /readyz ping."""
 HANDLER_TIMEOUT = 10.0
 """Seconds a read (messages, blocks) may take before the answer is a 503."""
+CHART_BATCH = 50
+"""Rows per read while the chart's history is loaded."""
 READY_CACHE = 1.0
 """Seconds a /readyz answer is reused, so probes and dashboards cannot hammer the sinks."""
 
@@ -102,11 +104,6 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def json_bytes(obj: Any) -> bytes:
-    """Compact UTF-8 JSON (no NaN)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON answer that is never cached."""
     h = {"Cache-Control": "no-store"}
@@ -117,35 +114,6 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 def error_response(error: ApiError) -> Response:
     """The JSON body of an :class:`ApiError`."""
     return json_response({"error": error.code, "message": error.message}, error.status, error.headers)
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix time as ISO 8601 in UTC, or None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def record_json(record: Record) -> dict[str, Any]:
-    """One stored record for the API: payload as text when UTF-8, else base64."""
-    try:
-        payload = record.payload.decode("utf-8")
-        encoding = "utf-8"
-    except UnicodeDecodeError:
-        payload = base64.b64encode(record.payload).decode("ascii")
-        encoding = "base64"
-    return {
-        "id": record.id,
-        "hash": record.hash,
-        "block_number": record.block_number,
-        "client_ip": record.client_ip,
-        "client_id": record.client_id,
-        "received_at": record.received_at,
-        "received_at_iso": iso(record.received_at),
-        "size": len(record.payload),
-        "payload_encoding": encoding,
-        "payload": payload,
-    }
 
 
 # -- query parsing ------------------------------------------------------------------
@@ -475,6 +443,7 @@ def _server_routes(
     stats: ServerStats,
     registries: Sequence[CollectorRegistry],
     clock: IReactorTime,
+    limits: SiteLimits,
     client_readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
 ) -> list[Route]:
     started = clock.seconds()
@@ -492,13 +461,27 @@ def _server_routes(
         return found
 
     chart_load: list[defer.Deferred[None]] = []
+    heavy = defer.DeferredSemaphore(limits.heavy_requests)
 
     @defer.inlineCallbacks
     def fill_chart() -> Any:
-        """Once, after the stats were seeded: the chart's history from the record's read path."""
+        """Once, after the stats were seeded: the chart's history from the record's read path.
+
+        Read in small pages, keeping only time and block of each row, so the
+        payloads of 600 records are never in memory at once.
+        """
         try:
-            rows = yield record.recent(stats.chart.maxlen or MAX_LIMIT, None)
-            stats.seed_chart(rows)
+            wanted = stats.chart.maxlen or MAX_LIMIT
+            points: list[Record] = []
+            before: int | None = None
+            while len(points) < wanted:
+                n = min(CHART_BATCH, wanted - len(points))
+                rows = yield record.recent(n, before)
+                points += [dataclasses.replace(r, payload=b"") for r in rows]
+                if len(rows) < n:
+                    break
+                before = rows[-1].id
+            stats.seed_chart(points)
         except Exception:
             log.failure("Could not load the chart's history; it shows new blocks only")
             stats.chart_seeded = True
@@ -517,25 +500,33 @@ def _server_routes(
     def openapi(request: Request, match: re.Match[str]) -> Response:
         return Response(spec, JSON_TYPE, 200, {"Cache-Control": "no-cache"})
 
+    def page_of(fetch: Any, limit: int) -> defer.Deferred[Page]:
+        """A page of records, read while holding one of the ``heavy_requests`` places."""
+        return heavy.run(read_page, fetch, limit, limits.page_bytes, clock)
+
     @defer.inlineCallbacks
     def messages(request: Request, match: re.Match[str]) -> Any:
         limit = parse_int(_single(request, "limit"), "limit", 1, MAX_ID)
         before = parse_int(_single(request, "before"), "before", 1, MAX_ID)
         limit = min(limit if limit is not None else DEFAULT_LIMIT, MAX_LIMIT)
-        rows = yield record.recent(limit, before)
-        items = [record_json(r) for r in rows]
-        next_before = items[-1]["id"] if len(items) == limit else None
-        return json_response({"limit": limit, "before": before, "messages": items,
-                              "next_before": next_before})
+        page = yield page_of(lambda n, last: record.recent(n, before if last is None else last), limit)
+        body = page.body({"limit": limit, "before": before}, "messages", {"next_before": page.next_cursor})
+        return Response(body, JSON_TYPE, 200, {"Cache-Control": "no-store"})
 
     @defer.inlineCallbacks
     def blocks(request: Request, match: re.Match[str]) -> Any:
         number = parse_int(match["number"], "block number", 0, MAX_BLOCK_NUMBER)
         assert number is not None
-        rows = yield record.by_block(number)
-        if not rows:
+        limit = parse_int(_single(request, "limit"), "limit", 1, MAX_ID)
+        after = parse_int(_single(request, "after"), "after", 0, MAX_ID)
+        limit = min(limit if limit is not None else DEFAULT_LIMIT, MAX_LIMIT)
+        page = yield page_of(
+            lambda n, last: record.by_block(number, limit=n, after=after if last is None else last), limit)
+        if not page.items and after is None:
             raise ApiError(404, "not-found", f"no record of block {number}")
-        return json_response({"block_number": number, "records": [record_json(r) for r in rows]})
+        body = page.body({"block_number": number, "limit": limit, "after": after}, "records",
+                         {"next_after": page.next_cursor})
+        return Response(body, JSON_TYPE, 200, {"Cache-Control": "no-store"})
 
     return [
         Route.at(r"/", dashboard, public=True),
@@ -575,9 +566,10 @@ def make_server_site(
     ``limits`` are the listener's (:class:`~eth_twisted.web_limits.SiteLimits`).
     """
     del redis
+    limits = limits or SiteLimits()
     routes = _server_routes(record=record, sinks=sinks, stats=stats,
-                            registries=[metrics.registry], clock=clock)
-    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits or SiteLimits())
+                            registries=[metrics.registry], clock=clock, limits=limits)
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits)
 
 
 def _client_routes(
@@ -632,9 +624,10 @@ def make_combined_site(
     ``/client/readyz``, ``/client/metrics`` answer for the client alone.
     """
     del redis
+    limits = limits or SiteLimits()
     routes = _server_routes(
         record=record, sinks=sinks, stats=stats,
-        registries=[metrics.registry, client_metrics.registry], clock=clock,
+        registries=[metrics.registry, client_metrics.registry], clock=clock, limits=limits,
         client_readiness=client_readiness,
     )
     routes += _client_routes(metrics=client_metrics, readiness=client_readiness, clock=clock,

@@ -43,8 +43,12 @@ from twisted.web.server import Site
 from eth_twisted.config import int_in, positive_float
 from eth_twisted.model import normalise_ip
 from eth_twisted.protocol import peer_group
+from eth_twisted.web_pages import MAX_PAYLOAD
 
 log = Logger()
+
+MIN_PAGE_BYTES = 6 * MAX_PAYLOAD + 4096
+"""The smallest page budget: one record whose shown payload escapes entirely (6x), plus its fields."""
 
 ABORT_GRACE = 5.0
 """Seconds a closing connection may take to read its last answer before it is aborted."""
@@ -103,8 +107,8 @@ class SiteLimits:
             raise ValueError("header_timeout and idle_timeout must be positive")
         if min(self.max_line, self.max_header_bytes, self.max_headers, self.heavy_requests) < 1:
             raise ValueError("header limits and heavy_requests must be at least 1")
-        if self.page_bytes < 64 * 1024:
-            raise ValueError("page_bytes must be at least 64 KiB")
+        if self.page_bytes < MIN_PAGE_BYTES:
+            raise ValueError(f"page_bytes must be at least {MIN_PAGE_BYTES} (one record of the largest kind)")
 
 
 _DEFAULTS = SiteLimits()

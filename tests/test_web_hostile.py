@@ -7,6 +7,7 @@ whose answers are never read, responses that grow with history.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterator
@@ -20,7 +21,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from eth_twisted.web_limits import ABORT_GRACE, GuardedChannel, SiteLimits
+from eth_twisted.model import Message, Record, Totals
+from eth_twisted.sinks.memory import MemorySink
+from eth_twisted.web import CHART_BATCH
+from eth_twisted.web_limits import ABORT_GRACE, MIN_PAGE_BYTES, GuardedChannel, SiteLimits
+from eth_twisted.web_pages import MAX_PAYLOAD, PAGE_OVERHEAD, json_bytes, record_json
 from tests.test_web_helpers import SlowRecord, server_fixture
 
 
@@ -389,3 +394,165 @@ def test_a_peer_that_never_reads_its_pipelined_answers_is_timed_out() -> None:
     wire.protocol.dataReceived(b"GET /api/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 50)
     s.clock.advance(30.1)
     assert wire.disconnecting
+
+
+# -- item 16: pages bounded in bytes, read a few at a time ------------------------------------------
+
+
+def escaped(i: int, size: int = 64 * 1024) -> Message:
+    """A payload of control bytes: valid UTF-8 whose JSON is six times its size."""
+    return Message.build(b"%08d" % i + b"\x01" * (size - 8), "10.0.0.1", 1000.0 + i)
+
+
+def test_a_page_of_escaped_payloads_stops_at_the_byte_budget() -> None:
+    """limit=200 of 64 KiB payloads that escape to 384 KiB each answers at most page_bytes, and
+    next_before pages through every record exactly once."""
+    s = server_fixture()
+    s.store([escaped(i) for i in range(40)])
+    budget = SiteLimits().page_bytes
+    seen: list[int] = []
+    before: int | None = None
+    pages = 0
+    while True:
+        reply = s.http.get("/api/messages?limit=200" + (f"&before={before}" if before else ""))
+        assert reply.code == 200
+        assert len(reply.body) <= budget, len(reply.body)
+        page = reply.json()
+        seen += [m["id"] for m in page["messages"]]
+        pages += 1
+        before = page["next_before"]
+        if before is None:
+            break
+    assert seen == list(range(40, 0, -1))
+    assert pages >= 40 * 6 * 64 * 1024 // budget
+
+
+def test_a_record_longer_than_max_payload_is_cut_and_says_so() -> None:
+    """A payload over MAX_PAYLOAD is shown up to it (never inside a UTF-8 character), with its whole size."""
+    s = server_fixture()
+    text = ("é" * (MAX_PAYLOAD // 2 + 10)).encode()  # two bytes each: the cut falls inside one
+    binary = b"\xff" * (MAX_PAYLOAD * 4)
+    small = b"short"
+    s.store([Message.build(p, "10.0.0.1", 1.0) for p in (text, binary, small)])
+    by_size = {m["size"]: m for m in s.http.get("/api/messages").json()["messages"]}
+    cut_text = by_size[len(text)]
+    assert cut_text["payload_truncated"] and cut_text["payload_encoding"] == "utf-8"
+    assert cut_text["payload"] == "é" * (MAX_PAYLOAD // 2)
+    cut_binary = by_size[len(binary)]
+    assert cut_binary["payload_truncated"] and cut_binary["payload_encoding"] == "base64"
+    assert base64.b64decode(cut_binary["payload"]) == b"\xff" * MAX_PAYLOAD
+    assert by_size[5]["payload_truncated"] is False and by_size[5]["payload"] == "short"
+
+
+def test_one_record_always_fits_a_page() -> None:
+    """The worst-escaping record at MAX_PAYLOAD is under the smallest page budget, so paging always advances."""
+    worst = record_json(Record(1, "0" * 64, b"\x01" * (4 * MAX_PAYLOAD), 2**63 - 1, "x" * 45, "\x02" * 255, 1.0))
+    assert len(json_bytes(worst)) + PAGE_OVERHEAD <= MIN_PAGE_BYTES
+    with pytest.raises(ValueError, match="page_bytes"):
+        SiteLimits(page_bytes=MIN_PAGE_BYTES - 1).check()
+    s = server_fixture(limits=SiteLimits(page_bytes=MIN_PAGE_BYTES))
+    s.store([Message.build(b"\x01" * (4 * MAX_PAYLOAD), "10.0.0.1", 1.0) for _ in range(1)]
+            + [Message.build(b"\x01" * (4 * MAX_PAYLOAD) + b"%d" % i, "10.0.0.1", 1.0) for i in range(2)])
+    for before in ("", "?before=3", "?before=2"):
+        reply = s.http.get("/api/messages" + before)
+        assert len(reply.json()["messages"]) == 1
+        assert len(reply.body) <= MIN_PAGE_BYTES
+
+
+def test_block_records_are_paged_by_count_and_bytes() -> None:
+    """/api/blocks/<n> pages with limit and after (default 50, at most page_bytes each) and covers every record."""
+    s = server_fixture()
+    s.store([Message.build(b"%d" % i + b"\x01" * 60000, "10.0.0.1", 1.0, 7) for i in range(30)]
+            + [Message.build(b"tiny-%d" % i, "10.0.0.2", 2.0, 7) for i in range(120)])
+    first = s.http.get("/api/blocks/7").json()
+    assert first["limit"] == 50 and first["after"] is None
+    assert len(s.http.get("/api/blocks/7").body) <= SiteLimits().page_bytes
+    seen = [r["id"] for r in first["records"]]
+    after = first["next_after"]
+    while after is not None:
+        reply = s.http.get(f"/api/blocks/7?limit=200&after={after}")
+        assert reply.code == 200 and len(reply.body) <= SiteLimits().page_bytes
+        page = reply.json()
+        seen += [r["id"] for r in page["records"]]
+        after = page["next_after"]
+    assert seen == list(range(1, 151))
+    assert s.http.get("/api/blocks/8").code == 404
+    assert s.http.get("/api/blocks/7?after=150").json()["records"] == []
+
+
+class CountingRecord(MemorySink):
+    """A record whose reads wait until released, counting how many are in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Any] = []
+        self.asked: list[int] = []
+
+    def recent(self, limit: int, before: int | None = None) -> Any:
+        from twisted.internet import defer
+
+        self.asked.append(limit)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.waiting.append((d, super().recent(limit, before)))
+        return d
+
+    def release(self) -> None:
+        d, rows = self.waiting.pop(0)
+        rows.addCallback(d.callback)
+
+
+def test_heavy_reads_wait_for_a_place() -> None:
+    """At most heavy_requests record reads run at once; the others start as places free up."""
+    record = CountingRecord()
+    s = server_fixture(record=record, limits=SiteLimits(heavy_requests=2))
+    pending = [s.http.start("/api/messages") for _ in range(5)]
+    assert len(record.waiting) == 2
+    record.release()
+    assert len(record.waiting) == 2
+    while record.waiting:
+        record.release()
+    assert [s.http.finish(d).code for d in pending] == [200] * 5
+
+
+def test_a_waiting_heavy_read_times_out_and_frees_nothing_it_did_not_hold() -> None:
+    """A request still waiting for a place when the handler deadline passes is a 503; the places stay right."""
+    from eth_twisted.web import HANDLER_TIMEOUT
+
+    record = CountingRecord()
+    s = server_fixture(record=record, limits=SiteLimits(heavy_requests=1))
+    first = s.http.start("/api/messages")
+    s.clock.advance(HANDLER_TIMEOUT / 2)
+    second = s.http.start("/api/messages")
+    s.clock.advance(HANDLER_TIMEOUT / 2 + 0.1)  # the first times out, releasing its place to the second
+    assert s.http.finish(first).code == 503
+    assert len(record.waiting) == 2  # the second now reads (the first's read was abandoned)
+    record.waiting.pop(0)
+    record.release()
+    assert s.http.finish(second).code == 200
+
+
+def test_a_large_page_is_encoded_in_pieces_between_reactor_turns() -> None:
+    """Building a 1 MiB page gives the reactor turns: it is not finished before the clock runs."""
+    s = server_fixture()
+    s.store([escaped(i, 32 * 1024) for i in range(30)])
+    d = s.http.start("/api/messages?limit=200")
+    answered: list[Any] = []
+    d.addCallback(lambda response: (answered.append(response), response)[1])
+    assert answered == []
+    reply = s.http.finish(d)
+    assert reply.code == 200 and len(reply.json()["messages"]) >= 4
+
+
+def test_chart_history_is_read_in_small_pages() -> None:
+    """The chart's 600 points of history are read 50 rows at a time, never 600 payloads at once."""
+    record = CountingRecord()
+    for n in range(700):
+        record.store_batch([Message.build(b"block %d" % n, "10.0.0.1", float(n), n)])
+    s = server_fixture(record=record)
+    s.stats.seed(Totals(records=700))
+    d = s.http.start("/api/stats")
+    while record.waiting:
+        record.release()
+    chart = s.http.finish(d).json()["chart"]
+    assert len(chart) == 600 and chart[-1] == [699.0, 699]
+    assert max(record.asked) <= CHART_BATCH and sum(record.asked) == 600

@@ -21,9 +21,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
+from eth_twisted.framing import NetstringDecoder
 from eth_twisted.web_limits import SiteLimits
 from tests.live_helpers import start_server
 from tests.support import async_wait_until, free_port
+from tests.test_web_live import send_from
 
 pytestmark = pytest.mark.live
 
@@ -326,4 +328,63 @@ def test_pipelined_requests_behind_unread_answers_cost_one_answer_live(tmp_path:
         assert answered == 500
         assert queued and queued[0] <= 64 * 1024 + 2 * one_answer, (queued, one_answer)
     finally:
+        yield server.stopService()
+
+
+def fetch(port: int, path: str) -> tuple[int, bytes]:
+    """GET ``path`` with the token (HTTP/1.0: the body ends at close); (status, body)."""
+    request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+    answer = raw_request(port, request, "127.0.0.3", timeout=30)
+    return status_of(answer), answer.partition(b"\r\n\r\n")[2]
+
+
+def heartbeats(port: int, stop: threading.Event) -> list[bytes]:
+    """A well-behaved netstring client on 127.0.0.2: one probe at a time until ``stop``; its replies."""
+    replies: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=("127.0.0.2", 0)) as s:
+        decoder = NetstringDecoder(1 << 16)
+        while not stop.is_set():
+            s.sendall(b"0:,")
+            got: list[bytes] = []
+            while not got:
+                got = decoder.feed(s.recv(4096))
+            replies += got
+            stop.wait(0.05)
+    return replies
+
+
+@pytest_twisted.inlineCallbacks
+def test_twenty_parallel_pages_of_escaped_payloads_stay_bounded_live(tmp_path: Path):
+    """200 stored 64 KiB payloads that escape 6x, asked for by 20 clients at once with limit=200:
+    every answer is at most one page budget, paging reaches every record, and ingest keeps answering."""
+    server, web = yield start_site(tmp_path)
+    port = server.listening_port.getHost().port
+    payloads = [b"%08d" % i + b"\x01" * (64 * 1024 - 8) for i in range(200)]
+    replies = yield threads.deferToThread(send_from, "127.0.0.1", port, payloads)
+    assert [r.split()[0] for r in replies] == [b"OK"] * 200
+    budget = SiteLimits().page_bytes
+    stop = threading.Event()
+    probes = threads.deferToThread(heartbeats, port, stop)
+    try:
+        with GoodClient(web) as good:
+            answers = yield defer.gatherResults(
+                [threads.deferToThread(fetch, web, "/api/messages?limit=200") for _ in range(20)])
+        stop.set()
+        probe_replies = yield probes
+        for status, body in answers:
+            assert status == 200 and len(body) <= budget, (status, len(body))
+        first = json.loads(answers[0][1])
+        assert first["next_before"] is not None and 0 < len(first["messages"]) < 200
+        seen = [m["id"] for m in first["messages"]]
+        before = first["next_before"]
+        while before is not None:
+            status, body = yield threads.deferToThread(fetch, web, f"/api/messages?limit=200&before={before}")
+            page = json.loads(body)
+            seen += [m["id"] for m in page["messages"]]
+            before = page["next_before"]
+        assert len(seen) == len(set(seen)) == 200
+        assert probe_replies and all(r.startswith(b"ERR e3b0c442") for r in probe_replies)
+        assert good.statuses and set(good.statuses) == {200}, Counter(good.statuses)
+    finally:
+        stop.set()
         yield server.stopService()
