@@ -143,7 +143,7 @@ def _age(seconds: float | None) -> str:
 
 
 def format_stats(stats: dict[str, Any], url: str) -> str:
-    """The stats as lines of text: a summary, then one row per client."""
+    """The stats as lines of text: a summary, then one row per listed client (IPv6: per /64)."""
     totals = stats.get("totals", {})
     latest = stats.get("latest_block")
     now = stats.get("now")
@@ -191,6 +191,9 @@ def format_stats(stats: dict[str, Any], url: str) -> str:
     lines.append(fmt(header))
     lines.append("  " + "  ".join("-" * w for w in widths))
     lines += [fmt(r) for r in rows]
+    omitted = stats.get("clients_omitted") or 0
+    if omitted:
+        lines.append(f"  … and {_int(omitted)} more (the busiest {len(rows)} are shown; the totals count all)")
     return "\n".join(lines)
 
 

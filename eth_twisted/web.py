@@ -49,7 +49,7 @@ from eth_twisted.model import IRecord, ISink, Record
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 from eth_twisted.stats import ServerStats
 from eth_twisted.web_limits import REASONS, SECURITY_HEADERS, GuardedSite, SiteLimits
-from eth_twisted.web_pages import Page, iso, json_bytes, read_page, record_json
+from eth_twisted.web_pages import Page, json_bytes, read_page, record_json
 
 log = Logger()
 
@@ -492,10 +492,7 @@ def _server_routes(
             if not chart_load:
                 chart_load.append(fill_chart())
             yield chart_load[0]
-        snap = dict(stats.snapshot())
-        snap["first_received_at_iso"] = iso(snap.get("first_received_at"))
-        snap["last_received_at_iso"] = iso(snap.get("last_received_at"))
-        return json_response(snap)
+        return Response(stats.snapshot_bytes(), JSON_TYPE, 200, {"Cache-Control": "no-store"})
 
     def openapi(request: Request, match: re.Match[str]) -> Response:
         return Response(spec, JSON_TYPE, 200, {"Cache-Control": "no-cache"})

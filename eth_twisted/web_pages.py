@@ -16,13 +16,13 @@ import base64
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from eth_twisted.model import Record
+from eth_twisted.stats import iso
 
 MAX_PAYLOAD = 128 * 1024
 """Payload bytes one record carries in the API: its JSON is at most about 6x that (every byte
@@ -41,13 +41,6 @@ PAGE_OVERHEAD = 512
 def json_bytes(obj: Any) -> bytes:
     """Compact UTF-8 JSON (no NaN)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix time as ISO 8601 in UTC, or None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _text(payload: bytes, truncated: bool) -> str | None:

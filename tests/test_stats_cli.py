@@ -237,3 +237,10 @@ def test_an_oversized_answer_is_refused():
         yield port.stopListening()
     assert status == 1
     assert "answered more than 8 MiB" in err
+
+
+def test_table_says_how_many_clients_are_not_listed() -> None:
+    """The API lists the busiest client groups; the table says how many more there are."""
+    text = format_stats(dict(SAMPLE, clients_omitted=4980), "http://x")
+    assert "… and 4,980 more (the busiest 2 are shown; the totals count all)" in text
+    assert "more" not in format_stats(dict(SAMPLE, clients_omitted=0), "http://x")

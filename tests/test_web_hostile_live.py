@@ -10,6 +10,7 @@ import json
 import os
 import select
 import socket
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -22,6 +23,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
 from eth_twisted.framing import NetstringDecoder
+from eth_twisted.model import sha256_hex
+from eth_twisted.sinks.sql import migrate_sqlite
 from eth_twisted.web_limits import SiteLimits
 from tests.live_helpers import start_server
 from tests.support import async_wait_until, free_port
@@ -387,4 +390,57 @@ def test_twenty_parallel_pages_of_escaped_payloads_stay_bounded_live(tmp_path: P
         assert good.statuses and set(good.statuses) == {200}, Counter(good.statuses)
     finally:
         stop.set()
+        yield server.stopService()
+
+
+def seed_addresses(path: Path, ipv4: int, ipv6_hosts: int) -> None:
+    """Rows from ``ipv4`` distinct IPv4 addresses and ``ipv6_hosts`` hosts of one IPv6 /64, straight into SQLite."""
+    migrate_sqlite(str(path))
+    addresses = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(ipv4)]
+    addresses += [f"2001:db8:5::{i + 1:x}" for i in range(ipv6_hosts)]
+    with sqlite3.connect(path) as db:
+        db.executemany(
+            "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at)"
+            " VALUES (?, ?, NULL, ?, NULL, ?)",
+            [(sha256_hex(b"from %d" % i), b"from %d" % i, ip, 1_700_000_000.0 + i)
+             for i, ip in enumerate(addresses)])
+
+
+@pytest_twisted.inlineCallbacks
+def test_stats_of_5000_addresses_are_the_top_20_and_a_count_live(tmp_path: Path):
+    """A server whose record holds 5,000 IPv4 addresses and 300 hosts of one IPv6 /64 answers /api/stats
+    with the 20 busiest groups and a count of 5,001, a few kilobytes; 20 clients polling it hard do not
+    stop a netstring client's probes being answered."""
+    seed_addresses(tmp_path / "eth-server.sqlite3", 5000, 300)
+    server, web = yield start_site(tmp_path)
+    port = server.listening_port.getHost().port
+    try:
+        def seeded() -> Any:
+            return threads.deferToThread(fetch, web, "/api/stats").addCallback(
+                lambda r: json.loads(r[1]) if json.loads(r[1])["totals"]["records"] == 5300 else None)
+
+        stats = yield async_wait_until(seeded, 15, what="stats seeded from SQL")
+        assert stats["totals"]["clients"] == 5001
+        assert len(stats["clients"]) == 20 and stats["clients_omitted"] == 4981
+        assert stats["clients"][0] == {"ip": "2001:db8:5::/64", "records": 300, "messages": 300,
+                                       "latest_block": None, "last_seen": None}
+        status, body = yield threads.deferToThread(fetch, web, "/api/stats")
+        assert status == 200 and len(body) < 64 * 1024
+
+        def hammer() -> Counter[int]:
+            codes: Counter[int] = Counter()
+            until = time.monotonic() + 2.0
+            while time.monotonic() < until:
+                codes[fetch(web, "/api/stats")[0]] += 1
+            return codes
+
+        stop = threading.Event()
+        probes = threads.deferToThread(heartbeats, port, stop)
+        results = yield defer.gatherResults([threads.deferToThread(hammer) for _ in range(8)])
+        stop.set()
+        probe_replies = yield probes
+        codes = sum(results, Counter())
+        assert set(codes) == {200} and codes[200] > 20, codes
+        assert probe_replies and all(r.startswith(b"ERR e3b0c442") for r in probe_replies)
+    finally:
         yield server.stopService()
