@@ -122,10 +122,13 @@ class Options(EnvOptions):
         self["stats-token-resolved"] = self.resolve_secret("stats-token")
         if self["stats"].strip().lower() == "none":
             self["stats"] = None
-        from eth_twisted.server_tap import allowed_hosts
+        from eth_twisted.server_tap import allowed_hosts, exposure_warning
 
         self["allowed-hosts"] = allowed_hosts(self["stats"] or "", self["stats-allowed-hosts"])
         self["stats-limits"] = limits_from_options(self)
+        exposed = exposure_warning(self["stats"], self["allowed-hosts"], self["stats-token-resolved"])
+        if exposed:
+            self.warnings.append(exposed)
 
 
     def _tls_settings(self) -> dict[str, Any] | None:

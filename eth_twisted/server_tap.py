@@ -158,6 +158,9 @@ class Options(StorageOptions):
             raise usage.UsageError(str(e))
         self["allowed-hosts"] = allowed_hosts(self["stats"], self["stats-allowed-hosts"])
         self["stats-limits"] = limits_from_options(self)
+        exposed = exposure_warning(self["stats"], self["allowed-hosts"], self["stats-token-resolved"])
+        if exposed:
+            self.warnings.append(exposed)
         try:
             self.limits().check()
         except ValueError as e:
@@ -248,6 +251,20 @@ def allowed_hosts(stats: str, option: str | None) -> list[str] | None:
     if stats and ("interface=127." in stats or "interface=localhost" in stats or "interface=\\:\\:1" in stats):
         return ["localhost", "127.0.0.1", "::1"]
     return None
+
+
+def exposure_warning(stats: str | None, allowed: list[str] | None, token: str | None) -> str | None:
+    """A warning when a stats site on the network answers any Host without a token, else None.
+
+    Any web page a browser near it opens can then read the API by DNS rebinding.
+    """
+    if not stats or stats.strip().lower() == "none" or allowed is not None or token:
+        return None
+    if not stats.startswith(("tcp:", "tcp6:", "ssl:", "haproxy:")):
+        return None
+    return (f"the stats site on {stats} answers any Host header and needs no token: a web page "
+            "opened by a browser that can reach it can read the API (DNS rebinding); set "
+            "--stats-allowed-hosts or --stats-token-file")
 
 
 def storage_kwargs(config: StorageOptions) -> dict[str, Any]:

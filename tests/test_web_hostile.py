@@ -8,6 +8,7 @@ whose answers are never read, responses that grow with history.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -24,7 +25,13 @@ from twisted.python.failure import Failure
 from eth_twisted.model import Message, Record, Totals
 from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.web import CHART_BATCH
-from eth_twisted.web_limits import ABORT_GRACE, MIN_PAGE_BYTES, GuardedChannel, SiteLimits
+from eth_twisted.web_limits import (
+    ABORT_GRACE,
+    MIN_PAGE_BYTES,
+    GuardedChannel,
+    GuardedSite,
+    SiteLimits,
+)
 from eth_twisted.web_pages import MAX_PAYLOAD, PAGE_OVERHEAD, json_bytes, record_json
 from tests.test_web_helpers import SlowRecord, server_fixture
 
@@ -586,3 +593,110 @@ def test_stats_answers_cost_the_same_with_5000_addresses_as_with_10() -> None:
     body = many.http.get("/api/stats")
     assert len(body.body) < 64 * 1024
     assert body.json()["totals"]["clients"] == 5000 and len(body.json()["clients"]) == 20
+
+
+# -- item 17: eth run's site has eth server's protections --------------------------------------
+
+
+def run_options(*argv: str, environ: dict[str, str] | None = None) -> Any:
+    from eth_twisted.run import RunOptions
+
+    config = RunOptions(environ=environ or {})
+    config.parseOptions(list(argv))
+    return config
+
+
+def test_eth_run_defaults_to_the_loopback_host_allowlist_and_takes_the_token(tmp_path: Any) -> None:
+    """eth run resolves the Host allowlist, the token and the listener limits as eth server does."""
+    from eth_twisted.server_tap import Options as ServerOptions
+
+    config = run_options("--data-dir", str(tmp_path))
+    server = ServerOptions(environ={})
+    server.parseOptions([])
+    assert config["allowed-hosts"] == server["allowed-hosts"] == ["localhost", "127.0.0.1", "::1"]
+    assert config["stats-token-resolved"] is None and config["stats-limits"] == SiteLimits()
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    config = run_options("--stats-token-file", str(token_file), "--stats-allowed-hosts", "dash.example",
+                         "--stats-max-connections", "9", environ={"ETH_STATS_HEADER_TIMEOUT": "3"})
+    assert config["stats-token-resolved"] == "from-file"
+    assert config["allowed-hosts"] == ["dash.example"]
+    assert config["stats-limits"] == SiteLimits(max_connections=9, header_timeout=3.0)
+    assert run_options(environ={"ETH_STATS_TOKEN": "env-token"})["stats-token-resolved"] == "env-token"
+    assert run_options("--stats", "tcp:8080:interface=0.0.0.0")["allowed-hosts"] is None
+
+
+def test_eth_run_site_refuses_a_rebound_host_and_needs_the_token(tmp_path: Any) -> None:
+    """The site eth run serves answers 421 to a Host outside the allowlist and 401 without the token."""
+    from twisted.application import service
+    from twisted.internet.testing import MemoryReactorClock
+
+    from eth_twisted.metrics import ClientMetrics, ServerMetrics
+    from eth_twisted.run import RunService
+    from eth_twisted.stats import ServerStats
+    from tests.test_web_helpers import Http
+
+    class FakeServer(service.Service):
+        def __init__(self) -> None:
+            self.record = MemorySink()
+            self.sinks = [self.record]
+            self.stats = ServerStats(Clock())
+            self.metrics = ServerMetrics()
+
+    class FakeClient:
+        metrics = ClientMetrics()
+
+        def readiness(self) -> tuple[bool, dict[str, Any]]:
+            return True, {}
+
+    config = run_options("--data-dir", str(tmp_path), environ={"ETH_STATS_TOKEN": "run-token"})
+    reactor = MemoryReactorClock()
+    run = RunService(FakeServer(), lambda port: None, "tcp:0:interface=127.0.0.1", reactor, 1.0, io.StringIO(),
+                     {"token": config["stats-token-resolved"], "allowed_hosts": config["allowed-hosts"],
+                      "limits": config["stats-limits"]})
+    run.client = FakeClient()
+    run._serve_site("tcp:0:interface=127.0.0.1")
+    site = run.getServiceNamed("stats").factory
+    assert isinstance(site, GuardedSite)
+    http = Http(site)
+    auth = {"Authorization": "Bearer run-token"}
+    assert http.get("/api/stats", headers=auth).code == 200
+    assert http.get("/api/stats").code == 401
+    assert http.get("/api/stats", headers=auth, base="http://rebound.attacker.test:8080").code == 421
+    assert http.get("/healthz", base="http://rebound.attacker.test:8080").code == 200
+    assert "needs the stats token" in run.out.getvalue() and "run-token" not in run.out.getvalue()
+
+
+def test_the_sites_factory_chatter_stays_out_of_the_console(logged: list[dict[str, Any]]) -> None:
+    """eth's console drops the stats site's 'Starting factory' info line, as it did before the site moved."""
+    from twisted.logger import LogLevel, PredicateResult
+
+    from eth_twisted.cli import _drop_chatter
+
+    site = server_fixture().site
+    site.doStart()
+    site.doStop()
+    chatter = [e for e in logged if "factory" in str(e.get("log_format"))]
+    assert chatter and all(_drop_chatter(e) is PredicateResult.no for e in chatter)
+    warning = dict(chatter[0], log_level=LogLevel.warn)
+    assert _drop_chatter(warning) is PredicateResult.maybe
+
+
+@pytest.mark.parametrize("command", ["server", "client", "run"])
+def test_a_site_on_the_network_without_allowlist_or_token_is_warned_about(command: str) -> None:
+    """A stats listener beyond loopback with neither an allowlist nor a token gets a start-up warning naming both fixes."""
+    from eth_twisted import client_tap, server_tap
+    from eth_twisted.run import RunOptions
+
+    options = {"server": server_tap.Options, "client": client_tap.Options, "run": RunOptions}[command]
+
+    def warnings(*argv: str, environ: dict[str, str] | None = None) -> list[str]:
+        config = options(environ=environ or {})
+        config.parseOptions(["--stats", *argv])
+        return [w for w in config.warnings if "DNS rebinding" in w]
+
+    assert warnings("tcp:8080:interface=0.0.0.0") and "--stats-allowed-hosts" in warnings("tcp:8080")[0]
+    assert warnings("tcp:8080:interface=127.0.0.1") == []
+    assert warnings("tcp:8080:interface=0.0.0.0", "--stats-allowed-hosts", "dash.example") == []
+    assert warnings("tcp:8080:interface=0.0.0.0", environ={"ETH_STATS_TOKEN": "t"}) == []
+    assert warnings("none") == [] and warnings("unix:/run/eth/stats.sock") == []
