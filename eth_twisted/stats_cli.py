@@ -216,8 +216,15 @@ def run(
         return 1
     if config["json"]:
         print(json.dumps(stats, indent=2, sort_keys=True), file=out)
-    else:
-        print(format_stats(stats, url), file=out)
+        return 0
+    try:
+        table = format_stats(stats, url)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, OSError):
+        # The answer had the right keys but not the right kinds of values: say so, no traceback.
+        print(f"eth stats: {url}/api/stats answered stats this eth stats cannot read (use --json to see them)",
+              file=err)
+        return 1
+    print(table, file=out)
     return 0
 
 

@@ -244,3 +244,14 @@ def test_table_says_how_many_clients_are_not_listed() -> None:
     text = format_stats(dict(SAMPLE, clients_omitted=4980), "http://x")
     assert "… and 4,980 more (the busiest 2 are shown; the totals count all)" in text
     assert "more" not in format_stats(dict(SAMPLE, clients_omitted=0), "http://x")
+
+
+def test_stats_of_the_wrong_kinds_are_an_error_not_a_traceback() -> None:
+    """An answer with the right keys but values of the wrong kinds exits 1 with a sentence, no traceback."""
+    hostile = dict(SAMPLE, totals={"records": "many"}, latest_block={"number": [1]},
+                   clients=[{"ip": 1, "records": "x", "last_seen": "soon"}], now=1e308 * 10)
+    for stats in (hostile, dict(SAMPLE, latest_block={"number": 5, "received_at": 1e300, "age_seconds": "x"})):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(options("--url", "http://x"), out, err, fetch=lambda url, token, timeout, s=stats: s)
+        assert code == 1 and out.getvalue() == ""
+        assert "answered stats this eth stats cannot read" in err.getvalue()
