@@ -381,6 +381,39 @@ class Readiness:
         return name, {"ok": True, "latency_ms": round((self.clock.seconds() - started) * 1000, 3)}
 
 
+def held_place(places: defer.DeferredSemaphore, work: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
+    """Run ``work()`` in one of ``places``, held until the work itself ends.
+
+    Cancelling the answer (the handler deadline, a client gone) while it waits
+    for a place gives the place up unused; once the work has started, the
+    answer fails at once but the place is kept until the work (a read in a
+    database thread, which cannot be stopped) finishes, so abandoned reads can
+    never pile up behind the ones the places admit.
+    """
+    acquired = places.acquire()
+
+    def cancel(_: defer.Deferred[Any]) -> None:
+        if not acquired.called:
+            acquired.cancel()
+
+    answer: defer.Deferred[Any] = defer.Deferred(cancel)
+
+    def start(_: Any) -> None:
+        def finished(result: Any) -> None:
+            places.release()
+            if not answer.called:
+                answer.callback(result)  # a Failure errbacks
+
+        defer.maybeDeferred(work).addBoth(finished)
+
+    def not_started(failure: Failure) -> None:
+        if not failure.check(defer.CancelledError) and not answer.called:
+            answer.errback(failure)
+
+    acquired.addCallbacks(start, not_started)
+    return answer
+
+
 def _healthz(clock: IReactorTime, started: float) -> Handler:
     def handler(request: Request, match: re.Match[str]) -> Response:
         return json_response({"status": "ok", "uptime_seconds": max(0.0, clock.seconds() - started)})
@@ -498,8 +531,7 @@ def _server_routes(
         return Response(spec, JSON_TYPE, 200, {"Cache-Control": "no-cache"})
 
     def page_of(fetch: Any, limit: int) -> defer.Deferred[Page]:
-        """A page of records, read while holding one of the ``heavy_requests`` places."""
-        return heavy.run(read_page, fetch, limit, limits.page_bytes, clock)
+        return held_place(heavy, lambda: read_page(fetch, limit, limits.page_bytes, clock))
 
     @defer.inlineCallbacks
     def messages(request: Request, match: re.Match[str]) -> Any:

@@ -521,8 +521,9 @@ def test_heavy_reads_wait_for_a_place() -> None:
     assert [s.http.finish(d).code for d in pending] == [200] * 5
 
 
-def test_a_waiting_heavy_read_times_out_and_frees_nothing_it_did_not_hold() -> None:
-    """A request still waiting for a place when the handler deadline passes is a 503; the places stay right."""
+def test_an_abandoned_read_keeps_its_place_until_it_ends() -> None:
+    """A request that times out during its read answers 503 at once, but its place stays taken until the
+    read (which a database thread cannot stop) ends: abandoned reads never pile up."""
     from eth_twisted.web import HANDLER_TIMEOUT
 
     record = CountingRecord()
@@ -530,12 +531,31 @@ def test_a_waiting_heavy_read_times_out_and_frees_nothing_it_did_not_hold() -> N
     first = s.http.start("/api/messages")
     s.clock.advance(HANDLER_TIMEOUT / 2)
     second = s.http.start("/api/messages")
-    s.clock.advance(HANDLER_TIMEOUT / 2 + 0.1)  # the first times out, releasing its place to the second
+    s.clock.advance(HANDLER_TIMEOUT / 2 + 0.1)
     assert s.http.finish(first).code == 503
-    assert len(record.waiting) == 2  # the second now reads (the first's read was abandoned)
-    record.waiting.pop(0)
+    assert len(record.waiting) == 1  # the first's read still runs; the second has not started one
+    record.release()  # the abandoned read ends: its place goes to the second
+    assert len(record.waiting) == 1
     record.release()
     assert s.http.finish(second).code == 200
+
+
+def test_a_request_that_times_out_waiting_for_a_place_never_reads() -> None:
+    """A request still waiting for a place at its deadline is a 503 and gives up its turn unused."""
+    from eth_twisted.web import HANDLER_TIMEOUT
+
+    record = CountingRecord()
+    s = server_fixture(record=record, limits=SiteLimits(heavy_requests=1))
+    first = s.http.start("/api/messages")
+    s.clock.advance(1.0)
+    waiting = s.http.start("/api/messages")
+    s.clock.advance(HANDLER_TIMEOUT)  # both deadlines pass; the first's read is still running
+    assert s.http.finish(first).code == 503 and s.http.finish(waiting).code == 503
+    record.release()  # the place is free, and nobody is left to take it
+    assert record.waiting == [] and len(record.asked) == 1
+    later = s.http.start("/api/messages")
+    record.release()
+    assert s.http.finish(later).code == 200 and len(record.asked) == 2
 
 
 def test_a_large_page_is_encoded_in_pieces_between_reactor_turns() -> None:
