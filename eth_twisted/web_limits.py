@@ -227,9 +227,14 @@ class ConnectionTable:
             del self.per_group[group]
             self.waiting_by_group.pop(group, None)
 
-    def note(self, reason: str) -> None:
-        """Count a refusal or cut; log the counts at most once per :data:`LOG_EVERY` seconds."""
+    def note(self, reason: str, warn: bool = True) -> None:
+        """Count a refusal or cut; log the counts at most once per :data:`LOG_EVERY` seconds.
+
+        ``warn=False`` counts without logging (an idle keep-alive connection timing out is normal).
+        """
         self.refused[reason] += 1
+        if not warn:
+            return
         self._unlogged[reason] += 1
         now = self.clock.seconds()
         if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
@@ -359,7 +364,7 @@ class GuardedChannel(http.HTTPChannel):
 
     def timeoutConnection(self) -> None:
         """Idle too long between requests (or answers unread that long): close, without a log line."""
-        self.table.note("idle-timeout")
+        self.table.note("idle-timeout", warn=False)
         self._close()
 
     def evict(self) -> None:

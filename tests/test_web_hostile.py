@@ -197,6 +197,8 @@ def test_a_silent_connection_is_closed_at_the_idle_timeout_without_a_log_line(
     s.clock.advance(0.2)
     assert wire.disconnecting
     assert [e for e in logged if "Timing out" in str(e.get("log_format"))] == []
+    assert [e for e in logged if "refused or cut" in str(e.get("log_format"))] == []
+    assert s.site.table.refused["idle-timeout"] == 1
 
 
 def test_a_peer_that_does_not_read_its_refusal_is_aborted() -> None:
