@@ -160,7 +160,6 @@ def make_server_service(
     allow_plaintext_secret: bool = False,
     pipeline: bool | None = None,
     concurrent_batches: int = SERVER_CONCURRENCY,
-    stats_limits: Any = None,
 ) -> ServerService:
     """Assemble the server from already-built sinks.
 
