@@ -661,7 +661,7 @@ def make_combined_site(
     )
     routes += _client_routes(metrics=client_metrics, readiness=client_readiness, clock=clock,
                              prefix="/client")
-    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits or SiteLimits())
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits)
 
 
 __all__ = [
