@@ -76,7 +76,7 @@ class Options(EnvOptions):
             raise usage.UsageError("a command is required: server, client, run, stats or migrate")
 
 
-QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory", "eth_twisted.web.QuietSite")
+QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory", "eth_twisted.web_limits.GuardedSite")
 """Namespaces whose info-level chatter (factory start/stop) is dropped unless --verbose."""
 
 

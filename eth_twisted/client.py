@@ -163,6 +163,7 @@ def make_client_service(
     stats_listen: str | None = None,
     stats_token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
+    stats_limits: Any = None,
     exit_on_fatal: bool = False,
     http: Any = None,
     metrics: ClientMetrics | None = None,
@@ -209,7 +210,8 @@ def make_client_service(
         poller.setServiceParent(client)
         client.poller = poller
         if stats_listen:
-            client.stats = _stats_service(client, stats_listen, reactor, stats_token, allowed_hosts)
+            client.stats = _stats_service(client, stats_listen, reactor, stats_token, allowed_hosts,
+                                          stats_limits)
     except BaseException:
         outbox.close()
         raise
@@ -252,7 +254,7 @@ def link_endpoint(
 
 def _stats_service(
     client: EthClientService, listen: str, reactor: Any, token: str | None = None,
-    allowed_hosts: Sequence[str] | None = None,
+    allowed_hosts: Sequence[str] | None = None, limits: Any = None,
 ) -> service.Service | None:
     try:
         from eth_twisted.web import make_client_site
@@ -260,7 +262,7 @@ def _stats_service(
         log.warn("Stats site not available (eth_twisted.web missing); {listen} not served", listen=listen)
         return None
     site = make_client_site(metrics=client.metrics, readiness=client.readiness, clock=reactor,
-                            token=token, allowed_hosts=allowed_hosts)
+                            token=token, allowed_hosts=allowed_hosts, limits=limits)
     svc = strports.service(listen, site, reactor=reactor)
     svc.setName("stats")
     svc.setServiceParent(client)

@@ -21,6 +21,7 @@ from eth_twisted.errors import ConfigError
 from eth_twisted.outbox import DEFAULT_MAX_MESSAGES, DEFAULT_SPOOL
 from eth_twisted.payload import FORMATS
 from eth_twisted.sender import DEFAULT_ACK_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_WINDOW, MAX_WINDOW
+from eth_twisted.web_limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()
 
@@ -78,6 +79,7 @@ class Options(EnvOptions):
         ["stats-token-file", None, None, "File holding the stats token"],
         ["stats-allowed-hosts", None, None, "Comma list of Host header values the stats site answers [default on loopback: localhost,127.0.0.1,::1]"],
         ["stats", None, DEFAULT_STATS, "Endpoint of /healthz, /readyz and /metrics, or 'none'"],
+        *STATS_LIMIT_OPTIONS,
     ]
 
     def postOptions(self) -> None:
@@ -120,9 +122,13 @@ class Options(EnvOptions):
         self["stats-token-resolved"] = self.resolve_secret("stats-token")
         if self["stats"].strip().lower() == "none":
             self["stats"] = None
-        from eth_twisted.server_tap import allowed_hosts
+        from eth_twisted.server_tap import allowed_hosts, exposure_warning
 
         self["allowed-hosts"] = allowed_hosts(self["stats"] or "", self["stats-allowed-hosts"])
+        self["stats-limits"] = limits_from_options(self)
+        exposed = exposure_warning(self["stats"], self["allowed-hosts"], self["stats-token-resolved"])
+        if exposed:
+            self.warnings.append(exposed)
 
 
     def _tls_settings(self) -> dict[str, Any] | None:
@@ -188,6 +194,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         stats_listen=config["stats"],
         stats_token=config["stats-token-resolved"],
         allowed_hosts=config["allowed-hosts"],
+        stats_limits=config["stats-limits"],
         exit_on_fatal=exit_on_fatal,
         tls=config["tls-settings"],
         secret=config["secret"],

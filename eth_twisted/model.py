@@ -282,8 +282,11 @@ class IRecord(ISink):
     def recent(limit: int, before: int | None = None) -> Deferred[list[Record]]:
         """Newest first (by id), at most ``limit``, only ids below ``before`` if given."""
 
-    def by_block(block_number: int) -> Deferred[list[Record]]:
-        """Every record whose recognised block number is ``block_number``."""
+    def by_block(block_number: int, limit: int | None = None, after: int | None = None) -> Deferred[list[Record]]:
+        """Records whose recognised block number is ``block_number``, in id order.
+
+        Only ids above ``after`` if given, at most ``limit`` if given (the API pages with both).
+        """
 
     def totals() -> Deferred[Totals]:
         """Aggregate counts over every record."""

@@ -3,7 +3,9 @@
 It prints where its data lives, the dashboard URL and one line per stored
 block. The server listens on 127.0.0.1:9999, or on a free port when 9999 is
 taken. Ctrl-C (SIGINT) or SIGTERM first lets the client drain its outbox,
-within ``--drain-timeout`` seconds, then stops both.
+within ``--drain-timeout`` seconds, then stops both. Its site has the same
+protections as ``eth server``'s: the Host allowlist on loopback (DNS
+rebinding), the optional bearer token, and the listener's limits.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from twisted.python import usage
 
 from eth_twisted.config import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
 from eth_twisted.model import Message
+from eth_twisted.server_tap import allowed_hosts, exposure_warning
+from eth_twisted.web_limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()
 
@@ -35,6 +39,7 @@ class RunOptions(EnvOptions):
         "and store every block locally, with the dashboard on --stats. " + PRECEDENCE
     )
     repeatable = ("rpc",)
+    secrets = ("stats-token",)
     optFlags = [["reset-cursor", None, "Forget the client's stored cursor and start at the chain head"]]
     doc_rpc = "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)"
     optParameters = [
@@ -45,6 +50,10 @@ class RunOptions(EnvOptions):
         ["data-dir", None, None, "Directory for the SQLite file and the outbox [default: $STATE_DIRECTORY, else the working directory]"],
         ["drain-timeout", None, 10.0, "Seconds Ctrl-C waits for the outbox to drain", positive_float],
         ["max-backfill", None, 128, "Most blocks fetched per poll", int_in(1, 100_000)],
+        ["stats-token", None, None, "Bearer token the API requires (not /healthz, /readyz); prefer ETH_STATS_TOKEN or --stats-token-file"],
+        ["stats-token-file", None, None, "File holding the API token"],
+        ["stats-allowed-hosts", None, None, "Comma list of Host header values the site answers [default on loopback: localhost,127.0.0.1,::1]"],
+        *STATS_LIMIT_OPTIONS,
     ]
 
     def postOptions(self) -> None:
@@ -55,6 +64,13 @@ class RunOptions(EnvOptions):
             "eth-server.sqlite3", self.environ)
         self["spool"] = str(Path(directory) / "eth-client-spool.sqlite3") if directory else state_path(
             "eth-client-spool.sqlite3", self.environ)
+        # The same defaults as eth server's site (server_tap): loopback answers only loopback names.
+        self["stats-token-resolved"] = self.resolve_secret("stats-token")
+        self["allowed-hosts"] = allowed_hosts(self["stats"], self["stats-allowed-hosts"])
+        self["stats-limits"] = limits_from_options(self)
+        exposed = exposure_warning(self["stats"], self["allowed-hosts"], self["stats-token-resolved"])
+        if exposed:
+            self.warnings.append(exposed)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -84,8 +100,11 @@ class RunService(service.MultiService):
         reactor: Any,
         drain_timeout: float,
         out: TextIO,
+        site_settings: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.site_settings = dict(site_settings or {})
+        """token, allowed_hosts and limits of the site (from RunOptions, as eth server builds them)."""
         self.server = server
         self.make_client = make_client
         self.stats_listen = stats_listen
@@ -118,11 +137,14 @@ class RunService(service.MultiService):
         site = make_combined_site(
             record=self.server.record, sinks=self.server.sinks, stats=self.server.stats,
             metrics=self.server.metrics, client_metrics=self.client.metrics,
-            client_readiness=self.client.readiness, clock=self.reactor,
+            client_readiness=self.client.readiness, clock=self.reactor, **self.site_settings,
         )
         web = strports.service(listen, site, reactor=self.reactor)
+        web.setName("stats")
         web.setServiceParent(self)
-        self.say(f"eth run: dashboard at {_url_for(listen)}")
+        needs = " (the API needs the stats token: add #token=<token> to the URL)" if self.site_settings.get(
+            "token") else ""
+        self.say(f"eth run: dashboard at {_url_for(listen)}{needs}")
 
     def say(self, line: str) -> None:
         """One line for the person watching the terminal."""
@@ -168,7 +190,11 @@ def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, ou
             max_backfill=config["max-backfill"], reset_cursor=bool(config["reset-cursor"]),
         )
 
-    run = RunService(server, make_client, stats, reactor, config["drain-timeout"], out)
+    site_settings = {"token": config["stats-token-resolved"], "allowed_hosts": config["allowed-hosts"],
+                     "limits": config["stats-limits"]}
+    run = RunService(server, make_client, stats, reactor, config["drain-timeout"], out, site_settings)
+    for warning in config.warnings:
+        print(f"eth run: warning: {warning}", file=out, flush=True)
 
     def print_blocks(messages: Sequence[Message], codes: Sequence[str]) -> None:
         for m, code in zip(messages, codes, strict=True):

@@ -293,6 +293,7 @@ def build_server(
     pipeline: bool | None = None,
     concurrent_batches: int = SERVER_CONCURRENCY,
     pending_budget: int = DEFAULT_PENDING_BUDGET,
+    stats_limits: Any = None,
 ) -> ServerService:
     """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site.
 
@@ -313,7 +314,7 @@ def build_server(
     server.factory.log_payloads = verbose
     server.summary = summary
     server.log.info("eth-server listening on {listen}, storing to {summary}", listen=listen, summary=summary)
-    _attach_stats(server, reactor, stats_listen, stats_token, allowed_hosts)
+    _attach_stats(server, reactor, stats_listen, stats_token, allowed_hosts, stats_limits)
     for mirror in mirrors:
         _attach_reconciler(server, mirror, reactor, reconcile_interval)
     server.on_ready.append(lambda: notify_ready(f"eth-server ready: {listen}, storing to {summary}"))
@@ -322,8 +323,9 @@ def build_server(
 
 def _attach_stats(
     server: ServerService, reactor: Any, stats_listen: str | None,
-    token: str | None, allowed_hosts: Sequence[str] | None,
+    token: str | None, allowed_hosts: Sequence[str] | None, limits: Any = None,
 ) -> None:
+    """The stats the router feeds and, on ``stats_listen``, their site (``limits``: its SiteLimits)."""
     from eth_twisted.stats import ServerStats
 
     stats = ServerStats(reactor)
@@ -337,7 +339,7 @@ def _attach_stats(
     redis = next((m for m in server.mirrors if m.name == "redis"), None)
     site = make_server_site(
         record=server.record, sinks=server.sinks, stats=stats, metrics=server.metrics,
-        clock=reactor, token=token, allowed_hosts=allowed_hosts, redis=redis,
+        clock=reactor, token=token, allowed_hosts=allowed_hosts, redis=redis, limits=limits,
     )
     web = strports.service(stats_listen, site, reactor=reactor)
     web.setName("stats")

@@ -25,6 +25,7 @@ from eth_twisted.protocol import (
     ReceiverLimits,
 )
 from eth_twisted.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY
+from eth_twisted.web_limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()
 
@@ -139,6 +140,7 @@ class Options(StorageOptions):
         ["pending-budget", None, DEFAULT_PENDING_BUDGET, "Payload bytes queued for the sinks across all connections before new messages are answered busy", int_in(65536)],
         ["max-connections", None, 10000, "Connections the server holds at once", int_in(1)],
         ["max-per-ip", None, 100, "Connections per client address (IPv6: per /64)", int_in(1)],
+        *STATS_LIMIT_OPTIONS,
     ]
 
     def postOptions(self) -> None:
@@ -156,6 +158,10 @@ class Options(StorageOptions):
         except ConfigError as e:
             raise usage.UsageError(str(e))
         self["allowed-hosts"] = allowed_hosts(self["stats"], self["stats-allowed-hosts"])
+        self["stats-limits"] = limits_from_options(self)
+        exposed = exposure_warning(self["stats"], self["allowed-hosts"], self["stats-token-resolved"])
+        if exposed:
+            self.warnings.append(exposed)
         try:
             self.limits().check()
         except ValueError as e:
@@ -196,6 +202,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         secret=config["secret"],
         allow_plaintext_secret=config["allow-plaintext-secret"],
         allowed_hosts=config["allowed-hosts"],
+        stats_limits=config["stats-limits"],
         pipeline=True if config["pipeline"] else None,
         batch_size=config["batch-size"],
         batch_delay=config["batch-delay"],
@@ -246,6 +253,20 @@ def allowed_hosts(stats: str, option: str | None) -> list[str] | None:
     if stats and ("interface=127." in stats or "interface=localhost" in stats or "interface=\\:\\:1" in stats):
         return ["localhost", "127.0.0.1", "::1"]
     return None
+
+
+def exposure_warning(stats: str | None, allowed: list[str] | None, token: str | None) -> str | None:
+    """A warning when a stats site on the network answers any Host without a token, else None.
+
+    Any web page a browser near it opens can then read the API by DNS rebinding.
+    """
+    if not stats or stats.strip().lower() == "none" or allowed is not None or token:
+        return None
+    if not stats.startswith(("tcp:", "tcp6:", "ssl:", "haproxy:")):
+        return None
+    return (f"the stats site on {stats} answers any Host header and needs no token: a web page "
+            "opened by a browser that can reach it can read the API (DNS rebinding); set "
+            "--stats-allowed-hosts or --stats-token-file")
 
 
 def storage_kwargs(config: StorageOptions) -> dict[str, Any]:

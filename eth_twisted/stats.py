@@ -3,22 +3,34 @@
 :class:`ServerStats` is seeded once at start from the record (SQL totals, and
 Redis's per-client message counts when Redis is configured), then kept
 current in memory by the router after every batch (:meth:`ServerStats.observe`).
-The stats API reads :meth:`ServerStats.snapshot`, which is cached for a
-second on the injected clock: dashboards polling it never touch the writer,
-and ingest never waits for them.
+The stats API reads :meth:`ServerStats.snapshot_bytes`, the encoded snapshot,
+built at most once a second on the injected clock: dashboards polling it
+never touch the writer, and ingest never waits for them.
+
+Clients are counted by address group (:func:`eth_twisted.protocol.peer_group`:
+the address, or its /64 for IPv6, the unit a single host controls). A
+snapshot lists the :data:`TOP_CLIENTS` busiest groups plus how many there are;
+building it costs the groups that delivered since the last one, not every
+group ever seen (counts only grow, so no other group can enter the top). At
+most :data:`MAX_GROUPS` groups are kept; the rest are counted together as
+:data:`OTHER`.
 """
 
 from __future__ import annotations
 
+import heapq
+import json
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from eth_twisted.model import IRecord, Message, Outcome, Record, RecordSummary, Totals
+from eth_twisted.protocol import peer_group
 
 CHART_POINTS = 600
 """How many (received_at, block_number) points the chart ring keeps."""
@@ -28,6 +40,18 @@ SAME_POINT = 0.01
 
 SNAPSHOT_TTL = 1.0
 """Seconds a snapshot is served from cache."""
+
+TOP_CLIENTS = 20
+"""Client groups a snapshot lists (the busiest by messages); ``totals.clients`` counts them all."""
+
+MAX_GROUPS = 100_000
+"""Client groups kept in memory; past it, new groups are counted together as :data:`OTHER`."""
+
+OTHER = "other"
+"""The group every address past :data:`MAX_GROUPS` is counted in."""
+
+_GROUP_CACHE = 4096
+"""IPv6 addresses whose group is remembered (the cache is emptied when full)."""
 
 _STORED = Outcome.STORED.value
 _DUPLICATE = Outcome.DUPLICATE.value
@@ -51,10 +75,13 @@ class ServerStats:
     """In-memory running totals, seeded from the record and updated per batch."""
 
     def __init__(
-        self, clock: IReactorTime, *, chart_points: int = CHART_POINTS, ttl: float = SNAPSHOT_TTL
+        self, clock: IReactorTime, *, chart_points: int = CHART_POINTS, ttl: float = SNAPSHOT_TTL,
+        top_clients: int = TOP_CLIENTS, max_groups: int = MAX_GROUPS,
     ) -> None:
         self.clock = clock
         self.ttl = ttl
+        self.top_clients = top_clients
+        self.max_groups = max_groups
         self.started_at = clock.seconds()
         self.records = 0
         self.messages = 0
@@ -68,14 +95,35 @@ class ServerStats:
         self.chart: deque[tuple[float, int]] = deque(maxlen=chart_points)
         self.chart_seeded = False
         self._cache: dict[str, Any] | None = None
+        self._cache_bytes = b""
         self._cache_at = 0.0
+        self._top: list[str] = []
+        self._touched: set[str] | None = None
+        """Groups that delivered since the last snapshot; None: rank every group next time."""
+        self._groups: dict[str, str] = {}
 
     # -- feeding -------------------------------------------------------------
 
+    def group(self, ip: str) -> str:
+        """The group ``ip`` is counted in: itself, its IPv6 /64, or :data:`OTHER` past the cap."""
+        if ":" in ip:
+            found = self._groups.get(ip)
+            if found is None:
+                if len(self._groups) >= _GROUP_CACHE:
+                    self._groups.clear()
+                found = self._groups[ip] = peer_group(ip)
+            ip = found
+        if ip not in self.clients and len(self.clients) >= self.max_groups:
+            return OTHER
+        return ip
+
     def _client(self, ip: str) -> ClientCounts:
-        counts = self.clients.get(ip)
+        key = self.group(ip)
+        counts = self.clients.get(key)
         if counts is None:
-            counts = self.clients[ip] = ClientCounts()
+            counts = self.clients[key] = ClientCounts()
+        if self._touched is not None:
+            self._touched.add(key)
         return counts
 
     def seed(self, totals: Totals, ip_messages: dict[str, int] | None = None) -> None:
@@ -87,14 +135,16 @@ class ServerStats:
         """
         self.records = totals.records
         self.clients = {}
+        self._touched = None
         for ip, n in totals.first_by_ip.items():
-            self._client(ip).records = n
+            self._client(ip).records += n
         for ip, block in totals.latest_block_by_ip.items():
-            self._client(ip).latest_block = block
+            counts = self._client(ip)
+            counts.latest_block = block if counts.latest_block is None else max(counts.latest_block, block)
         if ip_messages is not None:
             self.messages_source = "redis"
             for ip, n in ip_messages.items():
-                self._client(ip).messages = int(n)
+                self._client(ip).messages += int(n)
         else:
             self.messages_source = "sql"
             for counts in self.clients.values():
@@ -178,23 +228,44 @@ class ServerStats:
         Batches observed meanwhile show up in the next snapshot, so however
         many dashboards poll, the work stays one build per second.
         """
+        self._refresh()
+        assert self._cache is not None
+        return self._cache
+
+    def snapshot_bytes(self) -> bytes:
+        """:meth:`snapshot` encoded as the API's JSON, encoded once per build."""
+        self._refresh()
+        return self._cache_bytes
+
+    def _refresh(self) -> None:
         now = self.clock.seconds()
         if self._cache is not None and now - self._cache_at < self.ttl:
-            return self._cache
+            return
         self._cache = self._build(now)
+        self._cache_bytes = json.dumps(self._cache, separators=(",", ":"), ensure_ascii=False,
+                                       allow_nan=False).encode()
         self._cache_at = now
-        return self._cache
+
+    def _ranked(self) -> list[str]:
+        """The busiest :attr:`top_clients` groups, from the last top and the groups that delivered since."""
+        def rank(key: str) -> tuple[int, str]:
+            return -self.clients[key].messages, key
+
+        candidates: Iterable[str] = self.clients if self._touched is None else {*self._top, *self._touched}
+        self._top = heapq.nsmallest(self.top_clients, (k for k in candidates if k in self.clients), key=rank)
+        self._touched = set()
+        return self._top
 
     def _build(self, now: float) -> dict[str, Any]:
         clients = [
             {
-                "ip": ip,
+                "ip": key,
                 "records": c.records,
                 "messages": c.messages,
                 "latest_block": c.latest_block,
                 "last_seen": c.last_seen,
             }
-            for ip, c in sorted(self.clients.items(), key=lambda kv: (-kv[1].messages, kv[0]))
+            for key, c in ((key, self.clients[key]) for key in self._ranked())
         ]
         latest: dict[str, Any] | None = None
         if self.latest_block is not None:
@@ -218,10 +289,20 @@ class ServerStats:
             },
             "first_received_at": self.first_received_at,
             "last_received_at": self.last_received_at,
+            "first_received_at_iso": iso(self.first_received_at),
+            "last_received_at_iso": iso(self.last_received_at),
             "latest_block": latest,
             "clients": clients,
+            "clients_omitted": len(self.clients) - len(clients),
             "chart": [[at, number] for at, number in self.chart],
         }
 
 
-__all__ = ["CHART_POINTS", "ClientCounts", "ServerStats"]
+def iso(ts: float | None) -> str | None:
+    """Unix time as ISO 8601 in UTC, or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+__all__ = ["CHART_POINTS", "MAX_GROUPS", "OTHER", "TOP_CLIENTS", "ClientCounts", "ServerStats", "iso"]

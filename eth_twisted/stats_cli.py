@@ -1,12 +1,16 @@
 """``eth stats``: print a running server's /api/stats as a readable table.
 
 A one-shot command, so a blocking ``urllib`` request is all it needs. When the
-server does not answer, it says so on stderr and exits 1.
+server does not answer, it says so on stderr and exits 1. It never follows a
+redirect (the bearer token would go wherever the redirect points): a 3xx is
+an error naming where it pointed. The answer is read up to :data:`MAX_BODY`
+bytes, and text from the server is printed without control characters.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -18,6 +22,9 @@ from eth_twisted.config import PRECEDENCE, EnvOptions
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = 5.0
+MAX_BODY = 8 * 1024 * 1024
+"""Largest /api/stats answer read (the server's is tens of kilobytes: top clients, 600 chart points)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class Options(EnvOptions):
@@ -51,18 +58,45 @@ class StatsUnavailable(Exception):
     """The stats could not be fetched; the message says why, for a person."""
 
 
+def printable(text: Any, limit: int = 200) -> str:
+    """``text`` as one line without control characters (no terminal escapes), at most ``limit`` long."""
+    line = _CONTROL.sub("?", str(text))
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would resend the Authorization header to any host.
+
+    Returning None makes urllib raise the 3xx as an ``HTTPError``.
+    """
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        """Refuse every redirect."""
+        return None
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(NoRedirects())
+
+
 def fetch_stats(url: str, token: str | None, timeout: float = TIMEOUT) -> dict[str, Any]:
     """GET ``url``/api/stats and decode it; raises ``StatsUnavailable`` with a readable reason."""
     request = urllib.request.Request(url + "/api/stats", headers={"Accept": "application/json"})
     if token:
         request.add_header("Authorization", "Bearer " + token)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read()
+        with _opener().open(request, timeout=timeout) as response:
+            body = response.read(MAX_BODY + 1)
     except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            location = printable(e.headers.get("Location") or "nowhere")
+            e.close()
+            raise StatsUnavailable(
+                f"{url}/api/stats answered a redirect (HTTP {e.code}) to {location}; eth stats does "
+                "not follow redirects (the token would go with it): give --url the server itself")
         detail = ""
         try:
-            detail = json.loads(e.read()).get("message", "")
+            detail = printable(json.loads(e.read(64 * 1024)).get("message", ""))
         except (ValueError, AttributeError, OSError):
             pass
         if e.code == 401:
@@ -73,6 +107,9 @@ def fetch_stats(url: str, token: str | None, timeout: float = TIMEOUT) -> dict[s
         raise StatsUnavailable(f"the server at {url} does not answer ({e.reason})")
     except (OSError, ValueError) as e:
         raise StatsUnavailable(f"the server at {url} does not answer ({e})")
+    if len(body) > MAX_BODY:
+        raise StatsUnavailable(f"{url}/api/stats answered more than {MAX_BODY // (1024 * 1024)} MiB: "
+                               "is this the eth-twisted stats API?")
     try:
         stats = json.loads(body)
     except ValueError:
@@ -106,7 +143,7 @@ def _age(seconds: float | None) -> str:
 
 
 def format_stats(stats: dict[str, Any], url: str) -> str:
-    """The stats as lines of text: a summary, then one row per client."""
+    """The stats as lines of text: a summary, then one row per listed client (IPv6: per /64)."""
     totals = stats.get("totals", {})
     latest = stats.get("latest_block")
     now = stats.get("now")
@@ -136,7 +173,7 @@ def format_stats(stats: dict[str, Any], url: str) -> str:
     header = ("client", "records", "messages", "latest block", "last seen")
     rows = [
         (
-            str(c.get("ip", "?")),
+            printable(c.get("ip", "?"), 60),
             _int(c.get("records")),
             _int(c.get("messages")),
             _int(c.get("latest_block")),
@@ -154,6 +191,9 @@ def format_stats(stats: dict[str, Any], url: str) -> str:
     lines.append(fmt(header))
     lines.append("  " + "  ".join("-" * w for w in widths))
     lines += [fmt(r) for r in rows]
+    omitted = stats.get("clients_omitted") or 0
+    if omitted:
+        lines.append(f"  … and {_int(omitted)} more (the busiest {len(rows)} are shown; the totals count all)")
     return "\n".join(lines)
 
 
@@ -176,8 +216,15 @@ def run(
         return 1
     if config["json"]:
         print(json.dumps(stats, indent=2, sort_keys=True), file=out)
-    else:
-        print(format_stats(stats, url), file=out)
+        return 0
+    try:
+        table = format_stats(stats, url)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, OSError):
+        # The answer had the right keys but not the right kinds of values: say so, no traceback.
+        print(f"eth stats: {url}/api/stats answered stats this eth stats cannot read (use --json to see them)",
+              file=err)
+        return 1
+    print(table, file=out)
     return 0
 
 

@@ -27,13 +27,11 @@ The web layer reads the record's own read path and the in-memory
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 
@@ -42,14 +40,15 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from eth_twisted.metrics import ClientMetrics, ServerMetrics
-from eth_twisted.model import IRecord, ISink, Record
+from eth_twisted.model import IRecord, ISink
 from eth_twisted.payload import MAX_BLOCK_NUMBER
 from eth_twisted.stats import ServerStats
+from eth_twisted.web_limits import REASONS, SECURITY_HEADERS, GuardedSite, SiteLimits
+from eth_twisted.web_pages import Page, json_bytes, read_page, record_json
 
 log = Logger()
 
@@ -65,18 +64,6 @@ READY_CACHE = 1.0
 """Seconds a /readyz answer is reused, so probes and dashboards cannot hammer the sinks."""
 
 JSON_TYPE = "application/json; charset=utf-8"
-
-SECURITY_HEADERS: dict[str, str] = {
-    "Content-Security-Policy": (
-        "default-src 'self'; base-uri 'none'; object-src 'none'; "
-        "frame-ancestors 'none'; form-action 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
-}
 
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -114,11 +101,6 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def json_bytes(obj: Any) -> bytes:
-    """Compact UTF-8 JSON (no NaN)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON answer that is never cached."""
     h = {"Cache-Control": "no-store"}
@@ -129,35 +111,6 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 def error_response(error: ApiError) -> Response:
     """The JSON body of an :class:`ApiError`."""
     return json_response({"error": error.code, "message": error.message}, error.status, error.headers)
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix time as ISO 8601 in UTC, or None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def record_json(record: Record) -> dict[str, Any]:
-    """One stored record for the API: payload as text when UTF-8, else base64."""
-    try:
-        payload = record.payload.decode("utf-8")
-        encoding = "utf-8"
-    except UnicodeDecodeError:
-        payload = base64.b64encode(record.payload).decode("ascii")
-        encoding = "base64"
-    return {
-        "id": record.id,
-        "hash": record.hash,
-        "block_number": record.block_number,
-        "client_ip": record.client_ip,
-        "client_id": record.client_id,
-        "received_at": record.received_at,
-        "received_at_iso": iso(record.received_at),
-        "size": len(record.payload),
-        "payload_encoding": encoding,
-        "payload": payload,
-    }
 
 
 # -- query parsing ------------------------------------------------------------------
@@ -311,12 +264,13 @@ class App(Resource):
     def _check_token(self, request: Request) -> None:
         if self._token is None:
             return
-        header = request.getHeader("authorization") or ""
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
+        # Bytes throughout: a header that is not UTF-8 is a wrong token, never an exception.
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, presented = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not presented.strip():
             raise ApiError(401, "unauthorized", "a bearer token is required",
                            {"WWW-Authenticate": 'Bearer realm="eth-twisted"'})
-        if not hmac.compare_digest(presented.strip().encode(), self._token):
+        if not hmac.compare_digest(presented.strip(), self._token):
             raise ApiError(401, "unauthorized", "the bearer token is not valid",
                            {"WWW-Authenticate": 'Bearer realm="eth-twisted", error="invalid_token"'})
 
@@ -335,7 +289,7 @@ class App(Resource):
     def _write(self, request: Request, response: Response) -> None:
         if request._disconnected or request.finished:
             return
-        request.setResponseCode(response.status)
+        request.setResponseCode(response.status, REASONS.get(response.status))
         request.setHeader("Content-Type", response.content_type)
         for name, value in response.headers.items():
             request.setHeader(name, value)
@@ -345,19 +299,9 @@ class App(Resource):
         request.finish()
 
 
-class QuietSite(Site):
-    """A Site that never shows tracebacks and logs no per-request line."""
-
-    displayTracebacks = False
-
-    def log(self, request: http.Request) -> None:
-        """Per-request access lines are left to a reverse proxy; metrics count what matters."""
-
-
-def _site(app: App) -> Site:
-    site = QuietSite(app)
-    site.displayTracebacks = False
-    return site
+def _site(app: App, limits: SiteLimits) -> Site:
+    """The listener's site: every connection gets the limits of :mod:`eth_twisted.web_limits`."""
+    return GuardedSite(app, limits, app.clock)
 
 
 # -- handlers ----------------------------------------------------------------------------
@@ -434,6 +378,39 @@ class Readiness:
         return name, {"ok": True, "latency_ms": round((self.clock.seconds() - started) * 1000, 3)}
 
 
+def held_place(places: defer.DeferredSemaphore, work: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
+    """Run ``work()`` in one of ``places``, held until the work itself ends.
+
+    Cancelling the answer (the handler deadline, a client gone) while it waits
+    for a place gives the place up unused; once the work has started, the
+    answer fails at once but the place is kept until the work (a read in a
+    database thread, which cannot be stopped) finishes, so abandoned reads can
+    never pile up behind the ones the places admit.
+    """
+    acquired = places.acquire()
+
+    def cancel(_: defer.Deferred[Any]) -> None:
+        if not acquired.called:
+            acquired.cancel()
+
+    answer: defer.Deferred[Any] = defer.Deferred(cancel)
+
+    def start(_: Any) -> None:
+        def finished(result: Any) -> None:
+            places.release()
+            if not answer.called:
+                answer.callback(result)  # a Failure errbacks
+
+        defer.maybeDeferred(work).addBoth(finished)
+
+    def not_started(failure: Failure) -> None:
+        if not failure.check(defer.CancelledError) and not answer.called:
+            answer.errback(failure)
+
+    acquired.addCallbacks(start, not_started)
+    return answer
+
+
 def _healthz(clock: IReactorTime, started: float) -> Handler:
     def handler(request: Request, match: re.Match[str]) -> Response:
         return json_response({"status": "ok", "uptime_seconds": max(0.0, clock.seconds() - started)})
@@ -496,6 +473,7 @@ def _server_routes(
     stats: ServerStats,
     registries: Sequence[CollectorRegistry],
     clock: IReactorTime,
+    limits: SiteLimits,
     client_readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
 ) -> list[Route]:
     started = clock.seconds()
@@ -513,10 +491,14 @@ def _server_routes(
         return found
 
     chart_load: list[defer.Deferred[None]] = []
+    heavy = defer.DeferredSemaphore(limits.heavy_requests)
 
     @defer.inlineCallbacks
     def fill_chart() -> Any:
-        """Once, after the stats were seeded: the chart's history from the record's read path."""
+        """Once, after the stats were seeded: the chart's history from the record's read path.
+
+        Summaries only (id, hash, block, address, time): no payload is read.
+        """
         try:
             rows = yield record.recent_summaries(stats.chart.maxlen or MAX_LIMIT)  # no payloads
             stats.seed_chart(rows)
@@ -530,33 +512,37 @@ def _server_routes(
             if not chart_load:
                 chart_load.append(fill_chart())
             yield chart_load[0]
-        snap = dict(stats.snapshot())
-        snap["first_received_at_iso"] = iso(snap.get("first_received_at"))
-        snap["last_received_at_iso"] = iso(snap.get("last_received_at"))
-        return json_response(snap)
+        return Response(stats.snapshot_bytes(), JSON_TYPE, 200, {"Cache-Control": "no-store"})
 
     def openapi(request: Request, match: re.Match[str]) -> Response:
         return Response(spec, JSON_TYPE, 200, {"Cache-Control": "no-cache"})
+
+    def page_of(fetch: Any, limit: int) -> defer.Deferred[Page]:
+        return held_place(heavy, lambda: read_page(fetch, limit, limits.page_bytes, clock))
 
     @defer.inlineCallbacks
     def messages(request: Request, match: re.Match[str]) -> Any:
         limit = parse_int(_single(request, "limit"), "limit", 1, MAX_ID)
         before = parse_int(_single(request, "before"), "before", 1, MAX_ID)
         limit = min(limit if limit is not None else DEFAULT_LIMIT, MAX_LIMIT)
-        rows = yield record.recent(limit, before)
-        items = [record_json(r) for r in rows]
-        next_before = items[-1]["id"] if len(items) == limit else None
-        return json_response({"limit": limit, "before": before, "messages": items,
-                              "next_before": next_before})
+        page = yield page_of(lambda n, last: record.recent(n, before if last is None else last), limit)
+        body = page.body({"limit": limit, "before": before}, "messages", {"next_before": page.next_cursor})
+        return Response(body, JSON_TYPE, 200, {"Cache-Control": "no-store"})
 
     @defer.inlineCallbacks
     def blocks(request: Request, match: re.Match[str]) -> Any:
         number = parse_int(match["number"], "block number", 0, MAX_BLOCK_NUMBER)
         assert number is not None
-        rows = yield record.by_block(number)
-        if not rows:
+        limit = parse_int(_single(request, "limit"), "limit", 1, MAX_ID)
+        after = parse_int(_single(request, "after"), "after", 0, MAX_ID)
+        limit = min(limit if limit is not None else DEFAULT_LIMIT, MAX_LIMIT)
+        page = yield page_of(
+            lambda n, last: record.by_block(number, limit=n, after=after if last is None else last), limit)
+        if not page.items and after is None:
             raise ApiError(404, "not-found", f"no record of block {number}")
-        return json_response({"block_number": number, "records": [record_json(r) for r in rows]})
+        body = page.body({"block_number": number, "limit": limit, "after": after}, "records",
+                         {"next_after": page.next_cursor})
+        return Response(body, JSON_TYPE, 200, {"Cache-Control": "no-store"})
 
     return [
         Route.at(r"/", dashboard, public=True),
@@ -584,6 +570,7 @@ def make_server_site(
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
     redis: Any = None,
+    limits: SiteLimits | None = None,
 ) -> Site:
     """The server's stats site.
 
@@ -592,11 +579,13 @@ def make_server_site(
     /readyz; ``stats`` answers /api/stats; ``metrics.registry`` is /metrics.
     ``redis`` is accepted for symmetry with the server's wiring and unused:
     Redis's counts reach the stats through :meth:`ServerStats.seed`.
+    ``limits`` are the listener's (:class:`~eth_twisted.web_limits.SiteLimits`).
     """
     del redis
+    limits = limits or SiteLimits()
     routes = _server_routes(record=record, sinks=sinks, stats=stats,
-                            registries=[metrics.registry], clock=clock)
-    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts))
+                            registries=[metrics.registry], clock=clock, limits=limits)
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits)
 
 
 def _client_routes(
@@ -622,10 +611,11 @@ def make_client_site(
     clock: IReactorTime,
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
+    limits: SiteLimits | None = None,
 ) -> Site:
     """The client's site: /healthz, /readyz (``readiness()`` -> (ok, detail)) and /metrics."""
     routes = _client_routes(metrics=metrics, readiness=readiness, clock=clock)
-    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts))
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits or SiteLimits())
 
 
 def make_combined_site(
@@ -640,6 +630,7 @@ def make_combined_site(
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
     redis: Any = None,
+    limits: SiteLimits | None = None,
 ) -> Site:
     """One site for ``eth run``: the server's endpoints plus the client's.
 
@@ -649,14 +640,15 @@ def make_combined_site(
     ``/client/readyz``, ``/client/metrics`` answer for the client alone.
     """
     del redis
+    limits = limits or SiteLimits()
     routes = _server_routes(
         record=record, sinks=sinks, stats=stats,
-        registries=[metrics.registry, client_metrics.registry], clock=clock,
+        registries=[metrics.registry, client_metrics.registry], clock=clock, limits=limits,
         client_readiness=client_readiness,
     )
     routes += _client_routes(metrics=client_metrics, readiness=client_readiness, clock=clock,
                              prefix="/client")
-    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts))
+    return _site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits)
 
 
 __all__ = [

@@ -331,6 +331,17 @@ class SinkContract:
         assert await sink.by_block(9) == []
 
     @pytest_twisted.ensureDeferred
+    async def test_by_block_pages_by_id(self, sink: Any) -> None:
+        """by_block with limit and after pages through one height in id order, without overlap."""
+        self.require_record()
+        await self.store(sink, [msg(b"p-%d" % i, block=5) for i in range(5)] + [msg(b"other", block=6)])
+        first = await sink.by_block(5, limit=2)
+        assert [r.payload for r in first] == [b"p-0", b"p-1"]
+        rest = await sink.by_block(5, limit=10, after=first[-1].id)
+        assert [r.payload for r in rest] == [b"p-2", b"p-3", b"p-4"]
+        assert await sink.by_block(5, limit=10, after=rest[-1].id) == []
+
+    @pytest_twisted.ensureDeferred
     async def test_totals_empty(self, sink: Any) -> None:
         """Totals of an empty record are zero and None."""
         self.require_record()

@@ -240,3 +240,19 @@ def test_twistd_eth_client_bad_option_exits_nonzero_naming_it() -> None:
     proc = run_cli(str(ROOT / ".venv/bin/twistd"), "-n", "--pidfile=", "eth-client", "--ack-timeout", "5")
     assert proc.returncode != 0
     assert "--ack-timeout" in proc.stdout + proc.stderr
+
+
+def test_stats_site_limits_reach_the_client_listener(tmp_path: Path) -> None:
+    """The client's stats listener takes the same --stats-* limits as the server's."""
+    from eth_twisted.web_limits import SiteLimits
+
+    reactor = MemoryReactorClock()
+    o = parse(["--spool", str(tmp_path / "s.sqlite3"), "--rpc", "http://127.0.0.1:1",
+               "--stats", "tcp:0:interface=127.0.0.1", "--stats-max-per-ip", "4"],
+              env={"ETH_STATS_MAX_CONNECTIONS": "8"})
+    client = client_tap.makeService(o, reactor)
+    try:
+        assert client.stats is not None
+        assert client.stats.factory.limits == SiteLimits(max_connections=8, max_per_ip=4)
+    finally:
+        client.outbox.close()

@@ -2,7 +2,8 @@
 
 A real server on SQLite with its stats site; the page is opened with the
 token in the URL fragment. The head shown equals the API's and follows a new
-message; a payload carrying ``<script>`` is shown as text and never runs; a
+message; a payload carrying ``<script>`` is shown as text and never runs; the
+clients table shows the busiest 20 of 30 client groups and says so; a
 screenshot is saved to tests/artifacts/dashboard.png.
 """
 
@@ -47,6 +48,16 @@ def seed_history(path: Path, now: float) -> None:
                 "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at)"
                 " VALUES (?, ?, ?, ?, NULL, ?)",
                 (sha256_hex(payload), payload, number, f"192.0.2.{10 + i % 3}", now - 480 + i * 12),
+            )
+        # Older chatter without a block number from 24 more addresses and one IPv6 /64 (4 hosts):
+        # 30 client groups with the live senders, more than the 20 the API lists.
+        extra = [f"198.51.100.{i}" for i in range(24)] + [f"2001:db8:7::{i}" for i in range(1, 5)]
+        for i, ip in enumerate(extra):
+            payload = b"chatter %d" % i
+            db.execute(
+                "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at)"
+                " VALUES (?, ?, NULL, ?, NULL, ?)",
+                (sha256_hex(payload), payload, ip, now - 900 + i),
             )
 
 
@@ -102,6 +113,8 @@ def drive_browser(web: int, port: int) -> dict[str, Any]:
                 "document.querySelectorAll('#messages-list script, #messages-list img, #messages-list b').length")
             seen["pwned"] = page.evaluate("typeof window.__pwned")
             seen["clients_rows"] = page.locator("#client-rows tr").count()
+            seen["clients_meta"] = page.text_content("#clients-meta")
+            seen["client_addrs"] = page.locator("#client-rows td.addr").all_text_contents()
             seen["sinks"] = page.text_content("#sinks")
             seen["status"] = page.get_attribute("#status", "data-state")
             page.wait_for_timeout(600)  # let the pulse animation and chart settle for the picture
@@ -137,7 +150,10 @@ def test_dashboard_in_chromium(tmp_path: Path, chromium: str):
     assert seen["scripts_in_list"] == 0
     assert seen["pwned"] == "undefined"
     assert seen["dialogs"] == []
-    assert seen["clients_rows"] == 5
+    assert seen["clients_rows"] == 20  # the busiest 20 of 30 groups
+    assert seen["clients_meta"] == "30 addresses · busiest 20 shown"
+    assert seen["client_addrs"][:3] == ["192.0.2.10", "192.0.2.11", "192.0.2.12"]
+    assert "2001:db8:7::/64" in seen["client_addrs"]  # four hosts of one /64, one row
     assert "sqlite" in seen["sinks"] and "up" in seen["sinks"]
     assert seen["status"] == "live"
     assert not [c for c in seen["console"] if "Content Security Policy" in c or c.startswith("error")]

@@ -183,3 +183,25 @@ def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
     for bad in ("0", "9", "two"):
         with pytest.raises(usage.UsageError, match="concurrent-batches"):
             parse([*base, "--concurrent-batches", bad])
+
+
+def test_stats_site_limits_reach_the_listener(tmp_path) -> None:
+    """--stats-max-connections, --stats-max-per-ip and --stats-header-timeout (or ETH_*) set the stats
+    listener's limits; the defaults are SiteLimits'."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from eth_twisted.server_tap import makeService
+    from eth_twisted.web_limits import SiteLimits
+
+    assert parse([])["stats-limits"] == SiteLimits()
+    base = ["--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0", "--stats", "tcp:0:interface=127.0.0.1"]
+    o = parse([*base, "--stats-max-connections", "10", "--stats-max-per-ip", "3"],
+              env={"ETH_STATS_HEADER_TIMEOUT": "2.5"})
+    assert o["stats-limits"] == SiteLimits(max_connections=10, max_per_ip=3, header_timeout=2.5)
+    reactor = MemoryReactorClock()
+    server = makeService(o, reactor)
+    site = server.getServiceNamed("stats").factory
+    assert site.limits == o["stats-limits"]
+    for bad in (["--stats-max-connections", "0"], ["--stats-header-timeout", "-1"]):
+        with pytest.raises(usage.UsageError, match="stats-"):
+            parse(bad)

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from eth_twisted.model import Message, Outcome, Record, Totals
 from eth_twisted.payload import render_html
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.stats import ServerStats
+from eth_twisted.stats import OTHER, TOP_CLIENTS, ServerStats
 
 
 def msg(n: int | None, ip: str = "10.0.0.1", at: float = 1000.0, payload: bytes | None = None) -> Message:
@@ -141,7 +141,8 @@ def test_snapshot_is_strict_json() -> None:
     text = json.dumps(stats.snapshot(), allow_nan=False)
     assert set(json.loads(text)) == {
         "now", "started_at", "uptime_seconds", "messages_source", "totals", "first_received_at",
-        "last_received_at", "latest_block", "clients", "chart",
+        "last_received_at", "first_received_at_iso", "last_received_at_iso", "latest_block", "clients",
+        "clients_omitted", "chart",
     }
 
 
@@ -204,3 +205,79 @@ def test_seed_chart_merges_a_batch_sharing_one_receipt_time() -> None:
                  for i, m in enumerate(messages, 1)]
     stats.seed_chart(read_back)
     assert sorted(n for _, n in stats.chart) == [7, 8, 9]
+
+
+# -- issue 13, item 18: the top clients, a count, IPv6 by /64, encoded once -------------------------
+
+
+def test_snapshot_lists_the_busiest_clients_and_counts_the_rest() -> None:
+    """5,000 addresses: the snapshot lists the 20 busiest (by messages), counts all 5,000, stays small."""
+    clock, stats = fresh()
+    stats.seed(Totals())
+    for i in range(5000):
+        ip = f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"
+        stats.observe([msg(i, ip)] * (1 + i % 7), ["OK"] + ["DUP"] * (i % 7))
+    clock.advance(1)
+    snap = stats.snapshot()
+    assert snap["totals"]["clients"] == 5000
+    assert len(snap["clients"]) == TOP_CLIENTS and snap["clients_omitted"] == 5000 - TOP_CLIENTS
+    ranked = sorted(stats.clients.items(), key=lambda kv: (-kv[1].messages, kv[0]))[:TOP_CLIENTS]
+    assert [c["ip"] for c in snap["clients"]] == [ip for ip, _ in ranked]
+    assert all(c["messages"] == 7 for c in snap["clients"])
+    assert len(stats.snapshot_bytes()) < 64 * 1024
+
+
+def test_ipv6_clients_are_grouped_by_slash_64() -> None:
+    """Addresses in one IPv6 /64 are one client, live and when seeded from SQL and Redis."""
+    clock, stats = fresh()
+    stats.seed(Totals(records=3, first_by_ip={"2001:db8::1": 2, "2001:db8::2": 1, "10.0.0.1": 0},
+                      latest_block_by_ip={"2001:db8::1": 5, "2001:db8::2": 9}),
+               {"2001:db8::1": 4, "2001:db8::2": 3})
+    stats.observe([msg(10, "2001:db8::ffff:1"), msg(11, "2001:db8:0:1::1")], ["OK", "OK"])
+    clock.advance(1)
+    clients = {c["ip"]: c for c in stats.snapshot()["clients"]}
+    assert set(clients) == {"2001:db8::/64", "2001:db8:0:1::/64", "10.0.0.1"}
+    assert (clients["2001:db8::/64"]["records"], clients["2001:db8::/64"]["messages"]) == (4, 8)
+    assert clients["2001:db8::/64"]["latest_block"] == 10
+    assert stats.snapshot()["totals"]["clients"] == 3
+
+
+def test_the_top_stays_exact_as_counts_grow() -> None:
+    """Ranked from the last top plus the groups that delivered since, the top always equals a full ranking."""
+    import random
+
+    rng = random.Random(13)
+    clock, stats = fresh()
+    stats.seed(Totals(records=0, first_by_ip={f"10.0.0.{i}": 0 for i in range(60)}),
+               {f"10.0.0.{i}": rng.randrange(50) for i in range(60)})
+    for _round in range(200):
+        batch = [msg(None, f"10.0.0.{rng.randrange(80)}", payload=b"%d" % rng.randrange(10**9))
+                 for _ in range(rng.randrange(1, 12))]
+        stats.observe(batch, ["DUP"] * len(batch))
+        clock.advance(1)
+        full = sorted(stats.clients.items(), key=lambda kv: (-kv[1].messages, kv[0]))[:TOP_CLIENTS]
+        assert [c["ip"] for c in stats.snapshot()["clients"]] == [ip for ip, _ in full]
+
+
+def test_groups_past_the_cap_are_counted_together() -> None:
+    """Past max_groups, new addresses are counted as one 'other' group; nothing is lost from the totals."""
+    clock = Clock()
+    stats = ServerStats(clock, max_groups=3)
+    stats.seed(Totals())
+    stats.observe([msg(i, f"10.0.0.{i}") for i in range(6)], ["OK"] * 6)
+    clock.advance(1)
+    snap = stats.snapshot()
+    assert {c["ip"]: c["records"] for c in snap["clients"]} == {
+        "10.0.0.0": 1, "10.0.0.1": 1, "10.0.0.2": 1, OTHER: 3}
+    assert snap["totals"]["records"] == 6
+
+
+def test_snapshot_bytes_are_encoded_once_per_ttl() -> None:
+    """However often the encoded snapshot is asked for within a second, it is built and encoded once."""
+    clock, stats = fresh()
+    stats.observe([msg(1)], ["OK"])
+    first = stats.snapshot_bytes()
+    assert all(stats.snapshot_bytes() is first for _ in range(100))
+    assert json.loads(first) == stats.snapshot()
+    clock.advance(1)
+    assert stats.snapshot_bytes() is not first

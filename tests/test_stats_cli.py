@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import Totals
@@ -134,3 +137,121 @@ def test_eth_stats_command_when_server_is_down() -> None:
     assert proc.returncode == 1, proc.stderr
     assert "does not answer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- issue 13, item 12: redirects never carry the token ------------------------------------
+
+
+class Recorder(Resource):
+    """A stats API that records the Authorization header of every request it gets."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+        self.seen: list[bytes | None] = []
+
+    def render_GET(self, request: Any) -> bytes:
+        self.seen.append(request.getHeader(b"authorization"))
+        return self.body
+
+
+class Redirector(Resource):
+    """Answers every request with ``code`` and a Location header."""
+
+    isLeaf = True
+
+    def __init__(self, code: int, location: bytes) -> None:
+        super().__init__()
+        self.code = code
+        self.location = location
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setResponseCode(self.code)
+        request.setHeader(b"location", self.location)
+        return b""
+
+
+def test_redirect_handler_refuses_every_redirect() -> None:
+    """The opener's redirect handler builds no new request, so urllib raises the 3xx instead."""
+    import urllib.request
+
+    from eth_twisted.stats_cli import NoRedirects
+
+    req = urllib.request.Request("http://127.0.0.1:1/api/stats", headers={"Authorization": "Bearer x"})
+    for code in (301, 302, 303, 307, 308):
+        assert NoRedirects().redirect_request(req, None, code, "moved", {}, "http://evil.test/") is None
+
+
+def test_server_text_is_printed_without_control_characters() -> None:
+    """A hostile server's strings cannot put terminal escapes on the screen."""
+    from eth_twisted.stats_cli import printable
+
+    hostile = dict(SAMPLE, clients=[dict(SAMPLE["clients"][0], ip="\x1b]0;pwned\x07\x1b[2J10.0.0.1")])
+    text = format_stats(hostile, "http://x")
+    assert "\x1b" not in text and "\x07" not in text
+    assert printable("a\x1b[31mb\r\nc") == "a?[31mb??c"
+    assert len(printable("x" * 1000)) == 200
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+@pytest_twisted.inlineCallbacks
+def test_redirect_is_an_error_and_the_token_goes_nowhere(code: int):
+    """A 3xx from the stats API is an exit-1 error naming where it pointed; the target sees nothing."""
+    target = Recorder(json.dumps(SAMPLE).encode())
+    target_port = reactor.listenTCP(0, Site(target), interface="127.0.0.1")
+    elsewhere = f"http://127.0.0.1:{target_port.getHost().port}/api/stats"
+    origin_port = reactor.listenTCP(0, Site(Redirector(code, elsewhere.encode())), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{origin_port.getHost().port}"
+    try:
+        def call() -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            code = run(options("--url", url, environ={"ETH_TOKEN": "secret-token"}), out, err)
+            return code, out.getvalue(), err.getvalue()
+
+        status, out, err = yield threads.deferToThread(call)
+    finally:
+        yield origin_port.stopListening()
+        yield target_port.stopListening()
+    assert status == 1, out
+    assert f"redirect (HTTP {code}) to {elsewhere}" in err
+    assert "does not follow redirects" in err
+    assert target.seen == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_oversized_answer_is_refused():
+    """An answer larger than MAX_BODY is an error, not read whole into memory."""
+    from eth_twisted.stats_cli import MAX_BODY
+
+    huge = Recorder(b"{" + b" " * (MAX_BODY + 10) + b"}")
+    port = reactor.listenTCP(0, Site(huge), interface="127.0.0.1")
+    try:
+        def call() -> tuple[int, str]:
+            err = io.StringIO()
+            return run(options("--url", f"http://127.0.0.1:{port.getHost().port}"), io.StringIO(), err), err.getvalue()
+
+        status, err = yield threads.deferToThread(call)
+    finally:
+        yield port.stopListening()
+    assert status == 1
+    assert "answered more than 8 MiB" in err
+
+
+def test_table_says_how_many_clients_are_not_listed() -> None:
+    """The API lists the busiest client groups; the table says how many more there are."""
+    text = format_stats(dict(SAMPLE, clients_omitted=4980), "http://x")
+    assert "… and 4,980 more (the busiest 2 are shown; the totals count all)" in text
+    assert "more" not in format_stats(dict(SAMPLE, clients_omitted=0), "http://x")
+
+
+def test_stats_of_the_wrong_kinds_are_an_error_not_a_traceback() -> None:
+    """An answer with the right keys but values of the wrong kinds exits 1 with a sentence, no traceback."""
+    hostile = dict(SAMPLE, totals={"records": "many"}, latest_block={"number": [1]},
+                   clients=[{"ip": 1, "records": "x", "last_seen": "soon"}], now=1e308 * 10)
+    for stats in (hostile, dict(SAMPLE, latest_block={"number": 5, "received_at": 1e300, "age_seconds": "x"})):
+        out, err = io.StringIO(), io.StringIO()
+        code = run(options("--url", "http://x"), out, err, fetch=lambda url, token, timeout, s=stats: s)
+        assert code == 1 and out.getvalue() == ""
+        assert "answered stats this eth stats cannot read" in err.getvalue()

@@ -122,7 +122,7 @@ def test_message_json_shape() -> None:
     assert record == {
         "id": 1, "hash": m.hash, "block_number": 19000000, "client_ip": "192.0.2.7", "client_id": None,
         "received_at": 1700000000.25, "received_at_iso": "2023-11-14T22:13:20.250000Z", "size": 194,
-        "payload_encoding": "utf-8", "payload": m.payload.decode(),
+        "payload_encoding": "utf-8", "payload": m.payload.decode(), "payload_truncated": False,
     }
 
 

@@ -19,6 +19,7 @@ from eth_twisted.payload import render_html
 from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.stats import ServerStats
 from eth_twisted.web import make_client_site, make_combined_site, make_server_site
+from eth_twisted.web_limits import SiteLimits
 
 BASE = "http://127.0.0.1:8080"
 
@@ -59,7 +60,15 @@ class Http:
         return d
 
     def finish(self, d: defer.Deferred[Any]) -> Reply:
+        """Flush (giving the clock zero-delay turns, as a reactor would) until the answer is in."""
         self.stub.flush()
+        done: list[Any] = []
+        d.addBoth(lambda result: (done.append(True), result)[1])
+        turns = 0
+        while not done and self.clock is not None and turns < 10_000:
+            self.clock.advance(0)
+            self.stub.flush()
+            turns += 1
         response = fired(d)
         body = fired(response.content())
         headers = {k.decode().lower(): b", ".join(v).decode() for k, v in response.headers.getAllRawHeaders()}
@@ -87,7 +96,7 @@ class BrokenRecord(MemorySink):
     def recent(self, limit: int, before: int | None = None) -> Any:
         raise RuntimeError("mysql://eth:hunter2@db/eth exploded")
 
-    def by_block(self, block_number: int) -> Any:
+    def by_block(self, block_number: int, limit: int | None = None, after: int | None = None) -> Any:
         return defer.fail(SinkUnavailable("broken", "password=hunter2 refused"))
 
 
@@ -123,7 +132,8 @@ class ServerFixture:
 
 
 def server_fixture(record: MemorySink | None = None, sinks: list[Any] | None = None,
-                   token: str | None = None, allowed_hosts: list[str] | None = None) -> ServerFixture:
+                   token: str | None = None, allowed_hosts: list[str] | None = None,
+                   limits: SiteLimits | None = None) -> ServerFixture:
     """Build a server site on a Clock at t=10000."""
     clock = Clock()
     clock.advance(10_000)
@@ -131,7 +141,8 @@ def server_fixture(record: MemorySink | None = None, sinks: list[Any] | None = N
     stats = ServerStats(clock)
     metrics = ServerMetrics()
     site = make_server_site(record=sink, sinks=sinks if sinks is not None else [sink], stats=stats,
-                            metrics=metrics, clock=clock, token=token, allowed_hosts=allowed_hosts)
+                            metrics=metrics, clock=clock, token=token, allowed_hosts=allowed_hosts,
+                            limits=limits)
     return ServerFixture(clock, sink, stats, metrics, site, Http(site, clock))
 
 

@@ -69,8 +69,11 @@ AUTH = {"Authorization": "Bearer tok"}
     ("/api/messages", "/api/messages?before=1", 200),
     ("/api/messages", "/api/messages?limit=0", 400),
     ("/api/blocks/{number}", "/api/blocks/3", 200),
+    ("/api/blocks/{number}", "/api/blocks/3?limit=1&after=0", 200),
+    ("/api/blocks/{number}", "/api/blocks/3?after=999", 200),
     ("/api/blocks/{number}", "/api/blocks/999", 404),
     ("/api/blocks/{number}", "/api/blocks/x", 400),
+    ("/api/blocks/{number}", "/api/blocks/3?limit=0", 400),
     ("/api/openapi.json", "/api/openapi.json", 200),
     ("/healthz", "/healthz", 200),
     ("/readyz", "/readyz", 200),
@@ -99,6 +102,25 @@ def test_unready_answer_matches_the_document() -> None:
     reply = server_fixture(record=good, sinks=[good, bad]).http.get("/readyz")
     assert reply.code == 503
     validate("/readyz", 503, reply.json())
+
+
+def test_stats_of_many_clients_match_the_document() -> None:
+    """With more client groups than are listed (IPv6 /64s among them), /api/stats still validates."""
+    s = populated()
+    s.store([block_message(100 + i, f"2001:db8:{i}::1", 9300.0 + i) for i in range(30)])
+    reply = s.http.get("/api/stats", headers=AUTH)
+    body = reply.json()
+    assert body["clients_omitted"] > 0 and any(c["ip"].endswith("::/64") for c in body["clients"])
+    validate("/api/stats", 200, body)
+
+
+def test_a_truncated_record_matches_the_document() -> None:
+    """A record whose payload is cut (payload_truncated) validates, as text and as base64."""
+    s = populated()
+    s.store([Message.build(b"t" * 200_000, "10.0.0.1", 9400.0), Message.build(b"\xff" * 200_000, "10.0.0.1", 9401.0)])
+    body = s.http.get("/api/messages?limit=2", headers=AUTH).json()
+    assert [m["payload_truncated"] for m in body["messages"]] == [True, True]
+    validate("/api/messages", 200, body)
 
 
 def test_empty_server_stats_match_the_document() -> None:
@@ -141,6 +163,9 @@ def test_schemathesis_finds_no_issue(tmp_path: Path):
     sink = MemorySink()
     messages = [block_message(n, f"10.0.0.{n % 4}", 1_700_000_000.0 + n) for n in range(30)]
     messages.append(Message.build(b"\xfe\xff binary", "192.0.2.1", 1_700_000_100.0))
+    # More client groups than /api/stats lists, IPv6 /64s among them, and a payload it cuts.
+    messages += [block_message(100 + n, f"2001:db8:{n}::{n + 1}", 1_700_000_200.0 + n) for n in range(25)]
+    messages.append(Message.build(b"\x01" * 200_000, "192.0.2.2", 1_700_000_300.0, 3))
     outcomes = yield sink.store_batch(messages)
     clock_stats.seed(Totals())
     clock_stats.observe(messages, outcomes)

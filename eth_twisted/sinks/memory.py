@@ -88,8 +88,10 @@ class MemorySink:
         rows = [r for r in reversed(self.order) if before is None or r.id < before]
         return defer.succeed(rows[:limit])
 
-    def by_block(self, block_number: int) -> Deferred[list[Record]]:
-        return defer.succeed([r for r in self.order if r.block_number == block_number])
+    def by_block(self, block_number: int, limit: int | None = None,
+                 after: int | None = None) -> Deferred[list[Record]]:
+        rows = [r for r in self.order if r.block_number == block_number and (after is None or r.id > after)]
+        return defer.succeed(rows if limit is None else rows[:limit])
 
     def totals(self) -> Deferred[Totals]:
         t = Totals(records=len(self.order))

@@ -1185,12 +1185,18 @@ class SQLSink:
             f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data WHERE id < %s ORDER BY id DESC LIMIT %s",
             (int(before),), limit, max_bytes)
 
-    def by_block(self, block_number: int) -> Deferred[list[Record]]:
-        """Every record whose recognised block number is ``block_number``, in id order."""
+    def by_block(self, block_number: int, limit: int | None = None,
+                 after: int | None = None) -> Deferred[list[Record]]:
+        """Records whose recognised block number is ``block_number``, in id order (above ``after``, at most ``limit``)."""
         if not 0 <= int(block_number) <= MAX_BLOCK_NUMBER:
             return defer.succeed([])
-        return self._read(f"SELECT {_COLUMNS} FROM ethereum_data WHERE block_number = %s ORDER BY id",
-                          int(block_number))
+        sql, args = f"SELECT {_COLUMNS} FROM ethereum_data WHERE block_number = %s", [int(block_number)]
+        if after is not None:
+            sql, args = sql + " AND id > %s", [*args, int(after)]
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql, args = sql + " LIMIT %s", [*args, max(0, int(limit))]
+        return self._read(sql, *args)
 
     def _begin_read(self, txn: Any) -> None:
         """Start a read transaction, so several queries see one snapshot."""

@@ -130,7 +130,7 @@
     setText("first-at", fmtTime(s.first_received_at));
     setText("last-at", fmtTime(s.last_received_at));
     setText("source", s.messages_source === "redis" ? "Redis" : "SQL (since start)");
-    renderClients(s.clients, s.now);
+    renderClients(s.clients, s.now, t.clients, s.clients_omitted || 0);
     renderChart(s.chart, s.now);
     tickAge();
   }
@@ -148,7 +148,8 @@
     node.className = "age " + (age < 30 ? "fresh" : age < 120 ? "stale" : "old");
   }
 
-  function renderClients(clients, now) {
+  // The API lists the busiest client groups (an address, or an IPv6 /64) and counts the rest.
+  function renderClients(clients, now, total, omitted) {
     const body = $("client-rows");
     const rows = clients.map((c) =>
       el("tr", {},
@@ -159,7 +160,8 @@
         el("td", { class: "num" }, c.last_seen === null ? "before start" : fmtAge(now - c.last_seen) + " ago")));
     if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 5 }, "no clients yet")));
     body.replaceChildren(...rows);
-    setText("clients-meta", clients.length === 1 ? "1 address" : clients.length + " addresses");
+    const count = total === 1 ? "1 address" : fmtInt(total) + " addresses";
+    setText("clients-meta", omitted ? count + " · busiest " + clients.length + " shown" : count);
   }
 
   function renderSinks(status, body) {
