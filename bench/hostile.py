@@ -869,19 +869,34 @@ def attack_stats_body(ctx: Ctx) -> None:
     sent = 0
     t0 = time.monotonic()
     how = "sent whole"
+    stalled_since: float | None = None
+    sel = selectors.DefaultSelector()
+    sel.register(s, selectors.EVENT_READ)
     try:
         s.sendall(head)
+        s.settimeout(1)
         while sent < BODY_SIZE:
-            sent += s.send(chunk[:BODY_SIZE - sent])
-    except (OSError, TimeoutError) as e:
+            if sel.select(0):  # an answer (413, 405, ...) or a close before the body is done
+                how = "the server answered or closed before the body ended"
+                break
+            try:
+                sent += s.send(chunk[:BODY_SIZE - sent])
+                stalled_since = None
+            except TimeoutError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 10:
+                    how = "the server stopped reading (10 s)"
+                    break
+    except OSError as e:
         how = f"stopped by {type(e).__name__}"
+    sel.close()
     ctx.extras["body_bytes_sent"] = sent
     ctx.extras["body_send"] = how
     ctx.extras["body_send_s"] = time.monotonic() - t0
     try:
         s.settimeout(30)
-        status = s.recv(200).split(b"\r\n", 1)[0].decode(errors="replace")
-    except (OSError, TimeoutError) as e:
+        status = s.recv(200).split(b"\r\n", 1)[0].decode(errors="replace") or "closed without an answer"
+    except OSError as e:
         status = type(e).__name__
     ctx.extras["response"] = status
     ctx.extras["response_after_s"] = time.monotonic() - t0
