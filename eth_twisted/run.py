@@ -24,7 +24,8 @@ from twisted.python import usage
 
 from eth_twisted.config import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
 from eth_twisted.model import Message
-from eth_twisted.server_tap import allowed_hosts, exposure_warning
+from eth_twisted.protocol import ReceiverLimits
+from eth_twisted.server_tap import FILE_HEADROOM, allowed_hosts, exposure_warning, raise_file_limit
 from eth_twisted.web_limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()
@@ -176,6 +177,7 @@ def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, ou
     if port == 0 and config["port"]:
         print(f"eth run: port {config['port']} is taken; using a free port", file=out, flush=True)
     stats = None if config["stats"].lower() == "none" else config["stats"]
+    raise_file_limit(ReceiverLimits().max_connections + config["stats-max-connections"] + FILE_HEADROOM)
     server = build_server(
         reactor=reactor, listen=f"tcp:{port}:interface=127.0.0.1", stats_listen=None,
         storage={"migrate": True, "sqlite": config["sqlite"]},

@@ -191,6 +191,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
     from eth_twisted.router import tune_gc
 
     tune_gc()  # this is the process's entry point (twistd or eth server)
+    raise_file_limit(config["max-connections"] + config["stats-max-connections"] + FILE_HEADROOM)
     return build_server(
         reactor=reactor,
         listen=config["listen"],
@@ -212,6 +213,41 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         verbose=config["verbose"],
         summary=config.storage_summary(),
     )
+
+
+FILE_HEADROOM = 256
+"""Descriptors a server needs besides its connections: listeners, database and Redis pools, logs."""
+
+
+def raise_file_limit(needed: int, resource_module: Any = None) -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard one so the connection caps, not the kernel, bind.
+
+    systemd (and most shells) start services with a soft limit of 1,024 and a
+    far higher hard limit, expecting a daemon that needs more to raise its own
+    soft limit. Without it a flood of connections runs the process out of
+    descriptors below ``--max-connections``: accepts fail (Twisted logs three
+    lines per refused socket) and the server resets new clients. Returns the
+    soft limit in force; warns once when even the hard limit is below ``needed``.
+    """
+    if resource_module is None:
+        import resource as resource_module
+    soft, hard = resource_module.getrlimit(resource_module.RLIMIT_NOFILE)
+    unlimited = hard == resource_module.RLIM_INFINITY
+    target = needed if unlimited else min(needed, hard)
+    if soft != resource_module.RLIM_INFINITY and soft < target:
+        try:
+            resource_module.setrlimit(resource_module.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as e:
+            log.warn("Could not raise the open-files limit from {soft} to {target}: {error}",
+                     soft=soft, target=target, error=str(e))
+    if not unlimited and hard < needed:
+        log.warn(
+            "The open-files limit ({hard}) is below what the connection caps need ({needed}): lower "
+            "--max-connections/--stats-max-connections or raise LimitNOFILE, else accepts fail first",
+            hard=hard, needed=needed,
+        )
+    return int(soft)
 
 
 def redis_tls(host: str, ca_file: str) -> Any:

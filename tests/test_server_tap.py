@@ -205,3 +205,58 @@ def test_stats_site_limits_reach_the_listener(tmp_path) -> None:
     for bad in (["--stats-max-connections", "0"], ["--stats-header-timeout", "-1"]):
         with pytest.raises(usage.UsageError, match="stats-"):
             parse(bad)
+
+
+class FakeResource:
+    """resource's RLIMIT_NOFILE calls, with the limits a test chooses."""
+
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.limits = (soft, hard)
+        self.refuse = refuse
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == self.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+def test_the_open_files_limit_is_raised_for_the_connection_caps() -> None:
+    """A soft limit of 1,024 (systemd's default) is raised to what the caps need, within the hard limit."""
+    from eth_twisted.server_tap import raise_file_limit
+
+    fake = FakeResource(1024, 524288)
+    assert raise_file_limit(10320, fake) == 10320 and fake.limits == (10320, 524288)
+    fake = FakeResource(1024, 4096)
+    assert raise_file_limit(10320, fake) == 4096 and fake.limits == (4096, 4096)
+    fake = FakeResource(65536, 524288)
+    assert raise_file_limit(10320, fake) == 65536  # never lowered
+    fake = FakeResource(1024, 524288, refuse=True)
+    assert raise_file_limit(10320, fake) == 1024
+
+
+def test_make_service_raises_the_open_files_limit(tmp_path, monkeypatch) -> None:
+    """eth server's entry point raises the soft limit before it listens."""
+    import resource
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from eth_twisted.server_tap import Options, makeService
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 4000)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+    try:
+        config = Options()
+        config.parseOptions(["--sqlite", str(tmp_path / "s.db"), "--max-connections", str(wanted - 64 - 256),
+                             "--stats", "none"])
+        makeService(config, MemoryReactorClock())
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == wanted
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
