@@ -1,23 +1,26 @@
-"""JSON-RPC over HTTP to one or more Ethereum nodes, through an injected treq-like client.
+"""JSON-RPC over HTTP to one or more Ethereum nodes, through an injected ``IAgent``.
 
-Every call is one POST guarded by a single timeout that covers the request
-*and* the body (treq's ``timeout=`` stops at the headers), read with a byte
-cap, and checked three ways before its result is believed: the HTTP status
-(429 and 5xx are failures), the body (it must be JSON: an HTML error page, a
-truncated body or garbage is a failure) and the JSON-RPC envelope
-(``jsonrpc`` "2.0", our ``id``, exactly one of ``result``/``error``).
+One call (:mod:`eth_twisted.jsonrpc`) is one POST through ``twisted.web``'s
+``Agent`` (by default on its own persistent pool), guarded by a single
+timeout that covers the request *and* the body, capped in bytes (headers
+included), never redirected or inflated, and checked three ways before its
+result is believed: the HTTP status, the body (it must be JSON) and the
+JSON-RPC envelope. Every quantity is bounded while it is parsed.
 
-Every failure has a *kind* (``timeout``, ``connect``, ``connection-lost``,
-``http-429``, ``http-5xx``, ``http-4xx``, ``too-large``, ``bad-json``,
-``bad-envelope``, ``rpc-error``, ``rate-limit``, ``null-result``,
-``bad-result``), is counted per endpoint, and moves the call to the next
-endpoint. Rate limits (HTTP 429, JSON-RPC -32005/-32007, "rate limit" in
+Every failure has a *kind* (``dns``, ``connect``, ``timeout``, ``tls``,
+``connection-lost``, ``http-3xx``, ``http-429``, ``http-4xx``, ``http-5xx``,
+``too-large``, ``bad-encoding``, ``bad-json``, ``bad-envelope``,
+``rpc-error``, ``rate-limit``, ``null-result``, ``bad-result``), is counted
+per endpoint, and moves the call to the next endpoint. An exception raised
+while reading one endpoint's answer is that endpoint's ``bad-result``, never
+the caller's. Rate limits (HTTP 429, JSON-RPC -32005/-32007, "rate limit" in
 the message) put the endpoint in a cooldown that honours ``Retry-After``
 (seconds or an HTTP date) or else backs off exponentially; other failures
 put it at the back of the queue for a short, growing while.
 
 Endpoints are identified in logs and metrics by ``scheme://host[:port]``
-only: providers put API keys in the path or the query.
+only: providers put API keys in the path or the query, and a URL's
+``user:password@`` becomes a basic-auth header that is never logged.
 
 An endpoint is used only once it has shown the same chain id and genesis
 hash as every other endpoint, the ``--chain-id`` option and the stored
@@ -27,33 +30,46 @@ count, so a node restarted on a new chain is caught (:class:`ChainMismatch`).
 
 from __future__ import annotations
 
-import email.utils
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import urlsplit
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
 
-from eth_twisted.errors import ChainMismatch, RPCError
+from eth_twisted.errors import ChainMismatch
+from eth_twisted.jsonrpc import (
+    MAX_CHAIN_ID,
+    RETRY_AFTER_MAX,
+    STALE_CONNECTION,
+    ResponseTooLarge,
+    RPCFailure,
+    Target,
+    cancelled,
+    capped_agent,
+    check_block,
+    classify,
+    collect_capped,
+    endpoint_label,
+    has_reason,
+    hex_quantity,
+    is_tls_failure,
+    parse_envelope,
+    parse_retry_after,
+    post,
+    reasons,
+    status_failure,
+)
 from eth_twisted.metrics import ClientMetrics
 
-try:  # the request-level failures live in a private module of twisted.web
-    from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
-except ImportError:  # pragma: no cover - very old or very new Twisted
-    from twisted.web.client import (  # type: ignore[attr-defined,no-redef]
-        RequestTransmissionFailed,
-        ResponseNeverReceived,
-    )
+__all__ = [
+    "DEFAULT_RPC_URLS", "RETRY_AFTER_MAX", "RPCClient", "RPCEndpoint", "RPCFailure",
+    "check_block", "collect_capped", "endpoint_label", "parse_retry_after",
+]
 
 log = Logger(namespace="eth_twisted.rpc")
 
@@ -73,172 +89,19 @@ RATE_LIMIT_BASE = 1.0
 """First cooldown after a rate limit without Retry-After; doubles per repeat."""
 RATE_LIMIT_MAX = 60.0
 """Longest cooldown chosen by backoff alone."""
-RETRY_AFTER_MAX = 600.0
-"""Longest Retry-After honoured (a provider asking for hours is clamped)."""
 BACKOFF_MAX = 30.0
 """Longest time a failing endpoint stays at the back of the queue."""
 
-RATE_LIMIT_CODES = frozenset({-32005, -32007})
-_RATE_LIMIT_WORDS = re.compile(r"rate.?limit|too many requests|exceeded.*(quota|capacity|limit)", re.I)
-_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_QUANTITY = re.compile(r"^0x[0-9a-fA-F]+$")
-
-TRANSPORT_KINDS = frozenset({"timeout", "connect", "connection-lost"})
+TRANSPORT_KINDS = frozenset({"timeout", "connect", "connection-lost", "dns", "tls"})
 """Failures after which an endpoint must show its chain again before it is believed."""
 RATE_LIMIT_KINDS = frozenset({"http-429", "rate-limit"})
 
 
-class RPCFailure(RPCError):
-    """One classified RPC failure: ``kind`` names it, ``endpoint`` is the safe label."""
-
-    def __init__(
-        self, message: str, kind: str, endpoint: str = "", retry_after: float | None = None
-    ) -> None:
-        super().__init__(f"{endpoint}: {message}" if endpoint else message)
-        self.kind = kind
-        self.endpoint = endpoint
-        self.retry_after = retry_after
-
-
-def endpoint_label(url: str) -> str:
-    """``scheme://host[:port]`` of ``url``: no user info, path or query (they hold keys)."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return f"{parts.scheme or 'http'}://{host}" + (f":{port}" if port is not None else "")
-
-
-def parse_retry_after(value: str | bytes | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (delta seconds or HTTP date), or None."""
-    if value is None:
-        return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - now
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
-
-
-def _hex_int(value: Any, what: str, label: str) -> int:
-    if not isinstance(value, str) or not _QUANTITY.match(value):
-        raise RPCFailure(f"{what} is not a hex quantity: {value!r:.80}", "bad-result", label)
-    return int(value, 16)
-
-
-def check_block(block: Any, number: int, label: str = "") -> dict[str, Any]:
-    """``block`` if it is a plausible ``eth_getBlockByNumber`` result for ``number``.
-
-    ``None`` means the node does not have that block yet (``null-result``);
-    anything malformed is ``bad-result``.
-    """
-    if block is None:
-        raise RPCFailure(f"block {number} not available yet", "null-result", label)
-    if not isinstance(block, dict):
-        raise RPCFailure(f"block {number} is not an object", "bad-result", label)
-    if _hex_int(block.get("number"), "block number", label) != number:
-        raise RPCFailure(f"asked for block {number}, got {block.get('number')!r:.40}", "bad-result", label)
-    for key in ("hash", "parentHash"):
-        if not isinstance(block.get(key), str) or not _HASH.match(block[key]):
-            raise RPCFailure(f"block {number} has a bad {key}", "bad-result", label)
-    _hex_int(block.get("timestamp"), "block timestamp", label)
-    return block
-
-
-class _CappedBody(Protocol):
-    """Collects a response body up to ``cap`` bytes; past it, closes the connection.
-
-    Like ``treq.collect`` with a capping collector, plus a canceller that
-    closes the connection, so a stalled body never holds a socket after the
-    call's timeout.
-    """
-
-    def __init__(self, cap: int, label: str, length: int | None = None) -> None:
-        self.cap = cap
-        self.label = label
-        self.length = length
-        self.size = 0
-        self.chunks: list[bytes] = []
-        self.finished: Deferred[bytes] | None = Deferred(self._cancel)
-
-    def _close(self) -> None:
-        transport = self.transport
-        if transport is not None:
-            # TransportProxyProducer (what Agent hands a body protocol) has both.
-            close = getattr(transport, "loseConnection", None)
-            if close is None:
-                close = transport.stopProducing  # type: ignore[attr-defined]
-            close()
-
-    def _cancel(self, d: Deferred[bytes]) -> None:
-        self.finished = None
-        self._close()
-
-    def connectionMade(self) -> None:
-        if self.length is not None and self.length > self.cap and self.finished is not None:
-            d, self.finished = self.finished, None
-            self._close()
-            d.errback(
-                RPCFailure(f"response body of {self.length} bytes is over {self.cap}", "too-large", self.label)
-            )
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.finished is None:
-            return
-        self.size += len(data)
-        if self.size > self.cap:
-            d, self.finished = self.finished, None
-            self._close()
-            d.errback(RPCFailure(f"response body over {self.cap} bytes", "too-large", self.label))
-            return
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
-        if self.finished is None:
-            return
-        d, self.finished = self.finished, None
-        if reason.check(ResponseDone, PotentialDataLoss):
-            # PotentialDataLoss: a body without a length ended by close. It may be
-            # cut short; the JSON and envelope checks catch that.
-            d.callback(b"".join(self.chunks))
-        else:
-            d.errback(reason)
-
-
-def collect_capped(response: Any, cap: int, label: str = "") -> Deferred[bytes]:
-    """The body of ``response`` (an IResponse), failing ``too-large`` past ``cap`` bytes."""
-    length = getattr(response, "length", None)
-    if length == 0:
-        return defer.succeed(b"")
-    body = _CappedBody(cap, label, length if isinstance(length, int) else None)
-    d = body.finished
-    assert d is not None
-    response.deliverBody(body)
-    return d
-
-
 @dataclass
 class RPCEndpoint:
-    """One node's URL and what we have learned about it."""
+    """One node's URL (credentials split off) and what we have learned about it."""
 
-    url: str
-    label: str
+    target: Target
     cooldown_until: float = 0.0
     """Rate limited: not asked at all before this clock time."""
     backoff_until: float = 0.0
@@ -252,38 +115,46 @@ class RPCEndpoint:
     trusted: bool = True
     state: str = "new"
 
+    @property
+    def label(self) -> str:
+        """``scheme://host[:port]``: safe to log."""
+        return self.target.label
+
+    @property
+    def url(self) -> str:
+        """The URL requests go to (credentials removed; it may still hold a key in its path)."""
+        return self.target.url
+
     @classmethod
     def from_url(cls, url: str) -> RPCEndpoint:
-        """An endpoint for ``url`` with its safe label."""
-        return cls(url=url, label=endpoint_label(url))
+        """An endpoint for ``url``; ValueError (without the URL in it) for a bad one."""
+        return cls(target=Target.from_url(url))
 
 
-def _default_http(clock: Any, timeout: float) -> tuple[Any, Any]:
-    from treq.client import HTTPClient
+def _default_agent(clock: Any, timeout: float, max_body: int) -> tuple[Any, Any]:
     from twisted.internet import reactor as global_reactor
     from twisted.internet.interfaces import IReactorTCP
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import HTTPConnectionPool
 
     reactor = clock if IReactorTCP.providedBy(clock) else global_reactor
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 4
-    agent = Agent(reactor, connectTimeout=timeout, pool=pool)
-    return HTTPClient(agent), pool
+    return capped_agent(reactor, max_body, timeout, pool), pool
 
 
 class RPCClient:
     """JSON-RPC calls with failover, cooldowns, head ranking and chain verification.
 
-    ``http`` is treq or something shaped like it (``StubTreq`` in tests); by
-    default a ``treq.HTTPClient`` with its own persistent connection pool,
-    closed by :meth:`close`.
+    ``agent`` is an ``IAgent`` (``treq.testing.RequestTraversalAgent`` in
+    tests); by default a ``twisted.web.client.Agent`` with its own persistent
+    connection pool, closed by :meth:`close`.
     """
 
     def __init__(
         self,
         urls: Sequence[str],
         *,
-        http: Any = None,
+        agent: Any = None,
         clock: IReactorTime | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_body: int = DEFAULT_MAX_BODY,
@@ -297,9 +168,9 @@ class RPCClient:
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.endpoints = [RPCEndpoint.from_url(u) for u in urls]
         self._pool = None
-        if http is None:
-            http, self._pool = _default_http(self.clock, timeout)
-        self.http = http
+        if agent is None:
+            agent, self._pool = _default_agent(self.clock, timeout, max_body)
+        self.agent = agent
         self.timeout = timeout
         self.max_body = max_body
         self.lag_threshold = lag_threshold
@@ -319,14 +190,17 @@ class RPCClient:
         return Deferred.fromCoroutine(self._block_number())
 
     async def _block_number(self) -> int:
-        ep, result = await self._call("eth_blockNumber", [])
-        return _hex_int(result, "eth_blockNumber", ep.label)
+        _, head = await self._call(
+            "eth_blockNumber", [], check=lambda r, label: hex_quantity(r, "eth_blockNumber", label))
+        return cast(int, head)
 
     def get_block(self, number: int) -> Deferred[dict[str, Any]]:
-        """Block ``number`` (header fields, no transactions) from the best endpoint that has it.
+        """Block ``number``'s header fields from the best endpoint that has it.
 
-        A ``null`` answer means that node has not got the block yet: the call
-        moves on to another endpoint and fails ``null-result`` if none has it.
+        The result holds ``number``, ``hash``, ``parentHash`` and
+        ``timestamp`` (checked and bounded). A ``null`` answer means that
+        node has not got the block yet: the call moves on to another endpoint
+        and fails ``null-result`` if none has it.
         """
         return Deferred.fromCoroutine(self._get_block(number))
 
@@ -335,15 +209,16 @@ class RPCClient:
             "eth_getBlockByNumber", [hex(number), False], want=number,
             check=lambda result, label: check_block(result, number, label),
         )
-        return block  # type: ignore[no-any-return]
+        return cast(dict[str, Any], block)
 
     def chain_id(self) -> Deferred[int]:
         """``eth_chainId`` of the first endpoint that answers."""
         return Deferred.fromCoroutine(self._chain_id())
 
     async def _chain_id(self) -> int:
-        ep, result = await self._call("eth_chainId", [])
-        return _hex_int(result, "eth_chainId", ep.label)
+        _, chain_id = await self._call(
+            "eth_chainId", [], check=lambda r, label: hex_quantity(r, "eth_chainId", label, MAX_CHAIN_ID))
+        return cast(int, chain_id)
 
     def genesis_hash(self) -> Deferred[str]:
         """Lowercase hash of block 0, from the first endpoint that answers."""
@@ -351,7 +226,7 @@ class RPCClient:
 
     async def _genesis_hash(self) -> str:
         block = await self._get_block(0)
-        return str(block["hash"]).lower()
+        return str(block["hash"])
 
     def head_round(self) -> Deferred[int]:
         """Ask every usable endpoint for its head; fire with the best trusted one.
@@ -376,7 +251,7 @@ class RPCClient:
         return Deferred.fromCoroutine(self._verify_chain(expected, chain_id_option))
 
     def close(self) -> Deferred[None]:
-        """Close the connection pool this client made (nothing when ``http`` was injected)."""
+        """Close the connection pool this client made (nothing when ``agent`` was injected)."""
         if self._pool is not None:
             return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
         return defer.succeed(None)
@@ -418,14 +293,15 @@ class RPCClient:
     async def _ensure_verified(self, ep: RPCEndpoint) -> None:
         if ep.verified:
             return
-        chain_id = _hex_int(await self._request(ep, "eth_chainId", []), "eth_chainId", ep.label)
-        genesis = await self._request(ep, "eth_getBlockByNumber", ["0x0", False])
+        raw_id = await self._request(ep, "eth_chainId", [])
+        raw_genesis = await self._request(ep, "eth_getBlockByNumber", ["0x0", False])
         try:
-            check_block(genesis, 0, ep.label)
+            chain_id = hex_quantity(raw_id, "eth_chainId", ep.label, MAX_CHAIN_ID)
+            genesis = check_block(raw_genesis, 0, ep.label)["hash"]
         except RPCFailure as e:
-            self._record_failure(ep, e, "eth_getBlockByNumber")
+            self._record_failure(ep, e, "eth_chainId")
             raise
-        self._check_identity(ep, chain_id, str(genesis["hash"]).lower())
+        self._check_identity(ep, chain_id, genesis)
         ep.verified = True
 
     def _check_identity(self, ep: RPCEndpoint, chain_id: int, genesis: str) -> None:
@@ -507,7 +383,7 @@ class RPCClient:
     async def _head_of(self, ep: RPCEndpoint) -> int:
         result = await self._call_on(ep, "eth_blockNumber", [])
         try:
-            return _hex_int(result, "eth_blockNumber", ep.label)
+            return hex_quantity(result, "eth_blockNumber", ep.label)
         except RPCFailure as e:
             self._record_failure(ep, e, "eth_blockNumber")
             raise
@@ -567,6 +443,11 @@ class RPCClient:
                     self._record_failure(ep, e, method)
                     failures.append(e)
                     continue
+                except Exception as e:  # noqa: BLE001 - one endpoint's odd answer is its own failure
+                    failure = RPCFailure(f"answer could not be read: {e.__class__.__name__}", "bad-result", ep.label)
+                    self._record_failure(ep, failure, method)
+                    failures.append(failure)
+                    continue
             return ep, result
         raise self._exhausted(method, failures)
 
@@ -589,36 +470,42 @@ class RPCClient:
             separators=(",", ":"),
         ).encode("ascii")
         try:
-            code, retry_after, raw = await self._post(ep, body)
-            result = self._parse(ep, code, retry_after, raw, request_id)
+            answer = await self._post(ep, body)
+            if not 200 <= answer.code < 300:
+                raise status_failure(answer.code, ep.label, answer.retry_after, answer.location)
+            result = parse_envelope(answer.body, request_id, ep.label)
         except RPCFailure as e:
             self._record_failure(ep, e, method)
             raise
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure is classified and counted
-            if _cancelled(e):  # our caller gave up (poll deadline, shutdown): not the endpoint's fault
+            if cancelled(e):  # our caller gave up (poll deadline, shutdown): not the endpoint's fault
                 raise defer.CancelledError() from e
-            failure = self._classify(ep, e)
+            failure = classify(e, ep.label)
+            if failure is None:
+                log.failure("RPC {endpoint}: unexpected failure", Failure(e), endpoint=ep.label)
+                failure = RPCFailure(f"unexpected {e.__class__.__name__}", "other", ep.label)
             self._record_failure(ep, failure, method)
             raise failure from e
         self._record_success(ep)
         return result
 
-    async def _post(self, ep: RPCEndpoint, body: bytes) -> tuple[int, float | None, bytes]:
+    async def _post(self, ep: RPCEndpoint, body: bytes) -> Any:
         """POST ``body``; retry once on a stale pooled connection (reads are idempotent)."""
         for attempt in (1, 2):
-            d = Deferred.fromCoroutine(self._post_once(ep, body))
+            d = Deferred.fromCoroutine(
+                post(self.agent, ep.target, body, max_body=self.max_body, now=self.clock.seconds))
             d.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out(ep))
             try:
                 return await d
-            except (ResponseNeverReceived, RequestTransmissionFailed) as e:
-                if _cancelled(e):
+            except STALE_CONNECTION as e:
+                if cancelled(e):
                     raise defer.CancelledError() from e
-                if attempt == 1:
+                if attempt == 1 and not is_tls_failure(e) and not has_reason(e, ResponseTooLarge):
                     log.debug(
                         "RPC {endpoint}: request failed before any answer ({why}); retrying once",
-                        endpoint=ep.label, why=_reasons(e),
+                        endpoint=ep.label, why=reasons(e),
                     )
                     continue
                 raise
@@ -631,75 +518,6 @@ class RPCClient:
             )
 
         return convert
-
-    async def _post_once(self, ep: RPCEndpoint, body: bytes) -> tuple[int, float | None, bytes]:
-        response = await self.http.post(
-            ep.url,
-            data=body,
-            headers={
-                b"Content-Type": [b"application/json"],
-                b"Accept": [b"application/json"],
-                b"User-Agent": [b"eth-twisted"],
-            },
-        )
-        code = int(response.code)
-        retry_after = None
-        if code == 429 or code >= 500:
-            values = response.headers.getRawHeaders(b"retry-after")
-            retry_after = parse_retry_after(values[0], self.clock.seconds()) if values else None
-        raw = await collect_capped(response, self.max_body, ep.label)
-        return code, retry_after, raw
-
-    def _parse(
-        self, ep: RPCEndpoint, code: int, retry_after: float | None, raw: bytes, request_id: int
-    ) -> Any:
-        label = ep.label
-        if code == 429:
-            raise RPCFailure("HTTP 429 Too Many Requests", "http-429", label, retry_after)
-        if code >= 500:
-            raise RPCFailure(f"HTTP {code}", "http-5xx", label, retry_after)
-        if code >= 400:
-            raise RPCFailure(f"HTTP {code}", "http-4xx", label)
-        if not 200 <= code < 300:
-            raise RPCFailure(f"HTTP {code}", "http-other", label)
-        try:
-            reply = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            looks = "an HTML page" if raw.lstrip()[:1] == b"<" else f"{len(raw)} bytes of non-JSON"
-            raise RPCFailure(f"answer is {looks}", "bad-json", label)
-        if not isinstance(reply, dict):
-            raise RPCFailure("answer is not a JSON-RPC object", "bad-envelope", label)
-        if reply.get("jsonrpc") != "2.0":
-            raise RPCFailure("answer lacks jsonrpc 2.0", "bad-envelope", label)
-        reply_id = reply.get("id")
-        if type(reply_id) is not int or reply_id != request_id:
-            raise RPCFailure(f"answer id {reply_id!r:.40} is not our {request_id}", "bad-envelope", label)
-        if ("result" in reply) == ("error" in reply):
-            raise RPCFailure("answer must carry exactly one of result and error", "bad-envelope", label)
-        if "error" in reply:
-            err = reply["error"]
-            if not isinstance(err, dict) or type(err.get("code")) is not int:
-                raise RPCFailure("answer has a malformed error object", "bad-envelope", label)
-            message = str(err.get("message", ""))[:200]
-            if err["code"] in RATE_LIMIT_CODES or _RATE_LIMIT_WORDS.search(message):
-                raise RPCFailure(f"rate limited: {err['code']} {message}", "rate-limit", label)
-            raise RPCFailure(f"JSON-RPC error {err['code']}: {message}", "rpc-error", label)
-        return reply["result"]
-
-    def _classify(self, ep: RPCEndpoint, e: Exception) -> RPCFailure:
-        label = ep.label
-        if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
-            return RPCFailure(str(e) or "timed out", "timeout", label)
-        if isinstance(e, error.ConnectError):
-            return RPCFailure(f"cannot connect: {e.__class__.__name__}", "connect", label)
-        if isinstance(e, (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)):
-            return RPCFailure(f"connection lost: {_reasons(e)}", "connection-lost", label)
-        if isinstance(e, (error.ConnectionLost, error.ConnectionDone)):
-            return RPCFailure(f"connection lost: {e.__class__.__name__}", "connection-lost", label)
-        log.failure(
-            "RPC {endpoint}: unexpected failure", Failure(e), endpoint=label,
-        )
-        return RPCFailure(f"unexpected {e.__class__.__name__}", "other", label)
 
     # -- endpoint state ------------------------------------------------------
 
@@ -754,21 +572,3 @@ def _rpc_failure(value: Any) -> RPCFailure:
         return cast(RPCFailure, failure.value)
     failure.raiseException()
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _cancelled(e: BaseException) -> bool:
-    """Whether ``e`` is, or wraps (twisted.web's reasons lists), a cancellation."""
-    if isinstance(e, defer.CancelledError):
-        return True
-    return any(
-        isinstance(r, Failure) and r.check(defer.CancelledError) for r in getattr(e, "reasons", None) or ()
-    )
-
-
-def _reasons(e: Exception) -> str:
-    reasons = getattr(e, "reasons", None)
-    if not reasons:
-        return e.__class__.__name__
-    return ", ".join(
-        r.value.__class__.__name__ if isinstance(r, Failure) else str(r) for r in reasons
-    )

@@ -1,14 +1,16 @@
-"""The JSON-RPC client against fake nodes through StubTreq, on a Clock."""
+"""The JSON-RPC client against fake nodes through treq's RequestTraversalAgent, on a Clock."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
 from prometheus_client import CollectorRegistry
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from eth_twisted.errors import ChainMismatch, RPCError
 from eth_twisted.metrics import ClientMetrics
@@ -27,7 +29,7 @@ C = "http://c.example/"
 
 
 def result_of(d: Any) -> Any:
-    """The synchronous result of ``d`` (StubTreq answers in memory), raising its failure."""
+    """The synchronous result of ``d`` (the in-memory agent answers at once), raising its failure."""
     box: list[Any] = []
     d.addBoth(box.append)
     assert box, "the Deferred has not fired"
@@ -52,25 +54,52 @@ def count(metrics: ClientMetrics, endpoint: str, kind: str) -> float:
 
 
 class World:
-    """Fake nodes a, b, c behind one StubTreq, a Clock, metrics and a client."""
+    """Fake nodes a, b, c behind one in-memory agent, a Clock, metrics and a client."""
 
     def __init__(self, urls: list[str] | None = None, **kwargs: Any) -> None:
         self.a = FakeEthereumNode(height=100)
         self.b = FakeEthereumNode(height=100)
         self.c = FakeEthereumNode(height=100)
         self.network = FakeNetwork({"a.example": self.a, "b.example": self.b, "c.example": self.c})
-        self.stub = StubTreq(self.network)
+        self.stub = RequestTraversalAgent(self.network)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.metrics = ClientMetrics(CollectorRegistry())
         self.rpc = RPCClient(
-            urls or [A, B], http=self.stub, clock=self.clock, metrics=self.metrics, **kwargs
+            urls or [A, B], agent=self.stub, clock=self.clock, metrics=self.metrics, **kwargs
         )
 
 
 @pytest.fixture
 def world() -> World:
     return World()
+
+
+class Lines:
+    """Log lines (info and above) of the RPC client and the poller, as text."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if str(event.get("log_namespace", "")).startswith(("eth_twisted.rpc", "eth_twisted.poller")):
+            level = event.get("log_level")
+            if level is not None and level >= LogLevel.info:
+                self.events.append(event)
+
+    def texts(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+    def matching(self, *words: str) -> list[str]:
+        return [t for t in self.texts() if all(w in t for w in words)]
+
+
+def captured_lines() -> Iterator[Lines]:
+    """Collect the lines while the generator is suspended (the body of a fixture)."""
+    observer = Lines()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
 
 
 def test_label_hides_path_query_and_userinfo() -> None:
@@ -399,13 +428,15 @@ def test_streamed_body_over_cap_closes_connection() -> None:
 
 
 def test_default_http_client_has_own_pool() -> None:
-    """Without an injected client, RPCClient builds treq on its own pool, which close() closes."""
+    """Without an injected agent, RPCClient builds a twisted.web Agent on its own pool, which close() closes."""
     from twisted.internet.testing import MemoryReactorClock
 
     reactor = MemoryReactorClock()
     rpc = RPCClient([A], clock=reactor)
     assert rpc._pool is not None and rpc._pool._reactor is reactor
-    assert hasattr(rpc.http, "post")
+    from twisted.web.client import Agent
+
+    assert isinstance(rpc.agent, Agent)
     assert result_of(rpc.close()) is None
 
 
