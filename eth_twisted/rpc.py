@@ -16,7 +16,10 @@ while reading one endpoint's answer is that endpoint's ``bad-result``, never
 the caller's. Rate limits (HTTP 429, JSON-RPC -32005/-32007, "rate limit" in
 the message) put the endpoint in a cooldown that honours ``Retry-After``
 (seconds or an HTTP date) or else backs off exponentially; other failures
-put it at the back of the queue for a short, growing while.
+put it at the back of the queue for a short, growing while. An
+endpoint's outage is logged once when it starts and once when it ends, with
+its duration (:class:`eth_twisted.outage.Episode`), and so is each time it
+is not trusted.
 
 Endpoints are identified in logs and metrics by ``scheme://host[:port]``
 only: providers put API keys in the path or the query, and a URL's
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -65,6 +68,7 @@ from eth_twisted.jsonrpc import (
     status_failure,
 )
 from eth_twisted.metrics import ClientMetrics
+from eth_twisted.outage import Episode
 
 __all__ = [
     "DEFAULT_RPC_URLS", "RETRY_AFTER_MAX", "RPCClient", "RPCEndpoint", "RPCFailure",
@@ -114,6 +118,8 @@ class RPCEndpoint:
     head_moved_at: float | None = None
     trusted: bool = True
     state: str = "new"
+    outage: Episode | None = field(default=None, repr=False)
+    mistrust: Episode | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -167,6 +173,17 @@ class RPCClient:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.endpoints = [RPCEndpoint.from_url(u) for u in urls]
+        for ep in self.endpoints:
+            ep.outage = Episode(
+                log, self.clock.seconds, ep.label,
+                start="RPC endpoint {subject} is failing ({kind}): {detail}{note}",
+                end="RPC endpoint {subject} answers again after {duration:.1f} s ({failures} failures: {kinds})",
+            )
+            ep.mistrust = Episode(
+                log, self.clock.seconds, ep.label, split_kinds=True,
+                start="RPC endpoint {subject} is not trusted ({kind}): {detail}{note}",
+                end="RPC endpoint {subject} is trusted again after {duration:.1f} s (was {kind})",
+            )
         self._pool = None
         if agent is None:
             agent, self._pool = _default_agent(self.clock, timeout, max_body)
@@ -179,6 +196,7 @@ class RPCClient:
         self.identity: tuple[int, str] | None = None
         """(chain id, genesis hash) every endpoint has shown, once known."""
         self._identity_source = ""
+        self._announced: tuple[int, str] | None = None
         self._expected: tuple[int, str] | None = None
         self._chain_id_option: int | None = None
         self.best_head: int | None = None
@@ -283,11 +301,13 @@ class RPCClient:
                 failures.append(_rpc_failure(value))
         if self.identity is None:
             raise self._exhausted("chain verification", failures)
-        log.info(
-            "RPC chain verified: chain id {chain_id}, genesis {genesis} ({count} of {total} endpoints answered)",
-            chain_id=self.identity[0], genesis=self.identity[1],
-            count=len(candidates) - len(failures), total=len(self.endpoints),
-        )
+        if self.identity != self._announced:  # once per chain, not once per outage
+            self._announced = self.identity
+            log.info(
+                "RPC chain verified: chain id {chain_id}, genesis {genesis} ({count} of {total} endpoints answered)",
+                chain_id=self.identity[0], genesis=self.identity[1],
+                count=len(candidates) - len(failures), total=len(self.endpoints),
+            )
         return self.identity
 
     async def _ensure_verified(self, ep: RPCEndpoint) -> None:
@@ -362,7 +382,16 @@ class RPCClient:
                 self.metrics.head.labels(ep.label).set(head)
                 self.metrics.head_age.labels(ep.label).set(now - (ep.head_moved_at or now))
             if previous is not None and head < previous:
-                self._distrust(ep, "went-backwards", f"head {head} is below its previous {previous}")
+                # Out of this round. A step back within the lag threshold is a
+                # load-balanced provider's backends disagreeing: counted, not logged.
+                detail = f"head {head} is below its previous {previous}"
+                if previous - head > self.lag_threshold:
+                    self._distrust(ep, "went-backwards", detail)
+                else:
+                    ep.trusted = False
+                    if self.metrics is not None:
+                        self.metrics.rpc_failures.labels(ep.label, "went-backwards").inc()
+                    log.debug("RPC endpoint {endpoint}: {detail}", endpoint=ep.label, detail=detail)
             else:
                 forward.append((ep, head))
         if not forward:
@@ -374,9 +403,8 @@ class RPCClient:
             if best - head > self.lag_threshold:
                 self._distrust(ep, "lagging", f"head {head} lags the best {best} by {best - head}")
             else:
-                ep.trusted = True
                 trusted.append(ep)
-                self._set_state(ep, "ok")
+                self._trust(ep)
         self.best_head = best
         return best
 
@@ -392,7 +420,13 @@ class RPCClient:
         ep.trusted = False
         if self.metrics is not None:
             self.metrics.rpc_failures.labels(ep.label, kind).inc()
-        self._set_state(ep, kind, detail)
+        assert ep.mistrust is not None
+        ep.mistrust.failed(kind, detail)
+
+    def _trust(self, ep: RPCEndpoint) -> None:
+        ep.trusted = True
+        assert ep.mistrust is not None
+        ep.mistrust.recovered()
 
     # -- the call machinery --------------------------------------------------
 
@@ -484,9 +518,10 @@ class RPCClient:
                 raise defer.CancelledError() from e
             failure = classify(e, ep.label)
             if failure is None:
-                log.failure("RPC {endpoint}: unexpected failure", Failure(e), endpoint=ep.label)
                 failure = RPCFailure(f"unexpected {e.__class__.__name__}", "other", ep.label)
-            self._record_failure(ep, failure, method)
+                self._record_failure(ep, failure, method, Failure(e))
+            else:
+                self._record_failure(ep, failure, method)
             raise failure from e
         self._record_success(ep)
         return result
@@ -521,48 +556,39 @@ class RPCClient:
 
     # -- endpoint state ------------------------------------------------------
 
-    def _record_failure(self, ep: RPCEndpoint, e: RPCFailure, method: str) -> None:
+    def _record_failure(
+        self, ep: RPCEndpoint, e: RPCFailure, method: str, failure: Failure | None = None
+    ) -> None:
         if not e.endpoint:
             e.endpoint = ep.label
         if self.metrics is not None:
             self.metrics.rpc_failures.labels(ep.label, e.kind).inc()
         now = self.clock.seconds()
+        detail = str(e)
         if e.kind in RATE_LIMIT_KINDS or e.retry_after is not None:
             ep.rate_limits += 1
             delay = e.retry_after
             if delay is None:
                 delay = min(RATE_LIMIT_BASE * 2 ** (ep.rate_limits - 1), RATE_LIMIT_MAX)
             ep.cooldown_until = max(ep.cooldown_until, now + delay)
-            self._set_state(ep, "cooling", f"{e.kind}; not asked for {delay:g} s")
+            detail = f"{detail}; not asked for {delay:g} s"
+            ep.state = "cooling"
         else:
             ep.failures += 1
             ep.backoff_until = now + min(2.0 ** (ep.failures - 1), BACKOFF_MAX)
-            self._set_state(ep, "failing", f"{e.kind}: {e}")
+            ep.state = "failing"
         if e.kind in TRANSPORT_KINDS:
             ep.verified = False
-        log.debug(
-            "RPC {method} on {endpoint} failed ({kind}): {detail}",
-            method=method, endpoint=ep.label, kind=e.kind, detail=str(e),
-        )
+        assert ep.outage is not None
+        ep.outage.failed(e.kind, f"{method}: {detail}", failure)
 
     def _record_success(self, ep: RPCEndpoint) -> None:
         ep.failures = 0
         ep.rate_limits = 0
         ep.backoff_until = 0.0
-        if ep.state in ("failing", "cooling", "new"):
-            self._set_state(ep, "ok")
-
-    def _set_state(self, ep: RPCEndpoint, state: str, detail: str = "") -> None:
-        if state == ep.state:
-            return
-        previous, ep.state = ep.state, state
-        if state == "ok":
-            if previous != "new":
-                log.info("RPC endpoint {endpoint} is usable again (was {previous})",
-                         endpoint=ep.label, previous=previous)
-        else:
-            log.warn("RPC endpoint {endpoint}: {state} ({detail})",
-                     endpoint=ep.label, state=state, detail=detail)
+        ep.state = "ok"
+        assert ep.outage is not None
+        ep.outage.recovered()
 
 
 def _rpc_failure(value: Any) -> RPCFailure:

@@ -13,6 +13,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from eth_twisted.jsonrpc import MAX_CHAIN_ID, Target, check_block, hex_quantity
+from eth_twisted.outage import FLAP_WINDOW, Episode
 from eth_twisted.rpc import RPCClient, RPCFailure
 from eth_twisted.testing import FakeEthereumNode
 from tests.test_poller import Rig
@@ -235,6 +236,117 @@ def test_tls_failure_is_tls_and_not_retried() -> None:
     w.rpc.agent = agent
     assert failure_of(w.rpc.block_number()).kind == "tls"
     assert agent.calls == 1
+
+
+def test_dns_outage_logs_one_line_each_way(lines: Lines) -> None:
+    """An unresolvable endpoint polled 200 times writes one warning when its outage starts, one line when it ends."""
+    w = World(urls=[A, B])
+    agent = FailingAgent(error.DNSLookupError("no results"), fallback=w.stub)
+    w.rpc.agent = agent
+    for _ in range(200):
+        failure_of(w.rpc.head_round())
+        w.clock.advance(1)
+    agent.error = None
+    w.clock.advance(60)
+    result_of(w.rpc.verify_chain(None))
+    texts = lines.texts()
+    assert len(lines.matching("a.example", "is failing (dns)")) == 1
+    assert len(lines.matching("a.example", "answers again after")) == 1
+    assert not [e for e in lines.events if e.get("log_failure") is not None]
+    assert len(texts) <= 6, texts
+
+
+def test_unexpected_error_traceback_once_per_outage(lines: Lines) -> None:
+    """An unexpected exception is logged with its traceback once per outage, not once per call."""
+    w = World(urls=[A])
+    w.rpc.agent = FailingAgent(KeyError("surprise"))
+    for _ in range(50):
+        assert failure_of(w.rpc.block_number()).kind == "other"
+        w.clock.advance(1)
+    assert len([e for e in lines.events if e.get("log_failure") is not None]) == 1
+
+
+def test_poller_logs_one_line_per_outage(lines: Lines) -> None:
+    """Fifty failed polls write one 'poll failed' line, and the first good poll one line with the duration."""
+    rig = Rig(height=100)
+    rig.node.fail("http-5xx", times=-1)
+    rig.start()
+    for _ in range(50):
+        rig.tick()
+    assert rig.polls("http-5xx") == 51
+    rig.node.clear_faults()
+    rig.clock.advance(60)
+    assert rig.numbers() == [100]
+    assert len(lines.matching("poll failed (http-5xx)")) == 1
+    assert len(lines.matching("polls succeed again after")) == 1
+    assert len(lines.texts()) <= 6, lines.texts()
+
+
+def test_head_below_cursor_logged_once(lines: Lines) -> None:
+    """A head below the cursor for many polls is one line when it starts and one when the chain catches up."""
+    rig = Rig(height=100)
+    rig.start()
+    rig.node.set_lag(3)
+    for _ in range(20):
+        rig.tick()
+    assert rig.polls("went-backwards") == 1  # the only endpoint stepped back: that round is not believed
+    assert rig.polls("behind") == 19
+    rig.node.set_lag(0)
+    rig.node.mine(1)
+    rig.tick()
+    assert rig.numbers() == [100, 101]
+    assert len(lines.matching("below the cursor")) == 1
+    assert len(lines.matching("reached the cursor again")) == 1
+
+
+def test_node_out_of_step_logged_once(lines: Lines) -> None:
+    """A node whose next block keeps naming a wrong parent (while its cursor block stands) is one line, not one per tick."""
+    rig = Rig(height=100)
+    rig.start()
+    rig.node.mine(1)
+    wrong = "0x" + "ee" * 32
+    rig.node.fail("result", method="eth_getBlockByNumber", times=-1,
+                  result=lambda block: {**block, "parentHash": wrong} if block and block["number"] == "0x65" else block)
+    for _ in range(20):
+        rig.tick()
+    assert rig.polls("reorg") == 20
+    assert rig.numbers() == [100]
+    assert len(lines.matching("names parent")) == 1
+
+
+def test_flapping_subject_writes_about_two_lines_per_window() -> None:
+    """A subject failing and recovering every second for ten minutes writes at most two lines per flap window."""
+    from twisted.internet.task import Clock
+    from twisted.logger import Logger
+
+    clock = Clock()
+    episode = Episode(Logger(namespace="test.flap"), clock.seconds, "x", start="{subject} {kind}{note}",
+                      end="{subject} ok after {duration}")
+    for _ in range(600):
+        episode.failed("connect", "refused")
+        clock.advance(0.5)
+        episode.recovered()
+        clock.advance(0.5)
+    assert 2 <= episode.lines <= 2 * (600 / FLAP_WINDOW) + 2
+
+
+def test_long_outage_after_a_flap_is_still_logged() -> None:
+    """An outage that starts right after a logged one and lasts is logged once it has lasted the flap window."""
+    from twisted.internet.task import Clock
+    from twisted.logger import Logger
+
+    clock = Clock()
+    episode = Episode(Logger(namespace="test.flap"), clock.seconds, "x", start="{subject} {kind}{note}",
+                      end="{subject} ok after {duration}")
+    episode.failed("dns", "")
+    clock.advance(1)
+    episode.recovered()
+    assert episode.lines == 2
+    written = [episode.failed("dns", "") for _ in range(3)]
+    assert written == [False, False, False]
+    clock.advance(FLAP_WINDOW)
+    assert episode.failed("dns", "")
+    assert episode.lines == 3
 
 
 def test_client_rejects_nothing_it_can_use() -> None:

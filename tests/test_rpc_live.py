@@ -9,8 +9,11 @@ The honest node is a real anvil; the liars are the fault node
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,8 @@ from eth_twisted.poller import BlockPoller
 from eth_twisted.rpc import RPCClient, RPCFailure
 from eth_twisted.testing import FakeEthereumNode, MemoryOutbox, url_of
 from tests.faults.rpcfault import RPCFaultNode
-from tests.support import ROOT, Anvil, async_wait_until
+from tests.faults.services import EthProcess
+from tests.support import ROOT, Anvil, async_wait_until, free_port, wait_until
 
 pytestmark = [pytest.mark.live]
 
@@ -274,3 +278,35 @@ def test_tls_failure_is_classified_live(tmp_path: Path) -> Any:
     finally:
         yield rpc.close()
         yield port.stopListening()
+
+
+def _polls(stats_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stats_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(v) for v in re.findall(r"^eth_client_polls_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+@pytest.mark.slow
+def test_unreachable_endpoints_log_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    """A real eth client polling an unresolvable host and a refused port 60 times on a 0.05 s interval
+    writes no traceback and at most one line per endpoint outage plus one for the failing polls."""
+    stats, refused, server = free_port(), free_port(), free_port()
+    log_path = tmp_path / "client.log"
+    client = EthProcess(
+        ["client", "--rpc", "http://nonexistent.invalid", "--rpc", f"http://127.0.0.1:{refused}",
+         "--interval", "0.05", "--rpc-timeout", "2", "--spool", str(tmp_path / "spool.sqlite3"),
+         "--stats", f"tcp:{stats}:interface=127.0.0.1", "--connect", f"tcp:host=127.0.0.1:port={server}"],
+        str(log_path), cwd=str(tmp_path),
+    )
+    client.start()
+    try:
+        wait_until(lambda: _polls(stats) >= 60, timeout=90, interval=0.5, what="60 polls")
+    finally:
+        client.kill(signal.SIGTERM)
+    text = log_path.read_text()
+    ours = [line for line in text.splitlines() if "[eth_twisted.rpc#" in line or "[eth_twisted.poller#" in line]
+    assert "Traceback" not in text and "#critical]" not in text, text[-3000:]
+    assert len([line for line in ours if "is failing (dns)" in line]) == 1, ours
+    assert len([line for line in ours if "is failing (connect)" in line]) == 1, ours
+    assert len([line for line in ours if "poll failed" in line]) == 1, ours
+    assert len(ours) <= 4, ours
