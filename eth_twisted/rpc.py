@@ -1,34 +1,52 @@
-"""JSON-RPC over HTTP to one or more Ethereum nodes, through an injected ``IAgent``.
+"""JSON-RPC to one or more Ethereum nodes: failover, cooldowns, agreement on the head and the chain.
 
-One call (:mod:`eth_twisted.jsonrpc`) is one POST through ``twisted.web``'s
-``Agent`` (by default on its own persistent pool), guarded by a single
-timeout that covers the request *and* the body, capped in bytes (headers
-included), never redirected or inflated, and checked three ways before its
-result is believed: the HTTP status, the body (it must be JSON) and the
-JSON-RPC envelope. Every quantity is bounded while it is parsed.
+One call (:mod:`eth_twisted.jsonrpc`) is one POST through an injected
+``IAgent`` (by default ``twisted.web.client.Agent`` on its own persistent
+pool), guarded by a single timeout that covers the request *and* the body,
+read with a byte cap, never redirected or inflated, and checked three ways
+before its result is believed: the HTTP status, the body (it must be JSON)
+and the JSON-RPC envelope. Every quantity is bounded while it is parsed.
 
 Every failure has a *kind* (``dns``, ``connect``, ``timeout``, ``tls``,
 ``connection-lost``, ``http-3xx``, ``http-429``, ``http-4xx``, ``http-5xx``,
 ``too-large``, ``bad-encoding``, ``bad-json``, ``bad-envelope``,
-``rpc-error``, ``rate-limit``, ``null-result``, ``bad-result``), is counted
-per endpoint, and moves the call to the next endpoint. An exception raised
-while reading one endpoint's answer is that endpoint's ``bad-result``, never
-the caller's. Rate limits (HTTP 429, JSON-RPC -32005/-32007, "rate limit" in
-the message) put the endpoint in a cooldown that honours ``Retry-After``
-(seconds or an HTTP date) or else backs off exponentially; other failures
-put it at the back of the queue for a short, growing while. An
+``rpc-error``, ``rate-limit``, ``null-result``, ``bad-result``,
+``wrong-chain``), is counted per endpoint, and moves the call to the next
+endpoint. An exception raised while reading one endpoint's answer is that
+endpoint's ``bad-result``, never the caller's. Rate limits (HTTP 429,
+JSON-RPC -32005/-32007, "rate limit" in the message) put the endpoint in a
+cooldown that honours ``Retry-After`` or else backs off exponentially; other
+failures put it at the back of the queue for a short, growing while. An
 endpoint's outage is logged once when it starts and once when it ends, with
-its duration (:class:`eth_twisted.outage.Episode`), and so is each time it
-is not trusted.
+its duration (:class:`eth_twisted.outage.Episode`).
 
 Endpoints are identified in logs and metrics by ``scheme://host[:port]``
 only: providers put API keys in the path or the query, and a URL's
 ``user:password@`` becomes a basic-auth header that is never logged.
 
-An endpoint is used only once it has shown the same chain id and genesis
-hash as every other endpoint, the ``--chain-id`` option and the stored
-cursor; after a transport failure it shows them again before its answers
-count, so a node restarted on a new chain is caught (:class:`ChainMismatch`).
+**The head is chosen by agreement** (:func:`eth_twisted.agreement.agreement`): the median of
+the heads the endpoints answer in one round (the lower one of an even
+count) is where they agree; the head followed is the newest answer within
+``lag_threshold`` blocks above it that a second endpoint has also reached.
+An endpoint more than ``lag_threshold`` above the median is *far-ahead*:
+distrusted (state, metric, one log line), never asked for blocks, and its
+answers do not vote again until it is back within range. One more than
+``lag_threshold`` below is *lagging* (asked for blocks last). With one
+endpoint its answer is the head; with two that disagree, the lower is
+followed (a wrong low head only delays, a wrong high head invents blocks).
+A round whose only answers jump more than ``lag_threshold`` above a head
+that more endpoints agreed on within the last :data:`AGREEMENT_MEMORY`
+seconds is not believed either: it waits for a second endpoint, or for that
+memory to expire.
+
+**The chain is chosen by agreement too**: an endpoint is used only once it
+has shown the chain id and genesis hash being followed (the stored cursor's,
+else ``--chain-id``'s, else the majority's). An endpoint on another chain is
+*wrong-chain* and costs only itself; only when no endpoint is on the
+expected chain, or endpoints disagree without a majority at the first start,
+is it a :class:`ChainMismatch` (the tap stops the process, naming
+``--reset-cursor``). After a transport failure an endpoint shows its chain
+again before its answers count, so a node restarted on a new chain is caught.
 """
 
 from __future__ import annotations
@@ -44,6 +62,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from eth_twisted.agreement import RESET_ADVICE, agree, agreement, choose_chain
 from eth_twisted.errors import ChainMismatch
 from eth_twisted.jsonrpc import (
     MAX_CHAIN_ID,
@@ -71,7 +90,7 @@ from eth_twisted.metrics import ClientMetrics
 from eth_twisted.outage import Episode
 
 __all__ = [
-    "DEFAULT_RPC_URLS", "RETRY_AFTER_MAX", "RPCClient", "RPCEndpoint", "RPCFailure",
+    "DEFAULT_RPC_URLS", "RETRY_AFTER_MAX", "RPCClient", "RPCEndpoint", "RPCFailure", "agree", "agreement",
     "check_block", "collect_capped", "endpoint_label", "parse_retry_after",
 ]
 
@@ -95,10 +114,23 @@ RATE_LIMIT_MAX = 60.0
 """Longest cooldown chosen by backoff alone."""
 BACKOFF_MAX = 30.0
 """Longest time a failing endpoint stays at the back of the queue."""
+AGREEMENT_MEMORY = 120.0
+"""Seconds a head agreed by several endpoints keeps a lone endpoint from jumping far past it."""
 
 TRANSPORT_KINDS = frozenset({"timeout", "connect", "connection-lost", "dns", "tls"})
 """Failures after which an endpoint must show its chain again before it is believed."""
 RATE_LIMIT_KINDS = frozenset({"http-429", "rate-limit"})
+UNUSABLE = frozenset({"far-ahead", "wrong-chain"})
+"""Distrust states in which an endpoint is never asked for blocks."""
+STATES = ("new", "ok", "failing", "cooling", "lagging", "far-ahead", "went-backwards", "wrong-chain")
+"""What the ``eth_client_rpc_endpoint_state`` metric can say about an endpoint."""
+
+
+@dataclass
+class _Agreement:
+    head: int
+    at: float
+    support: int
 
 
 @dataclass
@@ -113,11 +145,15 @@ class RPCEndpoint:
     failures: int = 0
     rate_limits: int = 0
     verified: bool = False
-    """Showed the expected chain id and genesis hash since its last transport failure."""
+    """Showed the followed chain id and genesis hash since its last transport failure."""
+    chain: tuple[int, str] | None = None
+    """The (chain id, genesis hash) it showed last."""
+    wrong_chain_checks: int = 0
+    """Checks in a row that found it on another chain (it is asked ever less often)."""
     last_head: int | None = None
     head_moved_at: float | None = None
-    trusted: bool = True
-    state: str = "new"
+    distrust: str | None = None
+    """None when trusted, else why not: lagging, far-ahead, went-backwards or wrong-chain."""
     outage: Episode | None = field(default=None, repr=False)
     mistrust: Episode | None = field(default=None, repr=False)
 
@@ -130,6 +166,20 @@ class RPCEndpoint:
     def url(self) -> str:
         """The URL requests go to (credentials removed; it may still hold a key in its path)."""
         return self.target.url
+
+    @property
+    def trusted(self) -> bool:
+        """Not distrusted for its head or its chain."""
+        return self.distrust is None
+
+    @property
+    def state(self) -> str:
+        """One word for /metrics: an outage first, then distrust, else ok (or new)."""
+        if self.outage is not None and self.outage.active:
+            return "cooling" if self.outage.kind in RATE_LIMIT_KINDS else "failing"
+        if self.distrust is not None:
+            return self.distrust
+        return "new" if self.last_head is None and not self.verified else "ok"
 
     @classmethod
     def from_url(cls, url: str) -> RPCEndpoint:
@@ -149,7 +199,7 @@ def _default_agent(clock: Any, timeout: float, max_body: int) -> tuple[Any, Any]
 
 
 class RPCClient:
-    """JSON-RPC calls with failover, cooldowns, head ranking and chain verification.
+    """JSON-RPC calls with failover, cooldowns, head agreement and chain verification.
 
     ``agent`` is an ``IAgent`` (``treq.testing.RequestTraversalAgent`` in
     tests); by default a ``twisted.web.client.Agent`` with its own persistent
@@ -194,17 +244,24 @@ class RPCClient:
         self.metrics = metrics
         self._next_id = 0
         self.identity: tuple[int, str] | None = None
-        """(chain id, genesis hash) every endpoint has shown, once known."""
+        """(chain id, genesis hash) being followed, once known."""
         self._identity_source = ""
         self._announced: tuple[int, str] | None = None
         self._expected: tuple[int, str] | None = None
         self._chain_id_option: int | None = None
-        self.best_head: int | None = None
+        self.agreed_head: int | None = None
+        """The head the last successful round agreed on."""
+        self._agreement: _Agreement | None = None
+
+    @property
+    def best_head(self) -> int | None:
+        """The agreed head (the name older callers used)."""
+        return self.agreed_head
 
     # -- public calls ------------------------------------------------------
 
     def block_number(self) -> Deferred[int]:
-        """The head number of the first endpoint that answers."""
+        """The head number of the first usable endpoint that answers (one answer: see head_round)."""
         return Deferred.fromCoroutine(self._block_number())
 
     async def _block_number(self) -> int:
@@ -218,7 +275,8 @@ class RPCClient:
         The result holds ``number``, ``hash``, ``parentHash`` and
         ``timestamp`` (checked and bounded). A ``null`` answer means that
         node has not got the block yet: the call moves on to another endpoint
-        and fails ``null-result`` if none has it.
+        and fails ``null-result`` if none has it. Far-ahead and wrong-chain
+        endpoints are never asked.
         """
         return Deferred.fromCoroutine(self._get_block(number))
 
@@ -230,7 +288,7 @@ class RPCClient:
         return cast(dict[str, Any], block)
 
     def chain_id(self) -> Deferred[int]:
-        """``eth_chainId`` of the first endpoint that answers."""
+        """``eth_chainId`` of the first usable endpoint that answers."""
         return Deferred.fromCoroutine(self._chain_id())
 
     async def _chain_id(self) -> int:
@@ -239,7 +297,7 @@ class RPCClient:
         return cast(int, chain_id)
 
     def genesis_hash(self) -> Deferred[str]:
-        """Lowercase hash of block 0, from the first endpoint that answers."""
+        """Lowercase hash of block 0, from the first usable endpoint that answers."""
         return Deferred.fromCoroutine(self._genesis_hash())
 
     async def _genesis_hash(self) -> str:
@@ -247,24 +305,29 @@ class RPCClient:
         return str(block["hash"])
 
     def head_round(self) -> Deferred[int]:
-        """Ask every usable endpoint for its head; fire with the best trusted one.
+        """Ask every usable endpoint for its head; fire with the head they agree on (:func:`agree`).
 
-        An endpoint whose head went below its own previous answer, or lags
-        the best by more than ``lag_threshold`` blocks, is not trusted this
-        round. Fails with :class:`RPCFailure` when no endpoint is trusted.
+        Endpoints whose head went below their own previous answer do not vote
+        this round; ones far ahead of the agreed head are distrusted, ones far
+        behind are lagging. Fails with :class:`RPCFailure` when no endpoint
+        gave a believable head, and with :class:`ChainMismatch` when every
+        endpoint is on another chain.
         """
         return Deferred.fromCoroutine(self._head_round())
 
     def verify_chain(
         self, expected: tuple[int, str] | None, chain_id_option: int | None = None
     ) -> Deferred[tuple[int, str]]:
-        """Check that every endpoint that answers is on one chain, the one expected.
+        """Ask every endpoint for its chain and choose the one to follow.
 
         ``expected`` is ``(chain_id, genesis_hash)`` from the stored cursor, or
-        None. Fires with the chain's ``(chain_id, genesis_hash)``. Raises
-        :class:`ChainMismatch` (its message names ``--reset-cursor``) on any
-        disagreement, and :class:`RPCFailure` when no endpoint answered.
-        Endpoints that did not answer are checked before their first use.
+        None. The chain followed is ``expected`` when some endpoint shows it,
+        else (no cursor) the one a majority of the answering endpoints show,
+        among those matching ``chain_id_option``. Endpoints on other chains
+        are wrong-chain (they cost only themselves). Raises
+        :class:`ChainMismatch` (its message names ``--reset-cursor``) when no
+        endpoint is on the expected chain or there is no majority, and
+        :class:`RPCFailure` when no endpoint answered.
         """
         return Deferred.fromCoroutine(self._verify_chain(expected, chain_id_option))
 
@@ -281,38 +344,8 @@ class RPCClient:
 
     # -- chain identity ----------------------------------------------------
 
-    async def _verify_chain(
-        self, expected: tuple[int, str] | None, chain_id_option: int | None
-    ) -> tuple[int, str]:
-        self._expected = (expected[0], expected[1].lower()) if expected is not None else None
-        self._chain_id_option = chain_id_option
-        self.identity = None
-        self._identity_source = ""
-        self.invalidate()
-        now = self.clock.seconds()
-        candidates = [ep for ep in self.endpoints if ep.cooldown_until <= now] or list(self.endpoints)
-        results = await defer.DeferredList(
-            [Deferred.fromCoroutine(self._ensure_verified(ep)) for ep in candidates],
-            consumeErrors=True,
-        )
-        failures: list[RPCFailure] = []
-        for ok, value in results:
-            if not ok:
-                failures.append(_rpc_failure(value))
-        if self.identity is None:
-            raise self._exhausted("chain verification", failures)
-        if self.identity != self._announced:  # once per chain, not once per outage
-            self._announced = self.identity
-            log.info(
-                "RPC chain verified: chain id {chain_id}, genesis {genesis} ({count} of {total} endpoints answered)",
-                chain_id=self.identity[0], genesis=self.identity[1],
-                count=len(candidates) - len(failures), total=len(self.endpoints),
-            )
-        return self.identity
-
-    async def _ensure_verified(self, ep: RPCEndpoint) -> None:
-        if ep.verified:
-            return
+    async def _show_chain(self, ep: RPCEndpoint) -> tuple[int, str]:
+        """Ask ``ep`` for its chain id and genesis hash (bounded, checked); remember them."""
         raw_id = await self._request(ep, "eth_chainId", [])
         raw_genesis = await self._request(ep, "eth_getBlockByNumber", ["0x0", False])
         try:
@@ -321,39 +354,93 @@ class RPCClient:
         except RPCFailure as e:
             self._record_failure(ep, e, "eth_chainId")
             raise
-        self._check_identity(ep, chain_id, genesis)
-        ep.verified = True
+        ep.chain = (chain_id, genesis)
+        return ep.chain
 
-    def _check_identity(self, ep: RPCEndpoint, chain_id: int, genesis: str) -> None:
-        seen = f"{ep.label} is on chain id {chain_id} with genesis {genesis}"
-        advice = (
-            "Point --rpc at nodes of one chain. If the chain itself changed (a dev node "
-            "restarted from scratch, a new testnet), start over with --reset-cursor, which "
-            "forgets the stored position and begins at the new chain's head."
+    async def _verify_chain(
+        self, expected: tuple[int, str] | None, chain_id_option: int | None
+    ) -> tuple[int, str]:
+        self._expected = (expected[0], expected[1].lower()) if expected is not None else None
+        self._chain_id_option = chain_id_option
+        self.invalidate()
+        now = self.clock.seconds()
+        candidates = [ep for ep in self.endpoints if ep.cooldown_until <= now] or list(self.endpoints)
+        results = await defer.DeferredList(
+            [Deferred.fromCoroutine(self._show_chain(ep)) for ep in candidates], consumeErrors=True,
         )
-        if self._chain_id_option is not None and chain_id != self._chain_id_option:
-            raise ChainMismatch(f"{seen}, but --chain-id is {self._chain_id_option}. {advice}")
-        if self._expected is not None and (chain_id, genesis) != self._expected:
-            raise ChainMismatch(
-                f"{seen}, but the stored cursor belongs to chain id {self._expected[0]} with "
-                f"genesis {self._expected[1]}. {advice}"
+        shown: list[tuple[RPCEndpoint, tuple[int, str]]] = []
+        failures: list[RPCFailure] = []
+        for ep, (ok, value) in zip(candidates, results, strict=True):
+            if ok:
+                shown.append((ep, cast(tuple[int, str], value)))
+            else:
+                failures.append(_rpc_failure(value))
+        if not shown:
+            raise self._exhausted("chain verification", failures)
+        identity = choose_chain([(ep.label, chain) for ep, chain in shown], self._expected,
+                                self._chain_id_option)
+        self.identity = identity
+        self._identity_source = next(ep.label for ep, chain in shown if chain == identity)
+        for ep, chain in shown:
+            if chain == identity:
+                self._chain_ok(ep)
+            else:
+                self._wrong_chain(ep, chain)
+        agreeing = sum(1 for _, chain in shown if chain == identity)
+        if identity != self._announced:
+            self._announced = identity
+            log.info(
+                "RPC chain: chain id {chain_id}, genesis {genesis} ({count} of {total} endpoints show it)",
+                chain_id=identity[0], genesis=identity[1], count=agreeing, total=len(self.endpoints),
             )
-        if self.identity is not None and (chain_id, genesis) != self.identity:
-            if ep.label == self._identity_source:
-                raise ChainMismatch(
-                    f"{ep.label} changed chains: it now reports chain id {chain_id} with genesis "
-                    f"{genesis}, but this client has been following chain id {self.identity[0]} "
-                    f"with genesis {self.identity[1]}. {advice}"
-                )
-            raise ChainMismatch(
-                f"RPC endpoints disagree: {seen}, but {self._identity_source} is on chain id "
-                f"{self.identity[0]} with genesis {self.identity[1]}. {advice}"
-            )
-        if self.identity is None:
-            self.identity = (chain_id, genesis)
-            self._identity_source = ep.label
+        return identity
 
-    # -- head ranking ------------------------------------------------------
+    async def _ensure_verified(self, ep: RPCEndpoint) -> None:
+        if ep.verified:
+            return
+        chain = await self._show_chain(ep)
+        if self.identity is None:  # used before verify_chain: the first answer names the chain
+            self.identity = chain
+            self._identity_source = ep.label
+        if chain != self.identity:
+            self._wrong_chain(ep, chain)
+            raise RPCFailure(
+                f"it is on chain id {chain[0]} with genesis {chain[1]}, not the followed chain id "
+                f"{self.identity[0]} with genesis {self.identity[1]}", "wrong-chain", ep.label)
+        self._chain_ok(ep)
+
+    def _chain_ok(self, ep: RPCEndpoint) -> None:
+        ep.verified = True
+        ep.wrong_chain_checks = 0
+        if ep.distrust == "wrong-chain":
+            self._trust(ep)
+
+    def _wrong_chain(self, ep: RPCEndpoint, chain: tuple[int, str]) -> None:
+        """``ep`` is on another chain: distrusted (one line), and asked after the others for a while."""
+        ep.verified = False
+        ep.wrong_chain_checks += 1
+        ep.backoff_until = self.clock.seconds() + min(2.0 ** ep.wrong_chain_checks, BACKOFF_MAX)
+        assert self.identity is not None
+        self._distrust(ep, "wrong-chain", f"chain id {chain[0]} with genesis {chain[1]}, not chain id "
+                                          f"{self.identity[0]} with genesis {self.identity[1]}")
+
+    def _check_all_wrong_chain(self) -> None:
+        """Every endpoint is on another chain than the one followed: that is fatal."""
+        if not all(ep.distrust == "wrong-chain" for ep in self.endpoints) or self.identity is None:
+            return
+        advice = RESET_ADVICE
+        following = f"chain id {self.identity[0]} with genesis {self.identity[1]}"
+        if len(self.endpoints) == 1:
+            ep = self.endpoints[0]
+            assert ep.chain is not None
+            raise ChainMismatch(
+                f"{ep.label} changed chains: it now reports chain id {ep.chain[0]} with genesis "
+                f"{ep.chain[1]}, but this client has been following {following}. {advice}")
+        seen = "; ".join(f"{ep.label} is on chain id {ep.chain[0]} with genesis {ep.chain[1]}"
+                         for ep in self.endpoints if ep.chain is not None)
+        raise ChainMismatch(f"no RPC endpoint is on the followed {following} any more: {seen}. {advice}")
+
+    # -- head agreement ------------------------------------------------------
 
     async def _head_round(self) -> int:
         candidates = self._usable(prefer_healthy=True)
@@ -370,6 +457,7 @@ class RPCClient:
             else:
                 failures.append(_rpc_failure(value))
         if not answers:
+            self._check_all_wrong_chain()
             raise self._exhausted("eth_blockNumber", failures)
         now = self.clock.seconds()
         forward: list[tuple[RPCEndpoint, int]] = []
@@ -382,31 +470,69 @@ class RPCClient:
                 self.metrics.head.labels(ep.label).set(head)
                 self.metrics.head_age.labels(ep.label).set(now - (ep.head_moved_at or now))
             if previous is not None and head < previous:
-                # Out of this round. A step back within the lag threshold is a
+                # Out of this round's vote. A step back within the lag threshold is a
                 # load-balanced provider's backends disagreeing: counted, not logged.
                 detail = f"head {head} is below its previous {previous}"
                 if previous - head > self.lag_threshold:
                     self._distrust(ep, "went-backwards", detail)
                 else:
-                    ep.trusted = False
+                    ep.distrust = "went-backwards"
                     if self.metrics is not None:
                         self.metrics.rpc_failures.labels(ep.label, "went-backwards").inc()
                     log.debug("RPC endpoint {endpoint}: {detail}", endpoint=ep.label, detail=detail)
             else:
                 forward.append((ep, head))
         if not forward:
-            self.best_head = None
+            self._publish_states()
             raise RPCFailure("every answering endpoint went backwards this round", "went-backwards")
-        best = max(head for _, head in forward)
-        trusted = []
+        agreed, median = self._agree(forward, now)
+        lag = self.lag_threshold
+        support = 0
         for ep, head in forward:
-            if best - head > self.lag_threshold:
-                self._distrust(ep, "lagging", f"head {head} lags the best {best} by {best - head}")
-            else:
-                trusted.append(ep)
+            if head > median + lag:
+                self._distrust(ep, "far-ahead", f"head {head} is more than {lag} blocks above the "
+                                                f"head {median} the endpoints agree on")
+                continue
+            if head < median - lag:
+                self._distrust(ep, "lagging", f"head {head} lags the agreed head {median} by {median - head}")
+                continue
+            if ep.distrust is not None and ep.distrust != "wrong-chain":
                 self._trust(ep)
-        self.best_head = best
-        return best
+            support += head >= median
+        self._agreement = _Agreement(agreed, now, support)
+        self.agreed_head = agreed
+        if self.metrics is not None:
+            self.metrics.agreed_head.set(agreed)
+        self._publish_states()
+        return agreed
+
+    def _agree(self, forward: list[tuple[RPCEndpoint, int]], now: float) -> tuple[int, int]:
+        """(head, median) of this round's forward answers, or RPCFailure ``far-ahead``.
+
+        Far-ahead endpoints do not vote. When fewer endpoints than agreed on
+        a head moments ago now claim one far past it, their answers are set
+        aside for this round (not marked: one of them may be the only honest
+        endpoint left, and is followed once :data:`AGREEMENT_MEMORY` passes).
+        """
+        lag = self.lag_threshold
+        memory = self._agreement if self._agreement and now - self._agreement.at <= AGREEMENT_MEMORY else None
+        voters = [(ep, h) for ep, h in forward if ep.distrust != "far-ahead"]
+        while voters:
+            head, median, support = agreement([h for _, h in voters], lag)
+            if memory is None or head <= memory.head + lag or support >= min(2, memory.support):
+                return head, median
+            aside = [(ep, h) for ep, h in voters if median <= h <= median + lag]
+            for ep, h in aside:
+                log.debug("RPC endpoint {endpoint}: head {head} is unconfirmed (agreed {agreed} "
+                          "by {n} endpoints {ago:.0f} s ago)", endpoint=ep.label, head=h,
+                          agreed=memory.head, n=memory.support, ago=now - memory.at)
+            voters = [v for v in voters if v not in aside]
+        if memory is not None:
+            detail = (f"the only answers are more than {lag} blocks above the head {memory.head} "
+                      f"that {memory.support} endpoints agreed on {now - memory.at:.0f} s ago")
+        else:
+            detail = "the only answers come from endpoints far ahead of the others"
+        raise RPCFailure(detail, "far-ahead")
 
     async def _head_of(self, ep: RPCEndpoint) -> int:
         result = await self._call_on(ep, "eth_blockNumber", [])
@@ -417,32 +543,44 @@ class RPCClient:
             raise
 
     def _distrust(self, ep: RPCEndpoint, kind: str, detail: str) -> None:
-        ep.trusted = False
+        ep.distrust = kind
         if self.metrics is not None:
             self.metrics.rpc_failures.labels(ep.label, kind).inc()
         assert ep.mistrust is not None
         ep.mistrust.failed(kind, detail)
 
     def _trust(self, ep: RPCEndpoint) -> None:
-        ep.trusted = True
+        ep.distrust = None
         assert ep.mistrust is not None
         ep.mistrust.recovered()
+
+    def _publish_states(self) -> None:
+        if self.metrics is None:
+            return
+        for ep in self.endpoints:
+            self.metrics.rpc_state.labels(ep.label).state(ep.state)
 
     # -- the call machinery --------------------------------------------------
 
     def _usable(self, prefer_healthy: bool, want: int | None = None) -> list[RPCEndpoint]:
-        """Endpoints to try, best first: not rate limited; healthy before backing-off."""
+        """Endpoints to try, best first: not rate limited; healthy before backing-off.
+
+        For single calls (``prefer_healthy`` false) far-ahead and wrong-chain
+        endpoints are left out, and trusted ones that have block ``want``
+        come first.
+        """
         now = self.clock.seconds()
         open_ = [ep for ep in self.endpoints if ep.cooldown_until <= now]
-        healthy = [ep for ep in open_ if ep.backoff_until <= now]
         if prefer_healthy:
+            healthy = [ep for ep in open_ if ep.backoff_until <= now]
             return healthy or open_
+        usable = [ep for ep in open_ if ep.distrust not in UNUSABLE]
 
-        def rank(ep: RPCEndpoint) -> tuple[int, int, int]:
+        def rank(ep: RPCEndpoint) -> tuple[bool, bool, bool]:
             has_it = want is None or (ep.last_head is not None and ep.last_head >= want)
             return (ep.backoff_until > now, not ep.trusted, not has_it)
 
-        return sorted(open_, key=rank)  # stable: the configured order breaks ties
+        return sorted(usable, key=rank)  # stable: the configured order breaks ties
 
     def _cooling(self) -> RPCFailure:
         now = self.clock.seconds()
@@ -462,7 +600,11 @@ class RPCClient:
     ) -> tuple[RPCEndpoint, Any]:
         candidates = self._usable(prefer_healthy=False, want=want)
         if not candidates:
-            raise self._cooling()
+            now = self.clock.seconds()
+            if any(ep.cooldown_until > now for ep in self.endpoints):
+                raise self._cooling()
+            self._check_all_wrong_chain()
+            raise RPCFailure(f"{method}: no trusted endpoint to ask (far-ahead or wrong-chain)", "far-ahead")
         failures: list[RPCFailure] = []
         for ep in candidates:
             try:
@@ -483,6 +625,7 @@ class RPCClient:
                     failures.append(failure)
                     continue
             return ep, result
+        self._check_all_wrong_chain()
         raise self._exhausted(method, failures)
 
     def _exhausted(self, method: str, failures: list[RPCFailure]) -> RPCFailure:
@@ -572,21 +715,20 @@ class RPCClient:
                 delay = min(RATE_LIMIT_BASE * 2 ** (ep.rate_limits - 1), RATE_LIMIT_MAX)
             ep.cooldown_until = max(ep.cooldown_until, now + delay)
             detail = f"{detail}; not asked for {delay:g} s"
-            ep.state = "cooling"
         else:
             ep.failures += 1
             ep.backoff_until = now + min(2.0 ** (ep.failures - 1), BACKOFF_MAX)
-            ep.state = "failing"
         if e.kind in TRANSPORT_KINDS:
             ep.verified = False
         assert ep.outage is not None
         ep.outage.failed(e.kind, f"{method}: {detail}", failure)
+        if self.metrics is not None:
+            self.metrics.rpc_state.labels(ep.label).state(ep.state)
 
     def _record_success(self, ep: RPCEndpoint) -> None:
         ep.failures = 0
         ep.rate_limits = 0
         ep.backoff_until = 0.0
-        ep.state = "ok"
         assert ep.outage is not None
         ep.outage.recovered()
 
@@ -598,3 +740,4 @@ def _rpc_failure(value: Any) -> RPCFailure:
         return cast(RPCFailure, failure.value)
     failure.raiseException()
     raise AssertionError("unreachable")  # pragma: no cover
+

@@ -291,16 +291,20 @@ def test_failing_endpoint_moves_back_of_queue(world: World) -> None:
 
 
 def test_head_round_best_trusted(world: World) -> None:
-    """head_round asks every endpoint and answers the best head."""
+    """head_round answers the head the endpoints agree on and shows each endpoint's own head."""
     world.b.mine(3)
-    assert result_of(world.rpc.head_round()) == 103
+    assert result_of(world.rpc.head_round()) == 100
     assert world.metrics.registry.get_sample_value(
         "eth_client_rpc_head", {"endpoint": "http://a.example"}) == 100
+    assert world.metrics.registry.get_sample_value(
+        "eth_client_rpc_head", {"endpoint": "http://b.example:8545"}) == 103
+    world.a.mine(3)
+    assert result_of(world.rpc.head_round()) == 103
 
 
 def test_lagging_endpoint_not_trusted() -> None:
-    """An endpoint more than lag_threshold behind is not trusted, counted and preferred last for blocks."""
-    w = World(urls=[A, B], lag_threshold=5)
+    """An endpoint more than lag_threshold behind the agreed head is lagging, counted and asked last for blocks."""
+    w = World(urls=[A, B, C], lag_threshold=5)
     w.a.set_lag(6)
     assert result_of(w.rpc.head_round()) == 100
     assert count(w.metrics, "http://a.example", "lagging") == 1
@@ -315,10 +319,11 @@ def test_lagging_endpoint_not_trusted() -> None:
 
 def test_backwards_endpoint_not_trusted(world: World) -> None:
     """An endpoint whose head goes below its previous answer is distrusted for that round."""
+    world.a.mine(2)
     world.b.mine(2)
     assert result_of(world.rpc.head_round()) == 102
     world.b.set_lag(3)
-    assert result_of(world.rpc.head_round()) == 100
+    assert result_of(world.rpc.head_round()) == 102  # a alone votes; b's 99 does not count
     assert count(world.metrics, "http://b.example:8545", "went-backwards") == 1
     assert not world.rpc.endpoints[1].trusted
 
@@ -377,13 +382,15 @@ def test_restarted_node_reverified_after_transport_failure() -> None:
 
 
 def test_unverified_endpoint_checked_before_use(world: World) -> None:
-    """An endpoint that was down during verify_chain is checked before its first answer counts."""
+    """An endpoint down during verify_chain that comes back on another chain is wrong-chain: its head never counts."""
     world.b.fail("http-5xx")
     result_of(world.rpc.verify_chain(None))
-    world.b.reset(seed="other")
+    world.b.reset(seed="other", height=500)
     world.clock.advance(60)
-    with pytest.raises(ChainMismatch):
-        result_of(world.rpc.head_round())
+    assert result_of(world.rpc.head_round()) == 100
+    assert world.rpc.endpoints[1].distrust == "wrong-chain"
+    assert count(world.metrics, "http://b.example:8545", "wrong-chain") >= 1
+    assert ("eth_blockNumber", []) not in world.b.requests
 
 
 def test_close_with_injected_http_is_noop(world: World) -> None:

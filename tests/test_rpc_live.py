@@ -99,6 +99,28 @@ def assert_only_real_blocks(rig: Rig, anvil: Anvil) -> None:
 
 @pytest.mark.slow
 @pytest_twisted.inlineCallbacks
+def test_honest_anvil_plus_liar_delivers_only_real_blocks(anvil: Anvil, served: Served) -> Any:
+    """With an honest anvil and a node claiming 2,293 blocks more (listed first), only anvil's blocks are
+    delivered and the client keeps up with anvil."""
+    liar, liar_url = served.fault_node(anvil, "liar", 2293)
+    rig = Rig([liar_url, anvil.url])
+    rig.poller.startService()
+    try:
+        start = anvil.head()
+        yield async_wait_until(lambda: rig.cursor() >= start + 5, timeout=30, what="five new blocks")
+        target = anvil.head()
+        yield async_wait_until(lambda: rig.cursor() >= target, timeout=10, what="the client to keep up")
+        assert rig.cursor() <= anvil.head()
+        assert_only_real_blocks(rig, anvil)
+        assert liar.stats["faulted"] > 0
+        assert rig.rpc.endpoints[0].distrust == "far-ahead"
+        assert rig.fatal == [] and rig.polls("error") == 0
+    finally:
+        yield rig.poller.stopService()
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
 def test_unbounded_answers_cost_only_their_endpoints(anvil: Anvil, served: Served) -> Any:
     """Nodes answering a 1,200-bit head, 4,000-digit timestamps or a 2**256 head beside anvil stop nothing."""
     _, huge_head = served.fault_node(anvil, "huge-head")
