@@ -165,7 +165,7 @@ def make_client_service(
     allowed_hosts: Sequence[str] | None = None,
     stats_limits: Any = None,
     exit_on_fatal: bool = False,
-    http: Any = None,
+    agent: Any = None,
     metrics: ClientMetrics | None = None,
     tls: dict[str, Any] | None = None,
     secret: bytes | None = None,
@@ -175,7 +175,7 @@ def make_client_service(
     """Build the client. Opens (and locks) the outbox now, so a bad spool fails at once.
 
     ``connect`` is a client endpoint string (``tcp:host=H:port=P``);
-    ``http`` injects a treq-like client for the RPC calls (tests).
+    ``agent`` injects the ``IAgent`` the RPC calls go through (tests).
     """
     from eth_twisted.poller import BlockPoller
     from eth_twisted.rpc import RPCClient
@@ -197,7 +197,7 @@ def make_client_service(
             endpoint, outbox, clock=reactor, metrics=metrics, window=window,
             ack_timeout=ack_timeout, heartbeat=heartbeat, server=connect,
         )
-        rpc = RPCClient(list(rpc_urls), http=http, clock=reactor, timeout=rpc_timeout, metrics=metrics)
+        rpc = RPCClient(list(rpc_urls), agent=agent, clock=reactor, timeout=rpc_timeout, metrics=metrics)
         client = EthClientService(
             reactor=reactor, outbox=outbox, metrics=metrics, delivery=delivery, rpc=rpc,
             interval=interval, exit_on_fatal=exit_on_fatal,

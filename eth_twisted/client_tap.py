@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -113,10 +112,18 @@ class Options(EnvOptions):
             from eth_twisted.rpc import DEFAULT_RPC_URLS
 
             self["rpc"] = list(DEFAULT_RPC_URLS)
+        from eth_twisted.jsonrpc import Target, redact_url
+
         for url in self["rpc"]:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise usage.UsageError(f"--rpc: expected an http:// or https:// URL, got {url!r}")
+            try:
+                target = Target.from_url(url)
+            except ValueError as e:
+                raise usage.UsageError(f"--rpc: {e}, got {redact_url(url)!r}")
+            if target.authorization is not None and self.from_argv("rpc"):
+                self.warnings.append(
+                    f"--rpc {target.label} carries a password on the command line, visible to every "
+                    "local user (ps, /proc); pass the URL in ETH_RPC instead"
+                )
         if not self["spool"]:
             self["spool"] = state_path(DEFAULT_SPOOL, self.environ)
         self["stats-token-resolved"] = self.resolve_secret("stats-token")

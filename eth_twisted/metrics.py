@@ -8,7 +8,7 @@ peers is unbounded, and per-client counts live in the stats API instead.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
@@ -79,6 +79,13 @@ class ClientMetrics:
         self.rpc_failures = Counter(
             "eth_client_rpc_failures", "Failed RPC calls by endpoint and kind", ["endpoint", "kind"], registry=r
         )
+        self.rpc_state = Enum(
+            "eth_client_rpc_endpoint_state", "Each RPC endpoint's state (ok, failing, cooling, far-ahead, ...)",
+            ["endpoint"], registry=r,
+            states=["new", "ok", "failing", "cooling", "lagging", "far-ahead", "went-backwards", "wrong-chain"],
+        )
+        self.agreed_head = Gauge("eth_client_rpc_agreed_head", "Head the RPC endpoints agree on (the one followed)",
+                                 registry=r)
         self.polls = Counter("eth_client_polls", "Poll rounds by result (ok or the failure kind)", ["result"], registry=r)
         self.last_poll_success = Gauge(
             "eth_client_last_successful_poll_timestamp", "Unix time of the last successful poll", registry=r

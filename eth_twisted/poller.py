@@ -31,6 +31,10 @@ One tick:
    payloads then carry the new hashes; ``html`` payloads are byte-identical
    and the server answers DUP). Otherwise (a node out of step) it retries
    next tick. Either way it never skips and never crashes.
+
+Failed polls are logged once per outage (when the first fails and when one
+succeeds again, with the duration), as are a head below the cursor and a
+node out of step: a poller that fails every tick for hours writes two lines.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from twisted.python.failure import Failure
 
 from eth_twisted.errors import ChainMismatch, OutboxFull
 from eth_twisted.metrics import ClientMetrics
+from eth_twisted.outage import Episode
 from eth_twisted.outbox import Cursor
 from eth_twisted.payload import FORMATS, render
 from eth_twisted.rpc import RPCClient, RPCFailure
@@ -127,6 +132,18 @@ class BlockPoller(service.Service):
         self._idle_waiters: list[Deferred[None]] = []
         self._recent: OrderedDict[int, str] = OrderedDict()
         self._history = max(2 * max_backfill, 256)
+        self.trouble = Episode(
+            log, self.clock.seconds, "polls",
+            start="poll failed ({kind}): {detail}{note}; the next line says when polls succeed again",
+            end="polls succeed again after {duration:.1f} s ({failures} failed polls: {kinds})",
+        )
+        """The current run of failed polls, logged at its start and its end."""
+        self.behind = Episode(
+            log, self.clock.seconds, "the chain head",
+            start="{subject} is below the cursor: {detail}{note}; nothing to send until the chain reaches it",
+            end="{subject} reached the cursor again after {duration:.1f} s",
+        )
+        self._out_of_step: tuple[int, str] | None = None
 
     # -- service -------------------------------------------------------------
 
@@ -184,6 +201,7 @@ class BlockPoller(service.Service):
 
     def _poll_done(self, result: str) -> None:
         self._count(result)
+        self.trouble.recovered()
 
     def _poll_failed(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError):
@@ -193,17 +211,18 @@ class BlockPoller(service.Service):
             return
         if failure.check(RPCFailure):
             e = failure.value
-            log.warn("poll failed ({kind}): {why}", kind=e.kind, why=str(e))
+            self.trouble.failed(e.kind, str(e))
             # No endpoint gave what the poll needed: when one answers again it may be
             # a node restarted on another chain, so the chain is verified again first.
             self.verified = False
             self._count(e.kind)
             return
         if failure.check(defer.TimeoutError):
-            log.warn("poll took longer than its {timeout} s deadline; cancelled", timeout=self.tick_timeout)
+            self.trouble.failed("tick-timeout", f"the poll took longer than its {self.tick_timeout:g} s "
+                                                "deadline and was cancelled")
             self._count("tick-timeout")
             return
-        log.failure("poll failed unexpectedly", failure)
+        self.trouble.failed("error", "unexpected error", failure)
         self._count("error")
 
     def _count(self, result: str) -> None:
@@ -240,15 +259,13 @@ class BlockPoller(service.Service):
         if cursor is None:
             block = await self.rpc.get_block(head)
             return self._enqueue([block], None)
+        if head < cursor.block_number:
+            self.behind.failed("behind", f"head {head}, cursor {cursor.block_number}")
+            self.rpc.invalidate()  # checking the chain again
+            return "behind"
+        self.behind.recovered()
         if head == cursor.block_number:
             return "idle"
-        if head < cursor.block_number:
-            log.info(
-                "head {head} is below the cursor {cursor}: nothing to send; checking the chain again",
-                head=head, cursor=cursor.block_number,
-            )
-            self.rpc.invalidate()
-            return "behind"
         return await self._advance(cursor, head)
 
     async def _advance(self, cursor: Cursor, head: int) -> str:
@@ -276,8 +293,9 @@ class BlockPoller(service.Service):
         if error is not None and result == "ok":
             e = error.value
             kind = e.kind if isinstance(e, RPCFailure) else "error"
-            log.warn("fetched blocks {first}..{last}, then ({kind}): {why}",
-                     first=start, last=start + len(good) - 1, kind=kind, why=str(e))
+            # Progress, and the rest comes next tick: not an outage, so not a warning per tick.
+            log.debug("fetched blocks {first}..{last}, then ({kind}): {why}",
+                      first=start, last=start + len(good) - 1, kind=kind, why=str(e))
             return kind
         return result
 
@@ -365,10 +383,13 @@ class BlockPoller(service.Service):
         """Block cursor+1 does not name the cursor's block as parent."""
         number = int(block["number"], 16)
         self.rpc.invalidate()  # a node restarted on another chain looks like a reorg: check first
-        log.warn(
-            "block {number} names parent {parent}, not {expected}: a reorg or a node out of step",
-            number=number, parent=block["parentHash"], expected=cursor.block_hash,
-        )
+        seen = (number, block["parentHash"])
+        if seen != self._out_of_step:  # once per disagreement, not once per tick
+            self._out_of_step = seen
+            log.warn(
+                "block {number} names parent {parent}, not {expected}: a reorg or a node out of step",
+                number=number, parent=block["parentHash"], expected=cursor.block_hash,
+            )
         canonical = await self.rpc.get_block(cursor.block_number)
         if canonical["hash"].lower() == cursor.block_hash.lower():
             return "reorg"  # the node contradicts itself: retry next tick

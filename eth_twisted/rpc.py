@@ -1,59 +1,98 @@
-"""JSON-RPC over HTTP to one or more Ethereum nodes, through an injected treq-like client.
+"""JSON-RPC to one or more Ethereum nodes: failover, cooldowns, agreement on the head and the chain.
 
-Every call is one POST guarded by a single timeout that covers the request
-*and* the body (treq's ``timeout=`` stops at the headers), read with a byte
-cap, and checked three ways before its result is believed: the HTTP status
-(429 and 5xx are failures), the body (it must be JSON: an HTML error page, a
-truncated body or garbage is a failure) and the JSON-RPC envelope
-(``jsonrpc`` "2.0", our ``id``, exactly one of ``result``/``error``).
+One call (:mod:`eth_twisted.jsonrpc`) is one POST through an injected
+``IAgent`` (by default ``twisted.web.client.Agent`` on its own persistent
+pool), guarded by a single timeout that covers the request *and* the body,
+read with a byte cap, never redirected or inflated, and checked three ways
+before its result is believed: the HTTP status, the body (it must be JSON)
+and the JSON-RPC envelope. Every quantity is bounded while it is parsed.
 
-Every failure has a *kind* (``timeout``, ``connect``, ``connection-lost``,
-``http-429``, ``http-5xx``, ``http-4xx``, ``too-large``, ``bad-json``,
-``bad-envelope``, ``rpc-error``, ``rate-limit``, ``null-result``,
-``bad-result``), is counted per endpoint, and moves the call to the next
-endpoint. Rate limits (HTTP 429, JSON-RPC -32005/-32007, "rate limit" in
-the message) put the endpoint in a cooldown that honours ``Retry-After``
-(seconds or an HTTP date) or else backs off exponentially; other failures
-put it at the back of the queue for a short, growing while.
+Every failure has a *kind* (``dns``, ``connect``, ``timeout``, ``tls``,
+``connection-lost``, ``http-3xx``, ``http-429``, ``http-4xx``, ``http-5xx``,
+``too-large``, ``bad-encoding``, ``bad-json``, ``bad-envelope``,
+``rpc-error``, ``rate-limit``, ``null-result``, ``bad-result``,
+``wrong-chain``), is counted per endpoint, and moves the call to the next
+endpoint. An exception raised while reading one endpoint's answer is that
+endpoint's ``bad-result``, never the caller's. Rate limits (HTTP 429,
+JSON-RPC -32005/-32007, "rate limit" in the message) put the endpoint in a
+cooldown that honours ``Retry-After`` or else backs off exponentially; other
+failures put it at the back of the queue for a short, growing while. An
+endpoint's outage is logged once when it starts and once when it ends, with
+its duration (:class:`eth_twisted.outage.Episode`).
 
 Endpoints are identified in logs and metrics by ``scheme://host[:port]``
-only: providers put API keys in the path or the query.
+only: providers put API keys in the path or the query, and a URL's
+``user:password@`` becomes a basic-auth header that is never logged.
 
-An endpoint is used only once it has shown the same chain id and genesis
-hash as every other endpoint, the ``--chain-id`` option and the stored
-cursor; after a transport failure it shows them again before its answers
-count, so a node restarted on a new chain is caught (:class:`ChainMismatch`).
+**The head is chosen by agreement** (:func:`eth_twisted.agreement.agreement`): the median of
+the heads the endpoints answer in one round (the lower one of an even
+count) is where they agree; the head followed is the newest answer within
+``lag_threshold`` blocks above it that a second endpoint has also reached.
+An endpoint more than ``lag_threshold`` above the median is *far-ahead*:
+distrusted (state, metric, one log line), never asked for blocks, and its
+answers do not vote again until it is back within range. One more than
+``lag_threshold`` below is *lagging* (asked for blocks last). With one
+endpoint its answer is the head; with two that disagree, the lower is
+followed (a wrong low head only delays, a wrong high head invents blocks).
+A round whose only answers jump more than ``lag_threshold`` above a head
+that more endpoints agreed on within the last :data:`AGREEMENT_MEMORY`
+seconds is not believed either: it waits for a second endpoint, or for that
+memory to expire.
+
+**The chain is chosen by agreement too**: an endpoint is used only once it
+has shown the chain id and genesis hash being followed (the stored cursor's,
+else ``--chain-id``'s, else the majority's). An endpoint on another chain is
+*wrong-chain* and costs only itself; only when no endpoint is on the
+expected chain, or endpoints disagree without a majority at the first start,
+is it a :class:`ChainMismatch` (the tap stops the process, naming
+``--reset-cursor``). After a transport failure an endpoint shows its chain
+again before its answers count, so a node restarted on a new chain is caught.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import urlsplit
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
 
-from eth_twisted.errors import ChainMismatch, RPCError
+from eth_twisted.agreement import RESET_ADVICE, agree, agreement, choose_chain
+from eth_twisted.errors import ChainMismatch
+from eth_twisted.jsonrpc import (
+    MAX_CHAIN_ID,
+    RETRY_AFTER_MAX,
+    STALE_CONNECTION,
+    ResponseTooLarge,
+    RPCFailure,
+    Target,
+    cancelled,
+    capped_agent,
+    check_block,
+    classify,
+    collect_capped,
+    endpoint_label,
+    has_reason,
+    hex_quantity,
+    is_tls_failure,
+    parse_envelope,
+    parse_retry_after,
+    post,
+    reasons,
+    status_failure,
+)
 from eth_twisted.metrics import ClientMetrics
+from eth_twisted.outage import Episode
 
-try:  # the request-level failures live in a private module of twisted.web
-    from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
-except ImportError:  # pragma: no cover - very old or very new Twisted
-    from twisted.web.client import (  # type: ignore[attr-defined,no-redef]
-        RequestTransmissionFailed,
-        ResponseNeverReceived,
-    )
+__all__ = [
+    "DEFAULT_RPC_URLS", "RETRY_AFTER_MAX", "RPCClient", "RPCEndpoint", "RPCFailure", "agree", "agreement",
+    "check_block", "collect_capped", "endpoint_label", "parse_retry_after",
+]
 
 log = Logger(namespace="eth_twisted.rpc")
 
@@ -73,172 +112,32 @@ RATE_LIMIT_BASE = 1.0
 """First cooldown after a rate limit without Retry-After; doubles per repeat."""
 RATE_LIMIT_MAX = 60.0
 """Longest cooldown chosen by backoff alone."""
-RETRY_AFTER_MAX = 600.0
-"""Longest Retry-After honoured (a provider asking for hours is clamped)."""
 BACKOFF_MAX = 30.0
 """Longest time a failing endpoint stays at the back of the queue."""
+AGREEMENT_MEMORY = 120.0
+"""Seconds a head agreed by several endpoints keeps a lone endpoint from jumping far past it."""
 
-RATE_LIMIT_CODES = frozenset({-32005, -32007})
-_RATE_LIMIT_WORDS = re.compile(r"rate.?limit|too many requests|exceeded.*(quota|capacity|limit)", re.I)
-_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_QUANTITY = re.compile(r"^0x[0-9a-fA-F]+$")
-
-TRANSPORT_KINDS = frozenset({"timeout", "connect", "connection-lost"})
+TRANSPORT_KINDS = frozenset({"timeout", "connect", "connection-lost", "dns", "tls"})
 """Failures after which an endpoint must show its chain again before it is believed."""
 RATE_LIMIT_KINDS = frozenset({"http-429", "rate-limit"})
+UNUSABLE = frozenset({"far-ahead", "wrong-chain"})
+"""Distrust states in which an endpoint is never asked for blocks."""
+STATES = ("new", "ok", "failing", "cooling", "lagging", "far-ahead", "went-backwards", "wrong-chain")
+"""What the ``eth_client_rpc_endpoint_state`` metric can say about an endpoint."""
 
 
-class RPCFailure(RPCError):
-    """One classified RPC failure: ``kind`` names it, ``endpoint`` is the safe label."""
-
-    def __init__(
-        self, message: str, kind: str, endpoint: str = "", retry_after: float | None = None
-    ) -> None:
-        super().__init__(f"{endpoint}: {message}" if endpoint else message)
-        self.kind = kind
-        self.endpoint = endpoint
-        self.retry_after = retry_after
-
-
-def endpoint_label(url: str) -> str:
-    """``scheme://host[:port]`` of ``url``: no user info, path or query (they hold keys)."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return f"{parts.scheme or 'http'}://{host}" + (f":{port}" if port is not None else "")
-
-
-def parse_retry_after(value: str | bytes | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (delta seconds or HTTP date), or None."""
-    if value is None:
-        return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - now
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
-
-
-def _hex_int(value: Any, what: str, label: str) -> int:
-    if not isinstance(value, str) or not _QUANTITY.match(value):
-        raise RPCFailure(f"{what} is not a hex quantity: {value!r:.80}", "bad-result", label)
-    return int(value, 16)
-
-
-def check_block(block: Any, number: int, label: str = "") -> dict[str, Any]:
-    """``block`` if it is a plausible ``eth_getBlockByNumber`` result for ``number``.
-
-    ``None`` means the node does not have that block yet (``null-result``);
-    anything malformed is ``bad-result``.
-    """
-    if block is None:
-        raise RPCFailure(f"block {number} not available yet", "null-result", label)
-    if not isinstance(block, dict):
-        raise RPCFailure(f"block {number} is not an object", "bad-result", label)
-    if _hex_int(block.get("number"), "block number", label) != number:
-        raise RPCFailure(f"asked for block {number}, got {block.get('number')!r:.40}", "bad-result", label)
-    for key in ("hash", "parentHash"):
-        if not isinstance(block.get(key), str) or not _HASH.match(block[key]):
-            raise RPCFailure(f"block {number} has a bad {key}", "bad-result", label)
-    _hex_int(block.get("timestamp"), "block timestamp", label)
-    return block
-
-
-class _CappedBody(Protocol):
-    """Collects a response body up to ``cap`` bytes; past it, closes the connection.
-
-    Like ``treq.collect`` with a capping collector, plus a canceller that
-    closes the connection, so a stalled body never holds a socket after the
-    call's timeout.
-    """
-
-    def __init__(self, cap: int, label: str, length: int | None = None) -> None:
-        self.cap = cap
-        self.label = label
-        self.length = length
-        self.size = 0
-        self.chunks: list[bytes] = []
-        self.finished: Deferred[bytes] | None = Deferred(self._cancel)
-
-    def _close(self) -> None:
-        transport = self.transport
-        if transport is not None:
-            # TransportProxyProducer (what Agent hands a body protocol) has both.
-            close = getattr(transport, "loseConnection", None)
-            if close is None:
-                close = transport.stopProducing  # type: ignore[attr-defined]
-            close()
-
-    def _cancel(self, d: Deferred[bytes]) -> None:
-        self.finished = None
-        self._close()
-
-    def connectionMade(self) -> None:
-        if self.length is not None and self.length > self.cap and self.finished is not None:
-            d, self.finished = self.finished, None
-            self._close()
-            d.errback(
-                RPCFailure(f"response body of {self.length} bytes is over {self.cap}", "too-large", self.label)
-            )
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.finished is None:
-            return
-        self.size += len(data)
-        if self.size > self.cap:
-            d, self.finished = self.finished, None
-            self._close()
-            d.errback(RPCFailure(f"response body over {self.cap} bytes", "too-large", self.label))
-            return
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
-        if self.finished is None:
-            return
-        d, self.finished = self.finished, None
-        if reason.check(ResponseDone, PotentialDataLoss):
-            # PotentialDataLoss: a body without a length ended by close. It may be
-            # cut short; the JSON and envelope checks catch that.
-            d.callback(b"".join(self.chunks))
-        else:
-            d.errback(reason)
-
-
-def collect_capped(response: Any, cap: int, label: str = "") -> Deferred[bytes]:
-    """The body of ``response`` (an IResponse), failing ``too-large`` past ``cap`` bytes."""
-    length = getattr(response, "length", None)
-    if length == 0:
-        return defer.succeed(b"")
-    body = _CappedBody(cap, label, length if isinstance(length, int) else None)
-    d = body.finished
-    assert d is not None
-    response.deliverBody(body)
-    return d
+@dataclass
+class _Agreement:
+    head: int
+    at: float
+    support: int
 
 
 @dataclass
 class RPCEndpoint:
-    """One node's URL and what we have learned about it."""
+    """One node's URL (credentials split off) and what we have learned about it."""
 
-    url: str
-    label: str
+    target: Target
     cooldown_until: float = 0.0
     """Rate limited: not asked at all before this clock time."""
     backoff_until: float = 0.0
@@ -246,44 +145,72 @@ class RPCEndpoint:
     failures: int = 0
     rate_limits: int = 0
     verified: bool = False
-    """Showed the expected chain id and genesis hash since its last transport failure."""
+    """Showed the followed chain id and genesis hash since its last transport failure."""
+    chain: tuple[int, str] | None = None
+    """The (chain id, genesis hash) it showed last."""
+    wrong_chain_checks: int = 0
+    """Checks in a row that found it on another chain (it is asked ever less often)."""
     last_head: int | None = None
     head_moved_at: float | None = None
-    trusted: bool = True
-    state: str = "new"
+    distrust: str | None = None
+    """None when trusted, else why not: lagging, far-ahead, went-backwards or wrong-chain."""
+    outage: Episode | None = field(default=None, repr=False)
+    mistrust: Episode | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        """``scheme://host[:port]``: safe to log."""
+        return self.target.label
+
+    @property
+    def url(self) -> str:
+        """The URL requests go to (credentials removed; it may still hold a key in its path)."""
+        return self.target.url
+
+    @property
+    def trusted(self) -> bool:
+        """Not distrusted for its head or its chain."""
+        return self.distrust is None
+
+    @property
+    def state(self) -> str:
+        """One word for /metrics: an outage first, then distrust, else ok (or new)."""
+        if self.outage is not None and self.outage.active:
+            return "cooling" if self.outage.kind in RATE_LIMIT_KINDS else "failing"
+        if self.distrust is not None:
+            return self.distrust
+        return "new" if self.last_head is None and not self.verified else "ok"
 
     @classmethod
     def from_url(cls, url: str) -> RPCEndpoint:
-        """An endpoint for ``url`` with its safe label."""
-        return cls(url=url, label=endpoint_label(url))
+        """An endpoint for ``url``; ValueError (without the URL in it) for a bad one."""
+        return cls(target=Target.from_url(url))
 
 
-def _default_http(clock: Any, timeout: float) -> tuple[Any, Any]:
-    from treq.client import HTTPClient
+def _default_agent(clock: Any, timeout: float, max_body: int) -> tuple[Any, Any]:
     from twisted.internet import reactor as global_reactor
     from twisted.internet.interfaces import IReactorTCP
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import HTTPConnectionPool
 
     reactor = clock if IReactorTCP.providedBy(clock) else global_reactor
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 4
-    agent = Agent(reactor, connectTimeout=timeout, pool=pool)
-    return HTTPClient(agent), pool
+    return capped_agent(reactor, max_body, timeout, pool), pool
 
 
 class RPCClient:
-    """JSON-RPC calls with failover, cooldowns, head ranking and chain verification.
+    """JSON-RPC calls with failover, cooldowns, head agreement and chain verification.
 
-    ``http`` is treq or something shaped like it (``StubTreq`` in tests); by
-    default a ``treq.HTTPClient`` with its own persistent connection pool,
-    closed by :meth:`close`.
+    ``agent`` is an ``IAgent`` (``treq.testing.RequestTraversalAgent`` in
+    tests); by default a ``twisted.web.client.Agent`` with its own persistent
+    connection pool, closed by :meth:`close`.
     """
 
     def __init__(
         self,
         urls: Sequence[str],
         *,
-        http: Any = None,
+        agent: Any = None,
         clock: IReactorTime | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_body: int = DEFAULT_MAX_BODY,
@@ -296,37 +223,60 @@ class RPCClient:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.endpoints = [RPCEndpoint.from_url(u) for u in urls]
+        for ep in self.endpoints:
+            ep.outage = Episode(
+                log, self.clock.seconds, ep.label,
+                start="RPC endpoint {subject} is failing ({kind}): {detail}{note}",
+                end="RPC endpoint {subject} answers again after {duration:.1f} s ({failures} failures: {kinds})",
+            )
+            ep.mistrust = Episode(
+                log, self.clock.seconds, ep.label, split_kinds=True,
+                start="RPC endpoint {subject} is not trusted ({kind}): {detail}{note}",
+                end="RPC endpoint {subject} is trusted again after {duration:.1f} s (was {kind})",
+            )
         self._pool = None
-        if http is None:
-            http, self._pool = _default_http(self.clock, timeout)
-        self.http = http
+        if agent is None:
+            agent, self._pool = _default_agent(self.clock, timeout, max_body)
+        self.agent = agent
         self.timeout = timeout
         self.max_body = max_body
         self.lag_threshold = lag_threshold
         self.metrics = metrics
         self._next_id = 0
         self.identity: tuple[int, str] | None = None
-        """(chain id, genesis hash) every endpoint has shown, once known."""
+        """(chain id, genesis hash) being followed, once known."""
         self._identity_source = ""
+        self._announced: tuple[int, str] | None = None
         self._expected: tuple[int, str] | None = None
         self._chain_id_option: int | None = None
-        self.best_head: int | None = None
+        self.agreed_head: int | None = None
+        """The head the last successful round agreed on."""
+        self._agreement: _Agreement | None = None
+
+    @property
+    def best_head(self) -> int | None:
+        """The agreed head (the name older callers used)."""
+        return self.agreed_head
 
     # -- public calls ------------------------------------------------------
 
     def block_number(self) -> Deferred[int]:
-        """The head number of the first endpoint that answers."""
+        """The head number of the first usable endpoint that answers (one answer: see head_round)."""
         return Deferred.fromCoroutine(self._block_number())
 
     async def _block_number(self) -> int:
-        ep, result = await self._call("eth_blockNumber", [])
-        return _hex_int(result, "eth_blockNumber", ep.label)
+        _, head = await self._call(
+            "eth_blockNumber", [], check=lambda r, label: hex_quantity(r, "eth_blockNumber", label))
+        return cast(int, head)
 
     def get_block(self, number: int) -> Deferred[dict[str, Any]]:
-        """Block ``number`` (header fields, no transactions) from the best endpoint that has it.
+        """Block ``number``'s header fields from the best endpoint that has it.
 
-        A ``null`` answer means that node has not got the block yet: the call
-        moves on to another endpoint and fails ``null-result`` if none has it.
+        The result holds ``number``, ``hash``, ``parentHash`` and
+        ``timestamp`` (checked and bounded). A ``null`` answer means that
+        node has not got the block yet: the call moves on to another endpoint
+        and fails ``null-result`` if none has it. Far-ahead and wrong-chain
+        endpoints are never asked.
         """
         return Deferred.fromCoroutine(self._get_block(number))
 
@@ -335,48 +285,54 @@ class RPCClient:
             "eth_getBlockByNumber", [hex(number), False], want=number,
             check=lambda result, label: check_block(result, number, label),
         )
-        return block  # type: ignore[no-any-return]
+        return cast(dict[str, Any], block)
 
     def chain_id(self) -> Deferred[int]:
-        """``eth_chainId`` of the first endpoint that answers."""
+        """``eth_chainId`` of the first usable endpoint that answers."""
         return Deferred.fromCoroutine(self._chain_id())
 
     async def _chain_id(self) -> int:
-        ep, result = await self._call("eth_chainId", [])
-        return _hex_int(result, "eth_chainId", ep.label)
+        _, chain_id = await self._call(
+            "eth_chainId", [], check=lambda r, label: hex_quantity(r, "eth_chainId", label, MAX_CHAIN_ID))
+        return cast(int, chain_id)
 
     def genesis_hash(self) -> Deferred[str]:
-        """Lowercase hash of block 0, from the first endpoint that answers."""
+        """Lowercase hash of block 0, from the first usable endpoint that answers."""
         return Deferred.fromCoroutine(self._genesis_hash())
 
     async def _genesis_hash(self) -> str:
         block = await self._get_block(0)
-        return str(block["hash"]).lower()
+        return str(block["hash"])
 
     def head_round(self) -> Deferred[int]:
-        """Ask every usable endpoint for its head; fire with the best trusted one.
+        """Ask every usable endpoint for its head; fire with the head they agree on (:func:`agree`).
 
-        An endpoint whose head went below its own previous answer, or lags
-        the best by more than ``lag_threshold`` blocks, is not trusted this
-        round. Fails with :class:`RPCFailure` when no endpoint is trusted.
+        Endpoints whose head went below their own previous answer do not vote
+        this round; ones far ahead of the agreed head are distrusted, ones far
+        behind are lagging. Fails with :class:`RPCFailure` when no endpoint
+        gave a believable head, and with :class:`ChainMismatch` when every
+        endpoint is on another chain.
         """
         return Deferred.fromCoroutine(self._head_round())
 
     def verify_chain(
         self, expected: tuple[int, str] | None, chain_id_option: int | None = None
     ) -> Deferred[tuple[int, str]]:
-        """Check that every endpoint that answers is on one chain, the one expected.
+        """Ask every endpoint for its chain and choose the one to follow.
 
         ``expected`` is ``(chain_id, genesis_hash)`` from the stored cursor, or
-        None. Fires with the chain's ``(chain_id, genesis_hash)``. Raises
-        :class:`ChainMismatch` (its message names ``--reset-cursor``) on any
-        disagreement, and :class:`RPCFailure` when no endpoint answered.
-        Endpoints that did not answer are checked before their first use.
+        None. The chain followed is ``expected`` when some endpoint shows it,
+        else (no cursor) the one a majority of the answering endpoints show,
+        among those matching ``chain_id_option``. Endpoints on other chains
+        are wrong-chain (they cost only themselves). Raises
+        :class:`ChainMismatch` (its message names ``--reset-cursor``) when no
+        endpoint is on the expected chain or there is no majority, and
+        :class:`RPCFailure` when no endpoint answered.
         """
         return Deferred.fromCoroutine(self._verify_chain(expected, chain_id_option))
 
     def close(self) -> Deferred[None]:
-        """Close the connection pool this client made (nothing when ``http`` was injected)."""
+        """Close the connection pool this client made (nothing when ``agent`` was injected)."""
         if self._pool is not None:
             return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
         return defer.succeed(None)
@@ -388,76 +344,103 @@ class RPCClient:
 
     # -- chain identity ----------------------------------------------------
 
+    async def _show_chain(self, ep: RPCEndpoint) -> tuple[int, str]:
+        """Ask ``ep`` for its chain id and genesis hash (bounded, checked); remember them."""
+        raw_id = await self._request(ep, "eth_chainId", [])
+        raw_genesis = await self._request(ep, "eth_getBlockByNumber", ["0x0", False])
+        try:
+            chain_id = hex_quantity(raw_id, "eth_chainId", ep.label, MAX_CHAIN_ID)
+            genesis = check_block(raw_genesis, 0, ep.label)["hash"]
+        except RPCFailure as e:
+            self._record_failure(ep, e, "eth_chainId")
+            raise
+        ep.chain = (chain_id, genesis)
+        return ep.chain
+
     async def _verify_chain(
         self, expected: tuple[int, str] | None, chain_id_option: int | None
     ) -> tuple[int, str]:
         self._expected = (expected[0], expected[1].lower()) if expected is not None else None
         self._chain_id_option = chain_id_option
-        self.identity = None
-        self._identity_source = ""
         self.invalidate()
         now = self.clock.seconds()
         candidates = [ep for ep in self.endpoints if ep.cooldown_until <= now] or list(self.endpoints)
         results = await defer.DeferredList(
-            [Deferred.fromCoroutine(self._ensure_verified(ep)) for ep in candidates],
-            consumeErrors=True,
+            [Deferred.fromCoroutine(self._show_chain(ep)) for ep in candidates], consumeErrors=True,
         )
+        shown: list[tuple[RPCEndpoint, tuple[int, str]]] = []
         failures: list[RPCFailure] = []
-        for ok, value in results:
-            if not ok:
+        for ep, (ok, value) in zip(candidates, results, strict=True):
+            if ok:
+                shown.append((ep, cast(tuple[int, str], value)))
+            else:
                 failures.append(_rpc_failure(value))
-        if self.identity is None:
+        if not shown:
             raise self._exhausted("chain verification", failures)
-        log.info(
-            "RPC chain verified: chain id {chain_id}, genesis {genesis} ({count} of {total} endpoints answered)",
-            chain_id=self.identity[0], genesis=self.identity[1],
-            count=len(candidates) - len(failures), total=len(self.endpoints),
-        )
-        return self.identity
+        identity = choose_chain([(ep.label, chain) for ep, chain in shown], self._expected,
+                                self._chain_id_option)
+        self.identity = identity
+        self._identity_source = next(ep.label for ep, chain in shown if chain == identity)
+        for ep, chain in shown:
+            if chain == identity:
+                self._chain_ok(ep)
+            else:
+                self._wrong_chain(ep, chain)
+        agreeing = sum(1 for _, chain in shown if chain == identity)
+        if identity != self._announced:
+            self._announced = identity
+            log.info(
+                "RPC chain: chain id {chain_id}, genesis {genesis} ({count} of {total} endpoints show it)",
+                chain_id=identity[0], genesis=identity[1], count=agreeing, total=len(self.endpoints),
+            )
+        return identity
 
     async def _ensure_verified(self, ep: RPCEndpoint) -> None:
         if ep.verified:
             return
-        chain_id = _hex_int(await self._request(ep, "eth_chainId", []), "eth_chainId", ep.label)
-        genesis = await self._request(ep, "eth_getBlockByNumber", ["0x0", False])
-        try:
-            check_block(genesis, 0, ep.label)
-        except RPCFailure as e:
-            self._record_failure(ep, e, "eth_getBlockByNumber")
-            raise
-        self._check_identity(ep, chain_id, str(genesis["hash"]).lower())
-        ep.verified = True
-
-    def _check_identity(self, ep: RPCEndpoint, chain_id: int, genesis: str) -> None:
-        seen = f"{ep.label} is on chain id {chain_id} with genesis {genesis}"
-        advice = (
-            "Point --rpc at nodes of one chain. If the chain itself changed (a dev node "
-            "restarted from scratch, a new testnet), start over with --reset-cursor, which "
-            "forgets the stored position and begins at the new chain's head."
-        )
-        if self._chain_id_option is not None and chain_id != self._chain_id_option:
-            raise ChainMismatch(f"{seen}, but --chain-id is {self._chain_id_option}. {advice}")
-        if self._expected is not None and (chain_id, genesis) != self._expected:
-            raise ChainMismatch(
-                f"{seen}, but the stored cursor belongs to chain id {self._expected[0]} with "
-                f"genesis {self._expected[1]}. {advice}"
-            )
-        if self.identity is not None and (chain_id, genesis) != self.identity:
-            if ep.label == self._identity_source:
-                raise ChainMismatch(
-                    f"{ep.label} changed chains: it now reports chain id {chain_id} with genesis "
-                    f"{genesis}, but this client has been following chain id {self.identity[0]} "
-                    f"with genesis {self.identity[1]}. {advice}"
-                )
-            raise ChainMismatch(
-                f"RPC endpoints disagree: {seen}, but {self._identity_source} is on chain id "
-                f"{self.identity[0]} with genesis {self.identity[1]}. {advice}"
-            )
-        if self.identity is None:
-            self.identity = (chain_id, genesis)
+        chain = await self._show_chain(ep)
+        if self.identity is None:  # used before verify_chain: the first answer names the chain
+            self.identity = chain
             self._identity_source = ep.label
+        if chain != self.identity:
+            self._wrong_chain(ep, chain)
+            raise RPCFailure(
+                f"it is on chain id {chain[0]} with genesis {chain[1]}, not the followed chain id "
+                f"{self.identity[0]} with genesis {self.identity[1]}", "wrong-chain", ep.label)
+        self._chain_ok(ep)
 
-    # -- head ranking ------------------------------------------------------
+    def _chain_ok(self, ep: RPCEndpoint) -> None:
+        ep.verified = True
+        ep.wrong_chain_checks = 0
+        if ep.distrust == "wrong-chain":
+            self._trust(ep)
+
+    def _wrong_chain(self, ep: RPCEndpoint, chain: tuple[int, str]) -> None:
+        """``ep`` is on another chain: distrusted (one line), and asked after the others for a while."""
+        ep.verified = False
+        ep.wrong_chain_checks += 1
+        ep.backoff_until = self.clock.seconds() + min(2.0 ** ep.wrong_chain_checks, BACKOFF_MAX)
+        assert self.identity is not None
+        self._distrust(ep, "wrong-chain", f"chain id {chain[0]} with genesis {chain[1]}, not chain id "
+                                          f"{self.identity[0]} with genesis {self.identity[1]}")
+
+    def _check_all_wrong_chain(self) -> None:
+        """Every endpoint is on another chain than the one followed: that is fatal."""
+        if not all(ep.distrust == "wrong-chain" for ep in self.endpoints) or self.identity is None:
+            return
+        advice = RESET_ADVICE
+        following = f"chain id {self.identity[0]} with genesis {self.identity[1]}"
+        if len(self.endpoints) == 1:
+            ep = self.endpoints[0]
+            assert ep.chain is not None
+            raise ChainMismatch(
+                f"{ep.label} changed chains: it now reports chain id {ep.chain[0]} with genesis "
+                f"{ep.chain[1]}, but this client has been following {following}. {advice}")
+        seen = "; ".join(f"{ep.label} is on chain id {ep.chain[0]} with genesis {ep.chain[1]}"
+                         for ep in self.endpoints if ep.chain is not None)
+        raise ChainMismatch(f"no RPC endpoint is on the followed {following} any more: {seen}. {advice}")
+
+    # -- head agreement ------------------------------------------------------
 
     async def _head_round(self) -> int:
         candidates = self._usable(prefer_healthy=True)
@@ -474,6 +457,7 @@ class RPCClient:
             else:
                 failures.append(_rpc_failure(value))
         if not answers:
+            self._check_all_wrong_chain()
             raise self._exhausted("eth_blockNumber", failures)
         now = self.clock.seconds()
         forward: list[tuple[RPCEndpoint, int]] = []
@@ -486,53 +470,117 @@ class RPCClient:
                 self.metrics.head.labels(ep.label).set(head)
                 self.metrics.head_age.labels(ep.label).set(now - (ep.head_moved_at or now))
             if previous is not None and head < previous:
-                self._distrust(ep, "went-backwards", f"head {head} is below its previous {previous}")
+                # Out of this round's vote. A step back within the lag threshold is a
+                # load-balanced provider's backends disagreeing: counted, not logged.
+                detail = f"head {head} is below its previous {previous}"
+                if previous - head > self.lag_threshold:
+                    self._distrust(ep, "went-backwards", detail)
+                else:
+                    ep.distrust = "went-backwards"
+                    if self.metrics is not None:
+                        self.metrics.rpc_failures.labels(ep.label, "went-backwards").inc()
+                    log.debug("RPC endpoint {endpoint}: {detail}", endpoint=ep.label, detail=detail)
             else:
                 forward.append((ep, head))
         if not forward:
-            self.best_head = None
+            self._publish_states()
             raise RPCFailure("every answering endpoint went backwards this round", "went-backwards")
-        best = max(head for _, head in forward)
-        trusted = []
+        agreed, median = self._agree(forward, now)
+        lag = self.lag_threshold
+        support = 0
         for ep, head in forward:
-            if best - head > self.lag_threshold:
-                self._distrust(ep, "lagging", f"head {head} lags the best {best} by {best - head}")
-            else:
-                ep.trusted = True
-                trusted.append(ep)
-                self._set_state(ep, "ok")
-        self.best_head = best
-        return best
+            if head > median + lag:
+                self._distrust(ep, "far-ahead", f"head {head} is more than {lag} blocks above the "
+                                                f"head {median} the endpoints agree on")
+                continue
+            if head < median - lag:
+                self._distrust(ep, "lagging", f"head {head} lags the agreed head {median} by {median - head}")
+                continue
+            if ep.distrust is not None and ep.distrust != "wrong-chain":
+                self._trust(ep)
+            support += head >= median
+        self._agreement = _Agreement(agreed, now, support)
+        self.agreed_head = agreed
+        if self.metrics is not None:
+            self.metrics.agreed_head.set(agreed)
+        self._publish_states()
+        return agreed
+
+    def _agree(self, forward: list[tuple[RPCEndpoint, int]], now: float) -> tuple[int, int]:
+        """(head, median) of this round's forward answers, or RPCFailure ``far-ahead``.
+
+        Far-ahead endpoints do not vote. When fewer endpoints than agreed on
+        a head moments ago now claim one far past it, their answers are set
+        aside for this round (not marked: one of them may be the only honest
+        endpoint left, and is followed once :data:`AGREEMENT_MEMORY` passes).
+        """
+        lag = self.lag_threshold
+        memory = self._agreement if self._agreement and now - self._agreement.at <= AGREEMENT_MEMORY else None
+        voters = [(ep, h) for ep, h in forward if ep.distrust != "far-ahead"]
+        while voters:
+            head, median, support = agreement([h for _, h in voters], lag)
+            if memory is None or head <= memory.head + lag or support >= min(2, memory.support):
+                return head, median
+            aside = [(ep, h) for ep, h in voters if median <= h <= median + lag]
+            for ep, h in aside:
+                log.debug("RPC endpoint {endpoint}: head {head} is unconfirmed (agreed {agreed} "
+                          "by {n} endpoints {ago:.0f} s ago)", endpoint=ep.label, head=h,
+                          agreed=memory.head, n=memory.support, ago=now - memory.at)
+            voters = [v for v in voters if v not in aside]
+        if memory is not None:
+            detail = (f"the only answers are more than {lag} blocks above the head {memory.head} "
+                      f"that {memory.support} endpoints agreed on {now - memory.at:.0f} s ago")
+        else:
+            detail = "the only answers come from endpoints far ahead of the others"
+        raise RPCFailure(detail, "far-ahead")
 
     async def _head_of(self, ep: RPCEndpoint) -> int:
         result = await self._call_on(ep, "eth_blockNumber", [])
         try:
-            return _hex_int(result, "eth_blockNumber", ep.label)
+            return hex_quantity(result, "eth_blockNumber", ep.label)
         except RPCFailure as e:
             self._record_failure(ep, e, "eth_blockNumber")
             raise
 
     def _distrust(self, ep: RPCEndpoint, kind: str, detail: str) -> None:
-        ep.trusted = False
+        ep.distrust = kind
         if self.metrics is not None:
             self.metrics.rpc_failures.labels(ep.label, kind).inc()
-        self._set_state(ep, kind, detail)
+        assert ep.mistrust is not None
+        ep.mistrust.failed(kind, detail)
+
+    def _trust(self, ep: RPCEndpoint) -> None:
+        ep.distrust = None
+        assert ep.mistrust is not None
+        ep.mistrust.recovered()
+
+    def _publish_states(self) -> None:
+        if self.metrics is None:
+            return
+        for ep in self.endpoints:
+            self.metrics.rpc_state.labels(ep.label).state(ep.state)
 
     # -- the call machinery --------------------------------------------------
 
     def _usable(self, prefer_healthy: bool, want: int | None = None) -> list[RPCEndpoint]:
-        """Endpoints to try, best first: not rate limited; healthy before backing-off."""
+        """Endpoints to try, best first: not rate limited; healthy before backing-off.
+
+        For single calls (``prefer_healthy`` false) far-ahead and wrong-chain
+        endpoints are left out, and trusted ones that have block ``want``
+        come first.
+        """
         now = self.clock.seconds()
         open_ = [ep for ep in self.endpoints if ep.cooldown_until <= now]
-        healthy = [ep for ep in open_ if ep.backoff_until <= now]
         if prefer_healthy:
+            healthy = [ep for ep in open_ if ep.backoff_until <= now]
             return healthy or open_
+        usable = [ep for ep in open_ if ep.distrust not in UNUSABLE]
 
-        def rank(ep: RPCEndpoint) -> tuple[int, int, int]:
+        def rank(ep: RPCEndpoint) -> tuple[bool, bool, bool]:
             has_it = want is None or (ep.last_head is not None and ep.last_head >= want)
             return (ep.backoff_until > now, not ep.trusted, not has_it)
 
-        return sorted(open_, key=rank)  # stable: the configured order breaks ties
+        return sorted(usable, key=rank)  # stable: the configured order breaks ties
 
     def _cooling(self) -> RPCFailure:
         now = self.clock.seconds()
@@ -552,7 +600,11 @@ class RPCClient:
     ) -> tuple[RPCEndpoint, Any]:
         candidates = self._usable(prefer_healthy=False, want=want)
         if not candidates:
-            raise self._cooling()
+            now = self.clock.seconds()
+            if any(ep.cooldown_until > now for ep in self.endpoints):
+                raise self._cooling()
+            self._check_all_wrong_chain()
+            raise RPCFailure(f"{method}: no trusted endpoint to ask (far-ahead or wrong-chain)", "far-ahead")
         failures: list[RPCFailure] = []
         for ep in candidates:
             try:
@@ -567,7 +619,13 @@ class RPCClient:
                     self._record_failure(ep, e, method)
                     failures.append(e)
                     continue
+                except Exception as e:  # noqa: BLE001 - one endpoint's odd answer is its own failure
+                    failure = RPCFailure(f"answer could not be read: {e.__class__.__name__}", "bad-result", ep.label)
+                    self._record_failure(ep, failure, method)
+                    failures.append(failure)
+                    continue
             return ep, result
+        self._check_all_wrong_chain()
         raise self._exhausted(method, failures)
 
     def _exhausted(self, method: str, failures: list[RPCFailure]) -> RPCFailure:
@@ -589,36 +647,43 @@ class RPCClient:
             separators=(",", ":"),
         ).encode("ascii")
         try:
-            code, retry_after, raw = await self._post(ep, body)
-            result = self._parse(ep, code, retry_after, raw, request_id)
+            answer = await self._post(ep, body)
+            if not 200 <= answer.code < 300:
+                raise status_failure(answer.code, ep.label, answer.retry_after, answer.location)
+            result = parse_envelope(answer.body, request_id, ep.label)
         except RPCFailure as e:
             self._record_failure(ep, e, method)
             raise
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure is classified and counted
-            if _cancelled(e):  # our caller gave up (poll deadline, shutdown): not the endpoint's fault
+            if cancelled(e):  # our caller gave up (poll deadline, shutdown): not the endpoint's fault
                 raise defer.CancelledError() from e
-            failure = self._classify(ep, e)
-            self._record_failure(ep, failure, method)
+            failure = classify(e, ep.label)
+            if failure is None:
+                failure = RPCFailure(f"unexpected {e.__class__.__name__}", "other", ep.label)
+                self._record_failure(ep, failure, method, Failure(e))
+            else:
+                self._record_failure(ep, failure, method)
             raise failure from e
         self._record_success(ep)
         return result
 
-    async def _post(self, ep: RPCEndpoint, body: bytes) -> tuple[int, float | None, bytes]:
+    async def _post(self, ep: RPCEndpoint, body: bytes) -> Any:
         """POST ``body``; retry once on a stale pooled connection (reads are idempotent)."""
         for attempt in (1, 2):
-            d = Deferred.fromCoroutine(self._post_once(ep, body))
+            d = Deferred.fromCoroutine(
+                post(self.agent, ep.target, body, max_body=self.max_body, now=self.clock.seconds))
             d.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out(ep))
             try:
                 return await d
-            except (ResponseNeverReceived, RequestTransmissionFailed) as e:
-                if _cancelled(e):
+            except STALE_CONNECTION as e:
+                if cancelled(e):
                     raise defer.CancelledError() from e
-                if attempt == 1:
+                if attempt == 1 and not is_tls_failure(e) and not has_reason(e, ResponseTooLarge):
                     log.debug(
                         "RPC {endpoint}: request failed before any answer ({why}); retrying once",
-                        endpoint=ep.label, why=_reasons(e),
+                        endpoint=ep.label, why=reasons(e),
                     )
                     continue
                 raise
@@ -632,119 +697,40 @@ class RPCClient:
 
         return convert
 
-    async def _post_once(self, ep: RPCEndpoint, body: bytes) -> tuple[int, float | None, bytes]:
-        response = await self.http.post(
-            ep.url,
-            data=body,
-            headers={
-                b"Content-Type": [b"application/json"],
-                b"Accept": [b"application/json"],
-                b"User-Agent": [b"eth-twisted"],
-            },
-        )
-        code = int(response.code)
-        retry_after = None
-        if code == 429 or code >= 500:
-            values = response.headers.getRawHeaders(b"retry-after")
-            retry_after = parse_retry_after(values[0], self.clock.seconds()) if values else None
-        raw = await collect_capped(response, self.max_body, ep.label)
-        return code, retry_after, raw
-
-    def _parse(
-        self, ep: RPCEndpoint, code: int, retry_after: float | None, raw: bytes, request_id: int
-    ) -> Any:
-        label = ep.label
-        if code == 429:
-            raise RPCFailure("HTTP 429 Too Many Requests", "http-429", label, retry_after)
-        if code >= 500:
-            raise RPCFailure(f"HTTP {code}", "http-5xx", label, retry_after)
-        if code >= 400:
-            raise RPCFailure(f"HTTP {code}", "http-4xx", label)
-        if not 200 <= code < 300:
-            raise RPCFailure(f"HTTP {code}", "http-other", label)
-        try:
-            reply = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            looks = "an HTML page" if raw.lstrip()[:1] == b"<" else f"{len(raw)} bytes of non-JSON"
-            raise RPCFailure(f"answer is {looks}", "bad-json", label)
-        if not isinstance(reply, dict):
-            raise RPCFailure("answer is not a JSON-RPC object", "bad-envelope", label)
-        if reply.get("jsonrpc") != "2.0":
-            raise RPCFailure("answer lacks jsonrpc 2.0", "bad-envelope", label)
-        reply_id = reply.get("id")
-        if type(reply_id) is not int or reply_id != request_id:
-            raise RPCFailure(f"answer id {reply_id!r:.40} is not our {request_id}", "bad-envelope", label)
-        if ("result" in reply) == ("error" in reply):
-            raise RPCFailure("answer must carry exactly one of result and error", "bad-envelope", label)
-        if "error" in reply:
-            err = reply["error"]
-            if not isinstance(err, dict) or type(err.get("code")) is not int:
-                raise RPCFailure("answer has a malformed error object", "bad-envelope", label)
-            message = str(err.get("message", ""))[:200]
-            if err["code"] in RATE_LIMIT_CODES or _RATE_LIMIT_WORDS.search(message):
-                raise RPCFailure(f"rate limited: {err['code']} {message}", "rate-limit", label)
-            raise RPCFailure(f"JSON-RPC error {err['code']}: {message}", "rpc-error", label)
-        return reply["result"]
-
-    def _classify(self, ep: RPCEndpoint, e: Exception) -> RPCFailure:
-        label = ep.label
-        if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
-            return RPCFailure(str(e) or "timed out", "timeout", label)
-        if isinstance(e, error.ConnectError):
-            return RPCFailure(f"cannot connect: {e.__class__.__name__}", "connect", label)
-        if isinstance(e, (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)):
-            return RPCFailure(f"connection lost: {_reasons(e)}", "connection-lost", label)
-        if isinstance(e, (error.ConnectionLost, error.ConnectionDone)):
-            return RPCFailure(f"connection lost: {e.__class__.__name__}", "connection-lost", label)
-        log.failure(
-            "RPC {endpoint}: unexpected failure", Failure(e), endpoint=label,
-        )
-        return RPCFailure(f"unexpected {e.__class__.__name__}", "other", label)
-
     # -- endpoint state ------------------------------------------------------
 
-    def _record_failure(self, ep: RPCEndpoint, e: RPCFailure, method: str) -> None:
+    def _record_failure(
+        self, ep: RPCEndpoint, e: RPCFailure, method: str, failure: Failure | None = None
+    ) -> None:
         if not e.endpoint:
             e.endpoint = ep.label
         if self.metrics is not None:
             self.metrics.rpc_failures.labels(ep.label, e.kind).inc()
         now = self.clock.seconds()
+        detail = str(e)
         if e.kind in RATE_LIMIT_KINDS or e.retry_after is not None:
             ep.rate_limits += 1
             delay = e.retry_after
             if delay is None:
                 delay = min(RATE_LIMIT_BASE * 2 ** (ep.rate_limits - 1), RATE_LIMIT_MAX)
             ep.cooldown_until = max(ep.cooldown_until, now + delay)
-            self._set_state(ep, "cooling", f"{e.kind}; not asked for {delay:g} s")
+            detail = f"{detail}; not asked for {delay:g} s"
         else:
             ep.failures += 1
             ep.backoff_until = now + min(2.0 ** (ep.failures - 1), BACKOFF_MAX)
-            self._set_state(ep, "failing", f"{e.kind}: {e}")
         if e.kind in TRANSPORT_KINDS:
             ep.verified = False
-        log.debug(
-            "RPC {method} on {endpoint} failed ({kind}): {detail}",
-            method=method, endpoint=ep.label, kind=e.kind, detail=str(e),
-        )
+        assert ep.outage is not None
+        ep.outage.failed(e.kind, f"{method}: {detail}", failure)
+        if self.metrics is not None:
+            self.metrics.rpc_state.labels(ep.label).state(ep.state)
 
     def _record_success(self, ep: RPCEndpoint) -> None:
         ep.failures = 0
         ep.rate_limits = 0
         ep.backoff_until = 0.0
-        if ep.state in ("failing", "cooling", "new"):
-            self._set_state(ep, "ok")
-
-    def _set_state(self, ep: RPCEndpoint, state: str, detail: str = "") -> None:
-        if state == ep.state:
-            return
-        previous, ep.state = ep.state, state
-        if state == "ok":
-            if previous != "new":
-                log.info("RPC endpoint {endpoint} is usable again (was {previous})",
-                         endpoint=ep.label, previous=previous)
-        else:
-            log.warn("RPC endpoint {endpoint}: {state} ({detail})",
-                     endpoint=ep.label, state=state, detail=detail)
+        assert ep.outage is not None
+        ep.outage.recovered()
 
 
 def _rpc_failure(value: Any) -> RPCFailure:
@@ -755,20 +741,3 @@ def _rpc_failure(value: Any) -> RPCFailure:
     failure.raiseException()
     raise AssertionError("unreachable")  # pragma: no cover
 
-
-def _cancelled(e: BaseException) -> bool:
-    """Whether ``e`` is, or wraps (twisted.web's reasons lists), a cancellation."""
-    if isinstance(e, defer.CancelledError):
-        return True
-    return any(
-        isinstance(r, Failure) and r.check(defer.CancelledError) for r in getattr(e, "reasons", None) or ()
-    )
-
-
-def _reasons(e: Exception) -> str:
-    reasons = getattr(e, "reasons", None)
-    if not reasons:
-        return e.__class__.__name__
-    return ", ".join(
-        r.value.__class__.__name__ if isinstance(r, Failure) else str(r) for r in reasons
-    )

@@ -18,6 +18,10 @@ hash (DESIGN.md, wire protocol version 1):
 
 A reply for a hash that is not in flight, or text that is none of the above,
 is a protocol error: logged, and the connection is dropped (and remade).
+Nothing that connection says afterwards is read (a burst of garbage costs one
+line, not one per frame); what it left unanswered is resent on the next one.
+An ERR code outside the vocabulary is retryable, logged once per code per
+connection.
 
 Liveness: when nothing has been written for ``heartbeat`` seconds the empty
 frame ``0:,`` goes out (its ``ERR e3b0...b855 empty`` reply is expected); if
@@ -102,6 +106,8 @@ class SenderProtocol(NetstringReceiver):
     log = Logger()
     link: DeliveryService
     transport: Any  # a TCP transport: abortConnection, setTcpKeepAlive, disconnecting
+    closing = False
+    """Set once the link gave up on this connection: later replies are not read."""
 
     def connectionMade(self) -> None:
         try:
@@ -135,6 +141,8 @@ class SenderProtocol(NetstringReceiver):
         self.link.settled()
 
     def stringReceived(self, string: bytes) -> None:
+        if self.closing:
+            return
         try:
             reply = parse_reply(string)
         except ReplyError as e:
@@ -229,6 +237,7 @@ class DeliveryService(service.MultiService):
         self._ack_timer: IDelayedCall | None = None
         self._hb_timer: IDelayedCall | None = None
         self._drains: list[tuple[Deferred[bool], IDelayedCall]] = []
+        self._unknown_codes: set[str] = set()
         self._metrics_loop = task.LoopingCall(self.refresh_metrics)
         self._metrics_loop.clock = clock
 
@@ -319,6 +328,7 @@ class DeliveryService(service.MultiService):
         self._in_flight.clear()
         self._probes.clear()
         self._scan_after = 0
+        self._unknown_codes.clear()
         self._last_write = self.clock.seconds()
         self.metrics.reconnects.inc()
         self.metrics.link_up.set(1)
@@ -357,6 +367,7 @@ class DeliveryService(service.MultiService):
         """The server said something we do not understand: drop the connection."""
         self.log.error("Protocol error from {server}: {detail}; reconnecting", server=self.server, detail=detail)
         self.metrics.replies.labels(kind="invalid").inc()
+        proto.closing = True
         proto.transport.loseConnection()
 
     def reply_received(self, proto: SenderProtocol, reply: Reply) -> None:
@@ -385,9 +396,11 @@ class DeliveryService(service.MultiService):
         elif reply.code in FINAL_CODES:
             self._dead_letter(flight.entry, reply.code)
         else:
-            if reply.code not in RETRYABLE_CODES:
+            if reply.code not in RETRYABLE_CODES and reply.code not in self._unknown_codes:
+                self._unknown_codes.add(reply.code or "")
                 self.log.warn(
-                    "Unknown ERR code {code!r} from {server} for {sha}; keeping the message",
+                    "Unknown ERR code {code!r} from {server} (first for {sha}); keeping such messages "
+                    "and retrying them",
                     code=reply.code, server=self.server, sha=reply.sha,
                 )
             self._retry_later(flight.entry, reply.code or "")
@@ -478,6 +491,7 @@ class DeliveryService(service.MultiService):
             if not self._probes or first.frame < self._probes[0][0]:
                 self._in_flight.pop(first.entry.hash)
                 self._dead_letter(first.entry, "too-long")
+        proto.closing = True
         proto.transport.loseConnection()
 
     # -- timers ---------------------------------------------------------------

@@ -45,6 +45,9 @@ FAULT_MODES = (
     "stall-headers",  # never answers
     "stall-body",     # headers and part of the body, then nothing
     "drop",           # closes the connection without answering
+    "redirect",       # ``status`` (default 303) with ``Location: location``
+    "gzip",           # the answer gzip-compressed, padded with ``size`` zero bytes before compression
+    "result",         # the answer's result replaced by ``result`` (a value, or a function of the real one)
 )
 
 
@@ -61,6 +64,9 @@ class Fault:
     code: int = -32000
     message: str = "internal error"
     size: int = 5 * 1024 * 1024
+    status: int = 303
+    location: str = "http://elsewhere.example/"
+    result: Any = None
 
 
 def _block_hash(seed: str, salt: int, number: int, parent: str) -> str:
@@ -86,6 +92,7 @@ class FakeEthereumNode(Resource):
         height: int = 0,
         genesis_timestamp: int = 1_700_000_000,
         block_time: int = 12,
+        auth: tuple[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.chain_id = chain_id
@@ -98,6 +105,10 @@ class FakeEthereumNode(Resource):
         self.requests: list[tuple[str, list[Any]]] = []
         """Every (method, params) received, in order."""
         self.stalled: list[Request] = []
+        self.auth = auth
+        """(user, password) HTTP basic auth requires; 401 without it."""
+        self.headers: list[dict[bytes, list[bytes]]] = []
+        """The request headers of every request, in order."""
         self._salt = 0
         self._append_block()
         self.mine(height)
@@ -130,6 +141,11 @@ class FakeEthereumNode(Resource):
         for _ in range(blocks):
             self._append_block()
         return self.head
+
+    def fabricate(self, blocks: int) -> int:
+        """Mine ``blocks`` blocks no honest node of this chain will ever have (a liar's chain)."""
+        self._salt += 1
+        return self.mine(blocks)
 
     def reorg(self, depth: int) -> None:
         """Replace the newest ``depth`` blocks with others at the same heights."""
@@ -219,6 +235,15 @@ class FakeEthereumNode(Resource):
 
     def render_POST(self, request: Request) -> bytes | int:
         """Serve one JSON-RPC request (batches are refused), with any scheduled fault."""
+        self.headers.append({k: list(v) for k, v in request.requestHeaders.getAllRawHeaders()})
+        if self.auth is not None:
+            import base64
+
+            expected = b"Basic " + base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode())
+            if request.getHeader(b"authorization") != expected:
+                request.setResponseCode(401)
+                request.setHeader(b"www-authenticate", b'Basic realm="node"')
+                return b"unauthorized"
         try:
             call = json.loads(request.content.read())  # type: ignore[union-attr,attr-defined]
             method = str(call["method"])
@@ -293,6 +318,29 @@ class FakeEthereumNode(Resource):
             request.write(body[: len(body) // 2])
             self.stalled.append(request)
             return NOT_DONE_YET
+        if mode == "redirect":
+            request.setResponseCode(fault.status)
+            request.setHeader(b"location", fault.location.encode())
+            return b"moved"
+        if mode == "gzip":
+            import zlib
+
+            envelope["padding"] = ""
+            text = json.dumps(envelope).encode()
+            squash = zlib.compressobj(9, zlib.DEFLATED, 31)
+            parts = [squash.compress(text[:-2])]
+            chunk = b" " * (1 << 20)
+            for offset in range(0, fault.size, len(chunk)):
+                parts.append(squash.compress(chunk[: fault.size - offset]))
+            parts.append(squash.compress(text[-2:]) + squash.flush())
+            body = b"".join(parts)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-encoding", b"gzip")
+            return body
+        if mode == "result":
+            envelope.pop("error", None)
+            envelope["result"] = fault.result(envelope.get("result")) if callable(fault.result) else fault.result
+            return self._json(envelope, request)
         if mode == "drop":
             request.channel.transport.loseConnection()  # type: ignore[union-attr]
             return NOT_DONE_YET
@@ -328,10 +376,13 @@ class FakeNetwork(Resource):
     def __init__(self, nodes: dict[str, FakeEthereumNode]) -> None:
         super().__init__()
         self.nodes = dict(nodes)
+        self.requests: list[tuple[str, str]] = []
+        """(method, Host header) of every request, in order (redirects followed show here)."""
 
     def render(self, request: Request) -> bytes | int:
         """Hand the request to the node named by its Host header (404 for none)."""
         host = (request.getHeader(b"host") or b"").decode("latin-1")
+        self.requests.append((request.method.decode("ascii", "replace"), host))
         node = self.nodes.get(host) or self.nodes.get(host.split(":")[0])
         if node is None:
             request.setResponseCode(404)

@@ -118,6 +118,23 @@ def test_bad_values_name_the_option(argv: list[str], env: dict[str, str], named:
         parse(argv, env)
 
 
+def test_rpc_credentials_accepted_and_warned_on_argv() -> None:
+    """--rpc with user:password@ is accepted (basic auth); on argv it warns without repeating the password."""
+    o = parse(["--rpc", "https://alice:hunter2@rpc.example/v1"])
+    assert o["rpc"] == ["https://alice:hunter2@rpc.example/v1"]
+    assert any("https://rpc.example" in w and "ETH_RPC" in w for w in o.warnings)
+    assert not any("hunter2" in w for w in o.warnings)
+    quiet = parse([], {"ETH_RPC": "https://alice:hunter2@rpc.example/v1"})
+    assert quiet.warnings == []
+
+
+def test_bad_rpc_url_error_hides_the_password() -> None:
+    """A malformed --rpc URL is refused with a message that masks its password."""
+    with pytest.raises(usage.UsageError) as info:
+        parse(["--rpc", "http://alice:hunter2@rpc.example:99999/"])
+    assert "--rpc" in str(info.value) and "hunter2" not in str(info.value) and "alice:***" in str(info.value)
+
+
 def test_help_mentions_environment() -> None:
     """--help documents the ETH_* variable of every option."""
     text = str(Options(environ={}))

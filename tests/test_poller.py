@@ -1,4 +1,4 @@
-"""BlockPoller on a Clock, with a fake node through StubTreq and a MemoryOutbox."""
+"""BlockPoller on a Clock, with a fake node through RequestTraversalAgent and a MemoryOutbox."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 
 from eth_twisted.errors import OutboxFull
@@ -25,11 +25,11 @@ class Rig:
 
     def __init__(self, height: int = 100, outbox: MemoryOutbox | None = None, **kwargs: Any) -> None:
         self.node = FakeEthereumNode(height=height)
-        self.stub = StubTreq(FakeNetwork({"node.example": self.node}))
+        self.stub = RequestTraversalAgent(FakeNetwork({"node.example": self.node}))
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.metrics = ClientMetrics(CollectorRegistry())
-        self.rpc = RPCClient([URL], http=self.stub, clock=self.clock, metrics=self.metrics,
+        self.rpc = RPCClient([URL], agent=self.stub, clock=self.clock, metrics=self.metrics,
                              timeout=kwargs.pop("timeout", 10.0))
         self.outbox = outbox if outbox is not None else MemoryOutbox()
         self.woken = 0

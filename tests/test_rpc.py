@@ -1,14 +1,16 @@
-"""The JSON-RPC client against fake nodes through StubTreq, on a Clock."""
+"""The JSON-RPC client against fake nodes through treq's RequestTraversalAgent, on a Clock."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
 from prometheus_client import CollectorRegistry
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from eth_twisted.errors import ChainMismatch, RPCError
 from eth_twisted.metrics import ClientMetrics
@@ -27,7 +29,7 @@ C = "http://c.example/"
 
 
 def result_of(d: Any) -> Any:
-    """The synchronous result of ``d`` (StubTreq answers in memory), raising its failure."""
+    """The synchronous result of ``d`` (the in-memory agent answers at once), raising its failure."""
     box: list[Any] = []
     d.addBoth(box.append)
     assert box, "the Deferred has not fired"
@@ -52,25 +54,52 @@ def count(metrics: ClientMetrics, endpoint: str, kind: str) -> float:
 
 
 class World:
-    """Fake nodes a, b, c behind one StubTreq, a Clock, metrics and a client."""
+    """Fake nodes a, b, c behind one in-memory agent, a Clock, metrics and a client."""
 
     def __init__(self, urls: list[str] | None = None, **kwargs: Any) -> None:
         self.a = FakeEthereumNode(height=100)
         self.b = FakeEthereumNode(height=100)
         self.c = FakeEthereumNode(height=100)
         self.network = FakeNetwork({"a.example": self.a, "b.example": self.b, "c.example": self.c})
-        self.stub = StubTreq(self.network)
+        self.stub = RequestTraversalAgent(self.network)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.metrics = ClientMetrics(CollectorRegistry())
         self.rpc = RPCClient(
-            urls or [A, B], http=self.stub, clock=self.clock, metrics=self.metrics, **kwargs
+            urls or [A, B], agent=self.stub, clock=self.clock, metrics=self.metrics, **kwargs
         )
 
 
 @pytest.fixture
 def world() -> World:
     return World()
+
+
+class Lines:
+    """Log lines (info and above) of the RPC client and the poller, as text."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if str(event.get("log_namespace", "")).startswith(("eth_twisted.rpc", "eth_twisted.poller")):
+            level = event.get("log_level")
+            if level is not None and level >= LogLevel.info:
+                self.events.append(event)
+
+    def texts(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+    def matching(self, *words: str) -> list[str]:
+        return [t for t in self.texts() if all(w in t for w in words)]
+
+
+def captured_lines() -> Iterator[Lines]:
+    """Collect the lines while the generator is suspended (the body of a fixture)."""
+    observer = Lines()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
 
 
 def test_label_hides_path_query_and_userinfo() -> None:
@@ -262,16 +291,20 @@ def test_failing_endpoint_moves_back_of_queue(world: World) -> None:
 
 
 def test_head_round_best_trusted(world: World) -> None:
-    """head_round asks every endpoint and answers the best head."""
+    """head_round answers the head the endpoints agree on and shows each endpoint's own head."""
     world.b.mine(3)
-    assert result_of(world.rpc.head_round()) == 103
+    assert result_of(world.rpc.head_round()) == 100
     assert world.metrics.registry.get_sample_value(
         "eth_client_rpc_head", {"endpoint": "http://a.example"}) == 100
+    assert world.metrics.registry.get_sample_value(
+        "eth_client_rpc_head", {"endpoint": "http://b.example:8545"}) == 103
+    world.a.mine(3)
+    assert result_of(world.rpc.head_round()) == 103
 
 
 def test_lagging_endpoint_not_trusted() -> None:
-    """An endpoint more than lag_threshold behind is not trusted, counted and preferred last for blocks."""
-    w = World(urls=[A, B], lag_threshold=5)
+    """An endpoint more than lag_threshold behind the agreed head is lagging, counted and asked last for blocks."""
+    w = World(urls=[A, B, C], lag_threshold=5)
     w.a.set_lag(6)
     assert result_of(w.rpc.head_round()) == 100
     assert count(w.metrics, "http://a.example", "lagging") == 1
@@ -286,10 +319,11 @@ def test_lagging_endpoint_not_trusted() -> None:
 
 def test_backwards_endpoint_not_trusted(world: World) -> None:
     """An endpoint whose head goes below its previous answer is distrusted for that round."""
+    world.a.mine(2)
     world.b.mine(2)
     assert result_of(world.rpc.head_round()) == 102
     world.b.set_lag(3)
-    assert result_of(world.rpc.head_round()) == 100
+    assert result_of(world.rpc.head_round()) == 102  # a alone votes; b's 99 does not count
     assert count(world.metrics, "http://b.example:8545", "went-backwards") == 1
     assert not world.rpc.endpoints[1].trusted
 
@@ -348,13 +382,15 @@ def test_restarted_node_reverified_after_transport_failure() -> None:
 
 
 def test_unverified_endpoint_checked_before_use(world: World) -> None:
-    """An endpoint that was down during verify_chain is checked before its first answer counts."""
+    """An endpoint down during verify_chain that comes back on another chain is wrong-chain: its head never counts."""
     world.b.fail("http-5xx")
     result_of(world.rpc.verify_chain(None))
-    world.b.reset(seed="other")
+    world.b.reset(seed="other", height=500)
     world.clock.advance(60)
-    with pytest.raises(ChainMismatch):
-        result_of(world.rpc.head_round())
+    assert result_of(world.rpc.head_round()) == 100
+    assert world.rpc.endpoints[1].distrust == "wrong-chain"
+    assert count(world.metrics, "http://b.example:8545", "wrong-chain") >= 1
+    assert ("eth_blockNumber", []) not in world.b.requests
 
 
 def test_close_with_injected_http_is_noop(world: World) -> None:
@@ -399,13 +435,15 @@ def test_streamed_body_over_cap_closes_connection() -> None:
 
 
 def test_default_http_client_has_own_pool() -> None:
-    """Without an injected client, RPCClient builds treq on its own pool, which close() closes."""
+    """Without an injected agent, RPCClient builds a twisted.web Agent on its own pool, which close() closes."""
     from twisted.internet.testing import MemoryReactorClock
 
     reactor = MemoryReactorClock()
     rpc = RPCClient([A], clock=reactor)
     assert rpc._pool is not None and rpc._pool._reactor is reactor
-    assert hasattr(rpc.http, "post")
+    from twisted.web.client import Agent
+
+    assert isinstance(rpc.agent, Agent)
     assert result_of(rpc.close()) is None
 
 

@@ -266,6 +266,68 @@ def test_unknown_reply_drops_connection(started: DeliveryService, endpoint: Fake
     assert metric(started, "eth_client_replies_total", kind="invalid") == 1
 
 
+class SenderLines:
+    """Warning and error lines of the delivery service."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        from twisted.logger import LogLevel, formatEvent
+
+        level = event.get("log_level")
+        if "DeliveryService" in str(event.get("log_namespace")) and level is not None and level >= LogLevel.warn:
+            self.texts.append(formatEvent(event))
+
+
+@pytest.fixture
+def sender_lines() -> Iterator[SenderLines]:
+    from twisted.logger import globalLogPublisher
+
+    observer = SenderLines()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_garbage_burst_costs_one_line(
+    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, sender_lines: SenderLines
+) -> None:
+    """Ten thousand invalid replies in one read are one protocol error (one line, one count), not ten thousand."""
+    add_blocks(outbox, 1, 1)
+    started.wake()
+    endpoint.protocols[-1].dataReceived(encode(b"ack:hello") * 10_000)
+    assert endpoint.transport.disconnecting
+    assert metric(started, "eth_client_replies_total", kind="invalid") == 1
+    assert len([t for t in sender_lines.texts if "Protocol error" in t]) == 1
+
+
+def test_replies_after_a_protocol_error_are_not_believed(
+    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
+) -> None:
+    """Once a connection said something invalid, its later replies in the same read are not read; all is resent."""
+    (h,) = add_blocks(outbox, 1, 1)
+    started.wake()
+    endpoint.transport.take_frames()
+    endpoint.reply("nonsense", f"OK {h}")
+    assert outbox.depth() == 1
+    clock.advance(0)
+    clock.advance(1)
+    assert endpoint.transport.take_frames() == [render_html(1)]
+
+
+def test_unknown_err_code_logged_once_per_connection(
+    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock, sender_lines: SenderLines
+) -> None:
+    """Two hundred messages answered with an ERR code outside the vocabulary write one line; all are kept."""
+    hashes = add_blocks(outbox, 1, 200)
+    started.wake()
+    endpoint.transport.take_frames()
+    endpoint.reply(*[f"ERR {h} weird-code" for h in hashes])
+    assert outbox.depth() == 200 and outbox.dead_letters() == []
+    assert len([t for t in sender_lines.texts if "Unknown ERR code" in t]) == 1
+
+
 def test_oversized_reply_breaks_the_connection(started: DeliveryService, endpoint: FakeEndpoint) -> None:
     """A reply longer than the sender's MAX_LENGTH is a broken peer: the connection closes."""
     endpoint.protocols[-1].dataReceived(b"5000:")

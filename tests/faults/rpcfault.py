@@ -12,7 +12,14 @@ fault proxy):
 - ``lag K``: a node K blocks behind: ``eth_blockNumber`` answers head-K and
   blocks above that are ``null``;
 - ``null K``: a load-balanced node that reports the true head but answers
-  ``null`` for the newest K blocks.
+  ``null`` for the newest K blocks;
+- ``liar K``: a lying node: ``eth_blockNumber`` answers head+K (``liar max``:
+  2**256-1) and the blocks above the real head are invented, chained to it;
+- ``huge-head``: ``eth_blockNumber`` answers a 1,200-bit number;
+- ``huge-timestamp``: every block's timestamp has 4,000 hex digits;
+- ``redirect CODE URL``: answers CODE (301, 302, 303, 307, 308) pointing at URL;
+- ``gzip SIZE``: the true answer, gzip-encoded, padded with SIZE bytes of spaces
+  before compression (a decompression bomb of SIZE bytes).
 
 ``status`` answers ``requests=``, ``faulted=`` and the mode.
 
@@ -35,7 +42,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from tests.faults.proxy import ControlFactory, ControlledProcess
 
-MODES = ("pass", "garbage", "html", "429", "stall", "lag", "null")
+MODES = ("pass", "garbage", "html", "429", "stall", "lag", "null", "liar", "huge-head", "huge-timestamp",
+         "redirect", "gzip")
 
 HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>\n"
 
@@ -52,6 +60,7 @@ class RPCFaultNode(Resource):
         self.http = http or treq
         self.mode = "pass"
         self.arg = 0
+        self.location = ""
         self.stats = {"requests": 0, "faulted": 0, "stalled_open": 0}
         self._stalled: list[Request] = []
 
@@ -65,6 +74,18 @@ class RPCFaultNode(Resource):
             self.arg = int(args[0])
         elif mode == "429":
             self.arg = int(args[0]) if args else 1
+        elif mode == "liar":
+            if len(args) != 1:
+                raise ValueError("usage: mode liar BLOCKS|max")
+            self.arg = 2**256 - 1 if args[0] == "max" else int(args[0])
+        elif mode == "redirect":
+            if len(args) != 2 or int(args[0]) not in (301, 302, 303, 307, 308):
+                raise ValueError("usage: mode redirect 301|302|303|307|308 URL")
+            self.arg, self.location = int(args[0]), args[1]
+        elif mode == "gzip":
+            if len(args) != 1 or int(args[0]) < 0:
+                raise ValueError("usage: mode gzip SIZE")
+            self.arg = int(args[0])
         elif args:
             raise ValueError(f"mode {mode} takes no arguments")
         previous, self.mode = self.mode, mode
@@ -113,6 +134,11 @@ class RPCFaultNode(Resource):
             request.setHeader(b"retry-after", str(self.arg).encode())
             request.setHeader(b"content-type", b"application/json")
             return b'{"jsonrpc":"2.0","error":{"code":429,"message":"Too Many Requests"},"id":null}'
+        if mode == "redirect":
+            self.stats["faulted"] += 1
+            request.setResponseCode(self.arg)
+            request.setHeader(b"location", self.location.encode())
+            return b"moved"
         if mode == "stall":
             self.stats["faulted"] += 1
             request.setHeader(b"content-type", b"application/json")
@@ -121,7 +147,7 @@ class RPCFaultNode(Resource):
             self._stalled.append(request)
             return NOT_DONE_YET
         d = defer.ensureDeferred(self._forward(body, mode))
-        d.addCallback(self._answer, request)
+        d.addCallback(self._answer, request, mode)
         d.addErrback(self._failed, request)
         return NOT_DONE_YET
 
@@ -132,8 +158,10 @@ class RPCFaultNode(Resource):
         return json.loads(await response.content())
 
     async def _forward(self, body: bytes, mode: str) -> bytes:
-        if mode == "pass":
+        if mode in ("pass", "gzip"):
             return json.dumps(await self._node(body)).encode()
+        if mode in ("liar", "huge-head", "huge-timestamp"):
+            return json.dumps(await self._lie(json.loads(body), mode)).encode()
         call = json.loads(body)
         method = call.get("method") if isinstance(call, dict) else None
         if method not in ("eth_blockNumber", "eth_getBlockByNumber"):
@@ -157,10 +185,60 @@ class RPCFaultNode(Resource):
             return json.dumps({"jsonrpc": "2.0", "id": call.get("id"), "result": None}).encode()
         return json.dumps(await self._node(body)).encode()
 
-    def _answer(self, data: bytes, request: Request) -> None:
+    async def _lie(self, call: Any, mode: str) -> Any:
+        """The answer of a lying node to one call (``liar``, ``huge-head``, ``huge-timestamp``)."""
+        method = call.get("method") if isinstance(call, dict) else None
+        reply = await self._node(json.dumps(call).encode())
+        if method == "eth_blockNumber" and mode in ("liar", "huge-head"):
+            self.stats["faulted"] += 1
+            head = int(reply["result"], 16)
+            reply["result"] = hex(head + self.arg) if mode == "liar" else "0x" + "f" * 300
+        elif method == "eth_getBlockByNumber":
+            if mode == "huge-timestamp" and isinstance(reply.get("result"), dict):
+                self.stats["faulted"] += 1
+                reply["result"]["timestamp"] = "0x" + "f" * 4000
+            elif mode == "liar" and reply.get("result") is None:
+                tag = (call.get("params") or ["latest"])[0]
+                if isinstance(tag, str) and tag.startswith("0x"):
+                    self.stats["faulted"] += 1
+                    reply["result"] = await self._invented(int(tag, 16))
+        return reply
+
+    async def _invented(self, number: int) -> dict[str, Any]:
+        """A block the chain does not have, chained to the real head below it."""
+        import hashlib
+
+        head_call = {"jsonrpc": "2.0", "id": 0, "method": "eth_blockNumber", "params": []}
+        head = int((await self._node(json.dumps(head_call).encode()))["result"], 16)
+        real = {"jsonrpc": "2.0", "id": 0, "method": "eth_getBlockByNumber", "params": [hex(head), False]}
+        base = (await self._node(json.dumps(real).encode()))["result"]
+
+        def fake(n: int) -> str:
+            return "0x" + hashlib.sha256(f"liar:{base['hash']}:{n}".encode()).hexdigest()
+
+        parent = base["hash"] if number - 1 <= head else fake(number - 1)
+        return {"number": hex(number), "hash": fake(number), "parentHash": parent,
+                "timestamp": hex(int(base["timestamp"], 16) + number - head), "transactions": []}
+
+    def _answer(self, data: bytes, request: Request, mode: str = "pass") -> None:
         if request.finished or request.channel is None:
             return
         request.setHeader(b"content-type", b"application/json")
+        if mode == "gzip":
+            import zlib
+
+            self.stats["faulted"] += 1
+            squash = zlib.compressobj(9, zlib.DEFLATED, 31)
+            reply = json.loads(data)
+            reply["padding"] = ""
+            text = json.dumps(reply).encode()
+            parts = [squash.compress(text[:-2])]
+            chunk = b" " * (1 << 20)
+            for offset in range(0, self.arg, len(chunk)):
+                parts.append(squash.compress(chunk[: self.arg - offset]))
+            parts.append(squash.compress(text[-2:]) + squash.flush())
+            request.setHeader(b"content-encoding", b"gzip")
+            data = b"".join(parts)
         request.write(data)
         request.finish()
 
