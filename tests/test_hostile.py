@@ -21,7 +21,7 @@ from twisted.logger import globalLogPublisher
 from eth_twisted.framing import NetstringDecoder, encode
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, sha256_hex
-from eth_twisted.protocol import ReceiverFactory, ReceiverLimits, ReceiverProtocol
+from eth_twisted.protocol import TURN_FRAMES, ReceiverFactory, ReceiverLimits, ReceiverProtocol
 
 LIMITS = dict(max_length=1024, frame_timeout=30.0, idle_timeout=90.0, rate=1000.0, burst=2000)
 
@@ -187,15 +187,41 @@ def test_row10_ten_thousand_probes_in_one_segment() -> None:
     h = Harness(rate=1000.0, burst=2000)
     p, t = h.connect()
     p.dataReceived(b"0:," * 10000)
+    assert len(replies(t)) == TURN_FRAMES  # one turn's share; the rest on later turns
+    run_turns(h)
     assert len(replies(t)) == 2000  # the bucket's burst; the rest stays in the decoder
     assert t.producerState == "paused" and "rate" in p.paused
     assert h.factory.partial_bytes == 3 * 8000  # counted against the budget while it waits
     for second in range(1, 9):
         h.clock.advance(1.0)  # 1,000 tokens a second
+        run_turns(h)
         assert len(replies(t)) == 2000 + 1000 * second
     assert h.factory.partial_bytes == 0
     h.clock.advance(3.0)
     assert t.producerState == "producing" and not p.paused
+
+
+def run_turns(h: Harness, most: int = 10000) -> None:
+    """Let the reactor take its turns (calls due now) until none is left."""
+    for _ in range(most):
+        if not [c for c in h.clock.getDelayedCalls() if c.getTime() <= h.clock.seconds()]:
+            return
+        h.clock.advance(0)
+    raise AssertionError("turns never ended")
+
+
+def test_one_connection_gets_a_turn_share_and_the_others_theirs() -> None:
+    """A read of thousands of frames is handled TURN_FRAMES at a time, so another connection is served between."""
+    h = Harness(rate=1e9, burst=10**9)
+    flood, tf = h.connect("10.0.0.1")
+    other, to = h.connect("10.0.0.2")
+    assert flood is not None and other is not None
+    flood.dataReceived(b"0:," * 5000)
+    assert len(replies(tf)) == TURN_FRAMES and tf.producerState == "paused"
+    other.dataReceived(encode(b"hello"))
+    assert replies(to) == [ok(b"hello")]  # answered while the flood waits for its next turn
+    run_turns(h)
+    assert len(replies(tf)) == 5000 and tf.producerState == "producing" and not flood.paused
 
 
 def test_row13_binary_payload_is_stored_as_bytes() -> None:
@@ -395,24 +421,26 @@ def test_fuzz_arbitrary_streams(frames: list[bytes], garbage: bytes, cuts: list[
 
 
 class BufferedTransport(StringTransport):
-    """A StringTransport that pauses its producer past ``high`` bytes written, as a real TCP transport does."""
+    """A StringTransport that pauses its registered producer past ``high`` bytes written, as a real
+    TCP transport does (``producerPaused``: separate from whether the transport itself reads)."""
 
     def __init__(self, high: int, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.high = high
+        self.producer_paused = False
 
     def write(self, data: bytes) -> None:
         super().write(data)
-        if len(self.value()) > self.high and self.producer is not None and self.producerState == "producing":
-            self.producerState = "paused"
+        if len(self.value()) > self.high and self.producer is not None and not self.producer_paused:
+            self.producer_paused = True
             self.producer.pauseProducing()
 
     def drain(self) -> bytes:
         """The peer reads everything: empty the buffer and resume the producer."""
         data = self.value()
         self.clear()
-        if self.producer is not None and self.producerState == "paused":
-            self.producerState = "producing"
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
             self.producer.resumeProducing()
         return data
 
@@ -524,22 +552,22 @@ def test_window_is_enforced_within_one_read() -> None:
 
 
 def test_frames_stop_when_the_transport_pauses_us() -> None:
-    """Item 4: 64 KiB of probes from a peer that never reads: replies stop at the write buffer's mark."""
+    """Item 4: 64 KiB of probes from a peer that never reads: replies stop a turn after the write buffer's mark."""
     h = Harness(rate=1e9, burst=10**9)
     t = BufferedTransport(high=4096)
     p = connect_with(h, t)
     p.dataReceived(b"0:," * 21845)
+    run_turns(h)
     written = len(t.value())
     assert "writes" in p.paused
-    assert written < 4096 + 200  # one reply past the mark, not 21,845 replies (1.8 MB)
+    assert written <= 4096 + TURN_FRAMES * 84  # at most one turn's replies past the mark, not 1.8 MB
     assert h.factory.partial_bytes > 60000  # the rest is held in the decoder, counted
-    total = t.drain()
-    while "writes" not in p.paused and h.factory.partial_bytes:
-        h.clock.advance(0)
+    total = b""
+    for _ in range(1000):  # the peer reads, the server goes on, until everything is answered
         total += t.drain()
-        if "writes" in p.paused:
-            total += t.drain()
-    h.clock.advance(0)
+        run_turns(h)
+        if not h.factory.partial_bytes:
+            break
     total += t.drain()
     assert len(replies_of(total)) == 21845
 
