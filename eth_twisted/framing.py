@@ -100,13 +100,49 @@ class NetstringDecoder:
             self._pos = stop + 1
         return frame
 
+    def take(self, most: int) -> list[bytes]:
+        """Up to ``most`` complete frames, in order (:meth:`next` in one call, for a reader that batches).
+
+        Fewer (or none) when the bytes held run out first or a framing error
+        is found (then check :attr:`error`).
+        """
+        frames: list[bytes] = []
+        if self.error is not None or most <= 0:
+            return frames
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        try:
+            while pos < end and len(frames) < most:
+                colon = self._length_end(buf, pos, end)
+                if colon < 0:
+                    break
+                length = int(buf[pos:colon])
+                if length > self.max_length:
+                    raise FrameError("too-long", f"declared length {length} > {self.max_length}")
+                stop = colon + 1 + length
+                if stop >= end:
+                    break
+                if buf[stop] != _COMMA:
+                    raise FrameError("bad-frame", "payload not followed by ','")
+                frames.append(bytes(buf[colon + 1 : stop]))
+                pos = stop + 1
+        except FrameError as e:
+            self.error = e
+            buf.clear()
+            self._pos = 0
+            return frames
+        if pos == end:
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = pos
+        return frames
+
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data``; return every frame the bytes held now complete, in order."""
         self.add(data)
-        frames: list[bytes] = []
-        while (frame := self.next()) is not None:
-            frames.append(frame)
-        return frames
+        return self.take(1 << 62)
 
     def _length_end(self, buf: bytearray, pos: int, end: int) -> int:
         """Index of the ':' ending the length at ``pos``, -1 if not yet known.

@@ -219,17 +219,17 @@ class Router:
             reply("unavailable")
             return None
         nbytes = len(message.payload)
-        if self._queued and (self._queued >= self.max_pending
-                             or self._queued_bytes + nbytes > self.pending_budget):
+        queued = self._queued
+        if queued and (queued >= self.max_pending or self._queued_bytes + nbytes > self.pending_budget):
             self._count("busy")
             reply("busy")
             return None
         entry = _Queued(message, reply, self)
         self._queue.append(entry)
-        self._queued += 1
+        queued = self._queued = queued + 1
         self._queued_bytes += nbytes
         if self._in_flight < self.concurrency:
-            if self._queued >= self.max_batch:
+            if queued >= self.max_batch:
                 self._flush()
             elif self._timer is None:
                 self._timer = self.clock.callLater(self.max_delay, self._flush)
@@ -253,15 +253,14 @@ class Router:
         queue = self._queue
         limit, max_bytes = self.max_batch, self.max_batch_bytes
         while queue and len(batch) < limit:
-            entry = queue[0]
+            entry = queue.popleft()
             message = entry.message
-            if entry.router is None or message is None:
-                queue.popleft()  # withdrawn
-                continue
+            if message is None:
+                continue  # withdrawn
             nbytes = len(message.payload)
             if batch and size + nbytes > max_bytes:
+                queue.appendleft(entry)
                 break
-            queue.popleft()
             entry.router = None  # in a batch now: too late to withdraw
             batch.append((message, entry.reply))
             size += nbytes
