@@ -96,14 +96,16 @@ def test_item1_a_backtracking_frame_does_not_freeze_the_server(tmp_path: Path) -
 
 
 def hold_partial_frames(port: int, addresses: int, per_address: int, held_bytes: int) -> list[socket.socket]:
-    """Connections from 127.0.1.10.. that each declare a 65,000-byte frame and send ``held_bytes`` of it."""
+    """Connections from 127.0.1.10.. that each declare a 65,000-byte frame and send ``held_bytes`` of it, in two steps."""
     held = []
     for i in range(addresses * per_address):
         s = socket.socket()
         s.bind((f"127.0.1.{10 + i % addresses}", 0))
         s.connect(("127.0.0.1", port))
-        s.sendall(b"65000:" + b"z" * held_bytes)
+        s.sendall(b"65000:" + b"z" * (held_bytes // 2))
         held.append(s)
+    for s in held:  # frames that grow in steps: the second step finds most of them paused
+        s.sendall(b"z" * (held_bytes - held_bytes // 2))
     return held
 
 
