@@ -270,7 +270,7 @@ def server_command(code: Path, port: int, storage: list[str], extra: list[str]) 
     """``eth server`` from the source tree ``code`` (the checkout, or an older copy)."""
     prelude = os.environ.get("ETH_BENCH_PRELUDE") or "pass"  # e.g. "import gc; gc.disable()", for experiments
     boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'; {prelude}; "
-            "from eth_twisted.cli import main; sys.exit(main())")
+            "from eth_twisted.cli.main import main; sys.exit(main())")
     return [PYTHON, "-c", boot, "server", "--port", str(port), "--stats", "none",
             "--reconcile-interval", "3600", *storage, *extra]
 
@@ -402,8 +402,8 @@ def seed_baseline(opts: argparse.Namespace, block0: int) -> dict[str, Any]:
 
 def raw_mysql(rows_total: int, batch: int = 1000) -> dict[str, Any]:
     """Raw PyMySQL executemany, ``batch`` rows per transaction, into an identical table."""
+    from eth_twisted.link.payload import render_html
     from eth_twisted.model import sha256_hex
-    from eth_twisted.payload import render_html
     from eth_twisted.sinks.sql import MySQLSink, to_utc_datetime
 
     with bench_database() as database:
@@ -436,8 +436,8 @@ def raw_mysql_per_row(rows_total: int) -> dict[str, Any]:
     Each row's INSERT+COMMIT time is kept too: no acknowledgement that waits for a
     commit can be faster than this, so its p99 is the floor of the server's ack p99.
     """
+    from eth_twisted.link.payload import render_html
     from eth_twisted.model import sha256_hex
-    from eth_twisted.payload import render_html
     from eth_twisted.sinks.sql import MySQLSink, to_utc_datetime
 
     with bench_database() as database:
@@ -647,7 +647,7 @@ def client_cost(opts: argparse.Namespace, code: Path) -> dict[str, Any]:
                   work / "anvil.log", ready=anvil_up), \
                 start_server(code, sport, storage_args("sqlite", work, None, None), work / "server.log"):
             boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'; "
-                    "from eth_twisted.cli import main; sys.exit(main())")
+                    "from eth_twisted.cli.main import main; sys.exit(main())")
             cmd = [PYTHON, "-c", boot, "client", "--host", "127.0.0.1", "--port", str(sport),
                    "--rpc", url, "--interval", "1", "--spool", str(work / "spool.sqlite3"), "--stats", "none"]
             log = work / "client.log"
@@ -830,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", default=str(ROOT), help="source tree the server runs from (default: this checkout)")
     p.add_argument("--profile", action="store_true", help="record a py-spy profile of the MySQL+Redis server")
     p.add_argument("--tune-gc", action="store_true",
-                   help="start servers with eth_twisted.router.tune_gc() applied (until `eth server` calls it)")
+                   help="start servers with eth_twisted.server.router.tune_gc() applied (until `eth server` calls it)")
     p.add_argument("--overlap", action="store_true",
                    help="start servers with the router's overlap mode on (until `eth server` has an option)")
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
@@ -850,9 +850,9 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(opts.only.split(","))
     prelude = []
     if opts.tune_gc:
-        prelude.append("from eth_twisted.router import tune_gc; tune_gc()")
+        prelude.append("from eth_twisted.server.router import tune_gc; tune_gc()")
     if opts.overlap:
-        prelude.append("from eth_twisted.router import Router; Router.overlap_default = True")
+        prelude.append("from eth_twisted.server.router import Router; Router.overlap_default = True")
     if prelude:
         os.environ["ETH_BENCH_PRELUDE"] = "; ".join(prelude)
     code = Path(opts.code).resolve()

@@ -62,7 +62,7 @@ sys.path.insert(0, str(BENCH))
 from hostile_watch import parse_netstrings  # noqa: E402
 
 import bench as suite  # noqa: E402  (bench/bench.py: servers, MariaDB, Redis helpers)
-from eth_twisted.payload import render_html  # noqa: E402
+from eth_twisted.link.payload import render_html  # noqa: E402
 
 PYTHON = sys.executable
 GOOD = "127.0.0.2"

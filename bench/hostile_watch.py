@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eth_twisted.payload import render_html  # noqa: E402
+from eth_twisted.link.payload import render_html  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -22,9 +22,9 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from eth_twisted.client.outbox import Cursor
 from eth_twisted.errors import OutboxFull
 from eth_twisted.model import sha256_hex
-from eth_twisted.outbox import Cursor
 
 ZERO_HASH = "0x" + "00" * 32
 

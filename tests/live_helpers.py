@@ -8,8 +8,8 @@ from typing import Any
 
 from twisted.internet import defer, reactor, threads
 
-from eth_twisted.framing import NetstringDecoder, encode
-from eth_twisted.server import ServerService, build_server
+from eth_twisted.link.netstring import NetstringDecoder, encode
+from eth_twisted.server.service import ServerService, build_server
 from tests.support import async_wait_until
 
 

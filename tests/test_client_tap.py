@@ -12,12 +12,12 @@ from twisted.application import service
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from eth_twisted import client_tap
-from eth_twisted.client import EthClientService
-from eth_twisted.client_tap import Options
+from eth_twisted.client import tap as client_tap
+from eth_twisted.client.outbox import Cursor, open_outbox
+from eth_twisted.client.rpc import DEFAULT_RPC_URLS
+from eth_twisted.client.service import EthClientService
+from eth_twisted.client.tap import Options
 from eth_twisted.errors import OutboxLocked
-from eth_twisted.outbox import Cursor, open_outbox
-from eth_twisted.rpc import DEFAULT_RPC_URLS
 from tests.support import ROOT
 
 
@@ -261,7 +261,7 @@ def test_twistd_eth_client_bad_option_exits_nonzero_naming_it() -> None:
 
 def test_stats_site_limits_reach_the_client_listener(tmp_path: Path) -> None:
     """The client's stats listener takes the same --stats-* limits as the server's."""
-    from eth_twisted.web_limits import SiteLimits
+    from eth_twisted.web.limits import SiteLimits
 
     reactor = MemoryReactorClock()
     o = parse(["--spool", str(tmp_path / "s.sqlite3"), "--rpc", "http://127.0.0.1:1",

@@ -243,9 +243,9 @@ def wait_ready(listener: NotifyListener, daemon: Daemon, timeout: float = 60) ->
 def tap_options(kind: str, environ: dict[str, str]) -> Any:
     """The Options of `eth-server`/`eth-client` (what `eth server|client` parses), on ``environ``."""
     if kind == "server":
-        from eth_twisted import server_tap as tap
+        from eth_twisted.server import tap
     else:
-        from eth_twisted import client_tap as tap  # type: ignore[no-redef]
+        from eth_twisted.client import tap as tap  # type: ignore[no-redef]
     return tap.Options(environ=environ)
 
 
@@ -326,7 +326,7 @@ def test_image_shape(dockerfile: Path) -> None:
 def test_default_command_runs_server_and_client_together() -> None:
     """The main image's CMD is `eth run`, with its dashboard reachable from outside the container,
     and it parses with the real `eth` option parser."""
-    from eth_twisted import cli
+    from eth_twisted.cli import main as cli
 
     (cmd,) = [exec_form(args) for word, args in final_stage(ROOT / "Dockerfile") if word == "CMD"]
     assert cmd[:2] == ["eth", "run"]

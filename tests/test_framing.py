@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.link.netstring import NetstringDecoder, encode
 
 LIMIT = 64 * 1024
 

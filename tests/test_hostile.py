@@ -18,10 +18,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, sha256_hex
-from eth_twisted.protocol import TURN_FRAMES, ReceiverFactory, ReceiverLimits, ReceiverProtocol
+from eth_twisted.server.receiver import (
+    TURN_FRAMES,
+    ReceiverFactory,
+    ReceiverLimits,
+    ReceiverProtocol,
+)
 
 LIMITS = dict(max_length=1024, frame_timeout=30.0, idle_timeout=90.0, rate=1000.0, burst=2000)
 

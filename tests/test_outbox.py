@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from eth_twisted.errors import ConfigError, OutboxFull, OutboxLocked
-from eth_twisted.model import sha256_hex
-from eth_twisted.outbox import (
+from eth_twisted.client.outbox import (
     DEFAULT_SPOOL,
     Cursor,
     Outbox,
     default_spool_path,
     open_outbox,
 )
-from eth_twisted.payload import render_html
+from eth_twisted.errors import ConfigError, OutboxFull, OutboxLocked
+from eth_twisted.link.payload import render_html
+from eth_twisted.model import sha256_hex
 
 
 class FakeClock:
@@ -142,8 +142,8 @@ def test_process_killed_mid_append_leaves_cursor_and_rows_consistent(spool: str)
     script = textwrap.dedent(
         f"""
         import os
-        from eth_twisted.outbox import open_outbox, Cursor
-        from eth_twisted.payload import render_html
+        from eth_twisted.client.outbox import open_outbox, Cursor
+        from eth_twisted.link.payload import render_html
         box = open_outbox({spool!r}, clock=lambda: 1.0)
         box.append([(render_html(1), 1)], Cursor(1, "0xg", 1, "0xh1"))
         def die(*a):
@@ -278,7 +278,7 @@ def test_file_lock_refuses_another_process(spool: str) -> None:
     box = open_outbox(spool, clock=lambda: 0.0)
     try:
         script = (
-            "import sys\nfrom eth_twisted.outbox import open_outbox\nfrom eth_twisted.errors import OutboxLocked\n"
+            "import sys\nfrom eth_twisted.client.outbox import open_outbox\nfrom eth_twisted.errors import OutboxLocked\n"
             f"try:\n    open_outbox({spool!r}, clock=lambda: 0.0)\nexcept OutboxLocked as e:\n"
             "    print(e); sys.exit(3)\n"
         )

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from eth_twisted.payload import (
+from eth_twisted.link.payload import (
     HTML_SCAN_LIMIT,
     OutOfRange,
     recognise_block_number,

@@ -9,12 +9,12 @@ from prometheus_client import CollectorRegistry
 from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 
+from eth_twisted.client.outbox import Cursor
+from eth_twisted.client.poller import BlockPoller
+from eth_twisted.client.rpc import RPCClient
 from eth_twisted.errors import OutboxFull
+from eth_twisted.link.payload import render
 from eth_twisted.metrics import ClientMetrics
-from eth_twisted.outbox import Cursor
-from eth_twisted.payload import render
-from eth_twisted.poller import BlockPoller
-from eth_twisted.rpc import RPCClient
 from eth_twisted.testing import FakeEthereumNode, FakeNetwork, MemoryOutbox
 
 URL = "http://node.example/"

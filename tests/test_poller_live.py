@@ -11,9 +11,9 @@ import pytest_twisted
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 
+from eth_twisted.client.poller import BlockPoller
+from eth_twisted.client.rpc import RPCClient
 from eth_twisted.metrics import ClientMetrics
-from eth_twisted.poller import BlockPoller
-from eth_twisted.rpc import RPCClient
 from eth_twisted.testing import MemoryOutbox
 from tests.support import Anvil, async_wait_until
 

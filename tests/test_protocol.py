@@ -11,11 +11,11 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.link.netstring import NetstringDecoder, encode
+from eth_twisted.link.payload import render_html
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, sha256_hex
-from eth_twisted.payload import render_html
-from eth_twisted.protocol import ReceiverFactory, ReceiverLimits, ReceiverProtocol
+from eth_twisted.server.receiver import ReceiverFactory, ReceiverLimits, ReceiverProtocol
 from tests.support import async_wait_until
 
 

@@ -13,7 +13,7 @@ from twisted.internet import reactor
 
 from eth_twisted.errors import SinkError
 from eth_twisted.model import Message, Outcome
-from eth_twisted.server_tap import redis_tls
+from eth_twisted.server.tap import redis_tls
 from eth_twisted.sinks.redis import make_redis_sink
 from tests.certs import PKI, make_pki
 from tests.support import free_port, wait_for_port

@@ -11,7 +11,7 @@ from zope.interface import implementer
 from eth_twisted.errors import SinkTimeout, SinkUnavailable
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import ISink, Message, Outcome
-from eth_twisted.router import Router
+from eth_twisted.server.router import Router
 from eth_twisted.sinks.memory import MemorySink
 
 

@@ -12,15 +12,15 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from eth_twisted.errors import ChainMismatch, RPCError
-from eth_twisted.metrics import ClientMetrics
-from eth_twisted.rpc import (
+from eth_twisted.client.rpc import (
     DEFAULT_RPC_URLS,
     RPCClient,
     RPCFailure,
     endpoint_label,
     parse_retry_after,
 )
+from eth_twisted.errors import ChainMismatch, RPCError
+from eth_twisted.metrics import ClientMetrics
 from eth_twisted.testing import FakeEthereumNode, FakeNetwork, url_of
 
 A = "http://a.example/v3/SECRETKEY?token=hush"
@@ -82,7 +82,7 @@ class Lines:
         self.events: list[dict[str, Any]] = []
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if str(event.get("log_namespace", "")).startswith(("eth_twisted.rpc", "eth_twisted.poller")):
+        if str(event.get("log_namespace", "")).startswith(("eth_twisted.client.rpc", "eth_twisted.client.poller")):
             level = event.get("log_level")
             if level is not None and level >= LogLevel.info:
                 self.events.append(event)
@@ -425,7 +425,7 @@ class _StreamedResponse:
 
 def test_streamed_body_over_cap_closes_connection() -> None:
     """A body of unknown length is cut at the cap: too-large, and the connection is closed."""
-    from eth_twisted.rpc import collect_capped
+    from eth_twisted.client.rpc import collect_capped
 
     response = _StreamedResponse([b"x" * 600, b"y" * 600])
     assert failure_of(collect_capped(response, 1000, "http://a.example")).kind == "too-large"

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from eth_twisted.client.rpc import AGREEMENT_MEMORY, agree
 from eth_twisted.errors import ChainMismatch
-from eth_twisted.rpc import AGREEMENT_MEMORY, agree
 from tests.test_rpc import A, B, C, Lines, World, captured_lines, count, failure_of, result_of
 
 HUGE = 2**63 - 1
@@ -20,7 +20,7 @@ def lines() -> Iterator[Lines]:
 
 def state(world: World, label: str) -> str:
     """The eth_client_rpc_endpoint_state metric's current state for one endpoint."""
-    from eth_twisted.rpc import STATES
+    from eth_twisted.client.rpc import STATES
 
     for name in STATES:
         if world.metrics.registry.get_sample_value(

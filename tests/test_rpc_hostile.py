@@ -12,9 +12,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from eth_twisted.jsonrpc import MAX_CHAIN_ID, Target, check_block, hex_quantity
+from eth_twisted.client.jsonrpc import MAX_CHAIN_ID, Target, check_block, hex_quantity
+from eth_twisted.client.rpc import RPCClient, RPCFailure
 from eth_twisted.outage import FLAP_WINDOW, Episode
-from eth_twisted.rpc import RPCClient, RPCFailure
 from eth_twisted.testing import FakeEthereumNode
 from tests.test_poller import Rig
 from tests.test_rpc import A, B, Lines, World, captured_lines, count, failure_of, result_of

@@ -24,9 +24,9 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.web.server import Site
 
+from eth_twisted.client.poller import BlockPoller
+from eth_twisted.client.rpc import RPCClient, RPCFailure
 from eth_twisted.metrics import ClientMetrics
-from eth_twisted.poller import BlockPoller
-from eth_twisted.rpc import RPCClient, RPCFailure
 from eth_twisted.testing import FakeEthereumNode, MemoryOutbox, url_of
 from tests.faults.rpcfault import RPCFaultNode
 from tests.faults.services import EthProcess
@@ -145,7 +145,7 @@ def test_unbounded_answers_cost_only_their_endpoints(anvil: Anvil, served: Serve
 GZIP_CHILD = r"""
 import resource, sys
 from twisted.internet import task
-from eth_twisted.rpc import RPCClient, RPCFailure
+from eth_twisted.client.rpc import RPCClient, RPCFailure
 
 async def main(reactor):
     rpc = RPCClient([sys.argv[1]], clock=reactor, timeout=30)
@@ -326,7 +326,7 @@ def test_unreachable_endpoints_log_a_bounded_number_of_lines(tmp_path: Path) -> 
     finally:
         client.kill(signal.SIGTERM)
     text = log_path.read_text()
-    ours = [line for line in text.splitlines() if "[eth_twisted.rpc#" in line or "[eth_twisted.poller#" in line]
+    ours = [line for line in text.splitlines() if "[eth_twisted.client.rpc#" in line or "[eth_twisted.client.poller#" in line]
     assert "Traceback" not in text and "#critical]" not in text, text[-3000:]
     assert len([line for line in ours if "is failing (dns)" in line]) == 1, ours
     assert len([line for line in ours if "is failing (connect)" in line]) == 1, ours

@@ -13,10 +13,10 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from eth_twisted.client import make_client_service
-from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.client.service import make_client_service
+from eth_twisted.link.netstring import NetstringDecoder, encode
+from eth_twisted.link.security import AuthClientEndpoint, client_tls_endpoint
 from eth_twisted.model import MAX_CLIENT_ID, bounded, sha256_hex
-from eth_twisted.security import AuthClientEndpoint, client_tls_endpoint
 from tests.certs import issue_into, long_subject, make_pki
 from tests.conftest import mysql_query
 from tests.live_helpers import mysql_storage, start_server

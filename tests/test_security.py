@@ -1,4 +1,4 @@
-"""Unit tests of eth_twisted.security: the shared-secret gates, TLS helpers, secrets.
+"""Unit tests of eth_twisted.link.security: the shared-secret gates, TLS helpers, secrets.
 
 No network: the gates run on StringTransports and iosim pumps with a Clock.
 """
@@ -26,12 +26,10 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import directlyProvides
 
-from eth_twisted import security
 from eth_twisted.errors import ConfigError, HandshakeFailed
-from eth_twisted.framing import NetstringDecoder, encode
-from eth_twisted.model import MAX_CLIENT_ID, Message, bounded
-from eth_twisted.protocol import ReceiverFactory
-from eth_twisted.security import (
+from eth_twisted.link import security
+from eth_twisted.link.netstring import NetstringDecoder, encode
+from eth_twisted.link.security import (
     AuthClientEndpoint,
     AuthClientFactory,
     AuthServerFactory,
@@ -44,6 +42,8 @@ from eth_twisted.security import (
     server_proof,
     server_tls_options,
 )
+from eth_twisted.model import MAX_CLIENT_ID, Message, bounded
+from eth_twisted.server.receiver import ReceiverFactory
 from tests.certs import PKI, issue_into, long_subject, make_pki, write_lax_printable
 
 SECRET = b"correct horse battery staple!"

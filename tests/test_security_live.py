@@ -28,12 +28,11 @@ from twisted.protocols.basic import NetstringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from eth_twisted.client.outbox import Cursor, open_outbox
+from eth_twisted.client.sender import DeliveryService
 from eth_twisted.errors import HandshakeFailed
-from eth_twisted.framing import NetstringDecoder, encode
-from eth_twisted.model import Message, sha256_hex
-from eth_twisted.outbox import Cursor, open_outbox
-from eth_twisted.protocol import ReceiverFactory
-from eth_twisted.security import (
+from eth_twisted.link.netstring import NetstringDecoder, encode
+from eth_twisted.link.security import (
     AuthClientEndpoint,
     AuthServerFactory,
     TLSGateFactory,
@@ -42,7 +41,8 @@ from eth_twisted.security import (
     listen_endpoint,
     server_tls_options,
 )
-from eth_twisted.sender import DeliveryService
+from eth_twisted.model import Message, sha256_hex
+from eth_twisted.server.receiver import ReceiverFactory
 from tests.certs import PKI, PemPair, issue_into, make_pki, write_lax_printable
 from tests.support import async_wait_until
 

@@ -16,12 +16,12 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
-from eth_twisted.framing import encode
+from eth_twisted.client.outbox import Cursor, Outbox, open_outbox
+from eth_twisted.client.sender import DeliveryService, ReplyError, parse_reply
+from eth_twisted.link.netstring import encode
+from eth_twisted.link.payload import render_html
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.model import EMPTY_SHA256, sha256_hex
-from eth_twisted.outbox import Cursor, Outbox, open_outbox
-from eth_twisted.payload import render_html
-from eth_twisted.sender import DeliveryService, ReplyError, parse_reply
 
 NETSTRING = re.compile(rb"(\d+):")
 
@@ -650,8 +650,8 @@ def test_metrics_track_outbox_depth_and_age(endpoint: FakeEndpoint, outbox: Outb
 
 def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> None:
     """Through the real receiver, router and memory sink, every message is stored once and acked."""
-    from eth_twisted.protocol import ReceiverFactory
-    from eth_twisted.router import Router
+    from eth_twisted.server.receiver import ReceiverFactory
+    from eth_twisted.server.router import Router
     from eth_twisted.sinks.memory import MemorySink
 
     sink = MemorySink()

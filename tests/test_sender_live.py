@@ -12,11 +12,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, globalLogPublisher
 
-from eth_twisted.framing import encode
+from eth_twisted.client.outbox import Cursor, open_outbox
+from eth_twisted.client.sender import DeliveryService
+from eth_twisted.link.netstring import encode
+from eth_twisted.link.payload import render_html
 from eth_twisted.metrics import ClientMetrics
-from eth_twisted.outbox import Cursor, open_outbox
-from eth_twisted.payload import render_html
-from eth_twisted.sender import DeliveryService
 from tests.support import async_wait_until
 
 pytestmark = [pytest.mark.live]

@@ -15,8 +15,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
+from eth_twisted.link.payload import render_html
 from eth_twisted.model import EMPTY_SHA256, sha256_hex
-from eth_twisted.payload import render_html
 from tests.conftest import mysql_query
 from tests.live_helpers import exchange, exchange_in_thread, mysql_storage, start_server
 from tests.support import (

@@ -11,7 +11,7 @@ from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from eth_twisted.model import IRecord, Message, Outcome
-from eth_twisted.server import make_server_service
+from eth_twisted.server.service import make_server_service
 from eth_twisted.sinks.memory import MemorySink
 
 
@@ -36,7 +36,7 @@ class SlowToStart(MemorySink):
 
 def _lines(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(e["log_level"].name, e.get("log_format", "")) for e in events
-            if e.get("log_namespace", "").startswith("eth_twisted.server")
+            if e.get("log_namespace", "").startswith("eth_twisted.server.service")
             and e["log_level"].name in ("error", "warn", "info")]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from twisted.python import usage
 
-from eth_twisted import cli
-from eth_twisted.server_tap import Options, storage_kwargs
+from eth_twisted.cli import main as cli
+from eth_twisted.server.tap import Options, storage_kwargs
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> Options:
@@ -162,7 +162,7 @@ def test_pipeline_is_opt_in(tmp_path) -> None:
     """SQL/Redis pipelining is off unless --pipeline asks for it (it trades latency for throughput)."""
     from twisted.internet.testing import MemoryReactorClock
 
-    from eth_twisted.server_tap import makeService
+    from eth_twisted.server.tap import makeService
 
     base = ["--use-redis", "--stats", "none", "--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0"]
     assert makeService(parse(base), MemoryReactorClock()).router.overlap is False
@@ -174,7 +174,7 @@ def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
     and the pipeline mode (one batch per stage) keeps one."""
     from twisted.internet.testing import MemoryReactorClock
 
-    from eth_twisted.server_tap import makeService
+    from eth_twisted.server.tap import makeService
 
     base = ["--use-redis", "--stats", "none", "--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0"]
     assert makeService(parse(base), MemoryReactorClock()).router.concurrency == 2
@@ -190,8 +190,8 @@ def test_stats_site_limits_reach_the_listener(tmp_path) -> None:
     listener's limits; the defaults are SiteLimits'."""
     from twisted.internet.testing import MemoryReactorClock
 
-    from eth_twisted.server_tap import makeService
-    from eth_twisted.web_limits import SiteLimits
+    from eth_twisted.server.tap import makeService
+    from eth_twisted.web.limits import SiteLimits
 
     assert parse([])["stats-limits"] == SiteLimits()
     base = ["--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0", "--stats", "tcp:0:interface=127.0.0.1"]
@@ -229,7 +229,7 @@ class FakeResource:
 
 def test_the_open_files_limit_is_raised_for_the_connection_caps() -> None:
     """A soft limit of 1,024 (systemd's default) is raised to what the caps need, within the hard limit."""
-    from eth_twisted.server_tap import raise_file_limit
+    from eth_twisted.server.tap import raise_file_limit
 
     fake = FakeResource(1024, 524288)
     assert raise_file_limit(10320, fake) == 10320 and fake.limits == (10320, 524288)
@@ -247,7 +247,7 @@ def test_make_service_raises_the_open_files_limit(tmp_path, monkeypatch) -> None
 
     from twisted.internet.testing import MemoryReactorClock
 
-    from eth_twisted.server_tap import Options, makeService
+    from eth_twisted.server.tap import Options, makeService
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = min(hard, 4000)

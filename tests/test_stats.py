@@ -8,10 +8,10 @@ from typing import Any
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from eth_twisted.link.payload import render_html
 from eth_twisted.model import Message, Outcome, Record, Totals
-from eth_twisted.payload import render_html
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.stats import OTHER, TOP_CLIENTS, ServerStats
+from eth_twisted.web.stats import OTHER, TOP_CLIENTS, ServerStats
 
 
 def msg(n: int | None, ip: str = "10.0.0.1", at: float = 1000.0, payload: bytes | None = None) -> Message:

@@ -15,12 +15,12 @@ from twisted.internet import reactor, threads
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from eth_twisted.cli.stats import Options, format_stats, run
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import Totals
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.stats import ServerStats
-from eth_twisted.stats_cli import Options, format_stats, run
-from eth_twisted.web import make_server_site
+from eth_twisted.web.site import make_server_site
+from eth_twisted.web.stats import ServerStats
 from tests.support import free_port
 from tests.test_web_helpers import block_message
 
@@ -177,7 +177,7 @@ def test_redirect_handler_refuses_every_redirect() -> None:
     """The opener's redirect handler builds no new request, so urllib raises the 3xx instead."""
     import urllib.request
 
-    from eth_twisted.stats_cli import NoRedirects
+    from eth_twisted.cli.stats import NoRedirects
 
     req = urllib.request.Request("http://127.0.0.1:1/api/stats", headers={"Authorization": "Bearer x"})
     for code in (301, 302, 303, 307, 308):
@@ -186,7 +186,7 @@ def test_redirect_handler_refuses_every_redirect() -> None:
 
 def test_server_text_is_printed_without_control_characters() -> None:
     """A hostile server's strings cannot put terminal escapes on the screen."""
-    from eth_twisted.stats_cli import printable
+    from eth_twisted.cli.stats import printable
 
     hostile = dict(SAMPLE, clients=[dict(SAMPLE["clients"][0], ip="\x1b]0;pwned\x07\x1b[2J10.0.0.1")])
     text = format_stats(hostile, "http://x")
@@ -223,7 +223,7 @@ def test_redirect_is_an_error_and_the_token_goes_nowhere(code: int):
 @pytest_twisted.inlineCallbacks
 def test_an_oversized_answer_is_refused():
     """An answer larger than MAX_BODY is an error, not read whole into memory."""
-    from eth_twisted.stats_cli import MAX_BODY
+    from eth_twisted.cli.stats import MAX_BODY
 
     huge = Recorder(b"{" + b" " * (MAX_BODY + 10) + b"}")
     port = reactor.listenTCP(0, Site(huge), interface="127.0.0.1")

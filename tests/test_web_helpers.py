@@ -13,13 +13,13 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from eth_twisted.errors import SinkUnavailable
+from eth_twisted.link.payload import render_html
 from eth_twisted.metrics import ClientMetrics, ServerMetrics
 from eth_twisted.model import Message
-from eth_twisted.payload import render_html
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.stats import ServerStats
-from eth_twisted.web import make_client_site, make_combined_site, make_server_site
-from eth_twisted.web_limits import SiteLimits
+from eth_twisted.web.limits import SiteLimits
+from eth_twisted.web.site import make_client_site, make_combined_site, make_server_site
+from eth_twisted.web.stats import ServerStats
 
 BASE = "http://127.0.0.1:8080"
 

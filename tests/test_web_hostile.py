@@ -24,14 +24,14 @@ from twisted.python.failure import Failure
 
 from eth_twisted.model import Message, Record, Totals
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.web_limits import (
+from eth_twisted.web.limits import (
     ABORT_GRACE,
     MIN_PAGE_BYTES,
     GuardedChannel,
     GuardedSite,
     SiteLimits,
 )
-from eth_twisted.web_pages import MAX_PAYLOAD, PAGE_OVERHEAD, json_bytes, record_json
+from eth_twisted.web.pages import MAX_PAYLOAD, PAGE_OVERHEAD, json_bytes, record_json
 from tests.test_web_helpers import SlowRecord, server_fixture
 
 
@@ -525,7 +525,7 @@ def test_heavy_reads_wait_for_a_place() -> None:
 def test_an_abandoned_read_keeps_its_place_until_it_ends() -> None:
     """A request that times out during its read answers 503 at once, but its place stays taken until the
     read (which a database thread cannot stop) ends: abandoned reads never pile up."""
-    from eth_twisted.web import HANDLER_TIMEOUT
+    from eth_twisted.web.site import HANDLER_TIMEOUT
 
     record = CountingRecord()
     s = server_fixture(record=record, limits=SiteLimits(heavy_requests=1))
@@ -543,7 +543,7 @@ def test_an_abandoned_read_keeps_its_place_until_it_ends() -> None:
 
 def test_a_request_that_times_out_waiting_for_a_place_never_reads() -> None:
     """A request still waiting for a place at its deadline is a 503 and gives up its turn unused."""
-    from eth_twisted.web import HANDLER_TIMEOUT
+    from eth_twisted.web.site import HANDLER_TIMEOUT
 
     record = CountingRecord()
     s = server_fixture(record=record, limits=SiteLimits(heavy_requests=1))
@@ -618,7 +618,7 @@ def test_stats_answers_cost_the_same_with_5000_addresses_as_with_10() -> None:
 
 
 def run_options(*argv: str, environ: dict[str, str] | None = None) -> Any:
-    from eth_twisted.run import RunOptions
+    from eth_twisted.cli.run import RunOptions
 
     config = RunOptions(environ=environ or {})
     config.parseOptions(list(argv))
@@ -627,7 +627,7 @@ def run_options(*argv: str, environ: dict[str, str] | None = None) -> Any:
 
 def test_eth_run_defaults_to_the_loopback_host_allowlist_and_takes_the_token(tmp_path: Any) -> None:
     """eth run resolves the Host allowlist, the token and the listener limits as eth server does."""
-    from eth_twisted.server_tap import Options as ServerOptions
+    from eth_twisted.server.tap import Options as ServerOptions
 
     config = run_options("--data-dir", str(tmp_path))
     server = ServerOptions(environ={})
@@ -650,9 +650,9 @@ def test_eth_run_site_refuses_a_rebound_host_and_needs_the_token(tmp_path: Any) 
     from twisted.application import service
     from twisted.internet.testing import MemoryReactorClock
 
+    from eth_twisted.cli.run import RunService
     from eth_twisted.metrics import ClientMetrics, ServerMetrics
-    from eth_twisted.run import RunService
-    from eth_twisted.stats import ServerStats
+    from eth_twisted.web.stats import ServerStats
     from tests.test_web_helpers import Http
 
     class FakeServer(service.Service):
@@ -690,7 +690,7 @@ def test_the_sites_factory_chatter_stays_out_of_the_console(logged: list[dict[st
     """eth's console drops the stats site's 'Starting factory' info line, as it did before the site moved."""
     from twisted.logger import LogLevel, PredicateResult
 
-    from eth_twisted.cli import _drop_chatter
+    from eth_twisted.cli.main import _drop_chatter
 
     site = server_fixture().site
     site.doStart()
@@ -704,8 +704,9 @@ def test_the_sites_factory_chatter_stays_out_of_the_console(logged: list[dict[st
 @pytest.mark.parametrize("command", ["server", "client", "run"])
 def test_a_site_on_the_network_without_allowlist_or_token_is_warned_about(command: str) -> None:
     """A stats listener beyond loopback with neither an allowlist nor a token gets a start-up warning naming both fixes."""
-    from eth_twisted import client_tap, server_tap
-    from eth_twisted.run import RunOptions
+    from eth_twisted.cli.run import RunOptions
+    from eth_twisted.client import tap as client_tap
+    from eth_twisted.server import tap as server_tap
 
     options = {"server": server_tap.Options, "client": client_tap.Options, "run": RunOptions}[command]
 

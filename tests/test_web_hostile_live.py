@@ -22,10 +22,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
-from eth_twisted.framing import NetstringDecoder
+from eth_twisted.link.netstring import NetstringDecoder
 from eth_twisted.model import sha256_hex
 from eth_twisted.sinks.sql import migrate_sqlite
-from eth_twisted.web_limits import SiteLimits
+from eth_twisted.web.limits import SiteLimits
 from tests.live_helpers import start_server
 from tests.support import async_wait_until, free_port
 from tests.test_web_live import send_from
@@ -319,7 +319,7 @@ def test_pipelined_requests_behind_unread_answers_cost_one_answer_live(tmp_path:
     once it reads, every one is answered."""
     server, web = yield start_site(tmp_path)
     site = site_of(server)
-    one_answer = len((resources.files("eth_twisted") / "static" / "dashboard.js").read_bytes())
+    one_answer = len((resources.files("eth_twisted.web") / "static" / "dashboard.js").read_bytes())
     built: list[Any] = []
     build = site.buildProtocol
     site.buildProtocol = lambda addr: built.append(build(addr)) or built[-1]

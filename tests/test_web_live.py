@@ -16,9 +16,9 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, threads
 
-from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.link.netstring import NetstringDecoder, encode
+from eth_twisted.link.payload import render_html
 from eth_twisted.model import sha256_hex
-from eth_twisted.payload import render_html
 from tests.live_helpers import mysql_storage, start_server
 from tests.support import PrivateRedis, async_wait_until, free_port
 

@@ -23,8 +23,8 @@ from eth_twisted.errors import SinkUnavailable
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import Message, Totals
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.stats import ServerStats
-from eth_twisted.web import make_server_site, openapi_document
+from eth_twisted.web.site import make_server_site, openapi_document
+from eth_twisted.web.stats import ServerStats
 from tests.test_web_helpers import BrokenRecord, block_message, server_fixture
 
 SPEC = openapi_document()

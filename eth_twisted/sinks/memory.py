@@ -8,6 +8,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from eth_twisted.link.payload import MAX_BLOCK_NUMBER
 from eth_twisted.model import (
     DEFAULT_SUMMARY_PAGE_BYTES,
     IRecord,
@@ -20,7 +21,6 @@ from eth_twisted.model import (
     storable_client_ip,
     take_page,
 )
-from eth_twisted.payload import MAX_BLOCK_NUMBER
 
 
 @implementer(IRecord)

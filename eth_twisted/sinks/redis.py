@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
+from eth_twisted.link.payload import MAX_BLOCK_NUMBER
 from eth_twisted.model import (
     DEFAULT_SUMMARY_PAGE_BYTES,
     IRecord,
@@ -47,7 +48,6 @@ from eth_twisted.model import (
     Outcome,
     storable_client_ip,
 )
-from eth_twisted.payload import MAX_BLOCK_NUMBER
 
 DEFAULT_PREFIX = "eth:"
 DEFAULT_PAGE_SIZE = 5000

@@ -36,8 +36,8 @@ from typing import Any
 
 import pymysql
 
+from eth_twisted.link.payload import render_html
 from eth_twisted.model import sha256_hex
-from eth_twisted.payload import render_html
 from tests.faults.services import redis_command
 from tests.support import Anvil, wait_until
 

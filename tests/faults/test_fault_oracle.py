@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from eth_twisted.link.payload import render_html
 from eth_twisted.model import sha256_hex
-from eth_twisted.payload import render_html
 from tests.faults.oracle import Oracle, parse_wire_replies
 from tests.faults.services import FaultRedis, PrivateMariaDB
 

@@ -8,14 +8,14 @@ from twisted.application.service import ServiceMaker
 
 eth_server = ServiceMaker(
     "eth-server",
-    "eth_twisted.server_tap",
+    "eth_twisted.server.tap",
     "Receive netstring messages, store them in SQL and Redis, acknowledge each",
     "eth-server",
 )
 
 eth_client = ServiceMaker(
     "eth-client",
-    "eth_twisted.client_tap",
+    "eth_twisted.client.tap",
     "Watch the Ethereum chain head and deliver every block to an eth-server",
     "eth-client",
 )

@@ -7,7 +7,7 @@ The stats API reads :meth:`ServerStats.snapshot_bytes`, the encoded snapshot,
 built at most once a second on the injected clock: dashboards polling it
 never touch the writer, and ingest never waits for them.
 
-Clients are counted by address group (:func:`eth_twisted.protocol.peer_group`:
+Clients are counted by address group (:func:`eth_twisted.server.receiver.peer_group`:
 the address, or its /64 for IPv6, the unit a single host controls). A
 snapshot lists the :data:`TOP_CLIENTS` busiest groups plus how many there are;
 building it costs the groups that delivered since the last one, not every
@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from eth_twisted.model import IRecord, Message, Outcome, Record, RecordSummary, Totals
-from eth_twisted.protocol import peer_group
+from eth_twisted.server.receiver import peer_group
 
 CHART_POINTS = 600
 """How many (received_at, block_number) points the chart ring keeps."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from eth_twisted.config import PRECEDENCE, EnvOptions
+from eth_twisted.options import PRECEDENCE, EnvOptions
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = 5.0
@@ -229,7 +229,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run; for ``python -m eth_twisted.stats_cli``."""
+    """Parse ``argv`` and run; for ``python -m eth_twisted.cli.stats``."""
     from twisted.python import usage
 
     config = Options()

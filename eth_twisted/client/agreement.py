@@ -1,6 +1,6 @@
 """What several RPC endpoints agree on: the head to follow and the chain to follow.
 
-Pure functions (no I/O, no clock), used by :class:`eth_twisted.rpc.RPCClient`
+Pure functions (no I/O, no clock), used by :class:`eth_twisted.client.rpc.RPCClient`
 once per poll. A lying or broken endpoint among honest ones must cost only
 itself, so neither answer is ever taken from one endpoint when others say
 otherwise.

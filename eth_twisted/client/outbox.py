@@ -33,9 +33,9 @@ from typing import IO, Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from eth_twisted.config import state_path
 from eth_twisted.errors import ConfigError, OutboxFull, OutboxLocked
 from eth_twisted.model import sha256_hex
+from eth_twisted.options import state_path
 
 DEFAULT_SPOOL = "eth-client-spool.sqlite3"
 DEFAULT_MAX_MESSAGES = 100_000

@@ -63,10 +63,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eth_twisted.errors import FrameError
-from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.link.netstring import NetstringDecoder, encode
+from eth_twisted.link.payload import OutOfRange, recognise_block_number
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, normalise_ip, sha256_hex
-from eth_twisted.payload import OutOfRange, recognise_block_number
 
 DEFAULT_MAX_LENGTH = 64 * 1024
 DEFAULT_WINDOW = 256

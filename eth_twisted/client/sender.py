@@ -51,10 +51,10 @@ from twisted.logger import Logger
 from twisted.protocols.basic import NetstringReceiver
 from twisted.python.failure import Failure
 
-from eth_twisted.framing import encode
+from eth_twisted.client.outbox import Entry, Outbox
+from eth_twisted.link.netstring import encode
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.model import EMPTY_SHA256, FINAL_CODES, FRAME_CODES, RETRYABLE_CODES
-from eth_twisted.outbox import Entry, Outbox
 
 DEFAULT_WINDOW = 256
 MAX_WINDOW = 256

@@ -22,11 +22,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
-from eth_twisted.config import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
 from eth_twisted.model import Message
-from eth_twisted.protocol import ReceiverLimits
-from eth_twisted.server_tap import FILE_HEADROOM, allowed_hosts, exposure_warning, raise_file_limit
-from eth_twisted.web_limits import STATS_LIMIT_OPTIONS, limits_from_options
+from eth_twisted.options import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
+from eth_twisted.server.receiver import ReceiverLimits
+from eth_twisted.server.tap import FILE_HEADROOM, allowed_hosts, exposure_warning, raise_file_limit
+from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()
 
@@ -133,7 +133,7 @@ class RunService(service.MultiService):
             self._serve_site(self.stats_listen)
 
     def _serve_site(self, listen: str) -> None:
-        from eth_twisted.web import make_combined_site
+        from eth_twisted.web.site import make_combined_site
 
         site = make_combined_site(
             record=self.server.record, sinks=self.server.sinks, stats=self.server.stats,
@@ -168,9 +168,9 @@ class RunService(service.MultiService):
 
 def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, out: TextIO | None = None) -> RunService:
     """Build ``eth run`` from its options."""
-    from eth_twisted.client import make_client_service
-    from eth_twisted.rpc import DEFAULT_RPC_URLS
-    from eth_twisted.server import build_server
+    from eth_twisted.client.rpc import DEFAULT_RPC_URLS
+    from eth_twisted.client.service import make_client_service
+    from eth_twisted.server.service import build_server
 
     out = out or sys.stdout
     port = config["port"] if port_is_free(config["port"]) else 0

@@ -22,24 +22,25 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from eth_twisted import __version__, server_tap
-from eth_twisted.config import PRECEDENCE, EnvOptions, non_negative_float
+from eth_twisted import __version__
+from eth_twisted.options import PRECEDENCE, EnvOptions, non_negative_float
+from eth_twisted.server import tap as server_tap
 
 
 def _client_options() -> usage.Options:
-    from eth_twisted import client_tap
+    from eth_twisted.client import tap as client_tap
 
     return client_tap.Options()
 
 
 def _run_options() -> usage.Options:
-    from eth_twisted.run import RunOptions
+    from eth_twisted.cli.run import RunOptions
 
     return RunOptions()
 
 
 def _stats_options() -> usage.Options:
-    from eth_twisted import stats_cli
+    from eth_twisted.cli import stats as stats_cli
 
     return stats_cli.Options()
 
@@ -76,7 +77,7 @@ class Options(EnvOptions):
             raise usage.UsageError("a command is required: server, client, run, stats or migrate")
 
 
-QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory", "eth_twisted.web_limits.GuardedSite")
+QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory", "eth_twisted.web.limits.GuardedSite")
 """Namespaces whose info-level chatter (factory start/stop) is dropped unless --verbose."""
 
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(config["wait"])
     command = config.subCommand
     if command == "stats":
-        from eth_twisted import stats_cli
+        from eth_twisted.cli import stats as stats_cli
 
         return int(stats_cli.run(sub))
     if command == "migrate":
@@ -141,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         sub["verbose"] = verbose
         return run_service(lambda reactor: server_tap.makeService(sub, reactor))
     if command == "client":
-        from eth_twisted import client_tap
+        from eth_twisted.client import tap as client_tap
 
         sub["verbose"] = verbose
         return run_service(lambda reactor: client_tap.makeService(sub, reactor))
     if command == "run":
-        from eth_twisted.run import make_run_service
+        from eth_twisted.cli.run import make_run_service
 
         return run_service(lambda reactor: make_run_service(sub, reactor, verbose=verbose))
     raise AssertionError(command)  # pragma: no cover - postOptions rejects others

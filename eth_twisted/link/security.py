@@ -112,9 +112,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eth_twisted.errors import ConfigError, HandshakeFailed
-from eth_twisted.framing import NetstringDecoder, encode
+from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.model import MAX_CLIENT_ID, bounded, normalise_ip
-from eth_twisted.protocol import peer_group
+from eth_twisted.server.receiver import peer_group
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -602,7 +602,7 @@ def client_tls_endpoint(
 # -- gates ---------------------------------------------------------------------
 
 
-_log = Logger(namespace="eth_twisted.security")
+_log = Logger(namespace="eth_twisted.link.security")
 
 
 class _LogLimiter:

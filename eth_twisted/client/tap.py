@@ -8,7 +8,16 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python import usage
 
-from eth_twisted.config import (
+from eth_twisted.client.outbox import DEFAULT_MAX_MESSAGES, DEFAULT_SPOOL
+from eth_twisted.client.sender import (
+    DEFAULT_ACK_TIMEOUT,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
+)
+from eth_twisted.errors import ConfigError
+from eth_twisted.link.payload import FORMATS
+from eth_twisted.options import (
     PRECEDENCE,
     EnvOptions,
     int_in,
@@ -16,11 +25,7 @@ from eth_twisted.config import (
     positive_float,
     state_path,
 )
-from eth_twisted.errors import ConfigError
-from eth_twisted.outbox import DEFAULT_MAX_MESSAGES, DEFAULT_SPOOL
-from eth_twisted.payload import FORMATS
-from eth_twisted.sender import DEFAULT_ACK_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_WINDOW, MAX_WINDOW
-from eth_twisted.web_limits import STATS_LIMIT_OPTIONS, limits_from_options
+from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()
 
@@ -101,7 +106,7 @@ class Options(EnvOptions):
             self["connect"] = tcp_client_endpoint(self["host"], self["port"])
         self["tls-settings"] = self._tls_settings()
         try:
-            from eth_twisted.security import check_secret_transport, load_secret
+            from eth_twisted.link.security import check_secret_transport, load_secret
 
             self["secret"] = load_secret(file=self["secret-file"], environ=self.environ)
             check_secret_transport(self["secret"], bool(self["tls"]) or self["connect"].startswith("tls:"),
@@ -109,10 +114,10 @@ class Options(EnvOptions):
         except ConfigError as e:
             raise usage.UsageError(str(e))
         if not self["rpc"]:
-            from eth_twisted.rpc import DEFAULT_RPC_URLS
+            from eth_twisted.client.rpc import DEFAULT_RPC_URLS
 
             self["rpc"] = list(DEFAULT_RPC_URLS)
-        from eth_twisted.jsonrpc import Target, redact_url
+        from eth_twisted.client.jsonrpc import Target, redact_url
 
         for url in self["rpc"]:
             try:
@@ -129,7 +134,7 @@ class Options(EnvOptions):
         self["stats-token-resolved"] = self.resolve_secret("stats-token")
         if self["stats"].strip().lower() == "none":
             self["stats"] = None
-        from eth_twisted.server_tap import allowed_hosts, exposure_warning
+        from eth_twisted.server.tap import allowed_hosts, exposure_warning
 
         self["allowed-hosts"] = allowed_hosts(self["stats"] or "", self["stats-allowed-hosts"])
         self["stats-limits"] = limits_from_options(self)
@@ -170,10 +175,10 @@ def makeService(config: Options, reactor: Any = None) -> Any:
     """Build the eth-client from parsed options.
 
     twistd calls this without a reactor: the global one is used and a fatal
-    error ends the process with status 2 (see :mod:`eth_twisted.client`).
+    error ends the process with status 2 (see :mod:`eth_twisted.client.service`).
     The ``eth`` CLI passes its reactor and reads ``exit_code`` instead.
     """
-    from eth_twisted.client import make_client_service
+    from eth_twisted.client.service import make_client_service
 
     exit_on_fatal = reactor is None
     if reactor is None:

@@ -29,9 +29,9 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
+from eth_twisted.client.outbox import Outbox, open_outbox
+from eth_twisted.client.sender import DeliveryService
 from eth_twisted.metrics import ClientMetrics
-from eth_twisted.outbox import Outbox, open_outbox
-from eth_twisted.sender import DeliveryService
 
 log = Logger()
 
@@ -177,8 +177,8 @@ def make_client_service(
     ``connect`` is a client endpoint string (``tcp:host=H:port=P``);
     ``agent`` injects the ``IAgent`` the RPC calls go through (tests).
     """
-    from eth_twisted.poller import BlockPoller
-    from eth_twisted.rpc import RPCClient
+    from eth_twisted.client.poller import BlockPoller
+    from eth_twisted.client.rpc import RPCClient
 
     metrics = metrics if metrics is not None else ClientMetrics()
     outbox = open_outbox(spool, max_messages=max_outbox, clock=reactor)
@@ -236,7 +236,11 @@ def link_endpoint(
 
     ``tls`` is ``{"host", "port", "ca", "cert", "key", "hostname", "min_version"}``.
     """
-    from eth_twisted.security import AuthClientEndpoint, check_secret_transport, client_tls_endpoint
+    from eth_twisted.link.security import (
+        AuthClientEndpoint,
+        check_secret_transport,
+        client_tls_endpoint,
+    )
 
     check_secret_transport(secret, tls is not None or connect.startswith("tls:"), allow_plaintext)
     if tls is not None:
@@ -257,9 +261,9 @@ def _stats_service(
     allowed_hosts: Sequence[str] | None = None, limits: Any = None,
 ) -> service.Service | None:
     try:
-        from eth_twisted.web import make_client_site
+        from eth_twisted.web.site import make_client_site
     except ImportError:  # the web layer is optional for the client
-        log.warn("Stats site not available (eth_twisted.web missing); {listen} not served", listen=listen)
+        log.warn("Stats site not available (eth_twisted.web.site missing); {listen} not served", listen=listen)
         return None
     site = make_client_site(metrics=client.metrics, readiness=client.readiness, clock=reactor,
                             token=token, allowed_hosts=allowed_hosts, limits=limits)

@@ -20,8 +20,8 @@ from twisted.logger import Logger
 
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import IRecord, ISink
-from eth_twisted.protocol import CapsFactory, ReceiverFactory, ReceiverLimits
-from eth_twisted.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY, Router
+from eth_twisted.server.receiver import CapsFactory, ReceiverFactory, ReceiverLimits
+from eth_twisted.server.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY, Router
 from eth_twisted.systemd import notify_ready
 
 START_RETRY_INITIAL = 1.0
@@ -68,7 +68,7 @@ class ServerService(service.MultiService):
         ``factory`` is what listens (the receiver, or the TLS/handshake gates in
         front of it); ``tls`` wraps every connection in TLS (security.server_tls_options).
         """
-        from eth_twisted.security import listen_endpoint
+        from eth_twisted.link.security import listen_endpoint
 
         endpoint = listen_endpoint(self.reactor, description, tls=tls)
         svc = StreamServerEndpointService(endpoint, factory or self.factory)
@@ -211,7 +211,7 @@ def make_server_service(
     server = ServerService(record=record, mirrors=mirrors, router=router, factory=factory, reactor=reactor)
     tls_options = None
     if tls is not None:
-        from eth_twisted.security import server_tls_options
+        from eth_twisted.link.security import server_tls_options
 
         tls_options = server_tls_options(tls["cert"], tls["key"], client_ca_file=tls.get("client_ca"),
                                          min_tls=tls.get("min_version", "1.2"))
@@ -236,7 +236,7 @@ def gated_factory(
     The caps are counted in front of the gates, so connections still in a
     handshake count too.
     """
-    from eth_twisted.security import AuthServerFactory, TLSGateFactory, check_secret_transport
+    from eth_twisted.link.security import AuthServerFactory, TLSGateFactory, check_secret_transport
 
     encrypted = tls or listen.split(":", 1)[0].lower() == "ssl"
     check_secret_transport(secret, encrypted, allow_plaintext)
@@ -326,7 +326,7 @@ def _attach_stats(
     token: str | None, allowed_hosts: Sequence[str] | None, limits: Any = None,
 ) -> None:
     """The stats the router feeds and, on ``stats_listen``, their site (``limits``: its SiteLimits)."""
-    from eth_twisted.stats import ServerStats
+    from eth_twisted.web.stats import ServerStats
 
     stats = ServerStats(reactor)
     server.stats = stats
@@ -334,7 +334,7 @@ def _attach_stats(
     server.on_ready.insert(0, lambda: _seed_stats(server, stats))
     if stats_listen is None:
         return
-    from eth_twisted.web import make_server_site
+    from eth_twisted.web.site import make_server_site
 
     redis = next((m for m in server.mirrors if m.name == "redis"), None)
     site = make_server_site(

@@ -56,6 +56,7 @@ from eth_twisted.errors import (
     SinkTimeout,
     SinkUnavailable,
 )
+from eth_twisted.link.payload import MAX_BLOCK_NUMBER
 from eth_twisted.model import (
     DEFAULT_SUMMARY_PAGE_BYTES,
     MAX_CLIENT_ID,
@@ -72,7 +73,6 @@ from eth_twisted.model import (
     storable_client_ip,
     take_page,
 )
-from eth_twisted.payload import MAX_BLOCK_NUMBER
 
 log = Logger(namespace="eth_twisted.sinks.sql")
 

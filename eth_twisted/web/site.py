@@ -22,7 +22,7 @@ token it is given in the URL fragment). With ``allowed_hosts`` a request whose
 ``Host`` is not listed gets 421 (health checks excepted).
 
 The web layer reads the record's own read path and the in-memory
-:class:`~eth_twisted.stats.ServerStats`; it never touches the writer.
+:class:`~eth_twisted.web.stats.ServerStats`; it never touches the writer.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from eth_twisted.link.payload import MAX_BLOCK_NUMBER
 from eth_twisted.metrics import ClientMetrics, ServerMetrics
 from eth_twisted.model import IRecord, ISink
-from eth_twisted.payload import MAX_BLOCK_NUMBER
-from eth_twisted.stats import ServerStats
-from eth_twisted.web_limits import REASONS, SECURITY_HEADERS, GuardedSite, SiteLimits
-from eth_twisted.web_pages import Page, json_bytes, read_page, record_json
+from eth_twisted.web.limits import REASONS, SECURITY_HEADERS, GuardedSite, SiteLimits
+from eth_twisted.web.pages import Page, json_bytes, read_page, record_json
+from eth_twisted.web.stats import ServerStats
 
 log = Logger()
 
@@ -300,7 +300,7 @@ class App(Resource):
 
 
 def _site(app: App, limits: SiteLimits) -> Site:
-    """The listener's site: every connection gets the limits of :mod:`eth_twisted.web_limits`."""
+    """The listener's site: every connection gets the limits of :mod:`eth_twisted.web.limits`."""
     return GuardedSite(app, limits, app.clock)
 
 
@@ -308,7 +308,7 @@ def _site(app: App, limits: SiteLimits) -> Site:
 
 
 def _static_files() -> dict[str, Response]:
-    folder = resources.files("eth_twisted") / "static"
+    folder = resources.files("eth_twisted.web") / "static"
     files: dict[str, Response] = {}
     for name in DASHBOARD_FILES:
         body = (folder / name).read_bytes()
@@ -319,7 +319,7 @@ def _static_files() -> dict[str, Response]:
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3 document of the JSON endpoints (shipped as static/openapi.json)."""
-    folder = resources.files("eth_twisted") / "static"
+    folder = resources.files("eth_twisted.web") / "static"
     return json.loads((folder / "openapi.json").read_text(encoding="utf-8"))
 
 
@@ -579,7 +579,7 @@ def make_server_site(
     /readyz; ``stats`` answers /api/stats; ``metrics.registry`` is /metrics.
     ``redis`` is accepted for symmetry with the server's wiring and unused:
     Redis's counts reach the stats through :meth:`ServerStats.seed`.
-    ``limits`` are the listener's (:class:`~eth_twisted.web_limits.SiteLimits`).
+    ``limits`` are the listener's (:class:`~eth_twisted.web.limits.SiteLimits`).
     """
     del redis
     limits = limits or SiteLimits()

@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 from twisted.logger import Logger
 from twisted.python import usage
 
-from eth_twisted.config import (
+from eth_twisted.errors import ConfigError
+from eth_twisted.options import (
     PRECEDENCE,
     EnvOptions,
     int_in,
@@ -17,15 +18,14 @@ from eth_twisted.config import (
     positive_float,
     state_path,
 )
-from eth_twisted.errors import ConfigError
-from eth_twisted.protocol import (
+from eth_twisted.server.receiver import (
     DEFAULT_DEADLINE,
     DEFAULT_MAX_LENGTH,
     DEFAULT_WINDOW,
     ReceiverLimits,
 )
-from eth_twisted.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY
-from eth_twisted.web_limits import STATS_LIMIT_OPTIONS, limits_from_options
+from eth_twisted.server.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY
+from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()
 
@@ -150,7 +150,7 @@ class Options(StorageOptions):
         self["stats-token-resolved"] = self.resolve_secret("stats-token")
         self["tls"] = tls_kwargs(self)
         try:
-            from eth_twisted.security import check_secret_transport, load_secret
+            from eth_twisted.link.security import check_secret_transport, load_secret
 
             self["secret"] = load_secret(file=self["secret-file"], environ=self.environ)
             check_secret_transport(self["secret"], bool(self["tls"]) or self["listen"].startswith("ssl:"),
@@ -180,7 +180,7 @@ class Options(StorageOptions):
 
 def makeService(config: Options, reactor: Any = None) -> Any:
     """Build the eth-server from parsed options."""
-    from eth_twisted.server import build_server
+    from eth_twisted.server.service import build_server
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -188,7 +188,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         reactor = default_reactor
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
-    from eth_twisted.router import tune_gc
+    from eth_twisted.server.router import tune_gc
 
     tune_gc()  # this is the process's entry point (twistd or eth server)
     raise_file_limit(config["max-connections"] + config["stats-max-connections"] + FILE_HEADROOM)

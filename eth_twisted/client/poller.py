@@ -51,14 +51,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from eth_twisted.client.outbox import Cursor
+from eth_twisted.client.rpc import RPCClient, RPCFailure
 from eth_twisted.errors import ChainMismatch, OutboxFull
+from eth_twisted.link.payload import FORMATS, render
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.outage import Episode
-from eth_twisted.outbox import Cursor
-from eth_twisted.payload import FORMATS, render
-from eth_twisted.rpc import RPCClient, RPCFailure
 
-log = Logger(namespace="eth_twisted.poller")
+log = Logger(namespace="eth_twisted.client.poller")
 
 DEFAULT_INTERVAL = 5.0
 DEFAULT_MAX_BACKFILL = 128

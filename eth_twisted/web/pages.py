@@ -22,7 +22,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from eth_twisted.model import Record
-from eth_twisted.stats import iso
+from eth_twisted.web.stats import iso
 
 MAX_PAYLOAD = 128 * 1024
 """Payload bytes one record carries in the API: its JSON is at most about 6x that (every byte

@@ -1,6 +1,6 @@
 """JSON-RPC to one or more Ethereum nodes: failover, cooldowns, agreement on the head and the chain.
 
-One call (:mod:`eth_twisted.jsonrpc`) is one POST through an injected
+One call (:mod:`eth_twisted.client.jsonrpc`) is one POST through an injected
 ``IAgent`` (by default ``twisted.web.client.Agent`` on its own persistent
 pool), guarded by a single timeout that covers the request *and* the body,
 read with a byte cap, never redirected or inflated, and checked three ways
@@ -24,7 +24,7 @@ Endpoints are identified in logs and metrics by ``scheme://host[:port]``
 only: providers put API keys in the path or the query, and a URL's
 ``user:password@`` becomes a basic-auth header that is never logged.
 
-**The head is chosen by agreement** (:func:`eth_twisted.agreement.agreement`): the median of
+**The head is chosen by agreement** (:func:`eth_twisted.client.agreement.agreement`): the median of
 the heads the endpoints answer in one round (the lower one of an even
 count) is where they agree; the head followed is the newest answer within
 ``lag_threshold`` blocks above it that a second endpoint has also reached.
@@ -62,9 +62,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from eth_twisted.agreement import RESET_ADVICE, agree, agreement, choose_chain
-from eth_twisted.errors import ChainMismatch
-from eth_twisted.jsonrpc import (
+from eth_twisted.client.agreement import RESET_ADVICE, agree, agreement, choose_chain
+from eth_twisted.client.jsonrpc import (
     MAX_CHAIN_ID,
     RETRY_AFTER_MAX,
     STALE_CONNECTION,
@@ -86,6 +85,7 @@ from eth_twisted.jsonrpc import (
     reasons,
     status_failure,
 )
+from eth_twisted.errors import ChainMismatch
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.outage import Episode
 
@@ -94,7 +94,7 @@ __all__ = [
     "check_block", "collect_capped", "endpoint_label", "parse_retry_after",
 ]
 
-log = Logger(namespace="eth_twisted.rpc")
+log = Logger(namespace="eth_twisted.client.rpc")
 
 DEFAULT_RPC_URLS: tuple[str, ...] = (
     "https://ethereum-rpc.publicnode.com",

@@ -1,0 +1,1 @@
+"""The ``eth`` console script and its subcommands."""

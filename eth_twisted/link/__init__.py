@@ -1,0 +1,1 @@
+"""What both ends of the client-server link agree on: netstrings, replies, payloads, TLS and the handshake."""

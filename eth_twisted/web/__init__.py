@@ -1,0 +1,1 @@
+"""The stats API, Prometheus metrics and the dashboard (twisted.web)."""
