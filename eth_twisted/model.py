@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -17,6 +18,9 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+MAX_BLOCK_NUMBER = 2**63 - 1
+"""The largest block number any part accepts (a BIGINT's range; DESIGN: 0 <= n < 2**63)."""
 
 MAX_CLIENT_ID = 255
 """Characters of ``client_id`` the record keeps (``VARCHAR(255)``); see :func:`bounded`."""
@@ -295,6 +299,17 @@ class IRecord(ISink):
 def describe(obj: Any) -> str:
     """A short, secret-free description of a sink or endpoint for log lines."""
     return getattr(obj, "name", type(obj).__name__)
+
+
+def peer_group(ip: str) -> str:
+    """The key connections are capped by: the address, or its /64 for IPv6."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 6:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
 
 
 def normalise_ip(host: str) -> str:

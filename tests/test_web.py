@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from eth_twisted.link.payload import MAX_BLOCK_NUMBER
-from eth_twisted.model import Message, Totals
+from eth_twisted.model import MAX_BLOCK_NUMBER, Message, Totals
 from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.web.site import (
     HANDLER_TIMEOUT,

@@ -11,9 +11,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from eth_twisted.model import MAX_BLOCK_NUMBER
+
 FORMATS = ("html", "json")
 
-MAX_BLOCK_NUMBER = 2**63 - 1
 
 _HTML_TEMPLATE = (
     "<!doctype html>\n"

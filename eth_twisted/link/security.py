@@ -113,8 +113,7 @@ from zope.interface import implementer
 
 from eth_twisted.errors import ConfigError, HandshakeFailed
 from eth_twisted.link.netstring import NetstringDecoder, encode
-from eth_twisted.model import MAX_CLIENT_ID, bounded, normalise_ip
-from eth_twisted.server.receiver import peer_group
+from eth_twisted.model import MAX_CLIENT_ID, bounded, normalise_ip, peer_group
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",

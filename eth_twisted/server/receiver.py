@@ -45,7 +45,6 @@ Limits (:class:`ReceiverLimits`), each guarding against one kind of peer:
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -66,7 +65,7 @@ from eth_twisted.errors import FrameError
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.link.payload import OutOfRange, recognise_block_number
 from eth_twisted.metrics import ServerMetrics
-from eth_twisted.model import EMPTY_SHA256, Message, normalise_ip, sha256_hex
+from eth_twisted.model import EMPTY_SHA256, Message, normalise_ip, peer_group, sha256_hex
 
 DEFAULT_MAX_LENGTH = 64 * 1024
 DEFAULT_WINDOW = 256
@@ -159,17 +158,6 @@ def limit_send_buffer(transport: Any) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     except (AttributeError, OSError):
         pass
-
-
-def peer_group(ip: str) -> str:
-    """The key connections are capped by: the address, or its /64 for IPv6."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if address.version == 6:
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return ip
 
 
 @implementer(interfaces.IHalfCloseableProtocol, interfaces.IPushProducer)

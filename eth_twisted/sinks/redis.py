@@ -39,9 +39,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
-from eth_twisted.link.payload import MAX_BLOCK_NUMBER
 from eth_twisted.model import (
     DEFAULT_SUMMARY_PAGE_BYTES,
+    MAX_BLOCK_NUMBER,
     IRecord,
     ISink,
     Message,

@@ -40,9 +40,8 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Site
 
-from eth_twisted.model import normalise_ip
+from eth_twisted.model import normalise_ip, peer_group
 from eth_twisted.options import int_in, positive_float
-from eth_twisted.server.receiver import peer_group
 from eth_twisted.web.pages import MAX_PAYLOAD
 
 log = Logger()

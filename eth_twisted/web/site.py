@@ -43,9 +43,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from eth_twisted.link.payload import MAX_BLOCK_NUMBER
 from eth_twisted.metrics import ClientMetrics, ServerMetrics
-from eth_twisted.model import IRecord, ISink
+from eth_twisted.model import MAX_BLOCK_NUMBER, IRecord, ISink
 from eth_twisted.web.limits import REASONS, SECURITY_HEADERS, GuardedSite, SiteLimits
 from eth_twisted.web.pages import Page, json_bytes, read_page, record_json
 from eth_twisted.web.stats import ServerStats

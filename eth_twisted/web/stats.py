@@ -29,8 +29,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from eth_twisted.model import IRecord, Message, Outcome, Record, RecordSummary, Totals
-from eth_twisted.server.receiver import peer_group
+from eth_twisted.model import IRecord, Message, Outcome, Record, RecordSummary, Totals, peer_group
 
 CHART_POINTS = 600
 """How many (received_at, block_number) points the chart ring keeps."""

@@ -56,9 +56,9 @@ from eth_twisted.errors import (
     SinkTimeout,
     SinkUnavailable,
 )
-from eth_twisted.link.payload import MAX_BLOCK_NUMBER
 from eth_twisted.model import (
     DEFAULT_SUMMARY_PAGE_BYTES,
+    MAX_BLOCK_NUMBER,
     MAX_CLIENT_ID,
     MAX_CLIENT_IP,
     SUMMARY_FIXED_BYTES,
