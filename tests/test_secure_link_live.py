@@ -14,8 +14,9 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
 from eth_twisted.client.service import make_client_service
+from eth_twisted.link.handshake import AuthClientEndpoint
 from eth_twisted.link.netstring import NetstringDecoder, encode
-from eth_twisted.link.security import AuthClientEndpoint, client_tls_endpoint
+from eth_twisted.link.tls import client_tls_endpoint
 from eth_twisted.model import MAX_CLIENT_ID, bounded, sha256_hex
 from tests.certs import issue_into, long_subject, make_pki
 from tests.conftest import mysql_query

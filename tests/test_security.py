@@ -27,19 +27,22 @@ from twisted.test import iosim
 from zope.interface import directlyProvides
 
 from eth_twisted.errors import ConfigError, HandshakeFailed
-from eth_twisted.link import security
-from eth_twisted.link.netstring import NetstringDecoder, encode
-from eth_twisted.link.security import (
+from eth_twisted.link import gate as link_gate
+from eth_twisted.link import handshake, tls
+from eth_twisted.link.handshake import (
     AuthClientEndpoint,
     AuthClientFactory,
     AuthServerFactory,
-    TLSGateFactory,
-    check_secret_transport,
     client_proof,
-    listen_endpoint,
-    load_secret,
-    peer_identity,
     server_proof,
+)
+from eth_twisted.link.netstring import NetstringDecoder, encode
+from eth_twisted.link.secret import check_secret_transport, load_secret
+from eth_twisted.link.tls import (
+    TLSGateFactory,
+    client_tls_options,
+    listen_endpoint,
+    peer_identity,
     server_tls_options,
 )
 from eth_twisted.model import MAX_CLIENT_ID, Message, bounded
@@ -298,7 +301,7 @@ def test_server_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> N
         calls.append((a, b))
         return REAL_COMPARE(a, b)
 
-    monkeypatch.setattr(security.hmac, "compare_digest", recording)
+    monkeypatch.setattr(handshake.hmac, "compare_digest", recording)
     proto, t, inner, _, _ = server_gate()
     nonce = hello_nonce(t)
     auth, _ = auth_frame(nonce, secret=WRONG)
@@ -375,20 +378,20 @@ def test_tls_gate_has_the_same_eviction_policy() -> None:
     clock = Clock()
     failures: list[str] = []
     inner = RecorderFactory()
-    gate = TLSGateFactory(
+    factory = TLSGateFactory(
         inner, clock=clock, max_pending=3, max_pending_per_group=2, on_failure=failures.append
     )
-    silent = [connect_from(gate, f"192.0.2.{1 + n % 2}", 1000 + n)[1] for n in range(4)]
+    silent = [connect_from(factory, f"192.0.2.{1 + n % 2}", 1000 + n)[1] for n in range(4)]
     # the 4th finds the table full: the oldest of 192.0.2.1 (2 held, there first) goes
     assert [t.disconnected for t in silent] == [True, False, False, False]
-    proto, t = connect_from(gate, "198.51.100.9")
+    proto, t = connect_from(factory, "198.51.100.9")
     assert [t.disconnected for t in silent] == [True, True, False, False], (
         "now 192.0.2.2 holds most"
     )
-    assert failures == ["evicted", "evicted"] and len(gate.pending) == 3 and not t.disconnected
+    assert failures == ["evicted", "evicted"] and len(factory.pending) == 3 and not t.disconnected
     proto.handshakeCompleted()
-    assert inner.built[-1].made and len(gate.pending) == 2
-    assert security.DEFAULT_MAX_PENDING == TLSGateFactory(inner, clock=clock).pending.max_total
+    assert inner.built[-1].made and len(factory.pending) == 2
+    assert link_gate.DEFAULT_MAX_PENDING == TLSGateFactory(inner, clock=clock).pending.max_total
 
 
 def test_tls_gate_early_data_is_bounded_in_bytes() -> None:
@@ -400,12 +403,12 @@ def test_tls_gate_early_data_is_bounded_in_bytes() -> None:
     assert failures == [] and not t.disconnected
     proto.dataReceived(b"x")
     assert failures == ["early-data"] and t.disconnected
-    assert security.EARLY_DATA_MAX * security.DEFAULT_MAX_PENDING == 64 * 1024 * 1024
+    assert tls.EARLY_DATA_MAX * link_gate.DEFAULT_MAX_PENDING == 64 * 1024 * 1024
 
 
 def test_pending_table_picks_the_largest_group_first_to_reach_its_size() -> None:
     """PendingHandshakes: full, it evicts the oldest of the largest group; sizes follow adds and discards."""
-    table = security.PendingHandshakes(max_total=5)
+    table = link_gate.PendingHandshakes(max_total=5)
     for name, group in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("b2", "b"), ("c1", "c")]:
         assert table.add(name, group) is None
     assert table.add("c2", "c") == "a1", "a and b both hold 2; a got there first"
@@ -432,10 +435,10 @@ def test_pending_table_work_is_linear(shape: str) -> None:
 
     def run(n: int) -> float:
         if shape == "many-groups":
-            table = security.PendingHandshakes(max_total=n // 2, max_per_group=4)
+            table = link_gate.PendingHandshakes(max_total=n // 2, max_per_group=4)
             groups = [f"g{i}" for i in range(n)]
         else:
-            table = security.PendingHandshakes(max_total=None, max_per_group=n // 2)
+            table = link_gate.PendingHandshakes(max_total=None, max_per_group=n // 2)
             groups = ["g"] * n
         start = time.perf_counter()
         for i, group in enumerate(groups):
@@ -584,7 +587,7 @@ def test_client_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> N
         calls.append(b)
         return REAL_COMPARE(a, b)
 
-    monkeypatch.setattr(security.hmac, "compare_digest", recording)
+    monkeypatch.setattr(handshake.hmac, "compare_digest", recording)
     proto, t, _, _, _, _ = client_gate()
     server_says(proto, b"HELLO eth/1 " + b"a" * 64, b"AUTH-OK " + b"b" * 64)
     assert calls == [b"b" * 64]
@@ -788,9 +791,9 @@ def test_alpn_select_prefers_a_protocol_the_server_speaks() -> None:
         def get_app_data(self) -> Any:
             return self.app
 
-    assert security._alpn_select(Conn(inner), [b"h2", b"eth/1"]) == b"eth/1"  # type: ignore[arg-type]
-    assert security._alpn_select(Conn(inner), [b"h2"]) is SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[arg-type]
-    assert security._alpn_select(Conn(Factory()), [b"h2"]) is SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[arg-type]
+    assert tls._alpn_select(Conn(inner), [b"h2", b"eth/1"]) == b"eth/1"  # type: ignore[arg-type]
+    assert tls._alpn_select(Conn(inner), [b"h2"]) is SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[arg-type]
+    assert tls._alpn_select(Conn(Factory()), [b"h2"]) is SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[arg-type]
 
 
 def tls12_suites(options: Any) -> list[str]:
@@ -853,7 +856,7 @@ def test_client_refuses_a_cbc_only_server(pki: PKI, rsa_server: Any) -> None:
         lowerMaximumSecurityTo=TLSVersion.TLSv1_2,
     )
     tls = TLSPair(
-        server_side, security.client_tls_options("127.0.0.1", pki.ca, hostname="localhost")
+        server_side, client_tls_options("127.0.0.1", pki.ca, hostname="localhost")
     )
     assert not tls.handshake_done and tls.client.lost is not None
 
@@ -862,7 +865,7 @@ def test_client_suites_match_the_server_policy(pki: PKI) -> None:
     """The link's client offers only forward-secret AEAD suites in TLS 1.2, and connects to the server."""
     tls = TLSPair(
         server_tls_options(pki.server.cert, pki.server.key),
-        security.client_tls_options("127.0.0.1", pki.ca),
+        client_tls_options("127.0.0.1", pki.ca),
     )
     assert tls.handshake_done
     names = [n for n in tls.client_tls.getHandle().get_cipher_list() if not n.startswith("TLS_")]

@@ -31,10 +31,9 @@ from zope.interface import implementer
 from eth_twisted.client.outbox import Cursor, open_outbox
 from eth_twisted.client.sender import DeliveryService
 from eth_twisted.errors import HandshakeFailed
+from eth_twisted.link.handshake import AuthClientEndpoint, AuthServerFactory
 from eth_twisted.link.netstring import NetstringDecoder, encode
-from eth_twisted.link.security import (
-    AuthClientEndpoint,
-    AuthServerFactory,
+from eth_twisted.link.tls import (
     TLSGateFactory,
     client_tls_endpoint,
     client_tls_options,

@@ -236,11 +236,9 @@ def link_endpoint(
 
     ``tls`` is ``{"host", "port", "ca", "cert", "key", "hostname", "min_version"}``.
     """
-    from eth_twisted.link.security import (
-        AuthClientEndpoint,
-        check_secret_transport,
-        client_tls_endpoint,
-    )
+    from eth_twisted.link.handshake import AuthClientEndpoint
+    from eth_twisted.link.secret import check_secret_transport
+    from eth_twisted.link.tls import client_tls_endpoint
 
     check_secret_transport(secret, tls is not None or connect.startswith("tls:"), allow_plaintext)
     if tls is not None:

@@ -106,7 +106,7 @@ class Options(EnvOptions):
             self["connect"] = tcp_client_endpoint(self["host"], self["port"])
         self["tls-settings"] = self._tls_settings()
         try:
-            from eth_twisted.link.security import check_secret_transport, load_secret
+            from eth_twisted.link.secret import check_secret_transport, load_secret
 
             self["secret"] = load_secret(file=self["secret-file"], environ=self.environ)
             check_secret_transport(self["secret"], bool(self["tls"]) or self["connect"].startswith("tls:"),

@@ -68,7 +68,7 @@ class ServerService(service.MultiService):
         ``factory`` is what listens (the receiver, or the TLS/handshake gates in
         front of it); ``tls`` wraps every connection in TLS (security.server_tls_options).
         """
-        from eth_twisted.link.security import listen_endpoint
+        from eth_twisted.link.tls import listen_endpoint
 
         endpoint = listen_endpoint(self.reactor, description, tls=tls)
         svc = StreamServerEndpointService(endpoint, factory or self.factory)
@@ -211,7 +211,7 @@ def make_server_service(
     server = ServerService(record=record, mirrors=mirrors, router=router, factory=factory, reactor=reactor)
     tls_options = None
     if tls is not None:
-        from eth_twisted.link.security import server_tls_options
+        from eth_twisted.link.tls import server_tls_options
 
         tls_options = server_tls_options(tls["cert"], tls["key"], client_ca_file=tls.get("client_ca"),
                                          min_tls=tls.get("min_version", "1.2"))
@@ -236,7 +236,9 @@ def gated_factory(
     The caps are counted in front of the gates, so connections still in a
     handshake count too.
     """
-    from eth_twisted.link.security import AuthServerFactory, TLSGateFactory, check_secret_transport
+    from eth_twisted.link.handshake import AuthServerFactory
+    from eth_twisted.link.secret import check_secret_transport
+    from eth_twisted.link.tls import TLSGateFactory
 
     encrypted = tls or listen.split(":", 1)[0].lower() == "ssl"
     check_secret_transport(secret, encrypted, allow_plaintext)

@@ -150,7 +150,7 @@ class Options(StorageOptions):
         self["stats-token-resolved"] = self.resolve_secret("stats-token")
         self["tls"] = tls_kwargs(self)
         try:
-            from eth_twisted.link.security import check_secret_transport, load_secret
+            from eth_twisted.link.secret import check_secret_transport, load_secret
 
             self["secret"] = load_secret(file=self["secret-file"], environ=self.environ)
             check_secret_transport(self["secret"], bool(self["tls"]) or self["listen"].startswith("ssl:"),
