@@ -179,7 +179,7 @@ def bench_prefix() -> Iterator[str]:
 
 def migrate(database: str) -> None:
     """Create the schema (the same migrations the server applies)."""
-    from eth_twisted.sinks.sql import migrate_mysql
+    from eth_twisted.sinks.sql.migrations import migrate_mysql
 
     migrate_mysql(MYSQL["host"], MYSQL["port"], MYSQL["user"], MYSQL["password"], database,
                   create_database=False)
@@ -266,11 +266,20 @@ class Proc:
         self.stop()
 
 
+ETH_MAIN = (
+    "try:\n"
+    "    from eth_twisted.cli.main import main\n"
+    "except ImportError:  # a tree from before the role folders (eth_twisted/cli.py)\n"
+    "    from eth_twisted.cli import main\n"
+)
+"""Imports ``eth``'s main function from any tree ``--code`` names, old layout or new."""
+
+
 def server_command(code: Path, port: int, storage: list[str], extra: list[str]) -> list[str]:
     """``eth server`` from the source tree ``code`` (the checkout, or an older copy)."""
     prelude = os.environ.get("ETH_BENCH_PRELUDE") or "pass"  # e.g. "import gc; gc.disable()", for experiments
-    boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'; {prelude}; "
-            "from eth_twisted.cli.main import main; sys.exit(main())")
+    boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'; {prelude}\n"
+            + ETH_MAIN + "sys.exit(main())")
     return [PYTHON, "-c", boot, "server", "--port", str(port), "--stats", "none",
             "--reconcile-interval", "3600", *storage, *extra]
 
@@ -404,7 +413,8 @@ def raw_mysql(rows_total: int, batch: int = 1000) -> dict[str, Any]:
     """Raw PyMySQL executemany, ``batch`` rows per transaction, into an identical table."""
     from eth_twisted.link.payload import render_html
     from eth_twisted.model import sha256_hex
-    from eth_twisted.sinks.sql import MySQLSink, to_utc_datetime
+    from eth_twisted.sinks.sql.migrations import to_utc_datetime
+    from eth_twisted.sinks.sql.mysql import MySQLSink
 
     with bench_database() as database:
         migrate(database)
@@ -438,7 +448,8 @@ def raw_mysql_per_row(rows_total: int) -> dict[str, Any]:
     """
     from eth_twisted.link.payload import render_html
     from eth_twisted.model import sha256_hex
-    from eth_twisted.sinks.sql import MySQLSink, to_utc_datetime
+    from eth_twisted.sinks.sql.migrations import to_utc_datetime
+    from eth_twisted.sinks.sql.mysql import MySQLSink
 
     with bench_database() as database:
         migrate(database)
@@ -646,8 +657,8 @@ def client_cost(opts: argparse.Namespace, code: Path) -> dict[str, Any]:
         with Proc([str(anvil), "--host", "127.0.0.1", "--port", str(aport), "--silent", "--block-time", "1"],
                   work / "anvil.log", ready=anvil_up), \
                 start_server(code, sport, storage_args("sqlite", work, None, None), work / "server.log"):
-            boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'; "
-                    "from eth_twisted.cli.main import main; sys.exit(main())")
+            boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'\n"
+                    + ETH_MAIN + "sys.exit(main())")
             cmd = [PYTHON, "-c", boot, "client", "--host", "127.0.0.1", "--port", str(sport),
                    "--rpc", url, "--interval", "1", "--spool", str(work / "spool.sqlite3"), "--stats", "none"]
             log = work / "client.log"
@@ -829,10 +840,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", help="label of an earlier run to plot beside this one")
     p.add_argument("--code", default=str(ROOT), help="source tree the server runs from (default: this checkout)")
     p.add_argument("--profile", action="store_true", help="record a py-spy profile of the MySQL+Redis server")
-    p.add_argument("--tune-gc", action="store_true",
-                   help="start servers with eth_twisted.server.router.tune_gc() applied (until `eth server` calls it)")
-    p.add_argument("--overlap", action="store_true",
-                   help="start servers with the router's overlap mode on (until `eth server` has an option)")
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
                    help="extra option for every `eth server` (repeatable)")
     opts = p.parse_args(argv)
@@ -848,13 +855,6 @@ def main(argv: list[str] | None = None) -> int:
     opts.client_seconds = 15 if q else 60
     opts.client_warmup = 5
     sections = set(opts.only.split(","))
-    prelude = []
-    if opts.tune_gc:
-        prelude.append("from eth_twisted.server.router import tune_gc; tune_gc()")
-    if opts.overlap:
-        prelude.append("from eth_twisted.server.router import Router; Router.overlap_default = True")
-    if prelude:
-        os.environ["ETH_BENCH_PRELUDE"] = "; ".join(prelude)
     code = Path(opts.code).resolve()
     ensure_mysql_account()
     RESULTS.mkdir(parents=True, exist_ok=True)

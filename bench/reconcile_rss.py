@@ -75,7 +75,7 @@ def fill(db: dict[str, Any], rows: int, size: int) -> None:
 
     import pymysql
 
-    from eth_twisted.sinks.sql import migrate_mysql
+    from eth_twisted.sinks.sql.migrations import migrate_mysql
 
     migrate_mysql(db["host"], db["port"], db["user"], db["password"], db["database"])
     conn = pymysql.connect(host=db["host"], port=db["port"], user=db["user"], password=db["password"],
@@ -143,7 +143,7 @@ def _child(mode: str, db: dict[str, Any]) -> None:
 
     import eth_twisted
     from eth_twisted.sinks.redis import make_redis_sink
-    from eth_twisted.sinks.sql import make_mysql_sink
+    from eth_twisted.sinks.sql.mysql import make_mysql_sink
 
     out: dict[str, Any] = {"mode": mode, "code": str(Path(eth_twisted.__file__).resolve().parent.parent)}
 

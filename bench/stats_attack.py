@@ -79,7 +79,7 @@ class Server:
             env["PYTHONPATH"] = code
         # cwd: the data directory, so `python -c` does not import this tree instead of --code's.
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from eth_twisted.cli.main import main; sys.exit(main())",
+            [sys.executable, "-c", "import sys\ntry:\n    from eth_twisted.cli.main import main\nexcept ImportError:  # an older tree\n    from eth_twisted.cli import main\nsys.exit(main())",
              "server", "--port", str(self.port), "--stats", f"tcp:{self.web}:interface=127.0.0.1",
              "--sqlite", sqlite],
             env=env, cwd=str(Path(sqlite).parent), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -302,7 +302,7 @@ def pages(server: Server) -> dict[str, Any]:
 
 
 def seed_addresses(path: str) -> None:
-    from eth_twisted.sinks.sql import migrate_sqlite
+    from eth_twisted.sinks.sql.migrations import migrate_sqlite
 
     migrate_sqlite(path)
     with sqlite3.connect(path) as db:

@@ -23,7 +23,7 @@ from twisted.internet import threads
 
 from eth_twisted.link.payload import render_html
 from eth_twisted.model import sha256_hex
-from eth_twisted.sinks.sql import migrate_sqlite
+from eth_twisted.sinks.sql.migrations import migrate_sqlite
 from tests.support import ROOT
 from tests.test_web_live import send_from, start_with_stats
 

@@ -28,18 +28,15 @@ from twisted.python.failure import Failure
 
 from eth_twisted.errors import ConfigError, SinkBusy, SinkError, SinkTimeout, SinkUnavailable
 from eth_twisted.model import Message, Outcome
-from eth_twisted.sinks.sql import (
-    DataRefused,
-    MySQLRowEncoder,
-    MySQLSink,
-    ReconnectingConnectionPool,
+from eth_twisted.sinks.sql.migrations import (
     apply_migrations,
     from_utc_datetime,
     latest_version,
-    make_mysql_sink,
     migrate_mysql,
     to_utc_datetime,
 )
+from eth_twisted.sinks.sql.mysql import MySQLRowEncoder, MySQLSink, make_mysql_sink
+from eth_twisted.sinks.sql.pool import DataRefused, ReconnectingConnectionPool
 from tests.conftest import mysql_query
 from tests.sink_contract import T0, SinkContract, msg, numbered
 from tests.support import async_wait_until, free_port, wait_until

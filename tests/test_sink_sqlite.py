@@ -11,7 +11,8 @@ import pytest_twisted
 
 from eth_twisted.errors import ConfigError, SinkBusy, SinkError
 from eth_twisted.model import Message, Outcome
-from eth_twisted.sinks.sql import SQLiteSink, latest_version, make_sqlite_sink, migrate_sqlite
+from eth_twisted.sinks.sql.migrations import latest_version, migrate_sqlite
+from eth_twisted.sinks.sql.sqlite import SQLiteSink, make_sqlite_sink
 from tests.sink_contract import T0, SinkContract, msg, numbered
 
 

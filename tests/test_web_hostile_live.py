@@ -24,7 +24,7 @@ from twisted.internet import defer, reactor, task, threads
 
 from eth_twisted.link.netstring import NetstringDecoder
 from eth_twisted.model import sha256_hex
-from eth_twisted.sinks.sql import migrate_sqlite
+from eth_twisted.sinks.sql.migrations import migrate_sqlite
 from eth_twisted.web.limits import SiteLimits
 from tests.live_helpers import start_server
 from tests.support import async_wait_until, free_port
