@@ -21,12 +21,8 @@ from twisted.logger import globalLogPublisher
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, sha256_hex
-from eth_twisted.server.receiver import (
-    TURN_FRAMES,
-    ReceiverFactory,
-    ReceiverLimits,
-    ReceiverProtocol,
-)
+from eth_twisted.server.limits import ReceiverLimits
+from eth_twisted.server.receiver import TURN_FRAMES, ReceiverFactory, ReceiverProtocol
 
 LIMITS = dict(max_length=1024, frame_timeout=30.0, idle_timeout=90.0, rate=1000.0, burst=2000)
 
@@ -641,7 +637,7 @@ def test_half_close_behind_held_frames_answers_them_all_then_closes() -> None:
 def test_one_address_filling_its_share_does_not_pause_other_addresses() -> None:
     """Past its group's share (a sixteenth of the budget) an address's newer holders pause; other addresses read."""
     h = Harness(max_length=4000, partial_budget=160000)
-    assert h.factory.group_share == 10000
+    assert h.factory.budget.share == 10000
     attackers = [h.connect("10.0.0.1", 40000 + i)[0] for i in range(6)]
     for p in attackers:
         assert p is not None

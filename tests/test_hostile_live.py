@@ -18,7 +18,7 @@ from twisted.internet import threads
 
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.model import sha256_hex
-from eth_twisted.server.receiver import ReceiverLimits
+from eth_twisted.server.limits import ReceiverLimits
 from tests.live_helpers import start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]

@@ -23,7 +23,7 @@ from twisted.internet import threads
 
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.model import sha256_hex
-from eth_twisted.server.receiver import ReceiverLimits
+from eth_twisted.server.limits import ReceiverLimits
 from tests.live_helpers import mysql_storage, start_server
 from tests.support import wait_until
 from tests.test_hostile_live import GoodClient, rss_kib

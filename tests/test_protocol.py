@@ -15,7 +15,8 @@ from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.link.payload import render_html
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, sha256_hex
-from eth_twisted.server.receiver import ReceiverFactory, ReceiverLimits, ReceiverProtocol
+from eth_twisted.server.limits import ReceiverLimits
+from eth_twisted.server.receiver import ReceiverFactory, ReceiverProtocol
 from tests.support import async_wait_until
 
 
@@ -287,7 +288,7 @@ def connect_counting(factory: ReceiverFactory, host: str) -> tuple[ReceiverProto
 
 
 def test_answers_given_while_holding_leave_in_one_write_per_connection() -> None:
-    """Inside holding_replies() nothing is written; when it ends each connection gets its replies,
+    """Inside the batcher's hold() nothing is written; when it ends each connection gets its replies,
     in frame order, in one write, and the reply counter counts every one."""
     router = FakeRouter()
     factory = ReceiverFactory(router.submit, clock=Clock(), metrics=ServerMetrics())
@@ -296,7 +297,7 @@ def test_answers_given_while_holding_leave_in_one_write_per_connection() -> None
     one.dataReceived(encode(b"a") + encode(b"b") + encode(b"c"))
     two.dataReceived(encode(b"x"))
     (_, ra), (_, rb), (_, rc), (_, rx) = router.submitted
-    with factory.holding_replies():
+    with factory.batcher.hold():
         rc("DUP")
         rx("busy")
         ra("OK")
@@ -308,7 +309,7 @@ def test_answers_given_while_holding_leave_in_one_write_per_connection() -> None
     assert (t1.writes, t2.writes) == (1, 1)
     counted = {k: factory.metrics.replies.labels(kind=k)._value.get() for k in ("OK", "DUP", "ERR")}
     assert counted == {"OK": 2, "DUP": 1, "ERR": 1}
-    assert not factory.holding and factory.held == {}
+    assert not factory.batcher.holding and factory.batcher._held == {}
 
 
 def test_held_answers_still_wait_for_an_earlier_unanswered_frame() -> None:
@@ -317,7 +318,7 @@ def test_held_answers_still_wait_for_an_earlier_unanswered_frame() -> None:
     proto, transport, _, factory = connect(router)
     proto.dataReceived(encode(b"a") + encode(b"b") + encode(b"c"))
     (_, ra), (_, rb), (_, rc) = router.submitted
-    with factory.holding_replies():
+    with factory.batcher.hold():
         rb("OK")
         rc("OK")
     assert transport.value() == b""
@@ -331,11 +332,11 @@ def test_held_answers_are_written_even_when_the_scope_fails() -> None:
     router = FakeRouter()
     proto, transport, _, factory = connect(router)
     proto.dataReceived(encode(b"a"))
-    with pytest.raises(RuntimeError), factory.holding_replies():
+    with pytest.raises(RuntimeError), factory.batcher.hold():
         router.submitted[0][1]("OK")
         raise RuntimeError("boom")
     assert replies(transport) == [b"OK " + sha256_hex(b"a").encode()]
-    assert not factory.holding
+    assert not factory.batcher.holding
 
 
 def test_a_connection_lost_while_held_gets_nothing_and_breaks_nothing() -> None:
@@ -346,7 +347,7 @@ def test_a_connection_lost_while_held_gets_nothing_and_breaks_nothing() -> None:
     stays, t2 = connect_counting(factory, "10.0.0.2")
     gone.dataReceived(encode(b"a"))
     stays.dataReceived(encode(b"b"))
-    with factory.holding_replies():
+    with factory.batcher.hold():
         router.submitted[0][1]("OK")
         router.submitted[1][1]("OK")
         gone.connectionLost(None)
@@ -360,7 +361,7 @@ def test_a_closing_connection_closes_once_its_held_replies_are_out() -> None:
     proto, transport, _, factory = connect(router)
     proto.dataReceived(encode(b"seed"))
     proto.readConnectionLost()
-    with factory.holding_replies():
+    with factory.batcher.hold():
         router.submitted[0][1]("OK")
         assert not transport.disconnecting
     assert replies(transport) == [b"OK " + sha256_hex(b"seed").encode()]

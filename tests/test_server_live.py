@@ -68,12 +68,12 @@ def test_mysql_and_redis_pipelined(mysql_db: dict[str, Any], redis_server: dict[
                                    redis_prefix: str) -> None:
     """500 pipelined frames on one connection are answered OK in order, stored once in MySQL and counted in Redis."""
     server, port = yield start_server(mysql_storage(mysql_db, dict(redis_server, prefix=redis_prefix)))
-    assert server.router.answering == server.factory.holding_replies  # how build_server wires them
+    assert server.router.answering == server.factory.batcher.hold  # both built with one ReplyBatcher
     scopes: list[None] = []
 
     def counted_scope() -> Any:
         scopes.append(None)
-        return server.factory.holding_replies()
+        return server.factory.batcher.hold()
 
     server.router.answering = counted_scope
     try:

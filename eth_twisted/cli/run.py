@@ -24,7 +24,7 @@ from twisted.python import usage
 
 from eth_twisted.model import Message
 from eth_twisted.options import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
-from eth_twisted.server.receiver import ReceiverLimits
+from eth_twisted.server.limits import ReceiverLimits
 from eth_twisted.server.tap import FILE_HEADROOM, allowed_hosts, exposure_warning, raise_file_limit
 from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
 

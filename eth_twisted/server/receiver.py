@@ -1,52 +1,15 @@
-"""The server's receiver protocol: netstrings in, ordered replies out.
+"""The server's receiver: netstrings in, ordered replies out.
 
-The protocol frames and delegates. Each frame becomes a
-:class:`~eth_twisted.model.Message` handed to a *submit* callable (the
-router); the reply for it is written only when the router answers, and
-replies leave in frame order even when answers arrive out of order. It never
-imports a sink.
-
-Replies (DESIGN.md, wire protocol version 1)::
-
-    OK <sha256>          committed now
-    DUP <sha256>         already held
-    ERR <sha256> <code>  not stored (unavailable/timeout/busy: retry;
-                         empty/too-long/rejected/auth: final)
-    ERR - <code>         the connection's framing broke (bad-frame, too-long,
-                         truncated); the connection closes after it
-
-Limits (:class:`ReceiverLimits`), each guarding against one kind of peer:
-
-* ``max_length``: a longer declared frame is refused before it is buffered;
-* ``partial_budget``: bytes held in incomplete (or not yet handled) frames
-  across all connections; past it, connections growing a partial frame stop
-  being read, except the oldest holder, which always reads, so the budget
-  always drains;
-* ``frame_timeout``: a frame must complete within it after its first byte
-  (slowloris); ``idle_timeout``: a connection must send a complete frame
-  (heartbeats count) within it. Both abort the connection. Neither runs
-  while the server itself holds the peer up (its window is full, its tokens
-  are spent, it is owed replies), but both keep running while the peer is
-  paused for the partial-frame budget: a peer holding budget must finish or
-  go, so a pause for the budget always ends within ``frame_timeout``;
-* ``window``: unanswered messages per connection before reading pauses;
-  ``rate``/``burst``: a per-connection token bucket that pauses reading
-  rather than refusing; the transport's own write buffer pauses reading from
-  a peer that does not read its replies, and ``write_stall`` aborts it. The
-  frame loop stops at once when any of these pauses reading, leaving the
-  rest of a read in the decoder (counted in the budget), so one read can
-  neither overrun the window nor make the server queue replies without
-  bound: a connection owes at most ``2 * window`` replies (84 bytes each at
-  most) beyond the transport's own write buffer;
-* ``max_connections``/``max_per_ip``: connection caps (IPv6 grouped by /64),
-  enforced by :class:`ReceiverFactory` (Twisted's ``LimitConnectionsByPeer``
-  is broken, RELIABILITY.md 2.6).
+:class:`ReceiverProtocol` frames and delegates: each frame becomes a
+:class:`~eth_twisted.model.Message` handed to the router's ``submit``, and its
+reply is written only when the router answers, in frame order even when
+answers arrive out of order (docs/protocol.md). The limits it enforces live in
+:mod:`eth_twisted.server.limits`; it never imports a sink.
 """
 
 from __future__ import annotations
 
-import socket
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +20,6 @@ from typing import Protocol as Protocol_
 from twisted.internet import interfaces
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -66,39 +28,13 @@ from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.link.payload import OutOfRange, recognise_block_number
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, normalise_ip, peer_group, sha256_hex
-
-DEFAULT_MAX_LENGTH = 64 * 1024
-DEFAULT_WINDOW = 256
-DEFAULT_DEADLINE = 10.0
-
-
-@dataclass(slots=True)
-class ReceiverLimits:
-    """The receiver's limits; every one is a server option (README, "Limits")."""
-
-    max_length: int = DEFAULT_MAX_LENGTH
-    window: int = DEFAULT_WINDOW
-    deadline: float = DEFAULT_DEADLINE
-    frame_timeout: float = 30.0
-    idle_timeout: float = 90.0
-    write_stall: float = 60.0
-    rate: float = 5000.0
-    burst: int = 10000
-    partial_budget: int = 32 * 1024 * 1024
-    max_connections: int = 10000
-    max_per_ip: int = 100
-    violation_log_interval: float = 60.0
-
-    def check(self) -> None:
-        """Raise ValueError naming the first limit that cannot work."""
-        if self.max_length < 1:
-            raise ValueError("max_length must be at least 1")
-        if self.window < 1:
-            raise ValueError("window must be at least 1")
-        if self.idle_timeout <= self.deadline:
-            raise ValueError("idle_timeout must be longer than the deadline")
-        if self.rate <= 0 or self.burst < 1:
-            raise ValueError("rate and burst must be positive")
+from eth_twisted.server.limits import (
+    ConnectionCaps,
+    PartialBudget,
+    ReceiverLimits,
+    ViolationLog,
+    limit_send_buffer,
+)
 
 
 class Ticket(Protocol_):
@@ -140,26 +76,6 @@ _REPLY_KINDS = {ord("O"): "OK", ord("D"): "DUP", ord("E"): "ERR"}
 """A reply's kind by its first byte (what :meth:`ReceiverFactory.count_replies` counts)."""
 
 
-SEND_BUFFER = 128 * 1024
-"""SO_SNDBUF of a client connection (Linux doubles it): the kernel's share of the reply bytes owed.
-
-Replies are small (at most 84 bytes a message), so this is room for thousands
-in flight; without it Linux autotunes a socket whose peer never reads up to 4
-MiB of queued replies (``net.ipv4.tcp_wmem``), times every such connection.
-"""
-
-
-def limit_send_buffer(transport: Any) -> None:
-    """Cap the kernel send buffer of ``transport``'s socket (a no-op without one, e.g. in tests)."""
-    sock = getattr(transport, "socket", None)
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-    except (AttributeError, OSError):
-        pass
-
-
 @implementer(interfaces.IHalfCloseableProtocol, interfaces.IPushProducer)
 class ReceiverProtocol(Protocol):
     """One client connection on the server."""
@@ -187,7 +103,7 @@ class ReceiverProtocol(Protocol):
         self._owed_limit = 0
         self._tokens = 0.0
         self._tokens_at = 0.0
-        self._partial = 0
+        self.held = 0  # bytes of this connection the partial-frame budget has accounted
         self._frame_started = 0.0
         self._write_paused_at: float | None = None
         self.peer_ip = "-"
@@ -273,14 +189,14 @@ class ReceiverProtocol(Protocol):
         if self._write_paused_at is None:
             self._write_paused_at = self.factory.clock.seconds()
             self._stall_timer = self.factory.clock.callLater(self.factory.limits.write_stall, self._stalled)
-        self._pause("writes")
+        self.pause_reading("writes")
 
     def resumeProducing(self) -> None:
         self._write_paused_at = None
         if self._stall_timer is not None and self._stall_timer.active():
             self._stall_timer.cancel()
         self._stall_timer = None
-        self._unpause("writes")
+        self.resume_reading("writes")
 
     def _stalled(self) -> None:
         self._stall_timer = None
@@ -296,7 +212,7 @@ class ReceiverProtocol(Protocol):
         if self._closing or self._decoder is None:
             return
         self._decoder.add(data)
-        with self.factory.holding_replies():  # the replies of this turn leave in one write
+        with self.factory.batcher.hold():  # the replies of this turn leave in one write
             self._read_frames()
 
     def _read_frames(self) -> None:
@@ -365,7 +281,7 @@ class ReceiverProtocol(Protocol):
         self._stopped_early = not exhausted and decoder.buffered > 0
         if yielded and self._stopped_early:
             # The rest next turn; meanwhile no more reads (the decoder would grow a read per turn).
-            self._pause("turn")
+            self.pause_reading("turn")
             self._schedule_read()
         partial = exhausted and decoder.buffered > 0
         self._track_frame_timer(restarted=handled > 0, in_frame=partial)
@@ -387,13 +303,13 @@ class ReceiverProtocol(Protocol):
                 if not self._gone and not self._closing:
                     self.transport.resumeProducing()
         if not self._gone and not self._closing and self._decoder is not None:
-            with self.factory.holding_replies():
+            with self.factory.batcher.hold():
                 self._read_frames()
 
     def _frame_received(self, payload: bytes, now: float) -> None:
         f = self.factory
         if len(self._slots) + 1 >= self._owed_limit:
-            self._pause("owed")  # stop after this frame until replies are written
+            self.pause_reading("owed")  # stop after this frame until replies are written
         if not payload:
             slot = _Slot(EMPTY_SHA256, now)
             self._slots.append(slot)
@@ -415,7 +331,7 @@ class ReceiverProtocol(Protocol):
         if self._deadline_timer is None:
             self._arm_deadline()
         if self._unanswered >= f.limits.window:
-            self._pause("window")
+            self.pause_reading("window")
         slot.ticket = f.submit(message, partial(self._answered, slot))
 
     def _forget_last(self, payload: bytes) -> None:
@@ -433,7 +349,7 @@ class ReceiverProtocol(Protocol):
         self._unanswered -= 1
         self._resolve(slot, code)
         if self._unanswered < self.factory.limits.window:
-            self._unpause("window")
+            self.resume_reading("window")
         if self._unanswered == 0:
             self._released()
 
@@ -448,9 +364,8 @@ class ReceiverProtocol(Protocol):
     def _flush(self) -> None:
         if self._gone:
             return
-        if self.factory.holding:
-            self.factory.held[self] = None  # written once, when the batch's answers are all in
-            return
+        if self.factory.batcher.defer(self):
+            return  # written once, when the batch's answers are all in
         slots = self._slots
         texts: list[bytes] = []
         while slots and slots[0].text is not None:
@@ -459,7 +374,7 @@ class ReceiverProtocol(Protocol):
             self.factory.count_replies(texts)
             self.transport.write(b"".join(map(encode, texts)))
             if "owed" in self._pauses and len(slots) + 1 < self._owed_limit:
-                self._unpause("owed")
+                self.resume_reading("owed")
         if self._closing and not slots:
             self.transport.loseConnection()
 
@@ -546,7 +461,7 @@ class ReceiverProtocol(Protocol):
             return True
         if self._rate_timer is None or not self._rate_timer.active():
             self.factory.metrics.protocol_errors.labels(reason="rate-limited").inc()
-            self._pause("rate")
+            self.pause_reading("rate")
             # Resume with a tenth of a second's tokens, not one: one wake-up per frame would cost more than the frame.
             wanted = max(1.0, min(float(limits.burst), limits.rate / 10.0))
             self._rate_timer = self.factory.clock.callLater((wanted - self._tokens) / limits.rate,
@@ -555,27 +470,29 @@ class ReceiverProtocol(Protocol):
 
     def _rate_refilled(self) -> None:
         self._rate_timer = None
-        self._unpause("rate")
+        self.resume_reading("rate")
 
     def _set_partial(self, nbytes: int, restarted: bool = False) -> None:
         """Account the bytes this connection's decoder holds against the global budget.
 
         ``restarted``: frames completed, so what is held now is a newer frame.
         """
-        if nbytes != self._partial or (restarted and nbytes):
-            self.factory.partial_changed(self, nbytes - self._partial, restarted)
-            self._partial = nbytes
+        if nbytes != self.held or (restarted and nbytes):
+            self.factory.budget.changed(self, nbytes - self.held, restarted)
+            self.held = nbytes
 
     # -- pausing --------------------------------------------------------------
 
-    def _pause(self, reason: str) -> None:
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the peer for ``reason`` (reading resumes when no reason is left)."""
         if not self._pauses:
             self.factory.metrics.paused_connections.inc()
             if not self._gone:
                 self.transport.pauseProducing()
         self._pauses.add(reason)
 
-    def _unpause(self, reason: str) -> None:
+    def resume_reading(self, reason: str) -> None:
+        """``reason`` no longer holds reading up."""
         if reason not in self._pauses:
             return
         self._pauses.discard(reason)
@@ -599,6 +516,11 @@ class ReceiverProtocol(Protocol):
             self._frame_timer.reset(self.factory.limits.frame_timeout)
 
     @property
+    def gone(self) -> bool:
+        """The connection is lost."""
+        return self._gone
+
+    @property
     def paused(self) -> frozenset[str]:
         """Why reading from this peer is paused (empty while reading)."""
         return frozenset(self._pauses)
@@ -612,7 +534,7 @@ class ReceiverProtocol(Protocol):
 
     def _violation(self, reason: str, detail: str) -> None:
         self.factory.metrics.protocol_errors.labels(reason=reason).inc()
-        self.factory.report_violation(self.peer_ip, self.peer, reason, detail)
+        self.factory.violations.report(self.peer_ip, self.peer, reason, detail)
 
     def _abort(self, reason: str, detail: str) -> None:
         self._violation(reason, detail)
@@ -628,7 +550,7 @@ class ReceiverProtocol(Protocol):
             return
         if last is not None:
             self._slots.append(_Slot("-", 0.0, text=last))
-        self._pause("closing")
+        self.pause_reading("closing")
         self._closing = True
         # Replies wait at most the deadline for the sinks, then the peer has
         # write_stall to read them: past both the connection is aborted.
@@ -643,12 +565,52 @@ class ReceiverProtocol(Protocol):
             self.transport.abortConnection()
 
 
+class ReplyBatcher:
+    """Replies given inside :meth:`hold` are written when it ends: one write per connection, not per reply.
+
+    Built first and given to both the router (which answers a whole batch
+    inside one scope) and the receiver (which answers a turn's probes inside
+    one), so a connection with twenty messages in a batch gets one ``write``.
+    Replies still leave in frame order; nested use is one scope.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False
+        self._held: dict[ReceiverProtocol, None] = {}  # an ordered set
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold every reply given inside; write them, connection by connection, at the end."""
+        if self.holding:
+            yield
+            return
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            held, self._held = self._held, {}
+            for protocol in held:
+                protocol._flush()
+
+    def defer(self, protocol: ReceiverProtocol) -> bool:
+        """True (and ``protocol`` flushed at the end) when inside :meth:`hold`."""
+        if self.holding:
+            self._held[protocol] = None
+            return True
+        return False
+
+
 class ReceiverFactory(Factory):
-    """Builds :class:`ReceiverProtocol` for every connection and holds what they share:
-    the connection caps, the partial-frame budget and the violation log's rate limit."""
+    """Builds :class:`ReceiverProtocol` for every connection and holds what they share: the
+    connection caps, the partial-frame budget, the reply batcher and the violation log.
+
+    ``caps_in_front``: a :class:`~eth_twisted.server.limits.CapsFactory` in front
+    of TLS or handshake gates counts the connections in :attr:`caps`, so this
+    factory does not count them again.
+    """
 
     protocol = ReceiverProtocol  # type: ignore[assignment]
-    log = Logger()
     noisy = False
 
     def __init__(
@@ -658,6 +620,8 @@ class ReceiverFactory(Factory):
         clock: interfaces.IReactorTime,
         metrics: ServerMetrics | None = None,
         limits: ReceiverLimits | None = None,
+        batcher: ReplyBatcher | None = None,
+        caps_in_front: bool = False,
         log_payloads: bool = False,
     ) -> None:
         self.submit = submit
@@ -665,100 +629,49 @@ class ReceiverFactory(Factory):
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.limits = limits if limits is not None else ReceiverLimits()
         self.limits.check()
+        self.batcher = batcher if batcher is not None else ReplyBatcher()
+        self.caps_in_front = caps_in_front
         self.log_payloads = log_payloads
         self.connections: set[ReceiverProtocol] = set()
-        self.enforce_caps = True  # False when a CapsFactory in front of TLS/auth gates counts
-        self.open_count = 0
-        self.per_group: dict[str, int] = {}
-        self.partial_bytes = 0
-        self._partial_holders: OrderedDict[ReceiverProtocol, None] = OrderedDict()
-        """Every connection holding bytes, oldest first."""
-        self._group_holders: dict[str, OrderedDict[ReceiverProtocol, None]] = {}
-        """The same, per address group (IPv4 address, IPv6 /64)."""
-        self._group_bytes: dict[str, int] = {}
-        self._budget_paused: set[ReceiverProtocol] = set()
-        self._violations_logged: dict[tuple[str, str], float] = {}
+        self.violations = ViolationLog(clock, self.limits.violation_log_interval)
+        self.caps = ConnectionCaps(self.limits, self._refused)
+        self.budget = PartialBudget(self.limits, self.metrics)
         self._reply_counters: dict[int, Any] = {}
-        self.holding = False
-        """Inside :meth:`holding_replies`: answers are written when it ends."""
-        self.held: dict[ReceiverProtocol, None] = {}
-        """Connections with replies due inside :meth:`holding_replies` (an ordered set), written when it ends."""
 
-    # -- connection caps ------------------------------------------------------
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes held in frames not yet handled, across every connection."""
+        return self.budget.total
 
     def buildProtocol(self, addr: Any) -> ReceiverProtocol | None:  # type: ignore[override]
-        group = self.admit(addr) if self.enforce_caps else None
-        if self.enforce_caps and group is None:
-            return None
+        group = None
+        if not self.caps_in_front:
+            group = self.caps.admit(addr)
+            if group is None:
+                return None
         protocol = super().buildProtocol(addr)
         protocol._reserved_group = group  # type: ignore[union-attr]
         return protocol  # type: ignore[return-value]
 
-    def admit(self, addr: Any) -> str | None:
-        """Count a new connection from ``addr`` against the caps; None when refused.
-
-        Counted at accept time, not at connectionMade, so a burst of
-        simultaneous connects cannot overshoot the caps.
-        """
-        host = getattr(addr, "host", None)
-        group = peer_group(normalise_ip(host)) if host else "-"
-        if self.open_count >= self.limits.max_connections:
-            self._refuse("max-connections", host)
-            return None
-        if self.per_group.get(group, 0) >= self.limits.max_per_ip:
-            self._refuse("max-per-ip", host)
-            return None
-        self.per_group[group] = self.per_group.get(group, 0) + 1
-        self.open_count += 1
-        return group
-
-    def release(self, group: str) -> None:
-        """A connection counted by :meth:`admit` has ended."""
-        self.open_count -= 1
-        left = self.per_group.get(group, 0) - 1
-        if left > 0:
-            self.per_group[group] = left
-        else:
-            self.per_group.pop(group, None)
-
-    def _refuse(self, reason: str, host: str | None) -> None:
+    def _refused(self, reason: str, host: str | None) -> None:
         self.metrics.refused_connections.labels(reason=reason).inc()
-        self.report_violation(host or "-", host or "-", reason, "connection refused")
+        self.violations.report(host or "-", host or "-", reason, "connection refused")
 
     def connection_made(self, protocol: ReceiverProtocol) -> None:
+        """``protocol`` is connected."""
         self.connections.add(protocol)
         self.metrics.connections.inc()
         self.metrics.open_connections.inc()
 
     def connection_lost(self, protocol: ReceiverProtocol) -> None:
+        """``protocol``'s connection is gone: free its place in the caps and the budget."""
         if protocol in self.connections:
             self.connections.discard(protocol)
             self.metrics.open_connections.dec()
             group = getattr(protocol, "_reserved_group", None)
             if group is not None:
-                self.release(group)
-        self._budget_paused.discard(protocol)
-
-    @contextmanager
-    def holding_replies(self) -> Iterator[None]:
-        """Answers given inside are written when it ends: one write per connection, not per answer.
-
-        The router answers a whole batch inside one (``Router.answering``), so a
-        connection with twenty messages in the batch gets one ``write`` and one
-        counter update instead of twenty (they were 15% of the server's CPU under
-        load). Replies still leave in frame order; nested use is one scope.
-        """
-        if self.holding:
-            yield
-            return
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
-            held, self.held = self.held, {}
-            for protocol in held:
-                protocol._flush()
+                self.caps.release(group)
+        self.budget.forget(protocol)
 
     def count_replies(self, texts: list[bytes]) -> None:
         """Count replies about to be written by kind (OK, DUP, ERR): one counter update per kind."""
@@ -769,91 +682,6 @@ class ReceiverFactory(Factory):
                 child = self._reply_counters[first] = self.metrics.replies.labels(kind=kind)
             child.inc(n)
 
-    # -- partial-frame budget -------------------------------------------------
-
-    @property
-    def group_share(self) -> int:
-        """Bytes one address group may hold before its own newer holders pause: a sixteenth of the budget.
-
-        So a few addresses filling their share cannot make the budget full for
-        everyone else (at least two frames of ``max_length``, so a group can always
-        hold one and start the next).
-        """
-        return max(self.limits.partial_budget // 16, 2 * self.limits.max_length)
-
-    def may_grow(self, protocol: ReceiverProtocol) -> bool:
-        """Whether ``protocol`` may read more under the budget rules.
-
-        Over the global budget only the oldest holder may; over its group's
-        share only the group's oldest holder may. The oldest holder overall is
-        also the oldest of its group, so somebody can always read.
-        """
-        group = protocol.group
-        if self._group_bytes.get(group, 0) > self.group_share:
-            members = self._group_holders.get(group)
-            if members and next(iter(members)) is not protocol:
-                return False
-        if self.partial_bytes > self.limits.partial_budget:
-            if self._partial_holders and next(iter(self._partial_holders)) is not protocol:
-                return False
-        return True
-
-    def partial_changed(self, protocol: ReceiverProtocol, delta: int, restarted: bool = False) -> None:
-        """Account ``delta`` bytes held by ``protocol``'s decoder; pause or resume readers.
-
-        Holders are kept oldest first, overall and per address group (ordered
-        dicts: O(1) to find the oldest, to add and to remove). A connection whose
-        holding grows pauses when :meth:`may_grow` says no; whenever the oldest
-        holder changes, or a total falls back under its bound, the paused ones
-        that may grow again are resumed, so the budget always drains.
-        """
-        budget, share = self.limits.partial_budget, self.group_share
-        group = protocol.group
-        was_over = self.partial_bytes > budget
-        group_was_over = self._group_bytes.get(group, 0) > share
-        self.partial_bytes += delta
-        held = self._group_bytes.get(group, 0) + delta
-        members = self._group_holders.get(group)
-        if protocol._partial + delta > 0:
-            self._group_bytes[group] = held
-            if members is None:
-                members = self._group_holders[group] = OrderedDict()
-            if protocol not in members:
-                members[protocol] = None
-                self._partial_holders[protocol] = None
-            elif restarted:
-                members.move_to_end(protocol)  # a new frame: no longer the oldest
-                self._partial_holders.move_to_end(protocol)
-        else:
-            if held > 0:
-                self._group_bytes[group] = held
-            else:
-                self._group_bytes.pop(group, None)
-            self._partial_holders.pop(protocol, None)
-            if members is not None:
-                members.pop(protocol, None)
-                if not members:
-                    del self._group_holders[group]
-        if (delta > 0 and protocol not in self._budget_paused and not protocol._gone
-                and not self.may_grow(protocol)):
-            self._budget_paused.add(protocol)
-            protocol._pause("budget")
-            self.metrics.protocol_errors.labels(reason="partial-budget").inc()
-        if not self._budget_paused:
-            return
-        if was_over and self.partial_bytes <= budget:
-            candidates: Any = list(self._budget_paused)
-        elif group_was_over and self._group_bytes.get(group, 0) <= share:
-            candidates = [p for p in self._group_holders.get(group, ()) if p in self._budget_paused]
-        else:
-            candidates = [next(iter(self._partial_holders), None), next(iter(self._group_holders.get(group, ())), None)]
-        for candidate in candidates:
-            if candidate is not None and candidate in self._budget_paused and self.may_grow(candidate):
-                self._budget_paused.discard(candidate)
-                candidate._unpause("budget")
-
-    # -- shutdown -------------------------------------------------------------
-
     def stop_reading(self) -> None:
         """Shutting down: every connection stops reading, answers what it owes, then closes."""
         for protocol in list(self.connections):
@@ -863,76 +691,3 @@ class ReceiverFactory(Factory):
         """Abort every connection still open (their unanswered messages will be resent)."""
         for protocol in list(self.connections):
             protocol.transport.abortConnection()
-
-    # -- violations -----------------------------------------------------------
-
-    def report_violation(self, ip: str, peer: str, reason: str, detail: str) -> None:
-        """Log a protocol violation, at most once per address and reason per interval."""
-        now = self.clock.seconds()
-        key = (ip, reason)
-        last = self._violations_logged.get(key)
-        if last is not None and now - last < self.limits.violation_log_interval:
-            return
-        if len(self._violations_logged) > 10000:
-            self._violations_logged.clear()
-        self._violations_logged[key] = now
-        self.log.warn("Protocol violation from {peer}: {reason} ({detail})", peer=peer, reason=reason, detail=detail)
-
-
-@implementer(interfaces.IHalfCloseableProtocol, interfaces.IHandshakeListener)
-class _CappedConnection(ProtocolWrapper):
-    """Holds a connection's place in the caps until it ends; forwards half-closes and
-    the TLS handshake's completion to the gate behind it."""
-
-    group: str | None
-    transport: Any
-
-    def handshakeCompleted(self) -> None:
-        if interfaces.IHandshakeListener.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.handshakeCompleted()
-
-    def readConnectionLost(self) -> None:
-        if interfaces.IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.readConnectionLost()
-        else:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        if interfaces.IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.writeConnectionLost()
-        else:
-            self.transport.loseConnection()
-
-
-class CapsFactory(WrappingFactory):
-    """Applies the receiver's connection caps in front of TLS or handshake gates.
-
-    Without it a connection still in its TLS or secret handshake would not be
-    counted until the receiver's own protocol is built.
-    """
-
-    protocol = _CappedConnection
-    noisy = False
-
-    def __init__(self, wrapped: Any, receiver: ReceiverFactory) -> None:
-        super().__init__(wrapped)
-        self.receiver = receiver
-        receiver.enforce_caps = False
-
-    def buildProtocol(self, addr: Any) -> Any:
-        group = self.receiver.admit(addr)
-        if group is None:
-            return None
-        wrapper: Any = super().buildProtocol(addr)
-        if wrapper is None:
-            self.receiver.release(group)
-            return None
-        wrapper.group = group
-        return wrapper
-
-    def unregisterProtocol(self, p: Any) -> None:
-        super().unregisterProtocol(p)
-        group = getattr(p, "group", None)
-        if group is not None:
-            p.group = None
-            self.receiver.release(group)

@@ -159,6 +159,7 @@ class Router:
         batch_timeout: float = 30.0,
         overlap: bool | None = None,
         concurrency: int = 1,
+        answering: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -175,8 +176,8 @@ class Router:
         self.pending_budget = pending_budget
         self.batch_timeout = batch_timeout
         self.observers: list[Observer] = []
-        self.answering: Callable[[], AbstractContextManager[object]] = nullcontext
-        """Entered around each batch's replies: the receiver holds its writes until the batch is answered."""
+        self.answering = answering
+        """Entered around each batch's replies (a ReplyBatcher's ``hold``): the receiver holds its writes until the batch is answered."""
         self.health = {s.name: SinkHealth(s.name, self.metrics) for s in [record, *self.mirrors]}
         self.ready = True
         self._queue: deque[_Queued] = deque()

@@ -20,7 +20,8 @@ from twisted.logger import Logger
 
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import IRecord, ISink
-from eth_twisted.server.receiver import CapsFactory, ReceiverFactory, ReceiverLimits
+from eth_twisted.server.limits import CapsFactory, ReceiverLimits
+from eth_twisted.server.receiver import ReceiverFactory, ReplyBatcher
 from eth_twisted.server.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY, Router
 from eth_twisted.systemd import notify_ready
 
@@ -201,13 +202,15 @@ def make_server_service(
 
         reactor = default_reactor
     metrics = metrics if metrics is not None else ServerMetrics()
+    batcher = ReplyBatcher()
     router = Router(
         record, mirrors, clock=reactor, metrics=metrics, max_batch=max_batch,
         max_batch_bytes=max_batch_bytes, max_delay=batch_delay, overlap=pipeline,
-        concurrency=concurrent_batches, pending_budget=pending_budget,
+        concurrency=concurrent_batches, pending_budget=pending_budget, answering=batcher.hold,
     )
-    factory = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=limits)
-    router.answering = factory.holding_replies
+    gated = tls is not None or secret is not None
+    factory = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=limits, batcher=batcher,
+                              caps_in_front=gated)
     server = ServerService(record=record, mirrors=mirrors, router=router, factory=factory, reactor=reactor)
     tls_options = None
     if tls is not None:
@@ -254,7 +257,7 @@ def gated_factory(
             on_failure=lambda reason: metrics.protocol_errors.labels(reason=f"tls-{reason}").inc(),
         )
     if factory is not receiver:
-        factory = CapsFactory(factory, receiver)
+        factory = CapsFactory(factory, receiver.caps)
     return factory
 
 

@@ -18,7 +18,7 @@ from eth_twisted.options import (
     positive_float,
     state_path,
 )
-from eth_twisted.server.receiver import (
+from eth_twisted.server.limits import (
     DEFAULT_DEADLINE,
     DEFAULT_MAX_LENGTH,
     DEFAULT_WINDOW,
