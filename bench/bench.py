@@ -475,7 +475,7 @@ def raw_mysql_per_row(rows_total: int) -> dict[str, Any]:
 def raw_redis(messages: int, per_script: int = 500, depth: int = 4) -> dict[str, Any]:
     """EVALSHA of the sink's own store script per ``per_script`` messages, ``depth`` in flight."""
     from eth_twisted.model import sha256_hex
-    from eth_twisted.sinks.redis import STORE_SCRIPT, pack_store_entries
+    from eth_twisted.sinks.redis_scripts import STORE_SCRIPT, pack_store_entries
 
     with bench_prefix() as prefix:
         r = Resp(REDIS_HOST, REDIS_PORT)

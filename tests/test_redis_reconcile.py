@@ -23,13 +23,9 @@ from eth_twisted.errors import SinkError, SinkUnavailable
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import Record, RecordSummary, summary_bytes
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.sinks.redis import (
-    _RECONCILE_PAGE,
-    Reconciler,
-    RedisSink,
-    make_redis_sink,
-    start_reconciler,
-)
+from eth_twisted.sinks.reconcile import Reconciler, start_reconciler
+from eth_twisted.sinks.redis import RedisSink, make_redis_sink
+from eth_twisted.sinks.redis_scripts import RECONCILE_PAGE
 from tests.sink_contract import T0, msg, numbered
 from tests.support import PrivateRedis, async_wait_until
 from tests.test_sink_redis import FakeRedis, hgetall, resp
@@ -100,7 +96,7 @@ def clocked(record: MemorySink, **kwargs: Any) -> tuple[Reconciler, RedisSink, F
     """A reconciler on a fake-client sink, a Clock and fake metrics (not started)."""
     fake, clock, metrics = FakeRedis(), Clock(), FakeMetrics()
     # A reconciliation page script answers how many hashes it added: all of them, here.
-    fake.replies["EVALSHA"] = lambda args: int(args[6]) // 2 if args[1] == _RECONCILE_PAGE.sha else 0
+    fake.replies["EVALSHA"] = lambda args: int(args[6]) // 2 if args[1] == RECONCILE_PAGE.sha else 0
     fake.replies["HSCAN"] = [b"0", []]
     fake.replies["INFO"] = b"# Server\r\nrun_id:aaaa\r\n"
     sink = RedisSink(fake, reactor=clock)
@@ -230,7 +226,7 @@ async def test_stop_service_does_not_wait_for_the_whole_rebuild() -> None:
     assert stopped.called
     assert record.fetches == 1 and rec.failures == 0 and rec.last_result is None
     scripts = [c[1] for c in fake.calls if c[0] == "EVALSHA"]
-    assert scripts == [_RECONCILE_PAGE.sha]
+    assert scripts == [RECONCILE_PAGE.sha]
     assert [c for c in fake.calls if c[0] == "DEL"]  # the run's own count key is dropped
 
 
@@ -266,7 +262,7 @@ async def test_reconcile_reads_bounded_pages_of_summaries_only() -> None:
     assert all(limit == 7 and max_bytes == 3 * one for _, limit, max_bytes in asked)
     assert [len(p) for p in answered] == [3] * 10 + [0]
     assert all(sum(map(summary_bytes, p)) <= 3 * one for p in answered)
-    pages = [c for c in fake.calls if c[0] == "EVALSHA" and c[1] == _RECONCILE_PAGE.sha]
+    pages = [c for c in fake.calls if c[0] == "EVALSHA" and c[1] == RECONCILE_PAGE.sha]
     assert len(pages) == 10
     assert max(len(c) for c in pages) <= 7 + 2 * 3 + 2 * 3  # command, keys, ttl, count; 3 pairs; <= 3 IPs
 

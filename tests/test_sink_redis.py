@@ -23,13 +23,8 @@ from twisted.logger import LogLevel, globalLogPublisher
 from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
 from eth_twisted.model import Message, Outcome, storable_client_ip
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.sinks.redis import (
-    STORE_SCRIPT,
-    RedisSink,
-    make_redis_sink,
-    pack_store_entries,
-    parse_run_id,
-)
+from eth_twisted.sinks.redis import RedisSink, make_redis_sink, parse_run_id
+from eth_twisted.sinks.redis_scripts import STORE_SCRIPT, pack_store_entries
 from tests.sink_contract import T0, SinkContract, msg, numbered
 from tests.support import PrivateRedis, async_wait_until, redis_command
 

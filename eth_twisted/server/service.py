@@ -366,7 +366,8 @@ def _seed_stats(server: ServerService, stats: Any) -> Any:
 
 def _attach_reconciler(server: ServerService, mirror: ISink, reactor: Any, interval: float) -> None:
     """Rebuild Redis from SQL once the sinks are up, then every ``interval`` and after an outage."""
-    from eth_twisted.sinks.redis import Reconciler, RedisSink
+    from eth_twisted.sinks.reconcile import Reconciler
+    from eth_twisted.sinks.redis import RedisSink
 
     if not isinstance(mirror, RedisSink):
         return

@@ -1,13 +1,13 @@
 """The Redis mirror sink: stats keys updated by one Lua script per batch, rebuilt from SQL.
 
-SQL is the record; Redis mirrors it for the stats API (DESIGN.md "Storage"):
+SQL is the record; Redis mirrors it for the stats API (README "Storage"):
 
 - ``<prefix>hashes``: sorted set, member = SHA-256, score = unix time of first receipt;
 - ``<prefix>ip_addresses``: hash, client IP -> records it was first to deliver;
 - ``<prefix>ip_messages``: hash, client IP -> every message it delivered, duplicates included.
 
 txredisapi queues commands silently while Redis is down and answers them
-minutes later (RELIABILITY.md 2.2), so every call made here is bounded twice:
+minutes later, so every call made here is bounded twice:
 in time (``Deferred.addTimeout`` on the injected reactor) and in number
 (``max_in_flight``; past it a call fails at once). Failures become
 :mod:`eth_twisted.errors` exceptions: timeouts :class:`SinkTimeout`, everything
@@ -15,25 +15,22 @@ else :class:`SinkUnavailable` (``BUSY`` scripts and a full in-flight budget:
 :class:`SinkBusy`). An outage is logged once when it starts and once when it ends.
 
 A Redis that restarted empty converges through :meth:`RedisSink.reconcile`,
-which the :class:`Reconciler` service runs at start, every ``interval`` and
+which the :class:`~eth_twisted.sinks.reconcile.Reconciler` service runs at start, every ``interval`` and
 whenever the sink sees Redis come back (first success after failures, or a
 changed ``run_id``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import txredisapi
-from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -46,131 +43,33 @@ from eth_twisted.model import (
     ISink,
     Message,
     Outcome,
-    storable_client_ip,
+)
+from eth_twisted.sinks.redis_scripts import (
+    INSTALL_COUNTS,
+    RAISE_MESSAGES,
+    READ_COUNTS,
+    RECONCILE_PAGE,
+    SCRIPTS,
+    STORE,
+    Script,
+    pack_store_entries,
+    score,
 )
 
 DEFAULT_PREFIX = "eth:"
+
+
 DEFAULT_PAGE_SIZE = 5000
 """Records per page of a reconciliation (each page is also bounded by bytes: DEFAULT_SUMMARY_PAGE_BYTES)."""
+
+
 RECONCILE_KEY_TTL = 600
 """Seconds a reconciliation's own count key outlives its last page (an abandoned run's key expires)."""
+
+
 SCAN_COUNT = 1000
 """HSCAN COUNT hint when raising ip_messages from the rebuilt counts."""
-DEFAULT_RECONCILE_INTERVAL = 300.0
 
-# One batch. KEYS: hashes, ip_addresses, ip_messages. ARGV[1]: n; ARGV[2]: the n
-# messages packed by :func:`pack_store_entries`, one line "hash score ip flag" each,
-# with flag "1" = the record stored it (first delivery), "0" = the record called it
-# a duplicate, "?" = no record: decide by ZADD NX. One packed string rather than
-# four arguments a message: the client then encodes five arguments a batch, not
-# 4n+5 (txredisapi's per-argument encoding was about a tenth of the server's CPU).
-# A line that does not parse (the count differs from n) fails the whole script
-# before it writes anything. Answers one character per message, "1" when ZADD
-# added the hash, else "0", as a single bulk string: an array of integers costs
-# the client a parsed element (and, in txredisapi, a Deferred) per message.
-STORE_SCRIPT = """
-local n = tonumber(ARGV[1])
-local entries = {}
-for h, score, ip, flag in string.gmatch(ARGV[2], '(%S+) (%S+) (%S+) ([01?])\\n') do
-  entries[#entries + 1] = {h, score, ip, flag}
-end
-if #entries ~= n then
-  return redis.error_reply('ERR store script: ' .. #entries .. ' entries parsed, ' .. n .. ' announced')
-end
-local added = {}
-local firsts = {}
-local delivered = {}
-for i, e in ipairs(entries) do
-  local h, score, ip, flag = e[1], e[2], e[3], e[4]
-  local a = redis.call('ZADD', KEYS[1], 'NX', score, h)
-  added[i] = a
-  delivered[ip] = (delivered[ip] or 0) + 1
-  if flag == '1' or (flag == '?' and a == 1) then
-    firsts[ip] = (firsts[ip] or 0) + 1
-  end
-end
-for ip, c in pairs(delivered) do redis.call('HINCRBY', KEYS[3], ip, c) end
-for ip, c in pairs(firsts) do redis.call('HINCRBY', KEYS[2], ip, c) end
-return table.concat(added)
-"""
-
-
-def pack_store_entries(entries: Sequence[tuple[str, float, str, str]]) -> str:
-    """The store script's ARGV[2]: ``(hash, received_at, client_ip, flag)`` a line each.
-
-    Each IP goes in the form the record stores
-    (:func:`~eth_twisted.model.storable_client_ip`): printable, no spaces, never
-    empty, bounded. So an address holding whitespace, a newline or a lone
-    surrogate can neither break the line format nor fail the encoding, and the
-    counts the store script keeps are the ones reconciliation rebuilds from SQL.
-    """
-    lines = []
-    last_at, score = None, ""
-    ips: dict[str, str] = {}
-    for h, at, ip, flag in entries:
-        if at != last_at:  # the messages of one read share their receipt time
-            last_at, score = at, _score(at)
-        field = ips.get(ip)
-        if field is None:
-            field = ips[ip] = storable_client_ip(ip)
-        lines.append(f"{h} {score} {field} {flag}\n")
-    return "".join(lines)
-
-
-# Reconciliation, page by page (the record is read in bounded pages of summaries,
-# never whole). One page: KEYS hashes, the run's own count key. ARGV[1]: seconds
-# the count key lives (refreshed by every page, so an abandoned run leaves
-# nothing behind); ARGV[2]: 2n; then n "score hash" pairs for ZADD NX; then
-# "ip count" pairs: this page's first deliveries per IP, added to the count key.
-# Answers how many hashes were added.
-RECONCILE_PAGE_SCRIPT = """
-local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
-local added = 0
-local i = 3
-while i < 3 + n do
-  local j = math.min(i + 999, 2 + n)
-  added = added + redis.call('ZADD', KEYS[1], 'NX', unpack(ARGV, i, j))
-  i = j + 1
-end
-for k = 3 + n, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[2], ARGV[k], ARGV[k + 1])
-end
-if #ARGV > 2 + n then redis.call('EXPIRE', KEYS[2], ttl) end
-return added
-"""
-
-# Raise ip_messages to at least the rebuilt first-delivery count (it cannot be
-# rebuilt from SQL, which keeps no duplicates). KEYS: ip_messages. ARGV: ip,
-# count, ... (one HSCAN page of the run's count key). Answers how many were raised.
-RAISE_MESSAGES_SCRIPT = """
-local raised = 0
-for k = 1, #ARGV, 2 do
-  local c = tonumber(ARGV[k + 1])
-  local m = tonumber(redis.call('HGET', KEYS[1], ARGV[k]) or '0')
-  if m < c then
-    redis.call('HSET', KEYS[1], ARGV[k], c)
-    raised = raised + 1
-  end
-end
-return raised
-"""
-
-# Put the run's counts in place of ip_addresses. KEYS: the run's count key,
-# ip_addresses. Answers how many IPs ip_addresses now holds.
-INSTALL_COUNTS_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('PERSIST', KEYS[1])
-  redis.call('RENAME', KEYS[1], KEYS[2])
-else
-  redis.call('DEL', KEYS[2])
-end
-return redis.call('HLEN', KEYS[2])
-"""
-
-# A consistent snapshot of both count hashes. KEYS: ip_addresses, ip_messages.
-READ_COUNTS_SCRIPT = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
-"""
 
 # Error replies that mean "this Redis cannot serve us now": an outage (retryable).
 # Other error replies (NOPERM, WRONGTYPE, unknown command) are refusals of one command.
@@ -188,23 +87,6 @@ class RedisClient(Protocol):
 
     def disconnect(self) -> Deferred[Any]:
         """Close every connection and stop reconnecting."""
-
-
-class _Script:
-    """A Lua script with its SHA-1, for EVALSHA."""
-
-    def __init__(self, name: str, source: str) -> None:
-        self.name = name
-        self.source = source.strip().encode()
-        self.sha = hashlib.sha1(self.source).hexdigest()
-
-
-_STORE = _Script("store", STORE_SCRIPT)
-_RECONCILE_PAGE = _Script("reconcile-page", RECONCILE_PAGE_SCRIPT)
-_RAISE_MESSAGES = _Script("raise-messages", RAISE_MESSAGES_SCRIPT)
-_INSTALL_COUNTS = _Script("install-counts", INSTALL_COUNTS_SCRIPT)
-_READ_COUNTS = _Script("read-counts", READ_COUNTS_SCRIPT)
-_SCRIPTS = (_STORE, _RECONCILE_PAGE, _RAISE_MESSAGES, _INSTALL_COUNTS, _READ_COUNTS)
 
 
 class ReconcileCancelled(Exception):
@@ -229,11 +111,6 @@ class ReconcileResult:
 
     seconds: float
     """How long it took, by the sink's clock."""
-
-
-def _score(received_at: float) -> str:
-    """A sorted-set score for a receipt time, exact enough to round-trip a float."""
-    return repr(float(received_at))
 
 
 def _text(value: Any) -> str:
@@ -324,7 +201,7 @@ class RedisSink:
         return defer.ensureDeferred(self._start())
 
     async def _start(self) -> None:
-        for script in _SCRIPTS:
+        for script in SCRIPTS:
             sha = await self._call("SCRIPT LOAD", "SCRIPT", "LOAD", script.source)
             if _text(sha) != script.sha:
                 raise SinkUnavailable(self.name, f"SCRIPT LOAD {script.name} answered {sha!r}")
@@ -390,7 +267,7 @@ class RedisSink:
             return defer.succeed([o for o in outcomes if o is not None])
 
         keys = [self.hashes_key, self.ip_addresses_key, self.ip_messages_key]
-        d = self._eval(_STORE, keys, [str(len(sent)), pack_store_entries(entries)])
+        d = self._eval(STORE, keys, [str(len(sent)), pack_store_entries(entries)])
 
         def answer(added: Any) -> list[Outcome]:
             if isinstance(added, bytes | str):
@@ -408,7 +285,7 @@ class RedisSink:
 
     def read_counts(self) -> Deferred[tuple[dict[str, int], dict[str, int]]]:
         """``(ip_addresses, ip_messages)`` as ``{ip: count}``, read in one snapshot."""
-        d = self._eval(_READ_COUNTS, [self.ip_addresses_key, self.ip_messages_key], [])
+        d = self._eval(READ_COUNTS, [self.ip_addresses_key, self.ip_messages_key], [])
 
         def decode(reply: Any) -> tuple[dict[str, int], dict[str, int]]:
             first, every = reply
@@ -489,10 +366,10 @@ class RedisSink:
                 zadd: list[str] = []
                 firsts: dict[str, int] = {}
                 for r in page:
-                    zadd += [_score(r.received_at), r.hash]
+                    zadd += [score(r.received_at), r.hash]
                     firsts[r.client_ip] = firsts.get(r.client_ip, 0) + 1
                 counts = [x for ip, n in firsts.items() for x in (ip, str(n))]
-                n = await self._eval(_RECONCILE_PAGE, [self.hashes_key, counts_key],
+                n = await self._eval(RECONCILE_PAGE, [self.hashes_key, counts_key],
                                      [str(RECONCILE_KEY_TTL), str(len(zadd)), *zadd, *counts])
                 added += int(n)
                 records += len(page)
@@ -504,10 +381,10 @@ class RedisSink:
                 cursor, flat = await self._call("reconcile HSCAN", "HSCAN", counts_key, cursor,
                                                 "COUNT", str(SCAN_COUNT))
                 if flat:
-                    raised += int(await self._eval(_RAISE_MESSAGES, [self.ip_messages_key], list(flat)))
+                    raised += int(await self._eval(RAISE_MESSAGES, [self.ip_messages_key], list(flat)))
                 if _text(cursor) == "0":
                     break
-            ips = await self._eval(_INSTALL_COUNTS, [counts_key, self.ip_addresses_key], [])
+            ips = await self._eval(INSTALL_COUNTS, [counts_key, self.ip_addresses_key], [])
         except BaseException:
             if records:  # a page was written: its count key exists
                 self._discard(counts_key)
@@ -548,7 +425,7 @@ class RedisSink:
                 where=self.where, aof=aof, save=rdb,
             )
 
-    def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Deferred[Any]:
+    def _eval(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Deferred[Any]:
         """EVALSHA ``script``, falling back to EVAL on NOSCRIPT; one bounded call in all."""
 
         def run() -> Deferred[Any]:
@@ -703,193 +580,3 @@ def make_redis_sink(
     return RedisSink(pool, prefix=prefix, reactor=reactor,
                      call_timeout=call_timeout if call_timeout is not None else reply_timeout,
                      max_in_flight=max_in_flight, where=where)
-
-
-class _ReconcilableSink(Protocol):
-    def reconcile(self, record: IRecord, page_size: int = ..., page_bytes: int = ...,
-                  cancelled: Callable[[], bool] | None = ...) -> Deferred[ReconcileResult]: ...
-    def check_restart(self) -> Deferred[bool]: ...
-    def add_recovery_listener(self, listener: Callable[[], None]) -> None: ...
-    def remove_recovery_listener(self, listener: Callable[[], None]) -> None: ...
-
-
-class Reconciler(Service):
-    """Runs ``sink.reconcile(record)`` at start, every ``interval`` and when Redis comes back.
-
-    Runs never overlap: a trigger during a run asks for one more run after it.
-    Every failure is logged and counted and the loop goes on (a LoopingCall
-    whose function fails stops for good). Every ``watch_interval`` seconds it
-    asks the sink whether Redis restarted (``run_id`` changed), which an idle
-    server would otherwise not notice.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        sink: _ReconcilableSink,
-        record: IRecord,
-        interval: float = DEFAULT_RECONCILE_INTERVAL,
-        clock: IReactorTime | None = None,
-        metrics: Any = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
-        watch_interval: float | None = 10.0,
-        page_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES,
-    ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as default_reactor
-
-            clock = default_reactor  # type: ignore[assignment]
-        self.sink = sink
-        self.record = record
-        self.interval = interval
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
-        self.metrics = metrics
-        self.page_size = page_size
-        self.page_bytes = page_bytes
-        self.watch_interval = watch_interval
-        self.runs = 0
-        """Reconciliations attempted."""
-        self.failures = 0
-        """Reconciliations that failed."""
-        self.last_result: ReconcileResult | None = None
-        self.last_success_at: float | None = None
-        self._busy = False
-        self._stopping = False
-        self._again = False
-        self._waiters: list[Deferred[ReconcileResult | None]] = []
-        self._loop: LoopingCall | None = None
-        self._watch: LoopingCall | None = None
-
-    def startService(self) -> None:
-        """Start the loops; the first reconciliation runs now."""
-        self._stopping = False
-        super().startService()
-        self.sink.add_recovery_listener(self.trigger)
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True).addErrback(self._loop_died, "reconcile")
-        if self.watch_interval:
-            self._watch = LoopingCall(self._check_restart)
-            self._watch.clock = self.clock
-            self._watch.start(self.watch_interval, now=False).addErrback(self._loop_died, "watch")
-
-    def stopService(self) -> Deferred[None]:
-        """Stop the loops and wait for a reconciliation in progress to end (at its next page)."""
-        self._stopping = True
-        super().stopService()
-        self.sink.remove_recovery_listener(self.trigger)
-        for loop in (self._loop, self._watch):
-            if loop is not None and loop.running:
-                loop.stop()
-        self._loop = self._watch = None
-        if not self._busy:
-            return defer.succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiters.append(d)  # type: ignore[arg-type]
-        return d.addCallback(lambda _: None)
-
-    def trigger(self) -> None:
-        """Ask for a reconciliation soon (e.g. Redis came back); never fails."""
-        if self.running:
-            self.run_once()
-
-    def run_once(self) -> Deferred[ReconcileResult | None]:
-        """Reconcile now, or after the run in progress; fires with its result (None on failure)."""
-        if self._busy:
-            self._again = True
-            d: Deferred[ReconcileResult | None] = Deferred()
-            self._waiters.append(d)
-            return d
-        self._busy = True
-        return defer.ensureDeferred(self._run())
-
-    async def _run(self) -> ReconcileResult | None:
-        result: ReconcileResult | None = None
-        try:
-            while True:
-                self._again = False
-                result = await self._attempt()
-                if not self._again:
-                    break
-        finally:
-            self._busy = False
-            waiters, self._waiters = self._waiters, []
-            for w in waiters:
-                w.callback(result)
-        return result
-
-    async def _attempt(self) -> ReconcileResult | None:
-        self.runs += 1
-        try:
-            result = await self.sink.reconcile(self.record, self.page_size, self.page_bytes,
-                                               lambda: self._stopping)
-        except ReconcileCancelled as e:
-            self.log.info("Redis reconciliation stopped for shutdown ({reason})", reason=str(e))
-            return None
-        except SinkError as e:
-            self.failures += 1
-            self._count("error")
-            self.log.error("Redis reconciliation failed: {reason}; retrying in {interval:g}s or "
-                           "when Redis comes back", reason=str(e), interval=self.interval)
-            return None
-        except Exception:
-            self.failures += 1
-            self._count("error")
-            self.log.failure("Redis reconciliation failed; retrying in {interval:g}s",
-                             interval=self.interval)
-            return None
-        self.last_result = result
-        self.last_success_at = self.clock.seconds()
-        self._count("ok")
-        if self.metrics is not None:
-            self.metrics.reconciled_hashes.inc(result.hashes_added)
-        self.log.info(
-            "Redis reconciled from {records} records: {added} hashes added, {ips} IPs counted, "
-            "{raised} ip_messages raised, in {seconds:.2f}s",
-            records=result.records, added=result.hashes_added, ips=result.ips,
-            raised=result.ip_messages_raised, seconds=result.seconds,
-        )
-        return result
-
-    def _count(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.reconciliations.labels(result=result).inc()
-
-    def _tick(self) -> Deferred[None]:
-        return self.run_once().addCallback(lambda _: None)
-
-    def _check_restart(self) -> Deferred[None]:
-        # check_restart tells the listeners (this service) itself; a Redis that
-        # does not answer is the data path's business, logged by the sink.
-        d = defer.maybeDeferred(self.sink.check_restart)
-        return d.addCallbacks(lambda _: None, lambda _: None)
-
-    def _loop_died(self, f: Failure, which: str) -> None:
-        self.log.failure("Redis reconciler: the {which} loop stopped", f, which=which)
-
-
-def start_reconciler(
-    sink: _ReconcilableSink,
-    record: IRecord,
-    interval: float = DEFAULT_RECONCILE_INTERVAL,
-    clock: IReactorTime | None = None,
-    metrics: Any = None,
-    **kwargs: Any,
-) -> Reconciler:
-    """Build a :class:`Reconciler` and start it (it reconciles at once); stop it with stopService."""
-    service = Reconciler(sink, record, interval=interval, clock=clock, metrics=metrics, **kwargs)
-    service.startService()
-    return service
-
-
-__all__ = [
-    "DEFAULT_PREFIX",
-    "ReconcileCancelled",
-    "ReconcileResult",
-    "Reconciler",
-    "RedisSink",
-    "make_redis_sink",
-    "parse_run_id",
-    "start_reconciler",
-]
