@@ -10,14 +10,9 @@ import pytest
 
 from eth_twisted.model import MAX_BLOCK_NUMBER, Message, Totals
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.web.site import (
-    HANDLER_TIMEOUT,
-    MAX_LIMIT,
-    PING_TIMEOUT,
-    SECURITY_HEADERS,
-    host_allowed,
-    openapi_document,
-)
+from eth_twisted.web.app import HANDLER_TIMEOUT, host_allowed
+from eth_twisted.web.limits import SECURITY_HEADERS
+from eth_twisted.web.site import MAX_LIMIT, PING_TIMEOUT, openapi_document
 from tests.test_web_helpers import (
     BrokenRecord,
     HangingSink,

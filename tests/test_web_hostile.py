@@ -525,7 +525,7 @@ def test_heavy_reads_wait_for_a_place() -> None:
 def test_an_abandoned_read_keeps_its_place_until_it_ends() -> None:
     """A request that times out during its read answers 503 at once, but its place stays taken until the
     read (which a database thread cannot stop) ends: abandoned reads never pile up."""
-    from eth_twisted.web.site import HANDLER_TIMEOUT
+    from eth_twisted.web.app import HANDLER_TIMEOUT
 
     record = CountingRecord()
     s = server_fixture(record=record, limits=SiteLimits(heavy_requests=1))
@@ -543,7 +543,7 @@ def test_an_abandoned_read_keeps_its_place_until_it_ends() -> None:
 
 def test_a_request_that_times_out_waiting_for_a_place_never_reads() -> None:
     """A request still waiting for a place at its deadline is a 503 and gives up its turn unused."""
-    from eth_twisted.web.site import HANDLER_TIMEOUT
+    from eth_twisted.web.app import HANDLER_TIMEOUT
 
     record = CountingRecord()
     s = server_fixture(record=record, limits=SiteLimits(heavy_requests=1))

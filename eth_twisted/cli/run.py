@@ -25,7 +25,8 @@ from twisted.python import usage
 from eth_twisted.model import Message
 from eth_twisted.options import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
 from eth_twisted.server.limits import ReceiverLimits
-from eth_twisted.server.tap import FILE_HEADROOM, allowed_hosts, exposure_warning, raise_file_limit
+from eth_twisted.server.tap import FILE_HEADROOM, raise_file_limit
+from eth_twisted.web.app import allowed_hosts, exposure_warning
 from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()

@@ -134,7 +134,7 @@ class Options(EnvOptions):
         self["stats-token-resolved"] = self.resolve_secret("stats-token")
         if self["stats"].strip().lower() == "none":
             self["stats"] = None
-        from eth_twisted.server.tap import allowed_hosts, exposure_warning
+        from eth_twisted.web.app import allowed_hosts, exposure_warning
 
         self["allowed-hosts"] = allowed_hosts(self["stats"] or "", self["stats-allowed-hosts"])
         self["stats-limits"] = limits_from_options(self)

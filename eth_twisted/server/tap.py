@@ -25,6 +25,7 @@ from eth_twisted.server.limits import (
     ReceiverLimits,
 )
 from eth_twisted.server.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY
+from eth_twisted.web.app import allowed_hosts, exposure_warning
 from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
 
 log = Logger()
@@ -277,32 +278,6 @@ def tls_kwargs(config: usage.Options) -> dict[str, Any] | None:
     if config["tls-min-version"] not in ("1.2", "1.3"):
         raise usage.UsageError(f"--tls-min-version: expected 1.2 or 1.3, got {config['tls-min-version']!r}")
     return {"cert": cert, "key": key, "client_ca": config["tls-client-ca"], "min_version": config["tls-min-version"]}
-
-
-def allowed_hosts(stats: str, option: str | None) -> list[str] | None:
-    """The Host allowlist: the option's list, or the loopback names when the API listens on loopback.
-
-    On loopback a fixed list stops DNS-rebinding pages from reading the API.
-    """
-    if option:
-        return [h.strip() for h in option.split(",") if h.strip()]
-    if stats and ("interface=127." in stats or "interface=localhost" in stats or "interface=\\:\\:1" in stats):
-        return ["localhost", "127.0.0.1", "::1"]
-    return None
-
-
-def exposure_warning(stats: str | None, allowed: list[str] | None, token: str | None) -> str | None:
-    """A warning when a stats site on the network answers any Host without a token, else None.
-
-    Any web page a browser near it opens can then read the API by DNS rebinding.
-    """
-    if not stats or stats.strip().lower() == "none" or allowed is not None or token:
-        return None
-    if not stats.startswith(("tcp:", "tcp6:", "ssl:", "haproxy:")):
-        return None
-    return (f"the stats site on {stats} answers any Host header and needs no token: a web page "
-            "opened by a browser that can reach it can read the API (DNS rebinding); set "
-            "--stats-allowed-hosts or --stats-token-file")
 
 
 def storage_kwargs(config: StorageOptions) -> dict[str, Any]:
