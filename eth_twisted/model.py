@@ -120,12 +120,6 @@ class Outcome(str, enum.Enum):
     """Can never be stored (a recognised field out of range): final."""
 
 
-# ERR codes of wire protocol version 1 (DESIGN.md).
-RETRYABLE_CODES = frozenset({"unavailable", "timeout", "busy"})
-FINAL_CODES = frozenset({"empty", "too-long", "rejected", "auth"})
-FRAME_CODES = frozenset({"bad-frame", "too-long", "truncated"})
-
-
 class Message(NamedTuple):
     """One received payload with what the server knows about its arrival.
 

@@ -17,9 +17,10 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from eth_twisted.client.outbox import Cursor, Outbox, open_outbox
-from eth_twisted.client.sender import DeliveryService, ReplyError, parse_reply
+from eth_twisted.client.sender import DeliveryService
 from eth_twisted.link.netstring import encode
 from eth_twisted.link.payload import render_html
+from eth_twisted.link.replies import ReplyError, parse_reply
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.model import EMPTY_SHA256, sha256_hex
 

@@ -1,52 +1,11 @@
-"""JSON-RPC to one or more Ethereum nodes: failover, cooldowns, agreement on the head and the chain.
+"""JSON-RPC to one or more Ethereum nodes: failover, cooldowns, and agreement on the head and the chain.
 
-One call (:mod:`eth_twisted.client.jsonrpc`) is one POST through an injected
-``IAgent`` (by default ``twisted.web.client.Agent`` on its own persistent
-pool), guarded by a single timeout that covers the request *and* the body,
-read with a byte cap, never redirected or inflated, and checked three ways
-before its result is believed: the HTTP status, the body (it must be JSON)
-and the JSON-RPC envelope. Every quantity is bounded while it is parsed.
-
-Every failure has a *kind* (``dns``, ``connect``, ``timeout``, ``tls``,
-``connection-lost``, ``http-3xx``, ``http-429``, ``http-4xx``, ``http-5xx``,
-``too-large``, ``bad-encoding``, ``bad-json``, ``bad-envelope``,
-``rpc-error``, ``rate-limit``, ``null-result``, ``bad-result``,
-``wrong-chain``), is counted per endpoint, and moves the call to the next
-endpoint. An exception raised while reading one endpoint's answer is that
-endpoint's ``bad-result``, never the caller's. Rate limits (HTTP 429,
-JSON-RPC -32005/-32007, "rate limit" in the message) put the endpoint in a
-cooldown that honours ``Retry-After`` or else backs off exponentially; other
-failures put it at the back of the queue for a short, growing while. An
-endpoint's outage is logged once when it starts and once when it ends, with
-its duration (:class:`eth_twisted.outage.Episode`).
-
-Endpoints are identified in logs and metrics by ``scheme://host[:port]``
-only: providers put API keys in the path or the query, and a URL's
-``user:password@`` becomes a basic-auth header that is never logged.
-
-**The head is chosen by agreement** (:func:`eth_twisted.client.agreement.agreement`): the median of
-the heads the endpoints answer in one round (the lower one of an even
-count) is where they agree; the head followed is the newest answer within
-``lag_threshold`` blocks above it that a second endpoint has also reached.
-An endpoint more than ``lag_threshold`` above the median is *far-ahead*:
-distrusted (state, metric, one log line), never asked for blocks, and its
-answers do not vote again until it is back within range. One more than
-``lag_threshold`` below is *lagging* (asked for blocks last). With one
-endpoint its answer is the head; with two that disagree, the lower is
-followed (a wrong low head only delays, a wrong high head invents blocks).
-A round whose only answers jump more than ``lag_threshold`` above a head
-that more endpoints agreed on within the last :data:`AGREEMENT_MEMORY`
-seconds is not believed either: it waits for a second endpoint, or for that
-memory to expire.
-
-**The chain is chosen by agreement too**: an endpoint is used only once it
-has shown the chain id and genesis hash being followed (the stored cursor's,
-else ``--chain-id``'s, else the majority's). An endpoint on another chain is
-*wrong-chain* and costs only itself; only when no endpoint is on the
-expected chain, or endpoints disagree without a majority at the first start,
-is it a :class:`ChainMismatch` (the tap stops the process, naming
-``--reset-cursor``). After a transport failure an endpoint shows its chain
-again before its answers count, so a node restarted on a new chain is caught.
+:class:`RPCClient` sends each call (one POST, :mod:`eth_twisted.client.jsonrpc`)
+to the best endpoint available and moves on when it fails; every failure has a
+kind, is counted per endpoint and logged once per outage. The head and the
+chain followed are what the endpoints agree on (:mod:`eth_twisted.client.agreement`),
+so one lying or broken node costs only itself. The rules, as a user meets them,
+are in the README ("What the client believes from RPC nodes").
 """
 
 from __future__ import annotations
@@ -252,11 +211,6 @@ class RPCClient:
         self.agreed_head: int | None = None
         """The head the last successful round agreed on."""
         self._agreement: _Agreement | None = None
-
-    @property
-    def best_head(self) -> int | None:
-        """The agreed head (the name older callers used)."""
-        return self.agreed_head
 
     # -- public calls ------------------------------------------------------
 

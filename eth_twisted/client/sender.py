@@ -35,7 +35,6 @@ survives reconnections.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,8 +52,17 @@ from twisted.python.failure import Failure
 
 from eth_twisted.client.outbox import Entry, Outbox
 from eth_twisted.link.netstring import encode
+from eth_twisted.link.replies import (
+    FINAL_CODES,
+    FRAME_CODES,
+    KNOWN_CODES,
+    RETRYABLE_CODES,
+    Reply,
+    ReplyError,
+    parse_reply,
+)
 from eth_twisted.metrics import ClientMetrics
-from eth_twisted.model import EMPTY_SHA256, FINAL_CODES, FRAME_CODES, RETRYABLE_CODES
+from eth_twisted.model import EMPTY_SHA256
 
 DEFAULT_WINDOW = 256
 MAX_WINDOW = 256
@@ -63,39 +71,6 @@ DEFAULT_HEARTBEAT = 10.0
 RETRY_INITIAL = 1.0
 RETRY_MAX = 30.0
 METRICS_INTERVAL = 5.0
-
-_KNOWN_CODES = RETRYABLE_CODES | FINAL_CODES | FRAME_CODES
-_SHA = re.compile(r"[0-9a-f]{64}\Z")
-_CODE = re.compile(r"[a-z][a-z0-9-]{0,31}\Z")
-
-
-class ReplyError(ValueError):
-    """A reply that is not one of the forms of wire protocol version 1."""
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One parsed reply: ``kind`` is OK, DUP or ERR; ``sha`` is ``-`` for connection errors."""
-
-    kind: str
-    sha: str
-    code: str | None = None
-
-
-def parse_reply(raw: bytes) -> Reply:
-    """Parse one reply netstring's content, or raise :class:`ReplyError`."""
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError:
-        raise ReplyError("reply is not ASCII")
-    parts = text.split(" ")
-    if len(parts) == 2 and parts[0] in ("OK", "DUP") and _SHA.match(parts[1]):
-        return Reply(parts[0], parts[1])
-    if len(parts) == 3 and parts[0] == "ERR" and _CODE.match(parts[2]):
-        if parts[1] == "-" or _SHA.match(parts[1]):
-            return Reply("ERR", parts[1], parts[2])
-    raise ReplyError(f"unknown reply {text[:80]!r}")
-
 
 class SenderProtocol(NetstringReceiver):
     """One connection to the server: writes frames, parses replies, delegates the rest."""
@@ -377,7 +352,7 @@ class DeliveryService(service.MultiService):
         if reply.code is None:
             label = reply.kind
         else:
-            label = f"ERR:{reply.code if reply.code in _KNOWN_CODES else 'other'}"
+            label = f"ERR:{reply.code if reply.code in KNOWN_CODES else 'other'}"
         self.metrics.replies.labels(kind=label).inc()
         if reply.sha == "-":
             self._connection_error(proto, reply.code or "")

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from eth_twisted.errors import FrameError
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.link.payload import OutOfRange, recognise_block_number
+from eth_twisted.link.replies import reply_text
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, normalise_ip, peer_group, sha256_hex
 from eth_twisted.server.limits import (
@@ -355,10 +356,7 @@ class ReceiverProtocol(Protocol):
 
     def _resolve(self, slot: _Slot, code: str) -> None:
         """Set the reply for ``slot`` and write every reply now due, in order."""
-        if code == "OK" or code == "DUP":
-            slot.text = f"{code} {slot.sha}".encode("ascii")
-        else:
-            slot.text = f"ERR {slot.sha} {code}".encode("ascii")
+        slot.text = reply_text(slot.sha, code)
         self._flush()
 
     def _flush(self) -> None:

@@ -18,10 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from eth_twisted.errors import SinkError
-from eth_twisted.model import (
-    DEFAULT_SUMMARY_PAGE_BYTES,
-    IRecord,
-)
+from eth_twisted.model import DEFAULT_SUMMARY_PAGE_BYTES, IRecord
 from eth_twisted.sinks.redis import DEFAULT_PAGE_SIZE, ReconcileCancelled, ReconcileResult
 
 DEFAULT_RECONCILE_INTERVAL = 300.0

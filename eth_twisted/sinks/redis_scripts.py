@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from eth_twisted.model import (
-    storable_client_ip,
-)
+from eth_twisted.model import storable_client_ip
 
 # One batch. KEYS: hashes, ip_addresses, ip_messages. ARGV[1]: n; ARGV[2]: the n
 # messages packed by :func:`pack_store_entries`, one line "hash score ip flag" each,
