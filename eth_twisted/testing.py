@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from eth_twisted.client.outbox import Cursor
 from eth_twisted.errors import OutboxFull
+from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.model import sha256_hex
 
 ZERO_HASH = "0x" + "00" * 32
@@ -350,10 +351,7 @@ class FakeEthereumNode(Resource):
 
     def listen(self, reactor: Any = None, port: int = 0, interface: str = "127.0.0.1") -> IListeningPort:
         """Serve on a real TCP port (0: any free one); ``url_of(port)`` gives the URL."""
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
+        reactor = maybe_global_reactor(reactor)
         return reactor.listenTCP(port, Site(self), interface=interface)  # type: ignore[no-any-return]
 
 

@@ -9,8 +9,9 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from eth_twisted.errors import SinkTimeout, SinkUnavailable
+from eth_twisted.interfaces import ISink
 from eth_twisted.metrics import ServerMetrics
-from eth_twisted.model import ISink, Message, Outcome
+from eth_twisted.model import Message, Outcome
 from eth_twisted.server.router import Router
 from eth_twisted.sinks.memory import MemorySink
 

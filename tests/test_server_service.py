@@ -10,7 +10,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
-from eth_twisted.model import IRecord, Message, Outcome
+from eth_twisted.interfaces import IRecord
+from eth_twisted.model import Message, Outcome
 from eth_twisted.server.service import make_server_service
 from eth_twisted.sinks.memory import MemorySink
 

@@ -23,6 +23,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from eth_twisted import __version__
+from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.options import PRECEDENCE, EnvOptions, non_negative_float
 from eth_twisted.server import tap as server_tap
 
@@ -100,10 +101,7 @@ def start_logging(verbose: bool, stream: Any = None, quiet: bool = False) -> Non
 
 def run_service(build: Callable[[Any], Any], reactor: Any = None) -> int:
     """Start the service ``build(reactor)`` returns, run the reactor, and return the exit code."""
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+    reactor = maybe_global_reactor(reactor)
     try:
         service = build(reactor)
         service.startService()

@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from eth_twisted.errors import ConfigError, OutboxFull, OutboxLocked
+from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.model import sha256_hex
 from eth_twisted.options import state_path
 
@@ -134,9 +135,7 @@ class Gap:
 
 def _as_clock(clock: IReactorTime | Clock | None) -> Clock:
     if clock is None:
-        from twisted.internet import reactor
-
-        return reactor.seconds  # type: ignore[attr-defined,no-any-return]
+        return maybe_global_reactor().seconds  # type: ignore[no-any-return]
     seconds = getattr(clock, "seconds", None)
     if callable(seconds):
         return seconds  # type: ignore[no-any-return]

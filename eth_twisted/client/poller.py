@@ -54,6 +54,7 @@ from twisted.python.failure import Failure
 from eth_twisted.client.outbox import Cursor
 from eth_twisted.client.rpc import RPCClient, RPCFailure
 from eth_twisted.errors import ChainMismatch, OutboxFull
+from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.link.payload import FORMATS, render
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.outage import Episode
@@ -105,8 +106,7 @@ class BlockPoller(service.Service):
             raise ValueError("max_backfill must be at least 1")
         if max_gap is not None and max_gap < 0:
             raise ValueError("max_gap must be 0 or more")
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        clock = maybe_global_reactor(clock)
         self.rpc = rpc
         self.outbox = outbox
         self.fmt = fmt

@@ -45,6 +45,7 @@ from eth_twisted.client.jsonrpc import (
     status_failure,
 )
 from eth_twisted.errors import ChainMismatch
+from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.outage import Episode
 
@@ -147,11 +148,10 @@ class RPCEndpoint:
 
 
 def _default_agent(clock: Any, timeout: float, max_body: int) -> tuple[Any, Any]:
-    from twisted.internet import reactor as global_reactor
     from twisted.internet.interfaces import IReactorTCP
     from twisted.web.client import HTTPConnectionPool
 
-    reactor = clock if IReactorTCP.providedBy(clock) else global_reactor
+    reactor = clock if IReactorTCP.providedBy(clock) else maybe_global_reactor()
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 4
     return capped_agent(reactor, max_body, timeout, pool), pool
@@ -178,8 +178,7 @@ class RPCClient:
     ) -> None:
         if not urls:
             raise ValueError("at least one RPC URL is needed")
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        clock = maybe_global_reactor(clock)
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.endpoints = [RPCEndpoint.from_url(u) for u in urls]
         for ep in self.endpoints:

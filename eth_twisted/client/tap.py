@@ -16,6 +16,7 @@ from eth_twisted.client.sender import (
     MAX_WINDOW,
 )
 from eth_twisted.errors import ConfigError
+from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.link.payload import FORMATS
 from eth_twisted.options import (
     PRECEDENCE,
@@ -181,10 +182,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
     from eth_twisted.client.service import make_client_service
 
     exit_on_fatal = reactor is None
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+    reactor = maybe_global_reactor(reactor)
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
     return make_client_service(

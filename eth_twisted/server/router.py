@@ -23,8 +23,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from eth_twisted.errors import SinkError, SinkTimeout
+from eth_twisted.interfaces import ISink
 from eth_twisted.metrics import ServerMetrics
-from eth_twisted.model import ISink, Message, Outcome
+from eth_twisted.model import Message, Outcome
 
 Reply = Callable[[str], None]
 Observer = Callable[[Sequence[Message], Sequence[str]], None]

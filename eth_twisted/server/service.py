@@ -18,8 +18,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from eth_twisted.interfaces import IRecord, ISink, maybe_global_reactor
 from eth_twisted.metrics import ServerMetrics
-from eth_twisted.model import IRecord, ISink
 from eth_twisted.server.limits import CapsFactory, ReceiverLimits
 from eth_twisted.server.receiver import ReceiverFactory, ReplyBatcher
 from eth_twisted.server.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY, Router
@@ -197,10 +197,7 @@ def make_server_service(
     certificates), "min_version"}``; ``secret`` turns on the shared-secret
     handshake (refused over plaintext unless ``allow_plaintext_secret``).
     """
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+    reactor = maybe_global_reactor(reactor)
     metrics = metrics if metrics is not None else ServerMetrics()
     batcher = ReplyBatcher()
     router = Router(

@@ -9,6 +9,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from eth_twisted.errors import ConfigError
+from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.options import (
     PRECEDENCE,
     EnvOptions,
@@ -183,10 +184,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
     """Build the eth-server from parsed options."""
     from eth_twisted.server.service import build_server
 
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+    reactor = maybe_global_reactor(reactor)
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
     from eth_twisted.server.router import tune_gc

@@ -8,10 +8,10 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from eth_twisted.interfaces import IRecord
 from eth_twisted.model import (
     DEFAULT_SUMMARY_PAGE_BYTES,
     MAX_BLOCK_NUMBER,
-    IRecord,
     Message,
     Outcome,
     Record,

@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from eth_twisted.errors import SinkError
-from eth_twisted.model import DEFAULT_SUMMARY_PAGE_BYTES, IRecord
+from eth_twisted.interfaces import IRecord, maybe_global_reactor
+from eth_twisted.model import DEFAULT_SUMMARY_PAGE_BYTES
 from eth_twisted.sinks.redis import DEFAULT_PAGE_SIZE, ReconcileCancelled, ReconcileResult
 
 DEFAULT_RECONCILE_INTERVAL = 300.0
@@ -55,10 +56,7 @@ class Reconciler(Service):
         watch_interval: float | None = 10.0,
         page_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as default_reactor
-
-            clock = default_reactor  # type: ignore[assignment]
+        clock = maybe_global_reactor(clock)
         self.sink = sink
         self.record = record
         self.interval = interval

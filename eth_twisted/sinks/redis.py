@@ -36,14 +36,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
-from eth_twisted.model import (
-    DEFAULT_SUMMARY_PAGE_BYTES,
-    MAX_BLOCK_NUMBER,
-    IRecord,
-    ISink,
-    Message,
-    Outcome,
-)
+from eth_twisted.interfaces import IRecord, ISink, maybe_global_reactor
+from eth_twisted.model import DEFAULT_SUMMARY_PAGE_BYTES, MAX_BLOCK_NUMBER, Message, Outcome
 from eth_twisted.sinks.redis_scripts import (
     INSTALL_COUNTS,
     RAISE_MESSAGES,
@@ -157,10 +151,7 @@ class RedisSink:
         max_in_flight: int = 64,
         where: str = "redis",
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor  # type: ignore[assignment]
+        reactor = maybe_global_reactor(reactor)
         if call_timeout <= 0:
             raise ValueError("call_timeout must be positive")
         if max_in_flight < 1:

@@ -40,8 +40,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
+from eth_twisted.interfaces import IRecord, ISink
 from eth_twisted.metrics import ClientMetrics, ServerMetrics
-from eth_twisted.model import MAX_BLOCK_NUMBER, IRecord, ISink
+from eth_twisted.model import MAX_BLOCK_NUMBER
 from eth_twisted.web.app import (
     JSON_TYPE,
     MAX_ID,

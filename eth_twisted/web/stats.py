@@ -29,7 +29,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from eth_twisted.model import IRecord, Message, Outcome, Record, RecordSummary, Totals, peer_group
+from eth_twisted.interfaces import IRecord
+from eth_twisted.model import Message, Outcome, Record, RecordSummary, Totals, peer_group
 
 CHART_POINTS = 600
 """How many (received_at, block_number) points the chart ring keeps."""

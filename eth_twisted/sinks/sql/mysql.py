@@ -9,13 +9,8 @@ from typing import Any
 import pymysql
 from zope.interface import implementer
 
-from eth_twisted.model import (
-    MAX_CLIENT_ID,
-    IRecord,
-    Message,
-    storable_client_id,
-    storable_client_ip,
-)
+from eth_twisted.interfaces import IRecord
+from eth_twisted.model import MAX_CLIENT_ID, Message, storable_client_id, storable_client_ip
 from eth_twisted.sinks.sql.migrations import from_utc_datetime, to_utc_datetime
 from eth_twisted.sinks.sql.pool import (
     ErrorKind,

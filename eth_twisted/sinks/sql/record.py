@@ -16,13 +16,13 @@ from eth_twisted.errors import (
     SinkTimeout,
     SinkUnavailable,
 )
+from eth_twisted.interfaces import IRecord, maybe_global_reactor
 from eth_twisted.model import (
     DEFAULT_SUMMARY_PAGE_BYTES,
     MAX_BLOCK_NUMBER,
     MAX_CLIENT_ID,
     MAX_CLIENT_IP,
     SUMMARY_FIXED_BYTES,
-    IRecord,
     Message,
     Outcome,
     Record,
@@ -93,9 +93,7 @@ class SQLSink:
     in_chunk = IN_CHUNK
 
     def __init__(self, reactor: Any = None, *, migrate: bool = True, ping_timeout: float = 5.0) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-            reactor = default_reactor
+        reactor = maybe_global_reactor(reactor)
         self._reactor = reactor
         self.migrate = migrate
         self.ping_timeout = ping_timeout

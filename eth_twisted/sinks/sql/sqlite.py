@@ -11,7 +11,8 @@ from zope.interface import implementer
 from eth_twisted.errors import (
     ConfigError,
 )
-from eth_twisted.model import IRecord, Message, storable_client_id, storable_client_ip
+from eth_twisted.interfaces import IRecord
+from eth_twisted.model import Message, storable_client_id, storable_client_ip
 from eth_twisted.sinks.sql.migrations import check_sqlite_path
 from eth_twisted.sinks.sql.pool import ErrorKind, ReconnectingConnectionPool, classify_sqlite_error
 from eth_twisted.sinks.sql.record import SQLSink
