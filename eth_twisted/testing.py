@@ -186,10 +186,6 @@ class FakeEthereumNode(Resource):
         self.faults.append(fault)
         return fault
 
-    def clear_faults(self) -> None:
-        """Forget every scheduled fault."""
-        self.faults.clear()
-
     def release_stalled(self) -> None:
         """Finish every stalled request (their clients have usually given up)."""
         stalled, self.stalled = self.stalled, []

@@ -133,8 +133,8 @@ def test_lone_jump_after_agreement_waits_for_confirmation() -> None:
     w.c.fabricate(2293)
     w.clock.advance(5)
     assert failure_of(w.rpc.head_round()).kind == "far-ahead"
-    w.a.clear_faults()
-    w.b.clear_faults()
+    w.a.faults.clear()
+    w.b.faults.clear()
     w.clock.advance(60)
     assert result_of(w.rpc.head_round()) == 100
     assert w.rpc.endpoints[2].distrust == "far-ahead"

@@ -131,7 +131,7 @@ def test_poller_survives_a_4000_digit_timestamp() -> None:
     rig.tick()
     assert rig.polls("bad-result") == 2 and rig.polls("error") == 0
     assert rig.numbers() == []
-    rig.node.clear_faults()
+    rig.node.faults.clear()
     rig.tick()
     assert rig.numbers() == [100]
 
@@ -274,7 +274,7 @@ def test_poller_logs_one_line_per_outage(lines: Lines) -> None:
     for _ in range(50):
         rig.tick()
     assert rig.polls("http-5xx") == 51
-    rig.node.clear_faults()
+    rig.node.faults.clear()
     rig.clock.advance(60)
     assert rig.numbers() == [100]
     assert len(lines.matching("poll failed (http-5xx)")) == 1

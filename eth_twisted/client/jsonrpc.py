@@ -41,21 +41,18 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from eth_twisted.errors import RPCError
-
-try:  # the request-level failures live in a private module of twisted.web
-    from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
-except ImportError:  # pragma: no cover - very old or very new Twisted
-    from twisted.web.client import (  # type: ignore[attr-defined,no-redef]
-        RequestTransmissionFailed,
-        ResponseNeverReceived,
-    )
 
 MAX_QUANTITY = 2**63 - 1
 """Largest block number or timestamp believed (the server's BIGINT range)."""

@@ -29,9 +29,11 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
+from eth_twisted import systemd
 from eth_twisted.client.outbox import Outbox, open_outbox
 from eth_twisted.client.sender import DeliveryService
 from eth_twisted.metrics import ClientMetrics
+from eth_twisted.web.site import make_client_site
 
 log = Logger()
 
@@ -104,10 +106,10 @@ class EthClientService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        _notify("READY", "eth-client ready")
+        systemd.notify_ready("eth-client ready")
 
     def stopService(self) -> defer.Deferred[None]:
-        _notify("STOPPING", "eth-client stopping")
+        systemd.notify_stopping("eth-client stopping")
         d: defer.Deferred[Any] = defer.maybeDeferred(super().stopService)
         d.addBoth(self._close_rpc)
         d.addBoth(self._close_outbox)
@@ -130,17 +132,6 @@ def _exit_with(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def _notify(kind: str, status: str) -> None:
-    try:
-        from eth_twisted import systemd
-    except ImportError:  # pragma: no cover
-        return
-    if kind == "READY":
-        systemd.notify_ready(status)
-    else:
-        systemd.notify_stopping(status)
 
 
 def make_client_service(
@@ -257,12 +248,7 @@ def link_endpoint(
 def _stats_service(
     client: EthClientService, listen: str, reactor: Any, token: str | None = None,
     allowed_hosts: Sequence[str] | None = None, limits: Any = None,
-) -> service.Service | None:
-    try:
-        from eth_twisted.web.site import make_client_site
-    except ImportError:  # the web layer is optional for the client
-        log.warn("Stats site not available (eth_twisted.web.site missing); {listen} not served", listen=listen)
-        return None
+) -> service.Service:
     site = make_client_site(metrics=client.metrics, readiness=client.readiness, clock=reactor,
                             token=token, allowed_hosts=allowed_hosts, limits=limits)
     svc = strports.service(listen, site, reactor=reactor)
