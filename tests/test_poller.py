@@ -10,8 +10,8 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 
 from eth_twisted.client.outbox import Cursor
-from eth_twisted.client.poller import BlockPoller
-from eth_twisted.client.rpc import RPCClient
+from eth_twisted.client.poller import BlockPoller, PollSettings
+from eth_twisted.client.rpc import RPCClient, RPCSettings
 from eth_twisted.errors import OutboxFull
 from eth_twisted.link.payload import render
 from eth_twisted.metrics import ClientMetrics
@@ -23,21 +23,22 @@ URL = "http://node.example/"
 class Rig:
     """A fake node, a Clock, an RPC client, a MemoryOutbox and a poller (not started)."""
 
-    def __init__(self, height: int = 100, outbox: MemoryOutbox | None = None, **kwargs: Any) -> None:
+    def __init__(self, height: int = 100, outbox: MemoryOutbox | None = None, rpc_timeout: float = 10.0,
+                 **settings: Any) -> None:
         self.node = FakeEthereumNode(height=height)
         self.stub = RequestTraversalAgent(FakeNetwork({"node.example": self.node}))
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.metrics = ClientMetrics(CollectorRegistry())
-        self.rpc = RPCClient([URL], agent=self.stub, clock=self.clock, metrics=self.metrics,
-                             timeout=kwargs.pop("timeout", 10.0))
+        self.rpc = RPCClient(RPCSettings(rpc=(URL,), rpc_timeout=rpc_timeout), agent=self.stub, clock=self.clock,
+                             metrics=self.metrics)
         self.outbox = outbox if outbox is not None else MemoryOutbox()
         self.woken = 0
         self.fatal: list[str] = []
-        kwargs.setdefault("interval", 5.0)
+        settings.setdefault("interval", 5.0)
         self.poller = BlockPoller(
-            self.rpc, self.outbox, clock=self.clock, metrics=self.metrics,
-            on_enqueued=self.wake, fatal=self.fatal.append, **kwargs,
+            self.rpc, self.outbox, PollSettings(**settings), clock=self.clock, metrics=self.metrics,
+            on_enqueued=self.wake, fatal=self.fatal.append,
         )
 
     def wake(self) -> None:
@@ -49,7 +50,7 @@ class Rig:
 
     def tick(self) -> None:
         """Advance the clock by one interval (one poll)."""
-        self.clock.advance(self.poller.interval)
+        self.clock.advance(self.poller.settings.interval)
 
     def polls(self, result: str) -> float:
         return self.metrics.registry.get_sample_value("eth_client_polls_total", {"result": result}) or 0.0
@@ -99,7 +100,7 @@ def test_no_head_movement_nothing_enqueued() -> None:
 @pytest.mark.parametrize("fmt", ["html", "json"])
 def test_new_blocks_in_order_with_exact_payloads(fmt: str) -> None:
     """Head moving N -> N+3 enqueues N+1..N+3 in order, bytes equal to payload.render of the node's blocks."""
-    rig = Rig(fmt=fmt).start()
+    rig = Rig(format=fmt).start()
     rig.node.mine(3)
     rig.tick()
     assert rig.numbers() == [100, 101, 102, 103]
@@ -235,7 +236,7 @@ def test_null_head_block_enqueues_the_rest_then_retries() -> None:
 
 def test_no_overlap_while_a_tick_is_slow() -> None:
     """A tick stalled on a slow answer is not overlapped: no new poll starts until it ends."""
-    rig = Rig(interval=1.0, timeout=10.0).start()
+    rig = Rig(interval=1.0, rpc_timeout=10.0).start()
     rig.node.fail("stall-headers", method="eth_blockNumber")
     rig.tick()
     heads = lambda: sum(1 for m, _ in rig.node.requests if m == "eth_blockNumber")  # noqa: E731
@@ -252,7 +253,7 @@ def test_no_overlap_while_a_tick_is_slow() -> None:
 
 def test_tick_deadline_cancels_and_loop_goes_on() -> None:
     """A tick over its own deadline is cancelled and counted; later polls proceed."""
-    rig = Rig(interval=1.0, timeout=100.0, tick_timeout=5.0).start()
+    rig = Rig(interval=1.0, rpc_timeout=100.0, tick_timeout=5.0).start()
     rig.node.fail("stall-body", method="eth_blockNumber")
     rig.tick()
     rig.stub.flush()
@@ -280,7 +281,7 @@ def test_parent_mismatch_does_not_advance() -> None:
 
 def test_reorg_rewinds_to_common_ancestor() -> None:
     """A reorg replacing enqueued blocks re-sends the canonical ones from the common ancestor, then goes on."""
-    rig = Rig(fmt="json").start()
+    rig = Rig(format="json").start()
     rig.node.mine(5)
     rig.tick()
     old_105 = rig.outbox.cursor().block_hash
@@ -307,10 +308,25 @@ def test_chain_mismatch_with_cursor_is_fatal() -> None:
     assert len(rig.fatal) == 1
 
 
-def test_chain_id_option_mismatch_is_fatal() -> None:
+def test_chain_id_mismatch_is_fatal() -> None:
     """--chain-id differing from the node's is fatal."""
-    rig = Rig(chain_id_option=1).start()
+    rig = Rig(chain_id=1).start()
     assert rig.fatal and "--chain-id" in rig.fatal[0]
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [({"format": "xml"}, "--format"), ({"interval": 0.0}, "--interval"), ({"max_backfill": 0}, "--max-backfill"),
+     ({"max_gap": -1}, "--max-gap"), ({"parallel": 0}, "parallel")],
+)
+def test_settings_check_names_the_option(bad: dict[str, Any], named: str) -> None:
+    """PollSettings.check() names the option of a bad value; the poller refuses such settings."""
+    settings = PollSettings(**bad)
+    with pytest.raises(ValueError, match=named):
+        settings.check()
+    with pytest.raises(ValueError, match=named):
+        Rig(**bad)
+    PollSettings(max_gap=0).check()  # 0 follows the head only
 
 
 def test_resume_from_stored_cursor() -> None:
@@ -375,7 +391,7 @@ def test_chain_verified_again_after_failed_poll() -> None:
 
 def test_new_chain_behind_5xx_proxy_is_fatal_not_a_reorg() -> None:
     """A node replaced by a taller, different chain (no transport failure seen) is fatal, never mixed in."""
-    rig = Rig(fmt="json").start()
+    rig = Rig(format="json").start()
     rig.node.reset(height=150)
     rig.tick()
     assert rig.fatal and "--reset-cursor" in rig.fatal[0]

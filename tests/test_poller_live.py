@@ -11,8 +11,8 @@ import pytest_twisted
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 
-from eth_twisted.client.poller import BlockPoller
-from eth_twisted.client.rpc import RPCClient
+from eth_twisted.client.poller import BlockPoller, PollSettings
+from eth_twisted.client.rpc import RPCClient, RPCSettings
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.testing import MemoryOutbox
 from tests.support import Anvil, async_wait_until
@@ -23,16 +23,16 @@ pytestmark = [pytest.mark.live, pytest.mark.slow]
 class Live:
     """A poller on the real reactor against ``anvil``, feeding a MemoryOutbox."""
 
-    def __init__(self, anvil: Anvil, **kwargs: Any) -> None:
+    def __init__(self, anvil: Anvil, **settings: Any) -> None:
         self.anvil = anvil
         self.outbox = MemoryOutbox()
         self.fatal: list[str] = []
         self.metrics = ClientMetrics(CollectorRegistry())
-        self.rpc = RPCClient([anvil.url], clock=reactor, timeout=5.0, metrics=self.metrics)
-        kwargs.setdefault("interval", 1.0)
+        self.rpc = RPCClient(RPCSettings(rpc=(anvil.url,), rpc_timeout=5.0), clock=reactor, metrics=self.metrics)
+        settings.setdefault("interval", 1.0)
         self.poller = BlockPoller(
-            self.rpc, self.outbox, clock=reactor, metrics=self.metrics, fatal=self.fatal.append,
-            **kwargs,
+            self.rpc, self.outbox, PollSettings(**settings), clock=reactor, metrics=self.metrics,
+            fatal=self.fatal.append,
         )
 
     def numbers(self) -> list[int]:
@@ -89,7 +89,7 @@ def test_mining_300_at_once_arrives_over_several_polls(live: Live) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_anvil_reorg_crashes_nothing(anvil: Anvil) -> Any:
     """anvil_reorg replacing enqueued blocks crashes nothing; the poller follows the new chain (json)."""
-    rig = Live(anvil, fmt="json")
+    rig = Live(anvil, format="json")
     rig.poller.startService()
     try:
         yield async_wait_until(lambda: len(rig.numbers()) >= 4, timeout=20, what="four blocks")

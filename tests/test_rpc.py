@@ -16,6 +16,7 @@ from eth_twisted.client.rpc import (
     DEFAULT_RPC_URLS,
     RPCClient,
     RPCFailure,
+    RPCSettings,
     endpoint_label,
     parse_retry_after,
 )
@@ -66,7 +67,8 @@ class World:
         self.clock.advance(1_700_000_000)
         self.metrics = ClientMetrics(CollectorRegistry())
         self.rpc = RPCClient(
-            urls or [A, B], agent=self.stub, clock=self.clock, metrics=self.metrics, **kwargs
+            RPCSettings(rpc=tuple(urls or [A, B]), **kwargs), agent=self.stub, clock=self.clock,
+            metrics=self.metrics,
         )
 
 
@@ -113,6 +115,19 @@ def test_default_urls_are_public_https() -> None:
     """The default endpoint list is a few HTTPS URLs without keys."""
     assert 3 <= len(DEFAULT_RPC_URLS) <= 5
     assert all(u.startswith("https://") and "?" not in u for u in DEFAULT_RPC_URLS)
+
+
+def test_settings_default_to_the_public_urls_and_check_names_rpc() -> None:
+    """RPCSettings default to DEFAULT_RPC_URLS; check() refuses an unusable URL naming --rpc, never its password."""
+    assert RPCSettings().rpc == DEFAULT_RPC_URLS and RPCSettings().rpc_timeout == 10.0
+    RPCSettings().check()
+    with pytest.raises(ValueError, match="--rpc") as info:
+        RPCSettings(rpc=("ftp://alice:hunter2@rpc.example/",)).check()
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ValueError, match="--rpc"):
+        RPCSettings(rpc=()).check()
+    with pytest.raises(ValueError, match="--rpc-timeout"):
+        RPCSettings(rpc_timeout=0.0).check()
 
 
 def test_block_number_and_block(world: World) -> None:
@@ -194,7 +209,7 @@ def test_stalled_body_times_out(world: World) -> None:
 
 def test_stalled_headers_time_out() -> None:
     """No answer at all ends in a timeout of kind 'timeout' at the deadline."""
-    w = World(urls=[A], timeout=3.0)
+    w = World(urls=[A], rpc_timeout=3.0)
     w.a.fail("stall-headers", method="eth_blockNumber")
     d = w.rpc.block_number()
     w.stub.flush()
@@ -439,7 +454,7 @@ def test_default_http_client_has_own_pool() -> None:
     from twisted.internet.testing import MemoryReactorClock
 
     reactor = MemoryReactorClock()
-    rpc = RPCClient([A], clock=reactor)
+    rpc = RPCClient(RPCSettings(rpc=(A,)), clock=reactor)
     assert rpc._pool is not None and rpc._pool._reactor is reactor
     from twisted.web.client import Agent
 
@@ -454,7 +469,7 @@ def test_real_http_loopback_timeout_covers_body() -> Any:
 
     node = FakeEthereumNode(height=7)
     port = node.listen(reactor)
-    rpc = RPCClient([url_of(port)], clock=reactor, timeout=0.5)
+    rpc = RPCClient(RPCSettings(rpc=(url_of(port),), rpc_timeout=0.5), clock=reactor)
     try:
         assert (yield rpc.block_number()) == 7
         node.fail("stall-body", method="eth_blockNumber")

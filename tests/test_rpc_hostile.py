@@ -13,7 +13,7 @@ from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from eth_twisted.client.jsonrpc import MAX_CHAIN_ID, Target, check_block, hex_quantity
-from eth_twisted.client.rpc import RPCClient, RPCFailure
+from eth_twisted.client.rpc import RPCClient, RPCFailure, RPCSettings
 from eth_twisted.outage import FLAP_WINDOW, Episode
 from eth_twisted.testing import FakeEthereumNode
 from tests.test_poller import Rig
@@ -124,7 +124,7 @@ def test_poller_survives_a_1200_bit_head() -> None:
 
 def test_poller_survives_a_4000_digit_timestamp() -> None:
     """A 4,000-digit timestamp in the head block is a bad-result poll, never a rendering crash."""
-    rig = Rig(height=100, fmt="json")
+    rig = Rig(height=100, format="json")
     rig.node.fail("result", method="eth_getBlockByNumber", times=-1,
                   result=lambda block: {**block, "timestamp": "0x" + "f" * 4000} if block["number"] == "0x64" else block)
     rig.start()
@@ -351,6 +351,7 @@ def test_long_outage_after_a_flap_is_still_logged() -> None:
 
 def test_client_rejects_nothing_it_can_use() -> None:
     """RPCClient builds endpoints for http(s) URLs with credentials and refuses others with ValueError."""
-    assert RPCClient(["https://u:p@h.example/"], agent=object()).endpoints[0].label == "https://h.example"
+    client = RPCClient(RPCSettings(rpc=("https://u:p@h.example/",)), agent=object())
+    assert client.endpoints[0].label == "https://h.example"
     with pytest.raises(ValueError):
-        RPCClient(["ws://h.example/"], agent=object())
+        RPCClient(RPCSettings(rpc=("ws://h.example/",)), agent=object())

@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.web.server import Site
 
-from eth_twisted.client.poller import BlockPoller
-from eth_twisted.client.rpc import RPCClient, RPCFailure
+from eth_twisted.client.poller import BlockPoller, PollSettings
+from eth_twisted.client.rpc import RPCClient, RPCFailure, RPCSettings
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.testing import FakeEthereumNode, MemoryOutbox, url_of
 from tests.faults.rpcfault import RPCFaultNode
@@ -71,9 +71,9 @@ class Rig:
         self.outbox = MemoryOutbox()
         self.fatal: list[str] = []
         self.metrics = ClientMetrics(CollectorRegistry())
-        self.rpc = RPCClient(urls, clock=reactor, timeout=5.0, metrics=self.metrics)
-        self.poller = BlockPoller(self.rpc, self.outbox, clock=reactor, metrics=self.metrics, interval=0.5,
-                                  fmt="json", fatal=self.fatal.append)
+        self.rpc = RPCClient(RPCSettings(rpc=tuple(urls), rpc_timeout=5.0), clock=reactor, metrics=self.metrics)
+        self.poller = BlockPoller(self.rpc, self.outbox, PollSettings(interval=0.5, format="json"), clock=reactor,
+                                  metrics=self.metrics, fatal=self.fatal.append)
 
     def delivered(self) -> list[dict[str, Any]]:
         return [json.loads(payload) for payload, _ in self.outbox.log]
@@ -145,10 +145,10 @@ def test_unbounded_answers_cost_only_their_endpoints(anvil: Anvil, served: Serve
 GZIP_CHILD = r"""
 import resource, sys
 from twisted.internet import task
-from eth_twisted.client.rpc import RPCClient, RPCFailure
+from eth_twisted.client.rpc import RPCClient, RPCFailure, RPCSettings
 
 async def main(reactor):
-    rpc = RPCClient([sys.argv[1]], clock=reactor, timeout=30)
+    rpc = RPCClient(RPCSettings(rpc=(sys.argv[1],), rpc_timeout=30), clock=reactor)
     try:
         await rpc.block_number()
         outcome = "answered"
@@ -254,7 +254,7 @@ def test_redirects_never_followed_live(served: Served) -> Any:
     for status in (301, 302, 303, 307, 308):
         node = FakeEthereumNode(height=5)
         node.fail("redirect", status=status, location=elsewhere_url + "/steal", times=-1)
-        rpc = RPCClient([served.fake(node)], clock=reactor, timeout=5)
+        rpc = RPCClient(RPCSettings(rpc=(served.fake(node),), rpc_timeout=5), clock=reactor)
         try:
             with pytest.raises(RPCFailure) as info:
                 yield rpc.block_number()
@@ -269,8 +269,8 @@ def test_basic_auth_from_url_live(served: Served) -> Any:
     """An RPC URL with user:password@ authenticates with HTTP basic auth over a real socket."""
     node = FakeEthereumNode(height=7, auth=("alice", "s3cr%t@x"))
     url = served.fake(node).replace("http://", "http://alice:s3cr%25t%40x@")
-    rpc = RPCClient([url], clock=reactor, timeout=5)
-    wrong = RPCClient([url.replace("alice:", "mallory:")], clock=reactor, timeout=5)
+    rpc = RPCClient(RPCSettings(rpc=(url,), rpc_timeout=5), clock=reactor)
+    wrong = RPCClient(RPCSettings(rpc=(url.replace("alice:", "mallory:"),), rpc_timeout=5), clock=reactor)
     try:
         assert (yield rpc.head_round()) == 7
         with pytest.raises(RPCFailure) as info:
@@ -292,7 +292,7 @@ def test_tls_failure_is_classified_live(tmp_path: Path) -> Any:
     context = ssl.DefaultOpenSSLContextFactory(pki.server.key, pki.server.cert)
     port = reactor.listenSSL(0, Site(FakeEthereumNode(height=3)), context,  # type: ignore[attr-defined]
                              interface="127.0.0.1")
-    rpc = RPCClient([f"https://127.0.0.1:{port.getHost().port}/"], clock=reactor, timeout=5)
+    rpc = RPCClient(RPCSettings(rpc=(f"https://127.0.0.1:{port.getHost().port}/",), rpc_timeout=5), clock=reactor)
     try:
         with pytest.raises(RPCFailure) as info:
             yield rpc.block_number()

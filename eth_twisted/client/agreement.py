@@ -48,10 +48,10 @@ def agreement(heads: Sequence[int], lag: int) -> tuple[int, int, int]:
     return head, median, len(group)
 
 
-def choose_chain(shown: Sequence[tuple[str, Chain]], expected: Chain | None, chain_id_option: int | None) -> Chain:
+def choose_chain(shown: Sequence[tuple[str, Chain]], expected: Chain | None, chain_id: int | None) -> Chain:
     """The chain to follow, from ``(endpoint label, chain)`` answers.
 
-    Endpoints of another chain id than ``chain_id_option`` are left out
+    Endpoints of another chain id than ``chain_id`` are left out
     first. With a stored cursor (``expected``) its chain is followed when
     any endpoint shows it; without one, the chain a strict majority shows.
     Raises :class:`ChainMismatch` (naming ``--reset-cursor``) otherwise.
@@ -59,14 +59,14 @@ def choose_chain(shown: Sequence[tuple[str, Chain]], expected: Chain | None, cha
     advice = f"Point --rpc at nodes of one chain. {RESET_ADVICE}"
     seen = "; ".join(f"{label} is on chain id {c[0]} with genesis {c[1]}" for label, c in shown)
     pool = list(shown)
-    if chain_id_option is not None:
-        pool = [(label, c) for label, c in shown if c[0] == chain_id_option]
+    if chain_id is not None:
+        pool = [(label, c) for label, c in shown if c[0] == chain_id]
         if not pool:
-            raise ChainMismatch(f"{seen}, but --chain-id is {chain_id_option}. {advice}")
+            raise ChainMismatch(f"{seen}, but --chain-id is {chain_id}. {advice}")
     if expected is not None:
-        if chain_id_option is not None and expected[0] != chain_id_option:
+        if chain_id is not None and expected[0] != chain_id:
             raise ChainMismatch(
-                f"the stored cursor belongs to chain id {expected[0]}, but --chain-id is {chain_id_option}. "
+                f"the stored cursor belongs to chain id {expected[0]}, but --chain-id is {chain_id}. "
                 f"{advice}")
         if any(c == expected for _, c in pool):
             return expected

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.application import service
@@ -57,16 +58,44 @@ from eth_twisted.errors import ChainMismatch, OutboxFull
 from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.link.payload import FORMATS, render
 from eth_twisted.metrics import ClientMetrics
+from eth_twisted.options import int_in, optional_positive_int, positive_float, setting
 from eth_twisted.outage import Episode
 
 log = Logger(namespace="eth_twisted.client.poller")
 
-DEFAULT_INTERVAL = 5.0
-DEFAULT_MAX_BACKFILL = 128
-DEFAULT_PARALLEL = 4
-DEFAULT_TICK_TIMEOUT = 60.0
 SUCCESS_RESULTS = frozenset({"ok", "idle", "behind"})
 """Poll results that count as a successful poll (for /readyz and the metric)."""
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    """How the poller follows the head; the option fields are the client options of their names."""
+
+    interval: float = setting(5.0, "Seconds between polls of the chain head", positive_float)
+    max_backfill: int = setting(128, "Most blocks fetched and enqueued per poll", int_in(1, 100_000))
+    max_gap: int | None = setting(
+        None, "Skip ahead (recording the gap) when further behind than this many blocks; 'off' never skips",
+        optional_positive_int)
+    """None never skips; 0 follows the head only (see the module docstring, step 5)."""
+    format: str = setting("html", "Payload format: html or json (use json for more than one chain)")
+    chain_id: int | None = setting(None, "Expected chain id; refuse endpoints that disagree", int_in(1))
+    parallel: int = 4
+    """Blocks fetched at once within a poll."""
+    tick_timeout: float = 60.0
+    """Seconds one poll may take before it is cancelled (fetching stops at half of it)."""
+
+    def check(self) -> None:
+        """Raise ValueError naming the option of the first value that makes no sense."""
+        if self.format not in FORMATS:
+            raise ValueError(f"--format: expected {' or '.join(FORMATS)}, got {self.format!r}")
+        if not self.interval > 0:
+            raise ValueError(f"--interval: must be positive, got {self.interval}")
+        if self.max_backfill < 1:
+            raise ValueError(f"--max-backfill: must be at least 1, got {self.max_backfill}")
+        if self.max_gap is not None and self.max_gap < 0:
+            raise ValueError(f"--max-gap: must be 0 or more, got {self.max_gap}")
+        if self.parallel < 1 or not self.tick_timeout > 0:
+            raise ValueError("parallel must be at least 1 and tick_timeout positive")
 
 
 class BlockPoller(service.Service):
@@ -74,8 +103,9 @@ class BlockPoller(service.Service):
 
     ``on_enqueued`` is called after every append (it wakes the sender);
     ``fatal`` is called once with the message when the chain does not match
-    (the tap stops the process). ``last_success`` is the clock time of the
-    last successful poll, or None.
+    (the tap stops the process). ``close_rpc`` closes ``rpc`` when the
+    poller stops (off when the RPC client is shared). ``last_success`` is
+    the clock time of the last successful poll, or None.
     """
 
     name = "poller"  # type: ignore[assignment]
@@ -84,42 +114,24 @@ class BlockPoller(service.Service):
         self,
         rpc: RPCClient,
         outbox: Any,
+        settings: PollSettings | None = None,
         *,
-        fmt: str = "html",
-        interval: float = DEFAULT_INTERVAL,
-        max_backfill: int = DEFAULT_MAX_BACKFILL,
-        max_gap: int | None = None,
-        chain_id_option: int | None = None,
         clock: IReactorTime | None = None,
         metrics: ClientMetrics | None = None,
         on_enqueued: Callable[[], None] | None = None,
         fatal: Callable[[str], None] | None = None,
-        parallel: int = DEFAULT_PARALLEL,
-        tick_timeout: float = DEFAULT_TICK_TIMEOUT,
         close_rpc: bool = True,
     ) -> None:
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown payload format {fmt!r}; expected one of {', '.join(FORMATS)}")
-        if interval <= 0:
-            raise ValueError("interval must be positive")
-        if max_backfill < 1:
-            raise ValueError("max_backfill must be at least 1")
-        if max_gap is not None and max_gap < 0:
-            raise ValueError("max_gap must be 0 or more")
+        settings = settings if settings is not None else PollSettings()
+        settings.check()
         clock = maybe_global_reactor(clock)
         self.rpc = rpc
         self.outbox = outbox
-        self.fmt = fmt
-        self.interval = interval
-        self.max_backfill = max_backfill
-        self.max_gap = max_gap
-        self.chain_id_option = chain_id_option
+        self.settings = settings
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.metrics = metrics
         self.on_enqueued = on_enqueued or (lambda: None)
         self.fatal = fatal
-        self.parallel = max(1, parallel)
-        self.tick_timeout = tick_timeout
         self.close_rpc = close_rpc
         self.last_success: float | None = None
         """Clock time of the last successful poll (ok, idle or behind)."""
@@ -131,7 +143,7 @@ class BlockPoller(service.Service):
         self._in_flight: Deferred[Any] | None = None
         self._idle_waiters: list[Deferred[None]] = []
         self._recent: OrderedDict[int, str] = OrderedDict()
-        self._history = max(2 * max_backfill, 256)
+        self._history = max(2 * settings.max_backfill, 256)
         self.trouble = Episode(
             log, self.clock.seconds, "polls",
             start="poll failed ({kind}): {detail}{note}; the next line says when polls succeed again",
@@ -148,7 +160,7 @@ class BlockPoller(service.Service):
     # -- service -------------------------------------------------------------
 
     def startService(self) -> None:
-        """Start ticking now and every ``interval`` seconds."""
+        """Start ticking now and every ``settings.interval`` seconds."""
         super().startService()
         cursor = self.outbox.cursor()
         if cursor is not None:
@@ -158,7 +170,7 @@ class BlockPoller(service.Service):
         self.verified = False
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True).addErrback(self._loop_died)
+        self._loop.start(self.settings.interval, now=True).addErrback(self._loop_died)
 
     def stopService(self) -> Deferred[None]:
         """Stop ticking, cancel a tick in flight, wait for it, close the RPC client."""
@@ -188,7 +200,7 @@ class BlockPoller(service.Service):
             return None
         d = Deferred.fromCoroutine(self._poll())
         self._in_flight = d
-        d.addTimeout(self.tick_timeout, self.clock)
+        d.addTimeout(self.settings.tick_timeout, self.clock)
         d.addCallbacks(self._poll_done, self._poll_failed)
         d.addBoth(self._tick_over)
         return d
@@ -218,7 +230,7 @@ class BlockPoller(service.Service):
             self._count(e.kind)
             return
         if failure.check(defer.TimeoutError):
-            self.trouble.failed("tick-timeout", f"the poll took longer than its {self.tick_timeout:g} s "
+            self.trouble.failed("tick-timeout", f"the poll took longer than its {self.settings.tick_timeout:g} s "
                                                 "deadline and was cancelled")
             self._count("tick-timeout")
             return
@@ -251,7 +263,7 @@ class BlockPoller(service.Service):
         if not self.verified:
             cursor = self.outbox.cursor()
             expected = (cursor.chain_id, cursor.genesis_hash) if cursor is not None else None
-            await self.rpc.verify_chain(expected, self.chain_id_option)
+            await self.rpc.verify_chain(expected, self.settings.chain_id)
             self.verified = True
         head = await self.rpc.head_round()
         self.last_head = head
@@ -272,14 +284,15 @@ class BlockPoller(service.Service):
         start = cursor.block_number + 1
         parent: str | None = cursor.block_hash.lower()
         skipped: tuple[int, int] | None = None
-        if self.max_gap is not None and head - cursor.block_number > self.max_gap:
-            keep = max(1, min(self.max_gap, self.max_backfill))
+        max_gap, max_backfill = self.settings.max_gap, self.settings.max_backfill
+        if max_gap is not None and head - cursor.block_number > max_gap:
+            keep = max(1, min(max_gap, max_backfill))
             skipped = (start, head - keep)
             start, parent = head - keep + 1, None
         free = self.outbox.free_slots()
         if free <= 0:
             return self._outbox_full(f"no free slot for block {start}")
-        count = min(head - start + 1, self.max_backfill, free)
+        count = min(head - start + 1, max_backfill, free)
         blocks, error = await self._fetch(start, count)
         good = self._chained(blocks, parent)
         if not good and blocks:
@@ -301,13 +314,14 @@ class BlockPoller(service.Service):
 
     async def _fetch(self, start: int, count: int) -> tuple[list[dict[str, Any]], Failure | None]:
         """Blocks start.. start+count-1 in order, stopping at the first failure or half the deadline."""
-        soft_deadline = self.clock.seconds() + self.tick_timeout / 2
+        soft_deadline = self.clock.seconds() + self.settings.tick_timeout / 2
         blocks: list[dict[str, Any]] = []
         end = start + count
-        for first in range(start, end, self.parallel):
+        parallel = self.settings.parallel
+        for first in range(start, end, parallel):
             if blocks and self.clock.seconds() > soft_deadline:
                 break
-            numbers = range(first, min(first + self.parallel, end))
+            numbers = range(first, min(first + parallel, end))
             results = await defer.DeferredList(
                 [self.rpc.get_block(n) for n in numbers], consumeErrors=True
             )
@@ -335,7 +349,7 @@ class BlockPoller(service.Service):
         identity = self.rpc.identity
         assert identity is not None, "enqueue before the chain was verified"
         chain_id, genesis = identity
-        items = [(render(self.fmt, b, chain_id), int(b["number"], 16)) for b in blocks]
+        items = [(render(self.settings.format, b, chain_id), int(b["number"], 16)) for b in blocks]
         last = blocks[-1]
         cursor = Cursor(chain_id, genesis, int(last["number"], 16), last["hash"].lower())
         try:
@@ -346,7 +360,7 @@ class BlockPoller(service.Service):
             self._remember(int(b["number"], 16), b["hash"].lower())
         if skipped is not None:
             first, last_skipped = skipped
-            reason = f"max-gap: head {cursor.block_number} was more than {self.max_gap} blocks ahead"
+            reason = f"max-gap: head {cursor.block_number} was more than {self.settings.max_gap} blocks ahead"
             self.outbox.record_gap(first, last_skipped, reason)
             log.warn("skipped blocks {first}..{last} ({n} blocks): {reason}",
                      first=first, last=last_skipped, n=last_skipped - first + 1, reason=reason)
@@ -406,7 +420,7 @@ class BlockPoller(service.Service):
         free = self.outbox.free_slots()
         if free <= 0:
             return self._outbox_full("no free slot for the reorganised blocks")
-        count = min(head - a_number, self.max_backfill, free)
+        count = min(head - a_number, self.settings.max_backfill, free)
         blocks, _ = await self._fetch(a_number + 1, count)
         return self._after_rewind(self._chained(blocks, a_hash), head)
 

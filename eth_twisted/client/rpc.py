@@ -11,7 +11,7 @@ are in the README ("What the client believes from RPC nodes").
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -42,16 +42,18 @@ from eth_twisted.client.jsonrpc import (
     parse_retry_after,
     post,
     reasons,
+    redact_url,
     status_failure,
 )
 from eth_twisted.errors import ChainMismatch
 from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.metrics import ClientMetrics
+from eth_twisted.options import positive_float, setting
 from eth_twisted.outage import Episode
 
 __all__ = [
-    "DEFAULT_RPC_URLS", "RETRY_AFTER_MAX", "RPCClient", "RPCEndpoint", "RPCFailure", "agree", "agreement",
-    "check_block", "collect_capped", "endpoint_label", "parse_retry_after",
+    "DEFAULT_RPC_URLS", "RETRY_AFTER_MAX", "RPCClient", "RPCEndpoint", "RPCFailure", "RPCSettings", "agree",
+    "agreement", "check_block", "collect_capped", "endpoint_label", "parse_retry_after",
 ]
 
 log = Logger(namespace="eth_twisted.client.rpc")
@@ -62,11 +64,7 @@ DEFAULT_RPC_URLS: tuple[str, ...] = (
     "https://cloudflare-eth.com",
     "https://1rpc.io/eth",
 )
-"""Public mainnet endpoints that need no key (overridable with ``--rpc``)."""
-
-DEFAULT_TIMEOUT = 10.0
-DEFAULT_MAX_BODY = 4 * 1024 * 1024
-DEFAULT_LAG_THRESHOLD = 5
+"""Public mainnet endpoints that need no key (the default of ``--rpc``)."""
 
 RATE_LIMIT_BASE = 1.0
 """First cooldown after a rate limit without Retry-After; doubles per repeat."""
@@ -84,6 +82,34 @@ UNUSABLE = frozenset({"far-ahead", "wrong-chain"})
 """Distrust states in which an endpoint is never asked for blocks."""
 STATES = ("new", "ok", "failing", "cooling", "lagging", "far-ahead", "went-backwards", "wrong-chain")
 """What the ``eth_client_rpc_endpoint_state`` metric can say about an endpoint."""
+
+
+@dataclass(frozen=True)
+class RPCSettings:
+    """What the RPC client is told: the ``--rpc`` endpoints and the ``--rpc-*`` options."""
+
+    rpc: tuple[str, ...] = setting(
+        DEFAULT_RPC_URLS, "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)")
+    """The endpoint URLs, in order of preference (user:password@ is sent as basic auth)."""
+    rpc_timeout: float = setting(10.0, "Seconds for one JSON-RPC call, headers and body", positive_float)
+    max_body: int = 4 * 1024 * 1024
+    """Largest answer body read, in bytes; a longer one fails ``too-large``."""
+    lag_threshold: int = 5
+    """Blocks an endpoint's head may stray from the agreed head before it is distrusted."""
+
+    def check(self) -> None:
+        """Raise ValueError naming ``--rpc`` (and never repeating a password) for an unusable URL."""
+        if not self.rpc:
+            raise ValueError("--rpc: at least one JSON-RPC endpoint is needed")
+        for url in self.rpc:
+            try:
+                Target.from_url(url)
+            except ValueError as e:
+                raise ValueError(f"--rpc: {e}, got {redact_url(url)!r}") from None
+        if self.rpc_timeout <= 0:
+            raise ValueError(f"--rpc-timeout: must be positive, got {self.rpc_timeout}")
+        if self.max_body < 1 or self.lag_threshold < 0:
+            raise ValueError("max_body must be at least 1 and lag_threshold at least 0")
 
 
 @dataclass
@@ -167,20 +193,18 @@ class RPCClient:
 
     def __init__(
         self,
-        urls: Sequence[str],
+        settings: RPCSettings,
         *,
         agent: Any = None,
         clock: IReactorTime | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_body: int = DEFAULT_MAX_BODY,
-        lag_threshold: int = DEFAULT_LAG_THRESHOLD,
         metrics: ClientMetrics | None = None,
     ) -> None:
-        if not urls:
+        if not settings.rpc:
             raise ValueError("at least one RPC URL is needed")
         clock = maybe_global_reactor(clock)
+        self.settings = settings
         self.clock: IReactorTime = clock  # type: ignore[assignment]
-        self.endpoints = [RPCEndpoint.from_url(u) for u in urls]
+        self.endpoints = [RPCEndpoint.from_url(u) for u in settings.rpc]
         for ep in self.endpoints:
             ep.outage = Episode(
                 log, self.clock.seconds, ep.label,
@@ -194,11 +218,8 @@ class RPCClient:
             )
         self._pool = None
         if agent is None:
-            agent, self._pool = _default_agent(self.clock, timeout, max_body)
+            agent, self._pool = _default_agent(self.clock, settings.rpc_timeout, settings.max_body)
         self.agent = agent
-        self.timeout = timeout
-        self.max_body = max_body
-        self.lag_threshold = lag_threshold
         self.metrics = metrics
         self._next_id = 0
         self.identity: tuple[int, str] | None = None
@@ -206,7 +227,6 @@ class RPCClient:
         self._identity_source = ""
         self._announced: tuple[int, str] | None = None
         self._expected: tuple[int, str] | None = None
-        self._chain_id_option: int | None = None
         self.agreed_head: int | None = None
         """The head the last successful round agreed on."""
         self._agreement: _Agreement | None = None
@@ -214,7 +234,11 @@ class RPCClient:
     # -- public calls ------------------------------------------------------
 
     def block_number(self) -> Deferred[int]:
-        """The head number of the first usable endpoint that answers (one answer: see head_round)."""
+        """The head number of the first usable endpoint that answers (one answer: see head_round).
+
+        The poller uses :meth:`head_round`; this single-answer call (like
+        :meth:`chain_id` and :meth:`genesis_hash`) is for tests and tools.
+        """
         return Deferred.fromCoroutine(self._block_number())
 
     async def _block_number(self) -> int:
@@ -269,20 +293,20 @@ class RPCClient:
         return Deferred.fromCoroutine(self._head_round())
 
     def verify_chain(
-        self, expected: tuple[int, str] | None, chain_id_option: int | None = None
+        self, expected: tuple[int, str] | None, chain_id: int | None = None
     ) -> Deferred[tuple[int, str]]:
         """Ask every endpoint for its chain and choose the one to follow.
 
         ``expected`` is ``(chain_id, genesis_hash)`` from the stored cursor, or
         None. The chain followed is ``expected`` when some endpoint shows it,
         else (no cursor) the one a majority of the answering endpoints show,
-        among those matching ``chain_id_option``. Endpoints on other chains
+        among those of chain id ``chain_id`` (``--chain-id``). Endpoints on other chains
         are wrong-chain (they cost only themselves). Raises
         :class:`ChainMismatch` (its message names ``--reset-cursor``) when no
         endpoint is on the expected chain or there is no majority, and
         :class:`RPCFailure` when no endpoint answered.
         """
-        return Deferred.fromCoroutine(self._verify_chain(expected, chain_id_option))
+        return Deferred.fromCoroutine(self._verify_chain(expected, chain_id))
 
     def close(self) -> Deferred[None]:
         """Close the connection pool this client made (nothing when ``agent`` was injected)."""
@@ -311,10 +335,9 @@ class RPCClient:
         return ep.chain
 
     async def _verify_chain(
-        self, expected: tuple[int, str] | None, chain_id_option: int | None
+        self, expected: tuple[int, str] | None, chain_id: int | None
     ) -> tuple[int, str]:
         self._expected = (expected[0], expected[1].lower()) if expected is not None else None
-        self._chain_id_option = chain_id_option
         self.invalidate()
         now = self.clock.seconds()
         candidates = [ep for ep in self.endpoints if ep.cooldown_until <= now] or list(self.endpoints)
@@ -330,8 +353,7 @@ class RPCClient:
                 failures.append(_rpc_failure(value))
         if not shown:
             raise self._exhausted("chain verification", failures)
-        identity = choose_chain([(ep.label, chain) for ep, chain in shown], self._expected,
-                                self._chain_id_option)
+        identity = choose_chain([(ep.label, chain) for ep, chain in shown], self._expected, chain_id)
         self.identity = identity
         self._identity_source = next(ep.label for ep, chain in shown if chain == identity)
         for ep, chain in shown:
@@ -426,7 +448,7 @@ class RPCClient:
                 # Out of this round's vote. A step back within the lag threshold is a
                 # load-balanced provider's backends disagreeing: counted, not logged.
                 detail = f"head {head} is below its previous {previous}"
-                if previous - head > self.lag_threshold:
+                if previous - head > self.settings.lag_threshold:
                     self._distrust(ep, "went-backwards", detail)
                 else:
                     ep.distrust = "went-backwards"
@@ -439,7 +461,7 @@ class RPCClient:
             self._publish_states()
             raise RPCFailure("every answering endpoint went backwards this round", "went-backwards")
         agreed, median = self._agree(forward, now)
-        lag = self.lag_threshold
+        lag = self.settings.lag_threshold
         support = 0
         for ep, head in forward:
             if head > median + lag:
@@ -467,7 +489,7 @@ class RPCClient:
         aside for this round (not marked: one of them may be the only honest
         endpoint left, and is followed once :data:`AGREEMENT_MEMORY` passes).
         """
-        lag = self.lag_threshold
+        lag = self.settings.lag_threshold
         memory = self._agreement if self._agreement and now - self._agreement.at <= AGREEMENT_MEMORY else None
         voters = [(ep, h) for ep, h in forward if ep.distrust != "far-ahead"]
         while voters:
@@ -626,8 +648,8 @@ class RPCClient:
         """POST ``body``; retry once on a stale pooled connection (reads are idempotent)."""
         for attempt in (1, 2):
             d = Deferred.fromCoroutine(
-                post(self.agent, ep.target, body, max_body=self.max_body, now=self.clock.seconds))
-            d.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out(ep))
+                post(self.agent, ep.target, body, max_body=self.settings.max_body, now=self.clock.seconds))
+            d.addTimeout(self.settings.rpc_timeout, self.clock, onTimeoutCancel=self._timed_out(ep))
             try:
                 return await d
             except STALE_CONNECTION as e:

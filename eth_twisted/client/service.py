@@ -168,8 +168,8 @@ def make_client_service(
     ``connect`` is a client endpoint string (``tcp:host=H:port=P``);
     ``agent`` injects the ``IAgent`` the RPC calls go through (tests).
     """
-    from eth_twisted.client.poller import BlockPoller
-    from eth_twisted.client.rpc import RPCClient
+    from eth_twisted.client.poller import BlockPoller, PollSettings
+    from eth_twisted.client.rpc import RPCClient, RPCSettings
 
     metrics = metrics if metrics is not None else ClientMetrics()
     outbox = open_outbox(spool, max_messages=max_outbox, clock=reactor)
@@ -188,14 +188,16 @@ def make_client_service(
             endpoint, outbox, clock=reactor, metrics=metrics, window=window,
             ack_timeout=ack_timeout, heartbeat=heartbeat, server=connect,
         )
-        rpc = RPCClient(list(rpc_urls), agent=agent, clock=reactor, timeout=rpc_timeout, metrics=metrics)
+        rpc = RPCClient(RPCSettings(rpc=tuple(rpc_urls), rpc_timeout=rpc_timeout), agent=agent, clock=reactor,
+                        metrics=metrics)
         client = EthClientService(
             reactor=reactor, outbox=outbox, metrics=metrics, delivery=delivery, rpc=rpc,
             interval=interval, exit_on_fatal=exit_on_fatal,
         )
+        poll = PollSettings(interval=interval, max_backfill=max_backfill, max_gap=max_gap, format=fmt,
+                            chain_id=chain_id)
         poller = BlockPoller(
-            rpc, outbox, fmt=fmt, interval=interval, max_backfill=max_backfill, max_gap=max_gap,
-            chain_id_option=chain_id, clock=reactor, metrics=metrics,
+            rpc, outbox, poll, clock=reactor, metrics=metrics,
             on_enqueued=delivery.wake, fatal=client.fatal, close_rpc=False,
         )
         poller.setServiceParent(client)
