@@ -157,7 +157,7 @@ def test_make_service_wires_the_parts(tmp_path: Path) -> None:
     try:
         assert isinstance(client, service.MultiService)
         assert client.outbox.path == str(tmp_path / "spool.sqlite3")
-        assert client.delivery.window == 32
+        assert client.delivery.settings.window == 32
         assert client.delivery.outbox is client.outbox
         assert client.poller.outbox is client.outbox
         assert client.delivery.metrics is client.metrics

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from eth_twisted.client.outbox import Cursor, Outbox, open_outbox
-from eth_twisted.client.sender import DeliveryService
+from eth_twisted.client.sender import DeliveryService, DeliverySettings
 from eth_twisted.link.netstring import encode
 from eth_twisted.link.payload import render_html
 from eth_twisted.link.replies import ReplyError, parse_reply
@@ -138,9 +138,10 @@ def endpoint(clock: Clock) -> FakeEndpoint:
     return FakeEndpoint(clock)
 
 
-def make_link(endpoint: FakeEndpoint, outbox: Outbox, clock: Clock, **kwargs: Any) -> DeliveryService:
-    kwargs.setdefault("retry_policy", lambda attempt: 1.0)
-    return DeliveryService(endpoint, outbox, clock=clock, metrics=ClientMetrics(), **kwargs)
+def make_link(endpoint: FakeEndpoint, outbox: Outbox, clock: Clock,
+              retry_policy: Callable[[int], float] | None = lambda attempt: 1.0, **settings: Any) -> DeliveryService:
+    return DeliveryService(endpoint, outbox, DeliverySettings(**settings), clock=clock, metrics=ClientMetrics(),
+                           retry_policy=retry_policy)
 
 
 @pytest.fixture
@@ -491,6 +492,19 @@ def test_window_is_bounded_by_the_server_limit(endpoint: FakeEndpoint, outbox: O
         make_link(endpoint, outbox, clock, window=0)
 
 
+@pytest.mark.parametrize(
+    "bad, named",
+    [({"window": 257}, "--window"), ({"ack_timeout": 19.0}, "--ack-timeout"), ({"heartbeat": 30.0}, "--heartbeat"),
+     ({"heartbeat": 0.0}, "--heartbeat")],
+)
+def test_settings_check_names_the_option(bad: dict[str, Any], named: str) -> None:
+    """DeliverySettings.check() names the option: the ack timeout is at least twice the server's 10 s deadline,
+    the heartbeat shorter than it."""
+    with pytest.raises(ValueError, match=named):
+        DeliverySettings(**bad).check()
+    DeliverySettings(window=1, ack_timeout=20.0, heartbeat=19.9).check()
+
+
 def test_wake_sends_new_messages(started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox) -> None:
     """wake() after an append writes the new messages at once."""
     assert endpoint.transport.take_frames() == []
@@ -673,7 +687,7 @@ def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> No
             return defer.succeed(client)
 
     hashes = add_blocks(outbox, 1, 300)
-    link = DeliveryService(PumpEndpoint(), outbox, clock=clock, window=100)
+    link = DeliveryService(PumpEndpoint(), outbox, DeliverySettings(window=100), clock=clock)
     link.startService()
     for _ in range(50):
         pumps[-1].flush()

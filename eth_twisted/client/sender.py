@@ -4,7 +4,7 @@
 backoff, the injected clock) that keeps one TCP connection to the server. On
 every new connection it resends every unacknowledged outbox entry, oldest
 first, keeping at most ``window`` frames unanswered. Replies are matched by
-hash (DESIGN.md, wire protocol version 1):
+hash (docs/protocol.md, wire protocol version 1):
 
 * ``OK <sha>`` / ``DUP <sha>``: the server holds it; the outbox forgets it;
 * ``ERR <sha> unavailable|timeout|busy``: kept; sending pauses (1 s, doubling
@@ -63,14 +63,42 @@ from eth_twisted.link.replies import (
 )
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.model import EMPTY_SHA256
+from eth_twisted.options import int_in, positive_float, setting
 
-DEFAULT_WINDOW = 256
 MAX_WINDOW = 256
-DEFAULT_ACK_TIMEOUT = 30.0
-DEFAULT_HEARTBEAT = 10.0
+"""The server's default per-connection window: the client never keeps more frames unanswered."""
+SERVER_DEADLINE = 10.0
+"""The server's default per-message deadline (``eth server --deadline``); the ack timeout is at least twice it."""
 RETRY_INITIAL = 1.0
 RETRY_MAX = 30.0
 METRICS_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """How the link sends and when it gives up on a connection; each field is the client option of its name."""
+
+    window: int = setting(256, f"Unanswered frames in flight (1..{MAX_WINDOW}, at most the server's window)",
+                          int_in(1, MAX_WINDOW))
+    ack_timeout: float = setting(
+        30.0, f"Seconds to wait for a reply before reconnecting (>= {2 * SERVER_DEADLINE:.0f})", positive_float)
+    heartbeat: float = setting(10.0, "Seconds of quiet before sending the empty probe frame", positive_float)
+
+    def check(self) -> None:
+        """Raise ValueError naming the option of the first value that makes no sense."""
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise ValueError(f"--window: must be 1..{MAX_WINDOW}, got {self.window}")
+        if self.ack_timeout < 2 * SERVER_DEADLINE:
+            raise ValueError(
+                f"--ack-timeout: must be at least {2 * SERVER_DEADLINE:.0f} s (twice the server's "
+                f"{SERVER_DEADLINE:.0f} s deadline), got {self.ack_timeout}"
+            )
+        if not 0 < self.heartbeat < self.ack_timeout:
+            raise ValueError(
+                f"--heartbeat: must be positive and shorter than --ack-timeout ({self.ack_timeout}), "
+                f"got {self.heartbeat}"
+            )
+
 
 class SenderProtocol(NetstringReceiver):
     """One connection to the server: writes frames, parses replies, delegates the rest."""
@@ -158,7 +186,7 @@ class DeliveryService(service.MultiService):
     """Delivers the outbox to the server over a self-healing connection.
 
     ``endpoint`` is where the server listens (``clientFromString(...)``);
-    ``name`` only labels log lines. ``wake()`` after an append sends what
+    ``server`` only labels log lines. ``wake()`` after an append sends what
     fits; ``drain(deadline)`` waits for an empty outbox.
     """
 
@@ -168,26 +196,20 @@ class DeliveryService(service.MultiService):
         self,
         endpoint: IStreamClientEndpoint,
         outbox: Outbox,
+        settings: DeliverySettings | None = None,
         *,
         clock: IReactorTime,
         metrics: ClientMetrics | None = None,
-        window: int = DEFAULT_WINDOW,
-        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
-        heartbeat: float = DEFAULT_HEARTBEAT,
         retry_policy: Callable[[int], float] | None = None,
         server: str = "server",
     ) -> None:
         super().__init__()
-        if not 1 <= window <= MAX_WINDOW:
-            raise ValueError(f"window must be 1..{MAX_WINDOW}, got {window}")
-        if ack_timeout <= 0 or heartbeat <= 0:
-            raise ValueError("ack_timeout and heartbeat must be positive")
+        settings = settings if settings is not None else DeliverySettings()
+        settings.check()
         self.outbox = outbox
         self.clock = clock
         self.metrics = metrics if metrics is not None else ClientMetrics()
-        self.window = window
-        self.ack_timeout = ack_timeout
-        self.heartbeat = heartbeat
+        self.settings = settings
         self.server = server
         self.last_ack_at: float | None = None
         """Clock time of the last OK/DUP (for /readyz)."""
@@ -263,7 +285,7 @@ class DeliveryService(service.MultiService):
     def startService(self) -> None:
         self.log.info(
             "Delivering to {server}: {depth} messages waiting, window {window}",
-            server=self.server, depth=self.outbox.depth(), window=self.window,
+            server=self.server, depth=self.outbox.depth(), window=self.settings.window,
         )
         super().startService()
         self._metrics_loop.start(METRICS_INTERVAL, now=True)
@@ -310,7 +332,7 @@ class DeliveryService(service.MultiService):
         self.log.info(
             "Connected to {server}; {depth} messages to send", server=self.server, depth=self.outbox.depth()
         )
-        self._arm_heartbeat(self.heartbeat)
+        self._arm_heartbeat(self.settings.heartbeat)
         with self.outbox.transaction():
             self.fill()
 
@@ -398,7 +420,7 @@ class DeliveryService(service.MultiService):
             return
         if self._hold_until > self.clock.seconds():
             return
-        room = self.window - len(self._in_flight)
+        room = self.settings.window - len(self._in_flight)
         if room <= 0:
             return
         entries = self.outbox.pending(room, exclude=set(self._in_flight), after=self._scan_after)
@@ -422,7 +444,7 @@ class DeliveryService(service.MultiService):
         self._proto.transport.write(data)
         self._last_write = now
         if self._ack_timer is None:
-            self._arm_ack_timer(self.ack_timeout)
+            self._arm_ack_timer(self.settings.ack_timeout)
 
     def _send_probe(self) -> None:
         now = self.clock.seconds()
@@ -489,7 +511,7 @@ class DeliveryService(service.MultiService):
         if proto is None or oldest is None:
             return
         waited = self.clock.seconds() - oldest
-        if waited >= self.ack_timeout:
+        if waited >= self.settings.ack_timeout:
             self.metrics.ack_timeouts.inc()
             self.log.error(
                 "No answer from {server} for {waited:.0f} s ({count} frames unanswered); "
@@ -498,7 +520,7 @@ class DeliveryService(service.MultiService):
             )
             proto.transport.abortConnection()
             return
-        self._arm_ack_timer(self.ack_timeout - waited)
+        self._arm_ack_timer(self.settings.ack_timeout - waited)
 
     def _arm_heartbeat(self, delay: float) -> None:
         self._hb_timer = self.clock.callLater(max(0.0, delay), self._heartbeat_due)
@@ -508,10 +530,10 @@ class DeliveryService(service.MultiService):
         if self._proto is None:
             return
         quiet = self.clock.seconds() - self._last_write
-        if quiet >= self.heartbeat and not self._proto.transport.disconnecting:
+        if quiet >= self.settings.heartbeat and not self._proto.transport.disconnecting:
             self._send_probe()
             quiet = 0.0
-        self._arm_heartbeat(self.heartbeat - quiet)
+        self._arm_heartbeat(self.settings.heartbeat - quiet)
 
     def _drain_expired(self, d: Deferred[bool]) -> None:
         self._drains = [(x, t) for x, t in self._drains if x is not d]

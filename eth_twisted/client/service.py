@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from eth_twisted import systemd
 from eth_twisted.client.outbox import Outbox, open_outbox
-from eth_twisted.client.sender import DeliveryService
+from eth_twisted.client.sender import DeliveryService, DeliverySettings
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.web.site import make_client_site
 
@@ -147,9 +147,7 @@ def make_client_service(
     max_backfill: int = 128,
     max_gap: int | None = None,
     chain_id: int | None = None,
-    window: int = 256,
-    ack_timeout: float = 30.0,
-    heartbeat: float = 10.0,
+    delivery: DeliverySettings | None = None,
     rpc_timeout: float = 10.0,
     stats_listen: str | None = None,
     stats_token: str | None = None,
@@ -184,21 +182,18 @@ def make_client_service(
             )
         endpoint = link_endpoint(reactor, connect, tls=tls, secret=secret, name=client_name,
                                  allow_plaintext=allow_plaintext_secret)
-        delivery = DeliveryService(
-            endpoint, outbox, clock=reactor, metrics=metrics, window=window,
-            ack_timeout=ack_timeout, heartbeat=heartbeat, server=connect,
-        )
+        link = DeliveryService(endpoint, outbox, delivery, clock=reactor, metrics=metrics, server=connect)
         rpc = RPCClient(RPCSettings(rpc=tuple(rpc_urls), rpc_timeout=rpc_timeout), agent=agent, clock=reactor,
                         metrics=metrics)
         client = EthClientService(
-            reactor=reactor, outbox=outbox, metrics=metrics, delivery=delivery, rpc=rpc,
+            reactor=reactor, outbox=outbox, metrics=metrics, delivery=link, rpc=rpc,
             interval=interval, exit_on_fatal=exit_on_fatal,
         )
         poll = PollSettings(interval=interval, max_backfill=max_backfill, max_gap=max_gap, format=fmt,
                             chain_id=chain_id)
         poller = BlockPoller(
             rpc, outbox, poll, clock=reactor, metrics=metrics,
-            on_enqueued=delivery.wake, fatal=client.fatal, close_rpc=False,
+            on_enqueued=link.wake, fatal=client.fatal, close_rpc=False,
         )
         poller.setServiceParent(client)
         client.poller = poller

@@ -9,12 +9,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from eth_twisted.client.outbox import DEFAULT_MAX_MESSAGES, DEFAULT_SPOOL
-from eth_twisted.client.sender import (
-    DEFAULT_ACK_TIMEOUT,
-    DEFAULT_HEARTBEAT,
-    DEFAULT_WINDOW,
-    MAX_WINDOW,
-)
+from eth_twisted.client.sender import DeliverySettings
 from eth_twisted.errors import ConfigError
 from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.link.payload import FORMATS
@@ -22,8 +17,10 @@ from eth_twisted.options import (
     PRECEDENCE,
     EnvOptions,
     int_in,
+    option_rows,
     optional_positive_int,
     positive_float,
+    settings_from,
     state_path,
 )
 from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
@@ -31,8 +28,6 @@ from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
 log = Logger()
 
 DEFAULT_STATS = "tcp:8081:interface=127.0.0.1"
-SERVER_DEADLINE = 10.0
-"""The server's default per-message deadline; the ack timeout must be at least twice it."""
 
 
 def tcp_client_endpoint(host: str, port: int) -> str:
@@ -69,9 +64,7 @@ class Options(EnvOptions):
         ["chain-id", None, None, "Expected chain id; refuse endpoints that disagree", int_in(1)],
         ["spool", None, None, f"Outbox file, or ':memory:' (not durable) [default: {DEFAULT_SPOOL} in $STATE_DIRECTORY, else the working directory]"],
         ["max-outbox", None, DEFAULT_MAX_MESSAGES, "Most messages the outbox holds; when full the poller waits", int_in(1, 100_000_000)],
-        ["window", None, DEFAULT_WINDOW, f"Unanswered frames in flight (1..{MAX_WINDOW}, at most the server's window)", int_in(1, MAX_WINDOW)],
-        ["ack-timeout", None, DEFAULT_ACK_TIMEOUT, f"Seconds to wait for a reply before reconnecting (>= {2 * SERVER_DEADLINE:.0f})", positive_float],
-        ["heartbeat", None, DEFAULT_HEARTBEAT, "Seconds of quiet before sending the empty probe frame", positive_float],
+        *option_rows(DeliverySettings),
         ["rpc-timeout", None, 10.0, "Seconds for one JSON-RPC call, headers and body", positive_float],
         ["tls-ca", None, None, "PEM CA the server's certificate must chain to [default: the system's trust store]"],
         ["tls-cert", None, None, "PEM client certificate (for servers that require one)"],
@@ -90,15 +83,10 @@ class Options(EnvOptions):
     def postOptions(self) -> None:
         if self["format"] not in FORMATS:
             raise usage.UsageError(f"--format: expected html or json, got {self['format']!r}")
-        if self["ack-timeout"] < 2 * SERVER_DEADLINE:
-            raise usage.UsageError(
-                f"--ack-timeout: must be at least {2 * SERVER_DEADLINE:.0f} s (twice the server's "
-                f"{SERVER_DEADLINE:.0f} s deadline), got {self['ack-timeout']}"
-            )
-        if self["heartbeat"] >= self["ack-timeout"]:
-            raise usage.UsageError(
-                f"--heartbeat: must be shorter than --ack-timeout ({self['ack-timeout']}), got {self['heartbeat']}"
-            )
+        try:
+            settings_from(DeliverySettings, self).check()
+        except ValueError as e:
+            raise usage.UsageError(str(e))
         if self["tls"] and self.from_argv("connect"):
             raise usage.UsageError("--tls connects to --host/--port; leave out --connect")
         if self["connect"] and not self["tls"]:
@@ -197,9 +185,7 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         max_backfill=config["max-backfill"],
         max_gap=config["max-gap"],
         chain_id=config["chain-id"],
-        window=config["window"],
-        ack_timeout=config["ack-timeout"],
-        heartbeat=config["heartbeat"],
+        delivery=settings_from(DeliverySettings, config),
         rpc_timeout=config["rpc-timeout"],
         stats_listen=config["stats"],
         stats_token=config["stats-token-resolved"],
