@@ -180,9 +180,10 @@ def bench_prefix() -> Iterator[str]:
 def migrate(database: str) -> None:
     """Create the schema (the same migrations the server applies)."""
     from eth_twisted.sinks.sql.migrations import migrate_mysql
+    from eth_twisted.sinks.sql.pool import MySQLSettings
 
-    migrate_mysql(MYSQL["host"], MYSQL["port"], MYSQL["user"], MYSQL["password"], database,
-                  create_database=False)
+    migrate_mysql(MySQLSettings(mysql_host=MYSQL["host"], mysql_port=MYSQL["port"], mysql_user=MYSQL["user"],
+                                mysql_pass=MYSQL["password"], mysql_db=database), create_database=False)
 
 
 def count_rows(database: str | None, sqlite: str | None) -> int:

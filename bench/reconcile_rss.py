@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from eth_twisted.sinks.redis import RedisSettings
+from eth_twisted.sinks.sql.pool import MySQLSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MYSQL = {
@@ -76,8 +79,10 @@ def fill(db: dict[str, Any], rows: int, size: int) -> None:
     import pymysql
 
     from eth_twisted.sinks.sql.migrations import migrate_mysql
+    from eth_twisted.sinks.sql.pool import MySQLSettings
 
-    migrate_mysql(db["host"], db["port"], db["user"], db["password"], db["database"])
+    migrate_mysql(MySQLSettings(mysql_host=db["host"], mysql_port=db["port"], mysql_user=db["user"],
+                                mysql_pass=db["password"], mysql_db=db["database"]))
     conn = pymysql.connect(host=db["host"], port=db["port"], user=db["user"], password=db["password"],
                            database=db["database"], autocommit=False)
     try:
@@ -148,11 +153,10 @@ def _child(mode: str, db: dict[str, Any]) -> None:
     out: dict[str, Any] = {"mode": mode, "code": str(Path(eth_twisted.__file__).resolve().parent.parent)}
 
     async def run() -> None:
-        record = make_mysql_sink(db["host"], db["port"], db["user"], db["password"], db["database"],
-                                 migrate=False)
+        record = make_mysql_sink(MySQLSettings(mysql_host=db["host"], mysql_port=db["port"], mysql_user=db["user"], mysql_pass=db["password"], mysql_db=db["database"]), migrate=False)
         await record.start()
         prefix = f"ethbench:{secrets.token_hex(5)}:"
-        redis = make_redis_sink(REDIS["host"], REDIS["port"], prefix=prefix, reply_timeout=30)
+        redis = make_redis_sink(RedisSettings(redis_host=REDIS["host"], redis_port=REDIS["port"], redis_prefix=prefix, redis_timeout=30))
         try:
             await redis.start()
             out["base_kib"], out["base_peak_kib"] = _rss_kib(), _peak_kib()

@@ -11,10 +11,11 @@ log a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from twisted.python import reflect, usage
 
@@ -246,6 +247,76 @@ class _NamedCoerce(usage.CoerceParameter):
             self.options.opts[parameterName] = self.coerce(value)
         except ValueError as e:
             raise usage.UsageError(f"--{parameterName}: {e}")
+
+
+# -- settings dataclasses and their Options rows --------------------------------------
+#
+# Each component takes one settings dataclass. A field that is also an option is
+# declared with :func:`setting`: its default and help are written there once, and
+# the tap's Options rows come from it (:func:`option_rows`, :func:`flag_rows`), so
+# the option ``--batch-delay`` is the field ``batch_delay`` all the way down.
+
+S = TypeVar("S")
+
+
+def setting(default: Any, help: str, coerce: Callable[[str], Any] | None = None, *,
+            option: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option (``--<name-with-dashes>``).
+
+    ``coerce`` turns the command-line or environment text into the field's
+    type (flags, whose default is a bool, need none); ``option`` names the
+    option when it is not the field's name with dashes.
+    """
+    metadata = {"help": help, "coerce": coerce, "option": option}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def option_name(f: dataclasses.Field[Any]) -> str:
+    """The long option a settings field is set by."""
+    return str(f.metadata.get("option") or f.name.replace("_", "-"))
+
+
+def _option_fields(cls: type, names: tuple[str, ...]) -> list[dataclasses.Field[Any]]:
+    fields = {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise AttributeError(f"{cls.__name__} has no option field {unknown[0]!r}")
+    return [fields[n] for n in names] if names else list(fields.values())
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def option_rows(cls: type, *names: str) -> list[list[Any]]:
+    """``optParameters`` rows for the option fields of ``cls`` (all of them, or ``names``), bool ones left out."""
+    return [[option_name(f), None, _default_of(f), f.metadata["help"], f.metadata["coerce"]]
+            for f in _option_fields(cls, names) if not isinstance(_default_of(f), bool)]
+
+
+def flag_rows(cls: type, *names: str) -> list[list[Any]]:
+    """``optFlags`` rows for the bool option fields of ``cls`` (all of them, or ``names``)."""
+    return [[option_name(f), None, f.metadata["help"]]
+            for f in _option_fields(cls, names) if isinstance(_default_of(f), bool)]
+
+
+def settings_from(cls: type[S], config: Mapping[str, Any], **given: Any) -> S:
+    """An instance of the settings dataclass ``cls`` from parsed options; ``given`` fields win."""
+    values = dict(given)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in values or "help" not in f.metadata:
+            continue
+        name = option_name(f)
+        if name in config:
+            value = config[name]
+            values[f.name] = bool(value) if isinstance(_default_of(f), bool) else value
+    return cls(**values)
 
 
 def mask(value: Any) -> str:

@@ -9,35 +9,48 @@ from typing import Any
 from twisted.internet import defer, reactor, threads
 
 from eth_twisted.link.netstring import NetstringDecoder, encode
-from eth_twisted.server.service import ServerService, build_server
+from eth_twisted.server.service import ServerService, ServerSettings, build_server
+from eth_twisted.sinks import StorageSettings
+from eth_twisted.sinks.redis import RedisSettings
+from eth_twisted.sinks.sql.pool import MySQLSettings
+from eth_twisted.sinks.sql.sqlite import SQLiteSettings
+from eth_twisted.web.app import SiteSettings
 from tests.support import async_wait_until
 
 
-def mysql_storage(db: dict[str, Any], redis: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Storage settings for build_server: the test's MariaDB database, and Redis under a prefix if given."""
-    storage: dict[str, Any] = {
-        "migrate": True,
-        "mysql": {"host": db["host"], "port": db["port"], "user": db["user"], "password": db["password"],
-                  "database": db["database"], "ssl": None, "connect_timeout": 5.0, "read_timeout": 10.0},
-    }
+def sqlite_storage(path: Any) -> StorageSettings:
+    """Storage settings for the server: the embedded SQLite record at ``path``."""
+    return StorageSettings(sqlite=SQLiteSettings(sqlite=str(path)))
+
+
+def mysql_storage(db: dict[str, Any], redis: dict[str, Any] | None = None) -> StorageSettings:
+    """Storage settings for the server: the test's MariaDB database, and Redis under a prefix if given."""
+    storage = StorageSettings(
+        use_mysql=True,
+        mysql=MySQLSettings(mysql_host=db["host"], mysql_port=db["port"], mysql_user=db["user"],
+                            mysql_pass=db["password"], mysql_db=db["database"], mysql_read_timeout=10.0),
+    )
     if redis is not None:
-        storage["redis"] = {"host": redis["host"], "port": redis["port"], "db": 0, "prefix": redis["prefix"],
-                            "username": None, "password": None, "reply_timeout": 2.0}
+        storage.use_redis = True
+        storage.redis = RedisSettings(redis_host=redis["host"], redis_port=redis["port"],
+                                      redis_prefix=redis["prefix"], redis_timeout=2.0)
     return storage
 
 
 @defer.inlineCallbacks
-def start_server(storage: dict[str, Any], **overrides: Any) -> Any:
-    """Build and start an eth-server on 127.0.0.1:<free port>; fire with (service, port)."""
-    kwargs: dict[str, Any] = dict(
-        reactor=reactor, listen="tcp:0:interface=127.0.0.1", stats_listen=None, storage=storage,
-    )
-    kwargs.update(overrides)
-    server: ServerService = build_server(**kwargs)
+def start_server(storage: StorageSettings, **fields: Any) -> Any:
+    """Build and start an eth-server on 127.0.0.1:<free port>; fire with (service, port).
+
+    ``fields`` are :class:`ServerSettings` fields (``limits``, ``batch``, ``site``, ``tls``, ...);
+    the stats site is off unless ``site`` names one.
+    """
+    fields.setdefault("site", SiteSettings(stats=None))
+    fields.setdefault("listen", "tcp:0:interface=127.0.0.1")
+    settings = ServerSettings(storage=storage, **fields)
+    server: ServerService = build_server(settings, reactor=reactor)
     server.startService()
-    yield async_wait_until(lambda: server.ready and server.listening_port is not None, 30,
-                           what="server sinks ready")
-    return server, server.listening_port.getHost().port
+    yield async_wait_until(lambda: server.ready and server.port is not None, 30, what="server sinks ready")
+    return server, server.port.getHost().port
 
 
 def exchange(port: int, frames: Iterable[bytes], half_close: bool = True, timeout: float = 15.0,

@@ -5,7 +5,7 @@ fixture that yields a *started* sink and stops it afterwards, for example::
 
     @pytest_twisted.async_yield_fixture
     async def sink(tmp_path):
-        s = make_sqlite_sink(str(tmp_path / "db.sqlite3"))
+        s = make_sqlite_sink(SQLiteSettings(sqlite=str(tmp_path / "db.sqlite3")))
         await s.start()
         yield s
         await s.stop()

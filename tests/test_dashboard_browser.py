@@ -24,6 +24,7 @@ from twisted.internet import threads
 from eth_twisted.link.payload import render_html
 from eth_twisted.model import sha256_hex
 from eth_twisted.sinks.sql.migrations import migrate_sqlite
+from tests.live_helpers import sqlite_storage
 from tests.support import ROOT
 from tests.test_web_live import send_from, start_with_stats
 
@@ -138,7 +139,7 @@ def test_dashboard_in_chromium(tmp_path: Path, chromium: str):
     """The head shown equals the API and follows a new message; a <script> payload stays text."""
     path = tmp_path / "eth-server.sqlite3"
     seed_history(path, time.time())
-    server, port, web = yield start_with_stats({"migrate": True, "sqlite": str(path)}, stats_token=TOKEN)
+    server, port, web = yield start_with_stats(sqlite_storage(str(path)), stats_token=TOKEN)
     try:
         seen = yield threads.deferToThread(drive_browser, web, port)
     finally:

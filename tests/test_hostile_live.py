@@ -19,7 +19,7 @@ from twisted.internet import threads
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.model import sha256_hex
 from eth_twisted.server.limits import ReceiverLimits
-from tests.live_helpers import start_server
+from tests.live_helpers import sqlite_storage, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -126,7 +126,7 @@ def expected_reply(item: bytes) -> bytes:
 @pytest_twisted.inlineCallbacks
 def test_battery_on_loopback_while_a_good_client_is_served(tmp_path: Path) -> None:
     """Every battery row ends as expected on real sockets, and the client on 127.0.0.2 gets OK throughout."""
-    server, port = yield start_server({"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")}, limits=LIMITS)
+    server, port = yield start_server(sqlite_storage(str(tmp_path / "s.sqlite3")), limits=LIMITS)
     good = GoodClient(port)
     good.start()
     try:
@@ -156,7 +156,7 @@ def test_battery_on_loopback_while_a_good_client_is_served(tmp_path: Path) -> No
 @pytest_twisted.inlineCallbacks
 def test_slowloris_is_cut_by_the_frame_timer(tmp_path: Path) -> None:
     """Row 6: a byte every half second never completes a frame and is aborted after the frame timeout."""
-    server, port = yield start_server({"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")}, limits=LIMITS)
+    server, port = yield start_server(sqlite_storage(str(tmp_path / "s.sqlite3")), limits=LIMITS)
 
     def trickle() -> tuple[float, str]:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -181,7 +181,7 @@ def test_slowloris_is_cut_by_the_frame_timer(tmp_path: Path) -> None:
 @pytest_twisted.inlineCallbacks
 def test_peer_that_never_reads_is_bounded_and_dropped(tmp_path: Path) -> None:
     """Row 18: a peer that pipelines thousands of frames and never reads replies is paused, then aborted."""
-    server, port = yield start_server({"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")}, limits=LIMITS)
+    server, port = yield start_server(sqlite_storage(str(tmp_path / "s.sqlite3")), limits=LIMITS)
 
     def flood() -> tuple[str, float]:
         s = socket.socket()
@@ -218,7 +218,7 @@ def test_connection_flood_caps_hold_and_others_are_served(tmp_path: Path) -> Non
     """Row 19: thousands of connections from one address hit the per-address cap; 127.0.0.2 is still served."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
-    server, port = yield start_server({"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")}, limits=LIMITS,
+    server, port = yield start_server(sqlite_storage(str(tmp_path / "s.sqlite3")), limits=LIMITS,
                                       listen="tcp:0:interface=127.0.0.1:backlog=4096")
     before = rss_kib()
 

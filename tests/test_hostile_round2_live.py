@@ -24,7 +24,8 @@ from twisted.internet import threads
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.model import sha256_hex
 from eth_twisted.server.limits import ReceiverLimits
-from tests.live_helpers import mysql_storage, start_server
+from eth_twisted.server.router import BatchSettings
+from tests.live_helpers import mysql_storage, sqlite_storage, start_server
 from tests.support import wait_until
 from tests.test_hostile_live import GoodClient, rss_kib
 
@@ -41,7 +42,7 @@ def many_files() -> Iterator[None]:
 
 
 def sqlite(tmp_path: Path) -> dict[str, Any]:
-    return {"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")}
+    return sqlite_storage(tmp_path / "s.sqlite3")
 
 
 def server_sockets_in(state: str, port: int) -> int:
@@ -240,8 +241,8 @@ def test_item5_a_slow_database_bounds_the_queue_in_bytes_and_drops_timed_out_cop
     under its byte budget (busy past it), timed-out messages leave the queue, and all is stored once."""
     limits = ReceiverLimits(max_length=65536, window=64, deadline=3.0, idle_timeout=60.0, rate=1e9,
                             burst=10**9, max_per_ip=1000)
-    server, port = yield start_server(mysql_storage(mysql_db), limits=limits, pending_budget=256 * 1024,
-                                      batch_size=50)  # two stalled batches of 50: the rest waits in the queue
+    server, port = yield start_server(mysql_storage(mysql_db), limits=limits,
+                                      batch=BatchSettings(pending_budget=256 * 1024, batch_size=50))  # two stalled batches of 50: the rest waits in the queue
     with locked_table.cursor() as c:
         c.execute("LOCK TABLES ethereum_data WRITE")
     peak = {"pending": 0, "bytes": 0}

@@ -24,7 +24,7 @@ from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import Record, RecordSummary, summary_bytes
 from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.sinks.reconcile import Reconciler, start_reconciler
-from eth_twisted.sinks.redis import RedisSink, make_redis_sink
+from eth_twisted.sinks.redis import RedisSettings, RedisSink, make_redis_sink
 from eth_twisted.sinks.redis_scripts import RECONCILE_PAGE
 from tests.sink_contract import T0, msg, numbered
 from tests.support import PrivateRedis, async_wait_until
@@ -273,7 +273,7 @@ async def test_reconcile_reads_bounded_pages_of_summaries_only() -> None:
 @pytest_twisted.async_yield_fixture
 async def sink(redis_server: dict[str, Any], redis_prefix: str) -> AsyncIterator[RedisSink]:
     """A started Redis sink on the shared Redis, under this test's prefix."""
-    s = make_redis_sink(redis_server["host"], redis_server["port"], prefix=redis_prefix)
+    s = make_redis_sink(RedisSettings(redis_host=redis_server["host"], redis_port=redis_server["port"], redis_prefix=redis_prefix))
     await s.start()
     yield s
     await s.stop()
@@ -313,7 +313,7 @@ async def test_concurrent_reconciliations_do_not_mix_counts(
     sink: RedisSink, redis_server: dict[str, Any], redis_prefix: str
 ) -> None:
     """Two servers rebuilding the same mirror at once (interleaved pages) both leave the right counts."""
-    other = make_redis_sink(redis_server["host"], redis_server["port"], prefix=redis_prefix)
+    other = make_redis_sink(RedisSettings(redis_host=redis_server["host"], redis_port=redis_server["port"], redis_prefix=redis_prefix))
     await other.start()
     try:
         record = MemorySink()
@@ -396,7 +396,7 @@ async def test_redis_restarted_empty_converges_without_traffic(private_redis: Pr
     """With the reconciler running, a Redis restarted empty gets every hash and count back by itself."""
     record = MemorySink()
     await record.store_batch(numbered(40, ip="10.0.0.7"))
-    s = make_redis_sink("127.0.0.1", private_redis.port, reply_timeout=1.0)
+    s = make_redis_sink(RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_timeout=1.0))
     await s.start()
     rec = start_reconciler(s, record, interval=300, watch_interval=0.2)
     try:

@@ -13,8 +13,7 @@ from twisted.internet import reactor
 
 from eth_twisted.errors import SinkError
 from eth_twisted.model import Message, Outcome
-from eth_twisted.server.tap import redis_tls
-from eth_twisted.sinks.redis import make_redis_sink
+from eth_twisted.sinks.redis import RedisSettings, make_redis_sink
 from tests.certs import PKI, make_pki
 from tests.support import free_port, wait_for_port
 
@@ -46,16 +45,14 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, PKI]]:
 def test_redis_over_verified_tls(tls_redis: tuple[int, PKI]) -> None:
     """With the right CA the sink stores over TLS; with another CA it refuses to talk at all."""
     port, pki = tls_redis
-    sink = make_redis_sink("localhost", port, prefix="tls:", tls=redis_tls("localhost", pki.ca),
-                           reactor=reactor, reply_timeout=3.0)
+    sink = make_redis_sink(RedisSettings(redis_host="localhost", redis_port=port, redis_prefix="tls:", redis_tls_ca=pki.ca, redis_timeout=3.0), reactor=reactor)
     yield sink.start()
     try:
         outcomes = yield sink.store_batch([Message.build(b"over tls", "10.0.0.1", 1.0)])
         assert outcomes == [Outcome.STORED]
     finally:
         yield sink.stop()
-    impostor = make_redis_sink("localhost", port, prefix="tls:", tls=redis_tls("localhost", pki.other_ca),
-                               reactor=reactor, reply_timeout=2.0)
+    impostor = make_redis_sink(RedisSettings(redis_host="localhost", redis_port=port, redis_prefix="tls:", redis_tls_ca=pki.other_ca, redis_timeout=2.0), reactor=reactor)
     with pytest.raises(SinkError):
         yield impostor.start()
     yield impostor.stop()

@@ -12,7 +12,7 @@ from eth_twisted.errors import SinkTimeout, SinkUnavailable
 from eth_twisted.interfaces import ISink
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import Message, Outcome
-from eth_twisted.server.router import Router
+from eth_twisted.server.router import BatchSettings, Router
 from eth_twisted.sinks.memory import MemorySink
 
 
@@ -58,7 +58,8 @@ class RecordingMirror(AlwaysUp):
 def setup(mirrors: Sequence[ISink] = (), **kw: object) -> tuple[Router, MemorySink, Clock, dict[bytes, list[str]]]:
     clock = Clock()
     record = MemorySink()
-    router = Router(record, mirrors, clock=clock, metrics=ServerMetrics(), **kw)  # type: ignore[arg-type]
+    kw.setdefault("concurrent_batches", 1)  # one batch at a time unless a test asks for more
+    router = Router(record, mirrors, clock=clock, metrics=ServerMetrics(), settings=BatchSettings(**kw))  # type: ignore[arg-type]
     answers: dict[bytes, list[str]] = {}
     return router, record, clock, answers
 
@@ -69,7 +70,7 @@ def submit(router: Router, answers: dict[bytes, list[str]], m: Message) -> None:
 
 def test_batches_after_the_delay_and_answers_once() -> None:
     """Messages submitted together are stored in one batch after max_delay and answered once each."""
-    router, record, clock, answers = setup(max_delay=0.005)
+    router, record, clock, answers = setup(batch_delay=0.005)
     for p in (b"a", b"b", b"a"):
         submit(router, answers, msg(p))
     assert answers == {}
@@ -80,7 +81,7 @@ def test_batches_after_the_delay_and_answers_once() -> None:
 
 def test_full_batch_flushes_without_waiting() -> None:
     """A batch that reaches max_batch is stored at once, the rest waits for the next batch."""
-    router, record, clock, answers = setup(max_batch=2, max_delay=1.0)
+    router, record, clock, answers = setup(batch_size=2, batch_delay=1.0)
     for p in (b"1", b"2", b"3"):
         submit(router, answers, msg(p))
     assert record.batches == [2]
@@ -94,7 +95,7 @@ def test_one_batch_in_flight_at_a_time() -> None:
     """While a batch is being stored, new messages queue and go in the next batch together."""
     mirror = RecordingMirror()
     mirror.hang = True
-    router, record, clock, answers = setup([mirror], max_delay=0.001)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001)
     submit(router, answers, msg(b"x"))
     clock.advance(0.001)
     for p in (b"y", b"z"):
@@ -106,7 +107,7 @@ def test_one_batch_in_flight_at_a_time() -> None:
 
 def test_record_failure_answers_its_code_and_recovers() -> None:
     """A failing record sink answers every message its retryable code; later batches succeed."""
-    router, record, clock, answers = setup(max_delay=0.001)
+    router, record, clock, answers = setup(batch_delay=0.001)
     record.fail_with = SinkUnavailable("memory", "down")
     submit(router, answers, msg(b"a"))
     clock.advance(0.001)
@@ -122,7 +123,7 @@ def test_record_failure_answers_its_code_and_recovers() -> None:
 def test_mirror_gets_the_record_verdicts() -> None:
     """The mirror is called after the record with the record's verdicts for the same messages."""
     mirror = RecordingMirror()
-    router, record, clock, answers = setup([mirror], max_delay=0.001)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001)
     submit(router, answers, msg(b"a"))
     submit(router, answers, msg(b"a", ip="10.0.0.2"))
     clock.advance(0.001)
@@ -134,7 +135,7 @@ def test_mirror_failure_is_not_acknowledged() -> None:
     """When Redis fails, a message SQL committed is answered with Redis's code, not OK."""
     mirror = RecordingMirror()
     mirror.fail = SinkTimeout("mirror", "slow")
-    router, record, clock, answers = setup([mirror], max_delay=0.001)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001)
     submit(router, answers, msg(b"a"))
     clock.advance(0.001)
     assert answers == {b"a": ["timeout"]}
@@ -145,7 +146,7 @@ def test_hung_sink_times_out() -> None:
     """A sink that never answers makes the batch fail with timeout after batch_timeout."""
     mirror = RecordingMirror()
     mirror.hang = True
-    router, record, clock, answers = setup([mirror], max_delay=0.001, batch_timeout=5.0)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001, batch_timeout=5.0)
     submit(router, answers, msg(b"a"))
     clock.advance(0.001)
     clock.advance(5.0)
@@ -165,7 +166,7 @@ def test_queue_bound_answers_busy() -> None:
     """Past max_pending queued messages the router answers busy instead of growing."""
     mirror = RecordingMirror()
     mirror.hang = True
-    router, record, clock, answers = setup([mirror], max_delay=0.001, max_pending=2, max_batch=1)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001, max_pending=2, batch_size=1)
     for p in (b"1", b"2", b"3", b"4"):
         submit(router, answers, msg(p))
     assert answers == {b"4": ["busy"]}
@@ -173,7 +174,7 @@ def test_queue_bound_answers_busy() -> None:
 
 def test_observers_see_final_codes() -> None:
     """Batch observers get each message with its final code."""
-    router, record, clock, answers = setup(max_delay=0.001)
+    router, record, clock, answers = setup(batch_delay=0.001)
     seen: list[tuple[list[bytes], list[str]]] = []
     router.observers.append(lambda ms, cs: seen.append(([m.payload for m in ms], list(cs))))
     submit(router, answers, msg(b"a"))
@@ -184,7 +185,7 @@ def test_observers_see_final_codes() -> None:
 
 def test_drain_waits_for_queued_messages() -> None:
     """drain() fires once every queued message has been stored and answered."""
-    router, record, clock, answers = setup(max_delay=1.0)
+    router, record, clock, answers = setup(batch_delay=1.0)
     submit(router, answers, msg(b"a"))
     drained = router.drain()
     assert drained.called
@@ -216,7 +217,7 @@ def concurrent_setup(concurrency: int) -> tuple[Router, ManualRecord, RecordingM
     clock = Clock()
     record, mirror = ManualRecord(), RecordingMirror()
     router = Router(record, [mirror], clock=clock, metrics=ServerMetrics(),  # type: ignore[list-item]
-                    max_batch=2, max_delay=0.002, concurrency=concurrency)
+                    settings=BatchSettings(batch_size=2, batch_delay=0.002, concurrent_batches=concurrency))
     order: list[bytes] = []
     return router, record, mirror, clock, order
 
@@ -269,7 +270,7 @@ def test_a_failed_batch_does_not_block_the_next_in_concurrent_mode() -> None:
 def test_each_batch_is_answered_inside_one_answering_scope() -> None:
     """The router enters ``answering`` once per batch, around all of that batch's replies (the
     receiver holds its writes in it), and not around anything else."""
-    router, _, clock, _ = setup(max_batch=2)
+    router, _, clock, _ = setup(batch_size=2)
     events: list[str] = []
 
     class Scope:
@@ -290,7 +291,7 @@ def test_queue_byte_budget_answers_busy() -> None:
     """Past pending_budget payload bytes queued the router answers busy, whatever the count."""
     mirror = RecordingMirror()
     mirror.hang = True  # the first batch never finishes: everything after it queues
-    router, record, clock, answers = setup([mirror], max_delay=0.001, max_batch=1, pending_budget=1000)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001, batch_size=1, pending_budget=1000)
     submit(router, answers, msg(b"first"))
     clock.advance(0.001)  # taken into the (hanging) batch
     for i in range(3):
@@ -302,7 +303,7 @@ def test_queue_byte_budget_answers_busy() -> None:
 
 def test_withdrawn_messages_leave_the_queue_and_free_their_bytes() -> None:
     """A cancelled ticket drops its message before a batch takes it; a taken one cannot be withdrawn."""
-    router, record, clock, answers = setup(max_delay=0.001)
+    router, record, clock, answers = setup(batch_delay=0.001)
     ticket_a = router.submit(msg(b"a" * 100), lambda code: answers.setdefault(b"a", []).append(code))
     submit(router, answers, msg(b"b"))
     assert ticket_a is not None and router.pending_bytes == 101
@@ -319,7 +320,8 @@ def test_a_taken_message_is_not_withdrawn() -> None:
     """Once in a batch, cancel() does nothing: the message is stored and answered."""
     clock = Clock()
     manual = ManualRecord()
-    router = Router(manual, [], clock=clock, metrics=ServerMetrics(), max_delay=0.001)
+    router = Router(manual, [], clock=clock, metrics=ServerMetrics(),
+                    settings=BatchSettings(batch_delay=0.001, concurrent_batches=1))
     answers: dict[bytes, list[str]] = {}
     ticket = router.submit(msg(b"a"), lambda code: answers.setdefault(b"a", []).append(code))
     clock.advance(0.001)
@@ -333,7 +335,7 @@ def test_mostly_withdrawn_queue_is_compacted() -> None:
     """Withdrawn entries never pile up: the queue is rebuilt once they outnumber the live ones."""
     mirror = RecordingMirror()
     mirror.hang = True
-    router, record, clock, answers = setup([mirror], max_delay=0.001, max_batch=1)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001, batch_size=1)
     submit(router, answers, msg(b"first"))
     clock.advance(0.001)
     tickets = [router.submit(msg(b"%d" % i), lambda code: None) for i in range(5000)]

@@ -30,7 +30,7 @@ class GatedMirror(RecordingMirror):
 def test_record_stores_next_batch_while_mirror_works() -> None:
     """While the mirror holds batch 1, the record stores batch 2; nothing is answered before its mirror."""
     mirror = GatedMirror()
-    router, record, clock, answers = setup([mirror], max_delay=0.001, overlap=True)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001, pipeline=True)
     submit(router, answers, msg(b"1"))
     clock.advance(0.001)
     submit(router, answers, msg(b"2"))
@@ -47,7 +47,7 @@ def test_record_stores_next_batch_while_mirror_works() -> None:
 def test_at_most_one_stored_batch_waits_for_the_mirror() -> None:
     """A hung mirror stops the record after one more batch: stored work cannot pile up."""
     mirror = GatedMirror()
-    router, record, clock, answers = setup([mirror], max_delay=0.001, overlap=True)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001, pipeline=True)
     for p in (b"1", b"2", b"3", b"4"):
         submit(router, answers, msg(p))
         clock.advance(0.001)
@@ -63,7 +63,7 @@ def test_at_most_one_stored_batch_waits_for_the_mirror() -> None:
 def test_overlap_keeps_verdicts_failures_and_drain() -> None:
     """Mirrors get the record's verdicts, a failing record answers its code, drain waits for both stages."""
     mirror = GatedMirror()
-    router, record, clock, answers = setup([mirror], max_delay=0.001, overlap=True)
+    router, record, clock, answers = setup([mirror], batch_delay=0.001, pipeline=True)
     submit(router, answers, msg(b"a"))
     submit(router, answers, msg(b"a", ip="10.0.0.2"))
     clock.advance(0.001)

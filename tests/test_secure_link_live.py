@@ -18,9 +18,10 @@ from eth_twisted.link.handshake import AuthClientEndpoint
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.link.tls import client_tls_endpoint
 from eth_twisted.model import MAX_CLIENT_ID, bounded, sha256_hex
+from eth_twisted.server.service import ServerTLS
 from tests.certs import issue_into, long_subject, make_pki
 from tests.conftest import mysql_query
-from tests.live_helpers import mysql_storage, start_server
+from tests.live_helpers import mysql_storage, sqlite_storage, start_server
 from tests.support import async_wait_until
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
@@ -40,8 +41,8 @@ def test_mtls_and_secret_end_to_end(tmp_path: Path, anvil: Any) -> None:
     pki = make_pki(tmp_path / "pki")
     db = tmp_path / "server.sqlite3"
     server, port = yield start_server(
-        {"migrate": True, "sqlite": str(db)},
-        tls={"cert": pki.server.cert, "key": pki.server.key, "client_ca": pki.ca},
+        sqlite_storage(str(db)),
+        tls=ServerTLS(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca),
         secret=SECRET,
     )
     client = make_client_service(
@@ -69,8 +70,8 @@ def test_wrong_secret_delivers_nothing(tmp_path: Path, anvil: Any) -> None:
     pki = make_pki(tmp_path / "pki")
     db = tmp_path / "server.sqlite3"
     server, port = yield start_server(
-        {"migrate": True, "sqlite": str(db)},
-        tls={"cert": pki.server.cert, "key": pki.server.key}, secret=SECRET,
+        sqlite_storage(str(db)),
+        tls=ServerTLS(tls_cert=pki.server.cert, tls_key=pki.server.key), secret=SECRET,
     )
     client = make_client_service(
         reactor=reactor, connect=f"tcp:host=127.0.0.1:port={port}", rpc_urls=[anvil.url],
@@ -128,7 +129,7 @@ def test_mtls_client_with_a_long_subject_is_stored_in_mariadb(
     subject = long_subject().rfc4514_string()
     server, port = yield start_server(
         mysql_storage(mysql_db),
-        tls={"cert": pki.server.cert, "key": pki.server.key, "client_ca": pki.ca},
+        tls=ServerTLS(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca),
     )
     try:
         endpoint = client_tls_endpoint(reactor, "127.0.0.1", port, ca_file=pki.ca,
@@ -155,8 +156,8 @@ def test_eleven_silent_addresses_do_not_lock_out_the_secret(tmp_path: Path) -> A
     pki = make_pki(tmp_path / "pki")
     db = tmp_path / "server.sqlite3"
     server, port = yield start_server(
-        {"migrate": True, "sqlite": str(db)},
-        tls={"cert": pki.server.cert, "key": pki.server.key}, secret=SECRET,
+        sqlite_storage(str(db)),
+        tls=ServerTLS(tls_cert=pki.server.cert, tls_key=pki.server.key), secret=SECRET,
     )
     hosts = [f"127.0.0.{n}" for n in range(2, 13)]
     silent = yield silent_connections(port, hosts, 100, pki=pki)

@@ -666,11 +666,11 @@ def test_metrics_track_outbox_depth_and_age(endpoint: FakeEndpoint, outbox: Outb
 def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> None:
     """Through the real receiver, router and memory sink, every message is stored once and acked."""
     from eth_twisted.server.receiver import ReceiverFactory
-    from eth_twisted.server.router import Router
+    from eth_twisted.server.router import BatchSettings, Router
     from eth_twisted.sinks.memory import MemorySink
 
     sink = MemorySink()
-    router = Router(sink, clock=clock, max_delay=0.0)
+    router = Router(sink, clock=clock, settings=BatchSettings(batch_delay=0.0, concurrent_batches=1))
     server_factory = ReceiverFactory(router.submit, clock=clock)
     pumps: list[iosim.IOPump] = []
 

@@ -18,7 +18,13 @@ from twisted.internet import defer
 from eth_twisted.link.payload import render_html
 from eth_twisted.model import EMPTY_SHA256, sha256_hex
 from tests.conftest import mysql_query
-from tests.live_helpers import exchange, exchange_in_thread, mysql_storage, start_server
+from tests.live_helpers import (
+    exchange,
+    exchange_in_thread,
+    mysql_storage,
+    sqlite_storage,
+    start_server,
+)
 from tests.support import (
     ROOT,
     async_wait_until,
@@ -50,7 +56,7 @@ def redis_cmd(port: int, *args: str) -> Any:
 def test_sqlite_seed_style_half_closed_client(tmp_path: Path) -> None:
     """A client that sends one frame and half-closes (the seed, `nc -N`) gets OK, then DUP on resend."""
     path = tmp_path / "eth-server.sqlite3"
-    server, port = yield start_server({"migrate": True, "sqlite": str(path)})
+    server, port = yield start_server(sqlite_storage(str(path)))
     try:
         page = render_html(19000000)
         assert (yield exchange_in_thread(port, [page])) == [ok(page)]
@@ -96,7 +102,7 @@ def test_mysql_and_redis_pipelined(mysql_db: dict[str, Any], redis_server: dict[
 @pytest_twisted.inlineCallbacks
 def test_garbage_after_frames_live(tmp_path: Path) -> None:
     """Frames before garbage are stored and answered, then ERR - bad-frame, then the server closes."""
-    server, port = yield start_server({"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")})
+    server, port = yield start_server(sqlite_storage(str(tmp_path / "s.sqlite3")))
     try:
         raw = b"1:a,1:b,GET / HTTP/1.1\r\n"
         replies = yield exchange_in_thread(port, [], raw=raw, half_close=False, expect=10)
@@ -203,7 +209,7 @@ def test_netcat_half_close(tmp_path: Path) -> None:
     """`printf '5:hello,' | nc -N host port` (the seed's habit) gets its OK before the server closes."""
     from twisted.internet import threads
 
-    server, port = yield start_server({"migrate": True, "sqlite": str(tmp_path / "s.sqlite3")})
+    server, port = yield start_server(sqlite_storage(str(tmp_path / "s.sqlite3")))
     try:
         proc = yield threads.deferToThread(
             subprocess.run, ["sh", "-c", f"printf '5:hello,' | nc -N 127.0.0.1 {port}"],

@@ -12,7 +12,8 @@ from zope.interface import implementer
 
 from eth_twisted.interfaces import IRecord
 from eth_twisted.model import Message, Outcome
-from eth_twisted.server.service import make_server_service
+from eth_twisted.server.service import ServerSettings, assemble_server
+from eth_twisted.web.app import SiteSettings
 from eth_twisted.sinks.memory import MemorySink
 
 
@@ -35,6 +36,9 @@ class SlowToStart(MemorySink):
         return super().store_batch(messages, verdicts)
 
 
+SETTINGS = ServerSettings(listen="tcp:0:interface=127.0.0.1", site=SiteSettings(stats=None))
+
+
 def _lines(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(e["log_level"].name, e.get("log_format", "")) for e in events
             if e.get("log_namespace", "").startswith("eth_twisted.server.service")
@@ -45,7 +49,7 @@ def test_a_sink_outage_at_start_is_logged_once_when_it_starts_and_once_when_it_e
     """Ten failed attempts give one error line and one recovery line, not ten errors."""
     reactor = MemoryReactorClock()
     record = SlowToStart(failures=10)
-    server = make_server_service(listen="tcp:0:interface=127.0.0.1", record=record, reactor=reactor)
+    server = assemble_server(SETTINGS, record=record, reactor=reactor)
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -65,7 +69,7 @@ def test_stopping_while_waiting_to_retry_ends_the_wait_at_once() -> None:
     """A stop between attempts does not wait out the backoff (up to 30 s)."""
     reactor = MemoryReactorClock()
     record = SlowToStart(failures=100)
-    server = make_server_service(listen="tcp:0:interface=127.0.0.1", record=record, reactor=reactor)
+    server = assemble_server(SETTINGS, record=record, reactor=reactor)
     server.startService()
     reactor.advance(1)
     reactor.advance(2)

@@ -6,7 +6,7 @@ import pytest
 from twisted.python import usage
 
 from eth_twisted.cli import main as cli
-from eth_twisted.server.tap import Options, storage_kwargs
+from eth_twisted.server.tap import Options
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> Options:
@@ -20,7 +20,8 @@ def test_defaults() -> None:
     o = parse([])
     assert o["listen"] == "tcp:9999:interface=127.0.0.1"
     assert o["stats"] == "tcp:8080:interface=127.0.0.1"
-    assert storage_kwargs(o) == {"migrate": True, "sqlite": "eth-server.sqlite3"}
+    assert o.storage.sqlite.sqlite == "eth-server.sqlite3"
+    assert not o.storage.use_mysql and not o.storage.use_redis and not o.storage.no_migrate
     assert o["max-length"] == 65536 and o["window"] == 256 and o["deadline"] == 10.0
 
 
@@ -30,12 +31,12 @@ def test_seed_flags() -> None:
                "6380", "--redis-db", "2", "--use-mysql", "--mysql-host", "db", "--mysql-user", "u",
                "--mysql-pass", "s3cret", "--mysql-db", "eth"])
     assert o["listen"] == "tcp:8888:interface=0.0.0.0"
-    kw = storage_kwargs(o)
-    assert kw["mysql"]["host"] == "db" and kw["mysql"]["password"] == "s3cret"
-    assert kw["redis"]["host"] == "r" and kw["redis"]["port"] == 6380 and kw["redis"]["db"] == 2
-    assert "sqlite" not in kw
+    storage = o.storage
+    assert storage.mysql.mysql_host == "db" and storage.mysql.mysql_pass == "s3cret"
+    assert storage.redis.redis_host == "r" and storage.redis.redis_port == 6380 and storage.redis.redis_db == 2
+    assert storage.use_mysql and storage.use_redis
     assert any("ETH_MYSQL_PASS" in w and "--mysql-pass-file" in w for w in o.warnings)
-    assert "s3cret" not in o.storage_summary()
+    assert "s3cret" not in o.storage.summary()
 
 
 def test_endpoint_string_beside_seed_flags() -> None:
@@ -54,7 +55,7 @@ def test_environment_and_precedence() -> None:
     env = {"ETH_PORT": "7777", "ETH_USE_REDIS": "yes", "ETH_REDIS_HOST": "cache", "ETH_HOST": "0.0.0.0"}
     o = parse([], env)
     assert o["listen"] == "tcp:7777:interface=0.0.0.0"
-    assert storage_kwargs(o)["redis"]["host"] == "cache"
+    assert o.storage.redis.redis_host == "cache"
     o = parse(["--port", "1234"], env)
     assert o["listen"] == "tcp:1234:interface=0.0.0.0"
 
@@ -90,16 +91,16 @@ def test_use_mysql_needs_its_companions(missing: str) -> None:
 def test_password_from_environment_file_and_credentials(tmp_path) -> None:
     """The MySQL password can come from ETH_MYSQL_PASS, --mysql-pass-file or $CREDENTIALS_DIRECTORY."""
     base = ["--use-mysql", "--mysql-host", "h", "--mysql-user", "u", "--mysql-db", "d"]
-    assert storage_kwargs(parse(base, {"ETH_MYSQL_PASS": "from-env"}))["mysql"]["password"] == "from-env"
+    assert parse(base, {"ETH_MYSQL_PASS": "from-env"}).storage.mysql.mysql_pass == "from-env"
     f = tmp_path / "pw"
     f.write_text("from-file\n")
     o = parse([*base, "--mysql-pass-file", str(f)])
-    assert storage_kwargs(o)["mysql"]["password"] == "from-file"
+    assert o.storage.mysql.mysql_pass == "from-file"
     assert o.warnings == []
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "mysql-pass").write_text("from-creds")
-    assert storage_kwargs(parse(base, {"CREDENTIALS_DIRECTORY": str(creds)}))["mysql"]["password"] == "from-creds"
+    assert parse(base, {"CREDENTIALS_DIRECTORY": str(creds)}).storage.mysql.mysql_pass == "from-creds"
 
 
 def test_unreadable_password_file_is_named(tmp_path) -> None:
@@ -152,10 +153,10 @@ def test_redis_tls_builds_a_verifying_context(tmp_path) -> None:
 
     pki = make_pki(tmp_path / "pki")
     o = parse(["--use-redis", "--redis-host", "localhost", "--redis-tls-ca", pki.ca])
-    creator = storage_kwargs(o)["redis"]["tls"]
+    creator = o.storage.redis.tls_context()
     assert creator._hostnameASCII == "localhost"
     with pytest.raises(usage.UsageError, match="--redis-tls-ca"):
-        storage_kwargs(parse(["--use-redis", "--redis-tls-ca", str(tmp_path / "missing.pem")]))
+        parse(["--use-redis", "--redis-tls-ca", str(tmp_path / "missing.pem")])
 
 
 def test_pipeline_is_opt_in(tmp_path) -> None:
@@ -165,8 +166,8 @@ def test_pipeline_is_opt_in(tmp_path) -> None:
     from eth_twisted.server.tap import makeService
 
     base = ["--use-redis", "--stats", "none", "--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0"]
-    assert makeService(parse(base), MemoryReactorClock()).router.overlap is False
-    assert makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.overlap is True
+    assert makeService(parse(base), MemoryReactorClock()).router.pipeline is False
+    assert makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.pipeline is True
 
 
 def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
@@ -177,9 +178,9 @@ def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
     from eth_twisted.server.tap import makeService
 
     base = ["--use-redis", "--stats", "none", "--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0"]
-    assert makeService(parse(base), MemoryReactorClock()).router.concurrency == 2
-    assert makeService(parse([*base, "--concurrent-batches", "1"]), MemoryReactorClock()).router.concurrency == 1
-    assert makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.concurrency == 1
+    assert makeService(parse(base), MemoryReactorClock()).router.concurrent_batches == 2
+    assert makeService(parse([*base, "--concurrent-batches", "1"]), MemoryReactorClock()).router.concurrent_batches == 1
+    assert makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.concurrent_batches == 1
     for bad in ("0", "9", "two"):
         with pytest.raises(usage.UsageError, match="concurrent-batches"):
             parse([*base, "--concurrent-batches", bad])
@@ -193,15 +194,15 @@ def test_stats_site_limits_reach_the_listener(tmp_path) -> None:
     from eth_twisted.server.tap import makeService
     from eth_twisted.web.limits import SiteLimits
 
-    assert parse([])["stats-limits"] == SiteLimits()
+    assert parse([]).settings.site.limits == SiteLimits()
     base = ["--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0", "--stats", "tcp:0:interface=127.0.0.1"]
     o = parse([*base, "--stats-max-connections", "10", "--stats-max-per-ip", "3"],
               env={"ETH_STATS_HEADER_TIMEOUT": "2.5"})
-    assert o["stats-limits"] == SiteLimits(max_connections=10, max_per_ip=3, header_timeout=2.5)
+    assert o.settings.site.limits == SiteLimits(stats_max_connections=10, stats_max_per_ip=3, stats_header_timeout=2.5)
     reactor = MemoryReactorClock()
     server = makeService(o, reactor)
     site = server.getServiceNamed("stats").factory
-    assert site.limits == o["stats-limits"]
+    assert site.limits == o.settings.site.limits
     for bad in (["--stats-max-connections", "0"], ["--stats-header-timeout", "-1"]):
         with pytest.raises(usage.UsageError, match="stats-"):
             parse(bad)

@@ -36,15 +36,21 @@ from eth_twisted.sinks.sql.migrations import (
     to_utc_datetime,
 )
 from eth_twisted.sinks.sql.mysql import MySQLRowEncoder, MySQLSink, make_mysql_sink
-from eth_twisted.sinks.sql.pool import DataRefused, ReconnectingConnectionPool
+from eth_twisted.sinks.sql.pool import DataRefused, MySQLSettings, ReconnectingConnectionPool
 from tests.conftest import mysql_query
 from tests.sink_contract import T0, SinkContract, msg, numbered
 from tests.support import async_wait_until, free_port, wait_until
 
 
-def sink_for(db: dict[str, Any], **kw: Any) -> MySQLSink:
+def settings_for(db: dict[str, Any], **fields: Any) -> MySQLSettings:
+    """MySQL settings for the test's database (``fields``: any other MySQLSettings field)."""
+    return MySQLSettings(mysql_host=db["host"], mysql_port=db["port"], mysql_user=db["user"],
+                         mysql_pass=db["password"], mysql_db=db["database"], **fields)
+
+
+def sink_for(db: dict[str, Any], migrate: bool = True, **fields: Any) -> MySQLSink:
     """A sink on the test's database (not started)."""
-    return make_mysql_sink(db["host"], db["port"], db["user"], db["password"], db["database"], **kw)
+    return make_mysql_sink(settings_for(db, **fields), migrate=migrate)
 
 
 @pytest_twisted.async_yield_fixture
@@ -115,9 +121,9 @@ async def test_rows_and_schema_visible(sink: MySQLSink, mysql_db: dict[str, Any]
 @pytest.mark.live
 def test_migrate_mysql_idempotent(mysql_db: dict[str, Any]) -> None:
     """migrate_mysql applies every migration once, then nothing."""
-    kw = {k: mysql_db[k] for k in ("host", "port", "user", "password", "database")}
-    assert migrate_mysql(**kw) == list(range(1, latest_version("mysql") + 1))
-    assert migrate_mysql(**kw) == []
+    settings = settings_for(mysql_db)
+    assert migrate_mysql(settings) == list(range(1, latest_version("mysql") + 1))
+    assert migrate_mysql(settings) == []
     assert mysql_query(mysql_db, "SELECT COUNT(*) FROM schema_version") == [(1,)]
 
 
@@ -245,7 +251,7 @@ async def test_idle_reaped_connection_is_transparent(mysql_db: dict[str, Any]) -
 @pytest_twisted.ensureDeferred
 async def test_nothing_listening_fails_fast() -> None:
     """start() against a port where nothing listens fails with SinkUnavailable within the connect timeout."""
-    s = make_mysql_sink("127.0.0.1", free_port(), "u", "secret-password", "db", connect_timeout=2)
+    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=free_port(), mysql_user="u", mysql_pass="secret-password", mysql_db="db", mysql_connect_timeout=2))
     started = time.monotonic()
     with pytest.raises(SinkUnavailable) as e:
         await s.start()
@@ -299,8 +305,7 @@ async def test_server_gone_fails_fast_then_recovers(mysql_db: dict[str, Any]) ->
     """When the server goes away, batches and pings fail fast as SinkUnavailable; when back, they work."""
     proxy = CuttableProxy(mysql_db["host"], mysql_db["port"])
     proxy.up()
-    s = make_mysql_sink("127.0.0.1", proxy.port, mysql_db["user"], mysql_db["password"],
-                        mysql_db["database"], connect_timeout=2)
+    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=proxy.port, mysql_user=mysql_db["user"], mysql_pass=mysql_db["password"], mysql_db=mysql_db["database"], mysql_connect_timeout=2))
     await s.start()
     try:
         assert await s.store_batch([msg(b"one")]) == [Outcome.STORED]
@@ -599,8 +604,7 @@ async def test_ping_times_out_on_stalled_server(mysql_db: dict[str, Any]) -> Non
     """A server that stops answering fails ping() with SinkTimeout after ping_timeout, not a hang."""
     proxy = CuttableProxy(mysql_db["host"], mysql_db["port"])
     proxy.up()
-    s = make_mysql_sink("127.0.0.1", proxy.port, mysql_db["user"], mysql_db["password"],
-                        mysql_db["database"], read_timeout=5, ping_timeout=0.5)
+    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=proxy.port, mysql_user=mysql_db["user"], mysql_pass=mysql_db["password"], mysql_db=mysql_db["database"], mysql_read_timeout=5, ping_timeout=0.5))
     await s.start()
     try:
         await s.ping()
@@ -622,14 +626,14 @@ def test_tls_settings() -> None:
     """TLS settings become an SSLContext; verify=false turns checks off; unknown keys are refused."""
     import ssl
 
-    kw = make_mysql_sink("db.example", 3306, "u", "p", "d", ssl={"verify": False})._connect_kwargs
+    kw = make_mysql_sink(MySQLSettings(mysql_host="db.example", mysql_port=3306, mysql_user="u", mysql_pass="p", mysql_db="d", ssl={"verify": False}))._connect_kwargs
     assert isinstance(kw["ssl"], ssl.SSLContext) and kw["ssl"].verify_mode == ssl.CERT_NONE
-    kw = make_mysql_sink("db.example", 3306, "u", "p", "d", ssl={})._connect_kwargs
+    kw = make_mysql_sink(MySQLSettings(mysql_host="db.example", mysql_port=3306, mysql_user="u", mysql_pass="p", mysql_db="d", ssl={}))._connect_kwargs
     assert "ssl" not in kw
-    kw = make_mysql_sink("db.example", 3306, "u", "p", "d", ssl={"verify": True})._connect_kwargs
+    kw = make_mysql_sink(MySQLSettings(mysql_host="db.example", mysql_port=3306, mysql_user="u", mysql_pass="p", mysql_db="d", ssl={"verify": True}))._connect_kwargs
     assert kw["ssl"].check_hostname and kw["ssl"].verify_mode == ssl.CERT_REQUIRED
     with pytest.raises(ConfigError, match="capath"):
-        make_mysql_sink("db.example", 3306, "u", "p", "d", ssl={"capath": "/x"})
+        make_mysql_sink(MySQLSettings(mysql_host="db.example", mysql_port=3306, mysql_user="u", mysql_pass="p", mysql_db="d", ssl={"capath": "/x"}))
 
 
 def test_row_encoder_reuses_a_receipt_time_only_for_the_same_time() -> None:
@@ -709,7 +713,7 @@ def pool_threads(sink: MySQLSink) -> list[str]:
 @pytest_twisted.ensureDeferred
 async def test_stop_after_starts_that_never_succeeded() -> None:
     """A sink whose every start failed stops cleanly: each pool is closed once, no AlreadyQuit."""
-    s = make_mysql_sink("127.0.0.1", free_port(), "u", "pw", "db", connect_timeout=1)
+    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=free_port(), mysql_user="u", mysql_pass="pw", mysql_db="db", mysql_connect_timeout=1))
     for _ in range(2):
         with pytest.raises(SinkUnavailable):
             await s.start()
@@ -727,8 +731,7 @@ async def test_stop_during_start_waits_for_the_connect_timeout_only(silent_serve
     connect_timeout (1 s), so neither start nor a shutdown during it can hang on a
     stopped server. Afterwards no pool thread is left.
     """
-    s = make_mysql_sink("127.0.0.1", silent_server.port, "u", "pw", "db", connect_timeout=1,
-                        read_timeout=60, write_timeout=60)
+    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=silent_server.port, mysql_user="u", mysql_pass="pw", mysql_db="db", mysql_connect_timeout=1, mysql_read_timeout=60, write_timeout=60))
     started: list[Any] = []
     s.start().addBoth(started.append)
     began = time.monotonic()
@@ -744,7 +747,7 @@ async def test_stop_during_start_waits_for_the_connect_timeout_only(silent_serve
 @pytest_twisted.ensureDeferred
 async def test_queries_keep_the_read_timeout_after_a_bounded_login(mysql_db: dict[str, Any]) -> None:
     """Login is bounded by connect_timeout, but a query may take up to read_timeout as before."""
-    s = sink_for(mysql_db, connect_timeout=1, read_timeout=30)
+    s = sink_for(mysql_db, mysql_connect_timeout=1, mysql_read_timeout=30)
     await s.start()
     try:
         def slow(txn: Any) -> Any:

@@ -23,7 +23,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
 from eth_twisted.model import Message, Outcome, storable_client_ip
 from eth_twisted.sinks.memory import MemorySink
-from eth_twisted.sinks.redis import RedisSink, make_redis_sink, parse_run_id
+from eth_twisted.sinks.redis import RedisSettings, RedisSink, make_redis_sink, parse_run_id
 from eth_twisted.sinks.redis_scripts import STORE_SCRIPT, pack_store_entries
 from tests.sink_contract import T0, SinkContract, msg, numbered
 from tests.support import PrivateRedis, async_wait_until, redis_command
@@ -77,7 +77,7 @@ def sink_log() -> Iterator[LogCapture]:
 @pytest_twisted.async_yield_fixture
 async def sink(redis_server: dict[str, Any], redis_prefix: str) -> AsyncIterator[RedisSink]:
     """A started Redis sink on the shared Redis, under this test's prefix."""
-    s = make_redis_sink(redis_server["host"], redis_server["port"], prefix=redis_prefix)
+    s = make_redis_sink(RedisSettings(redis_host=redis_server["host"], redis_port=redis_server["port"], redis_prefix=redis_prefix))
     await s.start()
     yield s
     await s.stop()
@@ -86,8 +86,7 @@ async def sink(redis_server: dict[str, Any], redis_prefix: str) -> AsyncIterator
 @pytest_twisted.async_yield_fixture
 async def private_sink(private_redis: PrivateRedis) -> AsyncIterator[RedisSink]:
     """A started sink on a private Redis, with 1 s timeouts and a small in-flight bound."""
-    s = make_redis_sink("127.0.0.1", private_redis.port, prefix="eth:", reply_timeout=1.0,
-                        max_in_flight=8, pool_size=2)
+    s = make_redis_sink(RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_prefix="eth:", redis_timeout=1.0, max_in_flight=8, pool_size=2))
     await s.start()
     yield s
     private_redis.kill(signal.SIGCONT)
@@ -265,7 +264,7 @@ async def test_start_warns_when_redis_has_no_persistence(
     private_redis: PrivateRedis, sink_log: LogCapture
 ) -> None:
     """The private Redis runs with save "" and appendonly no: start() warns once and says so."""
-    s = make_redis_sink("127.0.0.1", private_redis.port, reply_timeout=2.0)
+    s = make_redis_sink(RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_timeout=2.0))
     try:
         await s.start()
         assert s.persistent is False
@@ -283,8 +282,7 @@ async def test_persistence_unknown_when_config_is_refused(
 ) -> None:
     """A user whose ACL refuses CONFIG starts anyway and logs that persistence is unknown."""
     resp(private_redis.port, "ACL", "SETUSER", "mirror", "on", ">pw", "~*", "+@all", "-config")
-    s = make_redis_sink("127.0.0.1", private_redis.port, username="mirror", password="pw",
-                        reply_timeout=2.0)
+    s = make_redis_sink(RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_username="mirror", redis_password="pw", redis_timeout=2.0))
     try:
         await s.start()
         assert s.persistent is None

@@ -12,14 +12,14 @@ import pytest_twisted
 from eth_twisted.errors import ConfigError, SinkBusy, SinkError
 from eth_twisted.model import Message, Outcome
 from eth_twisted.sinks.sql.migrations import latest_version, migrate_sqlite
-from eth_twisted.sinks.sql.sqlite import SQLiteSink, make_sqlite_sink
+from eth_twisted.sinks.sql.sqlite import SQLiteSettings, SQLiteSink, make_sqlite_sink
 from tests.sink_contract import T0, SinkContract, msg, numbered
 
 
 @pytest_twisted.async_yield_fixture
 async def sink(tmp_path: Path) -> AsyncIterator[SQLiteSink]:
     """A started SQLite sink on a file of this test's own."""
-    s = make_sqlite_sink(str(tmp_path / "record.sqlite3"))
+    s = make_sqlite_sink(SQLiteSettings(sqlite=str(tmp_path / "record.sqlite3")))
     await s.start()
     yield s
     await s.stop()
@@ -38,7 +38,7 @@ def raw(path: Path) -> sqlite3.Connection:
 async def test_wal_and_full_sync(tmp_path: Path) -> None:
     """The file is in WAL mode once the sink has started."""
     path = tmp_path / "wal.sqlite3"
-    s = make_sqlite_sink(str(path))
+    s = make_sqlite_sink(SQLiteSettings(sqlite=str(path)))
     await s.start()
     try:
         assert s.journal_mode == "wal"
@@ -51,7 +51,7 @@ async def test_wal_and_full_sync(tmp_path: Path) -> None:
 async def test_reader_not_blocked_by_open_write(tmp_path: Path) -> None:
     """While another connection holds the write lock, reads still answer with committed data."""
     path = tmp_path / "r.sqlite3"
-    s = make_sqlite_sink(str(path), busy_timeout=0.2)
+    s = make_sqlite_sink(SQLiteSettings(sqlite=str(path), busy_timeout=0.2))
     await s.start()
     try:
         assert await s.store_batch(numbered(3)) == [Outcome.STORED] * 3
@@ -74,7 +74,7 @@ async def test_reader_not_blocked_by_open_write(tmp_path: Path) -> None:
 async def test_locked_by_other_process_is_busy_then_recovers(tmp_path: Path) -> None:
     """A write lock held elsewhere past the busy timeout fails the batch as SinkBusy; later it works."""
     path = tmp_path / "busy.sqlite3"
-    s = make_sqlite_sink(str(path), busy_timeout=0.1)
+    s = make_sqlite_sink(SQLiteSettings(sqlite=str(path), busy_timeout=0.1))
     await s.start()
     try:
         other = raw(path)
@@ -94,11 +94,11 @@ async def test_locked_by_other_process_is_busy_then_recovers(tmp_path: Path) -> 
 async def test_reopen_keeps_data(tmp_path: Path) -> None:
     """Stopping and starting a new sink on the same file keeps every record, and DUP still holds."""
     path = str(tmp_path / "keep.sqlite3")
-    first = make_sqlite_sink(path)
+    first = make_sqlite_sink(SQLiteSettings(sqlite=path))
     await first.start()
     await first.store_batch(numbered(10))
     await first.stop()
-    second = make_sqlite_sink(path)
+    second = make_sqlite_sink(SQLiteSettings(sqlite=path))
     await second.start()
     try:
         assert second.migrations_applied == []
@@ -120,7 +120,7 @@ def test_migrations_idempotent(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_migrate_false_on_empty_file_fails_naming_eth_migrate(tmp_path: Path) -> None:
     """With migrations off, a schema that is behind stops start() with a message naming `eth migrate`."""
-    s = make_sqlite_sink(str(tmp_path / "empty.sqlite3"), migrate=False)
+    s = make_sqlite_sink(SQLiteSettings(sqlite=str(tmp_path / "empty.sqlite3")), migrate=False)
     with pytest.raises(ConfigError, match="eth migrate"):
         await s.start()
 
@@ -130,7 +130,7 @@ async def test_migrate_false_on_current_schema_starts(tmp_path: Path) -> None:
     """With migrations off, a current schema is used as is."""
     path = str(tmp_path / "ready.sqlite3")
     migrate_sqlite(path)
-    s = make_sqlite_sink(path, migrate=False)
+    s = make_sqlite_sink(SQLiteSettings(sqlite=path), migrate=False)
     await s.start()
     try:
         assert await s.store_batch([msg(b"x")]) == [Outcome.STORED]
@@ -141,7 +141,7 @@ async def test_migrate_false_on_current_schema_starts(tmp_path: Path) -> None:
 def test_memory_path_refused() -> None:
     """':memory:' is refused: adbapi's threads would each get their own empty database."""
     with pytest.raises(ConfigError):
-        make_sqlite_sink(":memory:")
+        make_sqlite_sink(SQLiteSettings(sqlite=":memory:"))
 
 
 @pytest_twisted.ensureDeferred
@@ -168,7 +168,7 @@ async def test_stopped_sink_refuses(tmp_path: Path) -> None:
     """After stop(), store_batch fails with a SinkError instead of touching closed pools."""
     from eth_twisted.errors import SinkUnavailable
 
-    s = make_sqlite_sink(str(tmp_path / "s.sqlite3"))
+    s = make_sqlite_sink(SQLiteSettings(sqlite=str(tmp_path / "s.sqlite3")))
     await s.start()
     await s.stop()
     with pytest.raises(SinkUnavailable):
@@ -179,7 +179,7 @@ async def test_stopped_sink_refuses(tmp_path: Path) -> None:
 async def test_stop_after_a_failed_start(tmp_path: Path) -> None:
     """A sink whose start failed (no such directory) stops cleanly, twice, and can start later."""
     path = tmp_path / "later" / "record.sqlite3"
-    s = make_sqlite_sink(str(path))
+    s = make_sqlite_sink(SQLiteSettings(sqlite=str(path)))
     with pytest.raises(SinkError):
         await s.start()
     await s.stop()

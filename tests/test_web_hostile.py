@@ -153,7 +153,7 @@ HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 def test_trickled_headers_are_cut_at_the_deadline_however_often_a_byte_arrives() -> None:
     """A byte every second does not extend the header deadline: 408 and close at header_timeout."""
-    limits = SiteLimits(header_timeout=10.0, idle_timeout=30.0)
+    limits = SiteLimits(stats_header_timeout=10.0, idle_timeout=30.0)
     s = server_fixture(limits=limits)
     _channel, wire = connect(s)
     wire.protocol.dataReceived(b"GET /healthz HTTP/1.1\r\n")
@@ -173,7 +173,7 @@ def test_trickled_headers_are_cut_at_the_deadline_however_often_a_byte_arrives()
 
 def test_the_deadline_runs_per_request_from_its_first_byte() -> None:
     """On a kept-alive connection each request has its own deadline; idle time between them is the idle timer's."""
-    s = server_fixture(limits=SiteLimits(header_timeout=10.0, idle_timeout=30.0))
+    s = server_fixture(limits=SiteLimits(stats_header_timeout=10.0, idle_timeout=30.0))
     _channel, wire = connect(s)
     wire.protocol.dataReceived(HEALTHZ)
     assert statuses(wire.drain()) == [200]
@@ -202,7 +202,7 @@ def test_a_silent_connection_is_closed_at_the_idle_timeout_without_a_log_line(
 
 def test_a_peer_that_does_not_read_its_refusal_is_aborted() -> None:
     """After a refusal the peer has ABORT_GRACE seconds to read it, then the connection is aborted."""
-    s = server_fixture(limits=SiteLimits(header_timeout=1.0))
+    s = server_fixture(limits=SiteLimits(stats_header_timeout=1.0))
     _channel, wire = connect(s, reads=False)
     wire.protocol.dataReceived(b"G")
     s.clock.advance(1.0)
@@ -215,7 +215,7 @@ def test_a_peer_that_does_not_read_its_refusal_is_aborted() -> None:
 
 def test_refusals_are_logged_at_most_once_a_minute(logged: list[dict[str, Any]]) -> None:
     """A hundred trickling connections cut in one minute make one warning, with the counts."""
-    s = server_fixture(limits=SiteLimits(header_timeout=1.0, max_per_ip=1000, max_connections=1000))
+    s = server_fixture(limits=SiteLimits(stats_header_timeout=1.0, stats_max_per_ip=1000, stats_max_connections=1000))
     for _ in range(100):
         _channel, wire = connect(s)
         wire.protocol.dataReceived(b"G")
@@ -317,7 +317,7 @@ def test_a_post_without_a_body_is_an_ordinary_405_on_a_kept_connection() -> None
 
 def test_at_the_per_address_cap_the_longest_waiting_connection_of_that_address_is_cut() -> None:
     """A new connection from an address at its cap cuts that address's oldest idle one; others keep theirs."""
-    s = server_fixture(limits=SiteLimits(max_connections=10, max_per_ip=2))
+    s = server_fixture(limits=SiteLimits(stats_max_connections=10, stats_max_per_ip=2))
     _a1, w1 = connect(s, "10.0.0.1")
     s.clock.advance(1)
     _a2, w2 = connect(s, "10.0.0.1")
@@ -332,7 +332,7 @@ def test_at_the_per_address_cap_the_longest_waiting_connection_of_that_address_i
 
 def test_ipv6_peers_share_their_slash_64() -> None:
     """Two addresses in one IPv6 /64 count against one per-address cap."""
-    s = server_fixture(limits=SiteLimits(max_connections=10, max_per_ip=1))
+    s = server_fixture(limits=SiteLimits(stats_max_connections=10, stats_max_per_ip=1))
     _a, wa = connect(s, "2001:db8::1")
     _b, wb = connect(s, "2001:db8::2")
     _c, wc = connect(s, "2001:db8:0:1::1")
@@ -341,7 +341,7 @@ def test_ipv6_peers_share_their_slash_64() -> None:
 
 def test_at_the_global_cap_the_longest_waiting_connection_is_cut() -> None:
     """A new connection at max_connections cuts the connection that has waited longest without a request."""
-    s = server_fixture(limits=SiteLimits(max_connections=3, max_per_ip=3))
+    s = server_fixture(limits=SiteLimits(stats_max_connections=3, stats_max_per_ip=3))
     wires = []
     for i in range(3):
         wires.append(connect(s, f"10.0.1.{i}")[1])
@@ -354,7 +354,7 @@ def test_at_the_global_cap_the_longest_waiting_connection_is_cut() -> None:
 
 def test_when_every_connection_is_busy_a_new_one_gets_a_503() -> None:
     """Connections with a request in progress are never cut; a new one beyond the cap is refused 503."""
-    s = server_fixture(record=SlowRecord(), limits=SiteLimits(max_connections=2, max_per_ip=2))
+    s = server_fixture(record=SlowRecord(), limits=SiteLimits(stats_max_connections=2, stats_max_per_ip=2))
     busy = [connect(s, "10.0.0.1")[1] for _ in range(2)]
     for wire in busy:
         wire.protocol.dataReceived(b"GET /api/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -632,17 +632,17 @@ def test_eth_run_defaults_to_the_loopback_host_allowlist_and_takes_the_token(tmp
     config = run_options("--data-dir", str(tmp_path))
     server = ServerOptions(environ={})
     server.parseOptions([])
-    assert config["allowed-hosts"] == server["allowed-hosts"] == ["localhost", "127.0.0.1", "::1"]
-    assert config["stats-token-resolved"] is None and config["stats-limits"] == SiteLimits()
+    assert config.site.stats_allowed_hosts == server.settings.site.stats_allowed_hosts == ["localhost", "127.0.0.1", "::1"]
+    assert config.site.stats_token is None and config.site.limits == SiteLimits()
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
     config = run_options("--stats-token-file", str(token_file), "--stats-allowed-hosts", "dash.example",
                          "--stats-max-connections", "9", environ={"ETH_STATS_HEADER_TIMEOUT": "3"})
-    assert config["stats-token-resolved"] == "from-file"
-    assert config["allowed-hosts"] == ["dash.example"]
-    assert config["stats-limits"] == SiteLimits(max_connections=9, header_timeout=3.0)
-    assert run_options(environ={"ETH_STATS_TOKEN": "env-token"})["stats-token-resolved"] == "env-token"
-    assert run_options("--stats", "tcp:8080:interface=0.0.0.0")["allowed-hosts"] is None
+    assert config.site.stats_token == "from-file"
+    assert config.site.stats_allowed_hosts == ["dash.example"]
+    assert config.site.limits == SiteLimits(stats_max_connections=9, stats_header_timeout=3.0)
+    assert run_options(environ={"ETH_STATS_TOKEN": "env-token"}).site.stats_token == "env-token"
+    assert run_options("--stats", "tcp:8080:interface=0.0.0.0").site.stats_allowed_hosts is None
 
 
 def test_eth_run_site_refuses_a_rebound_host_and_needs_the_token(tmp_path: Any) -> None:
@@ -670,9 +670,7 @@ def test_eth_run_site_refuses_a_rebound_host_and_needs_the_token(tmp_path: Any) 
 
     config = run_options("--data-dir", str(tmp_path), environ={"ETH_STATS_TOKEN": "run-token"})
     reactor = MemoryReactorClock()
-    run = RunService(FakeServer(), lambda port: None, "tcp:0:interface=127.0.0.1", reactor, 1.0, io.StringIO(),
-                     {"token": config["stats-token-resolved"], "allowed_hosts": config["allowed-hosts"],
-                      "limits": config["stats-limits"]})
+    run = RunService(FakeServer(), lambda port: None, config.site, reactor, 1.0, io.StringIO())
     run.client = FakeClient()
     run._serve_site("tcp:0:interface=127.0.0.1")
     site = run.getServiceNamed("stats").factory

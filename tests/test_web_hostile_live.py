@@ -25,8 +25,9 @@ from twisted.internet import defer, reactor, task, threads
 from eth_twisted.link.netstring import NetstringDecoder
 from eth_twisted.model import sha256_hex
 from eth_twisted.sinks.sql.migrations import migrate_sqlite
+from eth_twisted.web.app import SiteSettings
 from eth_twisted.web.limits import SiteLimits
-from tests.live_helpers import start_server
+from tests.live_helpers import sqlite_storage, start_server
 from tests.support import async_wait_until, free_port
 from tests.test_web_live import send_from
 
@@ -71,9 +72,10 @@ def get(port: int, path: str, source: str = "127.0.0.2", token: str | None = Non
 def start_site(tmp_path: Path, **kw: Any) -> Any:
     """A real server on SQLite with its stats site (token required); fire with (server, web port)."""
     web = free_port()
-    storage = {"migrate": True, "sqlite": str(tmp_path / "eth-server.sqlite3")}
-    server, _port = yield start_server(storage, stats_listen=f"tcp:{web}:interface=127.0.0.1",
-                                       stats_token=TOKEN, **kw)
+    storage = sqlite_storage(tmp_path / "eth-server.sqlite3")
+    site = SiteSettings(stats=f"tcp:{web}:interface=127.0.0.1", stats_token=TOKEN,
+                        limits=kw.pop("stats_limits", None) or SiteLimits())
+    server, _port = yield start_server(storage, site=site, **kw)
     yield async_wait_until(lambda: threads.deferToThread(get, web, "/healthz").addCallback(lambda c: c == 200),
                            10, what="stats site to answer")
     return server, web
@@ -179,7 +181,7 @@ def trickle(port: int, sources: list[str], per_source: int, every: float, second
 def test_trickling_connections_are_cut_and_capped_live(tmp_path: Path):
     """200 connections trickling a header byte every 0.3 s from 20 addresses are all closed within the
     header deadline; the site never holds more than its cap; /healthz from elsewhere keeps answering."""
-    limits = SiteLimits(max_connections=64, max_per_ip=16, header_timeout=1.5)
+    limits = SiteLimits(stats_max_connections=64, stats_max_per_ip=16, stats_header_timeout=1.5)
     server, web = yield start_site(tmp_path, stats_limits=limits)
     table = site_of(server).table
     peak: list[int] = [0]
@@ -230,7 +232,7 @@ def silent_connections(port: int, source: str, n: int, hold: float) -> int:
 @pytest_twisted.inlineCallbacks
 def test_silent_connections_from_one_address_are_held_to_its_cap_live(tmp_path: Path):
     """300 silent connections from one address leave it 16 places; /healthz from another address answers."""
-    server, web = yield start_site(tmp_path, stats_limits=SiteLimits(max_per_ip=16, max_connections=64))
+    server, web = yield start_site(tmp_path, stats_limits=SiteLimits(stats_max_per_ip=16, stats_max_connections=64))
     try:
         with GoodClient(web) as good:
             alive = yield threads.deferToThread(silent_connections, web, "127.0.0.1", 300, 1.0)
@@ -361,7 +363,7 @@ def test_twenty_parallel_pages_of_escaped_payloads_stay_bounded_live(tmp_path: P
     """200 stored 64 KiB payloads that escape 6x, asked for by 20 clients at once with limit=200:
     every answer is at most one page budget, paging reaches every record, and ingest keeps answering."""
     server, web = yield start_site(tmp_path)
-    port = server.listening_port.getHost().port
+    port = server.port.getHost().port
     payloads = [b"%08d" % i + b"\x01" * (64 * 1024 - 8) for i in range(200)]
     replies = yield threads.deferToThread(send_from, "127.0.0.1", port, payloads)
     assert [r.split()[0] for r in replies] == [b"OK"] * 200
@@ -413,7 +415,7 @@ def test_stats_of_5000_addresses_are_the_top_20_and_a_count_live(tmp_path: Path)
     stop a netstring client's probes being answered."""
     seed_addresses(tmp_path / "eth-server.sqlite3", 5000, 300)
     server, web = yield start_site(tmp_path)
-    port = server.listening_port.getHost().port
+    port = server.port.getHost().port
     try:
         def seeded() -> Any:
             return threads.deferToThread(fetch, web, "/api/stats").addCallback(

@@ -19,7 +19,10 @@ from twisted.internet import defer, threads
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.link.payload import render_html
 from eth_twisted.model import sha256_hex
-from tests.live_helpers import mysql_storage, start_server
+from eth_twisted.sinks import StorageSettings
+from eth_twisted.sinks.redis import RedisSettings
+from eth_twisted.web.app import SiteSettings
+from tests.live_helpers import mysql_storage, sqlite_storage, start_server
 from tests.support import PrivateRedis, async_wait_until, free_port
 
 pytestmark = pytest.mark.live
@@ -52,17 +55,18 @@ def send_from(source: str, port: int, frames: list[bytes]) -> list[bytes]:
 
 
 @defer.inlineCallbacks
-def start_with_stats(storage: dict[str, Any], **kw: Any) -> Any:
+def start_with_stats(storage: StorageSettings, **kw: Any) -> Any:
     """A real server with its stats site on a free loopback port; fire with (server, port, web)."""
     web = free_port()
-    server, port = yield start_server(storage, stats_listen=f"tcp:{web}:interface=127.0.0.1", **kw)
+    site = SiteSettings(stats=f"tcp:{web}:interface=127.0.0.1", stats_token=kw.pop("stats_token", None))
+    server, port = yield start_server(storage, site=site, **kw)
     yield async_wait_until(lambda: get(web, "/healthz").addCallback(lambda r: r[0] == 200), 10,
                            what="stats site to answer")
     return server, port, web
 
 
 @defer.inlineCallbacks
-def exercise(storage: dict[str, Any], sinks: set[str], source: str) -> Any:
+def exercise(storage: StorageSettings, sinks: set[str], source: str) -> Any:
     """Store blocks, check every endpoint, restart on the same storage, check the seeded stats."""
     blocks = [render_html(n) for n in (19000000, 19000001, 19000002)]
     server, port, web = yield start_with_stats(storage, stats_token="tok")
@@ -122,7 +126,7 @@ def exercise(storage: dict[str, Any], sinks: set[str], source: str) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_sqlite_server_stats_api(tmp_path: Path):
     """On SQLite the API answers what was stored and is seeded from SQL after a restart."""
-    yield exercise({"migrate": True, "sqlite": str(tmp_path / "eth-server.sqlite3")}, {"sqlite"}, "sql")
+    yield exercise(sqlite_storage(str(tmp_path / "eth-server.sqlite3")), {"sqlite"}, "sql")
 
 
 @pytest_twisted.inlineCallbacks
@@ -137,11 +141,9 @@ def test_mysql_redis_server_stats_api(mysql_db: dict[str, Any], redis_server: di
 @pytest_twisted.inlineCallbacks
 def test_readyz_names_redis_when_it_dies(tmp_path: Path, private_redis: PrivateRedis):
     """Killing Redis turns /readyz into a 503 naming redis; /healthz stays 200."""
-    storage: dict[str, Any] = {
-        "migrate": True, "sqlite": str(tmp_path / "eth-server.sqlite3"),
-        "redis": {"host": "127.0.0.1", "port": private_redis.port, "db": 0, "prefix": "eth:",
-                  "username": None, "password": None, "reply_timeout": 1.0},
-    }
+    storage = sqlite_storage(tmp_path / "eth-server.sqlite3")
+    storage.use_redis = True
+    storage.redis = RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_timeout=1.0)
     server, _port, web = yield start_with_stats(storage)
     try:
         status, ready = yield get(web, "/readyz")

@@ -153,22 +153,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def migrate(config: server_tap.StorageOptions) -> int:
     """``eth migrate``: apply migrations and print what was applied."""
-    from eth_twisted.sinks import sql
+    from eth_twisted.sinks.sql.migrations import migrate_mysql, migrate_sqlite
 
-    storage = server_tap.storage_kwargs(config)
+    storage = config.storage
+    where = storage.summary()
     try:
-        if "mysql" in storage:
-            m = storage["mysql"]
-            applied = sql.migrate_mysql(
-                host=m["host"], port=m["port"], user=m["user"], password=m["password"],
-                database=m["database"], ssl=m["ssl"], connect_timeout=m["connect_timeout"],
-            )
+        if storage.use_mysql:
+            applied = migrate_mysql(storage.mysql)
         else:
-            applied = sql.migrate_sqlite(storage["sqlite"])
+            assert storage.sqlite.sqlite is not None
+            applied = migrate_sqlite(storage.sqlite.sqlite)
     except Exception as e:
-        print(f"eth migrate: {config.storage_summary()}: {e}", file=sys.stderr)
+        print(f"eth migrate: {where}: {e}", file=sys.stderr)
         return 1
-    where = config.storage_summary()
     if applied:
         print(f"eth migrate: applied {', '.join(str(v) for v in applied)} to {where}")
     else:

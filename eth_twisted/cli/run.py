@@ -26,8 +26,7 @@ from eth_twisted.model import Message
 from eth_twisted.options import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
 from eth_twisted.server.limits import ReceiverLimits
 from eth_twisted.server.tap import FILE_HEADROOM, raise_file_limit
-from eth_twisted.web.app import allowed_hosts, exposure_warning
-from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
+from eth_twisted.web.app import SITE_OPTIONS, SiteSettings, exposure_warning, site_settings_from
 
 log = Logger()
 
@@ -52,10 +51,7 @@ class RunOptions(EnvOptions):
         ["data-dir", None, None, "Directory for the SQLite file and the outbox [default: $STATE_DIRECTORY, else the working directory]"],
         ["drain-timeout", None, 10.0, "Seconds Ctrl-C waits for the outbox to drain", positive_float],
         ["max-backfill", None, 128, "Most blocks fetched per poll", int_in(1, 100_000)],
-        ["stats-token", None, None, "Bearer token the API requires (not /healthz, /readyz); prefer ETH_STATS_TOKEN or --stats-token-file"],
-        ["stats-token-file", None, None, "File holding the API token"],
-        ["stats-allowed-hosts", None, None, "Comma list of Host header values the site answers [default on loopback: localhost,127.0.0.1,::1]"],
-        *STATS_LIMIT_OPTIONS,
+        *SITE_OPTIONS,
     ]
 
     def postOptions(self) -> None:
@@ -66,11 +62,12 @@ class RunOptions(EnvOptions):
             "eth-server.sqlite3", self.environ)
         self["spool"] = str(Path(directory) / "eth-client-spool.sqlite3") if directory else state_path(
             "eth-client-spool.sqlite3", self.environ)
-        # The same defaults as eth server's site (server_tap): loopback answers only loopback names.
-        self["stats-token-resolved"] = self.resolve_secret("stats-token")
-        self["allowed-hosts"] = allowed_hosts(self["stats"], self["stats-allowed-hosts"])
-        self["stats-limits"] = limits_from_options(self)
-        exposed = exposure_warning(self["stats"], self["allowed-hosts"], self["stats-token-resolved"])
+        # The same site settings as eth server's: loopback answers only loopback names.
+        try:
+            self.site = site_settings_from(self, None if self["stats"].lower() == "none" else self["stats"])
+        except ValueError as e:
+            raise usage.UsageError(str(e))
+        exposed = exposure_warning(self.site.stats, self.site.stats_allowed_hosts, self.site.stats_token)
         if exposed:
             self.warnings.append(exposed)
 
@@ -98,18 +95,16 @@ class RunService(service.MultiService):
         self,
         server: Any,
         make_client: Callable[[int], Any],
-        stats_listen: str | None,
+        site: SiteSettings,
         reactor: Any,
         drain_timeout: float,
         out: TextIO,
-        site_settings: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.site_settings = dict(site_settings or {})
-        """token, allowed_hosts and limits of the site (from RunOptions, as eth server builds them)."""
+        self.site = site
+        """Where the combined site listens, who may read it and its limits (as eth server builds them)."""
         self.server = server
         self.make_client = make_client
-        self.stats_listen = stats_listen
         self.reactor = reactor
         self.drain_timeout = drain_timeout
         self.out = out
@@ -119,19 +114,19 @@ class RunService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.server.on_ready.append(self._start_client)
+        self.server.when_ready().addCallback(lambda _: self._start_client())
 
     def _start_client(self) -> None:
         """Once the server's sinks answer, start the client against its actual port."""
         if not self.running:
             return
-        port = self.server.listening_port.getHost().port
+        port = self.server.port.getHost().port
         self.client = self.make_client(port)
         self.client.setServiceParent(self)
         self.say(f"eth run: server on 127.0.0.1:{port}, records in {self.server.summary}")
         self.say(f"eth run: client outbox in {self.client.outbox.path}")
-        if self.stats_listen is not None:
-            self._serve_site(self.stats_listen)
+        if self.site.stats is not None:
+            self._serve_site(self.site.stats)
 
     def _serve_site(self, listen: str) -> None:
         from eth_twisted.web.site import make_combined_site
@@ -139,13 +134,13 @@ class RunService(service.MultiService):
         site = make_combined_site(
             record=self.server.record, sinks=self.server.sinks, stats=self.server.stats,
             metrics=self.server.metrics, client_metrics=self.client.metrics,
-            client_readiness=self.client.readiness, clock=self.reactor, **self.site_settings,
+            client_readiness=self.client.readiness, clock=self.reactor, token=self.site.stats_token,
+            allowed_hosts=self.site.stats_allowed_hosts, limits=self.site.limits,
         )
         web = strports.service(listen, site, reactor=self.reactor)
         web.setName("stats")
         web.setServiceParent(self)
-        needs = " (the API needs the stats token: add #token=<token> to the URL)" if self.site_settings.get(
-            "token") else ""
+        needs = " (the API needs the stats token: add #token=<token> to the URL)" if self.site.stats_token else ""
         self.say(f"eth run: dashboard at {_url_for(listen)}{needs}")
 
     def say(self, line: str) -> None:
@@ -171,18 +166,20 @@ def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, ou
     """Build ``eth run`` from its options."""
     from eth_twisted.client.rpc import DEFAULT_RPC_URLS
     from eth_twisted.client.service import make_client_service
-    from eth_twisted.server.service import build_server
+    from eth_twisted.server.service import ServerSettings, build_server
+    from eth_twisted.sinks import StorageSettings
+    from eth_twisted.sinks.sql.sqlite import SQLiteSettings
+    from eth_twisted.web.app import SiteSettings
 
     out = out or sys.stdout
     port = config["port"] if port_is_free(config["port"]) else 0
     if port == 0 and config["port"]:
         print(f"eth run: port {config['port']} is taken; using a free port", file=out, flush=True)
-    stats = None if config["stats"].lower() == "none" else config["stats"]
-    raise_file_limit(ReceiverLimits().max_connections + config["stats-max-connections"] + FILE_HEADROOM)
+    raise_file_limit(ReceiverLimits().max_connections + config.site.limits.stats_max_connections + FILE_HEADROOM)
     server = build_server(
-        reactor=reactor, listen=f"tcp:{port}:interface=127.0.0.1", stats_listen=None,
-        storage={"migrate": True, "sqlite": config["sqlite"]},
-        verbose=verbose, summary=f"sqlite:{config['sqlite']}",
+        ServerSettings(listen=f"tcp:{port}:interface=127.0.0.1", site=SiteSettings(stats=None), verbose=verbose,
+                       storage=StorageSettings(sqlite=SQLiteSettings(sqlite=config["sqlite"]))),
+        reactor=reactor,
     )
     rpc_urls = list(config["rpc"]) or list(DEFAULT_RPC_URLS)
 
@@ -193,9 +190,7 @@ def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, ou
             max_backfill=config["max-backfill"], reset_cursor=bool(config["reset-cursor"]),
         )
 
-    site_settings = {"token": config["stats-token-resolved"], "allowed_hosts": config["allowed-hosts"],
-                     "limits": config["stats-limits"]}
-    run = RunService(server, make_client, stats, reactor, config["drain-timeout"], out, site_settings)
+    run = RunService(server, make_client, config.site, reactor, config["drain-timeout"], out)
     for warning in config.warnings:
         print(f"eth run: warning: {warning}", file=out, flush=True)
 

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import normalise_ip, peer_group
+from eth_twisted.options import int_in, positive_float, setting
 
 DEFAULT_MAX_LENGTH = 64 * 1024
 DEFAULT_WINDOW = 256
@@ -31,19 +32,28 @@ DEFAULT_DEADLINE = 10.0
 
 @dataclass(slots=True)
 class ReceiverLimits:
-    """The receiver's limits; every one is a server option (README, "Limits")."""
+    """The receiver's limits; each field is also the server option of its name (README, "Limits")."""
 
-    max_length: int = DEFAULT_MAX_LENGTH
-    window: int = DEFAULT_WINDOW
-    deadline: float = DEFAULT_DEADLINE
-    frame_timeout: float = 30.0
-    idle_timeout: float = 90.0
-    write_stall: float = 60.0
-    rate: float = 5000.0
-    burst: int = 10000
-    partial_budget: int = 32 * 1024 * 1024
-    max_connections: int = 10000
-    max_per_ip: int = 100
+    max_length: int = setting(DEFAULT_MAX_LENGTH, "Largest message accepted, in bytes",
+                              int_in(1, 16 * 1024 * 1024))
+    window: int = setting(DEFAULT_WINDOW, "Unanswered messages per connection before reading pauses",
+                          int_in(1, 65536))
+    deadline: float = setting(DEFAULT_DEADLINE, "Seconds within which every message is answered (else ERR timeout)",
+                              positive_float)
+    frame_timeout: float = setting(30.0, "Seconds a frame may take from its first byte to its comma", positive_float)
+    idle_timeout: float = setting(
+        90.0, "Seconds without a complete frame before a connection is dropped (clients heartbeat at a third of it)",
+        positive_float)
+    write_stall: float = setting(60.0, "Seconds a peer may leave its replies unread before it is dropped",
+                                 positive_float)
+    rate: float = setting(5000.0, "Messages per second per connection before reading pauses", positive_float)
+    burst: int = setting(10000, "Messages a connection may send at once before the rate applies", int_in(1))
+    partial_budget: int = setting(
+        32 * 1024 * 1024,
+        "Bytes of incomplete (or not yet handled) frames held across all connections before reading pauses; "
+        "the oldest holder always reads", int_in(1024))
+    max_connections: int = setting(10000, "Connections the server holds at once", int_in(1))
+    max_per_ip: int = setting(100, "Connections per client address (IPv6: per /64)", int_in(1))
     violation_log_interval: float = 60.0
 
     def check(self) -> None:

@@ -11,10 +11,10 @@ chain, on the hot path.
 
 from __future__ import annotations
 
-import gc
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
@@ -26,6 +26,7 @@ from eth_twisted.errors import SinkError, SinkTimeout
 from eth_twisted.interfaces import ISink
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import Message, Outcome
+from eth_twisted.options import int_in, non_negative_float, setting
 
 Reply = Callable[[str], None]
 Observer = Callable[[Sequence[Message], Sequence[str]], None]
@@ -35,37 +36,32 @@ _CODES = {outcome: outcome.value for outcome in Outcome}
 """Each outcome's reply code (a lookup: ``Outcome.value`` is a slow enum property, once per message)."""
 
 
-SERVER_CONCURRENCY = 2
-"""Record batches ``eth server`` keeps in flight (``--concurrent-batches``); a bare Router keeps 1.
+@dataclass(slots=True)
+class BatchSettings:
+    """How the router batches (group commit); the option fields are the server options of their names."""
 
-Two let one COMMIT's flush overlap the next batch's insert (bench/README.md,
-second round: 18,800 -> 23,591 msgs/s, and a lower p99 at 1,000 msgs/s); four
-measured no better with the MySQL sink's two writer threads.
-"""
+    batch_size: int = setting(1000, "Most messages per sink batch", int_in(1, 100_000))
+    batch_delay: float = setting(0.002, "Seconds to collect a batch before storing it", non_negative_float)
+    concurrent_batches: int = setting(
+        2, "Batches in the SQL record at once, each in its own transaction (answers stay in order); more than 1 "
+        "lets the database share one flush between them", int_in(1, 8))
+    pipeline: bool = setting(
+        False, "With Redis, let SQL store the next batch while Redis stores the current one: about 30% more "
+        "throughput under saturation, about twice the latency at low load")
+    pending_budget: int = setting(
+        64 * 1024 * 1024, "Payload bytes queued for the sinks across all connections before new messages are "
+        "answered busy", int_in(65536))
+    batch_bytes: int = 4 * 1024 * 1024
+    """Most payload bytes per batch (a quarter of MySQL's default max_allowed_packet)."""
+    max_pending: int = 100_000
+    """Messages queued across all connections before new ones are answered ``busy``."""
+    batch_timeout: float = 30.0
+    """Seconds a sink has to store one batch before its messages are answered ``timeout``."""
 
-
-GC_THRESHOLD = (50_000, 20, 100)
-"""Collection thresholds :func:`tune_gc` sets (CPython's default is 700, 10, 10)."""
-
-
-def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLD) -> None:
-    """Make the cyclic garbage collector cheap for a busy server; call once, after start-up.
-
-    Under load the server holds tens of thousands of live objects (a window of
-    messages per connection, their reply slots and callables). CPython's default
-    thresholds run a collection every 700 allocations and a full one every
-    70,000, each walking every live object: the benchmark measured about 15%
-    of the server's throughput spent there (bench/README.md). This freezes what
-    start-up allocated (modules, classes: never garbage) and collects young
-    objects every ``thresholds[0]`` allocations instead. Process-wide, so it is
-    the process's entry point that calls it, never a library object.
-    """
-    gc.freeze()
-    gc.set_threshold(*thresholds)
-
-
-DEFAULT_PENDING_BUDGET = 64 * 1024 * 1024
-"""Payload bytes queued for the sinks across every connection before new messages get ``busy``."""
+    def check(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+        if self.concurrent_batches < 1:
+            raise ValueError(f"concurrent_batches must be at least 1, not {self.concurrent_batches}")
 
 
 class _Queued:
@@ -125,14 +121,14 @@ class SinkHealth:
 class Router:
     """Batches messages to ``record`` and then ``mirrors``; answers each message once.
 
-    With ``overlap`` the two stages run as a pipeline: while the mirrors store
+    With ``pipeline`` the two stages overlap: while the mirrors store
     batch N (with the record's verdicts for it), the record may already store
     batch N+1. Each stage still has one batch at a time, batches pass the stages
     in order, at most one stored batch waits for the mirrors, and every message
     is still answered only once both have it. Without it (the default) a batch
     goes through both stages before the next one starts.
 
-    With ``concurrency`` N > 1 (not with ``overlap``) up to N batches are in the
+    With ``concurrent_batches`` N > 1 (not with ``pipeline``) up to N batches are in the
     record at once, each in its own transaction: while one waits for its
     COMMIT's fsync the next is already inserting, and the database can make both
     durable with one flush (group commit). The record's own locking keeps
@@ -142,8 +138,6 @@ class Router:
     """
 
     log = Logger()
-    overlap_default = False
-    """``overlap`` when the constructor is not told (a process-wide switch for benchmarks)."""
 
     def __init__(
         self,
@@ -151,31 +145,19 @@ class Router:
         mirrors: Sequence[ISink] = (),
         *,
         clock: IReactorTime,
+        settings: BatchSettings | None = None,
         metrics: ServerMetrics | None = None,
-        max_batch: int = 1000,
-        max_batch_bytes: int = 4 * 1024 * 1024,
-        max_delay: float = 0.002,
-        max_pending: int = 100_000,
-        pending_budget: int = DEFAULT_PENDING_BUDGET,
-        batch_timeout: float = 30.0,
-        overlap: bool | None = None,
-        concurrency: int = 1,
         answering: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        settings = settings if settings is not None else BatchSettings()
+        settings.check()
+        self.settings = settings
         self.record = record
-        self.overlap = self.overlap_default if overlap is None else overlap
-        self.concurrency = 1 if self.overlap else concurrency
+        self.pipeline = settings.pipeline
+        self.concurrent_batches = 1 if self.pipeline else settings.concurrent_batches
         self.mirrors = list(mirrors)
         self.clock = clock
         self.metrics = metrics if metrics is not None else ServerMetrics()
-        self.max_batch = max_batch
-        self.max_batch_bytes = max_batch_bytes
-        self.max_delay = max_delay
-        self.max_pending = max_pending
-        self.pending_budget = pending_budget
-        self.batch_timeout = batch_timeout
         self.observers: list[Observer] = []
         self.answering = answering
         """Entered around each batch's replies (a ReplyBatcher's ``hold``): the receiver holds its writes until the batch is answered."""
@@ -222,7 +204,7 @@ class Router:
             return None
         nbytes = len(message.payload)
         queued = self._queued
-        if queued and (queued >= self.max_pending or self._queued_bytes + nbytes > self.pending_budget):
+        if queued and (queued >= self.settings.max_pending or self._queued_bytes + nbytes > self.settings.pending_budget):
             self._count("busy")
             reply("busy")
             return None
@@ -230,11 +212,11 @@ class Router:
         self._queue.append(entry)
         queued = self._queued = queued + 1
         self._queued_bytes += nbytes
-        if self._in_flight < self.concurrency:
-            if queued >= self.max_batch:
+        if self._in_flight < self.concurrent_batches:
+            if queued >= self.settings.batch_size:
                 self._flush()
             elif self._timer is None:
-                self._timer = self.clock.callLater(self.max_delay, self._flush)
+                self._timer = self.clock.callLater(self.settings.batch_delay, self._flush)
         return entry
 
     def _withdrawn(self, entry: _Queued) -> None:
@@ -253,7 +235,7 @@ class Router:
         batch: list[tuple[Message, Reply]] = []
         size = 0
         queue = self._queue
-        limit, max_bytes = self.max_batch, self.max_batch_bytes
+        limit, max_bytes = self.settings.batch_size, self.settings.batch_bytes
         while queue and len(batch) < limit:
             entry = queue.popleft()
             message = entry.message
@@ -277,7 +259,7 @@ class Router:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._in_flight >= self.concurrency or self._stored:
+        if self._in_flight >= self.concurrent_batches or self._stored:
             return  # the record is busy, or a stored batch still waits for the mirrors
         batch = self._take_batch()
         if not batch:
@@ -287,7 +269,7 @@ class Router:
         self._in_flight += 1
         previous, self._finish_tail = self._finish_tail, defer.Deferred()
         self._store(batch, previous, self._finish_tail).addBoth(self._batch_done)
-        if self._queued and self._in_flight < self.concurrency and self._queued >= self.max_batch:
+        if self._queued and self._in_flight < self.concurrent_batches and self._queued >= self.settings.batch_size:
             self._flush()
 
     def _batch_done(self, _: object) -> None:
@@ -311,7 +293,7 @@ class Router:
     def _mirrors_done(self, _: object) -> None:
         self._mirroring = False
         self._pump_mirrors()
-        if self._queued and self._in_flight < self.concurrency:
+        if self._queued and self._in_flight < self.concurrent_batches:
             self._flush()
         elif self._idle():
             self._notify_drained()
@@ -325,7 +307,7 @@ class Router:
             verdicts = yield self._call_sink(self.record, messages, None)
             if previous is not None and not previous.called:
                 yield previous  # only with concurrency > 1: answer in the order batches were taken
-            if self.overlap:
+            if self.pipeline:
                 self._stored.append((batch, messages, verdicts))
                 self._pump_mirrors()
             else:
@@ -373,12 +355,12 @@ class Router:
         self.metrics.batch_size.labels(sink=name).observe(len(messages))
         try:
             d = defer.maybeDeferred(sink.store_batch, messages, verdicts)
-            d.addTimeout(self.batch_timeout, self.clock)
+            d.addTimeout(self.settings.batch_timeout, self.clock)
             outcomes = yield d
             if len(outcomes) != len(messages):
                 raise RuntimeError(f"{name} answered {len(outcomes)} outcomes for {len(messages)} messages")
         except defer.TimeoutError:
-            return self._sink_failed(name, SinkTimeout(name, f"no answer in {self.batch_timeout}s"))
+            return self._sink_failed(name, SinkTimeout(name, f"no answer in {self.settings.batch_timeout}s"))
         except SinkError as e:
             return self._sink_failed(name, e)
         except Exception as e:
@@ -403,7 +385,7 @@ class Router:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._drained.append(d)
-        if self._in_flight < self.concurrency:
+        if self._in_flight < self.concurrent_batches:
             self._flush()
         return d
 

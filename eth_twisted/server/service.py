@@ -1,36 +1,145 @@
-"""The eth-server service: listener, router and sinks, started and stopped in order.
+"""The eth-server service: its settings, and the listener, router, sinks and site started and stopped in order.
 
-Built by :func:`make_server_service` from plain arguments (the tap turns
-options into them). Start: bind the listener at once (a bind failure stops
-startup loudly), then start the sinks in the background, retrying while a
-database is unreachable; until they answer, every message gets
-``ERR <sha> unavailable``. Stop: stop accepting, stop reading, store and
-answer what was already received, then close the sinks.
+The tap turns options into one :class:`ServerSettings`; :func:`build_server`
+builds every part from it and hands them to :class:`ServerService`. Start:
+bind the listener at once (a bind failure stops start-up loudly), serve the
+stats site, then start the sinks, retrying while a database is unreachable
+(until they answer every message gets ``ERR <sha> unavailable``), seed the
+stats, start the Redis reconciler and say ready. Stop: stop reading, stop
+accepting, store and answer what was already received, then close the sinks.
+docs/architecture.md draws the tree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from twisted.application import service, strports
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from eth_twisted.errors import ConfigError
 from eth_twisted.interfaces import IRecord, ISink, maybe_global_reactor
 from eth_twisted.metrics import ServerMetrics
+from eth_twisted.options import positive_float, setting
 from eth_twisted.server.limits import CapsFactory, ReceiverLimits
 from eth_twisted.server.receiver import ReceiverFactory, ReplyBatcher
-from eth_twisted.server.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY, Router
+from eth_twisted.server.router import BatchSettings, Router
+from eth_twisted.sinks import StorageSettings, create_sinks
 from eth_twisted.systemd import notify_ready
+from eth_twisted.web.app import SiteSettings
 
 START_RETRY_INITIAL = 1.0
 START_RETRY_MAX = 30.0
 
 
+@dataclass(slots=True)
+class ServerTLS:
+    """TLS on the listener; the fields are the server options of their names."""
+
+    tls_cert: str | None = setting(None, "PEM certificate (chain) of the server: listen with TLS")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = setting(
+        None, "PEM CA: require client certificates issued by it (mutual TLS); the subject becomes client_id")
+    tls_min_version: str = setting("1.2", "Lowest TLS version accepted: 1.2 or 1.3")
+
+    @property
+    def enabled(self) -> bool:
+        """True when the listener speaks TLS."""
+        return bool(self.tls_cert)
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first option that cannot work."""
+        if not self.tls_cert and not self.tls_key:
+            if self.tls_client_ca:
+                raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+            return
+        if not self.tls_cert or not self.tls_key:
+            raise ConfigError("--tls-cert and --tls-key go together")
+        for name, path in (("tls-cert", self.tls_cert), ("tls-key", self.tls_key),
+                           ("tls-client-ca", self.tls_client_ca)):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"--{name}: no such file {path}")
+        if self.tls_min_version not in ("1.2", "1.3"):
+            raise ConfigError(f"--tls-min-version: expected 1.2 or 1.3, got {self.tls_min_version!r}")
+
+    def options(self) -> Any:
+        """The TLS server options (mutual TLS with a client CA), or None without TLS."""
+        if not self.enabled:
+            return None
+        from eth_twisted.link.tls import server_tls_options
+
+        assert self.tls_cert and self.tls_key
+        return server_tls_options(self.tls_cert, self.tls_key, client_ca_file=self.tls_client_ca,
+                                  min_tls=self.tls_min_version)
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """Everything ``eth server`` runs with; each part's defaults live in its own settings class."""
+
+    listen: str = "tcp:9999:interface=127.0.0.1"
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    limits: ReceiverLimits = field(default_factory=ReceiverLimits)
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    tls: ServerTLS = field(default_factory=ServerTLS)
+    secret: bytes | None = None
+    """The link's shared secret (resolved by the tap), or None: no handshake."""
+    allow_plaintext_secret: bool = setting(
+        False, "Allow the shared-secret handshake without TLS (the secret never crosses the wire, but the "
+        "messages do, in clear)")
+    site: SiteSettings = field(default_factory=SiteSettings)
+    reconcile_interval: float = setting(300.0, "Seconds between Redis rebuilds from SQL", positive_float)
+    verbose: bool = False
+    """Log every message received (the seed's DATA line)."""
+    drain_timeout: float = 15.0
+    """Seconds a stop waits for the messages already received to be stored and answered."""
+
+
+class _Listener(service.Service):
+    """Listens on an endpoint while running; a bind failure raises out of ``startService`` (loud start-up)."""
+
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        self.setName("receiver")
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: Any = None
+        self.listening: defer.Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.listening = self.endpoint.listen(self.factory)
+        outcome: list[Any] = []
+
+        def seen(result: Any) -> Any:
+            outcome.append(result)
+            return result
+
+        self.listening.addBoth(seen)
+        if outcome and isinstance(outcome[0], Failure):
+            self.running = False
+            self.listening.addErrback(lambda _: None)
+            outcome[0].raiseException()
+        self.listening.addCallback(self._bound)
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        return port
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
 class ServerService(service.MultiService):
-    """Owns the receiver's listening port, the router and the sinks."""
+    """The running server: its listener, router, sinks, stats, site and reconciler, in a fixed order."""
 
     log = Logger()
 
@@ -40,8 +149,14 @@ class ServerService(service.MultiService):
         record: IRecord,
         mirrors: Sequence[ISink],
         router: Router,
-        factory: ReceiverFactory,
+        receiver: ReceiverFactory,
+        listener: _Listener,
         reactor: Any,
+        stats: Any = None,
+        site: service.Service | None = None,
+        reconciler: service.Service | None = None,
+        listen: str = "",
+        summary: str = "",
         drain_timeout: float = 15.0,
     ) -> None:
         super().__init__()
@@ -49,49 +164,66 @@ class ServerService(service.MultiService):
         self.mirrors = list(mirrors)
         self.sinks: list[ISink] = [record, *self.mirrors]
         self.router = router
-        self.factory = factory
-        self.metrics = factory.metrics
+        self.factory = receiver
+        self.metrics = receiver.metrics
         self.reactor = reactor
+        self.stats = stats
+        self.reconciler = reconciler
+        self.listen = listen
+        self.summary = summary
+        """Where messages are stored, for start-up lines (no secrets)."""
         self.drain_timeout = drain_timeout
         self.ready = False
-        self.summary = ""  # where messages are stored, for start-up lines (no secrets)
-        self.stats: Any = None  # the ServerStats the API reads, once attached
-        self.on_ready: list[Callable[[], Any]] = []
-        self.before_stop: list[Callable[[], Any]] = []
-        self._starting: defer.Deferred[None] | None = None
+        self._listener = listener
+        listener.setServiceParent(self)
+        if site is not None:
+            site.setServiceParent(self)
+        self._ready_waiters: list[defer.Deferred[None]] = []
         self._retry_wait: defer.Deferred[None] | None = None
         self._stopping = False
-        self.listening_port: Any = None
 
-    def listen(self, description: str, factory: Any = None, tls: Any = None) -> None:
-        """Serve the receiver on an endpoint string (``tcp:9999:interface=127.0.0.1``).
+    @property
+    def port(self) -> Any:
+        """The receiver's listening port (an ``IListeningPort``) once bound, else None."""
+        return self._listener.port
 
-        ``factory`` is what listens (the receiver, or the TLS/handshake gates in
-        front of it); ``tls`` wraps every connection in TLS (security.server_tls_options).
-        """
-        from eth_twisted.link.tls import listen_endpoint
-
-        endpoint = listen_endpoint(self.reactor, description, tls=tls)
-        svc = StreamServerEndpointService(endpoint, factory or self.factory)
-        svc._raiseSynchronously = True  # a bind failure stops start-up loudly, as strports does
-        svc.setName("receiver")
-        svc.setServiceParent(self)
+    def when_ready(self) -> defer.Deferred[None]:
+        """Fire once the sinks answer and the stats are seeded (at once if they already are)."""
+        if self.ready:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._ready_waiters.append(d)
+        return d
 
     def startService(self) -> None:
         self.router.ready = False
-        super().startService()
-        receiver = self.namedServices.get("receiver")
-        if receiver is not None and getattr(receiver, "_waitingForPort", None) is not None:
-            receiver._waitingForPort.addCallback(self._remember_port)
-        self._starting = self._start_sinks()
+        super().startService()  # the listener binds here, the site starts serving
+        self._start().addErrback(lambda f: self.log.failure("Start-up failed", f))
 
-    def _remember_port(self, port: Any) -> Any:
-        self.listening_port = port
-        return port
+    @defer.inlineCallbacks
+    def _start(self) -> Any:
+        """Sinks, then the stats seed, then the reconciler, then ready."""
+        started = yield self._start_sinks()
+        if not started:
+            return
+        self.router.ready = True
+        self.log.info("Sinks ready: {sinks}", sinks=", ".join(s.name for s in self.sinks))
+        if self.stats is not None:
+            try:
+                yield _seed_stats(self, self.stats)
+            except Exception:
+                self.log.failure("Could not seed the stats from the record")
+        if self.reconciler is not None and not self._stopping:
+            self.reconciler.setServiceParent(self)
+        self.ready = True
+        notify_ready(f"eth-server ready: {self.listen}, storing to {self.summary}")
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     @defer.inlineCallbacks
     def _start_sinks(self) -> Any:
-        """Start every sink, retrying each with a capped backoff until it answers.
+        """Start every sink, retrying each with a capped backoff until it answers; False if stopped first.
 
         An outage is logged once when it starts (with why) and once when it
         ends (with how long it took); the attempts in between are debug lines.
@@ -108,7 +240,7 @@ class ServerService(service.MultiService):
                     break
                 except Exception as e:
                     if self._stopping:
-                        return  # stopped while starting: the sink was told, nothing to retry
+                        return False  # stopped while starting: the sink was told, nothing to retry
                     if failed_at is None:
                         failed_at = self.reactor.seconds()
                         self.log.error(
@@ -123,36 +255,24 @@ class ServerService(service.MultiService):
                     try:
                         yield self._retry_wait
                     except defer.CancelledError:
-                        return
+                        return False
                     finally:
                         self._retry_wait = None
                     delay = min(delay * 2, START_RETRY_MAX)
             if self._stopping:
-                return
+                return False
             if failed_at is not None:
                 self.log.info("Sink {sink} started after {seconds:.1f}s and {attempts} attempts",
                               sink=sink.name, seconds=self.reactor.seconds() - failed_at, attempts=attempts)
-        self.router.ready = True
-        self.ready = True
-        self.log.info("Sinks ready: {sinks}", sinks=", ".join(s.name for s in self.sinks))
-        for callback in self.on_ready:
-            try:
-                yield callback()
-            except Exception:
-                self.log.failure("Start-up hook {hook!r} failed", hook=callback)
+        return True
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         self._stopping = True
         if self._retry_wait is not None:
             self._retry_wait.cancel()
-        for callback in self.before_stop:
-            try:
-                yield callback()
-            except Exception:
-                self.log.failure("Stop hook {hook!r} failed", hook=callback)
         self.factory.stop_reading()
-        yield super().stopService()  # stop listening
+        yield super().stopService()  # stop listening, the site and the reconciler
         drained = self.router.drain()
         drained.addTimeout(self.drain_timeout, self.reactor)
         try:
@@ -173,51 +293,65 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def make_server_service(
+def build_server(settings: ServerSettings, *, reactor: Any = None) -> ServerService:
+    """Everything ``eth server`` runs, built from ``settings``: sinks, then :func:`assemble_server`."""
+    reactor = maybe_global_reactor(reactor)
+    record, mirrors = create_sinks(settings.storage, reactor)
+    return assemble_server(settings, record=record, mirrors=mirrors, reactor=reactor,
+                           summary=settings.storage.summary())
+
+
+def assemble_server(
+    settings: ServerSettings,
     *,
-    listen: str,
     record: IRecord,
     mirrors: Sequence[ISink] = (),
     reactor: Any = None,
     metrics: ServerMetrics | None = None,
-    limits: ReceiverLimits | None = None,
-    max_batch: int = 1000,
-    max_batch_bytes: int = 4 * 1024 * 1024,
-    batch_delay: float = 0.002,
-    tls: dict[str, Any] | None = None,
-    secret: bytes | None = None,
-    allow_plaintext_secret: bool = False,
-    pipeline: bool | None = None,
-    concurrent_batches: int = SERVER_CONCURRENCY,
-    pending_budget: int = DEFAULT_PENDING_BUDGET,
+    summary: str = "",
 ) -> ServerService:
-    """Assemble the server from already-built sinks.
-
-    ``tls`` is ``{"cert", "key", "client_ca" (optional: require client
-    certificates), "min_version"}``; ``secret`` turns on the shared-secret
-    handshake (refused over plaintext unless ``allow_plaintext_secret``).
-    """
+    """The server around already-built sinks: the batcher first, then the router and receiver sharing it."""
     reactor = maybe_global_reactor(reactor)
     metrics = metrics if metrics is not None else ServerMetrics()
     batcher = ReplyBatcher()
-    router = Router(
-        record, mirrors, clock=reactor, metrics=metrics, max_batch=max_batch,
-        max_batch_bytes=max_batch_bytes, max_delay=batch_delay, overlap=pipeline,
-        concurrency=concurrent_batches, pending_budget=pending_budget, answering=batcher.hold,
-    )
-    gated = tls is not None or secret is not None
-    factory = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=limits, batcher=batcher,
-                              caps_in_front=gated)
-    server = ServerService(record=record, mirrors=mirrors, router=router, factory=factory, reactor=reactor)
-    tls_options = None
-    if tls is not None:
-        from eth_twisted.link.tls import server_tls_options
+    batch = settings.batch
+    if batch.pipeline and not mirrors:
+        from dataclasses import replace
 
-        tls_options = server_tls_options(tls["cert"], tls["key"], client_ca_file=tls.get("client_ca"),
-                                         min_tls=tls.get("min_version", "1.2"))
-    server.listen(listen, gated_factory(factory, reactor=reactor, tls=tls_options is not None,
-                                        secret=secret, allow_plaintext=allow_plaintext_secret,
-                                        listen=listen, metrics=metrics), tls=tls_options)
+        batch = replace(batch, pipeline=False)  # nothing to overlap with
+    router = Router(record, mirrors, clock=reactor, settings=batch, metrics=metrics, answering=batcher.hold)
+    tls_options = settings.tls.options()
+    gated = tls_options is not None or settings.secret is not None
+    receiver = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=settings.limits,
+                               batcher=batcher, caps_in_front=gated, log_payloads=settings.verbose)
+    from eth_twisted.link.tls import listen_endpoint
+
+    endpoint = listen_endpoint(reactor, settings.listen, tls=tls_options)
+    listening = gated_factory(receiver, reactor=reactor, tls=tls_options is not None, secret=settings.secret,
+                              allow_plaintext=settings.allow_plaintext_secret, listen=settings.listen,
+                              metrics=metrics)
+    from eth_twisted.web.stats import ServerStats
+
+    stats = ServerStats(reactor)
+    router.observers.append(stats.observe)
+    site = None
+    if settings.site.stats is not None:
+        from eth_twisted.web.site import make_server_site
+
+        web = make_server_site(
+            record=record, sinks=[record, *mirrors], stats=stats, metrics=metrics, clock=reactor,
+            token=settings.site.stats_token, allowed_hosts=settings.site.stats_allowed_hosts,
+            limits=settings.site.limits,
+        )
+        site = strports.service(settings.site.stats, web, reactor=reactor)
+        site.setName("stats")
+    reconciler = _reconciler(record, mirrors, reactor, settings.reconcile_interval, metrics)
+    server = ServerService(record=record, mirrors=mirrors, router=router, receiver=receiver,
+                           listener=_Listener(endpoint, listening), reactor=reactor, stats=stats, site=site,
+                           reconciler=reconciler, listen=settings.listen, summary=summary,
+                           drain_timeout=settings.drain_timeout)
+    server.log.info("eth-server listening on {listen}, storing to {summary}", listen=settings.listen,
+                    summary=summary)
     return server
 
 
@@ -258,98 +392,23 @@ def gated_factory(
     return factory
 
 
-def build_sinks(storage: dict[str, Any], reactor: Any) -> tuple[IRecord, list[ISink]]:
-    """The record sink and the mirrors described by ``storage`` (see server_tap.storage_kwargs)."""
-    from eth_twisted.sinks import sql
+def _reconciler(record: IRecord, mirrors: Sequence[ISink], reactor: Any, interval: float,
+                metrics: ServerMetrics) -> service.Service | None:
+    """The service that rebuilds Redis from SQL (at start, every ``interval``, after an outage), if Redis mirrors."""
+    from eth_twisted.sinks.reconcile import Reconciler
+    from eth_twisted.sinks.redis import RedisSink
 
-    migrate = storage.get("migrate", True)
-    if "mysql" in storage:
-        record: IRecord = sql.make_mysql_sink(**storage["mysql"], reactor=reactor, migrate=migrate)
-    else:
-        record = sql.make_sqlite_sink(storage["sqlite"], reactor=reactor, migrate=migrate)
-    mirrors: list[ISink] = []
-    if "redis" in storage:
-        from eth_twisted.sinks import redis
-
-        mirrors.append(redis.make_redis_sink(**storage["redis"], reactor=reactor))
-    return record, mirrors
-
-
-def build_server(
-    *,
-    reactor: Any,
-    listen: str,
-    stats_listen: str | None,
-    storage: dict[str, Any],
-    limits: ReceiverLimits | None = None,
-    batch_size: int = 1000,
-    batch_delay: float = 0.002,
-    reconcile_interval: float = 300.0,
-    verbose: bool = False,
-    summary: str = "",
-    stats_token: str | None = None,
-    allowed_hosts: Sequence[str] | None = None,
-    tls: dict[str, Any] | None = None,
-    secret: bytes | None = None,
-    allow_plaintext_secret: bool = False,
-    pipeline: bool | None = None,
-    concurrent_batches: int = SERVER_CONCURRENCY,
-    pending_budget: int = DEFAULT_PENDING_BUDGET,
-    stats_limits: Any = None,
-) -> ServerService:
-    """Everything ``eth server`` runs: sinks, router, receiver, Redis reconciler, stats site.
-
-    ``pipeline``: with mirrors (Redis), SQL stores the next batch while Redis
-    stores the current one (answers still wait for both): more throughput
-    under saturation, more latency at low load. None leaves the router's
-    default (off).
-    """
-    record, mirrors = build_sinks(storage, reactor)
-    metrics = ServerMetrics()
-    server = make_server_service(
-        listen=listen, record=record, mirrors=mirrors, reactor=reactor, metrics=metrics,
-        limits=limits, max_batch=batch_size, batch_delay=batch_delay,
-        tls=tls, secret=secret, allow_plaintext_secret=allow_plaintext_secret,
-        pipeline=pipeline if mirrors else False, concurrent_batches=concurrent_batches,
-        pending_budget=pending_budget,
-    )
-    server.factory.log_payloads = verbose
-    server.summary = summary
-    server.log.info("eth-server listening on {listen}, storing to {summary}", listen=listen, summary=summary)
-    _attach_stats(server, reactor, stats_listen, stats_token, allowed_hosts, stats_limits)
-    for mirror in mirrors:
-        _attach_reconciler(server, mirror, reactor, reconcile_interval)
-    server.on_ready.append(lambda: notify_ready(f"eth-server ready: {listen}, storing to {summary}"))
-    return server
-
-
-def _attach_stats(
-    server: ServerService, reactor: Any, stats_listen: str | None,
-    token: str | None, allowed_hosts: Sequence[str] | None, limits: Any = None,
-) -> None:
-    """The stats the router feeds and, on ``stats_listen``, their site (``limits``: its SiteLimits)."""
-    from eth_twisted.web.stats import ServerStats
-
-    stats = ServerStats(reactor)
-    server.stats = stats
-    server.router.observers.append(stats.observe)
-    server.on_ready.insert(0, lambda: _seed_stats(server, stats))
-    if stats_listen is None:
-        return
-    from eth_twisted.web.site import make_server_site
-
-    redis = next((m for m in server.mirrors if m.name == "redis"), None)
-    site = make_server_site(
-        record=server.record, sinks=server.sinks, stats=stats, metrics=server.metrics,
-        clock=reactor, token=token, allowed_hosts=allowed_hosts, redis=redis, limits=limits,
-    )
-    web = strports.service(stats_listen, site, reactor=reactor)
-    web.setName("stats")
-    web.setServiceParent(server)
+    redis = next((m for m in mirrors if isinstance(m, RedisSink)), None)
+    if redis is None:
+        return None
+    reconciler = Reconciler(redis, record, interval=interval, clock=reactor, metrics=metrics)
+    reconciler.setName("reconciler")
+    return reconciler
 
 
 @defer.inlineCallbacks
 def _seed_stats(server: ServerService, stats: Any) -> Any:
+    """The stats start from the record's totals and, with Redis, its per-client message counts."""
     totals = yield server.record.totals()
     ip_messages = None
     redis = next((m for m in server.mirrors if m.name == "redis"), None)
@@ -359,17 +418,3 @@ def _seed_stats(server: ServerService, stats: Any) -> Any:
         except Exception as e:
             server.log.warn("Could not read per-client message counts from Redis: {error}", error=_reason(e))
     stats.seed(totals, ip_messages)
-
-
-def _attach_reconciler(server: ServerService, mirror: ISink, reactor: Any, interval: float) -> None:
-    """Rebuild Redis from SQL once the sinks are up, then every ``interval`` and after an outage."""
-    from eth_twisted.sinks.reconcile import Reconciler
-    from eth_twisted.sinks.redis import RedisSink
-
-    if not isinstance(mirror, RedisSink):
-        return
-    reconciler = Reconciler(mirror, server.record, interval=interval, clock=reactor, metrics=server.metrics)
-    reconciler.setName("reconciler")
-    server.on_ready.append(lambda: reconciler.setServiceParent(server))
-
-

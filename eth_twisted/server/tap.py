@@ -1,8 +1,15 @@
-"""``twistd eth-server`` / ``eth server``: options, and the service they describe."""
+"""``twistd eth-server`` / ``eth server``: the options, and the settings they become.
+
+Every option row takes its default and help from the settings dataclass field
+of its name (:func:`~eth_twisted.options.option_rows`); :func:`makeService`
+validates once, builds one :class:`~eth_twisted.server.service.ServerSettings`
+and hands it to :func:`~eth_twisted.server.service.build_server`. Nothing
+below here sees an Options object.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import gc
 from typing import Any, ClassVar
 
 from twisted.logger import Logger
@@ -13,26 +20,22 @@ from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.options import (
     PRECEDENCE,
     EnvOptions,
+    flag_rows,
     int_in,
-    mask,
-    non_negative_float,
-    positive_float,
+    option_rows,
+    settings_from,
     state_path,
 )
-from eth_twisted.server.limits import (
-    DEFAULT_DEADLINE,
-    DEFAULT_MAX_LENGTH,
-    DEFAULT_WINDOW,
-    ReceiverLimits,
-)
-from eth_twisted.server.router import DEFAULT_PENDING_BUDGET, SERVER_CONCURRENCY
-from eth_twisted.web.app import allowed_hosts, exposure_warning
-from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
+from eth_twisted.server.limits import ReceiverLimits
+from eth_twisted.server.router import BatchSettings
+from eth_twisted.server.service import ServerSettings, ServerTLS
+from eth_twisted.sinks import StorageSettings
+from eth_twisted.sinks.redis import RedisSettings
+from eth_twisted.sinks.sql.pool import MySQLSettings
+from eth_twisted.sinks.sql.sqlite import SQLITE_FILE, SQLiteSettings
+from eth_twisted.web.app import SITE_OPTIONS, SiteSettings, exposure_warning, site_settings_from
 
 log = Logger()
-
-DEFAULT_STATS = "tcp:8080:interface=127.0.0.1"
-SQLITE_FILE = "eth-server.sqlite3"
 
 
 def tcp_endpoint(host: str, port: int) -> str:
@@ -41,35 +44,17 @@ def tcp_endpoint(host: str, port: int) -> str:
 
 
 class StorageOptions(EnvOptions):
-    """The storage flags shared by ``eth server`` and ``eth migrate``."""
+    """The storage options shared by ``eth server`` and ``eth migrate``."""
 
     secrets: ClassVar[tuple[str, ...]] = ("mysql-pass", "redis-password")
 
-    optFlags = [
-        ["use-mysql", None, "Store to MySQL/MariaDB (else to the embedded SQLite file)"],
-        ["use-redis", None, "Mirror counts and hashes to Redis"],
-        ["no-migrate", None, "Do not apply schema migrations at start (run `eth migrate` instead)"],
-    ]
+    optFlags = flag_rows(StorageSettings)
     optParameters: list[list[Any]] = [
-        ["sqlite", None, None, f"SQLite file used without MySQL [default: {SQLITE_FILE} in $STATE_DIRECTORY, else the working directory]"],
-        ["mysql-host", None, None, "MySQL host (required with --use-mysql)"],
-        ["mysql-port", None, 3306, "MySQL port", int_in(1, 65535)],
-        ["mysql-user", None, None, "MySQL user (required with --use-mysql)"],
-        ["mysql-pass", None, None, "MySQL password (prefer ETH_MYSQL_PASS, --mysql-pass-file or $CREDENTIALS_DIRECTORY/mysql-pass)"],
+        *option_rows(SQLiteSettings),
+        *option_rows(MySQLSettings),
         ["mysql-pass-file", None, None, "File holding the MySQL password"],
-        ["mysql-db", None, None, "MySQL database (required with --use-mysql)"],
-        ["mysql-ssl-ca", None, None, "CA file: connect to MySQL over TLS and verify its certificate"],
-        ["mysql-connect-timeout", None, 5.0, "Seconds to connect to MySQL", positive_float],
-        ["mysql-read-timeout", None, 30.0, "Seconds to wait for a MySQL reply", positive_float],
-        ["redis-host", None, "127.0.0.1", "Redis host"],
-        ["redis-port", None, 6379, "Redis port", int_in(1, 65535)],
-        ["redis-db", None, 0, "Redis database number", int_in(0, 1_000_000)],
-        ["redis-prefix", None, "eth:", "Prefix of every Redis key"],
-        ["redis-username", None, None, "Redis ACL user"],
-        ["redis-password", None, None, "Redis password (prefer ETH_REDIS_PASSWORD or --redis-password-file)"],
+        *option_rows(RedisSettings),
         ["redis-password-file", None, None, "File holding the Redis password"],
-        ["redis-timeout", None, 5.0, "Seconds to wait for a Redis reply", positive_float],
-        ["redis-tls-ca", None, None, "CA file: connect to Redis over TLS and verify its certificate and host name"],
     ]
 
     def postOptions(self) -> None:
@@ -77,24 +62,26 @@ class StorageOptions(EnvOptions):
             for name in ("mysql-host", "mysql-user", "mysql-db"):
                 if not self[name]:
                     raise usage.UsageError(f"--use-mysql needs --{name}")
-            self["mysql-password"] = self.resolve_secret("mysql-pass")
         elif self["mysql-host"] and self.from_argv("mysql-host"):
             self.warnings.append("--mysql-host is ignored without --use-mysql")
-        if self["use-redis"]:
-            self["redis-password-resolved"] = self.resolve_secret("redis-password")
-        if not self["sqlite"]:
-            self["sqlite"] = state_path(SQLITE_FILE, self.environ)
+        self.storage = self.storage_settings()
+        if self.storage.use_redis and self.storage.redis.redis_tls_ca:
+            try:
+                self.storage.redis.tls_context()  # the CA file is read now: a bad one is a start-up error
+            except ConfigError as e:
+                raise usage.UsageError(str(e))
 
-    def storage_summary(self) -> str:
-        """Where messages go, for the start-up log line (no secrets)."""
-        if self["use-mysql"]:
-            sql = (f"mysql://{self['mysql-user']}:{mask(self.get('mysql-password'))}@"
-                   f"{self['mysql-host']}:{self['mysql-port']}/{self['mysql-db']}")
-        else:
-            sql = f"sqlite:{self['sqlite']}"
-        if self["use-redis"]:
-            return f"{sql} + redis://{self['redis-host']}:{self['redis-port']}/{self['redis-db']} prefix {self['redis-prefix']}"
-        return sql
+    def storage_settings(self) -> StorageSettings:
+        """The sinks these options describe, with their secrets resolved (never from argv alone)."""
+        self["sqlite"] = self["sqlite"] or state_path(SQLITE_FILE, self.environ)
+        return settings_from(
+            StorageSettings, self,
+            sqlite=SQLiteSettings(sqlite=self["sqlite"]),
+            mysql=settings_from(MySQLSettings, self,
+                                mysql_pass=self.resolve_secret("mysql-pass") if self["use-mysql"] else None),
+            redis=settings_from(RedisSettings, self,
+                                redis_password=self.resolve_secret("redis-password") if self["use-redis"] else None),
+        )
 
 
 class Options(StorageOptions):
@@ -110,74 +97,54 @@ class Options(StorageOptions):
     # usage.Options gathers optFlags/optParameters from every base class.
     optFlags = [
         ["verbose", "v", "Log every message received (the seed's DATA line) and other debug detail"],
-        ["pipeline", None, "With Redis, let SQL store the next batch while Redis stores the current one: about 30% more throughput under saturation, about twice the latency at low load"],
-        ["allow-plaintext-secret", None, "Allow the shared-secret handshake without TLS (the secret never crosses the wire, but the messages do, in clear)"],
+        *flag_rows(BatchSettings),
+        *flag_rows(ServerSettings),
     ]
     optParameters = [
         ["host", None, "127.0.0.1", "Interface to listen on"],
         ["port", None, 9999, "TCP port to listen on", int_in(0, 65535)],
         ["listen", None, None, "Endpoint string to listen on instead of --host/--port, e.g. tcp:9999:interface=0.0.0.0"],
-        ["stats", None, DEFAULT_STATS, "Endpoint of the stats HTTP API, or 'none'"],
-        ["tls-cert", None, None, "PEM certificate (chain) of the server: listen with TLS"],
-        ["tls-key", None, None, "PEM private key of --tls-cert"],
-        ["tls-client-ca", None, None, "PEM CA: require client certificates issued by it (mutual TLS); the subject becomes client_id"],
-        ["tls-min-version", None, "1.2", "Lowest TLS version accepted: 1.2 or 1.3"],
+        ["stats", None, SiteSettings().stats, "Endpoint of the stats HTTP API, or 'none'"],
+        *option_rows(ServerTLS),
         ["secret-file", None, None, "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret): clients must pass the HMAC handshake"],
-        ["stats-token", None, None, "Bearer token the stats API requires (not /healthz, /readyz); prefer ETH_STATS_TOKEN or --stats-token-file"],
-        ["stats-token-file", None, None, "File holding the stats API token"],
-        ["stats-allowed-hosts", None, None, "Comma list of Host header values the stats API answers [default on loopback: localhost,127.0.0.1,::1]"],
-        ["max-length", None, DEFAULT_MAX_LENGTH, "Largest message accepted, in bytes", int_in(1, 16 * 1024 * 1024)],
-        ["window", None, DEFAULT_WINDOW, "Unanswered messages per connection before reading pauses", int_in(1, 65536)],
-        ["deadline", None, DEFAULT_DEADLINE, "Seconds within which every message is answered (else ERR timeout)", positive_float],
-        ["batch-size", None, 1000, "Most messages per sink batch", int_in(1, 100_000)],
-        ["batch-delay", None, 0.002, "Seconds to collect a batch before storing it", non_negative_float],
-        ["concurrent-batches", None, SERVER_CONCURRENCY, "Batches in the SQL record at once, each in its own transaction (answers stay in order); more than 1 lets the database share one flush between them", int_in(1, 8)],
-        ["reconcile-interval", None, 300.0, "Seconds between Redis rebuilds from SQL", positive_float],
-        ["frame-timeout", None, 30.0, "Seconds a frame may take from its first byte to its comma", positive_float],
-        ["idle-timeout", None, 90.0, "Seconds without a complete frame before a connection is dropped (clients heartbeat at a third of it)", positive_float],
-        ["write-stall", None, 60.0, "Seconds a peer may leave its replies unread before it is dropped", positive_float],
-        ["rate", None, 5000.0, "Messages per second per connection before reading pauses", positive_float],
-        ["burst", None, 10000, "Messages a connection may send at once before the rate applies", int_in(1)],
-        ["partial-budget", None, 32 * 1024 * 1024, "Bytes of incomplete (or not yet handled) frames held across all connections before reading pauses; the oldest holder always reads", int_in(1024)],
-        ["pending-budget", None, DEFAULT_PENDING_BUDGET, "Payload bytes queued for the sinks across all connections before new messages are answered busy", int_in(65536)],
-        ["max-connections", None, 10000, "Connections the server holds at once", int_in(1)],
-        ["max-per-ip", None, 100, "Connections per client address (IPv6: per /64)", int_in(1)],
-        *STATS_LIMIT_OPTIONS,
+        *option_rows(ReceiverLimits),
+        *option_rows(BatchSettings),
+        *option_rows(ServerSettings),
+        *SITE_OPTIONS,
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
-        if not self["listen"]:
-            self["listen"] = tcp_endpoint(self["host"], self["port"])
-        self["stats-token-resolved"] = self.resolve_secret("stats-token")
-        self["tls"] = tls_kwargs(self)
         try:
-            from eth_twisted.link.secret import check_secret_transport, load_secret
-
-            self["secret"] = load_secret(file=self["secret-file"], environ=self.environ)
-            check_secret_transport(self["secret"], bool(self["tls"]) or self["listen"].startswith("ssl:"),
-                                   self["allow-plaintext-secret"])
+            self.settings = self.server_settings()
         except ConfigError as e:
             raise usage.UsageError(str(e))
-        self["allowed-hosts"] = allowed_hosts(self["stats"], self["stats-allowed-hosts"])
-        self["stats-limits"] = limits_from_options(self)
-        exposed = exposure_warning(self["stats"], self["allowed-hosts"], self["stats-token-resolved"])
-        if exposed:
-            self.warnings.append(exposed)
-        try:
-            self.limits().check()
         except ValueError as e:
             raise usage.UsageError(str(e).replace("idle_timeout", "--idle-timeout").replace("deadline", "--deadline"))
+        site = self.settings.site
+        exposed = exposure_warning(site.stats, site.stats_allowed_hosts, site.stats_token)
+        if exposed:
+            self.warnings.append(exposed)
+
+    def server_settings(self) -> ServerSettings:
+        """The settings of everything ``eth server`` runs, checked (ConfigError/ValueError name the option)."""
+        from eth_twisted.link.secret import check_secret_transport, load_secret
+
+        listen = self["listen"] = self["listen"] or tcp_endpoint(self["host"], self["port"])
+        tls = settings_from(ServerTLS, self)
+        tls.check()
+        secret = load_secret(file=self["secret-file"], environ=self.environ)
+        check_secret_transport(secret, tls.enabled or listen.startswith("ssl:"), self["allow-plaintext-secret"])
+        site = site_settings_from(self, None if self["stats"].lower() == "none" else self["stats"])
+        limits = settings_from(ReceiverLimits, self)
+        limits.check()
+        return settings_from(ServerSettings, self, listen=listen, storage=self.storage, limits=limits,
+                             batch=settings_from(BatchSettings, self), tls=tls, secret=secret, site=site,
+                             verbose=bool(self["verbose"]))
 
     def limits(self) -> ReceiverLimits:
         """The receiver's limits from these options."""
-        return ReceiverLimits(
-            max_length=self["max-length"], window=self["window"], deadline=self["deadline"],
-            frame_timeout=self["frame-timeout"], idle_timeout=self["idle-timeout"],
-            write_stall=self["write-stall"], rate=self["rate"], burst=self["burst"],
-            partial_budget=self["partial-budget"], max_connections=self["max-connections"],
-            max_per_ip=self["max-per-ip"],
-        )
+        return self.settings.limits
 
 
 def makeService(config: Options, reactor: Any = None) -> Any:
@@ -187,31 +154,30 @@ def makeService(config: Options, reactor: Any = None) -> Any:
     reactor = maybe_global_reactor(reactor)
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
-    from eth_twisted.server.router import tune_gc
-
     tune_gc()  # this is the process's entry point (twistd or eth server)
-    raise_file_limit(config["max-connections"] + config["stats-max-connections"] + FILE_HEADROOM)
-    return build_server(
-        reactor=reactor,
-        listen=config["listen"],
-        stats_listen=None if config["stats"].lower() == "none" else config["stats"],
-        storage=storage_kwargs(config),
-        limits=config.limits(),
-        stats_token=config["stats-token-resolved"],
-        tls=config["tls"],
-        secret=config["secret"],
-        allow_plaintext_secret=config["allow-plaintext-secret"],
-        allowed_hosts=config["allowed-hosts"],
-        stats_limits=config["stats-limits"],
-        pipeline=True if config["pipeline"] else None,
-        batch_size=config["batch-size"],
-        batch_delay=config["batch-delay"],
-        concurrent_batches=config["concurrent-batches"],
-        pending_budget=config["pending-budget"],
-        reconcile_interval=config["reconcile-interval"],
-        verbose=config["verbose"],
-        summary=config.storage_summary(),
-    )
+    settings = config.settings
+    raise_file_limit(settings.limits.max_connections + settings.site.limits.stats_max_connections + FILE_HEADROOM)
+    return build_server(settings, reactor=reactor)
+
+
+GC_THRESHOLD = (50_000, 20, 100)
+"""Collection thresholds :func:`tune_gc` sets (CPython's default is 700, 10, 10)."""
+
+
+def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLD) -> None:
+    """Make the cyclic garbage collector cheap for a busy server; call once, after start-up.
+
+    Under load the server holds tens of thousands of live objects (a window of
+    messages per connection, their reply slots and callables). CPython's default
+    thresholds run a collection every 700 allocations and a full one every
+    70,000, each walking every live object: the benchmark measured about 15%
+    of the server's throughput spent there (bench/README.md). This freezes what
+    start-up allocated (modules, classes: never garbage) and collects young
+    objects every ``thresholds[0]`` allocations instead. Process-wide, so it is
+    the process's entry point that calls it, never a library object.
+    """
+    gc.freeze()
+    gc.set_threshold(*thresholds)
 
 
 FILE_HEADROOM = 256
@@ -249,61 +215,3 @@ def raise_file_limit(needed: int, resource_module: Any = None) -> int:
     return int(soft)
 
 
-def redis_tls(host: str, ca_file: str) -> Any:
-    """A verifying TLS connection creator for Redis (txredisapi's own default checks nothing)."""
-    from twisted.internet.ssl import Certificate, optionsForClientTLS
-
-    try:
-        pem = Path(ca_file).read_bytes()
-    except OSError as e:
-        raise usage.UsageError(f"--redis-tls-ca: cannot read {ca_file}: {e.strerror}")
-    return optionsForClientTLS(host, trustRoot=Certificate.loadPEM(pem))
-
-
-def tls_kwargs(config: usage.Options) -> dict[str, Any] | None:
-    """The server's TLS settings, or None for plaintext; a half-given pair is an error naming it."""
-    cert, key = config["tls-cert"], config["tls-key"]
-    if not cert and not key:
-        if config["tls-client-ca"]:
-            raise usage.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if not cert or not key:
-        raise usage.UsageError("--tls-cert and --tls-key go together")
-    for name in ("tls-cert", "tls-key", "tls-client-ca"):
-        path = config[name]
-        if path and not Path(path).is_file():
-            raise usage.UsageError(f"--{name}: no such file {path}")
-    if config["tls-min-version"] not in ("1.2", "1.3"):
-        raise usage.UsageError(f"--tls-min-version: expected 1.2 or 1.3, got {config['tls-min-version']!r}")
-    return {"cert": cert, "key": key, "client_ca": config["tls-client-ca"], "min_version": config["tls-min-version"]}
-
-
-def storage_kwargs(config: StorageOptions) -> dict[str, Any]:
-    """Plain keyword arguments describing the configured sinks."""
-    kwargs: dict[str, Any] = {"migrate": not config["no-migrate"]}
-    if config["use-mysql"]:
-        kwargs["mysql"] = {
-            "host": config["mysql-host"],
-            "port": config["mysql-port"],
-            "user": config["mysql-user"],
-            "password": config.get("mysql-password"),
-            "database": config["mysql-db"],
-            "ssl": {"ca": config["mysql-ssl-ca"]} if config["mysql-ssl-ca"] else None,
-            "connect_timeout": config["mysql-connect-timeout"],
-            "read_timeout": config["mysql-read-timeout"],
-        }
-    else:
-        kwargs["sqlite"] = config["sqlite"]
-    if config["use-redis"]:
-        kwargs["redis"] = {
-            "host": config["redis-host"],
-            "port": config["redis-port"],
-            "db": config["redis-db"],
-            "prefix": config["redis-prefix"],
-            "username": config["redis-username"],
-            "password": config.get("redis-password-resolved"),
-            "reply_timeout": config["redis-timeout"],
-        }
-        if config["redis-tls-ca"]:
-            kwargs["redis"]["tls"] = redis_tls(config["redis-host"], config["redis-tls-ca"])
-    return kwargs

@@ -25,6 +25,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import txredisapi
@@ -35,9 +36,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from eth_twisted.errors import SinkBusy, SinkError, SinkTimeout, SinkUnavailable
+from eth_twisted.errors import ConfigError, SinkBusy, SinkError, SinkTimeout, SinkUnavailable
 from eth_twisted.interfaces import IRecord, ISink, maybe_global_reactor
 from eth_twisted.model import DEFAULT_SUMMARY_PAGE_BYTES, MAX_BLOCK_NUMBER, Message, Outcome
+from eth_twisted.options import int_in, positive_float, setting
 from eth_twisted.sinks.redis_scripts import (
     INSTALL_COUNTS,
     RAISE_MESSAGES,
@@ -527,47 +529,69 @@ class RedisSink:
                 self.log.failure("Redis {where}: recovery listener failed", where=self.where)
 
 
-def make_redis_sink(
-    host: str = "127.0.0.1",
-    port: int = 6379,
-    db: int = 0,
-    *,
-    prefix: str = DEFAULT_PREFIX,
-    password: str | None = None,
-    username: str | None = None,
-    tls: Any = False,
-    reactor: IReactorTime | None = None,
-    reply_timeout: float = 5.0,
-    call_timeout: float | None = None,
-    connect_timeout: float | None = None,
-    pool_size: int = 4,
-    max_in_flight: int = 64,
-) -> RedisSink:
+@dataclass(slots=True)
+class RedisSettings:
+    """Where and how the Redis mirror connects; the option fields are the server options of their names."""
+
+    redis_host: str = setting("127.0.0.1", "Redis host")
+    redis_port: int = setting(6379, "Redis port", int_in(1, 65535))
+    redis_db: int = setting(0, "Redis database number", int_in(0, 1_000_000))
+    redis_prefix: str = setting(DEFAULT_PREFIX, "Prefix of every Redis key")
+    redis_username: str | None = setting(None, "Redis ACL user")
+    redis_password: str | None = setting(
+        None, "Redis password (prefer ETH_REDIS_PASSWORD or --redis-password-file)")
+    redis_timeout: float = setting(5.0, "Seconds to wait for a Redis reply", positive_float)
+    redis_tls_ca: str | None = setting(
+        None, "CA file: connect to Redis over TLS and verify its certificate and host name")
+    tls: Any = None
+    """A ``ClientContextFactory`` to use instead of one built from ``redis_tls_ca`` (True: TLS unverified)."""
+    call_timeout: float | None = None
+    """Bound on each call, the wait for a connection included (default: ``redis_timeout``)."""
+    connect_timeout: float | None = None
+    pool_size: int = 4
+    max_in_flight: int = 64
+
+    def tls_context(self) -> Any:
+        """The TLS connection creator, or False for plaintext (txredisapi's own default checks nothing)."""
+        if self.tls is not None:
+            return self.tls
+        if not self.redis_tls_ca:
+            return False
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        try:
+            pem = Path(self.redis_tls_ca).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"--redis-tls-ca: cannot read {self.redis_tls_ca}: {e.strerror}")
+        return optionsForClientTLS(self.redis_host, trustRoot=Certificate.loadPEM(pem))
+
+
+def make_redis_sink(settings: RedisSettings, *, reactor: IReactorTime | None = None) -> RedisSink:
     """Build a :class:`RedisSink` on a txredisapi lazy connection pool (not yet started).
 
-    ``tls`` is False, True (TLS without verification, txredisapi's default
-    context) or a ``ClientContextFactory``. ``reply_timeout`` bounds each reply
-    on the wire (txredisapi aborts the connection past it); ``call_timeout``
-    (default: ``reply_timeout``) bounds each call including the wait for a
-    connection. txredisapi always uses the global reactor for its connections;
-    ``reactor`` drives our own timeouts.
+    ``redis_timeout`` bounds each reply on the wire (txredisapi aborts the
+    connection past it); ``call_timeout`` (default: the same) bounds each call
+    including the wait for a connection. txredisapi always uses the global
+    reactor for its connections; ``reactor`` drives our own timeouts.
     """
     pool = txredisapi.lazyConnectionPool(
-        host=host,
-        port=port,
+        host=settings.redis_host,
+        port=settings.redis_port,
         # SELECT only when needed: a failed SELECT stops txredisapi reconnecting (#146).
-        dbid=db or None,
-        poolsize=pool_size,
+        dbid=settings.redis_db or None,
+        poolsize=settings.pool_size,
         reconnect=True,
         charset=None,
-        password=password,
-        username=username,
-        ssl_context_factory=tls,
-        connectTimeout=connect_timeout if connect_timeout is not None else reply_timeout,
-        replyTimeout=reply_timeout,
+        password=settings.redis_password,
+        username=settings.redis_username,
+        ssl_context_factory=settings.tls_context(),
+        connectTimeout=settings.connect_timeout if settings.connect_timeout is not None else settings.redis_timeout,
+        replyTimeout=settings.redis_timeout,
         convertNumbers=False,
     )
-    where = f"{host}:{port}/{db}"
-    return RedisSink(pool, prefix=prefix, reactor=reactor,
-                     call_timeout=call_timeout if call_timeout is not None else reply_timeout,
-                     max_in_flight=max_in_flight, where=where)
+    where = f"{settings.redis_host}:{settings.redis_port}/{settings.redis_db}"
+    call_timeout = settings.call_timeout if settings.call_timeout is not None else settings.redis_timeout
+    return RedisSink(pool, prefix=settings.redis_prefix, reactor=reactor, call_timeout=call_timeout,
+                     max_in_flight=settings.max_in_flight, where=where)
+
+

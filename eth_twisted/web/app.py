@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from eth_twisted.options import option_rows, settings_from
 from eth_twisted.web.limits import REASONS, SECURITY_HEADERS, GuardedSite, SiteLimits
 from eth_twisted.web.pages import json_bytes
 
@@ -279,3 +280,41 @@ def exposure_warning(stats: str | None, allowed: list[str] | None, token: str | 
     return (f"the stats site on {stats} answers any Host header and needs no token: a web page "
             "opened by a browser that can reach it can read the API (DNS rebinding); set "
             "--stats-allowed-hosts or --stats-token-file")
+
+
+@dataclass(slots=True)
+class SiteSettings:
+    """The stats site: where it listens, who may read it, and its listener's limits."""
+
+    stats: str | None = "tcp:8080:interface=127.0.0.1"
+    """Endpoint string, or None for no site."""
+    stats_token: str | None = None
+    """Bearer token every route but the health checks requires (resolved by the tap: never argv only)."""
+    stats_allowed_hosts: list[str] | None = None
+    """Host header values answered (None: any; the tap defaults it to the loopback names on loopback)."""
+    limits: SiteLimits = field(default_factory=SiteLimits)
+
+
+SITE_OPTIONS: list[list[Any]] = [
+    ["stats-token", None, None,
+     "Bearer token the stats API requires (not /healthz, /readyz); prefer ETH_STATS_TOKEN or --stats-token-file"],
+    ["stats-token-file", None, None, "File holding the stats API token"],
+    ["stats-allowed-hosts", None, None,
+     "Comma list of Host header values the stats API answers [default on loopback: localhost,127.0.0.1,::1]"],
+    *option_rows(SiteLimits),
+]
+"""Who may read a stats site and its listener's limits: the same options on eth server, eth client and eth run."""
+
+
+def site_settings_from(config: Any, stats: str | None) -> SiteSettings:
+    """The site settings of parsed options holding :data:`SITE_OPTIONS` (``stats``: its endpoint, or None).
+
+    The token is resolved from the option, ``ETH_STATS_TOKEN``, ``--stats-token-file``
+    or ``$CREDENTIALS_DIRECTORY/stats-token``; the allowlist defaults to the loopback
+    names when the site listens on loopback (DNS rebinding).
+    """
+    limits = settings_from(SiteLimits, config)
+    limits.check()
+    return SiteSettings(stats=stats, stats_token=config.resolve_secret("stats-token"),
+                        stats_allowed_hosts=allowed_hosts(stats or "", config["stats-allowed-hosts"]),
+                        limits=limits)

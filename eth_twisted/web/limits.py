@@ -41,7 +41,7 @@ from twisted.web import http
 from twisted.web.server import Site
 
 from eth_twisted.model import normalise_ip, peer_group
-from eth_twisted.options import int_in, positive_float
+from eth_twisted.options import int_in, option_rows, positive_float, setting, settings_from
 from eth_twisted.web.pages import MAX_PAYLOAD
 
 log = Logger()
@@ -77,14 +77,16 @@ REASONS = {
 
 @dataclass(frozen=True, slots=True)
 class SiteLimits:
-    """The limits of one stats listener; the first three are options (``--stats-*``)."""
+    """The limits of one stats listener; the first three are the options of their names."""
 
-    max_connections: int = 64
-    """Connections held at once (``--stats-max-connections``)."""
-    max_per_ip: int = 16
-    """Connections per client address, IPv6 per /64 (``--stats-max-per-ip``)."""
-    header_timeout: float = 10.0
-    """Seconds from a request's first byte to its last header (``--stats-header-timeout``)."""
+    stats_max_connections: int = setting(
+        64, "Connections the stats site holds at once; at the cap the longest-waiting idle one is cut",
+        int_in(1, 1_000_000))
+    stats_max_per_ip: int = setting(16, "Stats site connections per client address (IPv6: per /64)",
+                                    int_in(1, 1_000_000))
+    stats_header_timeout: float = setting(
+        10.0, "Seconds from a stats request's first byte to its last header (not reset by a trickle)",
+        positive_float)
     idle_timeout: float = 30.0
     """Seconds a connection may wait for its next request."""
     max_line: int = 8192
@@ -100,36 +102,23 @@ class SiteLimits:
 
     def check(self) -> None:
         """Raise ValueError naming the first limit that makes no sense."""
-        if self.max_connections < 1 or self.max_per_ip < 1:
-            raise ValueError("max_connections and max_per_ip must be at least 1")
-        if self.header_timeout <= 0 or self.idle_timeout <= 0:
-            raise ValueError("header_timeout and idle_timeout must be positive")
+        if self.stats_max_connections < 1 or self.stats_max_per_ip < 1:
+            raise ValueError("stats_max_connections and stats_max_per_ip must be at least 1")
+        if self.stats_header_timeout <= 0 or self.idle_timeout <= 0:
+            raise ValueError("stats_header_timeout and idle_timeout must be positive")
         if min(self.max_line, self.max_header_bytes, self.max_headers, self.heavy_requests) < 1:
             raise ValueError("header limits and heavy_requests must be at least 1")
         if self.page_bytes < MIN_PAGE_BYTES:
             raise ValueError(f"page_bytes must be at least {MIN_PAGE_BYTES} (one record of the largest kind)")
 
 
-_DEFAULTS = SiteLimits()
-
-STATS_LIMIT_OPTIONS: list[list[Any]] = [
-    ["stats-max-connections", None, _DEFAULTS.max_connections,
-     "Connections the stats site holds at once; at the cap the longest-waiting idle one is cut",
-     int_in(1, 1_000_000)],
-    ["stats-max-per-ip", None, _DEFAULTS.max_per_ip,
-     "Stats site connections per client address (IPv6: per /64)", int_in(1, 1_000_000)],
-    ["stats-header-timeout", None, _DEFAULTS.header_timeout,
-     "Seconds from a stats request's first byte to its last header (not reset by a trickle)",
-     positive_float],
-]
+STATS_LIMIT_OPTIONS: list[list[Any]] = option_rows(SiteLimits)
 """The stats listener's options, shared by ``eth server``, ``eth client`` and ``eth run``."""
 
 
 def limits_from_options(config: Any) -> SiteLimits:
     """The :class:`SiteLimits` of parsed options holding :data:`STATS_LIMIT_OPTIONS`."""
-    return SiteLimits(max_connections=int(config["stats-max-connections"]),
-                      max_per_ip=int(config["stats-max-per-ip"]),
-                      header_timeout=float(config["stats-header-timeout"]))
+    return settings_from(SiteLimits, config)
 
 
 def error_bytes(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
@@ -179,10 +168,10 @@ class ConnectionTable:
     def admit(self, channel: GuardedChannel) -> bool:
         """Take ``channel`` in, cutting the longest-waiting connection at a cap; False to refuse it."""
         group = channel.group
-        if self.per_group[group] >= self.limits.max_per_ip and not self._cut_oldest(
+        if self.per_group[group] >= self.limits.stats_max_per_ip and not self._cut_oldest(
                 self.waiting_by_group.get(group)):
             return False
-        if len(self.open) >= self.limits.max_connections and not self._cut_oldest(self.waiting):
+        if len(self.open) >= self.limits.stats_max_connections and not self._cut_oldest(self.waiting):
             return False
         self.open.add(channel)
         self.per_group[group] += 1
@@ -239,7 +228,7 @@ class ConnectionTable:
         if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
             log.warn("Stats site refused or cut connections: {counts} (open {open}, cap {cap}, "
                      "per address {per_ip})", counts=dict(self._unlogged), open=len(self.open),
-                     cap=self.limits.max_connections, per_ip=self.limits.max_per_ip)
+                     cap=self.limits.stats_max_connections, per_ip=self.limits.stats_max_per_ip)
             self._unlogged.clear()
             self._logged_at = now
 
@@ -279,7 +268,7 @@ class GuardedChannel(http.HTTPChannel):
             self._held.append(data)
             return
         if self._awaiting and self._header_call is None and data:
-            self._header_call = self.callLater(self.limits.header_timeout, self._headers_too_slow)
+            self._header_call = self.callLater(self.limits.stats_header_timeout, self._headers_too_slow)
         super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -319,7 +308,7 @@ class GuardedChannel(http.HTTPChannel):
     def _headers_too_slow(self) -> None:
         self._header_call = None
         self.refuse(408, "request-timeout",
-                    f"the request's headers did not arrive within {self.limits.header_timeout:g} s")
+                    f"the request's headers did not arrive within {self.limits.stats_header_timeout:g} s")
 
     def _stop_header_deadline(self) -> None:
         if self._header_call is not None:

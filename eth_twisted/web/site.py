@@ -348,7 +348,6 @@ def make_server_site(
     clock: IReactorTime,
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
-    redis: Any = None,
     limits: SiteLimits | None = None,
 ) -> Site:
     """The server's stats site.
@@ -356,11 +355,8 @@ def make_server_site(
     ``record`` serves /api/messages and /api/blocks through its read path;
     ``sinks`` (every configured sink, the record included) are pinged by
     /readyz; ``stats`` answers /api/stats; ``metrics.registry`` is /metrics.
-    ``redis`` is accepted for symmetry with the server's wiring and unused:
-    Redis's counts reach the stats through :meth:`ServerStats.seed`.
     ``limits`` are the listener's (:class:`~eth_twisted.web.limits.SiteLimits`).
     """
-    del redis
     limits = limits or SiteLimits()
     routes = _server_routes(record=record, sinks=sinks, stats=stats,
                             registries=[metrics.registry], clock=clock, limits=limits)
@@ -408,7 +404,6 @@ def make_combined_site(
     clock: IReactorTime,
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
-    redis: Any = None,
     limits: SiteLimits | None = None,
 ) -> Site:
     """One site for ``eth run``: the server's endpoints plus the client's.
@@ -418,7 +413,6 @@ def make_combined_site(
     sinks answer and the client is ready, and ``/client/healthz``,
     ``/client/readyz``, ``/client/metrics`` answer for the client alone.
     """
-    del redis
     limits = limits or SiteLimits()
     routes = _server_routes(
         record=record, sinks=sinks, stats=stats,

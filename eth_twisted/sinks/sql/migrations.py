@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from eth_twisted.errors import (
     ConfigError,
 )
-from eth_twisted.sinks.sql.pool import describe_error, mysql_connect_kwargs
+from eth_twisted.sinks.sql.pool import MySQLSettings, describe_error, mysql_connect_kwargs
 
 log = Logger(namespace="eth_twisted.sinks.sql")
 _EPOCH = datetime(1970, 1, 1)
@@ -194,19 +194,15 @@ def _quote_identifier(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-def migrate_mysql(
-    host: str = "127.0.0.1", port: int = 3306, user: str = "root", password: str | None = None,
-    database: str = "ethereum", *, ssl: dict[str, Any] | None = None, connect_timeout: float = 5.0,
-    read_timeout: float = 60.0, write_timeout: float = 60.0, create_database: bool = True,
-) -> list[int]:
+def migrate_mysql(settings: MySQLSettings, *, create_database: bool = True) -> list[int]:
     """Blocking: apply pending MySQL migrations (for `eth migrate`); return the versions applied.
 
     Creates the database (utf8mb4) first when it does not exist and
-    ``create_database`` is true.
+    ``create_database`` is true. Migrations may take longer than a batch: the
+    read timeout is at least a minute.
     """
-    kw = mysql_connect_kwargs(host, port, user, password, database, ssl=ssl,
-                               connect_timeout=connect_timeout, read_timeout=read_timeout,
-                               write_timeout=write_timeout)
+    kw = mysql_connect_kwargs(settings, read_timeout=max(60.0, settings.mysql_read_timeout))
+    database = str(settings.mysql_db)
     try:
         conn = pymysql.connect(**kw)
     except pymysql.err.OperationalError as e:

@@ -14,6 +14,7 @@ from eth_twisted.model import MAX_CLIENT_ID, Message, storable_client_id, storab
 from eth_twisted.sinks.sql.migrations import from_utc_datetime, to_utc_datetime
 from eth_twisted.sinks.sql.pool import (
     ErrorKind,
+    MySQLSettings,
     ReconnectingConnectionPool,
     classify_mysql_error,
     mysql_connect_kwargs,
@@ -217,33 +218,7 @@ class MySQLSink(SQLSink):
         return self._encoder.row(m)
 
 
-def make_mysql_sink(
-    host: str,
-    port: int,
-    user: str,
-    password: str | None,
-    database: str,
-    *,
-    reactor: Any = None,
-    ssl: dict[str, Any] | None = None,
-    migrate: bool = True,
-    connect_timeout: float = 5.0,
-    read_timeout: float = 30.0,
-    write_timeout: float = 30.0,
-    pool_size: int = 3,
-    writers: int = 2,
-    init_command: str | None = None,
-    retries: int = 3,
-    ping_timeout: float = 5.0,
-) -> MySQLSink:
-    """A MySQL/MariaDB record sink (not started).
-
-    ``pool_size`` is the read pool's size; the writer pool has ``writers``
-    connections. ``ssl`` takes ``ca``, ``cert``, ``key`` and ``verify`` (default
-    true). ``init_command`` runs on every new connection (after ours).
-    """
-    kw = mysql_connect_kwargs(host, port, user, password, database, ssl=ssl,
-                               connect_timeout=connect_timeout, read_timeout=read_timeout,
-                               write_timeout=write_timeout, init_command=init_command)
-    return MySQLSink(kw, reactor, migrate=migrate, pool_size=pool_size, writers=writers,
-                     retries=retries, ping_timeout=ping_timeout)
+def make_mysql_sink(settings: MySQLSettings, *, reactor: Any = None, migrate: bool = True) -> MySQLSink:
+    """A MySQL/MariaDB record sink (not started)."""
+    return MySQLSink(mysql_connect_kwargs(settings), reactor, migrate=migrate, pool_size=settings.pool_size,
+                     writers=settings.writers, retries=settings.retries, ping_timeout=settings.ping_timeout)

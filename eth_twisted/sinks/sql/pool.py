@@ -8,6 +8,7 @@ import ssl as ssl_module
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pymysql
@@ -21,6 +22,7 @@ from eth_twisted.errors import (
     SinkTimeout,
     SinkUnavailable,
 )
+from eth_twisted.options import int_in, positive_float, setting
 
 log = Logger(namespace="eth_twisted.sinks.sql")
 
@@ -294,18 +296,50 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
         return self._run_with_retries(lambda conn: func(conn, *args, **kw))
 
 
-def mysql_connect_kwargs(
-    host: str, port: int, user: str, password: str | None, database: str | None, *,
-    ssl: dict[str, Any] | None, connect_timeout: float, read_timeout: float, write_timeout: float,
-    init_command: str | None = None,
-) -> dict[str, Any]:
+@dataclass(slots=True)
+class MySQLSettings:
+    """Where and how the MySQL/MariaDB record connects; the option fields are the server options of their names."""
+
+    mysql_host: str | None = setting(None, "MySQL host (required with --use-mysql)")
+    mysql_port: int = setting(3306, "MySQL port", int_in(1, 65535))
+    mysql_user: str | None = setting(None, "MySQL user (required with --use-mysql)")
+    mysql_pass: str | None = setting(
+        None, "MySQL password (prefer ETH_MYSQL_PASS, --mysql-pass-file or $CREDENTIALS_DIRECTORY/mysql-pass)")
+    mysql_db: str | None = setting(None, "MySQL database (required with --use-mysql)")
+    mysql_ssl_ca: str | None = setting(None, "CA file: connect to MySQL over TLS and verify its certificate")
+    mysql_connect_timeout: float = setting(5.0, "Seconds to connect and log in to MySQL", positive_float)
+    mysql_read_timeout: float = setting(30.0, "Seconds to wait for a MySQL reply", positive_float)
+    ssl: dict[str, Any] | None = None
+    """TLS beyond a CA (``ca``, ``cert``, ``key``, ``verify``); ``mysql_ssl_ca`` alone fills ``ca``."""
+    write_timeout: float = 30.0
+    pool_size: int = 3
+    """Connections of the read pool (the API's reads); the writer pool has ``writers``."""
+    writers: int = 2
+    init_command: str | None = None
+    """SQL run on every new connection, after ours."""
+    retries: int = 3
+    ping_timeout: float = 5.0
+
+    def tls(self) -> dict[str, Any] | None:
+        """The TLS settings to connect with, or None for plaintext."""
+        if self.ssl is not None:
+            return self.ssl
+        return {"ca": self.mysql_ssl_ca} if self.mysql_ssl_ca else None
+
+
+def mysql_connect_kwargs(settings: MySQLSettings, *, database: str | None | bool = True,
+                         read_timeout: float | None = None) -> dict[str, Any]:
+    """PyMySQL's ``connect`` arguments for ``settings`` (``database=None``: connect without one)."""
+    tls = settings.tls()
     kw: dict[str, Any] = dict(
-        host=host, port=int(port), user=user, password=password or "", database=database,
-        charset="utf8mb4", autocommit=False, connect_timeout=connect_timeout,
-        read_timeout=read_timeout, write_timeout=write_timeout, init_command=init_command,
+        host=settings.mysql_host, port=int(settings.mysql_port), user=settings.mysql_user,
+        password=settings.mysql_pass or "", database=settings.mysql_db if database is True else database,
+        charset="utf8mb4", autocommit=False, connect_timeout=settings.mysql_connect_timeout,
+        read_timeout=read_timeout if read_timeout is not None else settings.mysql_read_timeout,
+        write_timeout=settings.write_timeout, init_command=settings.init_command,
     )
-    if ssl:
-        kw["ssl"] = mysql_tls_context(ssl)
+    if tls:
+        kw["ssl"] = mysql_tls_context(tls)
     return kw
 
 

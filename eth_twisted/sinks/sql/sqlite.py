@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from zope.interface import implementer
@@ -13,6 +14,7 @@ from eth_twisted.errors import (
 )
 from eth_twisted.interfaces import IRecord
 from eth_twisted.model import Message, storable_client_id, storable_client_ip
+from eth_twisted.options import setting
 from eth_twisted.sinks.sql.migrations import check_sqlite_path
 from eth_twisted.sinks.sql.pool import ErrorKind, ReconnectingConnectionPool, classify_sqlite_error
 from eth_twisted.sinks.sql.record import SQLSink
@@ -108,16 +110,27 @@ class SQLiteSink(SQLSink):
                 storable_client_id(m.client_id), float(m.received_at))
 
 
-def make_sqlite_sink(
-    path: str,
-    *,
-    reactor: Any = None,
-    migrate: bool = True,
-    busy_timeout: float = 5.0,
-    readers: int = 2,
-    synchronous: str = "FULL",
-    ping_timeout: float = 5.0,
-) -> SQLiteSink:
-    """An SQLite record sink on the file at ``path`` (not started; never ``:memory:``)."""
-    return SQLiteSink(path, reactor, migrate=migrate, busy_timeout=busy_timeout, readers=readers,
-                      synchronous=synchronous, ping_timeout=ping_timeout)
+SQLITE_FILE = "eth-server.sqlite3"
+"""The record's file when ``--sqlite`` is not given (in ``$STATE_DIRECTORY`` when set)."""
+
+
+@dataclass(slots=True)
+class SQLiteSettings:
+    """The embedded SQLite record; ``sqlite`` is the server option of that name."""
+
+    sqlite: str | None = setting(
+        None, f"SQLite file used without MySQL [default: {SQLITE_FILE} in $STATE_DIRECTORY, else the working "
+        "directory]")
+    busy_timeout: float = 5.0
+    readers: int = 2
+    synchronous: str = "FULL"
+    ping_timeout: float = 5.0
+
+
+def make_sqlite_sink(settings: SQLiteSettings, *, reactor: Any = None, migrate: bool = True) -> SQLiteSink:
+    """An SQLite record sink on the file ``settings.sqlite`` (not started; never ``:memory:``)."""
+    if not settings.sqlite:
+        raise ConfigError("the SQLite record needs a file (the tap resolves --sqlite's default)")
+    return SQLiteSink(settings.sqlite, reactor, migrate=migrate, busy_timeout=settings.busy_timeout,
+                      readers=settings.readers, synchronous=settings.synchronous,
+                      ping_timeout=settings.ping_timeout)
