@@ -28,7 +28,7 @@ from twisted.protocols.basic import NetstringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from eth_twisted.client.outbox import Cursor, open_outbox
+from eth_twisted.client.outbox import Cursor, OutboxSettings, open_outbox
 from eth_twisted.client.sender import DeliveryService
 from eth_twisted.errors import HandshakeFailed
 from eth_twisted.link.handshake import AuthClientEndpoint, AuthServerFactory
@@ -126,7 +126,8 @@ class LinkServer:
     @defer.inlineCallbacks
     def stop(self) -> Generator[Any, Any, None]:
         for gate in self.gates:
-            gate.abort_pending()
+            for proto in list(gate.pending):
+                proto.transport.abortConnection()
         self.receiver.close_all()
         if self.port is not None:
             yield self.port.stopListening()
@@ -440,7 +441,7 @@ def test_delivery_service_over_mtls_and_secret(
         NAME,
         reactor,
     )
-    outbox = open_outbox(":memory:", clock=reactor)
+    outbox = open_outbox(OutboxSettings(spool=":memory:"), clock=reactor)
     payloads = [f"block {n}".encode() for n in range(5)]
     outbox.append([(p, n) for n, p in enumerate(payloads)], Cursor(1, "0xg", 4, "0xh4"))
     delivery = DeliveryService(endpoint, outbox, clock=reactor)
@@ -466,7 +467,7 @@ def test_delivery_service_keeps_outbox_against_wrong_secret(
         NAME,
         reactor,
     )
-    outbox = open_outbox(":memory:", clock=reactor)
+    outbox = open_outbox(OutboxSettings(spool=":memory:"), clock=reactor)
     outbox.append([(b"kept", 1)], Cursor(1, "0xg", 1, "0xh1"))
     delivery = DeliveryService(endpoint, outbox, clock=reactor, retry_policy=lambda attempt: 0.2)
     delivery.startService()

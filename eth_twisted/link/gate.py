@@ -215,11 +215,6 @@ class GateFactory(Factory):
         if stop is not None:
             stop()
 
-    def abort_pending(self) -> None:
-        """Abort every connection still in its handshake (at shutdown)."""
-        for proto in list(self.pending):
-            proto.transport.abortConnection()
-
     # hooks for subclasses (the client side fires a Deferred)
 
     def gate_opened(self, proto: GateProtocol, inner: Any) -> None:

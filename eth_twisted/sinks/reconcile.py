@@ -184,17 +184,3 @@ class Reconciler(Service):
 
     def _loop_died(self, f: Failure, which: str) -> None:
         self.log.failure("Redis reconciler: the {which} loop stopped", f, which=which)
-
-
-def start_reconciler(
-    sink: _ReconcilableSink,
-    record: IRecord,
-    interval: float = DEFAULT_RECONCILE_INTERVAL,
-    clock: IReactorTime | None = None,
-    metrics: Any = None,
-    **kwargs: Any,
-) -> Reconciler:
-    """Build a :class:`Reconciler` and start it (it reconciles at once); stop it with stopService."""
-    service = Reconciler(sink, record, interval=interval, clock=clock, metrics=metrics, **kwargs)
-    service.startService()
-    return service

@@ -286,10 +286,6 @@ class RedisSink:
 
         return d.addCallback(decode)
 
-    def hash_count(self) -> Deferred[int]:
-        """How many hashes ``hashes`` holds (ZCARD)."""
-        return self._call("ZCARD", "ZCARD", self.hashes_key).addCallback(int)
-
     # -- restarts and reconciliation ---------------------------------------------------
 
     def add_recovery_listener(self, listener: Callable[[], None]) -> None:
