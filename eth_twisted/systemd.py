@@ -86,7 +86,7 @@ def notify_ready(status: str = "", environ: Mapping[str, str] | None = None) -> 
 
 
 def notify_status(status: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Update the one-line ``STATUS=`` that ``systemctl status`` shows."""
+    """Update the one-line ``STATUS=`` that ``systemctl status`` shows (for a running service's state changes)."""
     return notify("STATUS=" + _one_line(status), environ)
 
 

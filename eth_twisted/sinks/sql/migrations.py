@@ -70,7 +70,7 @@ def load_migrations(dialect: str) -> list[Migration]:
 
 
 def latest_version(dialect: str) -> int:
-    """The schema version this code expects."""
+    """The schema version this code expects (what a configuration check compares the database with)."""
     return len(load_migrations(dialect))
 
 
