@@ -42,7 +42,7 @@ class ReceiverLimits:
                               positive_float)
     frame_timeout: float = setting(30.0, "Seconds a frame may take from its first byte to its comma", positive_float)
     idle_timeout: float = setting(
-        90.0, "Seconds without a complete frame before a connection is dropped (clients heartbeat at a third of it)",
+        90.0, "Seconds without a complete frame before a connection is dropped (a client sends a heartbeat when it has been quiet for --heartbeat, 10 s by default)",
         positive_float)
     write_stall: float = setting(60.0, "Seconds a peer may leave its replies unread before it is dropped",
                                  positive_float)
