@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from eth_twisted.client.outbox import Cursor
+from eth_twisted.client.outbox import Cursor, OutboxSettings
 from eth_twisted.errors import OutboxFull
 from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.model import sha256_hex
@@ -394,7 +394,7 @@ class MemoryOutbox:
     ``fail_with`` makes the next :meth:`append` raise it instead.
     """
 
-    max_messages: int = 100_000
+    max_outbox: int = field(default_factory=lambda: OutboxSettings().max_outbox)
     initial_cursor: Cursor | None = None
     items: list[tuple[bytes, int | None]] = field(default_factory=list)
     log: list[tuple[bytes, int | None]] = field(default_factory=list)
@@ -412,7 +412,7 @@ class MemoryOutbox:
 
     def free_slots(self) -> int:
         """How many more messages fit."""
-        return max(self.max_messages - len(self.items), 0)
+        return max(self.max_outbox - len(self.items), 0)
 
     def append(self, items: list[tuple[bytes, int | None]], cursor: Cursor) -> None:
         """Add items and move the cursor together; OutboxFull (nothing changed) if they do not fit."""
@@ -422,7 +422,7 @@ class MemoryOutbox:
         if any(not payload for payload, _ in items):
             raise ValueError("an empty payload cannot be a message")
         if len(items) > self.free_slots():
-            raise OutboxFull(f"memory outbox holds {len(self.items)} of {self.max_messages}")
+            raise OutboxFull(f"memory outbox holds {len(self.items)} of {self.max_outbox}")
         waiting = {sha256_hex(p) for p, _ in self.items}
         for payload, number in items:
             self.log.append((payload, number))

@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from eth_twisted.client import tap as client_tap
-from eth_twisted.client.outbox import Cursor, open_outbox
+from eth_twisted.client.outbox import Cursor, OutboxSettings, open_outbox
 from eth_twisted.client.rpc import DEFAULT_RPC_URLS
 from eth_twisted.client.service import EthClientService
 from eth_twisted.client.tap import Options
@@ -135,6 +135,82 @@ def test_bad_rpc_url_error_hides_the_password() -> None:
     assert "--rpc" in str(info.value) and "hunter2" not in str(info.value) and "alice:***" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--tls-ca", "ca.pem"], "--tls-ca needs --tls"),
+        (["--tls-hostname", "srv"], "--tls-hostname needs --tls"),
+        (["--tls", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls", "--tls-ca", "/nonexistent/ca.pem"], "--tls-ca: no such file"),
+        (["--tls", "--tls-min-version", "1.1"], "--tls-min-version"),
+        (["--tls", "--connect", "tcp:host=srv:port=1"], "leave out --connect"),
+    ],
+)
+def test_link_options_are_checked_once_in_the_tap(argv: list[str], named: str) -> None:
+    """The TLS options' companions, files and versions are refused at parse time, naming the option."""
+    with pytest.raises(usage.UsageError, match=named):
+        parse(argv)
+
+
+def test_secret_over_plaintext_is_refused_at_parse_time(tmp_path: Path) -> None:
+    """A link secret without TLS is a UsageError naming the way out; --allow-plaintext-secret or --tls allow it."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"a shared secret of 32 bytes!!!!!")
+    secret.chmod(0o600)
+    with pytest.raises(usage.UsageError, match="--allow-plaintext-secret"):
+        parse(["--secret-file", str(secret)])
+    assert parse(["--secret-file", str(secret), "--allow-plaintext-secret"]).settings.link.secret is not None
+    o = parse(["--secret-file", str(secret), "--tls", "--host", "srv.example"])
+    assert o.settings.link.encrypted and o.settings.link.server == "tcp:host=srv.example:port=9999"
+    assert "32 bytes" not in repr(o.settings)  # the secret stays out of logs and tracebacks
+
+
+def test_option_rows_take_their_defaults_from_the_settings_fields() -> None:
+    """Each option's default is its settings field's default: the field is the one place it is written."""
+    import dataclasses
+
+    from eth_twisted.client.outbox import OutboxSettings
+    from eth_twisted.client.poller import PollSettings
+    from eth_twisted.client.rpc import RPCSettings
+    from eth_twisted.client.sender import DeliverySettings
+    from eth_twisted.client.service import ClientSettings, LinkSettings
+    from eth_twisted.options import option_name
+
+    defaults = Options(environ={}).defaults
+    seen = 0
+    for cls in (LinkSettings, PollSettings, OutboxSettings, DeliverySettings, RPCSettings, ClientSettings):
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata and option_name(f) != "rpc":  # --rpc is repeatable: [] until parsed
+                assert defaults[option_name(f)] == getattr(cls(), f.name), f.name
+                seen += 1
+    assert seen == 23
+    assert parse([]).settings == ClientSettings(
+        link=LinkSettings(), rpc=RPCSettings(), outbox=OutboxSettings(),
+        site=parse([]).settings.site)  # the site's allowlist is derived from --stats
+
+
+def test_make_service_hands_the_settings_down(tmp_path: Path) -> None:
+    """makeService builds each part from its settings, under the option's name."""
+    client, _ = build(tmp_path, "--format", "json", "--chain-id", "5", "--max-gap", "9", "--max-outbox", "50",
+                      "--rpc-timeout", "3", "--heartbeat", "7", "--interval", "2")
+    try:
+        assert client.poller.settings == client_tap.PollSettings(interval=2.0, max_gap=9, format="json", chain_id=5)
+        assert client.outbox.max_outbox == 50
+        assert client.rpc.settings.rpc == ("http://127.0.0.1:1",) and client.rpc.settings.rpc_timeout == 3.0
+        assert client.delivery.settings.heartbeat == 7.0
+    finally:
+        client.outbox.close()
+
+
+def test_default_spool_uses_state_directory(tmp_path: Path) -> None:
+    """The default spool lives in $STATE_DIRECTORY when set, else the working directory; a given one stays as given."""
+    env = {"STATE_DIRECTORY": str(tmp_path)}
+    assert parse([], env)["spool"] == str(tmp_path / "eth-client-spool.sqlite3")
+    assert parse([])["spool"] == "eth-client-spool.sqlite3"
+    assert parse(["--spool", "eth-client-spool.sqlite3"], env)["spool"] == "eth-client-spool.sqlite3"
+    assert parse([], {**env, "ETH_SPOOL": "here.sqlite3"}).settings.outbox.spool == "here.sqlite3"
+
+
 def test_help_mentions_environment() -> None:
     """--help documents the ETH_* variable of every option."""
     text = str(Options(environ={}))
@@ -189,7 +265,7 @@ def test_make_service_with_stats_listens(tmp_path: Path) -> None:
 
 def test_reset_cursor_clears_stored_cursor(tmp_path: Path) -> None:
     """--reset-cursor forgets the cursor but keeps the waiting messages."""
-    box = open_outbox(str(tmp_path / "spool.sqlite3"), clock=lambda: 0.0)
+    box = open_outbox(OutboxSettings(spool=str(tmp_path / "spool.sqlite3")), clock=lambda: 0.0)
     box.append([(b"payload", 1)], Cursor(1, "0xg", 1, "0xh"))
     box.close()
     client, _ = build(tmp_path, "--reset-cursor")
@@ -202,7 +278,7 @@ def test_reset_cursor_clears_stored_cursor(tmp_path: Path) -> None:
 
 def test_locked_spool_fails_at_build(tmp_path: Path) -> None:
     """A spool held by another client fails makeService with OutboxLocked."""
-    box = open_outbox(str(tmp_path / "spool.sqlite3"), clock=lambda: 0.0)
+    box = open_outbox(OutboxSettings(spool=str(tmp_path / "spool.sqlite3")), clock=lambda: 0.0)
     try:
         with pytest.raises(OutboxLocked):
             build(tmp_path)
@@ -232,7 +308,7 @@ def test_stop_service_closes_outbox(tmp_path: Path) -> None:
     d = client.stopService()
     reactor.advance(0)
     assert d.called
-    again = open_outbox(str(tmp_path / "spool.sqlite3"), clock=lambda: 0.0)
+    again = open_outbox(OutboxSettings(spool=str(tmp_path / "spool.sqlite3")), clock=lambda: 0.0)
     again.close()
 
 
@@ -270,6 +346,6 @@ def test_stats_site_limits_reach_the_client_listener(tmp_path: Path) -> None:
     client = client_tap.makeService(o, reactor)
     try:
         assert client.stats is not None
-        assert client.stats.factory.limits == SiteLimits(max_connections=8, max_per_ip=4)
+        assert client.stats.factory.limits == SiteLimits(stats_max_connections=8, stats_max_per_ip=4)
     finally:
         client.outbox.close()

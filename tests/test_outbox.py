@@ -11,13 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from eth_twisted.client.outbox import (
-    DEFAULT_SPOOL,
-    Cursor,
-    Outbox,
-    default_spool_path,
-    open_outbox,
-)
+from eth_twisted.client.outbox import Cursor, Outbox, OutboxSettings, open_outbox
 from eth_twisted.errors import ConfigError, OutboxFull, OutboxLocked
 from eth_twisted.link.payload import render_html
 from eth_twisted.model import sha256_hex
@@ -48,7 +42,7 @@ def spool(tmp_path: Path) -> str:
 
 @pytest.fixture
 def outbox(spool: str) -> Outbox:
-    box = open_outbox(spool, max_messages=10, clock=FakeClock())
+    box = open_outbox(OutboxSettings(spool=spool, max_outbox=10), clock=FakeClock())
     yield box
     box.close()
 
@@ -80,11 +74,11 @@ def test_append_keeps_order_and_moves_cursor(outbox: Outbox) -> None:
 def test_persists_across_reopen(spool: str) -> None:
     """Messages, cursor and dead letters survive closing and reopening the file."""
     clock = FakeClock(1000.0)
-    box = open_outbox(spool, clock=clock)
+    box = open_outbox(OutboxSettings(spool=spool), clock=clock)
     box.append(blocks(1, 3), cursor_at(3))
     box.dead_letter(sha256_hex(render_html(2)), "rejected")
     box.close()
-    again = open_outbox(spool, clock=clock)
+    again = open_outbox(OutboxSettings(spool=spool), clock=clock)
     try:
         assert again.cursor() == cursor_at(3)
         assert [e.block_number for e in again.pending(10)] == [1, 3]
@@ -142,9 +136,9 @@ def test_process_killed_mid_append_leaves_cursor_and_rows_consistent(spool: str)
     script = textwrap.dedent(
         f"""
         import os
-        from eth_twisted.client.outbox import open_outbox, Cursor
+        from eth_twisted.client.outbox import open_outbox, Cursor, OutboxSettings
         from eth_twisted.link.payload import render_html
-        box = open_outbox({spool!r}, clock=lambda: 1.0)
+        box = open_outbox(OutboxSettings(spool={spool!r}), clock=lambda: 1.0)
         box.append([(render_html(1), 1)], Cursor(1, "0xg", 1, "0xh1"))
         def die(*a):
             os._exit(9)
@@ -154,7 +148,7 @@ def test_process_killed_mid_append_leaves_cursor_and_rows_consistent(spool: str)
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert proc.returncode == 9, proc.stderr
-    box = open_outbox(spool, clock=lambda: 2.0)
+    box = open_outbox(OutboxSettings(spool=spool), clock=lambda: 2.0)
     try:
         assert box.cursor() == Cursor(1, "0xg", 1, "0xh1")
         assert [e.block_number for e in box.pending(10)] == [1]
@@ -261,25 +255,26 @@ def test_gaps_and_reset_cursor(outbox: Outbox) -> None:
 
 def test_file_lock_refuses_second_opener(spool: str) -> None:
     """A second open of the same file fails with OutboxLocked naming the path and our pid."""
-    first = open_outbox(spool, clock=lambda: 0.0)
+    first = open_outbox(OutboxSettings(spool=spool), clock=lambda: 0.0)
     try:
         with pytest.raises(OutboxLocked) as info:
-            open_outbox(spool, clock=lambda: 0.0)
+            open_outbox(OutboxSettings(spool=spool), clock=lambda: 0.0)
         assert spool in str(info.value)
         assert f"pid {os.getpid()}" in str(info.value)
     finally:
         first.close()
-    again = open_outbox(spool, clock=lambda: 0.0)
+    again = open_outbox(OutboxSettings(spool=spool), clock=lambda: 0.0)
     again.close()
 
 
 def test_file_lock_refuses_another_process(spool: str) -> None:
     """Another process cannot open an outbox this process holds."""
-    box = open_outbox(spool, clock=lambda: 0.0)
+    box = open_outbox(OutboxSettings(spool=spool), clock=lambda: 0.0)
     try:
         script = (
-            "import sys\nfrom eth_twisted.client.outbox import open_outbox\nfrom eth_twisted.errors import OutboxLocked\n"
-            f"try:\n    open_outbox({spool!r}, clock=lambda: 0.0)\nexcept OutboxLocked as e:\n"
+            "import sys\nfrom eth_twisted.client.outbox import OutboxSettings, open_outbox\n"
+            "from eth_twisted.errors import OutboxLocked\n"
+            f"try:\n    open_outbox(OutboxSettings(spool={spool!r}), clock=lambda: 0.0)\nexcept OutboxLocked as e:\n"
             "    print(e); sys.exit(3)\n"
         )
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -292,8 +287,8 @@ def test_file_lock_refuses_another_process(spool: str) -> None:
 def test_memory_outbox_works_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """':memory:' keeps messages in memory, takes no lock and writes no file."""
     monkeypatch.chdir(tmp_path)
-    a = open_outbox(":memory:", clock=lambda: 0.0)
-    b = open_outbox(":memory:", clock=lambda: 0.0)
+    a = open_outbox(OutboxSettings(spool=":memory:"), clock=lambda: 0.0)
+    b = open_outbox(OutboxSettings(spool=":memory:"), clock=lambda: 0.0)
     try:
         a.append(blocks(1, 2), cursor_at(2))
         assert a.depth() == 2
@@ -310,19 +305,21 @@ def test_wal_and_full_sync(outbox: Outbox) -> None:
     assert outbox.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
-def test_default_path_uses_state_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The default spool lives in $STATE_DIRECTORY when set, else the working directory."""
-    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
-    assert default_spool_path() == str(tmp_path / DEFAULT_SPOOL)
-    monkeypatch.delenv("STATE_DIRECTORY")
-    assert default_spool_path() == DEFAULT_SPOOL
+def test_settings_default_and_check_names_the_option() -> None:
+    """OutboxSettings hold the --spool file name and --max-outbox bound; check() names a bad one."""
+    assert (OutboxSettings().spool, OutboxSettings().max_outbox) == ("eth-client-spool.sqlite3", 100_000)
+    OutboxSettings().check()
+    with pytest.raises(ValueError, match="--max-outbox"):
+        OutboxSettings(max_outbox=0).check()
+    with pytest.raises(ValueError, match="--spool"):
+        OutboxSettings(spool="").check()
 
 
 def test_unopenable_path_is_a_config_error(tmp_path: Path) -> None:
     """A spool in a missing directory fails with a ConfigError naming the path."""
     path = str(tmp_path / "missing" / "spool.sqlite3")
     with pytest.raises(ConfigError, match="missing"):
-        open_outbox(path, clock=lambda: 0.0)
+        open_outbox(OutboxSettings(spool=path), clock=lambda: 0.0)
 
 
 def test_not_an_sqlite_file_is_a_config_error(tmp_path: Path) -> None:
@@ -330,6 +327,6 @@ def test_not_an_sqlite_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(ConfigError, match="spool.sqlite3"):
-        open_outbox(str(path), clock=lambda: 0.0)
+        open_outbox(OutboxSettings(spool=str(path)), clock=lambda: 0.0)
     with pytest.raises(ConfigError):
-        open_outbox(str(path), clock=lambda: 0.0)  # not OutboxLocked: the lock was released
+        open_outbox(OutboxSettings(spool=str(path)), clock=lambda: 0.0)  # not OutboxLocked: the lock was released

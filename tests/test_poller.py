@@ -125,7 +125,7 @@ def test_backfill_walks_gap_over_several_polls() -> None:
 
 def test_outbox_bound_limits_and_full_stops_advancing() -> None:
     """The outbox bound limits a fetch; a full outbox stops advancing, counted, until space frees."""
-    rig = Rig(outbox=MemoryOutbox(max_messages=5)).start()
+    rig = Rig(outbox=MemoryOutbox(max_outbox=5)).start()
     rig.node.mine(10)
     rig.tick()
     assert rig.numbers() == [100, 101, 102, 103, 104]

@@ -13,12 +13,16 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from eth_twisted.client.service import make_client_service
+from eth_twisted.client.outbox import OutboxSettings
+from eth_twisted.client.poller import PollSettings
+from eth_twisted.client.rpc import RPCSettings
+from eth_twisted.client.service import ClientSettings, LinkSettings, make_client_service
 from eth_twisted.link.handshake import AuthClientEndpoint
 from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.link.tls import client_tls_endpoint
 from eth_twisted.model import MAX_CLIENT_ID, bounded, sha256_hex
 from eth_twisted.server.service import ServerTLS
+from eth_twisted.web.app import SiteSettings
 from tests.certs import issue_into, long_subject, make_pki
 from tests.conftest import mysql_query
 from tests.live_helpers import mysql_storage, sqlite_storage, start_server
@@ -28,6 +32,14 @@ pytestmark = [pytest.mark.live, pytest.mark.slow]
 
 SECRET = b"a shared secret of 32 bytes!!!!!"
 VENV_BIN = Path(sys.executable).parent
+
+
+def client_settings(tmp_path: Path, anvil: Any, link: LinkSettings) -> ClientSettings:
+    """The client of these tests: anvil polled every 0.5 s, a spool in ``tmp_path``, no stats site."""
+    settings = ClientSettings(link=link, rpc=RPCSettings(rpc=(anvil.url,)), poll=PollSettings(interval=0.5),
+                              outbox=OutboxSettings(spool=str(tmp_path / "spool.sqlite3")), site=SiteSettings(stats=None))
+    settings.check()
+    return settings
 
 
 def rows(path: Path) -> list[tuple[Any, ...]]:
@@ -45,12 +57,11 @@ def test_mtls_and_secret_end_to_end(tmp_path: Path, anvil: Any) -> None:
         tls=ServerTLS(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca),
         secret=SECRET,
     )
-    client = make_client_service(
-        reactor=reactor, connect=f"tcp:host=127.0.0.1:port={port}", rpc_urls=[anvil.url],
-        spool=str(tmp_path / "spool.sqlite3"), interval=0.5,
-        tls={"host": "127.0.0.1", "port": port, "ca": pki.ca, "cert": pki.client.cert, "key": pki.client.key},
-        secret=SECRET, client_name="edge-1",
-    )
+    client = make_client_service(client_settings(
+        tmp_path, anvil,
+        LinkSettings(port=port, tls=True, tls_ca=pki.ca, tls_cert=pki.client.cert, tls_key=pki.client.key,
+                     secret=SECRET, client_name="edge-1"),
+    ), reactor=reactor)
     client.startService()
     try:
         yield async_wait_until(lambda: len(rows(db)) >= 3 and client.outbox.depth() == 0, 30,
@@ -73,11 +84,10 @@ def test_wrong_secret_delivers_nothing(tmp_path: Path, anvil: Any) -> None:
         sqlite_storage(str(db)),
         tls=ServerTLS(tls_cert=pki.server.cert, tls_key=pki.server.key), secret=SECRET,
     )
-    client = make_client_service(
-        reactor=reactor, connect=f"tcp:host=127.0.0.1:port={port}", rpc_urls=[anvil.url],
-        spool=str(tmp_path / "spool.sqlite3"), interval=0.5,
-        tls={"host": "127.0.0.1", "port": port, "ca": pki.ca}, secret=b"another secret, also 32 bytes!!!",
-    )
+    client = make_client_service(client_settings(
+        tmp_path, anvil,
+        LinkSettings(port=port, tls=True, tls_ca=pki.ca, secret=b"another secret, also 32 bytes!!!"),
+    ), reactor=reactor)
     client.startService()
     try:
         yield async_wait_until(lambda: client.outbox.depth() >= 2, 20, what="blocks waiting in the outbox")

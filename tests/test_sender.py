@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
-from eth_twisted.client.outbox import Cursor, Outbox, open_outbox
+from eth_twisted.client.outbox import Cursor, Outbox, OutboxSettings, open_outbox
 from eth_twisted.client.sender import DeliveryService, DeliverySettings
 from eth_twisted.link.netstring import encode
 from eth_twisted.link.payload import render_html
@@ -128,7 +128,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def outbox(clock: Clock) -> Iterator[Outbox]:
-    box = open_outbox(":memory:", clock=clock, max_messages=10_000)
+    box = open_outbox(OutboxSettings(spool=":memory:", max_outbox=10_000), clock=clock)
     yield box
     box.close()
 

@@ -12,7 +12,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, globalLogPublisher
 
-from eth_twisted.client.outbox import Cursor, open_outbox
+from eth_twisted.client.outbox import Cursor, OutboxSettings, open_outbox
 from eth_twisted.client.sender import DeliveryService
 from eth_twisted.link.netstring import encode
 from eth_twisted.link.payload import render_html
@@ -33,7 +33,7 @@ class Garbage(Protocol):
 def test_garbage_burst_from_a_real_server_is_one_protocol_error(tmp_path: Any) -> Any:
     """A server writing 20,000 invalid replies at once costs the client one protocol error per connection."""
     port = reactor.listenTCP(0, Factory.forProtocol(Garbage), interface="127.0.0.1")  # type: ignore[attr-defined]
-    outbox = open_outbox(str(tmp_path / "spool.sqlite3"), clock=reactor)
+    outbox = open_outbox(OutboxSettings(spool=str(tmp_path / "spool.sqlite3")), clock=reactor)
     outbox.append([(render_html(7), 7)], Cursor(1, "0xg", 7, "0xh"))
     metrics = ClientMetrics(CollectorRegistry())
     link = DeliveryService(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), outbox, clock=reactor,

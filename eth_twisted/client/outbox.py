@@ -36,10 +36,8 @@ from twisted.logger import Logger
 from eth_twisted.errors import ConfigError, OutboxFull, OutboxLocked
 from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.model import sha256_hex
-from eth_twisted.options import state_path
+from eth_twisted.options import int_in, setting
 
-DEFAULT_SPOOL = "eth-client-spool.sqlite3"
-DEFAULT_MAX_MESSAGES = 100_000
 MEMORY = ":memory:"
 
 SCHEMA_VERSION = 1
@@ -80,6 +78,25 @@ CREATE TABLE IF NOT EXISTS gaps (
 """
 
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """Where the outbox lives and how much it holds; each field is the client option of its name."""
+
+    spool: str = setting(
+        "eth-client-spool.sqlite3",
+        "Outbox file, or ':memory:' (not durable); the default file goes in $STATE_DIRECTORY when that is set")
+    """The SQLite file (the tap puts the default name in ``$STATE_DIRECTORY``), or ``:memory:``."""
+    max_outbox: int = setting(100_000, "Most messages the outbox holds; when full the poller waits",
+                              int_in(1, 100_000_000))
+
+    def check(self) -> None:
+        """Raise ValueError naming the option of a value that makes no sense."""
+        if not self.spool:
+            raise ValueError("--spool: a file name or ':memory:' is needed")
+        if self.max_outbox < 1:
+            raise ValueError(f"--max-outbox: must be at least 1, got {self.max_outbox}")
 
 
 @dataclass(frozen=True)
@@ -188,7 +205,7 @@ class _FileLock:
 class Outbox:
     """Messages waiting for an ack, the poller's cursor, dead letters and gaps.
 
-    Build one with :func:`open_outbox`. ``max_messages`` bounds the number of
+    Build one with :func:`open_outbox`. ``max_outbox`` bounds the number of
     waiting messages: :meth:`append` raises :class:`OutboxFull` rather than
     drop anything, and the cursor stays where it was.
     """
@@ -200,14 +217,14 @@ class Outbox:
         conn: sqlite3.Connection,
         *,
         path: str,
-        max_messages: int,
+        max_outbox: int,
         clock: Clock,
         lock: _FileLock | None = None,
     ) -> None:
-        if max_messages < 1:
-            raise ValueError("max_messages must be at least 1")
+        if max_outbox < 1:
+            raise ValueError("max_outbox must be at least 1")
         self.path = path
-        self.max_messages = max_messages
+        self.max_outbox = max_outbox
         self._conn: sqlite3.Connection | None = conn
         self._clock = clock
         self._lock = lock
@@ -271,7 +288,7 @@ class Outbox:
 
     def free_slots(self) -> int:
         """How many more messages fit before the bound."""
-        return max(0, self.max_messages - self._depth)
+        return max(0, self.max_outbox - self._depth)
 
     def append(self, items: list[tuple[bytes, int | None]], cursor: Cursor) -> None:
         """Add ``(payload, block_number)`` items and move the cursor, atomically.
@@ -285,7 +302,7 @@ class Outbox:
             raise ValueError("an empty payload cannot be a message (it is the heartbeat probe)")
         if len(items) > self.free_slots():
             raise OutboxFull(
-                f"outbox {self.path} holds {self._depth} of {self.max_messages} messages; "
+                f"outbox {self.path} holds {self._depth} of {self.max_outbox} messages; "
                 f"{len(items)} more do not fit"
             )
         now = self._clock()
@@ -407,7 +424,7 @@ class Outbox:
         return [DeadLetter(r[0], bytes(r[1]), r[2], float(r[3]), int(r[4]), r[5], float(r[6])) for r in rows]
 
     def dead_letter_count(self) -> int:
-        """How many messages were dead-lettered, ever (in this file)."""
+        """How many messages were dead-lettered, ever (in this file); for tests and operator tools."""
         return int(self._scalar("SELECT COUNT(*) FROM dead_letters") or 0)
 
     def depth(self) -> int:
@@ -434,25 +451,15 @@ class Outbox:
             self._lock = None
 
 
-def default_spool_path() -> str:
-    """``eth-client-spool.sqlite3`` in ``$STATE_DIRECTORY`` when set, else the working directory."""
-    return state_path(DEFAULT_SPOOL)
+def open_outbox(settings: OutboxSettings, clock: IReactorTime | Clock | None = None) -> Outbox:
+    """Open (creating if needed) and lock the outbox file ``settings.spool``.
 
-
-def open_outbox(
-    path: str | None = None,
-    max_messages: int = DEFAULT_MAX_MESSAGES,
-    clock: IReactorTime | Clock | None = None,
-) -> Outbox:
-    """Open (creating if needed) and lock the outbox at ``path``.
-
-    ``path`` defaults to :func:`default_spool_path`; ``":memory:"`` keeps
-    everything in memory (no durability, no lock). ``clock`` is an
-    ``IReactorTime`` or a ``seconds()`` callable (default: the global
-    reactor's). Raises :class:`OutboxLocked` when another process holds the
-    file, :class:`ConfigError` when it cannot be opened.
+    ``":memory:"`` keeps everything in memory (no durability, no lock).
+    ``clock`` is an ``IReactorTime`` or a ``seconds()`` callable (default:
+    the global reactor's). Raises :class:`OutboxLocked` when another process
+    holds the file, :class:`ConfigError` when it cannot be opened.
     """
-    path = default_spool_path() if path is None else path
+    path = settings.spool
     seconds = _as_clock(clock)
     lock: _FileLock | None = None
     if path != MEMORY:
@@ -485,4 +492,4 @@ def open_outbox(
         if lock is not None:
             lock.release()
         raise
-    return Outbox(conn, path=path, max_messages=max_messages, clock=seconds, lock=lock)
+    return Outbox(conn, path=path, max_outbox=settings.max_outbox, clock=seconds, lock=lock)

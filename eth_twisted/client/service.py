@@ -1,7 +1,8 @@
 """The eth-client assembled: RPC client, poller, durable outbox, sender link, stats site.
 
-:func:`make_client_service` takes plain arguments (the tap turns options into
-them) and returns an :class:`EthClientService` whose children are the
+:func:`make_client_service` takes one :class:`ClientSettings` (the tap builds
+it from the options; every part's defaults live in that part's own settings
+class) and returns an :class:`EthClientService` whose children are the
 delivery link (started first, stopped last) and the poller; the stats site,
 when configured, is a third child. Stopping closes the RPC connection pool
 and then the outbox file.
@@ -21,7 +22,8 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service, strports
@@ -30,9 +32,14 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from eth_twisted import systemd
-from eth_twisted.client.outbox import Outbox, open_outbox
+from eth_twisted.client.outbox import Outbox, OutboxSettings, open_outbox
+from eth_twisted.client.poller import BlockPoller, PollSettings
+from eth_twisted.client.rpc import RPCClient, RPCSettings
 from eth_twisted.client.sender import DeliveryService, DeliverySettings
+from eth_twisted.errors import ConfigError
 from eth_twisted.metrics import ClientMetrics
+from eth_twisted.options import int_in, setting
+from eth_twisted.web.app import SiteSettings
 from eth_twisted.web.site import make_client_site
 
 log = Logger()
@@ -40,11 +47,106 @@ log = Logger()
 FATAL_EXIT_CODE = 2
 
 
+def tcp_client_endpoint(host: str, port: int) -> str:
+    """The client endpoint string for ``--host``/``--port`` (IPv6 colons escaped)."""
+    return f"tcp:host={host.replace(':', chr(92) + ':')}:port={port}"
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """Where the server is and how the link to it is secured; the option fields are the client options of their names."""
+
+    host: str = setting("127.0.0.1", "Server host")
+    port: int = setting(9999, "Server port", int_in(1, 65535))
+    connect: str | None = setting(
+        None, "Server endpoint string instead of --host/--port, e.g. tcp:host=h:port=9999")
+    tls: bool = setting(
+        False, "Connect to --host/--port over TLS, verifying the server's certificate and name (no plaintext fallback)")
+    tls_ca: str | None = setting(
+        None, "PEM CA the server's certificate must chain to [default: the system's trust store]")
+    tls_cert: str | None = setting(None, "PEM client certificate (for servers that require one)")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+    tls_hostname: str | None = setting(None, "Name the server's certificate must carry [default: --host]")
+    tls_min_version: str = setting("1.2", "Lowest TLS version: 1.2 or 1.3")
+    client_name: str = setting(
+        "eth-client", "Name this client proves in the shared-secret handshake (recorded as client_id)")
+    allow_plaintext_secret: bool = setting(False, "Allow the shared-secret handshake without TLS")
+    secret: bytes | None = field(default=None, repr=False)
+    """The shared secret, or None: no handshake (the tap loads it: --secret-file, ETH_SECRET, credentials)."""
+
+    @property
+    def server(self) -> str:
+        """The endpoint string connected to: ``connect``, else ``host``/``port`` (always those with ``tls``)."""
+        if self.connect and not self.tls:
+            return self.connect
+        return tcp_client_endpoint(self.host, self.port)
+
+    @property
+    def encrypted(self) -> bool:
+        """True when the link is TLS (``--tls``, or a ``tls:`` endpoint string)."""
+        return self.tls or self.server.startswith("tls:")
+
+    def check(self) -> None:
+        """Raise ValueError naming the first option that cannot work (files are looked for)."""
+        names = {"tls-ca": self.tls_ca, "tls-cert": self.tls_cert, "tls-key": self.tls_key}
+        if not self.tls:
+            for name, value in (*names.items(), ("tls-hostname", self.tls_hostname)):
+                if value:
+                    raise ValueError(f"--{name} needs --tls")
+            if self.connect:
+                _check_endpoint(self.connect)
+        else:
+            if bool(self.tls_cert) != bool(self.tls_key):
+                raise ValueError("--tls-cert and --tls-key go together")
+            for name, path in names.items():
+                if path and not Path(path).is_file():
+                    raise ValueError(f"--{name}: no such file {path}")
+            if self.tls_min_version not in ("1.2", "1.3"):
+                raise ValueError(f"--tls-min-version: expected 1.2 or 1.3, got {self.tls_min_version!r}")
+        from eth_twisted.link.secret import check_secret_transport
+
+        try:
+            check_secret_transport(self.secret, self.encrypted, self.allow_plaintext_secret)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+
+def _check_endpoint(description: str) -> None:
+    """Parse ``description`` as a client endpoint string, or raise a ValueError naming --connect."""
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        clientFromString(MemoryReactor(), description)
+    except Exception as e:  # ValueError, KeyError, TypeError from the parsers
+        raise ValueError(f"--connect: not a client endpoint string {description!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Everything ``eth client`` runs with; each part's defaults live in its own settings class."""
+
+    link: LinkSettings = field(default_factory=LinkSettings)
+    rpc: RPCSettings = field(default_factory=RPCSettings)
+    poll: PollSettings = field(default_factory=PollSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    site: SiteSettings = field(default_factory=lambda: SiteSettings(stats="tcp:8081:interface=127.0.0.1"))
+    """The stats site (/healthz, /readyz, /metrics); ``site.stats`` None serves none."""
+    reset_cursor: bool = setting(
+        False, "Forget the stored cursor and start at the chain head (after a chain change)")
+
+    def check(self) -> None:
+        """Raise ValueError naming the option of the first value that makes no sense."""
+        for part in (self.link, self.rpc, self.poll, self.outbox, self.delivery, self.site.limits):
+            part.check()
+
+
 class EthClientService(service.MultiService):
     """Everything ``eth client`` runs, with the parts others need as attributes.
 
-    ``outbox``, ``poller``, ``delivery``, ``metrics`` and ``rpc`` are the
-    parts; ``exit_code`` is 0 until :meth:`fatal` is called.
+    ``outbox``, ``poller`` (built here, reporting to :meth:`fatal`),
+    ``delivery``, ``metrics`` and ``rpc`` are the parts; ``exit_code`` is 0
+    until :meth:`fatal` is called.
     """
 
     def __init__(
@@ -52,10 +154,10 @@ class EthClientService(service.MultiService):
         *,
         reactor: Any,
         outbox: Outbox,
-        metrics: ClientMetrics,
+        rpc: RPCClient,
         delivery: DeliveryService,
-        rpc: Any,
-        interval: float,
+        poll: PollSettings,
+        metrics: ClientMetrics,
         exit_on_fatal: bool = False,
     ) -> None:
         super().__init__()
@@ -64,13 +166,14 @@ class EthClientService(service.MultiService):
         self.metrics = metrics
         self.delivery = delivery
         self.rpc = rpc
-        self.interval = interval
-        self.poller: Any = None
+        self.poller = BlockPoller(rpc, outbox, poll, clock=reactor, metrics=metrics, on_enqueued=delivery.wake,
+                                  fatal=self.fatal, close_rpc=False)
         self.stats: service.Service | None = None
         self.exit_code = 0
         self.fatal_message: str | None = None
         self.exit_on_fatal = exit_on_fatal
         delivery.setServiceParent(self)
+        self.poller.setServiceParent(self)
 
     def fatal(self, message: str) -> None:
         """Stop the process with a non-zero status after logging ``message``."""
@@ -93,8 +196,8 @@ class EthClientService(service.MultiService):
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """For /readyz: linked to the server and a poll succeeded recently."""
         now = self.reactor.seconds()
-        last_poll = getattr(self.poller, "last_success", None)
-        fresh = last_poll is not None and now - last_poll <= max(3 * self.interval, 30.0)
+        last_poll = self.poller.last_success
+        fresh = last_poll is not None and now - last_poll <= max(3 * self.poller.settings.interval, 30.0)
         detail = {
             "server_link": {"ok": self.delivery.connected, "last_ack_at": self.delivery.last_ack_at},
             "poller": {"ok": fresh, "last_success": last_poll},
@@ -116,10 +219,7 @@ class EthClientService(service.MultiService):
         return d
 
     def _close_rpc(self, result: Any) -> Any:
-        close = getattr(self.rpc, "close", None)
-        if close is None:
-            return result
-        closing = defer.maybeDeferred(close)
+        closing = defer.maybeDeferred(self.rpc.close)
         closing.addErrback(lambda f: log.failure("Closing the RPC client failed", f))
         return closing.addCallback(lambda _: result)
 
@@ -135,44 +235,22 @@ def _exit_with(code: int) -> None:
 
 
 def make_client_service(
+    settings: ClientSettings,
     *,
     reactor: Any,
-    connect: str,
-    rpc_urls: Sequence[str],
-    spool: str | None = None,
-    max_outbox: int = 100_000,
-    reset_cursor: bool = False,
-    fmt: str = "html",
-    interval: float = 5.0,
-    max_backfill: int = 128,
-    max_gap: int | None = None,
-    chain_id: int | None = None,
-    delivery: DeliverySettings | None = None,
-    rpc_timeout: float = 10.0,
-    stats_listen: str | None = None,
-    stats_token: str | None = None,
-    allowed_hosts: Sequence[str] | None = None,
-    stats_limits: Any = None,
-    exit_on_fatal: bool = False,
     agent: Any = None,
     metrics: ClientMetrics | None = None,
-    tls: dict[str, Any] | None = None,
-    secret: bytes | None = None,
-    client_name: str = "eth-client",
-    allow_plaintext_secret: bool = False,
+    exit_on_fatal: bool = False,
 ) -> EthClientService:
     """Build the client. Opens (and locks) the outbox now, so a bad spool fails at once.
 
-    ``connect`` is a client endpoint string (``tcp:host=H:port=P``);
-    ``agent`` injects the ``IAgent`` the RPC calls go through (tests).
+    ``settings`` are trusted (the tap checked them); ``agent`` injects the
+    ``IAgent`` the RPC calls go through (tests).
     """
-    from eth_twisted.client.poller import BlockPoller, PollSettings
-    from eth_twisted.client.rpc import RPCClient, RPCSettings
-
     metrics = metrics if metrics is not None else ClientMetrics()
-    outbox = open_outbox(spool, max_messages=max_outbox, clock=reactor)
+    outbox = open_outbox(settings.outbox, clock=reactor)
     try:
-        if reset_cursor:
+        if settings.reset_cursor:
             old = outbox.cursor()
             outbox.reset_cursor()
             log.warn(
@@ -180,75 +258,49 @@ def make_client_service(
                 "{depth} waiting messages are still delivered",
                 cursor=old, depth=outbox.depth(),
             )
-        endpoint = link_endpoint(reactor, connect, tls=tls, secret=secret, name=client_name,
-                                 allow_plaintext=allow_plaintext_secret)
-        link = DeliveryService(endpoint, outbox, delivery, clock=reactor, metrics=metrics, server=connect)
-        rpc = RPCClient(RPCSettings(rpc=tuple(rpc_urls), rpc_timeout=rpc_timeout), agent=agent, clock=reactor,
-                        metrics=metrics)
-        client = EthClientService(
-            reactor=reactor, outbox=outbox, metrics=metrics, delivery=link, rpc=rpc,
-            interval=interval, exit_on_fatal=exit_on_fatal,
-        )
-        poll = PollSettings(interval=interval, max_backfill=max_backfill, max_gap=max_gap, format=fmt,
-                            chain_id=chain_id)
-        poller = BlockPoller(
-            rpc, outbox, poll, clock=reactor, metrics=metrics,
-            on_enqueued=link.wake, fatal=client.fatal, close_rpc=False,
-        )
-        poller.setServiceParent(client)
-        client.poller = poller
-        if stats_listen:
-            client.stats = _stats_service(client, stats_listen, reactor, stats_token, allowed_hosts,
-                                          stats_limits)
+        link = settings.link
+        delivery = DeliveryService(link_endpoint(reactor, link), outbox, settings.delivery, clock=reactor,
+                                   metrics=metrics, server=link.server)
+        rpc = RPCClient(settings.rpc, agent=agent, clock=reactor, metrics=metrics)
+        client = EthClientService(reactor=reactor, outbox=outbox, rpc=rpc, delivery=delivery, poll=settings.poll,
+                                  metrics=metrics, exit_on_fatal=exit_on_fatal)
+        if settings.site.stats:
+            client.stats = _stats_service(client, settings.site, reactor)
     except BaseException:
         outbox.close()
         raise
     log.info(
-        "eth-client: {urls} every {interval} s ({fmt}) -> {connect}; outbox {spool}",
-        urls=len(rpc_urls), interval=interval, fmt=fmt, connect=connect, spool=outbox.path,
+        "eth-client: {urls} every {interval} s ({payloads}) -> {server}; outbox {spool}",
+        urls=len(settings.rpc.rpc), interval=settings.poll.interval, payloads=settings.poll.format,
+        server=link.server, spool=outbox.path,
     )
     return client
 
 
-def link_endpoint(
-    reactor: Any,
-    connect: str,
-    *,
-    tls: dict[str, Any] | None = None,
-    secret: bytes | None = None,
-    name: str = "eth-client",
-    allow_plaintext: bool = False,
-) -> Any:
+def link_endpoint(reactor: Any, link: LinkSettings) -> Any:
     """The endpoint the sender connects with: plain, TLS (verified, never falling back), and/or
-    behind the shared-secret handshake.
-
-    ``tls`` is ``{"host", "port", "ca", "cert", "key", "hostname", "min_version"}``.
-    """
+    behind the shared-secret handshake."""
     from eth_twisted.link.handshake import AuthClientEndpoint
-    from eth_twisted.link.secret import check_secret_transport
     from eth_twisted.link.tls import client_tls_endpoint
 
-    check_secret_transport(secret, tls is not None or connect.startswith("tls:"), allow_plaintext)
-    if tls is not None:
+    if link.tls:
         endpoint = client_tls_endpoint(
-            reactor, tls["host"], tls["port"], ca_file=tls.get("ca"), cert_file=tls.get("cert"),
-            key_file=tls.get("key"), hostname=tls.get("hostname"), min_tls=tls.get("min_version", "1.2"),
+            reactor, link.host, link.port, ca_file=link.tls_ca, cert_file=link.tls_cert, key_file=link.tls_key,
+            hostname=link.tls_hostname, min_tls=link.tls_min_version,
         )
     else:
-        endpoint = clientFromString(reactor, connect)
-    if secret is not None:
-        endpoint = AuthClientEndpoint(endpoint, secret, name, clock=reactor, allow_plaintext=allow_plaintext,
-                                      server=connect)
+        endpoint = clientFromString(reactor, link.server)
+    if link.secret is not None:
+        endpoint = AuthClientEndpoint(endpoint, link.secret, link.client_name, clock=reactor,
+                                      allow_plaintext=link.allow_plaintext_secret, server=link.server)
     return endpoint
 
 
-def _stats_service(
-    client: EthClientService, listen: str, reactor: Any, token: str | None = None,
-    allowed_hosts: Sequence[str] | None = None, limits: Any = None,
-) -> service.Service:
-    site = make_client_site(metrics=client.metrics, readiness=client.readiness, clock=reactor,
-                            token=token, allowed_hosts=allowed_hosts, limits=limits)
-    svc = strports.service(listen, site, reactor=reactor)
+def _stats_service(client: EthClientService, site: SiteSettings, reactor: Any) -> service.Service:
+    assert site.stats is not None
+    resource = make_client_site(metrics=client.metrics, readiness=client.readiness, clock=reactor,
+                                token=site.stats_token, allowed_hosts=site.stats_allowed_hosts, limits=site.limits)
+    svc = strports.service(site.stats, resource, reactor=reactor)
     svc.setName("stats")
     svc.setServiceParent(client)
     return svc

@@ -1,38 +1,43 @@
-"""``twistd eth-client`` / ``eth client``: options, and the service they describe."""
+"""``twistd eth-client`` / ``eth client``: options, and the service they describe.
+
+The options are the fields of the client's settings classes (their defaults and
+help are written there); :meth:`Options.postOptions` builds one checked
+:class:`~eth_twisted.client.service.ClientSettings` and ``makeService`` hands
+it down. Nothing below this module sees the options.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.python import usage
 
-from eth_twisted.client.outbox import DEFAULT_MAX_MESSAGES, DEFAULT_SPOOL
+from eth_twisted.client.outbox import OutboxSettings
+from eth_twisted.client.poller import PollSettings
+from eth_twisted.client.rpc import RPCSettings
 from eth_twisted.client.sender import DeliverySettings
+from eth_twisted.client.service import ClientSettings, LinkSettings
 from eth_twisted.errors import ConfigError
 from eth_twisted.interfaces import maybe_global_reactor
-from eth_twisted.link.payload import FORMATS
 from eth_twisted.options import (
     PRECEDENCE,
     EnvOptions,
-    int_in,
+    env_name,
+    flag_rows,
     option_rows,
-    optional_positive_int,
-    positive_float,
     settings_from,
     state_path,
 )
-from eth_twisted.web.limits import STATS_LIMIT_OPTIONS, limits_from_options
+from eth_twisted.web.app import SITE_OPTIONS, exposure_warning, site_settings_from
 
 log = Logger()
 
-DEFAULT_STATS = "tcp:8081:interface=127.0.0.1"
 
-
-def tcp_client_endpoint(host: str, port: int) -> str:
-    """The client endpoint string for ``--host``/``--port`` (IPv6 colons escaped)."""
-    return f"tcp:host={host.replace(':', chr(92) + ':')}:port={port}"
+def _help(cls: type, name: str) -> str:
+    """The help text of the option field ``name`` of the settings class ``cls``."""
+    return str(next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name))
 
 
 class Options(EnvOptions):
@@ -46,118 +51,76 @@ class Options(EnvOptions):
     )
     repeatable = ("rpc",)
     secrets = ("stats-token",)
-    doc_rpc = "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)"
+    doc_rpc = _help(RPCSettings, "rpc")
     optFlags = [
-        ["reset-cursor", None, "Forget the stored cursor and start at the chain head (after a chain change)"],
+        *flag_rows(ClientSettings),
         ["verbose", "v", "Log at debug level (every poll, every frame)"],
-        ["tls", None, "Connect to --host/--port over TLS, verifying the server's certificate and name (no plaintext fallback)"],
-        ["allow-plaintext-secret", None, "Allow the shared-secret handshake without TLS"],
+        *flag_rows(LinkSettings),
     ]
     optParameters: list[list[Any]] = [
-        ["host", None, "127.0.0.1", "Server host"],
-        ["port", None, 9999, "Server port", int_in(1, 65535)],
-        ["connect", None, None, "Server endpoint string instead of --host/--port, e.g. tcp:host=h:port=9999"],
-        ["interval", None, 5.0, "Seconds between polls of the chain head", positive_float],
-        ["max-backfill", None, 128, "Most blocks fetched and enqueued per poll", int_in(1, 100_000)],
-        ["max-gap", None, None, "Skip ahead (recording the gap) when further behind than this many blocks; 'off' never skips", optional_positive_int],
-        ["format", None, "html", "Payload format: html or json (use json for more than one chain)"],
-        ["chain-id", None, None, "Expected chain id; refuse endpoints that disagree", int_in(1)],
-        ["spool", None, None, f"Outbox file, or ':memory:' (not durable) [default: {DEFAULT_SPOOL} in $STATE_DIRECTORY, else the working directory]"],
-        ["max-outbox", None, DEFAULT_MAX_MESSAGES, "Most messages the outbox holds; when full the poller waits", int_in(1, 100_000_000)],
+        *option_rows(LinkSettings),
+        *option_rows(PollSettings),
+        *option_rows(OutboxSettings),
         *option_rows(DeliverySettings),
-        ["rpc-timeout", None, 10.0, "Seconds for one JSON-RPC call, headers and body", positive_float],
-        ["tls-ca", None, None, "PEM CA the server's certificate must chain to [default: the system's trust store]"],
-        ["tls-cert", None, None, "PEM client certificate (for servers that require one)"],
-        ["tls-key", None, None, "PEM private key of --tls-cert"],
-        ["tls-hostname", None, None, "Name the server's certificate must carry [default: --host]"],
-        ["tls-min-version", None, "1.2", "Lowest TLS version: 1.2 or 1.3"],
-        ["secret-file", None, None, "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret)"],
-        ["client-name", None, "eth-client", "Name this client proves in the shared-secret handshake (recorded as client_id)"],
-        ["stats-token", None, None, "Bearer token /metrics requires (prefer ETH_STATS_TOKEN or --stats-token-file)"],
-        ["stats-token-file", None, None, "File holding the stats token"],
-        ["stats-allowed-hosts", None, None, "Comma list of Host header values the stats site answers [default on loopback: localhost,127.0.0.1,::1]"],
-        ["stats", None, DEFAULT_STATS, "Endpoint of /healthz, /readyz and /metrics, or 'none'"],
-        *STATS_LIMIT_OPTIONS,
+        *option_rows(RPCSettings, "rpc_timeout"),
+        ["secret-file", None, None,
+         "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret)"],
+        ["stats", None, ClientSettings().site.stats, "Endpoint of /healthz, /readyz and /metrics, or 'none'"],
+        *SITE_OPTIONS,
     ]
 
+    settings: ClientSettings
+    """What ``makeService`` builds the client from (set by :meth:`postOptions`)."""
+
     def postOptions(self) -> None:
-        if self["format"] not in FORMATS:
-            raise usage.UsageError(f"--format: expected html or json, got {self['format']!r}")
-        try:
-            settings_from(DeliverySettings, self).check()
-        except ValueError as e:
-            raise usage.UsageError(str(e))
+        """Resolve the derived values, build and check :attr:`settings` once, and collect the warnings."""
         if self["tls"] and self.from_argv("connect"):
             raise usage.UsageError("--tls connects to --host/--port; leave out --connect")
-        if self["connect"] and not self["tls"]:
-            _check_endpoint(self["connect"])
-        else:
-            self["connect"] = tcp_client_endpoint(self["host"], self["port"])
-        self["tls-settings"] = self._tls_settings()
-        try:
-            from eth_twisted.link.secret import check_secret_transport, load_secret
-
-            self["secret"] = load_secret(file=self["secret-file"], environ=self.environ)
-            check_secret_transport(self["secret"], bool(self["tls"]) or self["connect"].startswith("tls:"),
-                                   self["allow-plaintext-secret"])
-        except ConfigError as e:
-            raise usage.UsageError(str(e))
         if not self["rpc"]:
-            from eth_twisted.client.rpc import DEFAULT_RPC_URLS
+            self["rpc"] = list(RPCSettings().rpc)
+        if not self["spool"] or not (self.from_argv("spool") or env_name("spool") in self.environ):
+            self["spool"] = state_path(OutboxSettings().spool, self.environ)
+        if self["stats"] is not None and self["stats"].strip().lower() == "none":
+            self["stats"] = None
+        try:
+            self.settings = self.client_settings()
+        except (ConfigError, ValueError) as e:
+            raise usage.UsageError(str(e))
+        self["connect"] = self.settings.link.server
+        self._warn_rpc_credentials()
+        site = self.settings.site
+        exposed = exposure_warning(site.stats, site.stats_allowed_hosts, site.stats_token)
+        if exposed:
+            self.warnings.append(exposed)
 
-            self["rpc"] = list(DEFAULT_RPC_URLS)
-        from eth_twisted.client.jsonrpc import Target, redact_url
+    def client_settings(self) -> ClientSettings:
+        """The settings of everything ``eth client`` runs, checked (ConfigError/ValueError name the option)."""
+        from eth_twisted.link.secret import load_secret
 
-        for url in self["rpc"]:
-            try:
-                target = Target.from_url(url)
-            except ValueError as e:
-                raise usage.UsageError(f"--rpc: {e}, got {redact_url(url)!r}")
-            if target.authorization is not None and self.from_argv("rpc"):
+        link = settings_from(LinkSettings, self, secret=load_secret(file=self["secret-file"], environ=self.environ))
+        settings = settings_from(
+            ClientSettings, self, link=link,
+            rpc=settings_from(RPCSettings, self, rpc=tuple(self["rpc"])),
+            poll=settings_from(PollSettings, self),
+            outbox=settings_from(OutboxSettings, self),
+            delivery=settings_from(DeliverySettings, self),
+            site=site_settings_from(self, self["stats"]),
+        )
+        settings.check()
+        return settings
+
+    def _warn_rpc_credentials(self) -> None:
+        from eth_twisted.client.jsonrpc import Target
+
+        if not self.from_argv("rpc"):
+            return
+        for url in self.settings.rpc.rpc:
+            target = Target.from_url(url)
+            if target.authorization is not None:
                 self.warnings.append(
                     f"--rpc {target.label} carries a password on the command line, visible to every "
                     "local user (ps, /proc); pass the URL in ETH_RPC instead"
                 )
-        if not self["spool"]:
-            self["spool"] = state_path(DEFAULT_SPOOL, self.environ)
-        self["stats-token-resolved"] = self.resolve_secret("stats-token")
-        if self["stats"].strip().lower() == "none":
-            self["stats"] = None
-        from eth_twisted.web.app import allowed_hosts, exposure_warning
-
-        self["allowed-hosts"] = allowed_hosts(self["stats"] or "", self["stats-allowed-hosts"])
-        self["stats-limits"] = limits_from_options(self)
-        exposed = exposure_warning(self["stats"], self["allowed-hosts"], self["stats-token-resolved"])
-        if exposed:
-            self.warnings.append(exposed)
-
-
-    def _tls_settings(self) -> dict[str, Any] | None:
-        if not self["tls"]:
-            for name in ("tls-ca", "tls-cert", "tls-key", "tls-hostname"):
-                if self[name]:
-                    raise usage.UsageError(f"--{name} needs --tls")
-            return None
-        if bool(self["tls-cert"]) != bool(self["tls-key"]):
-            raise usage.UsageError("--tls-cert and --tls-key go together")
-        for name in ("tls-ca", "tls-cert", "tls-key"):
-            if self[name] and not Path(self[name]).is_file():
-                raise usage.UsageError(f"--{name}: no such file {self[name]}")
-        if self["tls-min-version"] not in ("1.2", "1.3"):
-            raise usage.UsageError(f"--tls-min-version: expected 1.2 or 1.3, got {self['tls-min-version']!r}")
-        return {"host": self["host"], "port": self["port"], "ca": self["tls-ca"], "cert": self["tls-cert"],
-                "key": self["tls-key"], "hostname": self["tls-hostname"], "min_version": self["tls-min-version"]}
-
-
-def _check_endpoint(description: str) -> None:
-    """Parse ``description`` as a client endpoint string, or raise a UsageError naming --connect."""
-    from twisted.internet.endpoints import clientFromString
-    from twisted.internet.testing import MemoryReactor
-
-    try:
-        clientFromString(MemoryReactor(), description)
-    except Exception as e:  # ValueError, KeyError, TypeError from the parsers
-        raise usage.UsageError(f"--connect: not a client endpoint string {description!r}: {e}")
 
 
 def makeService(config: Options, reactor: Any = None) -> Any:
@@ -173,27 +136,4 @@ def makeService(config: Options, reactor: Any = None) -> Any:
     reactor = maybe_global_reactor(reactor)
     for warning in config.warnings:
         log.warn("{warning}", warning=warning)
-    return make_client_service(
-        reactor=reactor,
-        connect=config["connect"],
-        rpc_urls=list(config["rpc"]),
-        spool=config["spool"],
-        max_outbox=config["max-outbox"],
-        reset_cursor=bool(config["reset-cursor"]),
-        fmt=config["format"],
-        interval=config["interval"],
-        max_backfill=config["max-backfill"],
-        max_gap=config["max-gap"],
-        chain_id=config["chain-id"],
-        delivery=settings_from(DeliverySettings, config),
-        rpc_timeout=config["rpc-timeout"],
-        stats_listen=config["stats"],
-        stats_token=config["stats-token-resolved"],
-        allowed_hosts=config["allowed-hosts"],
-        stats_limits=config["stats-limits"],
-        exit_on_fatal=exit_on_fatal,
-        tls=config["tls-settings"],
-        secret=config["secret"],
-        client_name=config["client-name"],
-        allow_plaintext_secret=config["allow-plaintext-secret"],
-    )
+    return make_client_service(config.settings, reactor=reactor, exit_on_fatal=exit_on_fatal)
