@@ -221,7 +221,7 @@ def test_majority_chooses_the_chain_without_a_cursor() -> None:
         result_of(w2.rpc.verify_chain(None))
 
 
-def test_chain_id_option_filters_before_the_majority() -> None:
+def test_chain_id_filters_before_the_majority() -> None:
     """--chain-id leaves out endpoints of other chain ids before the majority is counted."""
     w = World(urls=[A, B, C])
     w.b.reset(chain_id=5, seed="goerli")
