@@ -265,3 +265,8 @@ class Anvil:
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+def hash_count(sink: Any) -> Any:
+    """How many hashes a Redis sink's ``hashes`` key holds (ZCARD, through the sink's own connection)."""
+    return sink._redis.execute_command("ZCARD", sink.hashes_key).addCallback(int)

@@ -13,8 +13,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from eth_twisted.client import tap as client_tap
+from eth_twisted.client.endpoints import DEFAULT_RPC_URLS
 from eth_twisted.client.outbox import Cursor, OutboxSettings, open_outbox
-from eth_twisted.client.rpc import DEFAULT_RPC_URLS
 from eth_twisted.client.service import EthClientService
 from eth_twisted.client.tap import Options
 from eth_twisted.errors import OutboxLocked
@@ -169,9 +169,9 @@ def test_option_rows_take_their_defaults_from_the_settings_fields() -> None:
     """Each option's default is its settings field's default: the field is the one place it is written."""
     import dataclasses
 
+    from eth_twisted.client.endpoints import RPCSettings
     from eth_twisted.client.outbox import OutboxSettings
     from eth_twisted.client.poller import PollSettings
-    from eth_twisted.client.rpc import RPCSettings
     from eth_twisted.client.sender import DeliverySettings
     from eth_twisted.client.service import ClientSettings, LinkSettings
     from eth_twisted.options import option_name

@@ -9,9 +9,10 @@ from prometheus_client import CollectorRegistry
 from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 
+from eth_twisted.client.endpoints import RPCSettings
 from eth_twisted.client.outbox import Cursor
 from eth_twisted.client.poller import BlockPoller, PollSettings
-from eth_twisted.client.rpc import RPCClient, RPCSettings
+from eth_twisted.client.rpc import RPCClient
 from eth_twisted.errors import OutboxFull
 from eth_twisted.link.payload import render
 from eth_twisted.metrics import ClientMetrics

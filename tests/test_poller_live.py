@@ -11,8 +11,9 @@ import pytest_twisted
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 
+from eth_twisted.client.endpoints import RPCSettings
 from eth_twisted.client.poller import BlockPoller, PollSettings
-from eth_twisted.client.rpc import RPCClient, RPCSettings
+from eth_twisted.client.rpc import RPCClient
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.testing import MemoryOutbox
 from tests.support import Anvil, async_wait_until

@@ -27,7 +27,7 @@ from eth_twisted.sinks.reconcile import Reconciler
 from eth_twisted.sinks.redis import RedisSettings, RedisSink, make_redis_sink
 from eth_twisted.sinks.redis_scripts import RECONCILE_PAGE
 from tests.sink_contract import T0, msg, numbered
-from tests.support import PrivateRedis, async_wait_until
+from tests.support import PrivateRedis, async_wait_until, hash_count
 from tests.test_sink_redis import FakeRedis, hgetall, resp
 
 
@@ -36,11 +36,6 @@ def start_reconciler(sink: Any, record: Any, interval: float = 300.0, **kwargs: 
     service = Reconciler(sink, record, interval=interval, **kwargs)
     service.startService()
     return service
-
-
-def hash_count(sink: RedisSink) -> Any:
-    """How many hashes the sink's ``hashes`` key holds (ZCARD, through the sink's own connection)."""
-    return sink._redis.execute_command("ZCARD", sink.hashes_key).addCallback(int)
 
 
 class ScriptedRecord(MemorySink):

@@ -12,14 +12,9 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from eth_twisted.client.rpc import (
-    DEFAULT_RPC_URLS,
-    RPCClient,
-    RPCFailure,
-    RPCSettings,
-    endpoint_label,
-    parse_retry_after,
-)
+from eth_twisted.client.endpoints import DEFAULT_RPC_URLS, RPCSettings
+from eth_twisted.client.jsonrpc import RPCFailure, endpoint_label, parse_retry_after
+from eth_twisted.client.rpc import RPCClient
 from eth_twisted.errors import ChainMismatch, RPCError
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.testing import FakeEthereumNode, FakeNetwork, url_of
@@ -440,7 +435,7 @@ class _StreamedResponse:
 
 def test_streamed_body_over_cap_closes_connection() -> None:
     """A body of unknown length is cut at the cap: too-large, and the connection is closed."""
-    from eth_twisted.client.rpc import collect_capped
+    from eth_twisted.client.jsonrpc import collect_capped
 
     response = _StreamedResponse([b"x" * 600, b"y" * 600])
     assert failure_of(collect_capped(response, 1000, "http://a.example")).kind == "too-large"

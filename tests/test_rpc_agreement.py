@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from eth_twisted.client.rpc import AGREEMENT_MEMORY, agree
+from eth_twisted.client.endpoints import AGREEMENT_MEMORY
+from eth_twisted.client.agreement import agree
 from eth_twisted.errors import ChainMismatch
 from tests.test_rpc import A, B, C, Lines, World, captured_lines, count, failure_of, result_of
 
@@ -20,7 +21,7 @@ def lines() -> Iterator[Lines]:
 
 def state(world: World, label: str) -> str:
     """The eth_client_rpc_endpoint_state metric's current state for one endpoint."""
-    from eth_twisted.client.rpc import STATES
+    from eth_twisted.client.endpoints import STATES
 
     for name in STATES:
         if world.metrics.registry.get_sample_value(

@@ -12,8 +12,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from eth_twisted.client.jsonrpc import MAX_CHAIN_ID, Target, check_block, hex_quantity
-from eth_twisted.client.rpc import RPCClient, RPCFailure, RPCSettings
+from eth_twisted.client.endpoints import RPCSettings
+from eth_twisted.client.jsonrpc import MAX_CHAIN_ID, RPCFailure, Target, check_block, hex_quantity
+from eth_twisted.client.rpc import RPCClient
 from eth_twisted.outage import FLAP_WINDOW, Episode
 from eth_twisted.testing import FakeEthereumNode
 from tests.test_poller import Rig

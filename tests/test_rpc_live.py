@@ -24,8 +24,10 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.web.server import Site
 
+from eth_twisted.client.endpoints import RPCSettings
+from eth_twisted.client.jsonrpc import RPCFailure
 from eth_twisted.client.poller import BlockPoller, PollSettings
-from eth_twisted.client.rpc import RPCClient, RPCFailure, RPCSettings
+from eth_twisted.client.rpc import RPCClient
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.testing import FakeEthereumNode, MemoryOutbox, url_of
 from tests.faults.rpcfault import RPCFaultNode
@@ -145,7 +147,9 @@ def test_unbounded_answers_cost_only_their_endpoints(anvil: Anvil, served: Serve
 GZIP_CHILD = r"""
 import resource, sys
 from twisted.internet import task
-from eth_twisted.client.rpc import RPCClient, RPCFailure, RPCSettings
+from eth_twisted.client.endpoints import RPCSettings
+from eth_twisted.client.jsonrpc import RPCFailure
+from eth_twisted.client.rpc import RPCClient
 
 async def main(reactor):
     rpc = RPCClient(RPCSettings(rpc=(sys.argv[1],), rpc_timeout=30), clock=reactor)

@@ -13,9 +13,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
+from eth_twisted.client.endpoints import RPCSettings
 from eth_twisted.client.outbox import OutboxSettings
 from eth_twisted.client.poller import PollSettings
-from eth_twisted.client.rpc import RPCSettings
 from eth_twisted.client.service import ClientSettings, LinkSettings, make_client_service
 from eth_twisted.link.handshake import AuthClientEndpoint
 from eth_twisted.link.netstring import NetstringDecoder, encode

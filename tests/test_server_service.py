@@ -13,8 +13,8 @@ from zope.interface import implementer
 from eth_twisted.interfaces import IRecord
 from eth_twisted.model import Message, Outcome
 from eth_twisted.server.service import ServerSettings, assemble_server
-from eth_twisted.web.app import SiteSettings
 from eth_twisted.sinks.memory import MemorySink
+from eth_twisted.web.app import SiteSettings
 
 
 @implementer(IRecord)

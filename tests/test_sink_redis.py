@@ -26,7 +26,7 @@ from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.sinks.redis import RedisSettings, RedisSink, make_redis_sink, parse_run_id
 from eth_twisted.sinks.redis_scripts import STORE_SCRIPT, pack_store_entries
 from tests.sink_contract import T0, SinkContract, msg, numbered
-from tests.support import PrivateRedis, async_wait_until, redis_command
+from tests.support import PrivateRedis, async_wait_until, hash_count, redis_command
 
 OK, DUP, REJECTED = Outcome.STORED, Outcome.DUPLICATE, Outcome.REJECTED
 
@@ -144,7 +144,7 @@ async def test_keys_after_batches_with_verdicts(sink: RedisSink, redis_server: d
     got = {scores[i].decode(): float(scores[i + 1]) for i in range(0, len(scores), 2)}
     assert got == {msg(b"a").hash: T0, msg(b"b").hash: T0 + 1, msg(b"c").hash: T0 + 11}
     assert await sink.read_counts() == (addresses, {"10.0.0.1": 3, "10.0.0.2": 2})
-    assert await sink.hash_count() == 3
+    assert await hash_count(sink) == 3
 
 
 @pytest.mark.live
@@ -213,7 +213,7 @@ async def test_large_batches_count_exactly(sink: RedisSink, redis_prefix: str,
     for k, batch in enumerate(batches):
         verdicts = [OK if i % 10 else DUP for i in range(500)] if k else [OK] * 500
         assert await sink.store_batch(batch, verdicts) == verdicts
-    assert await sink.hash_count() == 20_000
+    assert await hash_count(sink) == 20_000
     first, every = await sink.read_counts()
     assert sum(every.values()) == 20_000
     assert sum(first.values()) == 500 + 39 * 450
@@ -255,7 +255,7 @@ async def test_evalsha_after_script_flush_falls_back_to_eval(
     fallbacks = len(sink_log.at(LogLevel.info))
     assert await private_sink.store_batch([msg(b"third")]) == [OK]
     assert len(sink_log.at(LogLevel.info)) == fallbacks
-    assert await private_sink.hash_count() == 3
+    assert await hash_count(private_sink) == 3
 
 
 @pytest.mark.live
@@ -332,11 +332,11 @@ async def test_sigkill_fails_fast_then_recovers_and_reconcile_restores(
     await async_wait_until(stored, timeout=30, what="a batch to succeed after the restart")
     assert len(sink_log.at(LogLevel.error)) == 1
     assert any("answers again" in f for f in sink_log.formats(LogLevel.info))
-    assert await private_sink.hash_count() == 1
+    assert await hash_count(private_sink) == 1
 
     result = await private_sink.reconcile(record)
     assert (result.records, result.hashes_added, result.ips) == (301, 300, 3)
-    assert await private_sink.hash_count() == 301
+    assert await hash_count(private_sink) == 301
     addresses, messages = await private_sink.read_counts()
     totals = await record.totals()
     assert addresses == totals.first_by_ip == {ips[0]: 101, ips[1]: 100, ips[2]: 100}

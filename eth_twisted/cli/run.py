@@ -10,6 +10,7 @@ rebinding), the optional bearer token, and the listener's limits.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import socket
 import sys
@@ -22,10 +23,24 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from eth_twisted.client.endpoints import RPCSettings
+from eth_twisted.client.outbox import OutboxSettings
+from eth_twisted.client.poller import PollSettings
+from eth_twisted.client.service import ClientSettings, LinkSettings
 from eth_twisted.model import Message
-from eth_twisted.options import PRECEDENCE, EnvOptions, int_in, positive_float, state_path
+from eth_twisted.options import (
+    PRECEDENCE,
+    EnvOptions,
+    flag_rows,
+    int_in,
+    option_rows,
+    positive_float,
+    settings_from,
+    state_path,
+)
 from eth_twisted.server.limits import ReceiverLimits
 from eth_twisted.server.tap import FILE_HEADROOM, raise_file_limit
+from eth_twisted.sinks.sql.sqlite import SQLITE_FILE
 from eth_twisted.web.app import SITE_OPTIONS, SiteSettings, exposure_warning, site_settings_from
 
 log = Logger()
@@ -41,27 +56,31 @@ class RunOptions(EnvOptions):
     )
     repeatable = ("rpc",)
     secrets = ("stats-token",)
-    optFlags = [["reset-cursor", None, "Forget the client's stored cursor and start at the chain head"]]
-    doc_rpc = "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)"
+    optFlags = [*flag_rows(ClientSettings, "reset_cursor")]
+    doc_rpc = next(f.metadata["help"] for f in dataclasses.fields(RPCSettings) if f.name == "rpc")
     optParameters = [
         ["port", None, 9999, "Internal server port on 127.0.0.1 (a free one is used when it is taken)", int_in(0, 65535)],
         ["stats", None, "tcp:8080:interface=127.0.0.1", "Endpoint of the dashboard and API, or 'none'"],
-        ["interval", None, 5.0, "Seconds between polls of the chain head", positive_float],
-        ["format", None, "html", "Payload format: html or json"],
+        *option_rows(PollSettings, "interval", "format", "max_backfill"),
         ["data-dir", None, None, "Directory for the SQLite file and the outbox [default: $STATE_DIRECTORY, else the working directory]"],
         ["drain-timeout", None, 10.0, "Seconds Ctrl-C waits for the outbox to drain", positive_float],
-        ["max-backfill", None, 128, "Most blocks fetched per poll", int_in(1, 100_000)],
         *SITE_OPTIONS,
     ]
 
     def postOptions(self) -> None:
-        if self["format"] not in ("html", "json"):
-            raise usage.UsageError(f"--format: expected html or json, got {self['format']!r}")
         directory = self["data-dir"]
-        self["sqlite"] = str(Path(directory) / "eth-server.sqlite3") if directory else state_path(
-            "eth-server.sqlite3", self.environ)
-        self["spool"] = str(Path(directory) / "eth-client-spool.sqlite3") if directory else state_path(
-            "eth-client-spool.sqlite3", self.environ)
+        self["sqlite"] = str(Path(directory) / SQLITE_FILE) if directory else state_path(SQLITE_FILE, self.environ)
+        spool = OutboxSettings().spool
+        self["spool"] = spool = str(Path(directory) / spool) if directory else state_path(spool, self.environ)
+        # The client's settings but its server's port, known once the server listens.
+        self.client = ClientSettings(
+            rpc=RPCSettings(rpc=tuple(self["rpc"])) if self["rpc"] else RPCSettings(),
+            poll=settings_from(PollSettings, self), outbox=OutboxSettings(spool=spool),
+            site=SiteSettings(stats=None), reset_cursor=bool(self["reset-cursor"]))
+        try:
+            self.client.check()
+        except ValueError as e:
+            raise usage.UsageError(str(e))
         # The same site settings as eth server's: loopback answers only loopback names.
         try:
             self.site = site_settings_from(self, None if self["stats"].lower() == "none" else self["stats"])
@@ -164,7 +183,6 @@ class RunService(service.MultiService):
 
 def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, out: TextIO | None = None) -> RunService:
     """Build ``eth run`` from its options."""
-    from eth_twisted.client.rpc import DEFAULT_RPC_URLS
     from eth_twisted.client.service import make_client_service
     from eth_twisted.server.service import ServerSettings, build_server
     from eth_twisted.sinks import StorageSettings
@@ -181,14 +199,10 @@ def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, ou
                        storage=StorageSettings(sqlite=SQLiteSettings(sqlite=config["sqlite"]))),
         reactor=reactor,
     )
-    rpc_urls = list(config["rpc"]) or list(DEFAULT_RPC_URLS)
 
     def make_client(server_port: int) -> Any:
-        return make_client_service(
-            reactor=reactor, connect=f"tcp:host=127.0.0.1:port={server_port}", rpc_urls=rpc_urls,
-            spool=config["spool"], fmt=config["format"], interval=config["interval"],
-            max_backfill=config["max-backfill"], reset_cursor=bool(config["reset-cursor"]),
-        )
+        settings = dataclasses.replace(config.client, link=LinkSettings(port=server_port))
+        return make_client_service(settings, reactor=reactor)
 
     run = RunService(server, make_client, config.site, reactor, config["drain-timeout"], out)
     for warning in config.warnings:

@@ -52,8 +52,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from eth_twisted.client.jsonrpc import RPCFailure
 from eth_twisted.client.outbox import Cursor
-from eth_twisted.client.rpc import RPCClient, RPCFailure
+from eth_twisted.client.rpc import RPCClient
 from eth_twisted.errors import ChainMismatch, OutboxFull
 from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.link.payload import FORMATS, render

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -21,156 +20,44 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from eth_twisted.client.agreement import RESET_ADVICE, agree, agreement, choose_chain
+from eth_twisted.client.agreement import RESET_ADVICE, agreement, choose_chain
+from eth_twisted.client.endpoints import (
+    AGREEMENT_MEMORY,
+    BACKOFF_MAX,
+    RATE_LIMIT_BASE,
+    RATE_LIMIT_KINDS,
+    RATE_LIMIT_MAX,
+    TRANSPORT_KINDS,
+    UNUSABLE,
+    Agreement,
+    RPCEndpoint,
+    RPCSettings,
+)
 from eth_twisted.client.jsonrpc import (
     MAX_CHAIN_ID,
-    RETRY_AFTER_MAX,
     STALE_CONNECTION,
     ResponseTooLarge,
     RPCFailure,
-    Target,
     cancelled,
     capped_agent,
     check_block,
     classify,
-    collect_capped,
-    endpoint_label,
     has_reason,
     hex_quantity,
     is_tls_failure,
     parse_envelope,
-    parse_retry_after,
     post,
     reasons,
-    redact_url,
     status_failure,
 )
 from eth_twisted.errors import ChainMismatch
 from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.metrics import ClientMetrics
-from eth_twisted.options import positive_float, setting
 from eth_twisted.outage import Episode
-
-__all__ = [
-    "DEFAULT_RPC_URLS", "RETRY_AFTER_MAX", "RPCClient", "RPCEndpoint", "RPCFailure", "RPCSettings", "agree",
-    "agreement", "check_block", "collect_capped", "endpoint_label", "parse_retry_after",
-]
 
 log = Logger(namespace="eth_twisted.client.rpc")
 
-DEFAULT_RPC_URLS: tuple[str, ...] = (
-    "https://ethereum-rpc.publicnode.com",
-    "https://eth.llamarpc.com",
-    "https://cloudflare-eth.com",
-    "https://1rpc.io/eth",
-)
-"""Public mainnet endpoints that need no key (the default of ``--rpc``)."""
 
-RATE_LIMIT_BASE = 1.0
-"""First cooldown after a rate limit without Retry-After; doubles per repeat."""
-RATE_LIMIT_MAX = 60.0
-"""Longest cooldown chosen by backoff alone."""
-BACKOFF_MAX = 30.0
-"""Longest time a failing endpoint stays at the back of the queue."""
-AGREEMENT_MEMORY = 120.0
-"""Seconds a head agreed by several endpoints keeps a lone endpoint from jumping far past it."""
-
-TRANSPORT_KINDS = frozenset({"timeout", "connect", "connection-lost", "dns", "tls"})
-"""Failures after which an endpoint must show its chain again before it is believed."""
-RATE_LIMIT_KINDS = frozenset({"http-429", "rate-limit"})
-UNUSABLE = frozenset({"far-ahead", "wrong-chain"})
-"""Distrust states in which an endpoint is never asked for blocks."""
-STATES = ("new", "ok", "failing", "cooling", "lagging", "far-ahead", "went-backwards", "wrong-chain")
-"""What the ``eth_client_rpc_endpoint_state`` metric can say about an endpoint."""
-
-
-@dataclass(frozen=True)
-class RPCSettings:
-    """What the RPC client is told: the ``--rpc`` endpoints and the ``--rpc-*`` options."""
-
-    rpc: tuple[str, ...] = setting(
-        DEFAULT_RPC_URLS, "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)")
-    """The endpoint URLs, in order of preference (user:password@ is sent as basic auth)."""
-    rpc_timeout: float = setting(10.0, "Seconds for one JSON-RPC call, headers and body", positive_float)
-    max_body: int = 4 * 1024 * 1024
-    """Largest answer body read, in bytes; a longer one fails ``too-large``."""
-    lag_threshold: int = 5
-    """Blocks an endpoint's head may stray from the agreed head before it is distrusted."""
-
-    def check(self) -> None:
-        """Raise ValueError naming ``--rpc`` (and never repeating a password) for an unusable URL."""
-        if not self.rpc:
-            raise ValueError("--rpc: at least one JSON-RPC endpoint is needed")
-        for url in self.rpc:
-            try:
-                Target.from_url(url)
-            except ValueError as e:
-                raise ValueError(f"--rpc: {e}, got {redact_url(url)!r}") from None
-        if self.rpc_timeout <= 0:
-            raise ValueError(f"--rpc-timeout: must be positive, got {self.rpc_timeout}")
-        if self.max_body < 1 or self.lag_threshold < 0:
-            raise ValueError("max_body must be at least 1 and lag_threshold at least 0")
-
-
-@dataclass
-class _Agreement:
-    head: int
-    at: float
-    support: int
-
-
-@dataclass
-class RPCEndpoint:
-    """One node's URL (credentials split off) and what we have learned about it."""
-
-    target: Target
-    cooldown_until: float = 0.0
-    """Rate limited: not asked at all before this clock time."""
-    backoff_until: float = 0.0
-    """Recently failing: asked only when no healthy endpoint is left before this time."""
-    failures: int = 0
-    rate_limits: int = 0
-    verified: bool = False
-    """Showed the followed chain id and genesis hash since its last transport failure."""
-    chain: tuple[int, str] | None = None
-    """The (chain id, genesis hash) it showed last."""
-    wrong_chain_checks: int = 0
-    """Checks in a row that found it on another chain (it is asked ever less often)."""
-    last_head: int | None = None
-    head_moved_at: float | None = None
-    distrust: str | None = None
-    """None when trusted, else why not: lagging, far-ahead, went-backwards or wrong-chain."""
-    outage: Episode | None = field(default=None, repr=False)
-    mistrust: Episode | None = field(default=None, repr=False)
-
-    @property
-    def label(self) -> str:
-        """``scheme://host[:port]``: safe to log."""
-        return self.target.label
-
-    @property
-    def url(self) -> str:
-        """The URL requests go to (credentials removed; it may still hold a key in its path)."""
-        return self.target.url
-
-    @property
-    def trusted(self) -> bool:
-        """Not distrusted for its head or its chain."""
-        return self.distrust is None
-
-    @property
-    def state(self) -> str:
-        """One word for /metrics: an outage first, then distrust, else ok (or new)."""
-        if self.outage is not None and self.outage.active:
-            return "cooling" if self.outage.kind in RATE_LIMIT_KINDS else "failing"
-        if self.distrust is not None:
-            return self.distrust
-        return "new" if self.last_head is None and not self.verified else "ok"
-
-    @classmethod
-    def from_url(cls, url: str) -> RPCEndpoint:
-        """An endpoint for ``url``; ValueError (without the URL in it) for a bad one."""
-        return cls(target=Target.from_url(url))
 
 
 def _default_agent(clock: Any, timeout: float, max_body: int) -> tuple[Any, Any]:
@@ -229,7 +116,7 @@ class RPCClient:
         self._expected: tuple[int, str] | None = None
         self.agreed_head: int | None = None
         """The head the last successful round agreed on."""
-        self._agreement: _Agreement | None = None
+        self._agreement: Agreement | None = None
 
     # -- public calls ------------------------------------------------------
 
@@ -474,7 +361,7 @@ class RPCClient:
             if ep.distrust is not None and ep.distrust != "wrong-chain":
                 self._trust(ep)
             support += head >= median
-        self._agreement = _Agreement(agreed, now, support)
+        self._agreement = Agreement(agreed, now, support)
         self.agreed_head = agreed
         if self.metrics is not None:
             self.metrics.agreed_head.set(agreed)
@@ -715,4 +602,3 @@ def _rpc_failure(value: Any) -> RPCFailure:
         return cast(RPCFailure, failure.value)
     failure.raiseException()
     raise AssertionError("unreachable")  # pragma: no cover
-

@@ -32,9 +32,10 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from eth_twisted import systemd
+from eth_twisted.client.endpoints import RPCSettings
 from eth_twisted.client.outbox import Outbox, OutboxSettings, open_outbox
 from eth_twisted.client.poller import BlockPoller, PollSettings
-from eth_twisted.client.rpc import RPCClient, RPCSettings
+from eth_twisted.client.rpc import RPCClient
 from eth_twisted.client.sender import DeliveryService, DeliverySettings
 from eth_twisted.errors import ConfigError
 from eth_twisted.metrics import ClientMetrics

@@ -14,9 +14,9 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python import usage
 
+from eth_twisted.client.endpoints import RPCSettings
 from eth_twisted.client.outbox import OutboxSettings
 from eth_twisted.client.poller import PollSettings
-from eth_twisted.client.rpc import RPCSettings
 from eth_twisted.client.sender import DeliverySettings
 from eth_twisted.client.service import ClientSettings, LinkSettings
 from eth_twisted.errors import ConfigError
