@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from eth_twisted.client.endpoints import AGREEMENT_MEMORY
 from eth_twisted.client.agreement import agree
+from eth_twisted.client.endpoints import AGREEMENT_MEMORY
 from eth_twisted.errors import ChainMismatch
 from tests.test_rpc import A, B, C, Lines, World, captured_lines, count, failure_of, result_of
 
