@@ -19,7 +19,7 @@ every child's peak RSS (``VmHWM``) is its own:
 
 Each child reports its RSS once the sinks are started and its peak after the
 work; the growth is the difference. The database and the Redis keys are
-dropped afterwards. ``tests/test_redis_reconcile.py`` runs the same children.
+dropped afterwards. ``tests/sinks/test_reconcile.py`` runs the same children.
 """
 
 from __future__ import annotations

@@ -17,41 +17,38 @@ from typing import Any
 import pymysql
 import pytest
 
-from tests.support import Anvil, PrivateRedis, provision_mysql_user, redis_command
+from tests.support import Anvil, PrivateRedis, redis_command
+from tests.support.mysql import (
+    MYSQL_HOST,
+    MYSQL_PASS,
+    MYSQL_PORT,
+    MYSQL_SOCKET,
+    MYSQL_USER,
+    connect_test_user,
+    provision_test_user,
+)
 
-MYSQL_HOST = os.environ.get("ETH_TEST_MYSQL_HOST", "127.0.0.1")
-MYSQL_PORT = int(os.environ.get("ETH_TEST_MYSQL_PORT", "3306"))
-MYSQL_USER = os.environ.get("ETH_TEST_MYSQL_USER", "eth_test")
-MYSQL_PASS = os.environ.get("ETH_TEST_MYSQL_PASS", "eth-test-password")
-MYSQL_SOCKET = os.environ.get("ETH_TEST_MYSQL_SOCKET", "/run/mysqld/mysqld.sock")
 REDIS_HOST = os.environ.get("ETH_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("ETH_TEST_REDIS_PORT", "6379"))
 
 HOW_TO_START = "start the services with ./scripts/test (it starts MariaDB and Redis when they do not answer)"
 
 
-def _connect_test_user(database: str | None = None) -> pymysql.connections.Connection:
-    return pymysql.connect(
-        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASS,
-        database=database, connect_timeout=5, autocommit=True,
-    )
 
 
-def _provision_test_user() -> None:
-    provision_mysql_user(MYSQL_SOCKET, MYSQL_USER, MYSQL_PASS)
 
 
 @pytest.fixture(scope="session")
 def mysql_server() -> dict[str, Any]:
     """Connection facts for the machine's MariaDB, with the test user ready."""
     try:
-        _connect_test_user().close()
+        connect_test_user().close()
     except pymysql.err.OperationalError as first:
         if first.args and first.args[0] == 2003:
             pytest.fail(f"MariaDB is not answering on {MYSQL_HOST}:{MYSQL_PORT}: {first}; {HOW_TO_START}")
         try:
-            _provision_test_user()
-            _connect_test_user().close()
+            provision_test_user()
+            connect_test_user().close()
         except pymysql.err.MySQLError as e:
             pytest.fail(
                 f"cannot log in to MariaDB as {MYSQL_USER} over TCP and could not create that user "
@@ -64,7 +61,7 @@ def mysql_server() -> dict[str, Any]:
 def mysql_db(mysql_server: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """A fresh database of this test's own, dropped afterwards."""
     name = "eth_test_" + secrets.token_hex(6)
-    conn = _connect_test_user()
+    conn = connect_test_user()
     with conn.cursor() as c:
         c.execute(f"CREATE DATABASE `{name}`")
     try:
@@ -75,15 +72,6 @@ def mysql_db(mysql_server: dict[str, Any]) -> Iterator[dict[str, Any]]:
         conn.close()
 
 
-def mysql_query(db: dict[str, Any], sql: str, args: Any = None) -> list[tuple[Any, ...]]:
-    """Run one statement as the test user in ``db`` and return every row."""
-    conn = _connect_test_user(db["database"])
-    try:
-        with conn.cursor() as c:
-            c.execute(sql, args)
-            return list(c.fetchall())
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from tests.support import ROOT, free_port, wait_for_port, wait_until
-from tests.test_systemd_notify import NotifyListener
+from tests.support.systemd import NotifyListener
 
 VENV_BIN = Path(sys.executable).parent
 UNIT_VENV_BIN = "/opt/eth-twisted/venv/bin"
@@ -553,9 +553,10 @@ def test_compose_has_no_inline_secret() -> None:
 
 
 def test_compose_test_service_sets_what_the_fixtures_read() -> None:
-    """Every ETH_TEST_* variable tests/conftest.py reads (but the local socket) is set for the
-    test service, and the password comes from its secret file."""
-    read = set(re.findall(r'os\.environ\.get\("(ETH_TEST_\w+)"', (ROOT / "tests/conftest.py").read_text()))
+    """Every ETH_TEST_* variable the fixtures read (tests/conftest.py, tests/support/mysql.py; but the
+    local socket) is set for the test service, and the password comes from its secret file."""
+    sources = (ROOT / "tests/conftest.py").read_text() + (ROOT / "tests/support/mysql.py").read_text()
+    read = set(re.findall(r'os\.environ\.get\("(ETH_TEST_\w+)"', sources))
     assert "ETH_TEST_MYSQL_HOST" in read
     test = load_compose()["services"]["test"]
     env = _environment(test)

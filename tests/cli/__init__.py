@@ -1,0 +1,1 @@
+"""Tests of eth_twisted.cli."""
