@@ -141,12 +141,17 @@ def ensure_mysql_account() -> None:
         return
     except pymysql.err.OperationalError as e:
         if e.args[0] != 1045:  # not "access denied": MariaDB is not answering
-            raise SystemExit(f"bench: MariaDB at {MYSQL['host']}:{MYSQL['port']}: {e}; "
-                             "start it with scripts/services") from e
+            raise SystemExit(
+                f"bench: MariaDB at {MYSQL['host']}:{MYSQL['port']}: {e}; "
+                "start it with scripts/services"
+            ) from e
     from tests.support import provision_mysql_user  # only on a fresh machine
 
-    provision_mysql_user(os.environ.get("ETH_TEST_MYSQL_SOCKET", "/run/mysqld/mysqld.sock"),
-                         MYSQL["user"], MYSQL["password"])
+    provision_mysql_user(
+        os.environ.get("ETH_TEST_MYSQL_SOCKET", "/run/mysqld/mysqld.sock"),
+        MYSQL["user"],
+        MYSQL["password"],
+    )
     mysql_conn().close()
 
 
@@ -182,8 +187,16 @@ def migrate(database: str) -> None:
     from eth_twisted.sinks.sql.migrations import migrate_mysql
     from eth_twisted.sinks.sql.pool import MySQLSettings
 
-    migrate_mysql(MySQLSettings(mysql_host=MYSQL["host"], mysql_port=MYSQL["port"], mysql_user=MYSQL["user"],
-                                mysql_pass=MYSQL["password"], mysql_db=database), create_database=False)
+    migrate_mysql(
+        MySQLSettings(
+            mysql_host=MYSQL["host"],
+            mysql_port=MYSQL["port"],
+            mysql_user=MYSQL["user"],
+            mysql_pass=MYSQL["password"],
+            mysql_db=database,
+        ),
+        create_database=False,
+    )
 
 
 def count_rows(database: str | None, sqlite: str | None) -> int:
@@ -228,13 +241,24 @@ def _raise_nofile() -> None:
 class Proc:
     """A subprocess we started, logging to a file, stopped (and waited for) on exit."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
-                 ready: Callable[[], bool] | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        ready: Callable[[], bool] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         self.log = log
         self.args = args
         with open(log, "wb") as out:
-            self.popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                          env={**os.environ, **(env or {})}, preexec_fn=_raise_nofile)
+            self.popen = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                preexec_fn=_raise_nofile,
+            )
         self.pid = self.popen.pid
         if ready is not None:
             deadline = time.monotonic() + timeout
@@ -243,7 +267,9 @@ class Proc:
                     raise RuntimeError(f"{args[:3]} exited: {log.read_text()[-2000:]}")
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"{args[:3]} not ready in {timeout}s: {log.read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"{args[:3]} not ready in {timeout}s: {log.read_text()[-2000:]}"
+                    )
                 time.sleep(0.1)
 
     def stop(self) -> None:
@@ -278,36 +304,90 @@ ETH_MAIN = (
 
 def server_command(code: Path, port: int, storage: list[str], extra: list[str]) -> list[str]:
     """``eth server`` from the source tree ``code`` (the checkout, or an older copy)."""
-    prelude = os.environ.get("ETH_BENCH_PRELUDE") or "pass"  # e.g. "import gc; gc.disable()", for experiments
-    boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'; {prelude}\n"
-            + ETH_MAIN + "sys.exit(main())")
-    return [PYTHON, "-c", boot, "server", "--port", str(port), "--stats", "none",
-            "--reconcile-interval", "3600", *storage, *extra]
+    prelude = (
+        os.environ.get("ETH_BENCH_PRELUDE") or "pass"
+    )  # e.g. "import gc; gc.disable()", for experiments
+    boot = (
+        f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'; {prelude}\n"
+        + ETH_MAIN
+        + "sys.exit(main())"
+    )
+    return [
+        PYTHON,
+        "-c",
+        boot,
+        "server",
+        "--port",
+        str(port),
+        "--stats",
+        "none",
+        "--reconcile-interval",
+        "3600",
+        *storage,
+        *extra,
+    ]
 
 
 def storage_args(sinks: str, workdir: Path, database: str | None, prefix: str | None) -> list[str]:
     """Command-line storage options for one sink set."""
     args: list[str] = []
     if "mysql" in sinks:
-        args += ["--use-mysql", "--mysql-host", MYSQL["host"], "--mysql-port", str(MYSQL["port"]),
-                 "--mysql-user", MYSQL["user"], "--mysql-db", str(database)]
+        args += [
+            "--use-mysql",
+            "--mysql-host",
+            MYSQL["host"],
+            "--mysql-port",
+            str(MYSQL["port"]),
+            "--mysql-user",
+            MYSQL["user"],
+            "--mysql-db",
+            str(database),
+        ]
     else:
         args += ["--sqlite", str(workdir / "bench.sqlite3")]
     if "redis" in sinks:
-        args += ["--use-redis", "--redis-host", REDIS_HOST, "--redis-port", str(REDIS_PORT),
-                 "--redis-prefix", str(prefix)]
+        args += [
+            "--use-redis",
+            "--redis-host",
+            REDIS_HOST,
+            "--redis-port",
+            str(REDIS_PORT),
+            "--redis-prefix",
+            str(prefix),
+        ]
     return args
 
 
-def start_server(code: Path, port: int, storage: list[str], log: Path, extra: list[str] = (),
-                 profile: Path | None = None) -> Proc:
+def start_server(
+    code: Path,
+    port: int,
+    storage: list[str],
+    log: Path,
+    extra: list[str] = (),
+    profile: Path | None = None,
+) -> Proc:
     """An ``eth server`` subprocess, returned once its sinks are ready."""
     cmd = server_command(code, port, storage, list(extra))
     if profile is not None:
-        cmd = [str(Path(PYTHON).parent / "py-spy"), "record", "--format", "raw", "-r", "250", "--gil",
-               "-o", str(profile), "--", *cmd]
-    return Proc(cmd, log, env={"ETH_MYSQL_PASS": MYSQL["password"]},
-                ready=lambda: b"Sinks ready" in log.read_bytes())
+        cmd = [
+            str(Path(PYTHON).parent / "py-spy"),
+            "record",
+            "--format",
+            "raw",
+            "-r",
+            "250",
+            "--gil",
+            "-o",
+            str(profile),
+            "--",
+            *cmd,
+        ]
+    return Proc(
+        cmd,
+        log,
+        env={"ETH_MYSQL_PASS": MYSQL["password"]},
+        ready=lambda: b"Sinks ready" in log.read_bytes(),
+    )
 
 
 def server_pid(proc: Proc) -> int:
@@ -318,12 +398,32 @@ def server_pid(proc: Proc) -> int:
     return int(children[0]) if children else proc.pid
 
 
-def loadgen(port: int, *, mode: str = "flood", clients: int, messages: int, start_block: int,
-            extra: list[str] = (), timeout: float = 1800) -> dict[str, Any]:
+def loadgen(
+    port: int,
+    *,
+    mode: str = "flood",
+    clients: int,
+    messages: int,
+    start_block: int,
+    extra: list[str] = (),
+    timeout: float = 1800,
+) -> dict[str, Any]:
     """Run the load generator to completion; its JSON result."""
-    cmd = [PYTHON, str(BENCH / "loadgen.py"), "--port", str(port), "--mode", mode,
-           "--clients", str(clients), "--messages", str(messages), "--start-block", str(start_block),
-           *extra]
+    cmd = [
+        PYTHON,
+        str(BENCH / "loadgen.py"),
+        "--port",
+        str(port),
+        "--mode",
+        mode,
+        "--clients",
+        str(clients),
+        "--messages",
+        str(messages),
+        "--start-block",
+        str(start_block),
+        *extra,
+    ]
     out = subprocess.run(cmd, capture_output=True, timeout=timeout, preexec_fn=_raise_nofile)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr.decode()[-2000:]}")
@@ -333,28 +433,38 @@ def loadgen(port: int, *, mode: str = "flood", clients: int, messages: int, star
 # -- the measurements --------------------------------------------------------------------
 
 
-def cpu_split(pids: dict[str, int | None], before: dict[str, float], n: int,
-              elapsed: float) -> dict[str, dict[str, float]]:
+def cpu_split(
+    pids: dict[str, int | None], before: dict[str, float], n: int, elapsed: float
+) -> dict[str, dict[str, float]]:
     """CPU per process over a run: seconds, µs per message, share of one core."""
     out = {}
     for name, pid in pids.items():
         secs = cpu_of(pid) - before[name]
-        out[name] = {"seconds": secs, "us_per_msg": 1e6 * secs / max(1, n),
-                     "cores": secs / elapsed if elapsed else 0.0}
+        out[name] = {
+            "seconds": secs,
+            "us_per_msg": 1e6 * secs / max(1, n),
+            "cores": secs / elapsed if elapsed else 0.0,
+        }
         if f"{name}.system" in before:
             out[name]["system_seconds"] = cpu_of(pid, "system") - before[f"{name}.system"]
     return out
 
 
-def ingest(sinks: str, opts: argparse.Namespace, code: Path, block0: int,
-           profile: Path | None = None) -> dict[str, Any]:
+def ingest(
+    sinks: str, opts: argparse.Namespace, code: Path, block0: int, profile: Path | None = None
+) -> dict[str, Any]:
     """One ingest run against a real server with ``sinks``; verified afterwards."""
-    with tempfile.TemporaryDirectory(prefix="ethbench-") as tmp, \
-            bench_database() as database, bench_prefix() as prefix:
+    with (
+        tempfile.TemporaryDirectory(prefix="ethbench-") as tmp,
+        bench_database() as database,
+        bench_prefix() as prefix,
+    ):
         work = Path(tmp)
         port = free_port()
         storage = storage_args(sinks, work, database, prefix)
-        with start_server(code, port, storage, work / "server.log", opts.server_args, profile) as srv:
+        with start_server(
+            code, port, storage, work / "server.log", opts.server_args, profile
+        ) as srv:
             pid = server_pid(srv)
             pids = {"server": pid, **service_pids()}
             before = {k: cpu_of(v) for k, v in pids.items()}
@@ -364,13 +474,17 @@ def ingest(sinks: str, opts: argparse.Namespace, code: Path, block0: int,
             wall = time.perf_counter() - t0
             split = cpu_split(pids, before, opts.messages, result["elapsed"])
             result["server_rss_mb"] = rss_mb(pid)
-        rows = count_rows(database if "mysql" in sinks else None,
-                          None if "mysql" in sinks else str(work / "bench.sqlite3"))
+        rows = count_rows(
+            database if "mysql" in sinks else None,
+            None if "mysql" in sinks else str(work / "bench.sqlite3"),
+        )
         result.update(sinks=sinks, rows=rows, wall=wall, load=load_average())
         result["cpu"] = split
-        result["cpu"]["loadgen"] = {"seconds": result["cpu_seconds"],
-                                    "us_per_msg": 1e6 * result["cpu_seconds"] / opts.messages,
-                                    "cores": result["cpu_seconds"] / result["elapsed"]}
+        result["cpu"]["loadgen"] = {
+            "seconds": result["cpu_seconds"],
+            "us_per_msg": 1e6 * result["cpu_seconds"] / opts.messages,
+            "cores": result["cpu_seconds"] / result["elapsed"],
+        }
         problems = []
         if rows != opts.messages:
             problems.append(f"rows {rows} != {opts.messages}")
@@ -380,7 +494,9 @@ def ingest(sinks: str, opts: argparse.Namespace, code: Path, block0: int,
             zcard, firsts = redis_counts(prefix)
             result["redis_hashes"] = zcard
             if zcard != opts.messages or firsts != opts.messages:
-                problems.append(f"redis hashes {zcard}, ip_addresses sum {firsts} != {opts.messages}")
+                problems.append(
+                    f"redis hashes {zcard}, ip_addresses sum {firsts} != {opts.messages}"
+                )
         result["verified"] = not problems
         result["problems"] = problems
         return result
@@ -393,20 +509,39 @@ def seed_baseline(opts: argparse.Namespace, block0: int) -> dict[str, Any]:
         migrate(database)
         port = free_port()
         log = Path(tmp) / "seed.log"
-        cmd = [PYTHON, str(BENCH / "seed_server.py"), "--port", str(port), "--mysql-db", database,
-               "--mysql-host", MYSQL["host"], "--mysql-port", str(MYSQL["port"]),
-               "--mysql-user", MYSQL["user"]]
-        with Proc(cmd, log, env={"ETH_MYSQL_PASS": MYSQL["password"]},
-                  ready=lambda: b"seed server ready" in log.read_bytes()) as srv:
+        cmd = [
+            PYTHON,
+            str(BENCH / "seed_server.py"),
+            "--port",
+            str(port),
+            "--mysql-db",
+            database,
+            "--mysql-host",
+            MYSQL["host"],
+            "--mysql-port",
+            str(MYSQL["port"]),
+            "--mysql-user",
+            MYSQL["user"],
+        ]
+        with Proc(
+            cmd,
+            log,
+            env={"ETH_MYSQL_PASS": MYSQL["password"]},
+            ready=lambda: b"seed server ready" in log.read_bytes(),
+        ) as srv:
             pids = {"server": srv.pid, **service_pids()}
             before = {k: cpu_of(v) for k, v in pids.items()}
             result = loadgen(port, clients=opts.clients, messages=n, start_block=block0)
             result["cpu"] = cpu_split(pids, before, n, result["elapsed"])
-            result["cpu"]["loadgen"] = {"seconds": result["cpu_seconds"],
-                                        "us_per_msg": 1e6 * result["cpu_seconds"] / n,
-                                        "cores": result["cpu_seconds"] / result["elapsed"]}
+            result["cpu"]["loadgen"] = {
+                "seconds": result["cpu_seconds"],
+                "us_per_msg": 1e6 * result["cpu_seconds"] / n,
+                "cores": result["cpu_seconds"] / result["elapsed"],
+            }
         result["rows"] = count_rows(database, None)
-        result["verified"] = result["rows"] == n and result["counts"].get("OK") == n and not result["wrong"]
+        result["verified"] = (
+            result["rows"] == n and result["counts"].get("OK") == n and not result["wrong"]
+        )
         return result
 
 
@@ -430,15 +565,20 @@ def raw_mysql(rows_total: int, batch: int = 1000) -> dict[str, Any]:
         t0 = time.perf_counter()
         with conn.cursor() as c:
             for i in range(0, rows_total, batch):
-                c.executemany(MySQLSink.insert_sql, rows[i:i + batch])
+                c.executemany(MySQLSink.insert_sql, rows[i : i + batch])
                 conn.commit()
         elapsed = time.perf_counter() - t0
         client_cpu, db_cpu = time.process_time() - cpu0, cpu_of(mariadbd) - db0
         conn.close()
         stored = count_rows(database, None)
-    return {"rows": stored, "elapsed": elapsed, "rate": rows_total / elapsed,
-            "client_us_per_row": 1e6 * client_cpu / rows_total,
-            "mariadbd_us_per_row": 1e6 * db_cpu / rows_total, "verified": stored == rows_total}
+    return {
+        "rows": stored,
+        "elapsed": elapsed,
+        "rate": rows_total / elapsed,
+        "client_us_per_row": 1e6 * client_cpu / rows_total,
+        "mariadbd_us_per_row": 1e6 * db_cpu / rows_total,
+        "verified": stored == rows_total,
+    }
 
 
 def raw_mysql_per_row(rows_total: int) -> dict[str, Any]:
@@ -461,16 +601,24 @@ def raw_mysql_per_row(rows_total: int) -> dict[str, Any]:
             for n in range(rows_total):
                 p = render_html(60_000_000 + n)
                 t = time.perf_counter()
-                c.execute(MySQLSink.insert_sql,
-                          (sha256_hex(p), p, n, "127.0.0.1", None, to_utc_datetime(time.time())))
+                c.execute(
+                    MySQLSink.insert_sql,
+                    (sha256_hex(p), p, n, "127.0.0.1", None, to_utc_datetime(time.time())),
+                )
                 conn.commit()
                 times.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - t0
         conn.close()
         stored = count_rows(database, None)
     times.sort()
-    return {"rows": stored, "elapsed": elapsed, "rate": rows_total / elapsed, "verified": stored == rows_total,
-            "p50_ms": 1000 * times[len(times) // 2], "p99_ms": 1000 * times[int(len(times) * 0.99)]}
+    return {
+        "rows": stored,
+        "elapsed": elapsed,
+        "rate": rows_total / elapsed,
+        "verified": stored == rows_total,
+        "p50_ms": 1000 * times[len(times) // 2],
+        "p99_ms": 1000 * times[int(len(times) * 0.99)],
+    }
 
 
 def raw_redis(messages: int, per_script: int = 500, depth: int = 4) -> dict[str, Any]:
@@ -486,9 +634,13 @@ def raw_redis(messages: int, per_script: int = 500, depth: int = 4) -> dict[str,
         commands = []
         now = time.time()
         for i in range(0, messages, per_script):
-            entries = [(sha256_hex(b"raw-redis-%d" % n), now, f"10.0.{n % 50}.1", "1")
-                       for n in range(i, min(messages, i + per_script))]
-            commands.append(encode("EVALSHA", sha, 3, *keys, len(entries), pack_store_entries(entries)))
+            entries = [
+                (sha256_hex(b"raw-redis-%d" % n), now, f"10.0.{n % 50}.1", "1")
+                for n in range(i, min(messages, i + per_script))
+            ]
+            commands.append(
+                encode("EVALSHA", sha, 3, *keys, len(entries), pack_store_entries(entries))
+            )
         redis_pid = service_pids()["redis"]
         cpu0, r0 = time.process_time(), cpu_of(redis_pid)
         t0 = time.perf_counter()
@@ -507,9 +659,14 @@ def raw_redis(messages: int, per_script: int = 500, depth: int = 4) -> dict[str,
         client_cpu, redis_cpu = time.process_time() - cpu0, cpu_of(redis_pid) - r0
         zcard = int(r.call("ZCARD", keys[0]))
         r.close()
-    return {"messages": messages, "elapsed": elapsed, "rate": messages / elapsed,
-            "client_us_per_msg": 1e6 * client_cpu / messages, "redis_us_per_msg": 1e6 * redis_cpu / messages,
-            "verified": zcard == messages}
+    return {
+        "messages": messages,
+        "elapsed": elapsed,
+        "rate": messages / elapsed,
+        "client_us_per_msg": 1e6 * client_cpu / messages,
+        "redis_us_per_msg": 1e6 * redis_cpu / messages,
+        "verified": zcard == messages,
+    }
 
 
 def server_metrics(port: int) -> dict[str, float]:
@@ -523,12 +680,16 @@ def server_metrics(port: int) -> dict[str, float]:
     return samples
 
 
-def paced_once(opts: argparse.Namespace, code: Path, block0: int,
-               profile: Path | None = None) -> dict[str, Any]:
+def paced_once(
+    opts: argparse.Namespace, code: Path, block0: int, profile: Path | None = None
+) -> dict[str, Any]:
     """One paced run against a fresh MySQL+Redis server, with its own stage breakdown."""
     n = int(opts.paced_rate * opts.paced_seconds)
-    with tempfile.TemporaryDirectory(prefix="ethbench-") as tmp, \
-            bench_database() as database, bench_prefix() as prefix:
+    with (
+        tempfile.TemporaryDirectory(prefix="ethbench-") as tmp,
+        bench_database() as database,
+        bench_prefix() as prefix,
+    ):
         port, stats_port = free_port(), free_port()
         storage = storage_args("mysql+redis", Path(tmp), database, prefix)
         extra = [*opts.server_args, "--stats", f"tcp:{stats_port}:interface=127.0.0.1"]
@@ -536,18 +697,29 @@ def paced_once(opts: argparse.Namespace, code: Path, block0: int,
             pids = {"server": server_pid(srv), **service_pids()}
             before = {k: cpu_of(v) for k, v in pids.items()}
             before["server.system"] = cpu_of(pids["server"], "system")
-            result = loadgen(port, mode="paced", clients=opts.clients, messages=n, start_block=block0,
-                             extra=["--rate", str(opts.paced_rate)])
+            result = loadgen(
+                port,
+                mode="paced",
+                clients=opts.clients,
+                messages=n,
+                start_block=block0,
+                extra=["--rate", str(opts.paced_rate)],
+            )
             result["cpu"] = cpu_split(pids, before, n, result["elapsed"])
             m = server_metrics(stats_port)
         stages = {}
         for sink in ("mysql", "redis"):
             batches = m.get(f'eth_server_sink_latency_seconds_count{{sink="{sink}"}}', 0.0)
             seconds = m.get(f'eth_server_sink_latency_seconds_sum{{sink="{sink}"}}', 0.0)
-            stages[sink] = {"batches": batches, "mean_ms": 1000 * seconds / batches if batches else float("nan"),
-                            "busy": seconds / result["elapsed"]}
+            stages[sink] = {
+                "batches": batches,
+                "mean_ms": 1000 * seconds / batches if batches else float("nan"),
+                "busy": seconds / result["elapsed"],
+            }
         result["stages"] = stages
-        result["batch_mean"] = n / stages["mysql"]["batches"] if stages["mysql"]["batches"] else float("nan")
+        result["batch_mean"] = (
+            n / stages["mysql"]["batches"] if stages["mysql"]["batches"] else float("nan")
+        )
         result["rows"] = count_rows(database, None)
         result["offered"] = opts.paced_rate
         result["verified"] = result["rows"] == n and result["counts"].get("OK") == n
@@ -560,17 +732,27 @@ def paced_floor(opts: argparse.Namespace, delay: float, block0: int) -> dict[str
     with tempfile.TemporaryDirectory(prefix="ethbench-") as tmp:
         port = free_port()
         log = Path(tmp) / "echo.log"
-        with Proc([PYTHON, str(BENCH / "echo_server.py"), str(port), str(delay)], log,
-                  ready=lambda: b"Sinks ready" in log.read_bytes()):
-            result = loadgen(port, mode="paced", clients=opts.clients, messages=n, start_block=block0,
-                             extra=["--rate", str(opts.paced_rate)])
+        with Proc(
+            [PYTHON, str(BENCH / "echo_server.py"), str(port), str(delay)],
+            log,
+            ready=lambda: b"Sinks ready" in log.read_bytes(),
+        ):
+            result = loadgen(
+                port,
+                mode="paced",
+                clients=opts.clients,
+                messages=n,
+                start_block=block0,
+                extra=["--rate", str(opts.paced_rate)],
+            )
     result["delay_ms"] = delay * 1000
     result["verified"] = result["counts"].get("OK") == n
     return result
 
 
-def paced_latency(opts: argparse.Namespace, code: Path, block0: int,
-                  profile: Path | None = None) -> dict[str, Any]:
+def paced_latency(
+    opts: argparse.Namespace, code: Path, block0: int, profile: Path | None = None
+) -> dict[str, Any]:
     """Ack latency at ``opts.paced_rate`` msgs/s offered (MySQL+Redis, K clients), ``opts.repeat`` runs.
 
     The run with the median p99 is reported, the range of all runs beside it, and
@@ -582,7 +764,9 @@ def paced_latency(opts: argparse.Namespace, code: Path, block0: int,
     for i in range(opts.repeat):
         runs.append(paced_once(opts, code, block0 + i * n, profile if i == 0 else None))
     runs.sort(key=lambda r: r["p99_ms"])
-    result = runs[len(runs) // 2]  # the median; of an even count, the middle run with the higher p99
+    result = runs[
+        len(runs) // 2
+    ]  # the median; of an even count, the middle run with the higher p99
     result["runs"] = [(r["p50_ms"], r["p99_ms"]) for r in runs]
     result["verified"] = all(r["verified"] for r in runs)
     result["floor"] = [paced_floor(opts, delay, block0) for delay in (0.0, 0.002)]
@@ -596,21 +780,42 @@ def idle_connections(opts: argparse.Namespace, code: Path, block0: int) -> dict[
         work = Path(tmp)
         port = free_port()
         extra = ["--max-connections", "20000", "--max-per-ip", "5000", "--idle-timeout", "600"]
-        with start_server(code, port, storage_args("sqlite", work, None, None), work / "server.log",
-                          extra) as srv:
+        with start_server(
+            code, port, storage_args("sqlite", work, None, None), work / "server.log", extra
+        ) as srv:
             rss_before = rss_mb(srv.pid)
             hold = work / "hold.json"
-            cmd = [PYTHON, str(BENCH / "loadgen.py"), "--port", str(port), "--mode", "idle",
-                   "--idle", str(opts.idle), "--source-ips", ",".join(sources), "--clients", "5",
-                   "--messages", str(opts.idle_messages), "--start-block", str(block0),
-                   "--hold-file", str(hold)]
-            gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_raise_nofile)
+            cmd = [
+                PYTHON,
+                str(BENCH / "loadgen.py"),
+                "--port",
+                str(port),
+                "--mode",
+                "idle",
+                "--idle",
+                str(opts.idle),
+                "--source-ips",
+                ",".join(sources),
+                "--clients",
+                "5",
+                "--messages",
+                str(opts.idle_messages),
+                "--start-block",
+                str(block0),
+                "--hold-file",
+                str(hold),
+            ]
+            gen = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_raise_nofile
+            )
             try:
                 deadline = time.monotonic() + 300
                 held: dict[str, Any] | None = None
                 while held is None:
                     if gen.poll() is not None:
-                        raise RuntimeError(f"idle loadgen exited: {gen.stderr.read().decode()[-2000:]}")
+                        raise RuntimeError(
+                            f"idle loadgen exited: {gen.stderr.read().decode()[-2000:]}"
+                        )
                     if time.monotonic() > deadline:
                         raise RuntimeError("idle loadgen did not report in 300 s")
                     try:
@@ -629,11 +834,20 @@ def idle_connections(opts: argparse.Namespace, code: Path, block0: int) -> dict[
                     gen.kill()
                     gen.wait()
         rows = count_rows(None, str(work / "bench.sqlite3"))
-    held.update(server_sockets=sockets, rss_mb=rss_held, rss_before_mb=rss_before,
-                kb_per_connection=1024 * (rss_held - rss_before) / max(1, opts.idle),
-                idle_cpu_cores=idle_cpu, rows=rows, sources=sources)
-    held["verified"] = (held["idle_alive"] == opts.idle and held["counts"].get("OK") == opts.idle_messages
-                        and rows == opts.idle_messages)
+    held.update(
+        server_sockets=sockets,
+        rss_mb=rss_held,
+        rss_before_mb=rss_before,
+        kb_per_connection=1024 * (rss_held - rss_before) / max(1, opts.idle),
+        idle_cpu_cores=idle_cpu,
+        rows=rows,
+        sources=sources,
+    )
+    held["verified"] = (
+        held["idle_alive"] == opts.idle
+        and held["counts"].get("OK") == opts.idle_messages
+        and rows == opts.idle_messages
+    )
     return held
 
 
@@ -655,13 +869,48 @@ def client_cost(opts: argparse.Namespace, code: Path) -> dict[str, Any]:
             except OSError:
                 return False
 
-        with Proc([str(anvil), "--host", "127.0.0.1", "--port", str(aport), "--silent", "--block-time", "1"],
-                  work / "anvil.log", ready=anvil_up), \
-                start_server(code, sport, storage_args("sqlite", work, None, None), work / "server.log"):
-            boot = (f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'\n"
-                    + ETH_MAIN + "sys.exit(main())")
-            cmd = [PYTHON, "-c", boot, "client", "--host", "127.0.0.1", "--port", str(sport),
-                   "--rpc", url, "--interval", "1", "--spool", str(work / "spool.sqlite3"), "--stats", "none"]
+        with (
+            Proc(
+                [
+                    str(anvil),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(aport),
+                    "--silent",
+                    "--block-time",
+                    "1",
+                ],
+                work / "anvil.log",
+                ready=anvil_up,
+            ),
+            start_server(
+                code, sport, storage_args("sqlite", work, None, None), work / "server.log"
+            ),
+        ):
+            boot = (
+                f"import sys; sys.path.insert(0, {str(code)!r}); sys.argv[0] = 'eth'\n"
+                + ETH_MAIN
+                + "sys.exit(main())"
+            )
+            cmd = [
+                PYTHON,
+                "-c",
+                boot,
+                "client",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sport),
+                "--rpc",
+                url,
+                "--interval",
+                "1",
+                "--spool",
+                str(work / "spool.sqlite3"),
+                "--stats",
+                "none",
+            ]
             log = work / "client.log"
             with Proc(cmd, log) as client:
                 time.sleep(opts.client_warmup)
@@ -671,8 +920,14 @@ def client_cost(opts: argparse.Namespace, code: Path) -> dict[str, Any]:
                 wall = time.monotonic() - t0
                 rss = rss_mb(client.pid)
         rows = count_rows(None, str(work / "bench.sqlite3"))
-    return {"seconds": wall, "cpu_seconds": secs, "cores": secs / wall, "rss_mb": rss, "rows": rows,
-            "verified": rows >= opts.client_seconds / 2}
+    return {
+        "seconds": wall,
+        "cpu_seconds": secs,
+        "cores": secs / wall,
+        "rss_mb": rss,
+        "rows": rows,
+        "verified": rows >= opts.client_seconds / 2,
+    }
 
 
 # -- report ------------------------------------------------------------------------------
@@ -687,45 +942,62 @@ def fmt_ingest_row(name: str, r: dict[str, Any]) -> str:
 
     runs = r.get("runs")
     spread = f" ({min(runs):,.0f}-{max(runs):,.0f})" if runs and len(runs) > 1 else ""
-    return (f"| {name} | {r['rate']:,.0f}{spread} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['max_ms']:.0f} "
-            f"| {us('server')} | {us('mariadbd')} | {us('redis')} | {us('loadgen')} "
-            f"| {'yes' if r.get('verified') else 'NO ' + '; '.join(r.get('problems', []))} |")
+    return (
+        f"| {name} | {r['rate']:,.0f}{spread} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['max_ms']:.0f} "
+        f"| {us('server')} | {us('mariadbd')} | {us('redis')} | {us('loadgen')} "
+        f"| {'yes' if r.get('verified') else 'NO ' + '; '.join(r.get('problems', []))} |"
+    )
 
 
 def report(res: dict[str, Any]) -> str:
     """The results as markdown."""
     m = res["meta"]
-    lines = [f"# eth-twisted benchmark ({m['label']})", "",
-             f"{m['when']} on {m['host']} ({m['cpus']} CPUs, Python {m['python']}), "
-             f"load average at start {m['load_start']:.2f}; {m['messages']:,} messages, "
-             f"{m['clients']} clients, window 256, the seed's HTML payload"
-             + (f"; server started with `{m['server_prelude']}`" if m.get("server_prelude") else "")
-             + (f"; server options {' '.join(m['server_args'])}" if m.get("server_args") else "") + ".", "",
-             "## Ingest (acknowledged messages/s; latency under full load, window-bound)", "",
-             "| sinks | msgs/s | p50 ms | p99 ms | max ms | server µs/msg | mariadbd µs/msg | "
-             "redis µs/msg | loadgen µs/msg | verified |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# eth-twisted benchmark ({m['label']})",
+        "",
+        f"{m['when']} on {m['host']} ({m['cpus']} CPUs, Python {m['python']}), "
+        f"load average at start {m['load_start']:.2f}; {m['messages']:,} messages, "
+        f"{m['clients']} clients, window 256, the seed's HTML payload"
+        + (f"; server started with `{m['server_prelude']}`" if m.get("server_prelude") else "")
+        + (f"; server options {' '.join(m['server_args'])}" if m.get("server_args") else "")
+        + ".",
+        "",
+        "## Ingest (acknowledged messages/s; latency under full load, window-bound)",
+        "",
+        "| sinks | msgs/s | p50 ms | p99 ms | max ms | server µs/msg | mariadbd µs/msg | "
+        "redis µs/msg | loadgen µs/msg | verified |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in res.get("ingest", {}).items():
         lines.append(fmt_ingest_row(name, r))
     if "seed" in res:
-        lines.append(fmt_ingest_row(f"seed design (MySQL, 1 commit/msg, {res['seed']['messages']:,} msgs)",
-                                    res["seed"]))
+        lines.append(
+            fmt_ingest_row(
+                f"seed design (MySQL, 1 commit/msg, {res['seed']['messages']:,} msgs)", res["seed"]
+            )
+        )
     lim = res.get("limits", {})
     if lim:
         lines += ["", "## Limits measured in the same run", ""]
         if "raw_mysql" in lim:
             r = lim["raw_mysql"]
-            lines.append(f"- raw PyMySQL executemany, 1,000-row transactions: **{r['rate']:,.0f} rows/s** "
-                         f"(client {r['client_us_per_row']:.1f} µs/row, mariadbd {r['mariadbd_us_per_row']:.1f} µs/row)")
+            lines.append(
+                f"- raw PyMySQL executemany, 1,000-row transactions: **{r['rate']:,.0f} rows/s** "
+                f"(client {r['client_us_per_row']:.1f} µs/row, mariadbd {r['mariadbd_us_per_row']:.1f} µs/row)"
+            )
         if "raw_mysql_per_row" in lim:
             r1 = lim["raw_mysql_per_row"]
-            lines.append(f"- raw PyMySQL, one COMMIT per row: {r1['rate']:,.0f} rows/s; one INSERT+COMMIT took "
-                         f"p50 {r1.get('p50_ms', float('nan')):.2f} ms, p99 {r1.get('p99_ms', float('nan')):.2f} ms "
-                         "(no acknowledgement after a commit can beat this)")
+            lines.append(
+                f"- raw PyMySQL, one COMMIT per row: {r1['rate']:,.0f} rows/s; one INSERT+COMMIT took "
+                f"p50 {r1.get('p50_ms', float('nan')):.2f} ms, p99 {r1.get('p99_ms', float('nan')):.2f} ms "
+                "(no acknowledgement after a commit can beat this)"
+            )
         if "raw_redis" in lim:
             r = lim["raw_redis"]
-            lines.append(f"- raw Redis, EVALSHA of the store script per 500 messages, 4 in flight: "
-                         f"**{r['rate']:,.0f} msgs/s** (redis-server {r['redis_us_per_msg']:.1f} µs/msg)")
+            lines.append(
+                f"- raw Redis, EVALSHA of the store script per 500 messages, 4 in flight: "
+                f"**{r['rate']:,.0f} msgs/s** (redis-server {r['redis_us_per_msg']:.1f} µs/msg)"
+            )
     ratios = res.get("ratios", {})
     if ratios:
         lines += ["", "## Ratios", ""]
@@ -734,48 +1006,76 @@ def report(res: dict[str, Any]) -> str:
     if "paced" in res:
         r = res["paced"]
         st = r.get("stages", {})
-        lines += ["", f"## Latency at {r['offered']:,.0f} msgs/s offered (MySQL+Redis, {r['clients']} clients)", "",
-                  f"p50 **{r['p50_ms']:.2f} ms**, p99 **{r['p99_ms']:.2f} ms**, max {r['max_ms']:.1f} ms over "
-                  f"{r['answered']:,} messages (the run with the median p99 of {len(r.get('runs', [1]))}; "
-                  "p50/p99 of every run: "
-                  + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in r.get("runs", [])) + "); "
-                  f"server CPU {r['cpu']['server']['cores']:.2f} of a core "
-                  f"({r['cpu']['server'].get('system_seconds', 0) / max(1e-9, r['cpu']['server']['seconds']):.0%} "
-                  "in the kernel); "
-                  f"verified: {'yes' if r['verified'] else 'NO'}"]
+        lines += [
+            "",
+            f"## Latency at {r['offered']:,.0f} msgs/s offered (MySQL+Redis, {r['clients']} clients)",
+            "",
+            f"p50 **{r['p50_ms']:.2f} ms**, p99 **{r['p99_ms']:.2f} ms**, max {r['max_ms']:.1f} ms over "
+            f"{r['answered']:,} messages (the run with the median p99 of {len(r.get('runs', [1]))}; "
+            "p50/p99 of every run: "
+            + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in r.get("runs", []))
+            + "); "
+            f"server CPU {r['cpu']['server']['cores']:.2f} of a core "
+            f"({r['cpu']['server'].get('system_seconds', 0) / max(1e-9, r['cpu']['server']['seconds']):.0%} "
+            "in the kernel); "
+            f"verified: {'yes' if r['verified'] else 'NO'}",
+        ]
         if st:
-            lines += ["", f"Inside the server: {r['batch_mean']:.1f} messages a batch; a MySQL transaction "
-                      f"took {st['mysql']['mean_ms']:.2f} ms on average (busy {st['mysql']['busy']:.0%} of the time), "
-                      f"the Redis script {st['redis']['mean_ms']:.2f} ms (busy {st['redis']['busy']:.0%})."]
+            lines += [
+                "",
+                f"Inside the server: {r['batch_mean']:.1f} messages a batch; a MySQL transaction "
+                f"took {st['mysql']['mean_ms']:.2f} ms on average (busy {st['mysql']['busy']:.0%} of the time), "
+                f"the Redis script {st['redis']['mean_ms']:.2f} ms (busy {st['redis']['busy']:.0%}).",
+            ]
         for f in r.get("floor", []):
-            what = "acknowledging at once" if not f["delay_ms"] else f"acknowledging after a {f['delay_ms']:.0f} ms timer"
-            lines.append(f"- floor, the same load against `bench/echo_server.py` (stores nothing), {what}: "
-                         f"p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms, max {f['max_ms']:.1f} ms")
+            what = (
+                "acknowledging at once"
+                if not f["delay_ms"]
+                else f"acknowledging after a {f['delay_ms']:.0f} ms timer"
+            )
+            lines.append(
+                f"- floor, the same load against `bench/echo_server.py` (stores nothing), {what}: "
+                f"p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms, max {f['max_ms']:.1f} ms"
+            )
     if "idle" in res:
         r = res["idle"]
-        lines += ["", "## Idle connections", "",
-                  f"{r['idle_alive']:,} of {r['idle_opened']:,} idle connections held (server holds "
-                  f"{r['server_sockets']:,} sockets, from {', '.join(r['sources'])}), opened in "
-                  f"{r['idle_open_seconds']:.1f} s; server RSS **{r['rss_mb']:.0f} MB** "
-                  f"({r['rss_before_mb']:.0f} MB before, {r['kb_per_connection']:.1f} KB per connection); "
-                  f"idle CPU {100 * r['idle_cpu_cores']:.1f}% of a core; {r['counts'].get('OK', 0):,} messages "
-                  f"acked meanwhile (p99 {r['p99_ms']:.0f} ms); verified: {'yes' if r['verified'] else 'NO'}"]
+        lines += [
+            "",
+            "## Idle connections",
+            "",
+            f"{r['idle_alive']:,} of {r['idle_opened']:,} idle connections held (server holds "
+            f"{r['server_sockets']:,} sockets, from {', '.join(r['sources'])}), opened in "
+            f"{r['idle_open_seconds']:.1f} s; server RSS **{r['rss_mb']:.0f} MB** "
+            f"({r['rss_before_mb']:.0f} MB before, {r['kb_per_connection']:.1f} KB per connection); "
+            f"idle CPU {100 * r['idle_cpu_cores']:.1f}% of a core; {r['counts'].get('OK', 0):,} messages "
+            f"acked meanwhile (p99 {r['p99_ms']:.0f} ms); verified: {'yes' if r['verified'] else 'NO'}",
+        ]
     if "client" in res:
         r = res["client"]
-        lines += ["", "## Idle client", "",
-                  f"`eth client` polling anvil every second for {r['seconds']:.0f} s: CPU **{100 * r['cores']:.2f}%** "
-                  f"of a core, RSS **{r['rss_mb']:.0f} MB**, {r['rows']} blocks stored; "
-                  f"verified: {'yes' if r['verified'] else 'NO'}"]
+        lines += [
+            "",
+            "## Idle client",
+            "",
+            f"`eth client` polling anvil every second for {r['seconds']:.0f} s: CPU **{100 * r['cores']:.2f}%** "
+            f"of a core, RSS **{r['rss_mb']:.0f} MB**, {r['rows']} blocks stored; "
+            f"verified: {'yes' if r['verified'] else 'NO'}",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
     """A markdown table of the key numbers of an earlier run beside this one."""
     b, a = before["meta"]["label"], after["meta"]["label"]
-    rows = [f"| {name} msgs/s | {before['ingest'][name]['rate']:,.0f} | {r['rate']:,.0f} | "
-            f"{r['rate'] / before['ingest'][name]['rate']:.2f}x |"
-            for name, r in after.get("ingest", {}).items() if name in before.get("ingest", {})]
-    for name, key in (("MySQL+Redis server CPU µs/msg", "server"), ("MySQL+Redis mariadbd CPU µs/msg", "mariadbd")):
+    rows = [
+        f"| {name} msgs/s | {before['ingest'][name]['rate']:,.0f} | {r['rate']:,.0f} | "
+        f"{r['rate'] / before['ingest'][name]['rate']:.2f}x |"
+        for name, r in after.get("ingest", {}).items()
+        if name in before.get("ingest", {})
+    ]
+    for name, key in (
+        ("MySQL+Redis server CPU µs/msg", "server"),
+        ("MySQL+Redis mariadbd CPU µs/msg", "mariadbd"),
+    ):
         try:
             x = before["ingest"]["mysql+redis"]["cpu"][key]["us_per_msg"]
             y = after["ingest"]["mysql+redis"]["cpu"][key]["us_per_msg"]
@@ -784,11 +1084,18 @@ def comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
             pass
     for k in ("p50_ms", "p99_ms"):
         if "paced" in before and "paced" in after:
-            rows.append(f"| {k[:3]} at 1,000 msgs/s (ms) | {before['paced'][k]:.1f} | {after['paced'][k]:.1f} | |")
+            rows.append(
+                f"| {k[:3]} at 1,000 msgs/s (ms) | {before['paced'][k]:.1f} | {after['paced'][k]:.1f} | |"
+            )
     if "idle" in before and "idle" in after:
-        rows.append(f"| RSS with {after['idle']['idle_opened']:,} idle connections (MB) | "
-                    f"{before['idle']['rss_mb']:.0f} | {after['idle']['rss_mb']:.0f} | |")
-    return "\n".join(["", f"## {b} → {a}", "", f"| | {b} | {a} | |", "|---|---|---|---|", *rows]) + "\n"
+        rows.append(
+            f"| RSS with {after['idle']['idle_opened']:,} idle connections (MB) | "
+            f"{before['idle']['rss_mb']:.0f} | {after['idle']['rss_mb']:.0f} | |"
+        )
+    return (
+        "\n".join(["", f"## {b} → {a}", "", f"| | {b} | {a} | |", "|---|---|---|---|", *rows])
+        + "\n"
+    )
 
 
 def plot(res: dict[str, Any], path: Path, before: dict[str, Any] | None) -> None:
@@ -803,21 +1110,40 @@ def plot(res: dict[str, Any], path: Path, before: dict[str, Any] | None) -> None
     width = 0.38 if before else 0.6
     xs = range(len(names))
     if before:
-        ax.bar([x - width / 2 for x in xs], [before.get("ingest", {}).get(n, {}).get("rate", 0) for n in names],
-               width, label=before["meta"]["label"], color="#bbbbbb")
-        ax.bar([x + width / 2 for x in xs], [res["ingest"][n]["rate"] for n in names], width,
-               label=res["meta"]["label"], color="#3b6ea5")
+        ax.bar(
+            [x - width / 2 for x in xs],
+            [before.get("ingest", {}).get(n, {}).get("rate", 0) for n in names],
+            width,
+            label=before["meta"]["label"],
+            color="#bbbbbb",
+        )
+        ax.bar(
+            [x + width / 2 for x in xs],
+            [res["ingest"][n]["rate"] for n in names],
+            width,
+            label=res["meta"]["label"],
+            color="#3b6ea5",
+        )
     else:
-        ax.bar(list(xs), [res["ingest"][n]["rate"] for n in names], width, label=res["meta"]["label"],
-               color="#3b6ea5")
+        ax.bar(
+            list(xs),
+            [res["ingest"][n]["rate"] for n in names],
+            width,
+            label=res["meta"]["label"],
+            color="#3b6ea5",
+        )
     lim = res.get("limits", {})
     if "raw_mysql" in lim:
-        ax.axhline(lim["raw_mysql"]["rate"], color="#c0392b", ls="--", label="raw PyMySQL executemany")
+        ax.axhline(
+            lim["raw_mysql"]["rate"], color="#c0392b", ls="--", label="raw PyMySQL executemany"
+        )
     if "seed" in res:
         ax.axhline(res["seed"]["rate"], color="#7f8c8d", ls=":", label="seed design (1 commit/msg)")
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("acknowledged messages / s")
-    ax.set_title(f"eth server ingest, {res['meta']['clients']} clients, {res['meta']['messages']:,} messages")
+    ax.set_title(
+        f"eth server ingest, {res['meta']['clients']} clients, {res['meta']['messages']:,} messages"
+    )
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -830,19 +1156,43 @@ def plot(res: dict[str, Any], path: Path, before: dict[str, Any] | None) -> None
 def main(argv: list[str] | None = None) -> int:
     """Run the selected sections; print and write the results."""
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller runs (20,000 messages, 20 clients, short waits)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller runs (20,000 messages, 20 clients, short waits)",
+    )
     p.add_argument("--messages", type=int)
     p.add_argument("--clients", type=int)
-    p.add_argument("--repeat", type=int, help="runs of each ingest row and of the paced latency (the median is reported)")
-    p.add_argument("--sinks", default=",".join(SINK_SETS), help="comma list of " + ", ".join(SINK_SETS))
-    p.add_argument("--only", default="ingest,seed,limits,paced,idle,client",
-                   help="comma list of sections: ingest, seed, limits, paced, idle, client")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        help="runs of each ingest row and of the paced latency (the median is reported)",
+    )
+    p.add_argument(
+        "--sinks", default=",".join(SINK_SETS), help="comma list of " + ", ".join(SINK_SETS)
+    )
+    p.add_argument(
+        "--only",
+        default="ingest,seed,limits,paced,idle,client",
+        help="comma list of sections: ingest, seed, limits, paced, idle, client",
+    )
     p.add_argument("--label", default="current", help="names the results files (results-LABEL.*)")
     p.add_argument("--compare", help="label of an earlier run to plot beside this one")
-    p.add_argument("--code", default=str(ROOT), help="source tree the server runs from (default: this checkout)")
-    p.add_argument("--profile", action="store_true", help="record a py-spy profile of the MySQL+Redis server")
-    p.add_argument("--server-arg", action="append", default=[], dest="server_args",
-                   help="extra option for every `eth server` (repeatable)")
+    p.add_argument(
+        "--code",
+        default=str(ROOT),
+        help="source tree the server runs from (default: this checkout)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="record a py-spy profile of the MySQL+Redis server"
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        dest="server_args",
+        help="extra option for every `eth server` (repeatable)",
+    )
     opts = p.parse_args(argv)
     q = opts.quick
     opts.messages = opts.messages or (20_000 if q else 200_000)
@@ -861,13 +1211,21 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if opts.label == "current" else f"-{opts.label}"
 
-    res: dict[str, Any] = {"meta": {
-        "label": opts.label, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "messages": opts.messages, "clients": opts.clients, "load_start": load_average(),
-        "code": str(code), "server_args": opts.server_args,
-        "server_prelude": os.environ.get("ETH_BENCH_PRELUDE", ""),
-    }}
+    res: dict[str, Any] = {
+        "meta": {
+            "label": opts.label,
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "messages": opts.messages,
+            "clients": opts.clients,
+            "load_start": load_average(),
+            "code": str(code),
+            "server_args": opts.server_args,
+            "server_prelude": os.environ.get("ETH_BENCH_PRELUDE", ""),
+        }
+    }
     block = 10_000_000
 
     def step(what: str) -> None:
@@ -878,8 +1236,9 @@ def main(argv: list[str] | None = None) -> int:
         # it down (steal time), and the paced numbers then measure the benchmark's own
         # preceding load rather than the server (bench/README.md, second round).
         step("latency at 1,000 msgs/s")
-        res["paced"] = paced_latency(opts, code, block,
-                                     RESULTS / f"profile-paced{suffix}.txt" if opts.profile else None)
+        res["paced"] = paced_latency(
+            opts, code, block, RESULTS / f"profile-paced{suffix}.txt" if opts.profile else None
+        )
         block += int(opts.paced_rate * opts.paced_seconds) * opts.repeat
     if "limits" in sections:
         res["limits"] = {}
@@ -895,8 +1254,11 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for i in range(opts.repeat):
                 step(f"ingest {sinks} run {i + 1}/{opts.repeat}")
-                profile = (RESULTS / f"profile{suffix}.txt"
-                           if opts.profile and sinks == "mysql+redis" and i == 0 else None)
+                profile = (
+                    RESULTS / f"profile{suffix}.txt"
+                    if opts.profile and sinks == "mysql+redis" and i == 0
+                    else None
+                )
                 runs.append(ingest(sinks, opts, code, block, profile))
                 block += opts.messages
             runs.sort(key=lambda r: r["rate"])
@@ -926,7 +1288,9 @@ def main(argv: list[str] | None = None) -> int:
     if full and "seed" in res:
         ratios["MySQL+Redis / seed design"] = full["rate"] / res["seed"]["rate"]
     if "mysql" in res.get("ingest", {}) and "raw_mysql" in lim:
-        ratios["MySQL / raw batched insert"] = res["ingest"]["mysql"]["rate"] / lim["raw_mysql"]["rate"]
+        ratios["MySQL / raw batched insert"] = (
+            res["ingest"]["mysql"]["rate"] / lim["raw_mysql"]["rate"]
+        )
     if full and "raw_redis" in lim:
         ratios["MySQL+Redis / raw Redis script rate"] = full["rate"] / lim["raw_redis"]["rate"]
     res["ratios"] = ratios

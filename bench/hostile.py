@@ -85,8 +85,16 @@ def netstring(payload: bytes) -> bytes:
 class Server:
     """``eth server`` from ``code`` with its stats site, private TMPDIR and storage; stopped on exit."""
 
-    def __init__(self, code: Path, work: Path, storage: list[str], *, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None, nofile: int | None = None) -> None:
+    def __init__(
+        self,
+        code: Path,
+        work: Path,
+        storage: list[str],
+        *,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
+    ) -> None:
         self.port, self.stats_port = suite.free_port(), suite.free_port()
         self.tmpdir = work / "tmp"
         self.tmpdir.mkdir()
@@ -94,16 +102,23 @@ class Server:
         self.nofile = nofile
         args = ["--stats", f"tcp:{self.stats_port}:interface=127.0.0.1", *(extra or [])]
         cmd = suite.server_command(code, self.port, storage, args)
-        full_env: dict[str, str] = {**os.environ, "ETH_MYSQL_PASS": str(suite.MYSQL["password"]),
-                                    "TMPDIR": str(self.tmpdir), **(env or {})}
+        full_env: dict[str, str] = {
+            **os.environ,
+            "ETH_MYSQL_PASS": str(suite.MYSQL["password"]),
+            "TMPDIR": str(self.tmpdir),
+            **(env or {}),
+        }
 
         def limits() -> None:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard) if nofile else hard, hard))
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (min(nofile, hard) if nofile else hard, hard)
+            )
 
         with open(self.log, "wb") as out:
-            self.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                          preexec_fn=limits)
+            self.popen = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, preexec_fn=limits
+            )
         self.pid = self.popen.pid
         self.killed = False
         deadline = time.monotonic() + 60
@@ -141,8 +156,11 @@ class Server:
         """Lines the server logged, and how many of them were CRITICAL or tracebacks."""
         text = self.log.read_text(errors="replace")
         lines = text.splitlines()
-        return {"lines": len(lines), "critical": sum("CRITICAL" in x for x in lines),
-                "tracebacks": text.count("Traceback (most recent call last)")}
+        return {
+            "lines": len(lines),
+            "critical": sum("CRITICAL" in x for x in lines),
+            "tracebacks": text.count("Traceback (most recent call last)"),
+        }
 
 
 def tcp_sockets(port: int) -> list[tuple[str, int, int]]:
@@ -157,9 +175,19 @@ def tcp_sockets(port: int) -> list[tuple[str, int, int]]:
     return out
 
 
-TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
-              "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
-              "0B": "CLOSING"}
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
 
 
 def parse_proc_net_tcp(lines: list[str], port: int) -> list[tuple[str, int, int]]:
@@ -208,7 +236,9 @@ def tmp_bytes(pid: int, tmpdir: Path) -> int:
 def metrics_snapshot(stats_port: int, timeout: float = 10.0) -> dict[str, float] | str:
     """The server's Prometheus samples, or the error that stopped us reading them."""
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", stats_port, timeout=timeout, source_address=(PROBE, 0))
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", stats_port, timeout=timeout, source_address=(PROBE, 0)
+        )
         conn.request("GET", "/metrics", headers={"Host": f"127.0.0.1:{stats_port}"})
         text = conn.getresponse().read().decode(errors="replace")
         conn.close()
@@ -244,8 +274,9 @@ def reply_text(reply: bytes) -> str:
     return parts[0][:20].decode(errors="replace")
 
 
-def fresh_client(port: int, block: int, *, source: str = FRESH, split: bool = True,
-                 wait: float = 15.0) -> dict[str, Any]:
+def fresh_client(
+    port: int, block: int, *, source: str = FRESH, split: bool = True, wait: float = 15.0
+) -> dict[str, Any]:
     """A new connection sends one message (in two TCP writes 50 ms apart when ``split``); was it answered OK?"""
     payload = render_html(block)
     digest = sha256(payload).hexdigest().encode()
@@ -259,12 +290,16 @@ def fresh_client(port: int, block: int, *, source: str = FRESH, split: bool = Tr
         try:
             s.connect(("127.0.0.1", port))
         except OSError as e:
-            return {"answered": False, "reply": f"connect: {type(e).__name__}", "seconds": time.monotonic() - t0}
+            return {
+                "answered": False,
+                "reply": f"connect: {type(e).__name__}",
+                "seconds": time.monotonic() - t0,
+            }
         try:
             if split:
-                s.sendall(frame[:len(frame) // 2])
+                s.sendall(frame[: len(frame) // 2])
                 time.sleep(0.05)
-                s.sendall(frame[len(frame) // 2:])
+                s.sendall(frame[len(frame) // 2 :])
             else:
                 s.sendall(frame)
             buf = b""
@@ -276,10 +311,17 @@ def fresh_client(port: int, block: int, *, source: str = FRESH, split: bool = Tr
                     return {"answered": False, "reply": "closed", "seconds": time.monotonic() - t0}
                 replies, buf = parse_netstrings(buf + chunk)
                 if replies:
-                    return {"answered": replies[0] == b"OK " + digest, "reply": reply_text(replies[0]),
-                            "seconds": time.monotonic() - t0}
+                    return {
+                        "answered": replies[0] == b"OK " + digest,
+                        "reply": reply_text(replies[0]),
+                        "seconds": time.monotonic() - t0,
+                    }
         except TimeoutError:
-            return {"answered": False, "reply": f"no reply in {wait:.0f} s", "seconds": time.monotonic() - t0}
+            return {
+                "answered": False,
+                "reply": f"no reply in {wait:.0f} s",
+                "seconds": time.monotonic() - t0,
+            }
         except (OSError, ValueError) as e:
             return {"answered": False, "reply": type(e).__name__, "seconds": time.monotonic() - t0}
     finally:
@@ -296,7 +338,9 @@ def wait_recovered(ctx: Ctx) -> float | None:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        r = fresh_client(ctx.server.port, ctx.next_block(), source=RECOVER, split=False, wait=min(5.0, left))
+        r = fresh_client(
+            ctx.server.port, ctx.next_block(), source=RECOVER, split=False, wait=min(5.0, left)
+        )
         if r["answered"] and r["seconds"] < 0.5:
             return ctx.since("leave")
         time.sleep(0.5)
@@ -316,8 +360,16 @@ class Crowd:
         self.received = 0
         self.failed: Counter[str] = Counter()
 
-    def open(self, sources: list[str], n: int, data: bytes | Callable[[int], bytes] = b"", *,
-             rcvbuf: int | None = None, burst: int = 40, timeout: float = 3.0) -> int:
+    def open(
+        self,
+        sources: list[str],
+        n: int,
+        data: bytes | Callable[[int], bytes] = b"",
+        *,
+        rcvbuf: int | None = None,
+        burst: int = 40,
+        timeout: float = 3.0,
+    ) -> int:
         """Connect ``n`` sockets round robin from ``sources`` in bursts (below the listen backlog); send ``data``."""
         opened = 0
         for start in range(0, n, burst):
@@ -402,15 +454,23 @@ class Crowd:
             for r in replies:
                 self.replies[reply_text(r)] += 1
 
-    def pump(self, seconds: float, *, read: bool = False, parse: bool = False,
-             until: Callable[[], bool] | None = None) -> None:
+    def pump(
+        self,
+        seconds: float,
+        *,
+        read: bool = False,
+        parse: bool = False,
+        until: Callable[[], bool] | None = None,
+    ) -> None:
         """For ``seconds``: send what is owed and, with ``read``, read (and with ``parse``, count replies)."""
         deadline = time.monotonic() + seconds
         sel = selectors.DefaultSelector()
         for s in self.socks:
             if s in self.gone:
                 continue
-            mask = (selectors.EVENT_WRITE if s in self.out else 0) | (selectors.EVENT_READ if read else 0)
+            mask = (selectors.EVENT_WRITE if s in self.out else 0) | (
+                selectors.EVENT_READ if read else 0
+            )
             if mask:
                 sel.register(s, mask)
         try:
@@ -462,11 +522,28 @@ class Crowd:
 class Watcher:
     """``bench/hostile_watch.py`` beside the server: good client, /healthz probe, samplers."""
 
-    def __init__(self, server: Server, out: Path, start_block: int, metrics_every: float = 0.0) -> None:
+    def __init__(
+        self, server: Server, out: Path, start_block: int, metrics_every: float = 0.0
+    ) -> None:
         self.out = out
-        cmd = [PYTHON, str(BENCH / "hostile_watch.py"), "--port", str(server.port), "--stats-port",
-               str(server.stats_port), "--pid", str(server.pid), "--source", GOOD, "--start-block",
-               str(start_block), "--metrics-every", str(metrics_every), "--out", str(out)]
+        cmd = [
+            PYTHON,
+            str(BENCH / "hostile_watch.py"),
+            "--port",
+            str(server.port),
+            "--stats-port",
+            str(server.stats_port),
+            "--pid",
+            str(server.pid),
+            "--source",
+            GOOD,
+            "--start-block",
+            str(start_block),
+            "--metrics-every",
+            str(metrics_every),
+            "--out",
+            str(out),
+        ]
         self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.popen.stdout is not None
         line = self.popen.stdout.readline().strip()
@@ -528,11 +605,14 @@ def good_client_numbers(data: dict[str, Any], t0: float, t1: float, stop: float)
     closes = [c for c in data["closes"] if t0 <= c[0] <= t1]
     bad = {k: v for k, v in outcomes.items() if k not in ("OK", "in flight at stop")}
     return {
-        "sent": sum(outcomes.values()), "outcomes": dict(outcomes),
-        "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": 1000 * percentile(latencies, 0.99),
+        "sent": sum(outcomes.values()),
+        "outcomes": dict(outcomes),
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
         "max_ms": 1000 * (latencies[-1] if latencies else float("nan")),
         "worst_stall_s": worst_stall(answers, t0, t1),
-        "closes": [c[1] for c in closes], "failed_connects": failed_connects,
+        "closes": [c[1] for c in closes],
+        "failed_connects": failed_connects,
         "answered_throughout": not bad and not closes and not failed_connects and bool(latencies),
     }
 
@@ -542,8 +622,12 @@ def healthz_numbers(data: dict[str, Any], t0: float, t1: float) -> dict[str, Any
     probes = [p for p in data["healthz"] if t0 <= p[0] <= t1]
     took = sorted(p[1] for p in probes)
     fails = Counter(str(p[2]) for p in probes if p[2] != 200)
-    return {"probes": len(probes), "failures": dict(fails), "p50_ms": 1000 * percentile(took, 0.5),
-            "worst_ms": 1000 * (took[-1] if took else float("nan"))}
+    return {
+        "probes": len(probes),
+        "failures": dict(fails),
+        "p50_ms": 1000 * percentile(took, 0.5),
+        "worst_ms": 1000 * (took[-1] if took else float("nan")),
+    }
 
 
 def rss_numbers(data: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
@@ -554,8 +638,12 @@ def rss_numbers(data: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
     before = [s[1] for s in samples if t0 - 2 <= s[0] <= t0] or [samples[0][1]]
     during = [s for s in samples if t0 <= s[0] <= t1] or samples[-1:]
     at0 = [s for s in samples if s[0] <= t0] or samples[:1]
-    return {"rss_before_mb": statistics.median(before) / 1024, "rss_peak_mb": max(s[1] for s in during) / 1024,
-            "rss_after_mb": during[-1][1] / 1024, "cpu_s": during[-1][2] - at0[-1][2]}
+    return {
+        "rss_before_mb": statistics.median(before) / 1024,
+        "rss_peak_mb": max(s[1] for s in during) / 1024,
+        "rss_after_mb": during[-1][1] / 1024,
+        "cpu_s": during[-1][2] - at0[-1][2],
+    }
 
 
 def series(data: dict[str, Any], t0: float, every: float = 1.0) -> list[list[float]]:
@@ -634,7 +722,9 @@ def one_frame(ctx: Ctx, payload: bytes) -> None:
         ctx.extras["attacker_reply"] = reply_text(replies[0]) if replies else "closed"
         ctx.extras["attacker_answered_after_s"] = time.monotonic() - t0
     except TimeoutError:
-        ctx.extras["attacker_reply"] = f"none within {ctx.opts.freeze_cap:.0f} s (server still busy)"
+        ctx.extras["attacker_reply"] = (
+            f"none within {ctx.opts.freeze_cap:.0f} s (server still busy)"
+        )
     except (OSError, ValueError) as e:
         ctx.extras["attacker_reply"] = type(e).__name__
     s.close()
@@ -694,8 +784,12 @@ def hold_partials(ctx: Ctx, sources: list[str], n: int) -> Crowd:
     ctx.extras["partial_bytes_not_taken"] = crowd.owed()
     ctx.extras["connect_failures"] = dict(crowd.failed)
     ctx.extras["closed_by_server_while_holding"] = len(crowd.gone)
-    ctx.extras["metrics_holding"] = pick(metrics_snapshot(ctx.server.stats_port), "eth_server_paused",
-                                         "eth_server_connections_total", "eth_server_protocol_errors_total")
+    ctx.extras["metrics_holding"] = pick(
+        metrics_snapshot(ctx.server.stats_port),
+        "eth_server_paused",
+        "eth_server_connections_total",
+        "eth_server_protocol_errors_total",
+    )
     return crowd
 
 
@@ -734,7 +828,8 @@ def after_closewait(ctx: Ctx) -> None:
         ctx.extras[f"close_wait_{at}s"] = close_wait(ctx.server.port)
         ctx.extras[f"server_sockets_{at}s"] = suite.open_sockets(ctx.server.pid)
         ctx.extras[f"client_from_attacker_address_{at}s"] = fresh_client(
-            ctx.server.port, ctx.next_block(), source=ATTACKERS[1], split=False, wait=5)
+            ctx.server.port, ctx.next_block(), source=ATTACKERS[1], split=False, wait=5
+        )
 
 
 def attack_amplify(ctx: Ctx) -> None:
@@ -742,7 +837,9 @@ def attack_amplify(ctx: Ctx) -> None:
     n = ctx.opts.amplify_connections
     crowd = Crowd(ctx.server.port)
     probes = b"0:," * (MAX_LENGTH // 3)
-    ctx.extras["opened"] = crowd.open(ATTACKERS[:4], n, rcvbuf=4096)  # all connected first, then the burst
+    ctx.extras["opened"] = crowd.open(
+        ATTACKERS[:4], n, rcvbuf=4096
+    )  # all connected first, then the burst
     ctx.extras["connect_failures"] = dict(crowd.failed)
     for s in crowd.socks:
         crowd.out[s] = memoryview(probes)
@@ -755,9 +852,13 @@ def attack_amplify(ctx: Ctx) -> None:
     ctx.extras["bytes_sent"] = crowd.sent
     ctx.extras["bytes_not_taken"] = crowd.owed()
     ctx.extras["kernel_send_queue_peak_mb"] = peak_tx / 1e6
-    ctx.extras["metrics_holding"] = pick(metrics_snapshot(ctx.server.stats_port), "eth_server_paused",
-                                         "eth_server_connections", "eth_server_replies",
-                                         "eth_server_protocol_errors")
+    ctx.extras["metrics_holding"] = pick(
+        metrics_snapshot(ctx.server.stats_port),
+        "eth_server_paused",
+        "eth_server_connections",
+        "eth_server_replies",
+        "eth_server_protocol_errors",
+    )
     crowd.close_all()
     ctx.mark("leave")
 
@@ -779,8 +880,12 @@ def attack_slowdb(ctx: Ctx) -> None:
         ctx.extras["opened"] = crowd.open(ATTACKERS[:2], n, frames)
         ctx.extras["frames_offered"] = per * ctx.extras["opened"]
         crowd.pump(max(0.0, ctx.opts.slowdb_hold - ctx.since("locked")), read=True, parse=True)
-        ctx.extras["metrics_locked"] = pick(metrics_snapshot(ctx.server.stats_port), "eth_server_pending",
-                                            "eth_server_replies", "eth_server_sink_up")
+        ctx.extras["metrics_locked"] = pick(
+            metrics_snapshot(ctx.server.stats_port),
+            "eth_server_pending",
+            "eth_server_replies",
+            "eth_server_sink_up",
+        )
         ctx.extras["replies_while_locked"] = dict(crowd.replies)
     finally:
         with lock.cursor() as c:
@@ -788,11 +893,17 @@ def attack_slowdb(ctx: Ctx) -> None:
         lock.close()
     ctx.mark("unlocked")
     total = ctx.extras.get("frames_offered", 0)
-    crowd.pump(ctx.opts.slowdb_drain, read=True, parse=True, until=lambda: sum(crowd.replies.values()) >= total)
+    crowd.pump(
+        ctx.opts.slowdb_drain,
+        read=True,
+        parse=True,
+        until=lambda: sum(crowd.replies.values()) >= total,
+    )
     ctx.extras["replies"] = dict(crowd.replies)
     # 0: every attacker frame had its answer (busy, timeout) before the table was unlocked
     ctx.extras["all_attacker_frames_answered_s_after_unlock"] = (
-        round(ctx.since("unlocked"), 1) if sum(crowd.replies.values()) >= total else None)
+        round(ctx.since("unlocked"), 1) if sum(crowd.replies.values()) >= total else None
+    )
     ctx.sent += crowd.sent
     crowd.close_all()
     ctx.mark("leave")
@@ -834,9 +945,13 @@ def attack_trickle(ctx: Ctx) -> None:
     blocks = [ctx.next_block() for _ in range(50)]
     receivers.open([ATTACKERS[20]], 50, lambda i: netstring(render_html(blocks[i])), timeout=3)
     receivers.pump(10, read=True, parse=True, until=lambda: sum(receivers.replies.values()) >= 50)
-    ctx.extras["new_receiver_clients"] = {"tried": 50, "connected": len(receivers.socks),
-                                          "answered_ok": receivers.replies.get("OK", 0),
-                                          "closed": len(receivers.gone), "connect_failures": dict(receivers.failed)}
+    ctx.extras["new_receiver_clients"] = {
+        "tried": 50,
+        "connected": len(receivers.socks),
+        "answered_ok": receivers.replies.get("OK", 0),
+        "closed": len(receivers.gone),
+        "connect_failures": dict(receivers.failed),
+    }
     receivers.close_all()
     ctx.sent += crowd.sent + receivers.sent
     crowd.close_all()
@@ -863,8 +978,10 @@ def attack_stats_body(ctx: Ctx) -> None:
     s.bind((ATTACKERS[0], 0))
     s.settimeout(30)
     s.connect(("127.0.0.1", srv.stats_port))
-    head = (b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/octet-stream\r\n"
-            b"Content-Length: %d\r\n\r\n" % (srv.stats_port, BODY_SIZE))
+    head = (
+        b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: %d\r\n\r\n" % (srv.stats_port, BODY_SIZE)
+    )
     chunk = b"\0" * (1 << 20)
     sent = 0
     t0 = time.monotonic()
@@ -880,7 +997,7 @@ def attack_stats_body(ctx: Ctx) -> None:
                 how = "the server answered or closed before the body ended"
                 break
             try:
-                sent += s.send(chunk[:BODY_SIZE - sent])
+                sent += s.send(chunk[: BODY_SIZE - sent])
                 stalled_since = None
             except TimeoutError:
                 stalled_since = stalled_since or time.monotonic()
@@ -895,7 +1012,9 @@ def attack_stats_body(ctx: Ctx) -> None:
     ctx.extras["body_send_s"] = time.monotonic() - t0
     try:
         s.settimeout(30)
-        status = s.recv(200).split(b"\r\n", 1)[0].decode(errors="replace") or "closed without an answer"
+        status = (
+            s.recv(200).split(b"\r\n", 1)[0].decode(errors="replace") or "closed without an answer"
+        )
     except OSError as e:
         status = type(e).__name__
     ctx.extras["response"] = status
@@ -941,11 +1060,15 @@ def attack_pages(ctx: Ctx) -> None:
         t0 = time.monotonic()
         r: dict[str, Any] = {}
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120,
-                                              source_address=(ATTACKERS[i % 10], 0))
+            conn = http.client.HTTPConnection(
+                "127.0.0.1", port, timeout=120, source_address=(ATTACKERS[i % 10], 0)
+            )
             # before=201: the 200 large records (ids 1-200, stored before the good client began), not its pages
-            conn.request("GET", f"/api/messages?limit=200&before={PAGE_RECORDS + 1}",
-                         headers={"Host": f"127.0.0.1:{port}"})
+            conn.request(
+                "GET",
+                f"/api/messages?limit=200&before={PAGE_RECORDS + 1}",
+                headers={"Host": f"127.0.0.1:{port}"},
+            )
             resp = conn.getresponse()
             n = 0
             while True:
@@ -961,7 +1084,9 @@ def attack_pages(ctx: Ctx) -> None:
         with lock:
             results.append(r)
 
-    threads = [threading.Thread(target=get, args=(i,), daemon=True) for i in range(ctx.opts.pages_parallel)]
+    threads = [
+        threading.Thread(target=get, args=(i,), daemon=True) for i in range(ctx.opts.pages_parallel)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -973,25 +1098,73 @@ def attack_pages(ctx: Ctx) -> None:
 
 
 ATTACKS = [
-    Attack("regex-title-22k", 1, "one 22 KB frame: `<title>` + \"ethereum block number \" x 1,000, no `</title>`",
-           attack_title_22k),
+    Attack(
+        "regex-title-22k",
+        1,
+        'one 22 KB frame: `<title>` + "ethereum block number " x 1,000, no `</title>`',
+        attack_title_22k,
+    ),
     Attack("regex-title-64k", 1, "the same at the largest frame (65,536 bytes)", attack_title_64k),
-    Attack("regex-body", 1, "a matching title, then `<body>` repeated to 65,536 bytes, no `</body>`", attack_body),
-    Attack("wedge", 2, "1,000 connections from 11 addresses each grow a 64 KiB frame to 60 KB in 4 KB "
-           "steps and hold it; the oldest leaves, then all", attack_wedge, after=after_wedge),
-    Attack("closewait", 3, "1,000 partial-frame holders grown as in `wedge` (10 addresses x 100, the "
-           "per-address cap), then every peer closes", attack_closewait, after=after_closewait),
-    Attack("amplify", 4, "400 connections each write 64 KiB of `0:,` at once and never read (receive buffer "
-           "4 KiB)", attack_amplify),
-    Attack("slowdb", 5, "MariaDB record, `LOCK TABLES ethereum_data WRITE` held 25 s; 40 connections each "
-           "write 64 KiB of 7-byte frames", attack_slowdb, mysql=True, metrics_every=0.5),
-    Attack("stats-trickle", 14, "200 stats connections trickle a header byte every 3 s for 40 s; then up to "
-           "1,000 (server soft RLIMIT_NOFILE 1,024) and 50 new receiver clients", attack_trickle, nofile=1024),
-    Attack("stats-body", 15, "one unauthenticated 300 MiB POST to /api/stats (the site has a token)",
-           attack_stats_body, env={"ETH_STATS_TOKEN": "hostile-" + secrets.token_hex(8)}),
-    Attack("stats-pages", 16, "200 records of 60 KiB of \\x01, then 20 parallel "
-           "`/api/messages?limit=200&before=201` (those 200)",
-           attack_pages, prepare=prepare_pages),
+    Attack(
+        "regex-body",
+        1,
+        "a matching title, then `<body>` repeated to 65,536 bytes, no `</body>`",
+        attack_body,
+    ),
+    Attack(
+        "wedge",
+        2,
+        "1,000 connections from 11 addresses each grow a 64 KiB frame to 60 KB in 4 KB "
+        "steps and hold it; the oldest leaves, then all",
+        attack_wedge,
+        after=after_wedge,
+    ),
+    Attack(
+        "closewait",
+        3,
+        "1,000 partial-frame holders grown as in `wedge` (10 addresses x 100, the "
+        "per-address cap), then every peer closes",
+        attack_closewait,
+        after=after_closewait,
+    ),
+    Attack(
+        "amplify",
+        4,
+        "400 connections each write 64 KiB of `0:,` at once and never read (receive buffer 4 KiB)",
+        attack_amplify,
+    ),
+    Attack(
+        "slowdb",
+        5,
+        "MariaDB record, `LOCK TABLES ethereum_data WRITE` held 25 s; 40 connections each "
+        "write 64 KiB of 7-byte frames",
+        attack_slowdb,
+        mysql=True,
+        metrics_every=0.5,
+    ),
+    Attack(
+        "stats-trickle",
+        14,
+        "200 stats connections trickle a header byte every 3 s for 40 s; then up to "
+        "1,000 (server soft RLIMIT_NOFILE 1,024) and 50 new receiver clients",
+        attack_trickle,
+        nofile=1024,
+    ),
+    Attack(
+        "stats-body",
+        15,
+        "one unauthenticated 300 MiB POST to /api/stats (the site has a token)",
+        attack_stats_body,
+        env={"ETH_STATS_TOKEN": "hostile-" + secrets.token_hex(8)},
+    ),
+    Attack(
+        "stats-pages",
+        16,
+        "200 records of 60 KiB of \\x01, then 20 parallel "
+        "`/api/messages?limit=200&before=201` (those 200)",
+        attack_pages,
+        prepare=prepare_pages,
+    ),
 ]
 
 
@@ -1001,10 +1174,14 @@ def selected(only: str | None) -> list[Attack]:
         return list(ATTACKS)
     tokens = [t.strip() for t in only.split(",") if t.strip()]
     chosen = [a for a in ATTACKS if any(t == str(a.item) or a.name.startswith(t) for t in tokens)]
-    unknown = [t for t in tokens if not any(t == str(a.item) or a.name.startswith(t) for a in ATTACKS)]
+    unknown = [
+        t for t in tokens if not any(t == str(a.item) or a.name.startswith(t) for a in ATTACKS)
+    ]
     if unknown:
-        raise SystemExit(f"hostile: no attack named {', '.join(unknown)}; attacks: "
-                         + ", ".join(f"{a.name} ({a.item})" for a in ATTACKS))
+        raise SystemExit(
+            f"hostile: no attack named {', '.join(unknown)}; attacks: "
+            + ", ".join(f"{a.name} ({a.item})" for a in ATTACKS)
+        )
     return chosen
 
 
@@ -1026,9 +1203,17 @@ def storage_for(kind: str, work: Path) -> Iterator[tuple[list[str], str | None]]
 def run_attack(attack: Attack, opts: argparse.Namespace, code: Path, block: int) -> dict[str, Any]:
     """Run one attack against a fresh server; its numbers."""
     kind = opts.storage if not attack.mysql or "mysql" in opts.storage else "mysql"
-    result: dict[str, Any] = {"name": attack.name, "item": attack.item, "what": attack.what, "storage": kind}
+    result: dict[str, Any] = {
+        "name": attack.name,
+        "item": attack.item,
+        "what": attack.what,
+        "storage": kind,
+    }
     begun = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="ethhostile-") as tmp, storage_for(kind, Path(tmp)) as (storage, db):
+    with (
+        tempfile.TemporaryDirectory(prefix="ethhostile-") as tmp,
+        storage_for(kind, Path(tmp)) as (storage, db),
+    ):
         work = Path(tmp)
         server = Server(code, work, storage, env=attack.env, nofile=attack.nofile)
         ctx = Ctx(opts, server, work, block + 500_000, database=db)
@@ -1085,10 +1270,15 @@ def run_attack(attack: Attack, opts: argparse.Namespace, code: Path, block: int)
         if unlocked is not None:
             drained = [at for at, v in pend if at >= unlocked and v == 0]
             result["pending_zero_after_unlock_s"] = drained[0] - unlocked if drained else None
-        result["metrics_failed_reads"] = sum(1 for at, v, _ in data["metrics"] if v is None and t0 <= at <= t1)
+        result["metrics_failed_reads"] = sum(
+            1 for at, v, _ in data["metrics"] if v is None and t0 <= at <= t1
+        )
     if "rows_stored" in result:
-        oks = (sum(1 for f in data["frames"] if f[2] == "OK") + ctx.extras.get("replies", {}).get("OK", 0)
-               + sum(1 for v in ctx.extras.values() if isinstance(v, dict) and v.get("answered")))
+        oks = (
+            sum(1 for f in data["frames"] if f[2] == "OK")
+            + ctx.extras.get("replies", {}).get("OK", 0)
+            + sum(1 for v in ctx.extras.values() if isinstance(v, dict) and v.get("answered"))
+        )
         result["rows_stored_never_answered_ok"] = result["rows_stored"] - oks
     if "rss_peak_mb" in result:
         grew = result["rss_peak_mb"] - result["rss_before_mb"]
@@ -1149,15 +1339,17 @@ def detail_lines(r: dict[str, Any]) -> list[str]:
     """The attack-specific numbers as markdown bullets."""
     x = r.get("extras", {})
     g, h = r["good"], r["healthz"]
-    out = [f"- good client (127.0.0.2): {g['sent']} messages sent during the attack, outcomes "
-           f"{g['outcomes']}; closes {g['closes'] or 'none'}; failed connects {g['failed_connects']}; "
-           f"baseline p50 {ms(r['baseline']['p50_ms'])} ms",
-           f"- /healthz: {h['probes']} probes, failures {h['failures'] or 'none'}, p50 {ms(h['p50_ms'])} ms",
-           f"- server: CPU {r.get('cpu_s', float('nan')):.1f} s during the attack for "
-           f"{size_text(r['attacker_bytes'])} sent by the attacker; log {r['log']['lines']} lines "
-           f"({r['log']['critical']} CRITICAL, {r['log']['tracebacks']} tracebacks)"
-           + ("; **killed** (did not stop on SIGTERM within 10 s)" if r.get("server_killed") else "")
-           + (f"; **exited** {r['server_exited']}" if r.get("server_exited") is not None else "")]
+    out = [
+        f"- good client (127.0.0.2): {g['sent']} messages sent during the attack, outcomes "
+        f"{g['outcomes']}; closes {g['closes'] or 'none'}; failed connects {g['failed_connects']}; "
+        f"baseline p50 {ms(r['baseline']['p50_ms'])} ms",
+        f"- /healthz: {h['probes']} probes, failures {h['failures'] or 'none'}, p50 {ms(h['p50_ms'])} ms",
+        f"- server: CPU {r.get('cpu_s', float('nan')):.1f} s during the attack for "
+        f"{size_text(r['attacker_bytes'])} sent by the attacker; log {r['log']['lines']} lines "
+        f"({r['log']['critical']} CRITICAL, {r['log']['tracebacks']} tracebacks)"
+        + ("; **killed** (did not stop on SIGTERM within 10 s)" if r.get("server_killed") else "")
+        + (f"; **exited** {r['server_exited']}" if r.get("server_exited") is not None else ""),
+    ]
     skip = {"two_write_after"}
     for k, v in x.items():
         if k in skip:
@@ -1165,9 +1357,16 @@ def detail_lines(r: dict[str, Any]) -> list[str]:
         if isinstance(v, dict) and "answered" in v:
             v = fresh_text(v)
         out.append(f"- {k.replace('_', ' ')}: {plain(v)}")
-    for k in ("rss_peak_growth_per_connection_kb", "rss_peak_growth_per_mb_sent", "pending_peak",
-              "pending_zero_after_unlock_s", "metrics_failed_reads", "rows_stored", "rows_stored_never_answered_ok",
-              "wall_s"):
+    for k in (
+        "rss_peak_growth_per_connection_kb",
+        "rss_peak_growth_per_mb_sent",
+        "pending_peak",
+        "pending_zero_after_unlock_s",
+        "metrics_failed_reads",
+        "rows_stored",
+        "rows_stored_never_answered_ok",
+        "wall_s",
+    ):
         if k in r:
             out.append(f"- {k.replace('_', ' ')}: {plain(r[k])}")
     if "error" in r:
@@ -1178,33 +1377,45 @@ def detail_lines(r: dict[str, Any]) -> list[str]:
 def report(res: dict[str, Any]) -> str:
     """The results as markdown: one table row per attack, then each attack's details."""
     m = res["meta"]
-    lines = [f"# eth-twisted adversarial benchmark ({m['label']})", "",
-             f"{m['when']} on {m['host']} ({m['cpus']} CPUs, Python {m['python']}), load average at start "
-             f"{m['load_start']:.2f}, at end {m['load_end']:.2f}; server code `{m['code']}`"
-             + (f" (commit {m['commit']})" if m.get("commit") else "") + f", storage {m['storage']}, server "
-             "defaults (`--max-length 65536`, `--partial-budget` 32 MiB, `--max-per-ip 100`, `--window 256`, "
-             "`--deadline 10`). Good client: 127.0.0.2, a fresh message every 20 ms on one connection, and "
-             "`GET /healthz` every 100 ms; attackers 127.0.0.10-.40. \"answered throughout\": every message of "
-             "the good client sent during the attack got `OK`, with no close, reset or reconnect. Worst stall: "
-             "the longest time the good client went without any reply. Two-write client: a fresh connection "
-             "from 127.0.0.3 sends one frame in two writes 50 ms apart, after the attacker left.", "",
-             "| item | attack | RSS before / peak / after (MB) | ack p50 / p99 / max (ms) | worst stall (s) "
-             "| /healthz worst (ms) | good client answered throughout | prompt again after leaving (s) "
-             "| two-write client after |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# eth-twisted adversarial benchmark ({m['label']})",
+        "",
+        f"{m['when']} on {m['host']} ({m['cpus']} CPUs, Python {m['python']}), load average at start "
+        f"{m['load_start']:.2f}, at end {m['load_end']:.2f}; server code `{m['code']}`"
+        + (f" (commit {m['commit']})" if m.get("commit") else "")
+        + f", storage {m['storage']}, server "
+        "defaults (`--max-length 65536`, `--partial-budget` 32 MiB, `--max-per-ip 100`, `--window 256`, "
+        "`--deadline 10`). Good client: 127.0.0.2, a fresh message every 20 ms on one connection, and "
+        '`GET /healthz` every 100 ms; attackers 127.0.0.10-.40. "answered throughout": every message of '
+        "the good client sent during the attack got `OK`, with no close, reset or reconnect. Worst stall: "
+        "the longest time the good client went without any reply. Two-write client: a fresh connection "
+        "from 127.0.0.3 sends one frame in two writes 50 ms apart, after the attacker left.",
+        "",
+        "| item | attack | RSS before / peak / after (MB) | ack p50 / p99 / max (ms) | worst stall (s) "
+        "| /healthz worst (ms) | good client answered throughout | prompt again after leaving (s) "
+        "| two-write client after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["attacks"]:
         if "good" not in r:
-            lines.append(f"| {r['item']} | {r['name']} | did not run: {r.get('error', '?').splitlines()[-1]} "
-                         "| | | | | | |")
+            lines.append(
+                f"| {r['item']} | {r['name']} | did not run: {r.get('error', '?').splitlines()[-1]} "
+                "| | | | | | |"
+            )
             continue
         g = r["good"]
         lines.append(
             f"| {r['item']} | {r['name']} | {r.get('rss_before_mb', 0):.0f} / {r.get('rss_peak_mb', 0):.0f} / "
             f"{r.get('rss_after_mb', 0):.0f} | {ms(g['p50_ms'])} / {ms(g['p99_ms'])} / {ms(g['max_ms'])} | "
             f"{g['worst_stall_s']:.2f} | {ms(r['healthz']['worst_ms'])}"
-            + (f" ({sum(r['healthz']['failures'].values())} failed)" if r["healthz"]["failures"] else "")
+            + (
+                f" ({sum(r['healthz']['failures'].values())} failed)"
+                if r["healthz"]["failures"]
+                else ""
+            )
             + f" | {yes_no(g['answered_throughout'])} | {recovered_text(r['extras'].get('recovered_after_leaving_s'))}"
-            f" | {fresh_text(r['extras'].get('two_write_after'))} |")
+            f" | {fresh_text(r['extras'].get('two_write_after'))} |"
+        )
     for r in res["attacks"]:
         lines += ["", f"## {r['item']}. {r['name']}", "", r["what"] + ".", ""]
         if "good" in r:
@@ -1217,25 +1428,62 @@ def report(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected attacks; print and write the results."""
     p = argparse.ArgumentParser(prog="bench/hostile.py", description=__doc__.splitlines()[0])
-    p.add_argument("--code", default=str(ROOT), help="source tree the server runs from (default: this checkout)")
-    p.add_argument("--commit", help="the commit --code holds, for the report (found with git when DIR is a checkout)")
-    p.add_argument("--label", default="current", help="names the results files (hostile-LABEL.md, .json)")
-    p.add_argument("--only", help="comma list of attacks by name, name prefix or issue item: "
-                   + ", ".join(f"{a.name} ({a.item})" for a in ATTACKS))
-    p.add_argument("--storage", default="sqlite", choices=["sqlite", "mysql", "mysql+redis"],
-                   help="the server's sinks (slowdb always uses MariaDB)")
-    p.add_argument("--keep", help="copy each attack's server log and watcher events (watch.json) under this dir")
-    p.add_argument("--baseline", type=float, default=3.0, help="seconds of watching before each attack")
-    p.add_argument("--settle", type=float, default=5.0, help="seconds after the attacker leaves before the checks")
-    p.add_argument("--recover-cap", type=float, default=30.0,
-                   help="after the attacker leaves, how long to wait for the server to answer a fresh client promptly")
-    p.add_argument("--freeze-cap", type=float, default=100.0, help="longest wait for a frozen server's reply")
+    p.add_argument(
+        "--code",
+        default=str(ROOT),
+        help="source tree the server runs from (default: this checkout)",
+    )
+    p.add_argument(
+        "--commit",
+        help="the commit --code holds, for the report (found with git when DIR is a checkout)",
+    )
+    p.add_argument(
+        "--label", default="current", help="names the results files (hostile-LABEL.md, .json)"
+    )
+    p.add_argument(
+        "--only",
+        help="comma list of attacks by name, name prefix or issue item: "
+        + ", ".join(f"{a.name} ({a.item})" for a in ATTACKS),
+    )
+    p.add_argument(
+        "--storage",
+        default="sqlite",
+        choices=["sqlite", "mysql", "mysql+redis"],
+        help="the server's sinks (slowdb always uses MariaDB)",
+    )
+    p.add_argument(
+        "--keep",
+        help="copy each attack's server log and watcher events (watch.json) under this dir",
+    )
+    p.add_argument(
+        "--baseline", type=float, default=3.0, help="seconds of watching before each attack"
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds after the attacker leaves before the checks",
+    )
+    p.add_argument(
+        "--recover-cap",
+        type=float,
+        default=30.0,
+        help="after the attacker leaves, how long to wait for the server to answer a fresh client promptly",
+    )
+    p.add_argument(
+        "--freeze-cap", type=float, default=100.0, help="longest wait for a frozen server's reply"
+    )
     p.add_argument("--wedge-connections", type=int, default=1000)
     p.add_argument("--amplify-connections", type=int, default=400)
     p.add_argument("--amplify-hold", type=float, default=25.0)
     p.add_argument("--slowdb-connections", type=int, default=40)
     p.add_argument("--slowdb-hold", type=float, default=25.0, help="seconds the table lock is held")
-    p.add_argument("--slowdb-drain", type=float, default=40.0, help="longest wait for every reply after unlocking")
+    p.add_argument(
+        "--slowdb-drain",
+        type=float,
+        default=40.0,
+        help="longest wait for every reply after unlocking",
+    )
     p.add_argument("--trickle-every", type=float, default=3.0)
     p.add_argument("--trickle-seconds", type=float, default=40.0)
     p.add_argument("--trickle-fill", type=int, default=1000)
@@ -1248,30 +1496,55 @@ def main(argv: list[str] | None = None) -> int:
     if "mysql" in opts.storage or any(a.mysql for a in attacks):
         suite.ensure_mysql_account()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    commit = opts.commit or subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True).stdout.strip()
-    res: dict[str, Any] = {"meta": {
-        "label": opts.label, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
-        "cpus": os.cpu_count(), "python": platform.python_version(), "load_start": suite.load_average(),
-        "code": str(code), "commit": commit, "storage": opts.storage, "options": vars(opts),
-    }, "attacks": []}
+    commit = (
+        opts.commit
+        or subprocess.run(
+            ["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
+    res: dict[str, Any] = {
+        "meta": {
+            "label": opts.label,
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_start": suite.load_average(),
+            "code": str(code),
+            "commit": commit,
+            "storage": opts.storage,
+            "options": vars(opts),
+        },
+        "attacks": [],
+    }
     block = 800_000_000
     for attack in attacks:
-        print(f"[hostile] {time.strftime('%H:%M:%S')} load {suite.load_average():.2f}: "
-              f"{attack.item} {attack.name}", flush=True)
+        print(
+            f"[hostile] {time.strftime('%H:%M:%S')} load {suite.load_average():.2f}: "
+            f"{attack.item} {attack.name}",
+            flush=True,
+        )
         try:
             r = run_attack(attack, opts, code, block)
         except Exception:
-            r = {"name": attack.name, "item": attack.item, "what": attack.what, "error": traceback.format_exc()}
+            r = {
+                "name": attack.name,
+                "item": attack.item,
+                "what": attack.what,
+                "error": traceback.format_exc(),
+            }
         block += 1_000_000
         res["attacks"].append(r)
         if "good" in r:
             g = r["good"]
-            print(f"  RSS {r.get('rss_before_mb', 0):.0f}/{r.get('rss_peak_mb', 0):.0f}/"
-                  f"{r.get('rss_after_mb', 0):.0f} MB, stall {g['worst_stall_s']:.2f} s, "
-                  f"good {'PASS' if g['answered_throughout'] else 'FAIL'}, healthz worst "
-                  f"{ms(r['healthz']['worst_ms'])} ms, two-write "
-                  f"{fresh_text(r['extras'].get('two_write_after'))}, {r['wall_s']:.0f} s", flush=True)
+            print(
+                f"  RSS {r.get('rss_before_mb', 0):.0f}/{r.get('rss_peak_mb', 0):.0f}/"
+                f"{r.get('rss_after_mb', 0):.0f} MB, stall {g['worst_stall_s']:.2f} s, "
+                f"good {'PASS' if g['answered_throughout'] else 'FAIL'}, healthz worst "
+                f"{ms(r['healthz']['worst_ms'])} ms, two-write "
+                f"{fresh_text(r['extras'].get('two_write_after'))}, {r['wall_s']:.0f} s",
+                flush=True,
+            )
         else:
             print("  " + r["error"].strip().splitlines()[-1], flush=True)
     res["meta"]["load_end"] = suite.load_average()

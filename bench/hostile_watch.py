@@ -57,9 +57,9 @@ def parse_netstrings(buf: bytes) -> tuple[list[bytes], bytes]:
         stop = colon + 1 + n
         if stop >= len(buf):
             break
-        if buf[stop:stop + 1] != b",":
+        if buf[stop : stop + 1] != b",":
             raise ValueError("netstring without its comma")
-        out.append(buf[colon + 1:stop])
+        out.append(buf[colon + 1 : stop])
         pos = stop + 1
     return out, buf[pos:]
 
@@ -175,7 +175,9 @@ class GoodClient(threading.Thread):
                     self.frames[idx][2] = "OK"
                     self.first_ok.set()
                 elif reply.startswith(b"ERR "):
-                    self.frames[idx][2] = "ERR " + reply.rsplit(b" ", 1)[-1].decode(errors="replace")
+                    self.frames[idx][2] = "ERR " + reply.rsplit(b" ", 1)[-1].decode(
+                        errors="replace"
+                    )
                 else:
                     self.frames[idx][2] = reply[:20].decode(errors="replace")
         if sock is not None:
@@ -197,8 +199,12 @@ class HealthProbe(threading.Thread):
             t0 = time.monotonic()
             status: Any
             try:
-                conn = http.client.HTTPConnection(opts.host, opts.stats_port, timeout=opts.probe_timeout,
-                                                  source_address=(opts.source, 0))
+                conn = http.client.HTTPConnection(
+                    opts.host,
+                    opts.stats_port,
+                    timeout=opts.probe_timeout,
+                    source_address=(opts.source, 0),
+                )
                 conn.request("GET", "/healthz", headers={"Host": f"127.0.0.1:{opts.stats_port}"})
                 resp = conn.getresponse()
                 resp.read()
@@ -252,8 +258,12 @@ class MetricsProbe(threading.Thread):
             t0 = time.monotonic()
             value = None
             try:
-                conn = http.client.HTTPConnection(opts.host, opts.stats_port, timeout=opts.probe_timeout,
-                                                  source_address=(opts.source, 0))
+                conn = http.client.HTTPConnection(
+                    opts.host,
+                    opts.stats_port,
+                    timeout=opts.probe_timeout,
+                    source_address=(opts.source, 0),
+                )
                 conn.request("GET", "/metrics", headers={"Host": f"127.0.0.1:{opts.stats_port}"})
                 text = conn.getresponse().read().decode(errors="replace")
                 conn.close()
@@ -276,9 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pid", type=int, required=True, help="the server's pid (for RSS and CPU)")
     p.add_argument("--source", default="127.0.0.2", help="the good client's and probe's address")
     p.add_argument("--start-block", type=int, default=900_000_000)
-    p.add_argument("--every", type=float, default=0.02, help="seconds between the good client's messages")
+    p.add_argument(
+        "--every", type=float, default=0.02, help="seconds between the good client's messages"
+    )
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--ack-timeout", type=float, default=20.0, help="reconnect after this long without the oldest reply")
+    p.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=20.0,
+        help="reconnect after this long without the oldest reply",
+    )
     p.add_argument("--probe-every", type=float, default=0.1)
     p.add_argument("--probe-timeout", type=float, default=30.0)
     p.add_argument("--sample-every", type=float, default=0.05)
@@ -303,9 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     stop.set()
     for t in threads:
         t.join(opts.probe_timeout + 5)
-    out = {"frames": good.frames, "connects": good.connects, "closes": good.closes,
-           "healthz": probe.events, "samples": sampler.samples,
-           "metrics": metrics.events if metrics is not None else []}
+    out = {
+        "frames": good.frames,
+        "connects": good.connects,
+        "closes": good.closes,
+        "healthz": probe.events,
+        "samples": sampler.samples,
+        "metrics": metrics.events if metrics is not None else [],
+    }
     Path(opts.out).write_text(json.dumps(out))
     print("done", flush=True)
     return 0

@@ -49,10 +49,24 @@ def netstring(payload: bytes) -> bytes:
 class Conn:
     """One client connection: its frames, what is in flight, and the replies so far."""
 
-    __slots__ = ("sock", "frames", "hashes", "next", "sent_at", "inbuf", "outbuf", "window",
-                 "counts", "wrong", "done_at", "fd")
+    __slots__ = (
+        "sock",
+        "frames",
+        "hashes",
+        "next",
+        "sent_at",
+        "inbuf",
+        "outbuf",
+        "window",
+        "counts",
+        "wrong",
+        "done_at",
+        "fd",
+    )
 
-    def __init__(self, sock: socket.socket, frames: list[bytes], hashes: list[bytes], window: int) -> None:
+    def __init__(
+        self, sock: socket.socket, frames: list[bytes], hashes: list[bytes], window: int
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.frames = frames
@@ -75,7 +89,9 @@ class Conn:
         return self.next >= len(self.frames) and not self.sent_at
 
 
-def connect(host: str, port: int, source: str | None = None, blocking: bool = False) -> socket.socket:
+def connect(
+    host: str, port: int, source: str | None = None, blocking: bool = False
+) -> socket.socket:
     """A TCP connection to the server, optionally from a given loopback source address."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -103,18 +119,18 @@ def parse_replies(conn: Conn, now: float, latencies: array) -> None:
         stop = colon + 1 + n
         if stop >= end:
             break
-        body = buf[colon + 1:stop]
+        body = buf[colon + 1 : stop]
         pos = stop + 1
         t, idx = sent_at.popleft()
         latencies.append(now - t)
         space = body.find(b" ")
         kind = body[:space].decode()
         if kind == "ERR":
-            rest = body[space + 1:].split(b" ")
+            rest = body[space + 1 :].split(b" ")
             kind = "ERR " + rest[-1].decode()
             digest = rest[0]
         else:
-            digest = body[space + 1:]
+            digest = body[space + 1 :]
         counts[kind] = counts.get(kind, 0) + 1
         if digest != hashes[idx]:
             conn.wrong += 1
@@ -131,7 +147,9 @@ def build(start: int, count: int) -> tuple[list[bytes], list[bytes]]:
     return frames, hashes
 
 
-def run_clients(conns: list[Conn], *, rate: float | None = None, timeout: float = 600.0) -> dict[str, Any]:
+def run_clients(
+    conns: list[Conn], *, rate: float | None = None, timeout: float = 600.0
+) -> dict[str, Any]:
     """Drive ``conns`` until every frame is answered; flood, or paced at ``rate`` msgs/s in all."""
     sel = selectors.DefaultSelector()
     for c in conns:
@@ -203,7 +221,9 @@ def run_clients(conns: list[Conn], *, rate: float | None = None, timeout: float 
                 except BlockingIOError:
                     continue
                 if not data:
-                    raise SystemExit(f"loadgen: server closed a connection with {c.unanswered} unanswered")
+                    raise SystemExit(
+                        f"loadgen: server closed a connection with {c.unanswered} unanswered"
+                    )
                 c.inbuf += data
                 t = time.perf_counter()
                 parse_replies(c, t, latencies)
@@ -251,8 +271,9 @@ def raise_nofile() -> int:
     return hard
 
 
-def open_idle(host: str, port: int, count: int, sources: list[str],
-              burst: int = 40, pause: float = 0.01) -> tuple[list[socket.socket], float]:
+def open_idle(
+    host: str, port: int, count: int, sources: list[str], burst: int = 40, pause: float = 0.01
+) -> tuple[list[socket.socket], float]:
     """Open ``count`` connections spread over ``sources``; return them and the seconds it took.
 
     Connections go out in bursts smaller than the server's listen backlog (50
@@ -273,7 +294,9 @@ def open_idle(host: str, port: int, count: int, sources: list[str],
         for s in batch:
             err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err or s not in writable:
-                raise SystemExit(f"loadgen: idle connect failed ({os.strerror(err) if err else 'timeout'})")
+                raise SystemExit(
+                    f"loadgen: idle connect failed ({os.strerror(err) if err else 'timeout'})"
+                )
         socks.extend(batch)
         time.sleep(pause)
     return socks, time.perf_counter() - started
@@ -318,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=200_000)
     p.add_argument("--start-block", type=int, default=10_000_000)
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--rate", type=float, default=1000.0, help="paced mode: messages/s offered in all")
+    p.add_argument(
+        "--rate", type=float, default=1000.0, help="paced mode: messages/s offered in all"
+    )
     p.add_argument("--idle", type=int, default=10_000, help="idle mode: connections to hold")
     p.add_argument("--source-ips", default="127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5")
-    p.add_argument("--hold-file", help="idle mode: write the count held here, then wait for it to vanish")
+    p.add_argument(
+        "--hold-file", help="idle mode: write the count held here, then wait for it to vanish"
+    )
     p.add_argument("--timeout", type=float, default=900.0)
     args = p.parse_args(argv)
 
@@ -339,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         result["idle_opened"] = len(held)
         result["idle_open_seconds"] = took
     cpu0 = cpu_seconds()
-    result.update(run_clients(conns, rate=args.rate if args.mode == "paced" else None, timeout=args.timeout))
+    result.update(
+        run_clients(conns, rate=args.rate if args.mode == "paced" else None, timeout=args.timeout)
+    )
     result["cpu_seconds"] = cpu_seconds() - cpu0
     if args.mode == "idle":
         result["idle_alive"] = check_alive(held)

@@ -81,20 +81,43 @@ def fill(db: dict[str, Any], rows: int, size: int) -> None:
     from eth_twisted.sinks.sql.migrations import migrate_mysql
     from eth_twisted.sinks.sql.pool import MySQLSettings
 
-    migrate_mysql(MySQLSettings(mysql_host=db["host"], mysql_port=db["port"], mysql_user=db["user"],
-                                mysql_pass=db["password"], mysql_db=db["database"]))
-    conn = pymysql.connect(host=db["host"], port=db["port"], user=db["user"], password=db["password"],
-                           database=db["database"], autocommit=False)
+    migrate_mysql(
+        MySQLSettings(
+            mysql_host=db["host"],
+            mysql_port=db["port"],
+            mysql_user=db["user"],
+            mysql_pass=db["password"],
+            mysql_db=db["database"],
+        )
+    )
+    conn = pymysql.connect(
+        host=db["host"],
+        port=db["port"],
+        user=db["user"],
+        password=db["password"],
+        database=db["database"],
+        autocommit=False,
+    )
     try:
         with conn.cursor() as c:
             batch: list[tuple[Any, ...]] = []
             for i in range(rows):
                 payload = i.to_bytes(8, "big") * (size // 8) + b"x" * (size % 8)
-                batch.append((hashlib.sha256(payload).hexdigest(), payload, i, f"10.{i % 200}.0.1",
-                              1_700_000_000 + i))
+                batch.append(
+                    (
+                        hashlib.sha256(payload).hexdigest(),
+                        payload,
+                        i,
+                        f"10.{i % 200}.0.1",
+                        1_700_000_000 + i,
+                    )
+                )
                 if len(batch) == 40 or i == rows - 1:
-                    c.executemany("INSERT INTO ethereum_data (hash, payload, block_number, client_ip, "
-                                  "received_at) VALUES (%s, %s, %s, %s, FROM_UNIXTIME(%s))", batch)
+                    c.executemany(
+                        "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, "
+                        "received_at) VALUES (%s, %s, %s, %s, FROM_UNIXTIME(%s))",
+                        batch,
+                    )
                     conn.commit()
                     batch = []
     finally:
@@ -134,7 +157,11 @@ def measure(mode: str, db: dict[str, Any], code: str | None = None) -> dict[str,
         env["PYTHONPATH"] = os.pathsep.join([code, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--db", json.dumps(db)],
-        env=env, capture_output=True, text=True, timeout=600, cwd=code or str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=code or str(ROOT),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} child failed:\n{proc.stdout}\n{proc.stderr}")
@@ -150,13 +177,32 @@ def _child(mode: str, db: dict[str, Any]) -> None:
     from eth_twisted.sinks.redis import make_redis_sink
     from eth_twisted.sinks.sql.mysql import make_mysql_sink
 
-    out: dict[str, Any] = {"mode": mode, "code": str(Path(eth_twisted.__file__).resolve().parent.parent)}
+    out: dict[str, Any] = {
+        "mode": mode,
+        "code": str(Path(eth_twisted.__file__).resolve().parent.parent),
+    }
 
     async def run() -> None:
-        record = make_mysql_sink(MySQLSettings(mysql_host=db["host"], mysql_port=db["port"], mysql_user=db["user"], mysql_pass=db["password"], mysql_db=db["database"]), migrate=False)
+        record = make_mysql_sink(
+            MySQLSettings(
+                mysql_host=db["host"],
+                mysql_port=db["port"],
+                mysql_user=db["user"],
+                mysql_pass=db["password"],
+                mysql_db=db["database"],
+            ),
+            migrate=False,
+        )
         await record.start()
         prefix = f"ethbench:{secrets.token_hex(5)}:"
-        redis = make_redis_sink(RedisSettings(redis_host=REDIS["host"], redis_port=REDIS["port"], redis_prefix=prefix, redis_timeout=30))
+        redis = make_redis_sink(
+            RedisSettings(
+                redis_host=REDIS["host"],
+                redis_port=REDIS["port"],
+                redis_prefix=prefix,
+                redis_timeout=30,
+            )
+        )
         try:
             await redis.start()
             out["base_kib"], out["base_peak_kib"] = _rss_kib(), _peak_kib()
@@ -186,11 +232,17 @@ def _child(mode: str, db: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--size", type=int, default=65536)
-    parser.add_argument("--code", action="append", default=[],
-                        help="a source tree to run the reconcile child from (repeatable; default: this tree)")
+    parser.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        help="a source tree to run the reconcile child from (repeatable; default: this tree)",
+    )
     parser.add_argument("--child", choices=["payloads", "reconcile"], help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,10 +259,14 @@ def main() -> None:
             reports.append(measure("reconcile", db, code))
     finally:
         drop_database(db)
-    print(f"\n{'child':<10} {'code':<28} {'records':>8} {'base MiB':>9} {'peak MiB':>9} {'growth MiB':>11} {'s':>7}")
+    print(
+        f"\n{'child':<10} {'code':<28} {'records':>8} {'base MiB':>9} {'peak MiB':>9} {'growth MiB':>11} {'s':>7}"
+    )
     for r in reports:
-        print(f"{r['mode']:<10} {r['code'][-28:]:<28} {r['records']:>8} {r['base_kib'] / 1024:>9.1f} "
-              f"{r['peak_kib'] / 1024:>9.1f} {r['growth_kib'] / 1024:>11.1f} {r['seconds']:>7.2f}")
+        print(
+            f"{r['mode']:<10} {r['code'][-28:]:<28} {r['records']:>8} {r['base_kib'] / 1024:>9.1f} "
+            f"{r['peak_kib'] / 1024:>9.1f} {r['growth_kib'] / 1024:>11.1f} {r['seconds']:>7.2f}"
+        )
     print(json.dumps(reports))
 
 

@@ -29,8 +29,10 @@ from twisted.protocols.basic import NetstringReceiver
 
 log = Logger()
 
-INSERT = ("INSERT INTO ethereum_data (hash, payload, block_number, client_ip, received_at) "
-          "VALUES (%s, %s, NULL, %s, UTC_TIMESTAMP(6))")
+INSERT = (
+    "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, received_at) "
+    "VALUES (%s, %s, NULL, %s, UTC_TIMESTAMP(6))"
+)
 
 
 def store_one(txn: Any, sha: str, payload: bytes, ip: str) -> str:
@@ -81,14 +83,23 @@ def main() -> None:
     p.add_argument("--mysql-port", type=int, default=3306)
     p.add_argument("--mysql-user", default="eth_test")
     p.add_argument("--mysql-db", required=True)
-    p.add_argument("--pool", type=int, default=5, help="adbapi cp_max (the seed used the default, 5)")
+    p.add_argument(
+        "--pool", type=int, default=5, help="adbapi cp_max (the seed used the default, 5)"
+    )
     args = p.parse_args()
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
     factory = Factory.forProtocol(SeedReceiver)
     factory.pool = adbapi.ConnectionPool(  # type: ignore[attr-defined]
-        "pymysql", host=args.mysql_host, port=args.mysql_port, user=args.mysql_user,
-        password=os.environ.get("ETH_MYSQL_PASS", ""), database=args.mysql_db, charset="utf8mb4",
-        cp_min=1, cp_max=args.pool, cp_reconnect=True,
+        "pymysql",
+        host=args.mysql_host,
+        port=args.mysql_port,
+        user=args.mysql_user,
+        password=os.environ.get("ETH_MYSQL_PASS", ""),
+        database=args.mysql_db,
+        charset="utf8mb4",
+        cp_min=1,
+        cp_max=args.pool,
+        cp_reconnect=True,
     )
     reactor.listenTCP(args.port, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
     log.info("seed server ready on {port}", port=args.port)

@@ -79,10 +79,23 @@ class Server:
             env["PYTHONPATH"] = code
         # cwd: the data directory, so `python -c` does not import this tree instead of --code's.
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys\ntry:\n    from eth_twisted.cli.main import main\nexcept ImportError:  # an older tree\n    from eth_twisted.cli import main\nsys.exit(main())",
-             "server", "--port", str(self.port), "--stats", f"tcp:{self.web}:interface=127.0.0.1",
-             "--sqlite", sqlite],
-            env=env, cwd=str(Path(sqlite).parent), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-c",
+                "import sys\ntry:\n    from eth_twisted.cli.main import main\nexcept ImportError:  # an older tree\n    from eth_twisted.cli import main\nsys.exit(main())",
+                "server",
+                "--port",
+                str(self.port),
+                "--stats",
+                f"tcp:{self.web}:interface=127.0.0.1",
+                "--sqlite",
+                sqlite,
+            ],
+            env=env,
+            cwd=str(Path(sqlite).parent),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -100,10 +113,16 @@ class Server:
             self.proc.kill()
 
 
-def http_get(port: int, path: str, source: str = "127.0.0.2", timeout: float = 30.0) -> tuple[int, int]:
+def http_get(
+    port: int, path: str, source: str = "127.0.0.2", timeout: float = 30.0
+) -> tuple[int, int]:
     """A one-shot GET with the token; (status, body bytes), the body read and discarded."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as s:
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+    ) as s:
+        s.sendall(
+            f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
         head, size = b"", 0
         while chunk := s.recv(1 << 20):
             if len(head) < 64:
@@ -125,14 +144,17 @@ class Probes:
         self.rtts: list[float] = []
         self.health: list[tuple[int, float]] = []
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._probe, daemon=True),
-                        threading.Thread(target=self._health, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._probe, daemon=True),
+            threading.Thread(target=self._health, daemon=True),
+        ]
         for t in self.threads:
             t.start()
 
     def _probe(self) -> None:
-        with socket.create_connection(("127.0.0.1", self.server.port), timeout=60,
-                                      source_address=("127.0.0.2", 0)) as s:
+        with socket.create_connection(
+            ("127.0.0.1", self.server.port), timeout=60, source_address=("127.0.0.2", 0)
+        ) as s:
             while not self.stop.is_set():
                 started = time.perf_counter()
                 s.sendall(b"0:,")
@@ -158,13 +180,18 @@ class Probes:
             t.join(60)
         rtts = sorted(self.rtts) or [0.0]
         health = [h for h in self.health]
-        return {"probe_p50_ms": round(statistics.median(rtts) * 1000, 2),
-                "probe_worst_ms": round(rtts[-1] * 1000, 1),
-                "healthz_ok": sum(1 for s, _ in health if s == 200), "healthz_failed": sum(1 for s, _ in health if s != 200),
-                "healthz_worst_ms": round(max((t for _, t in health), default=0.0) * 1000, 1)}
+        return {
+            "probe_p50_ms": round(statistics.median(rtts) * 1000, 2),
+            "probe_worst_ms": round(rtts[-1] * 1000, 1),
+            "healthz_ok": sum(1 for s, _ in health if s == 200),
+            "healthz_failed": sum(1 for s, _ in health if s != 200),
+            "healthz_worst_ms": round(max((t for _, t in health), default=0.0) * 1000, 1),
+        }
 
 
-def measure(server: Server, attack: Callable[[Server], dict[str, Any]], settle: float = 3.0) -> dict[str, Any]:
+def measure(
+    server: Server, attack: Callable[[Server], dict[str, Any]], settle: float = 3.0
+) -> dict[str, Any]:
     """Run ``attack`` while sampling the server and the well-behaved client."""
     pid = server.proc.pid
     before = rss_kib(pid)
@@ -189,9 +216,15 @@ def measure(server: Server, attack: Callable[[Server], dict[str, Any]], settle: 
     done.set()
     sampler.join()
     time.sleep(settle)
-    result.update({"rss_before_mib": round(before / 1024, 1), "rss_peak_mib": round(samples["rss"] / 1024, 1),
-                   "rss_after_mib": round(rss_kib(pid) / 1024, 1), "fds_held_peak": samples["fds"] - fds_before,
-                   "spooled_peak_mib": round(samples["spooled"] / 2**20, 1)})
+    result.update(
+        {
+            "rss_before_mib": round(before / 1024, 1),
+            "rss_peak_mib": round(samples["rss"] / 1024, 1),
+            "rss_after_mib": round(rss_kib(pid) / 1024, 1),
+            "fds_held_peak": samples["fds"] - fds_before,
+            "spooled_peak_mib": round(samples["spooled"] / 2**20, 1),
+        }
+    )
     return result
 
 
@@ -202,8 +235,9 @@ def trickle(server: Server) -> dict[str, Any]:
     socks = []
     for i in range(200):
         try:
-            s = socket.create_connection(("127.0.0.1", server.web), timeout=5,
-                                         source_address=(f"127.0.1.{1 + i % 20}", 0))
+            s = socket.create_connection(
+                ("127.0.0.1", server.web), timeout=5, source_address=(f"127.0.1.{1 + i % 20}", 0)
+            )
             s.sendall(b"GET /healthz HTTP/1.1\r\n")
             s.setblocking(False)
             socks.append(s)
@@ -231,10 +265,13 @@ def bodies(server: Server) -> dict[str, Any]:
 
     def one(i: int) -> None:
         try:
-            with socket.create_connection(("127.0.0.1", server.web), timeout=10,
-                                          source_address=(f"127.0.2.{i + 1}", 0)) as s:
-                s.sendall(b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
-                          % (64 * 2**20))
+            with socket.create_connection(
+                ("127.0.0.1", server.web), timeout=10, source_address=(f"127.0.2.{i + 1}", 0)
+            ) as s:
+                s.sendall(
+                    b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+                    % (64 * 2**20)
+                )
                 chunk = b"x" * 65536
                 for _ in range(1024):
                     s.sendall(chunk)
@@ -297,8 +334,11 @@ def pages(server: Server) -> dict[str, Any]:
         t.start()
     for t in threads:
         t.join(120)
-    return {"pages_answered": len(sizes), "pages_failed": len(failed),
-            "page_mib_max": round(max(sizes, default=0) / 2**20, 2)}
+    return {
+        "pages_answered": len(sizes),
+        "pages_failed": len(failed),
+        "page_mib_max": round(max(sizes, default=0) / 2**20, 2),
+    }
 
 
 def seed_addresses(path: str) -> None:
@@ -309,7 +349,11 @@ def seed_addresses(path: str) -> None:
         db.executemany(
             "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at)"
             " VALUES (?, ?, NULL, ?, NULL, ?)",
-            [(f"{i:064x}", b"x", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 1.7e9 + i) for i in range(5000)])
+            [
+                (f"{i:064x}", b"x", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 1.7e9 + i)
+                for i in range(5000)
+            ],
+        )
 
 
 def stats(server: Server) -> dict[str, Any]:
@@ -347,8 +391,13 @@ def main() -> int:
             try:
                 if name == "pages":
                     store_escaped(server)
-                attack = {"trickle": trickle, "bodies": bodies, "pipeline": pipeline, "pages": pages,
-                          "stats": stats}[name]
+                attack = {
+                    "trickle": trickle,
+                    "bodies": bodies,
+                    "pipeline": pipeline,
+                    "pages": pages,
+                    "stats": stats,
+                }[name]
                 results[name] = measure(server, attack)
             finally:
                 server.stop()

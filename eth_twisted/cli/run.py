@@ -59,34 +59,69 @@ class RunOptions(EnvOptions):
     optFlags = [*flag_rows(ClientSettings, "reset_cursor")]
     doc_rpc = next(f.metadata["help"] for f in dataclasses.fields(RPCSettings) if f.name == "rpc")
     optParameters = [
-        ["port", None, 9999, "Internal server port on 127.0.0.1 (a free one is used when it is taken)", int_in(0, 65535)],
-        ["stats", None, "tcp:8080:interface=127.0.0.1", "Endpoint of the dashboard and API, or 'none'"],
+        [
+            "port",
+            None,
+            9999,
+            "Internal server port on 127.0.0.1 (a free one is used when it is taken)",
+            int_in(0, 65535),
+        ],
+        [
+            "stats",
+            None,
+            "tcp:8080:interface=127.0.0.1",
+            "Endpoint of the dashboard and API, or 'none'",
+        ],
         *option_rows(PollSettings, "interval", "format", "max_backfill"),
-        ["data-dir", None, None, "Directory for the SQLite file and the outbox [default: $STATE_DIRECTORY, else the working directory]"],
-        ["drain-timeout", None, 10.0, "Seconds Ctrl-C waits for the outbox to drain", positive_float],
+        [
+            "data-dir",
+            None,
+            None,
+            "Directory for the SQLite file and the outbox [default: $STATE_DIRECTORY, else the working directory]",
+        ],
+        [
+            "drain-timeout",
+            None,
+            10.0,
+            "Seconds Ctrl-C waits for the outbox to drain",
+            positive_float,
+        ],
         *SITE_OPTIONS,
     ]
 
     def postOptions(self) -> None:
         directory = self["data-dir"]
-        self["sqlite"] = str(Path(directory) / SQLITE_FILE) if directory else state_path(SQLITE_FILE, self.environ)
+        self["sqlite"] = (
+            str(Path(directory) / SQLITE_FILE)
+            if directory
+            else state_path(SQLITE_FILE, self.environ)
+        )
         spool = OutboxSettings().spool
-        self["spool"] = spool = str(Path(directory) / spool) if directory else state_path(spool, self.environ)
+        self["spool"] = spool = (
+            str(Path(directory) / spool) if directory else state_path(spool, self.environ)
+        )
         # The client's settings but its server's port, known once the server listens.
         self.client = ClientSettings(
             rpc=RPCSettings(rpc=tuple(self["rpc"])) if self["rpc"] else RPCSettings(),
-            poll=settings_from(PollSettings, self), outbox=OutboxSettings(spool=spool),
-            site=SiteSettings(stats=None), reset_cursor=bool(self["reset-cursor"]))
+            poll=settings_from(PollSettings, self),
+            outbox=OutboxSettings(spool=spool),
+            site=SiteSettings(stats=None),
+            reset_cursor=bool(self["reset-cursor"]),
+        )
         try:
             self.client.check()
         except ValueError as e:
             raise usage.UsageError(str(e))
         # The same site settings as eth server's: loopback answers only loopback names.
         try:
-            self.site = site_settings_from(self, None if self["stats"].lower() == "none" else self["stats"])
+            self.site = site_settings_from(
+                self, None if self["stats"].lower() == "none" else self["stats"]
+            )
         except ValueError as e:
             raise usage.UsageError(str(e))
-        exposed = exposure_warning(self.site.stats, self.site.stats_allowed_hosts, self.site.stats_token)
+        exposed = exposure_warning(
+            self.site.stats, self.site.stats_allowed_hosts, self.site.stats_token
+        )
         if exposed:
             self.warnings.append(exposed)
 
@@ -151,15 +186,25 @@ class RunService(service.MultiService):
         from eth_twisted.web.site import make_combined_site
 
         site = make_combined_site(
-            record=self.server.record, sinks=self.server.sinks, stats=self.server.stats,
-            metrics=self.server.metrics, client_metrics=self.client.metrics,
-            client_readiness=self.client.readiness, clock=self.reactor, token=self.site.stats_token,
-            allowed_hosts=self.site.stats_allowed_hosts, limits=self.site.limits,
+            record=self.server.record,
+            sinks=self.server.sinks,
+            stats=self.server.stats,
+            metrics=self.server.metrics,
+            client_metrics=self.client.metrics,
+            client_readiness=self.client.readiness,
+            clock=self.reactor,
+            token=self.site.stats_token,
+            allowed_hosts=self.site.stats_allowed_hosts,
+            limits=self.site.limits,
         )
         web = strports.service(listen, site, reactor=self.reactor)
         web.setName("stats")
         web.setServiceParent(self)
-        needs = " (the API needs the stats token: add #token=<token> to the URL)" if self.site.stats_token else ""
+        needs = (
+            " (the API needs the stats token: add #token=<token> to the URL)"
+            if self.site.stats_token
+            else ""
+        )
         self.say(f"eth run: dashboard at {_url_for(listen)}{needs}")
 
     def say(self, line: str) -> None:
@@ -171,7 +216,9 @@ class RunService(service.MultiService):
         if self.client is not None:
             depth = self.client.outbox.depth()
             if depth:
-                self.say(f"eth run: delivering {depth} waiting messages (at most {self.drain_timeout:.0f}s)")
+                self.say(
+                    f"eth run: delivering {depth} waiting messages (at most {self.drain_timeout:.0f}s)"
+                )
                 try:
                     yield self.client.delivery.drain(self.drain_timeout)
                 except Exception as e:
@@ -181,7 +228,9 @@ class RunService(service.MultiService):
         yield super().stopService()
 
 
-def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, out: TextIO | None = None) -> RunService:
+def make_run_service(
+    config: RunOptions, reactor: Any, verbose: bool = False, out: TextIO | None = None
+) -> RunService:
     """Build ``eth run`` from its options."""
     from eth_twisted.client.service import make_client_service
     from eth_twisted.server.service import ServerSettings, build_server
@@ -193,10 +242,16 @@ def make_run_service(config: RunOptions, reactor: Any, verbose: bool = False, ou
     port = config["port"] if port_is_free(config["port"]) else 0
     if port == 0 and config["port"]:
         print(f"eth run: port {config['port']} is taken; using a free port", file=out, flush=True)
-    raise_file_limit(ReceiverLimits().max_connections + config.site.limits.stats_max_connections + FILE_HEADROOM)
+    raise_file_limit(
+        ReceiverLimits().max_connections + config.site.limits.stats_max_connections + FILE_HEADROOM
+    )
     server = build_server(
-        ServerSettings(listen=f"tcp:{port}:interface=127.0.0.1", site=SiteSettings(stats=None), verbose=verbose,
-                       storage=StorageSettings(sqlite=SQLiteSettings(sqlite=config["sqlite"]))),
+        ServerSettings(
+            listen=f"tcp:{port}:interface=127.0.0.1",
+            site=SiteSettings(stats=None),
+            verbose=verbose,
+            storage=StorageSettings(sqlite=SQLiteSettings(sqlite=config["sqlite"])),
+        ),
         reactor=reactor,
     )
 

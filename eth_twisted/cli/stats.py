@@ -70,7 +70,9 @@ class NoRedirects(urllib.request.HTTPRedirectHandler):
     Returning None makes urllib raise the 3xx as an ``HTTPError``.
     """
 
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> None:
         """Refuse every redirect."""
         return None
 
@@ -93,7 +95,8 @@ def fetch_stats(url: str, token: str | None, timeout: float = TIMEOUT) -> dict[s
             e.close()
             raise StatsUnavailable(
                 f"{url}/api/stats answered a redirect (HTTP {e.code}) to {location}; eth stats does "
-                "not follow redirects (the token would go with it): give --url the server itself")
+                "not follow redirects (the token would go with it): give --url the server itself"
+            )
         detail = ""
         try:
             detail = printable(json.loads(e.read(64 * 1024)).get("message", ""))
@@ -102,18 +105,24 @@ def fetch_stats(url: str, token: str | None, timeout: float = TIMEOUT) -> dict[s
         if e.code == 401:
             hint = "pass --token or set ETH_TOKEN" if not token else "the token was refused"
             raise StatsUnavailable(f"the stats API at {url} needs a valid token ({hint})")
-        raise StatsUnavailable(f"{url}/api/stats answered HTTP {e.code}" + (f": {detail}" if detail else ""))
+        raise StatsUnavailable(
+            f"{url}/api/stats answered HTTP {e.code}" + (f": {detail}" if detail else "")
+        )
     except urllib.error.URLError as e:
         raise StatsUnavailable(f"the server at {url} does not answer ({e.reason})")
     except (OSError, ValueError) as e:
         raise StatsUnavailable(f"the server at {url} does not answer ({e})")
     if len(body) > MAX_BODY:
-        raise StatsUnavailable(f"{url}/api/stats answered more than {MAX_BODY // (1024 * 1024)} MiB: "
-                               "is this the eth-twisted stats API?")
+        raise StatsUnavailable(
+            f"{url}/api/stats answered more than {MAX_BODY // (1024 * 1024)} MiB: "
+            "is this the eth-twisted stats API?"
+        )
     try:
         stats = json.loads(body)
     except ValueError:
-        raise StatsUnavailable(f"{url}/api/stats did not answer JSON: is this the eth-twisted stats API?")
+        raise StatsUnavailable(
+            f"{url}/api/stats did not answer JSON: is this the eth-twisted stats API?"
+        )
     if not isinstance(stats, dict) or "totals" not in stats:
         raise StatsUnavailable(f"{url}/api/stats answered something that is not eth-twisted stats")
     return stats
@@ -156,7 +165,10 @@ def format_stats(stats: dict[str, Any], url: str) -> str:
     summary = [
         ("chain head", head),
         ("records", _int(totals.get("records"))),
-        ("messages", f"{_int(totals.get('messages'))} ({_int(totals.get('duplicates'))} duplicates)"),
+        (
+            "messages",
+            f"{_int(totals.get('messages'))} ({_int(totals.get('duplicates'))} duplicates)",
+        ),
         ("clients", _int(totals.get("clients"))),
         ("first receipt", _when(stats.get("first_received_at"))),
         ("last receipt", _when(stats.get("last_received_at"))),
@@ -177,7 +189,8 @@ def format_stats(stats: dict[str, Any], url: str) -> str:
             _int(c.get("records")),
             _int(c.get("messages")),
             _int(c.get("latest_block")),
-            "before start" if c.get("last_seen") is None or now is None
+            "before start"
+            if c.get("last_seen") is None or now is None
             else _age(now - c["last_seen"]) + " ago",
         )
         for c in clients
@@ -185,7 +198,9 @@ def format_stats(stats: dict[str, Any], url: str) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(row: tuple[str, ...]) -> str:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
+        cells = [row[0].ljust(widths[0])] + [
+            cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)
+        ]
         return "  " + "  ".join(cells).rstrip()
 
     lines.append(fmt(header))
@@ -193,7 +208,9 @@ def format_stats(stats: dict[str, Any], url: str) -> str:
     lines += [fmt(r) for r in rows]
     omitted = stats.get("clients_omitted") or 0
     if omitted:
-        lines.append(f"  … and {_int(omitted)} more (the busiest {len(rows)} are shown; the totals count all)")
+        lines.append(
+            f"  … and {_int(omitted)} more (the busiest {len(rows)} are shown; the totals count all)"
+        )
     return "\n".join(lines)
 
 
@@ -221,8 +238,10 @@ def run(
         table = format_stats(stats, url)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError, OSError):
         # The answer had the right keys but not the right kinds of values: say so, no traceback.
-        print(f"eth stats: {url}/api/stats answered stats this eth stats cannot read (use --json to see them)",
-              file=err)
+        print(
+            f"eth stats: {url}/api/stats answered stats this eth stats cannot read (use --json to see them)",
+            file=err,
+        )
         return 1
     print(table, file=out)
     return 0

@@ -48,7 +48,9 @@ def agreement(heads: Sequence[int], lag: int) -> tuple[int, int, int]:
     return head, median, len(group)
 
 
-def choose_chain(shown: Sequence[tuple[str, Chain]], expected: Chain | None, chain_id: int | None) -> Chain:
+def choose_chain(
+    shown: Sequence[tuple[str, Chain]], expected: Chain | None, chain_id: int | None
+) -> Chain:
     """The chain to follow, from ``(endpoint label, chain)`` answers.
 
     Endpoints of another chain id than ``chain_id`` are left out
@@ -67,12 +69,14 @@ def choose_chain(shown: Sequence[tuple[str, Chain]], expected: Chain | None, cha
         if chain_id is not None and expected[0] != chain_id:
             raise ChainMismatch(
                 f"the stored cursor belongs to chain id {expected[0]}, but --chain-id is {chain_id}. "
-                f"{advice}")
+                f"{advice}"
+            )
         if any(c == expected for _, c in pool):
             return expected
         raise ChainMismatch(
             f"{seen}, but the stored cursor belongs to chain id {expected[0]} with genesis {expected[1]}. "
-            f"{advice}")
+            f"{advice}"
+        )
     if not pool:
         raise ValueError("no chain shown")
     chain, count = Counter(c for _, c in pool).most_common(1)[0]

@@ -47,7 +47,16 @@ UNUSABLE = frozenset({"far-ahead", "wrong-chain"})
 """Distrust states in which an endpoint is never asked for blocks."""
 
 
-STATES = ("new", "ok", "failing", "cooling", "lagging", "far-ahead", "went-backwards", "wrong-chain")
+STATES = (
+    "new",
+    "ok",
+    "failing",
+    "cooling",
+    "lagging",
+    "far-ahead",
+    "went-backwards",
+    "wrong-chain",
+)
 """What the ``eth_client_rpc_endpoint_state`` metric can say about an endpoint."""
 
 
@@ -56,9 +65,13 @@ class RPCSettings:
     """What the RPC client is told: the ``--rpc`` endpoints and the ``--rpc-*`` options."""
 
     rpc: tuple[str, ...] = setting(
-        DEFAULT_RPC_URLS, "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)")
+        DEFAULT_RPC_URLS,
+        "JSON-RPC endpoint URL (repeatable; default: a short list of public mainnet endpoints)",
+    )
     """The endpoint URLs, in order of preference (user:password@ is sent as basic auth)."""
-    rpc_timeout: float = setting(10.0, "Seconds for one JSON-RPC call, headers and body", positive_float)
+    rpc_timeout: float = setting(
+        10.0, "Seconds for one JSON-RPC call, headers and body", positive_float
+    )
     max_body: int = 4 * 1024 * 1024
     """Largest answer body read, in bytes; a longer one fails ``too-large``."""
     lag_threshold: int = 5

@@ -66,7 +66,9 @@ RETRY_AFTER_MAX = 600.0
 """Longest Retry-After honoured (a provider asking for hours is clamped)."""
 
 RATE_LIMIT_CODES = frozenset({-32005, -32007})
-_RATE_LIMIT_WORDS = re.compile(r"rate.?limit|too many requests|exceeded.*(quota|capacity|limit)", re.I)
+_RATE_LIMIT_WORDS = re.compile(
+    r"rate.?limit|too many requests|exceeded.*(quota|capacity|limit)", re.I
+)
 _QUANTITY = re.compile(rf"0x[0-9a-fA-F]{{1,{MAX_HEX_DIGITS}}}\Z")
 _HASH = re.compile(r"0x[0-9a-fA-F]{64}\Z")
 
@@ -175,7 +177,6 @@ def parse_retry_after(value: str | bytes | None, now: float) -> float | None:
     return min(max(seconds, 0.0), RETRY_AFTER_MAX)
 
 
-
 def _preview(value: Any) -> str:
     """A short repr of a peer's value, cut before repr() so a huge one costs nothing."""
     if isinstance(value, str | bytes):
@@ -188,8 +189,11 @@ def _preview(value: Any) -> str:
 def hex_quantity(value: Any, what: str, label: str = "", limit: int = MAX_QUANTITY) -> int:
     """``value`` as an int if it is a hex quantity of at most 16 digits and at most ``limit``."""
     if not isinstance(value, str) or len(value) > 2 + MAX_HEX_DIGITS or not _QUANTITY.match(value):
-        raise RPCFailure(f"{what} is not a hex quantity of at most {MAX_HEX_DIGITS} digits: "
-                         f"{_preview(value)}", "bad-result", label)
+        raise RPCFailure(
+            f"{what} is not a hex quantity of at most {MAX_HEX_DIGITS} digits: {_preview(value)}",
+            "bad-result",
+            label,
+        )
     number = int(value, 16)
     if number > limit:
         raise RPCFailure(f"{what} {_preview(value)} is over {limit}", "bad-result", label)
@@ -199,7 +203,9 @@ def hex_quantity(value: Any, what: str, label: str = "", limit: int = MAX_QUANTI
 def check_hash(value: Any, what: str, label: str = "") -> str:
     """``value`` lowercased if it is a 32-byte ``0x`` hex hash."""
     if not isinstance(value, str) or len(value) != 66 or not _HASH.match(value):
-        raise RPCFailure(f"{what} is not a 32-byte hex hash: {_preview(value)}", "bad-result", label)
+        raise RPCFailure(
+            f"{what} is not a 32-byte hex hash: {_preview(value)}", "bad-result", label
+        )
     return value.lower()
 
 
@@ -222,7 +228,9 @@ def check_block(block: Any, number: int, label: str = "") -> dict[str, Any]:
         "number": hex(number),
         "hash": check_hash(block.get("hash"), f"block {number}'s hash", label),
         "parentHash": check_hash(block.get("parentHash"), f"block {number}'s parentHash", label),
-        "timestamp": hex(hex_quantity(block.get("timestamp"), f"block {number}'s timestamp", label)),
+        "timestamp": hex(
+            hex_quantity(block.get("timestamp"), f"block {number}'s timestamp", label)
+        ),
     }
 
 
@@ -239,7 +247,9 @@ def parse_envelope(raw: bytes, request_id: int, label: str = "") -> Any:
         raise RPCFailure("answer lacks jsonrpc 2.0", "bad-envelope", label)
     reply_id = reply.get("id")
     if type(reply_id) is not int or reply_id != request_id:
-        raise RPCFailure(f"answer id {_preview(reply_id)} is not our {request_id}", "bad-envelope", label)
+        raise RPCFailure(
+            f"answer id {_preview(reply_id)} is not our {request_id}", "bad-envelope", label
+        )
     if ("result" in reply) == ("error" in reply):
         raise RPCFailure("answer must carry exactly one of result and error", "bad-envelope", label)
     if "error" in reply:
@@ -256,11 +266,15 @@ def parse_envelope(raw: bytes, request_id: int, label: str = "") -> Any:
     return reply["result"]
 
 
-def status_failure(code: int, label: str, retry_after: float | None, location: str | None) -> RPCFailure:
+def status_failure(
+    code: int, label: str, retry_after: float | None, location: str | None
+) -> RPCFailure:
     """The failure a non-2xx HTTP status is: ``http-3xx``, ``http-429``, ``http-4xx``, ``http-5xx``."""
     if 300 <= code < 400:
         where = f" to {endpoint_label(location)}" if location else ""
-        return RPCFailure(f"HTTP {code} redirect{where}; redirects are never followed", "http-3xx", label)
+        return RPCFailure(
+            f"HTTP {code} redirect{where}; redirects are never followed", "http-3xx", label
+        )
     if code == 429:
         return RPCFailure("HTTP 429 Too Many Requests", "http-429", label, retry_after)
     if code >= 500:
@@ -304,7 +318,11 @@ class _CappedBody(Protocol):
             d, self.finished = self.finished, None
             self._close()
             d.errback(
-                RPCFailure(f"response body of {self.length} bytes is over {self.cap}", "too-large", self.label)
+                RPCFailure(
+                    f"response body of {self.length} bytes is over {self.cap}",
+                    "too-large",
+                    self.label,
+                )
             )
 
     def dataReceived(self, data: bytes) -> None:
@@ -393,12 +411,14 @@ async def post(
     bodies up to :data:`ERROR_BODY_CAP` (their status is what counts). An
     encoded 2xx answer is ``bad-encoding`` (we asked for identity).
     """
-    headers = Headers({
-        b"Content-Type": [b"application/json"],
-        b"Accept": [b"application/json"],
-        b"Accept-Encoding": [b"identity"],
-        b"User-Agent": [b"eth-twisted"],
-    })
+    headers = Headers(
+        {
+            b"Content-Type": [b"application/json"],
+            b"Accept": [b"application/json"],
+            b"Accept-Encoding": [b"identity"],
+            b"User-Agent": [b"eth-twisted"],
+        }
+    )
     if target.authorization is not None:
         headers.setRawHeaders(b"Authorization", [target.authorization])
     uri = EncodedURL.from_text(target.url).to_uri().to_text().encode("ascii")
@@ -427,7 +447,9 @@ async def post(
     if any(e not in (b"", b"identity") for e in encodings):
         response.deliverBody(_Discard())
         shown = b", ".join(encodings)[:40].decode("latin-1")
-        raise RPCFailure(f"answer is {shown}-encoded; only identity was asked for", "bad-encoding", label)
+        raise RPCFailure(
+            f"answer is {shown}-encoded; only identity was asked for", "bad-encoding", label
+        )
     raw = await collect_capped(response, max_body, label)
     return Answer(code, None, raw)
 
@@ -456,8 +478,11 @@ def classify(e: BaseException, label: str) -> RPCFailure | None:
     if isinstance(e, defer.TimeoutError | error.TimeoutError):
         return RPCFailure("timed out", "timeout", label)
     if has_reason(e, ResponseTooLarge):
-        return RPCFailure("more bytes for one response (headers included) than the cap; connection aborted",
-                          "too-large", label)
+        return RPCFailure(
+            "more bytes for one response (headers included) than the cap; connection aborted",
+            "too-large",
+            label,
+        )
     if isinstance(e, error.DNSLookupError):
         return RPCFailure("host name does not resolve", "dns", label)
     if is_tls_failure(e):
@@ -476,7 +501,8 @@ def cancelled(e: BaseException) -> bool:
     if isinstance(e, defer.CancelledError):
         return True
     return any(
-        isinstance(r, Failure) and r.check(defer.CancelledError) for r in getattr(e, "reasons", None) or ()
+        isinstance(r, Failure) and r.check(defer.CancelledError)
+        for r in getattr(e, "reasons", None) or ()
     )
 
 
@@ -597,8 +623,9 @@ class CappedEndpointFactory:
         kwargs: dict[str, Any] = {}
         if self.connect_timeout is not None:
             kwargs["timeout"] = self.connect_timeout
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port,
-                                                           **kwargs)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self.reactor, uri.host.decode("ascii"), uri.port, **kwargs
+        )
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
         elif uri.scheme != b"http":

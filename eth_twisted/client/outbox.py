@@ -86,10 +86,14 @@ class OutboxSettings:
 
     spool: str = setting(
         "eth-client-spool.sqlite3",
-        "Outbox file, or ':memory:' (not durable); the default file goes in $STATE_DIRECTORY when that is set")
+        "Outbox file, or ':memory:' (not durable); the default file goes in $STATE_DIRECTORY when that is set",
+    )
     """The SQLite file (the tap puts the default name in ``$STATE_DIRECTORY``), or ``:memory:``."""
-    max_outbox: int = setting(100_000, "Most messages the outbox holds; when full the poller waits",
-                              int_in(1, 100_000_000))
+    max_outbox: int = setting(
+        100_000,
+        "Most messages the outbox holds; when full the poller waits",
+        int_in(1, 100_000_000),
+    )
 
     def check(self) -> None:
         """Raise ValueError naming the option of a value that makes no sense."""
@@ -173,7 +177,9 @@ class _FileLock:
         try:
             handle = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held until release
         except OSError as e:
-            raise ConfigError(f"outbox {self.db_path}: cannot create lock file {self.path}: {e.strerror}")
+            raise ConfigError(
+                f"outbox {self.db_path}: cannot create lock file {self.path}: {e.strerror}"
+            )
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -360,7 +366,9 @@ class Outbox:
 
     # -- the sender's side ----------------------------------------------------
 
-    def pending(self, limit: int, exclude: set[str] | frozenset[str] = frozenset(), after: int = 0) -> list[Entry]:
+    def pending(
+        self, limit: int, exclude: set[str] | frozenset[str] = frozenset(), after: int = 0
+    ) -> list[Entry]:
         """Up to ``limit`` waiting messages in append order.
 
         Skips hashes in ``exclude`` (frames already in flight) and, when
@@ -410,7 +418,8 @@ class Outbox:
         if cur.rowcount:
             self.log.warn(
                 "Message {hash} moved to the dead letters: the server answered ERR {code}",
-                hash=hash, code=code,
+                hash=hash,
+                code=code,
             )
         return cur.rowcount > 0
 
@@ -421,7 +430,10 @@ class Outbox:
             "ORDER BY id DESC LIMIT ?",
             (limit,),
         ).fetchall()
-        return [DeadLetter(r[0], bytes(r[1]), r[2], float(r[3]), int(r[4]), r[5], float(r[6])) for r in rows]
+        return [
+            DeadLetter(r[0], bytes(r[1]), r[2], float(r[3]), int(r[4]), r[5], float(r[6]))
+            for r in rows
+        ]
 
     def dead_letter_count(self) -> int:
         """How many messages were dead-lettered, ever (in this file); for tests and operator tools."""
@@ -443,7 +455,9 @@ class Outbox:
                 if self.path != MEMORY:
                     self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as e:
-                self.log.warn("Outbox {path}: checkpoint at close failed: {error}", path=self.path, error=e)
+                self.log.warn(
+                    "Outbox {path}: checkpoint at close failed: {error}", path=self.path, error=e
+                )
             self._conn.close()
             self._conn = None
         if self._lock is not None:

@@ -73,13 +73,19 @@ class PollSettings:
     """How the poller follows the head; the option fields are the client options of their names."""
 
     interval: float = setting(5.0, "Seconds between polls of the chain head", positive_float)
-    max_backfill: int = setting(128, "Most blocks fetched and enqueued per poll", int_in(1, 100_000))
+    max_backfill: int = setting(
+        128, "Most blocks fetched and enqueued per poll", int_in(1, 100_000)
+    )
     max_gap: int | None = setting(
-        None, "Skip ahead (recording the gap) when further behind than this many blocks; 'off' never skips",
-        optional_positive_int)
+        None,
+        "Skip ahead (recording the gap) when further behind than this many blocks; 'off' never skips",
+        optional_positive_int,
+    )
     """None never skips; 0 follows the head only (see the module docstring, step 5)."""
     format: str = setting("html", "Payload format: html or json (use json for more than one chain)")
-    chain_id: int | None = setting(None, "Expected chain id; refuse endpoints that disagree", int_in(1))
+    chain_id: int | None = setting(
+        None, "Expected chain id; refuse endpoints that disagree", int_in(1)
+    )
     parallel: int = 4
     """Blocks fetched at once within a poll."""
     tick_timeout: float = 60.0
@@ -146,13 +152,17 @@ class BlockPoller(service.Service):
         self._recent: OrderedDict[int, str] = OrderedDict()
         self._history = max(2 * settings.max_backfill, 256)
         self.trouble = Episode(
-            log, self.clock.seconds, "polls",
+            log,
+            self.clock.seconds,
+            "polls",
             start="poll failed ({kind}): {detail}{note}; the next line says when polls succeed again",
             end="polls succeed again after {duration:.1f} s ({failures} failed polls: {kinds})",
         )
         """The current run of failed polls, logged at its start and its end."""
         self.behind = Episode(
-            log, self.clock.seconds, "the chain head",
+            log,
+            self.clock.seconds,
+            "the chain head",
             start="{subject} is below the cursor: {detail}{note}; nothing to send until the chain reaches it",
             end="{subject} reached the cursor again after {duration:.1f} s",
         )
@@ -231,8 +241,11 @@ class BlockPoller(service.Service):
             self._count(e.kind)
             return
         if failure.check(defer.TimeoutError):
-            self.trouble.failed("tick-timeout", f"the poll took longer than its {self.settings.tick_timeout:g} s "
-                                                "deadline and was cancelled")
+            self.trouble.failed(
+                "tick-timeout",
+                f"the poll took longer than its {self.settings.tick_timeout:g} s "
+                "deadline and was cancelled",
+            )
             self._count("tick-timeout")
             return
         self.trouble.failed("error", "unexpected error", failure)
@@ -308,8 +321,13 @@ class BlockPoller(service.Service):
             e = error.value
             kind = e.kind if isinstance(e, RPCFailure) else "error"
             # Progress, and the rest comes next tick: not an outage, so not a warning per tick.
-            log.debug("fetched blocks {first}..{last}, then ({kind}): {why}",
-                      first=start, last=start + len(good) - 1, kind=kind, why=str(e))
+            log.debug(
+                "fetched blocks {first}..{last}, then ({kind}): {why}",
+                first=start,
+                last=start + len(good) - 1,
+                kind=kind,
+                why=str(e),
+            )
             return kind
         return result
 
@@ -363,8 +381,13 @@ class BlockPoller(service.Service):
             first, last_skipped = skipped
             reason = f"max-gap: head {cursor.block_number} was more than {self.settings.max_gap} blocks ahead"
             self.outbox.record_gap(first, last_skipped, reason)
-            log.warn("skipped blocks {first}..{last} ({n} blocks): {reason}",
-                     first=first, last=last_skipped, n=last_skipped - first + 1, reason=reason)
+            log.warn(
+                "skipped blocks {first}..{last} ({n} blocks): {reason}",
+                first=first,
+                last=last_skipped,
+                n=last_skipped - first + 1,
+                reason=reason,
+            )
             if self.metrics is not None:
                 self.metrics.gaps_skipped.inc(last_skipped - first + 1)
         if self.metrics is not None:
@@ -403,7 +426,9 @@ class BlockPoller(service.Service):
             self._out_of_step = seen
             log.warn(
                 "block {number} names parent {parent}, not {expected}: a reorg or a node out of step",
-                number=number, parent=block["parentHash"], expected=cursor.block_hash,
+                number=number,
+                parent=block["parentHash"],
+                expected=cursor.block_hash,
             )
         canonical = await self.rpc.get_block(cursor.block_number)
         if canonical["hash"].lower() == cursor.block_hash.lower():
@@ -412,12 +437,17 @@ class BlockPoller(service.Service):
         if ancestor is None:
             log.error(
                 "reorg deeper than the {n} blocks remembered: resuming from the node's block {number}",
-                n=len(self._recent), number=cursor.block_number,
+                n=len(self._recent),
+                number=cursor.block_number,
             )
             return self._after_rewind([canonical], head)
         a_number, a_hash = ancestor
-        log.warn("reorg: block {cursor} replaced; common ancestor {ancestor}, re-sending from {first}",
-                 cursor=cursor.block_number, ancestor=a_number, first=a_number + 1)
+        log.warn(
+            "reorg: block {cursor} replaced; common ancestor {ancestor}, re-sending from {first}",
+            cursor=cursor.block_number,
+            ancestor=a_number,
+            first=a_number + 1,
+        )
         free = self.outbox.free_slots()
         if free <= 0:
             return self._outbox_full("no free slot for the reorganised blocks")

@@ -58,8 +58,6 @@ from eth_twisted.outage import Episode
 log = Logger(namespace="eth_twisted.client.rpc")
 
 
-
-
 def _default_agent(clock: Any, timeout: float, max_body: int) -> tuple[Any, Any]:
     from twisted.internet.interfaces import IReactorTCP
     from twisted.web.client import HTTPConnectionPool
@@ -94,12 +92,17 @@ class RPCClient:
         self.endpoints = [RPCEndpoint.from_url(u) for u in settings.rpc]
         for ep in self.endpoints:
             ep.outage = Episode(
-                log, self.clock.seconds, ep.label,
+                log,
+                self.clock.seconds,
+                ep.label,
                 start="RPC endpoint {subject} is failing ({kind}): {detail}{note}",
                 end="RPC endpoint {subject} answers again after {duration:.1f} s ({failures} failures: {kinds})",
             )
             ep.mistrust = Episode(
-                log, self.clock.seconds, ep.label, split_kinds=True,
+                log,
+                self.clock.seconds,
+                ep.label,
+                split_kinds=True,
                 start="RPC endpoint {subject} is not trusted ({kind}): {detail}{note}",
                 end="RPC endpoint {subject} is trusted again after {duration:.1f} s (was {kind})",
             )
@@ -130,7 +133,8 @@ class RPCClient:
 
     async def _block_number(self) -> int:
         _, head = await self._call(
-            "eth_blockNumber", [], check=lambda r, label: hex_quantity(r, "eth_blockNumber", label))
+            "eth_blockNumber", [], check=lambda r, label: hex_quantity(r, "eth_blockNumber", label)
+        )
         return cast(int, head)
 
     def get_block(self, number: int) -> Deferred[dict[str, Any]]:
@@ -146,7 +150,9 @@ class RPCClient:
 
     async def _get_block(self, number: int) -> dict[str, Any]:
         _, block = await self._call(
-            "eth_getBlockByNumber", [hex(number), False], want=number,
+            "eth_getBlockByNumber",
+            [hex(number), False],
+            want=number,
             check=lambda result, label: check_block(result, number, label),
         )
         return cast(dict[str, Any], block)
@@ -157,7 +163,10 @@ class RPCClient:
 
     async def _chain_id(self) -> int:
         _, chain_id = await self._call(
-            "eth_chainId", [], check=lambda r, label: hex_quantity(r, "eth_chainId", label, MAX_CHAIN_ID))
+            "eth_chainId",
+            [],
+            check=lambda r, label: hex_quantity(r, "eth_chainId", label, MAX_CHAIN_ID),
+        )
         return cast(int, chain_id)
 
     def genesis_hash(self) -> Deferred[str]:
@@ -227,9 +236,12 @@ class RPCClient:
         self._expected = (expected[0], expected[1].lower()) if expected is not None else None
         self.invalidate()
         now = self.clock.seconds()
-        candidates = [ep for ep in self.endpoints if ep.cooldown_until <= now] or list(self.endpoints)
+        candidates = [ep for ep in self.endpoints if ep.cooldown_until <= now] or list(
+            self.endpoints
+        )
         results = await defer.DeferredList(
-            [Deferred.fromCoroutine(self._show_chain(ep)) for ep in candidates], consumeErrors=True,
+            [Deferred.fromCoroutine(self._show_chain(ep)) for ep in candidates],
+            consumeErrors=True,
         )
         shown: list[tuple[RPCEndpoint, tuple[int, str]]] = []
         failures: list[RPCFailure] = []
@@ -240,7 +252,9 @@ class RPCClient:
                 failures.append(_rpc_failure(value))
         if not shown:
             raise self._exhausted("chain verification", failures)
-        identity = choose_chain([(ep.label, chain) for ep, chain in shown], self._expected, chain_id)
+        identity = choose_chain(
+            [(ep.label, chain) for ep, chain in shown], self._expected, chain_id
+        )
         self.identity = identity
         self._identity_source = next(ep.label for ep, chain in shown if chain == identity)
         for ep, chain in shown:
@@ -253,7 +267,10 @@ class RPCClient:
             self._announced = identity
             log.info(
                 "RPC chain: chain id {chain_id}, genesis {genesis} ({count} of {total} endpoints show it)",
-                chain_id=identity[0], genesis=identity[1], count=agreeing, total=len(self.endpoints),
+                chain_id=identity[0],
+                genesis=identity[1],
+                count=agreeing,
+                total=len(self.endpoints),
             )
         return identity
 
@@ -268,7 +285,10 @@ class RPCClient:
             self._wrong_chain(ep, chain)
             raise RPCFailure(
                 f"it is on chain id {chain[0]} with genesis {chain[1]}, not the followed chain id "
-                f"{self.identity[0]} with genesis {self.identity[1]}", "wrong-chain", ep.label)
+                f"{self.identity[0]} with genesis {self.identity[1]}",
+                "wrong-chain",
+                ep.label,
+            )
         self._chain_ok(ep)
 
     def _chain_ok(self, ep: RPCEndpoint) -> None:
@@ -281,10 +301,14 @@ class RPCClient:
         """``ep`` is on another chain: distrusted (one line), and asked after the others for a while."""
         ep.verified = False
         ep.wrong_chain_checks += 1
-        ep.backoff_until = self.clock.seconds() + min(2.0 ** ep.wrong_chain_checks, BACKOFF_MAX)
+        ep.backoff_until = self.clock.seconds() + min(2.0**ep.wrong_chain_checks, BACKOFF_MAX)
         assert self.identity is not None
-        self._distrust(ep, "wrong-chain", f"chain id {chain[0]} with genesis {chain[1]}, not chain id "
-                                          f"{self.identity[0]} with genesis {self.identity[1]}")
+        self._distrust(
+            ep,
+            "wrong-chain",
+            f"chain id {chain[0]} with genesis {chain[1]}, not chain id "
+            f"{self.identity[0]} with genesis {self.identity[1]}",
+        )
 
     def _check_all_wrong_chain(self) -> None:
         """Every endpoint is on another chain than the one followed: that is fatal."""
@@ -297,10 +321,16 @@ class RPCClient:
             assert ep.chain is not None
             raise ChainMismatch(
                 f"{ep.label} changed chains: it now reports chain id {ep.chain[0]} with genesis "
-                f"{ep.chain[1]}, but this client has been following {following}. {advice}")
-        seen = "; ".join(f"{ep.label} is on chain id {ep.chain[0]} with genesis {ep.chain[1]}"
-                         for ep in self.endpoints if ep.chain is not None)
-        raise ChainMismatch(f"no RPC endpoint is on the followed {following} any more: {seen}. {advice}")
+                f"{ep.chain[1]}, but this client has been following {following}. {advice}"
+            )
+        seen = "; ".join(
+            f"{ep.label} is on chain id {ep.chain[0]} with genesis {ep.chain[1]}"
+            for ep in self.endpoints
+            if ep.chain is not None
+        )
+        raise ChainMismatch(
+            f"no RPC endpoint is on the followed {following} any more: {seen}. {advice}"
+        )
 
     # -- head agreement ------------------------------------------------------
 
@@ -352,11 +382,17 @@ class RPCClient:
         support = 0
         for ep, head in forward:
             if head > median + lag:
-                self._distrust(ep, "far-ahead", f"head {head} is more than {lag} blocks above the "
-                                                f"head {median} the endpoints agree on")
+                self._distrust(
+                    ep,
+                    "far-ahead",
+                    f"head {head} is more than {lag} blocks above the "
+                    f"head {median} the endpoints agree on",
+                )
                 continue
             if head < median - lag:
-                self._distrust(ep, "lagging", f"head {head} lags the agreed head {median} by {median - head}")
+                self._distrust(
+                    ep, "lagging", f"head {head} lags the agreed head {median} by {median - head}"
+                )
                 continue
             if ep.distrust is not None and ep.distrust != "wrong-chain":
                 self._trust(ep)
@@ -377,7 +413,11 @@ class RPCClient:
         endpoint left, and is followed once :data:`AGREEMENT_MEMORY` passes).
         """
         lag = self.settings.lag_threshold
-        memory = self._agreement if self._agreement and now - self._agreement.at <= AGREEMENT_MEMORY else None
+        memory = (
+            self._agreement
+            if self._agreement and now - self._agreement.at <= AGREEMENT_MEMORY
+            else None
+        )
         voters = [(ep, h) for ep, h in forward if ep.distrust != "far-ahead"]
         while voters:
             head, median, support = agreement([h for _, h in voters], lag)
@@ -385,13 +425,21 @@ class RPCClient:
                 return head, median
             aside = [(ep, h) for ep, h in voters if median <= h <= median + lag]
             for ep, h in aside:
-                log.debug("RPC endpoint {endpoint}: head {head} is unconfirmed (agreed {agreed} "
-                          "by {n} endpoints {ago:.0f} s ago)", endpoint=ep.label, head=h,
-                          agreed=memory.head, n=memory.support, ago=now - memory.at)
+                log.debug(
+                    "RPC endpoint {endpoint}: head {head} is unconfirmed (agreed {agreed} "
+                    "by {n} endpoints {ago:.0f} s ago)",
+                    endpoint=ep.label,
+                    head=h,
+                    agreed=memory.head,
+                    n=memory.support,
+                    ago=now - memory.at,
+                )
             voters = [v for v in voters if v not in aside]
         if memory is not None:
-            detail = (f"the only answers are more than {lag} blocks above the head {memory.head} "
-                      f"that {memory.support} endpoints agreed on {now - memory.at:.0f} s ago")
+            detail = (
+                f"the only answers are more than {lag} blocks above the head {memory.head} "
+                f"that {memory.support} endpoints agreed on {now - memory.at:.0f} s ago"
+            )
         else:
             detail = "the only answers come from endpoints far ahead of the others"
         raise RPCFailure(detail, "far-ahead")
@@ -448,7 +496,8 @@ class RPCClient:
         now = self.clock.seconds()
         wait = min(ep.cooldown_until for ep in self.endpoints) - now
         return RPCFailure(
-            f"every endpoint is rate limited; the first is free again in {wait:.1f} s", "rate-limit",
+            f"every endpoint is rate limited; the first is free again in {wait:.1f} s",
+            "rate-limit",
             retry_after=wait,
         )
 
@@ -466,7 +515,9 @@ class RPCClient:
             if any(ep.cooldown_until > now for ep in self.endpoints):
                 raise self._cooling()
             self._check_all_wrong_chain()
-            raise RPCFailure(f"{method}: no trusted endpoint to ask (far-ahead or wrong-chain)", "far-ahead")
+            raise RPCFailure(
+                f"{method}: no trusted endpoint to ask (far-ahead or wrong-chain)", "far-ahead"
+            )
         failures: list[RPCFailure] = []
         for ep in candidates:
             try:
@@ -482,7 +533,9 @@ class RPCClient:
                     failures.append(e)
                     continue
                 except Exception as e:  # noqa: BLE001 - one endpoint's odd answer is its own failure
-                    failure = RPCFailure(f"answer could not be read: {e.__class__.__name__}", "bad-result", ep.label)
+                    failure = RPCFailure(
+                        f"answer could not be read: {e.__class__.__name__}", "bad-result", ep.label
+                    )
                     self._record_failure(ep, failure, method)
                     failures.append(failure)
                     continue
@@ -519,7 +572,9 @@ class RPCClient:
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure is classified and counted
-            if cancelled(e):  # our caller gave up (poll deadline, shutdown): not the endpoint's fault
+            if cancelled(
+                e
+            ):  # our caller gave up (poll deadline, shutdown): not the endpoint's fault
                 raise defer.CancelledError() from e
             failure = classify(e, ep.label)
             if failure is None:
@@ -535,7 +590,14 @@ class RPCClient:
         """POST ``body``; retry once on a stale pooled connection (reads are idempotent)."""
         for attempt in (1, 2):
             d = Deferred.fromCoroutine(
-                post(self.agent, ep.target, body, max_body=self.settings.max_body, now=self.clock.seconds))
+                post(
+                    self.agent,
+                    ep.target,
+                    body,
+                    max_body=self.settings.max_body,
+                    now=self.clock.seconds,
+                )
+            )
             d.addTimeout(self.settings.rpc_timeout, self.clock, onTimeoutCancel=self._timed_out(ep))
             try:
                 return await d
@@ -545,7 +607,8 @@ class RPCClient:
                 if attempt == 1 and not is_tls_failure(e) and not has_reason(e, ResponseTooLarge):
                     log.debug(
                         "RPC {endpoint}: request failed before any answer ({why}); retrying once",
-                        endpoint=ep.label, why=reasons(e),
+                        endpoint=ep.label,
+                        why=reasons(e),
                     )
                     continue
                 raise

@@ -78,11 +78,19 @@ METRICS_INTERVAL = 5.0
 class DeliverySettings:
     """How the link sends and when it gives up on a connection; each field is the client option of its name."""
 
-    window: int = setting(256, f"Unanswered frames in flight (1..{MAX_WINDOW}, at most the server's window)",
-                          int_in(1, MAX_WINDOW))
+    window: int = setting(
+        256,
+        f"Unanswered frames in flight (1..{MAX_WINDOW}, at most the server's window)",
+        int_in(1, MAX_WINDOW),
+    )
     ack_timeout: float = setting(
-        30.0, f"Seconds to wait for a reply before reconnecting (>= {2 * SERVER_DEADLINE:.0f})", positive_float)
-    heartbeat: float = setting(10.0, "Seconds of quiet before sending the empty probe frame", positive_float)
+        30.0,
+        f"Seconds to wait for a reply before reconnecting (>= {2 * SERVER_DEADLINE:.0f})",
+        positive_float,
+    )
+    heartbeat: float = setting(
+        10.0, "Seconds of quiet before sending the empty probe frame", positive_float
+    )
 
     def check(self) -> None:
         """Raise ValueError naming the option of the first value that makes no sense."""
@@ -285,7 +293,9 @@ class DeliveryService(service.MultiService):
     def startService(self) -> None:
         self.log.info(
             "Delivering to {server}: {depth} messages waiting, window {window}",
-            server=self.server, depth=self.outbox.depth(), window=self.settings.window,
+            server=self.server,
+            depth=self.outbox.depth(),
+            window=self.settings.window,
         )
         super().startService()
         self._metrics_loop.start(METRICS_INTERVAL, now=True)
@@ -311,7 +321,10 @@ class DeliveryService(service.MultiService):
                 self.log.warn(
                     "Cannot reach {server} (attempt {attempt}); retrying in {delay:.1f} s; "
                     "{depth} messages kept in the outbox",
-                    server=self.server, attempt=attempt, delay=delay, depth=self.outbox.depth(),
+                    server=self.server,
+                    attempt=attempt,
+                    delay=delay,
+                    depth=self.outbox.depth(),
                 )
             return delay
 
@@ -330,7 +343,9 @@ class DeliveryService(service.MultiService):
         self.metrics.reconnects.inc()
         self.metrics.link_up.set(1)
         self.log.info(
-            "Connected to {server}; {depth} messages to send", server=self.server, depth=self.outbox.depth()
+            "Connected to {server}; {depth} messages to send",
+            server=self.server,
+            depth=self.outbox.depth(),
         )
         self._arm_heartbeat(self.settings.heartbeat)
         with self.outbox.transaction():
@@ -352,17 +367,24 @@ class DeliveryService(service.MultiService):
         if not self.running:
             self.log.info(
                 "Disconnected from {server} (stopping); {depth} messages kept in the outbox",
-                server=self.server, depth=self.outbox.depth(),
+                server=self.server,
+                depth=self.outbox.depth(),
             )
             return
         self.log.warn(
             "Lost the connection to {server} ({why}); {lost} unanswered messages will be resent",
-            server=self.server, why=why, lost=lost,
+            server=self.server,
+            why=why,
+            lost=lost,
         )
 
     def protocol_error(self, proto: SenderProtocol, detail: str) -> None:
         """The server said something we do not understand: drop the connection."""
-        self.log.error("Protocol error from {server}: {detail}; reconnecting", server=self.server, detail=detail)
+        self.log.error(
+            "Protocol error from {server}: {detail}; reconnecting",
+            server=self.server,
+            detail=detail,
+        )
         self.metrics.replies.labels(kind="invalid").inc()
         proto.closing = True
         proto.transport.loseConnection()
@@ -384,7 +406,9 @@ class DeliveryService(service.MultiService):
             return
         flight = self._in_flight.pop(reply.sha, None)
         if flight is None:
-            self.protocol_error(proto, f"reply {reply.kind} for {reply.sha}, which is not in flight")
+            self.protocol_error(
+                proto, f"reply {reply.kind} for {reply.sha}, which is not in flight"
+            )
             return
         if reply.kind in ("OK", "DUP"):
             self.outbox.ack(reply.sha)
@@ -398,7 +422,9 @@ class DeliveryService(service.MultiService):
                 self.log.warn(
                     "Unknown ERR code {code!r} from {server} (first for {sha}); keeping such messages "
                     "and retrying them",
-                    code=reply.code, server=self.server, sha=reply.sha,
+                    code=reply.code,
+                    server=self.server,
+                    sha=reply.sha,
                 )
             self._retry_later(flight.entry, reply.code or "")
 
@@ -459,11 +485,15 @@ class DeliveryService(service.MultiService):
         now = self.clock.seconds()
         if self._hold_until > now:
             return  # already pausing for an earlier error of the same outage
-        self._retry_delay = RETRY_INITIAL if not self._retry_delay else min(self._retry_delay * 2, RETRY_MAX)
+        self._retry_delay = (
+            RETRY_INITIAL if not self._retry_delay else min(self._retry_delay * 2, RETRY_MAX)
+        )
         self._hold_until = now + self._retry_delay
         self.log.warn(
             "{server} answered ERR {code}; pausing sends for {delay:.0f} s",
-            server=self.server, code=code, delay=self._retry_delay,
+            server=self.server,
+            code=code,
+            delay=self._retry_delay,
         )
         self._cancel(self._hold_timer)
         self._hold_timer = self.clock.callLater(self._retry_delay, self._hold_over)
@@ -478,10 +508,14 @@ class DeliveryService(service.MultiService):
 
     def _connection_error(self, proto: SenderProtocol, code: str) -> None:
         if code not in FRAME_CODES:
-            self.log.warn("{server} closed the connection: ERR - {code}", server=self.server, code=code)
+            self.log.warn(
+                "{server} closed the connection: ERR - {code}", server=self.server, code=code
+            )
         else:
             self.log.error(
-                "{server} rejected our framing: ERR - {code}; reconnecting", server=self.server, code=code
+                "{server} rejected our framing: ERR - {code}; reconnecting",
+                server=self.server,
+                code=code,
             )
         if code == "too-long" and self._in_flight:
             first = next(iter(self._in_flight.values()))
@@ -516,7 +550,9 @@ class DeliveryService(service.MultiService):
             self.log.error(
                 "No answer from {server} for {waited:.0f} s ({count} frames unanswered); "
                 "dropping the connection to resend",
-                server=self.server, waited=waited, count=len(self._in_flight) + len(self._probes),
+                server=self.server,
+                waited=waited,
+                count=len(self._in_flight) + len(self._probes),
             )
             proto.transport.abortConnection()
             return

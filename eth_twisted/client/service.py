@@ -60,17 +60,25 @@ class LinkSettings:
     host: str = setting("127.0.0.1", "Server host")
     port: int = setting(9999, "Server port", int_in(1, 65535))
     connect: str | None = setting(
-        None, "Server endpoint string instead of --host/--port, e.g. tcp:host=h:port=9999")
+        None, "Server endpoint string instead of --host/--port, e.g. tcp:host=h:port=9999"
+    )
     tls: bool = setting(
-        False, "Connect to --host/--port over TLS, verifying the server's certificate and name (no plaintext fallback)")
+        False,
+        "Connect to --host/--port over TLS, verifying the server's certificate and name (no plaintext fallback)",
+    )
     tls_ca: str | None = setting(
-        None, "PEM CA the server's certificate must chain to [default: the system's trust store]")
+        None, "PEM CA the server's certificate must chain to [default: the system's trust store]"
+    )
     tls_cert: str | None = setting(None, "PEM client certificate (for servers that require one)")
     tls_key: str | None = setting(None, "PEM private key of --tls-cert")
-    tls_hostname: str | None = setting(None, "Name the server's certificate must carry [default: --host]")
+    tls_hostname: str | None = setting(
+        None, "Name the server's certificate must carry [default: --host]"
+    )
     tls_min_version: str = setting("1.2", "Lowest TLS version: 1.2 or 1.3")
     client_name: str = setting(
-        "eth-client", "Name this client proves in the shared-secret handshake (recorded as client_id)")
+        "eth-client",
+        "Name this client proves in the shared-secret handshake (recorded as client_id)",
+    )
     allow_plaintext_secret: bool = setting(False, "Allow the shared-secret handshake without TLS")
     secret: bytes | None = field(default=None, repr=False)
     """The shared secret, or None: no handshake (the tap loads it: --secret-file, ETH_SECRET, credentials)."""
@@ -103,7 +111,9 @@ class LinkSettings:
                 if path and not Path(path).is_file():
                     raise ValueError(f"--{name}: no such file {path}")
             if self.tls_min_version not in ("1.2", "1.3"):
-                raise ValueError(f"--tls-min-version: expected 1.2 or 1.3, got {self.tls_min_version!r}")
+                raise ValueError(
+                    f"--tls-min-version: expected 1.2 or 1.3, got {self.tls_min_version!r}"
+                )
         from eth_twisted.link.secret import check_secret_transport
 
         try:
@@ -131,10 +141,13 @@ class ClientSettings:
     poll: PollSettings = field(default_factory=PollSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
-    site: SiteSettings = field(default_factory=lambda: SiteSettings(stats="tcp:8081:interface=127.0.0.1"))
+    site: SiteSettings = field(
+        default_factory=lambda: SiteSettings(stats="tcp:8081:interface=127.0.0.1")
+    )
     """The stats site (/healthz, /readyz, /metrics); ``site.stats`` None serves none."""
     reset_cursor: bool = setting(
-        False, "Forget the stored cursor and start at the chain head (after a chain change)")
+        False, "Forget the stored cursor and start at the chain head (after a chain change)"
+    )
 
     def check(self) -> None:
         """Raise ValueError naming the option of the first value that makes no sense."""
@@ -167,8 +180,16 @@ class EthClientService(service.MultiService):
         self.metrics = metrics
         self.delivery = delivery
         self.rpc = rpc
-        self.poller = BlockPoller(rpc, outbox, poll, clock=reactor, metrics=metrics, on_enqueued=delivery.wake,
-                                  fatal=self.fatal, close_rpc=False)
+        self.poller = BlockPoller(
+            rpc,
+            outbox,
+            poll,
+            clock=reactor,
+            metrics=metrics,
+            on_enqueued=delivery.wake,
+            fatal=self.fatal,
+            close_rpc=False,
+        )
         self.stats: service.Service | None = None
         self.exit_code = 0
         self.fatal_message: str | None = None
@@ -198,12 +219,20 @@ class EthClientService(service.MultiService):
         """For /readyz: linked to the server and a poll succeeded recently."""
         now = self.reactor.seconds()
         last_poll = self.poller.last_success
-        fresh = last_poll is not None and now - last_poll <= max(3 * self.poller.settings.interval, 30.0)
+        fresh = last_poll is not None and now - last_poll <= max(
+            3 * self.poller.settings.interval, 30.0
+        )
         detail = {
-            "server_link": {"ok": self.delivery.connected, "last_ack_at": self.delivery.last_ack_at},
+            "server_link": {
+                "ok": self.delivery.connected,
+                "last_ack_at": self.delivery.last_ack_at,
+            },
             "poller": {"ok": fresh, "last_success": last_poll},
-            "outbox": {"ok": self.outbox.free_slots() > 0, "depth": self.outbox.depth(),
-                       "free_slots": self.outbox.free_slots()},
+            "outbox": {
+                "ok": self.outbox.free_slots() > 0,
+                "depth": self.outbox.depth(),
+                "free_slots": self.outbox.free_slots(),
+            },
         }
         ok = self.delivery.connected and fresh and self.outbox.free_slots() > 0
         return ok, detail
@@ -257,14 +286,28 @@ def make_client_service(
             log.warn(
                 "--reset-cursor: forgot the stored cursor ({cursor}); starting at the chain head; "
                 "{depth} waiting messages are still delivered",
-                cursor=old, depth=outbox.depth(),
+                cursor=old,
+                depth=outbox.depth(),
             )
         link = settings.link
-        delivery = DeliveryService(link_endpoint(reactor, link), outbox, settings.delivery, clock=reactor,
-                                   metrics=metrics, server=link.server)
+        delivery = DeliveryService(
+            link_endpoint(reactor, link),
+            outbox,
+            settings.delivery,
+            clock=reactor,
+            metrics=metrics,
+            server=link.server,
+        )
         rpc = RPCClient(settings.rpc, agent=agent, clock=reactor, metrics=metrics)
-        client = EthClientService(reactor=reactor, outbox=outbox, rpc=rpc, delivery=delivery, poll=settings.poll,
-                                  metrics=metrics, exit_on_fatal=exit_on_fatal)
+        client = EthClientService(
+            reactor=reactor,
+            outbox=outbox,
+            rpc=rpc,
+            delivery=delivery,
+            poll=settings.poll,
+            metrics=metrics,
+            exit_on_fatal=exit_on_fatal,
+        )
         if settings.site.stats:
             client.stats = _stats_service(client, settings.site, reactor)
     except BaseException:
@@ -272,8 +315,11 @@ def make_client_service(
         raise
     log.info(
         "eth-client: {urls} every {interval} s ({payloads}) -> {server}; outbox {spool}",
-        urls=len(settings.rpc.rpc), interval=settings.poll.interval, payloads=settings.poll.format,
-        server=link.server, spool=outbox.path,
+        urls=len(settings.rpc.rpc),
+        interval=settings.poll.interval,
+        payloads=settings.poll.format,
+        server=link.server,
+        spool=outbox.path,
     )
     return client
 
@@ -286,21 +332,39 @@ def link_endpoint(reactor: Any, link: LinkSettings) -> Any:
 
     if link.tls:
         endpoint = client_tls_endpoint(
-            reactor, link.host, link.port, ca_file=link.tls_ca, cert_file=link.tls_cert, key_file=link.tls_key,
-            hostname=link.tls_hostname, min_tls=link.tls_min_version,
+            reactor,
+            link.host,
+            link.port,
+            ca_file=link.tls_ca,
+            cert_file=link.tls_cert,
+            key_file=link.tls_key,
+            hostname=link.tls_hostname,
+            min_tls=link.tls_min_version,
         )
     else:
         endpoint = clientFromString(reactor, link.server)
     if link.secret is not None:
-        endpoint = AuthClientEndpoint(endpoint, link.secret, link.client_name, clock=reactor,
-                                      allow_plaintext=link.allow_plaintext_secret, server=link.server)
+        endpoint = AuthClientEndpoint(
+            endpoint,
+            link.secret,
+            link.client_name,
+            clock=reactor,
+            allow_plaintext=link.allow_plaintext_secret,
+            server=link.server,
+        )
     return endpoint
 
 
 def _stats_service(client: EthClientService, site: SiteSettings, reactor: Any) -> service.Service:
     assert site.stats is not None
-    resource = make_client_site(metrics=client.metrics, readiness=client.readiness, clock=reactor,
-                                token=site.stats_token, allowed_hosts=site.stats_allowed_hosts, limits=site.limits)
+    resource = make_client_site(
+        metrics=client.metrics,
+        readiness=client.readiness,
+        clock=reactor,
+        token=site.stats_token,
+        allowed_hosts=site.stats_allowed_hosts,
+        limits=site.limits,
+    )
     svc = strports.service(site.stats, resource, reactor=reactor)
     svc.setName("stats")
     svc.setServiceParent(client)

@@ -63,9 +63,18 @@ class Options(EnvOptions):
         *option_rows(OutboxSettings),
         *option_rows(DeliverySettings),
         *option_rows(RPCSettings, "rpc_timeout"),
-        ["secret-file", None, None,
-         "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret)"],
-        ["stats", None, ClientSettings().site.stats, "Endpoint of /healthz, /readyz and /metrics, or 'none'"],
+        [
+            "secret-file",
+            None,
+            None,
+            "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret)",
+        ],
+        [
+            "stats",
+            None,
+            ClientSettings().site.stats,
+            "Endpoint of /healthz, /readyz and /metrics, or 'none'",
+        ],
         *SITE_OPTIONS,
     ]
 
@@ -97,9 +106,13 @@ class Options(EnvOptions):
         """The settings of everything ``eth client`` runs, checked (ConfigError/ValueError name the option)."""
         from eth_twisted.link.secret import load_secret
 
-        link = settings_from(LinkSettings, self, secret=load_secret(file=self["secret-file"], environ=self.environ))
+        link = settings_from(
+            LinkSettings, self, secret=load_secret(file=self["secret-file"], environ=self.environ)
+        )
         settings = settings_from(
-            ClientSettings, self, link=link,
+            ClientSettings,
+            self,
+            link=link,
             rpc=settings_from(RPCSettings, self, rpc=tuple(self["rpc"])),
             poll=settings_from(PollSettings, self),
             outbox=settings_from(OutboxSettings, self),

@@ -382,7 +382,6 @@ class GateProtocol(Protocol):
         return self.factory.gate_name
 
 
-
 class ClientGateFactory(GateFactory):
     """A client-side gate for one connection: ``ready`` fires with the inner protocol."""
 
@@ -425,7 +424,6 @@ class ClientGateFactory(GateFactory):
         for proto in list(self.pending):
             proto.transport.abortConnection()
         self.ready.addErrback(lambda _: None)
-
 
 
 @implementer(interfaces.IStreamClientEndpoint)

@@ -36,6 +36,7 @@ HANDSHAKE_MAX_LENGTH = 4096
 _HEX64 = re.compile(rb"[0-9a-f]{64}\Z")
 _NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}\Z")
 
+
 def client_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, name: bytes) -> bytes:
     """The client's HMAC proof (64 hex digits, ASCII) for one handshake."""
     return _proof(secret, b"client\0", server_nonce, client_nonce, name)
@@ -60,7 +61,6 @@ def _proof_matches(expected: bytes, given: bytes) -> bool:
 
 def _nonce() -> bytes:
     return secrets.token_hex(NONCE_BYTES).encode("ascii")
-
 
 
 # -- shared-secret handshake -----------------------------------------------------

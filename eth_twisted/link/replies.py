@@ -49,8 +49,6 @@ def parse_reply(raw: bytes) -> Reply:
     raise ReplyError(f"unknown reply {text[:80]!r}")
 
 
-
-
 def reply_text(sha: str, code: str) -> bytes:
     """The content of the reply netstring for message ``sha``: ``code`` is OK, DUP or an ERR code."""
     if code == "OK" or code == "DUP":

@@ -381,7 +381,6 @@ def client_tls_endpoint(
     return GatedClientEndpoint(wrapClientTLS(options, tcp), gate)
 
 
-
 # -- TLS gates -----------------------------------------------------------------
 
 
@@ -479,7 +478,6 @@ class TLSGateFactory(GateFactory):
             max_pending=max_pending,
             max_pending_per_group=max_pending_per_group,
         )
-
 
 
 class _TLSClientGateFactory(ClientGateFactory):

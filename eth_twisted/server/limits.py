@@ -34,24 +34,40 @@ DEFAULT_DEADLINE = 10.0
 class ReceiverLimits:
     """The receiver's limits; each field is also the server option of its name (README, "Limits")."""
 
-    max_length: int = setting(DEFAULT_MAX_LENGTH, "Largest message accepted, in bytes",
-                              int_in(1, 16 * 1024 * 1024))
-    window: int = setting(DEFAULT_WINDOW, "Unanswered messages per connection before reading pauses",
-                          int_in(1, 65536))
-    deadline: float = setting(DEFAULT_DEADLINE, "Seconds within which every message is answered (else ERR timeout)",
-                              positive_float)
-    frame_timeout: float = setting(30.0, "Seconds a frame may take from its first byte to its comma", positive_float)
+    max_length: int = setting(
+        DEFAULT_MAX_LENGTH, "Largest message accepted, in bytes", int_in(1, 16 * 1024 * 1024)
+    )
+    window: int = setting(
+        DEFAULT_WINDOW, "Unanswered messages per connection before reading pauses", int_in(1, 65536)
+    )
+    deadline: float = setting(
+        DEFAULT_DEADLINE,
+        "Seconds within which every message is answered (else ERR timeout)",
+        positive_float,
+    )
+    frame_timeout: float = setting(
+        30.0, "Seconds a frame may take from its first byte to its comma", positive_float
+    )
     idle_timeout: float = setting(
-        90.0, "Seconds without a complete frame before a connection is dropped (a client sends a heartbeat when it has been quiet for --heartbeat, 10 s by default)",
-        positive_float)
-    write_stall: float = setting(60.0, "Seconds a peer may leave its replies unread before it is dropped",
-                                 positive_float)
-    rate: float = setting(5000.0, "Messages per second per connection before reading pauses", positive_float)
-    burst: int = setting(10000, "Messages a connection may send at once before the rate applies", int_in(1))
+        90.0,
+        "Seconds without a complete frame before a connection is dropped (a client sends a heartbeat when it has been quiet for --heartbeat, 10 s by default)",
+        positive_float,
+    )
+    write_stall: float = setting(
+        60.0, "Seconds a peer may leave its replies unread before it is dropped", positive_float
+    )
+    rate: float = setting(
+        5000.0, "Messages per second per connection before reading pauses", positive_float
+    )
+    burst: int = setting(
+        10000, "Messages a connection may send at once before the rate applies", int_in(1)
+    )
     partial_budget: int = setting(
         32 * 1024 * 1024,
         "Bytes of incomplete (or not yet handled) frames held across all connections before reading pauses; "
-        "the oldest holder always reads", int_in(1024))
+        "the oldest holder always reads",
+        int_in(1024),
+    )
     max_connections: int = setting(10000, "Connections the server holds at once", int_in(1))
     max_per_ip: int = setting(100, "Connections per client address (IPv6: per /64)", int_in(1))
     violation_log_interval: float = 60.0
@@ -110,7 +126,12 @@ class ViolationLog:
         if len(self._logged) > self.MAX_KEYS:
             self._logged.clear()
         self._logged[key] = now
-        self.log.warn("Protocol violation from {peer}: {reason} ({detail})", peer=peer, reason=reason, detail=detail)
+        self.log.warn(
+            "Protocol violation from {peer}: {reason} ({detail})",
+            peer=peer,
+            reason=reason,
+            detail=detail,
+        )
 
 
 class ConnectionCaps:
@@ -293,7 +314,12 @@ class PartialBudget:
                 members.pop(holder, None)
                 if not members:
                     del self._group_holders[group]
-        if delta > 0 and holder not in self._paused and not holder.gone and not self.may_grow(holder):
+        if (
+            delta > 0
+            and holder not in self._paused
+            and not holder.gone
+            and not self.may_grow(holder)
+        ):
             self._paused.add(holder)
             holder.pause_reading("budget")
             self.metrics.protocol_errors.labels(reason="partial-budget").inc()
@@ -305,7 +331,10 @@ class PartialBudget:
         elif group_was_over and self._group_bytes.get(group, 0) <= share:
             candidates = [p for p in self._group_holders.get(group, ()) if p in self._paused]
         else:
-            candidates = [next(iter(self._holders), None), next(iter(self._group_holders.get(group, ())), None)]
+            candidates = [
+                next(iter(self._holders), None),
+                next(iter(self._group_holders.get(group, ())), None),
+            ]
         for candidate in candidates:
             if candidate is not None and candidate in self._paused and self.may_grow(candidate):
                 self._paused.discard(candidate)

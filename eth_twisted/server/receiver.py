@@ -10,8 +10,7 @@ answers arrive out of order (docs/protocol.md). The limits it enforces live in
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -29,6 +28,7 @@ from eth_twisted.link.payload import OutOfRange, recognise_block_number
 from eth_twisted.link.replies import reply_text
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, normalise_ip, peer_group, sha256_hex
+from eth_twisted.server.batcher import ReplyBatcher
 from eth_twisted.server.limits import (
     ConnectionCaps,
     PartialBudget,
@@ -100,7 +100,9 @@ class ReceiverProtocol(Protocol):
         self._stall_timer: Any = None
         self._close_timer: Any = None
         self._read_call: Any = None
-        self._stopped_early = False  # the frame loop stopped while the decoder may hold whole frames
+        self._stopped_early = (
+            False  # the frame loop stopped while the decoder may hold whole frames
+        )
         self._owed_limit = 0
         self._tokens = 0.0
         self._tokens_at = 0.0
@@ -144,11 +146,22 @@ class ReceiverProtocol(Protocol):
         if self._gone:
             return
         self._gone = True
-        if (self._decoder is not None and self._decoder.in_frame and not self._read_closed
-                and not self._stopped_early):
+        if (
+            self._decoder is not None
+            and self._decoder.in_frame
+            and not self._read_closed
+            and not self._stopped_early
+        ):
             self._violation("truncated", "connection closed mid-frame")
-        for name in ("_deadline_timer", "_frame_timer", "_idle_timer", "_rate_timer", "_stall_timer",
-                     "_close_timer", "_read_call"):
+        for name in (
+            "_deadline_timer",
+            "_frame_timer",
+            "_idle_timer",
+            "_rate_timer",
+            "_stall_timer",
+            "_close_timer",
+            "_read_call",
+        ):
             timer = getattr(self, name)
             if timer is not None and timer.active():
                 timer.cancel()
@@ -189,7 +202,9 @@ class ReceiverProtocol(Protocol):
     def pauseProducing(self) -> None:
         if self._write_paused_at is None:
             self._write_paused_at = self.factory.clock.seconds()
-            self._stall_timer = self.factory.clock.callLater(self.factory.limits.write_stall, self._stalled)
+            self._stall_timer = self.factory.clock.callLater(
+                self.factory.limits.write_stall, self._stalled
+            )
         self.pause_reading("writes")
 
     def resumeProducing(self) -> None:
@@ -245,8 +260,12 @@ class ReceiverProtocol(Protocol):
                 break
             # As many frames as every bound allows, taken in one call: none can
             # overrun the window, the owed replies, the tokens or the turn.
-            most = min(TURN_FRAMES - handled, window - self._unanswered,
-                       self._owed_limit - len(self._slots) - 1, int(self._tokens))
+            most = min(
+                TURN_FRAMES - handled,
+                window - self._unanswered,
+                self._owed_limit - len(self._slots) - 1,
+                int(self._tokens),
+            )
             frames = decoder.take(max(1, most))
             if not frames:
                 exhausted = decoder.error is None
@@ -337,7 +356,11 @@ class ReceiverProtocol(Protocol):
 
     def _forget_last(self, payload: bytes) -> None:
         """Drop the unanswered slot of the frame whose handling just failed."""
-        if self._slots and self._slots[-1].text is None and self._slots[-1].sha == sha256_hex(payload):
+        if (
+            self._slots
+            and self._slots[-1].text is None
+            and self._slots[-1].sha == sha256_hex(payload)
+        ):
             slot = self._slots.pop()
             if slot.ticket is not None:
                 slot.ticket.cancel()
@@ -391,7 +414,9 @@ class ReceiverProtocol(Protocol):
         self._deadline_timer = None
         now = self.factory.clock.seconds()
         expired = []
-        for slot in self._slots:  # frame order is deadline order: stop at the first one still running
+        for (
+            slot
+        ) in self._slots:  # frame order is deadline order: stop at the first one still running
             if slot.text is None:
                 if slot.due > now:
                     break
@@ -421,7 +446,9 @@ class ReceiverProtocol(Protocol):
         if self._held_up_by_us() or self._write_paused_at is not None:
             self._reset_idle()  # held up by us, or the write-stall timer decides
         else:
-            self._abort("idle-timeout", f"no complete frame for {self.factory.limits.idle_timeout:.0f}s")
+            self._abort(
+                "idle-timeout", f"no complete frame for {self.factory.limits.idle_timeout:.0f}s"
+            )
 
     def _track_frame_timer(self, restarted: bool, in_frame: bool) -> None:
         """Start the whole-frame timer at a frame's first byte; stop it when no frame is open."""
@@ -435,7 +462,9 @@ class ReceiverProtocol(Protocol):
         if self._frame_timer is not None and self._frame_timer.active():
             self._frame_timer.cancel()
         self._frame_started = self.factory.clock.seconds()
-        self._frame_timer = self.factory.clock.callLater(self.factory.limits.frame_timeout, self._frame_passed)
+        self._frame_timer = self.factory.clock.callLater(
+            self.factory.limits.frame_timeout, self._frame_passed
+        )
 
     def _frame_passed(self) -> None:
         self._frame_timer = None
@@ -445,15 +474,20 @@ class ReceiverProtocol(Protocol):
             # We are not reading from this peer: give it the full time again
             # once we do.
             self._frame_timer = self.factory.clock.callLater(
-                self.factory.limits.frame_timeout, self._frame_passed)
+                self.factory.limits.frame_timeout, self._frame_passed
+            )
             return
-        self._abort("frame-timeout", f"frame incomplete after {self.factory.limits.frame_timeout:.0f}s")
+        self._abort(
+            "frame-timeout", f"frame incomplete after {self.factory.limits.frame_timeout:.0f}s"
+        )
 
     def _refill_tokens(self) -> bool:
         """Token bucket: True when a token is available; else pause reading until one is back."""
         limits = self.factory.limits
         now = self.factory.clock.seconds()
-        self._tokens = min(float(limits.burst), self._tokens + (now - self._tokens_at) * limits.rate)
+        self._tokens = min(
+            float(limits.burst), self._tokens + (now - self._tokens_at) * limits.rate
+        )
         self._tokens_at = now
         if self._tokens >= 1.0:
             return True
@@ -462,8 +496,9 @@ class ReceiverProtocol(Protocol):
             self.pause_reading("rate")
             # Resume with a tenth of a second's tokens, not one: one wake-up per frame would cost more than the frame.
             wanted = max(1.0, min(float(limits.burst), limits.rate / 10.0))
-            self._rate_timer = self.factory.clock.callLater((wanted - self._tokens) / limits.rate,
-                                                            self._rate_refilled)
+            self._rate_timer = self.factory.clock.callLater(
+                (wanted - self._tokens) / limits.rate, self._rate_refilled
+            )
         return False
 
     def _rate_refilled(self) -> None:
@@ -553,7 +588,9 @@ class ReceiverProtocol(Protocol):
         # Replies wait at most the deadline for the sinks, then the peer has
         # write_stall to read them: past both the connection is aborted.
         limits = self.factory.limits
-        self._close_timer = self.factory.clock.callLater(limits.deadline + limits.write_stall, self._close_overdue)
+        self._close_timer = self.factory.clock.callLater(
+            limits.deadline + limits.write_stall, self._close_overdue
+        )
         self._flush()
 
     def _close_overdue(self) -> None:
@@ -561,42 +598,6 @@ class ReceiverProtocol(Protocol):
         if not self._gone:
             self._violation("close-timeout", "replies not taken before the close deadline")
             self.transport.abortConnection()
-
-
-class ReplyBatcher:
-    """Replies given inside :meth:`hold` are written when it ends: one write per connection, not per reply.
-
-    Built first and given to both the router (which answers a whole batch
-    inside one scope) and the receiver (which answers a turn's probes inside
-    one), so a connection with twenty messages in a batch gets one ``write``.
-    Replies still leave in frame order; nested use is one scope.
-    """
-
-    def __init__(self) -> None:
-        self.holding = False
-        self._held: dict[ReceiverProtocol, None] = {}  # an ordered set
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        """Hold every reply given inside; write them, connection by connection, at the end."""
-        if self.holding:
-            yield
-            return
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
-            held, self._held = self._held, {}
-            for protocol in held:
-                protocol._flush()
-
-    def defer(self, protocol: ReceiverProtocol) -> bool:
-        """True (and ``protocol`` flushed at the end) when inside :meth:`hold`."""
-        if self.holding:
-            self._held[protocol] = None
-            return True
-        return False
 
 
 class ReceiverFactory(Factory):

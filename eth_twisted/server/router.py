@@ -41,16 +41,26 @@ class BatchSettings:
     """How the router batches (group commit); the option fields are the server options of their names."""
 
     batch_size: int = setting(1000, "Most messages per sink batch", int_in(1, 100_000))
-    batch_delay: float = setting(0.002, "Seconds to collect a batch before storing it", non_negative_float)
+    batch_delay: float = setting(
+        0.002, "Seconds to collect a batch before storing it", non_negative_float
+    )
     concurrent_batches: int = setting(
-        2, "Batches in the SQL record at once, each in its own transaction (answers stay in order); more than 1 "
-        "lets the database share one flush between them", int_in(1, 8))
+        2,
+        "Batches in the SQL record at once, each in its own transaction (answers stay in order); more than 1 "
+        "lets the database share one flush between them",
+        int_in(1, 8),
+    )
     pipeline: bool = setting(
-        False, "With Redis, let SQL store the next batch while Redis stores the current one: about 30% more "
-        "throughput under saturation, about twice the latency at low load")
+        False,
+        "With Redis, let SQL store the next batch while Redis stores the current one: about 30% more "
+        "throughput under saturation, about twice the latency at low load",
+    )
     pending_budget: int = setting(
-        64 * 1024 * 1024, "Payload bytes queued for the sinks across all connections before new messages are "
-        "answered busy", int_in(65536))
+        64 * 1024 * 1024,
+        "Payload bytes queued for the sinks across all connections before new messages are "
+        "answered busy",
+        int_in(65536),
+    )
     batch_bytes: int = 4 * 1024 * 1024
     """Most payload bytes per batch (a quarter of MySQL's default max_allowed_packet)."""
     max_pending: int = 100_000
@@ -61,7 +71,9 @@ class BatchSettings:
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
         if self.concurrent_batches < 1:
-            raise ValueError(f"concurrent_batches must be at least 1, not {self.concurrent_batches}")
+            raise ValueError(
+                f"concurrent_batches must be at least 1, not {self.concurrent_batches}"
+            )
 
 
 class _Queued:
@@ -105,14 +117,20 @@ class SinkHealth:
             self.up = False
             self.since = now
             self.last_error = reason
-            self.log.error("Sink {sink} is failing: {reason}; answering ERR until it recovers",
-                           sink=self.name, reason=reason)
+            self.log.error(
+                "Sink {sink} is failing: {reason}; answering ERR until it recovers",
+                sink=self.name,
+                reason=reason,
+            )
             self.metrics.sink_up.labels(sink=self.name).set(0)
 
     def succeeded(self, now: float) -> None:
         if not self.up:
-            self.log.info("Sink {sink} recovered after {seconds:.1f}s", sink=self.name,
-                          seconds=now - (self.since or now))
+            self.log.info(
+                "Sink {sink} recovered after {seconds:.1f}s",
+                sink=self.name,
+                seconds=now - (self.since or now),
+            )
             self.up = True
             self.since = None
             self.metrics.sink_up.labels(sink=self.name).set(1)
@@ -204,7 +222,10 @@ class Router:
             return None
         nbytes = len(message.payload)
         queued = self._queued
-        if queued and (queued >= self.settings.max_pending or self._queued_bytes + nbytes > self.settings.pending_budget):
+        if queued and (
+            queued >= self.settings.max_pending
+            or self._queued_bytes + nbytes > self.settings.pending_budget
+        ):
             self._count("busy")
             reply("busy")
             return None
@@ -269,7 +290,11 @@ class Router:
         self._in_flight += 1
         previous, self._finish_tail = self._finish_tail, defer.Deferred()
         self._store(batch, previous, self._finish_tail).addBoth(self._batch_done)
-        if self._queued and self._in_flight < self.concurrent_batches and self._queued >= self.settings.batch_size:
+        if (
+            self._queued
+            and self._in_flight < self.concurrent_batches
+            and self._queued >= self.settings.batch_size
+        ):
             self._flush()
 
     def _batch_done(self, _: object) -> None:
@@ -299,8 +324,12 @@ class Router:
             self._notify_drained()
 
     @defer.inlineCallbacks
-    def _store(self, batch: list[tuple[Message, Reply]], previous: defer.Deferred[None] | None,
-               finished: defer.Deferred[None]) -> Any:
+    def _store(
+        self,
+        batch: list[tuple[Message, Reply]],
+        previous: defer.Deferred[None] | None,
+        finished: defer.Deferred[None],
+    ) -> Any:
         """The record, then (after the batch taken before this one is answered) the mirrors and answers."""
         try:
             messages = [m for m, _ in batch]
@@ -316,7 +345,9 @@ class Router:
             finished.callback(None)
 
     @defer.inlineCallbacks
-    def _finish(self, batch: list[tuple[Message, Reply]], messages: list[Message], verdicts: Any) -> Any:
+    def _finish(
+        self, batch: list[tuple[Message, Reply]], messages: list[Message], verdicts: Any
+    ) -> Any:
         """The mirrors (given the record's verdicts), then the answers."""
         codes: list[str]
         if isinstance(verdicts, str):
@@ -325,7 +356,8 @@ class Router:
             codes = list(map(_CODES.__getitem__, verdicts))
             if self.mirrors:
                 results = yield defer.gatherResults(
-                    [self._call_sink(m, messages, verdicts) for m in self.mirrors], consumeErrors=True
+                    [self._call_sink(m, messages, verdicts) for m in self.mirrors],
+                    consumeErrors=True,
                 )
                 for result in results:
                     if isinstance(result, str):
@@ -358,9 +390,13 @@ class Router:
             d.addTimeout(self.settings.batch_timeout, self.clock)
             outcomes = yield d
             if len(outcomes) != len(messages):
-                raise RuntimeError(f"{name} answered {len(outcomes)} outcomes for {len(messages)} messages")
+                raise RuntimeError(
+                    f"{name} answered {len(outcomes)} outcomes for {len(messages)} messages"
+                )
         except defer.TimeoutError:
-            return self._sink_failed(name, SinkTimeout(name, f"no answer in {self.settings.batch_timeout}s"))
+            return self._sink_failed(
+                name, SinkTimeout(name, f"no answer in {self.settings.batch_timeout}s")
+            )
         except SinkError as e:
             return self._sink_failed(name, e)
         except Exception as e:

@@ -26,8 +26,9 @@ from eth_twisted.errors import ConfigError
 from eth_twisted.interfaces import IRecord, ISink, maybe_global_reactor
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.options import positive_float, setting
+from eth_twisted.server.batcher import ReplyBatcher
 from eth_twisted.server.limits import CapsFactory, ReceiverLimits
-from eth_twisted.server.receiver import ReceiverFactory, ReplyBatcher
+from eth_twisted.server.receiver import ReceiverFactory
 from eth_twisted.server.router import BatchSettings, Router
 from eth_twisted.sinks import StorageSettings, create_sinks
 from eth_twisted.systemd import notify_ready
@@ -44,7 +45,9 @@ class ServerTLS:
     tls_cert: str | None = setting(None, "PEM certificate (chain) of the server: listen with TLS")
     tls_key: str | None = setting(None, "PEM private key of --tls-cert")
     tls_client_ca: str | None = setting(
-        None, "PEM CA: require client certificates issued by it (mutual TLS); the subject becomes client_id")
+        None,
+        "PEM CA: require client certificates issued by it (mutual TLS); the subject becomes client_id",
+    )
     tls_min_version: str = setting("1.2", "Lowest TLS version accepted: 1.2 or 1.3")
 
     @property
@@ -60,12 +63,17 @@ class ServerTLS:
             return
         if not self.tls_cert or not self.tls_key:
             raise ConfigError("--tls-cert and --tls-key go together")
-        for name, path in (("tls-cert", self.tls_cert), ("tls-key", self.tls_key),
-                           ("tls-client-ca", self.tls_client_ca)):
+        for name, path in (
+            ("tls-cert", self.tls_cert),
+            ("tls-key", self.tls_key),
+            ("tls-client-ca", self.tls_client_ca),
+        ):
             if path and not Path(path).is_file():
                 raise ConfigError(f"--{name}: no such file {path}")
         if self.tls_min_version not in ("1.2", "1.3"):
-            raise ConfigError(f"--tls-min-version: expected 1.2 or 1.3, got {self.tls_min_version!r}")
+            raise ConfigError(
+                f"--tls-min-version: expected 1.2 or 1.3, got {self.tls_min_version!r}"
+            )
 
     def options(self) -> Any:
         """The TLS server options (mutual TLS with a client CA), or None without TLS."""
@@ -74,8 +82,12 @@ class ServerTLS:
         from eth_twisted.link.tls import server_tls_options
 
         assert self.tls_cert and self.tls_key
-        return server_tls_options(self.tls_cert, self.tls_key, client_ca_file=self.tls_client_ca,
-                                  min_tls=self.tls_min_version)
+        return server_tls_options(
+            self.tls_cert,
+            self.tls_key,
+            client_ca_file=self.tls_client_ca,
+            min_tls=self.tls_min_version,
+        )
 
 
 @dataclass(slots=True)
@@ -90,10 +102,14 @@ class ServerSettings:
     secret: bytes | None = None
     """The link's shared secret (resolved by the tap), or None: no handshake."""
     allow_plaintext_secret: bool = setting(
-        False, "Allow the shared-secret handshake without TLS (the secret never crosses the wire, but the "
-        "messages do, in clear)")
+        False,
+        "Allow the shared-secret handshake without TLS (the secret never crosses the wire, but the "
+        "messages do, in clear)",
+    )
     site: SiteSettings = field(default_factory=SiteSettings)
-    reconcile_interval: float = setting(300.0, "Seconds between Redis rebuilds from SQL", positive_float)
+    reconcile_interval: float = setting(
+        300.0, "Seconds between Redis rebuilds from SQL", positive_float
+    )
     verbose: bool = False
     """Log every message received (the seed's DATA line)."""
     drain_timeout: float = 15.0
@@ -246,11 +262,17 @@ class ServerService(service.MultiService):
                         self.log.error(
                             "Sink {sink} could not start: {error}; retrying every {delay:.0f}s to "
                             "{longest:.0f}s until it answers (ERR unavailable meanwhile)",
-                            sink=sink.name, error=_reason(e), delay=delay, longest=START_RETRY_MAX,
+                            sink=sink.name,
+                            error=_reason(e),
+                            delay=delay,
+                            longest=START_RETRY_MAX,
                         )
                     else:
-                        self.log.debug("Sink {sink} still cannot start: {error}", sink=sink.name,
-                                       error=_reason(e))
+                        self.log.debug(
+                            "Sink {sink} still cannot start: {error}",
+                            sink=sink.name,
+                            error=_reason(e),
+                        )
                     self._retry_wait = task.deferLater(self.reactor, delay, lambda: None)
                     try:
                         yield self._retry_wait
@@ -262,8 +284,12 @@ class ServerService(service.MultiService):
             if self._stopping:
                 return False
             if failed_at is not None:
-                self.log.info("Sink {sink} started after {seconds:.1f}s and {attempts} attempts",
-                              sink=sink.name, seconds=self.reactor.seconds() - failed_at, attempts=attempts)
+                self.log.info(
+                    "Sink {sink} started after {seconds:.1f}s and {attempts} attempts",
+                    sink=sink.name,
+                    seconds=self.reactor.seconds() - failed_at,
+                    attempts=attempts,
+                )
         return True
 
     @defer.inlineCallbacks
@@ -278,8 +304,11 @@ class ServerService(service.MultiService):
         try:
             yield drained
         except defer.TimeoutError:
-            self.log.warn("Stopped with {n} messages unstored after {t}s: clients will resend them",
-                          n=self.router.pending, t=self.drain_timeout)
+            self.log.warn(
+                "Stopped with {n} messages unstored after {t}s: clients will resend them",
+                n=self.router.pending,
+                t=self.drain_timeout,
+            )
         self.router.ready = False
         self.factory.close_all()
         for sink in reversed(self.sinks):
@@ -297,8 +326,13 @@ def build_server(settings: ServerSettings, *, reactor: Any = None) -> ServerServ
     """Everything ``eth server`` runs, built from ``settings``: sinks, then :func:`assemble_server`."""
     reactor = maybe_global_reactor(reactor)
     record, mirrors = create_sinks(settings.storage, reactor)
-    return assemble_server(settings, record=record, mirrors=mirrors, reactor=reactor,
-                           summary=settings.storage.summary())
+    return assemble_server(
+        settings,
+        record=record,
+        mirrors=mirrors,
+        reactor=reactor,
+        summary=settings.storage.summary(),
+    )
 
 
 def assemble_server(
@@ -319,17 +353,32 @@ def assemble_server(
         from dataclasses import replace
 
         batch = replace(batch, pipeline=False)  # nothing to overlap with
-    router = Router(record, mirrors, clock=reactor, settings=batch, metrics=metrics, answering=batcher.hold)
+    router = Router(
+        record, mirrors, clock=reactor, settings=batch, metrics=metrics, answering=batcher.hold
+    )
     tls_options = settings.tls.options()
     gated = tls_options is not None or settings.secret is not None
-    receiver = ReceiverFactory(router.submit, clock=reactor, metrics=metrics, limits=settings.limits,
-                               batcher=batcher, caps_in_front=gated, log_payloads=settings.verbose)
+    receiver = ReceiverFactory(
+        router.submit,
+        clock=reactor,
+        metrics=metrics,
+        limits=settings.limits,
+        batcher=batcher,
+        caps_in_front=gated,
+        log_payloads=settings.verbose,
+    )
     from eth_twisted.link.tls import listen_endpoint
 
     endpoint = listen_endpoint(reactor, settings.listen, tls=tls_options)
-    listening = gated_factory(receiver, reactor=reactor, tls=tls_options is not None, secret=settings.secret,
-                              allow_plaintext=settings.allow_plaintext_secret, listen=settings.listen,
-                              metrics=metrics)
+    listening = gated_factory(
+        receiver,
+        reactor=reactor,
+        tls=tls_options is not None,
+        secret=settings.secret,
+        allow_plaintext=settings.allow_plaintext_secret,
+        listen=settings.listen,
+        metrics=metrics,
+    )
     from eth_twisted.web.stats import ServerStats
 
     stats = ServerStats(reactor)
@@ -339,19 +388,37 @@ def assemble_server(
         from eth_twisted.web.site import make_server_site
 
         web = make_server_site(
-            record=record, sinks=[record, *mirrors], stats=stats, metrics=metrics, clock=reactor,
-            token=settings.site.stats_token, allowed_hosts=settings.site.stats_allowed_hosts,
+            record=record,
+            sinks=[record, *mirrors],
+            stats=stats,
+            metrics=metrics,
+            clock=reactor,
+            token=settings.site.stats_token,
+            allowed_hosts=settings.site.stats_allowed_hosts,
             limits=settings.site.limits,
         )
         site = strports.service(settings.site.stats, web, reactor=reactor)
         site.setName("stats")
     reconciler = _reconciler(record, mirrors, reactor, settings.reconcile_interval, metrics)
-    server = ServerService(record=record, mirrors=mirrors, router=router, receiver=receiver,
-                           listener=_Listener(endpoint, listening), reactor=reactor, stats=stats, site=site,
-                           reconciler=reconciler, listen=settings.listen, summary=summary,
-                           drain_timeout=settings.drain_timeout)
-    server.log.info("eth-server listening on {listen}, storing to {summary}", listen=settings.listen,
-                    summary=summary)
+    server = ServerService(
+        record=record,
+        mirrors=mirrors,
+        router=router,
+        receiver=receiver,
+        listener=_Listener(endpoint, listening),
+        reactor=reactor,
+        stats=stats,
+        site=site,
+        reconciler=reconciler,
+        listen=settings.listen,
+        summary=summary,
+        drain_timeout=settings.drain_timeout,
+    )
+    server.log.info(
+        "eth-server listening on {listen}, storing to {summary}",
+        listen=settings.listen,
+        summary=summary,
+    )
     return server
 
 
@@ -379,12 +446,16 @@ def gated_factory(
     factory: Any = receiver
     if secret is not None:
         factory = AuthServerFactory(
-            factory, secret, reactor, allow_plaintext=allow_plaintext,
+            factory,
+            secret,
+            reactor,
+            allow_plaintext=allow_plaintext,
             on_failure=lambda reason: metrics.protocol_errors.labels(reason=f"auth-{reason}").inc(),
         )
     if tls:
         factory = TLSGateFactory(
-            factory, clock=reactor,
+            factory,
+            clock=reactor,
             on_failure=lambda reason: metrics.protocol_errors.labels(reason=f"tls-{reason}").inc(),
         )
     if factory is not receiver:
@@ -392,8 +463,9 @@ def gated_factory(
     return factory
 
 
-def _reconciler(record: IRecord, mirrors: Sequence[ISink], reactor: Any, interval: float,
-                metrics: ServerMetrics) -> service.Service | None:
+def _reconciler(
+    record: IRecord, mirrors: Sequence[ISink], reactor: Any, interval: float, metrics: ServerMetrics
+) -> service.Service | None:
     """The service that rebuilds Redis from SQL (at start, every ``interval``, after an outage), if Redis mirrors."""
     from eth_twisted.sinks.reconcile import Reconciler
     from eth_twisted.sinks.redis import RedisSink
@@ -416,5 +488,7 @@ def _seed_stats(server: ServerService, stats: Any) -> Any:
         try:
             _firsts, ip_messages = yield cast(Any, redis).read_counts()
         except Exception as e:
-            server.log.warn("Could not read per-client message counts from Redis: {error}", error=_reason(e))
+            server.log.warn(
+                "Could not read per-client message counts from Redis: {error}", error=_reason(e)
+            )
     stats.seed(totals, ip_messages)

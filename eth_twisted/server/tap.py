@@ -75,12 +75,19 @@ class StorageOptions(EnvOptions):
         """The sinks these options describe, with their secrets resolved (never from argv alone)."""
         self["sqlite"] = self["sqlite"] or state_path(SQLITE_FILE, self.environ)
         return settings_from(
-            StorageSettings, self,
+            StorageSettings,
+            self,
             sqlite=SQLiteSettings(sqlite=self["sqlite"]),
-            mysql=settings_from(MySQLSettings, self,
-                                mysql_pass=self.resolve_secret("mysql-pass") if self["use-mysql"] else None),
-            redis=settings_from(RedisSettings, self,
-                                redis_password=self.resolve_secret("redis-password") if self["use-redis"] else None),
+            mysql=settings_from(
+                MySQLSettings,
+                self,
+                mysql_pass=self.resolve_secret("mysql-pass") if self["use-mysql"] else None,
+            ),
+            redis=settings_from(
+                RedisSettings,
+                self,
+                redis_password=self.resolve_secret("redis-password") if self["use-redis"] else None,
+            ),
         )
 
 
@@ -96,17 +103,31 @@ class Options(StorageOptions):
     )
     # usage.Options gathers optFlags/optParameters from every base class.
     optFlags = [
-        ["verbose", "v", "Log every message received (the seed's DATA line) and other debug detail"],
+        [
+            "verbose",
+            "v",
+            "Log every message received (the seed's DATA line) and other debug detail",
+        ],
         *flag_rows(BatchSettings),
         *flag_rows(ServerSettings),
     ]
     optParameters = [
         ["host", None, "127.0.0.1", "Interface to listen on"],
         ["port", None, 9999, "TCP port to listen on", int_in(0, 65535)],
-        ["listen", None, None, "Endpoint string to listen on instead of --host/--port, e.g. tcp:9999:interface=0.0.0.0"],
+        [
+            "listen",
+            None,
+            None,
+            "Endpoint string to listen on instead of --host/--port, e.g. tcp:9999:interface=0.0.0.0",
+        ],
         ["stats", None, SiteSettings().stats, "Endpoint of the stats HTTP API, or 'none'"],
         *option_rows(ServerTLS),
-        ["secret-file", None, None, "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret): clients must pass the HMAC handshake"],
+        [
+            "secret-file",
+            None,
+            None,
+            "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret): clients must pass the HMAC handshake",
+        ],
         *option_rows(ReceiverLimits),
         *option_rows(BatchSettings),
         *option_rows(ServerSettings),
@@ -120,7 +141,9 @@ class Options(StorageOptions):
         except ConfigError as e:
             raise usage.UsageError(str(e))
         except ValueError as e:
-            raise usage.UsageError(str(e).replace("idle_timeout", "--idle-timeout").replace("deadline", "--deadline"))
+            raise usage.UsageError(
+                str(e).replace("idle_timeout", "--idle-timeout").replace("deadline", "--deadline")
+            )
         site = self.settings.site
         exposed = exposure_warning(site.stats, site.stats_allowed_hosts, site.stats_token)
         if exposed:
@@ -134,13 +157,24 @@ class Options(StorageOptions):
         tls = settings_from(ServerTLS, self)
         tls.check()
         secret = load_secret(file=self["secret-file"], environ=self.environ)
-        check_secret_transport(secret, tls.enabled or listen.startswith("ssl:"), self["allow-plaintext-secret"])
+        check_secret_transport(
+            secret, tls.enabled or listen.startswith("ssl:"), self["allow-plaintext-secret"]
+        )
         site = site_settings_from(self, None if self["stats"].lower() == "none" else self["stats"])
         limits = settings_from(ReceiverLimits, self)
         limits.check()
-        return settings_from(ServerSettings, self, listen=listen, storage=self.storage, limits=limits,
-                             batch=settings_from(BatchSettings, self), tls=tls, secret=secret, site=site,
-                             verbose=bool(self["verbose"]))
+        return settings_from(
+            ServerSettings,
+            self,
+            listen=listen,
+            storage=self.storage,
+            limits=limits,
+            batch=settings_from(BatchSettings, self),
+            tls=tls,
+            secret=secret,
+            site=site,
+            verbose=bool(self["verbose"]),
+        )
 
     def limits(self) -> ReceiverLimits:
         """The receiver's limits from these options."""
@@ -156,7 +190,9 @@ def makeService(config: Options, reactor: Any = None) -> Any:
         log.warn("{warning}", warning=warning)
     tune_gc()  # this is the process's entry point (twistd or eth server)
     settings = config.settings
-    raise_file_limit(settings.limits.max_connections + settings.site.limits.stats_max_connections + FILE_HEADROOM)
+    raise_file_limit(
+        settings.limits.max_connections + settings.site.limits.stats_max_connections + FILE_HEADROOM
+    )
     return build_server(settings, reactor=reactor)
 
 
@@ -204,14 +240,17 @@ def raise_file_limit(needed: int, resource_module: Any = None) -> int:
             resource_module.setrlimit(resource_module.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (OSError, ValueError) as e:
-            log.warn("Could not raise the open-files limit from {soft} to {target}: {error}",
-                     soft=soft, target=target, error=str(e))
+            log.warn(
+                "Could not raise the open-files limit from {soft} to {target}: {error}",
+                soft=soft,
+                target=target,
+                error=str(e),
+            )
     if not unlimited and hard < needed:
         log.warn(
             "The open-files limit ({hard}) is below what the connection caps need ({needed}): lower "
             "--max-connections/--stats-max-connections or raise LimitNOFILE, else accepts fail first",
-            hard=hard, needed=needed,
+            hard=hard,
+            needed=needed,
         )
     return int(soft)
-
-

@@ -21,7 +21,9 @@ class StorageSettings:
 
     use_mysql: bool = setting(False, "Store to MySQL/MariaDB (else to the embedded SQLite file)")
     use_redis: bool = setting(False, "Mirror counts and hashes to Redis")
-    no_migrate: bool = setting(False, "Do not apply schema migrations at start (run `eth migrate` instead)")
+    no_migrate: bool = setting(
+        False, "Do not apply schema migrations at start (run `eth migrate` instead)"
+    )
     sqlite: SQLiteSettings = field(default_factory=SQLiteSettings)
     mysql: MySQLSettings = field(default_factory=MySQLSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -29,8 +31,11 @@ class StorageSettings:
     def summary(self) -> str:
         """Where messages go, for start-up lines (the password masked)."""
         m = self.mysql
-        sql = (f"mysql://{m.mysql_user}:{mask(m.mysql_pass)}@{m.mysql_host}:{m.mysql_port}/{m.mysql_db}"
-               if self.use_mysql else f"sqlite:{self.sqlite.sqlite}")
+        sql = (
+            f"mysql://{m.mysql_user}:{mask(m.mysql_pass)}@{m.mysql_host}:{m.mysql_port}/{m.mysql_db}"
+            if self.use_mysql
+            else f"sqlite:{self.sqlite.sqlite}"
+        )
         if self.use_redis:
             r = self.redis
             return f"{sql} + redis://{r.redis_host}:{r.redis_port}/{r.redis_db} prefix {r.redis_prefix}"

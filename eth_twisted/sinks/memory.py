@@ -61,9 +61,15 @@ class MemorySink:
             elif m.hash in self.records:
                 outcomes.append(Outcome.DUPLICATE)
             else:
-                rec = Record(len(self.order) + 1, m.hash, m.payload, m.block_number,
-                             storable_client_ip(m.client_ip), storable_client_id(m.client_id),
-                             m.received_at)
+                rec = Record(
+                    len(self.order) + 1,
+                    m.hash,
+                    m.payload,
+                    m.block_number,
+                    storable_client_ip(m.client_ip),
+                    storable_client_id(m.client_id),
+                    m.received_at,
+                )
                 self.records[m.hash] = rec
                 self.order.append(rec)
                 outcomes.append(Outcome.STORED)
@@ -75,7 +81,7 @@ class MemorySink:
     def fetch_summaries(
         self, after_id: int, limit: int, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
     ) -> Deferred[list[RecordSummary]]:
-        rows = self.order[max(0, int(after_id)):]  # ids are positions + 1
+        rows = self.order[max(0, int(after_id)) :]  # ids are positions + 1
         return defer.succeed(take_page(map(_summary, rows), limit, max_bytes))
 
     def recent_summaries(
@@ -88,9 +94,14 @@ class MemorySink:
         rows = [r for r in reversed(self.order) if before is None or r.id < before]
         return defer.succeed(rows[:limit])
 
-    def by_block(self, block_number: int, limit: int | None = None,
-                 after: int | None = None) -> Deferred[list[Record]]:
-        rows = [r for r in self.order if r.block_number == block_number and (after is None or r.id > after)]
+    def by_block(
+        self, block_number: int, limit: int | None = None, after: int | None = None
+    ) -> Deferred[list[Record]]:
+        rows = [
+            r
+            for r in self.order
+            if r.block_number == block_number and (after is None or r.id > after)
+        ]
         return defer.succeed(rows if limit is None else rows[:limit])
 
     def totals(self) -> Deferred[Totals]:

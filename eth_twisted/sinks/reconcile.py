@@ -26,8 +26,13 @@ DEFAULT_RECONCILE_INTERVAL = 300.0
 
 
 class _ReconcilableSink(Protocol):
-    def reconcile(self, record: IRecord, page_size: int = ..., page_bytes: int = ...,
-                  cancelled: Callable[[], bool] | None = ...) -> Deferred[ReconcileResult]: ...
+    def reconcile(
+        self,
+        record: IRecord,
+        page_size: int = ...,
+        page_bytes: int = ...,
+        cancelled: Callable[[], bool] | None = ...,
+    ) -> Deferred[ReconcileResult]: ...
     def check_restart(self) -> Deferred[bool]: ...
     def add_recovery_listener(self, listener: Callable[[], None]) -> None: ...
     def remove_recovery_listener(self, listener: Callable[[], None]) -> None: ...
@@ -139,22 +144,28 @@ class Reconciler(Service):
     async def _attempt(self) -> ReconcileResult | None:
         self.runs += 1
         try:
-            result = await self.sink.reconcile(self.record, self.page_size, self.page_bytes,
-                                               lambda: self._stopping)
+            result = await self.sink.reconcile(
+                self.record, self.page_size, self.page_bytes, lambda: self._stopping
+            )
         except ReconcileCancelled as e:
             self.log.info("Redis reconciliation stopped for shutdown ({reason})", reason=str(e))
             return None
         except SinkError as e:
             self.failures += 1
             self._count("error")
-            self.log.error("Redis reconciliation failed: {reason}; retrying in {interval:g}s or "
-                           "when Redis comes back", reason=str(e), interval=self.interval)
+            self.log.error(
+                "Redis reconciliation failed: {reason}; retrying in {interval:g}s or "
+                "when Redis comes back",
+                reason=str(e),
+                interval=self.interval,
+            )
             return None
         except Exception:
             self.failures += 1
             self._count("error")
-            self.log.failure("Redis reconciliation failed; retrying in {interval:g}s",
-                             interval=self.interval)
+            self.log.failure(
+                "Redis reconciliation failed; retrying in {interval:g}s", interval=self.interval
+            )
             return None
         self.last_result = result
         self.last_success_at = self.clock.seconds()
@@ -164,8 +175,11 @@ class Reconciler(Service):
         self.log.info(
             "Redis reconciled from {records} records: {added} hashes added, {ips} IPs counted, "
             "{raised} ip_messages raised, in {seconds:.2f}s",
-            records=result.records, added=result.hashes_added, ips=result.ips,
-            raised=result.ip_messages_raised, seconds=result.seconds,
+            records=result.records,
+            added=result.hashes_added,
+            ips=result.ips,
+            raised=result.ip_messages_raised,
+            seconds=result.seconds,
         )
         return result
 

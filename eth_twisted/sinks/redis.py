@@ -70,8 +70,17 @@ SCAN_COUNT = 1000
 # Error replies that mean "this Redis cannot serve us now": an outage (retryable).
 # Other error replies (NOPERM, WRONGTYPE, unknown command) are refusals of one command.
 _OUTAGE_CODES = frozenset(
-    {"MISCONF", "LOADING", "READONLY", "MASTERDOWN", "OOM", "NOAUTH", "WRONGPASS",
-     "CLUSTERDOWN", "TRYAGAIN"}
+    {
+        "MISCONF",
+        "LOADING",
+        "READONLY",
+        "MASTERDOWN",
+        "OOM",
+        "NOAUTH",
+        "WRONGPASS",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+    }
 )
 
 
@@ -209,8 +218,11 @@ class RedisSink:
 
         def closed(result: Any) -> None:
             if isinstance(result, Failure):
-                self.log.warn("Redis {where}: closing the pool: {reason}", where=self.where,
-                              reason=result.getErrorMessage())
+                self.log.warn(
+                    "Redis {where}: closing the pool: {reason}",
+                    where=self.where,
+                    reason=result.getErrorMessage(),
+                )
             return None
 
         return d.addBoth(closed)
@@ -304,8 +316,12 @@ class RedisSink:
         def compare(run_id: str | None) -> bool:
             previous, self.run_id = self.run_id, run_id
             if previous is not None and run_id is not None and run_id != previous:
-                self.log.info("Redis {where} restarted (run_id {old} -> {new})", where=self.where,
-                              old=previous[:8], new=run_id[:8])
+                self.log.info(
+                    "Redis {where} restarted (run_id {old} -> {new})",
+                    where=self.where,
+                    old=previous[:8],
+                    new=run_id[:8],
+                )
                 self._notify()
                 return True
             return False
@@ -340,8 +356,9 @@ class RedisSink:
         """
         return defer.ensureDeferred(self._reconcile(record, page_size, page_bytes, cancelled))
 
-    async def _reconcile(self, record: IRecord, page_size: int, page_bytes: int,
-                         cancelled: Callable[[], bool] | None) -> ReconcileResult:
+    async def _reconcile(
+        self, record: IRecord, page_size: int, page_bytes: int, cancelled: Callable[[], bool] | None
+    ) -> ReconcileResult:
         started = self._reactor.seconds()
         counts_key = f"{self.reconcile_tmp_key}:{secrets.token_hex(8)}"
         after, records, added = 0, 0, 0
@@ -358,8 +375,11 @@ class RedisSink:
                     zadd += [score(r.received_at), r.hash]
                     firsts[r.client_ip] = firsts.get(r.client_ip, 0) + 1
                 counts = [x for ip, n in firsts.items() for x in (ip, str(n))]
-                n = await self._eval(RECONCILE_PAGE, [self.hashes_key, counts_key],
-                                     [str(RECONCILE_KEY_TTL), str(len(zadd)), *zadd, *counts])
+                n = await self._eval(
+                    RECONCILE_PAGE,
+                    [self.hashes_key, counts_key],
+                    [str(RECONCILE_KEY_TTL), str(len(zadd)), *zadd, *counts],
+                )
                 added += int(n)
                 records += len(page)
                 after = page[-1].id
@@ -367,10 +387,13 @@ class RedisSink:
             while True:
                 if cancelled is not None and cancelled():
                     raise ReconcileCancelled(f"stopped after {records} records")
-                cursor, flat = await self._call("reconcile HSCAN", "HSCAN", counts_key, cursor,
-                                                "COUNT", str(SCAN_COUNT))
+                cursor, flat = await self._call(
+                    "reconcile HSCAN", "HSCAN", counts_key, cursor, "COUNT", str(SCAN_COUNT)
+                )
                 if flat:
-                    raised += int(await self._eval(RAISE_MESSAGES, [self.ip_messages_key], list(flat)))
+                    raised += int(
+                        await self._eval(RAISE_MESSAGES, [self.ip_messages_key], list(flat))
+                    )
                 if _text(cursor) == "0":
                     break
             ips = await self._eval(INSTALL_COUNTS, [counts_key, self.ip_addresses_key], [])
@@ -393,15 +416,17 @@ class RedisSink:
 
     async def _check_persistence(self) -> None:
         try:
-            appendonly = await self._call("CONFIG GET appendonly", "CONFIG", "GET", "appendonly",
-                                          quiet=True)
+            appendonly = await self._call(
+                "CONFIG GET appendonly", "CONFIG", "GET", "appendonly", quiet=True
+            )
             save = await self._call("CONFIG GET save", "CONFIG", "GET", "save", quiet=True)
         except SinkError as e:
             self.persistent = None
             self.log.info(
                 "Redis {where}: persistence unknown (CONFIG GET refused: {reason}); "
                 "the mirror is rebuilt from SQL after a restart either way",
-                where=self.where, reason=e.reason,
+                where=self.where,
+                reason=e.reason,
             )
             return
         aof = _text(appendonly[1]) if len(appendonly) > 1 else ""
@@ -411,7 +436,9 @@ class RedisSink:
             self.log.warn(
                 "Redis {where} has no persistence (appendonly={aof}, save={save!r}): a restart "
                 "empties the mirror until it is rebuilt from SQL",
-                where=self.where, aof=aof, save=rdb,
+                where=self.where,
+                aof=aof,
+                save=rdb,
             )
 
     def _eval(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Deferred[Any]:
@@ -422,9 +449,14 @@ class RedisSink:
 
             def noscript(f: Failure) -> Any:
                 if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
-                    self.log.info("Redis {where}: script {script} not loaded; sending it with EVAL",
-                                  where=self.where, script=script.name)
-                    return self._redis.execute_command("EVAL", script.source, len(keys), *keys, *args)
+                    self.log.info(
+                        "Redis {where}: script {script} not loaded; sending it with EVAL",
+                        where=self.where,
+                        script=script.name,
+                    )
+                    return self._redis.execute_command(
+                        "EVAL", script.source, len(keys), *keys, *args
+                    )
                 return f
 
             return d.addErrback(noscript)
@@ -445,8 +477,11 @@ class RedisSink:
         if self.in_flight >= self.max_in_flight:
             self.failures += 1
             if self.outage_started is not None:
-                return defer.fail(SinkUnavailable(self.name, f"{what}: Redis is down and "
-                                                  f"{self.in_flight} calls are waiting"))
+                return defer.fail(
+                    SinkUnavailable(
+                        self.name, f"{what}: Redis is down and {self.in_flight} calls are waiting"
+                    )
+                )
             return defer.fail(SinkBusy(self.name, f"{what}: {self.in_flight} calls in flight"))
         self.in_flight += 1
         d = defer.maybeDeferred(start)
@@ -482,22 +517,34 @@ class RedisSink:
                 return SinkUnavailable(self.name, f"{what}: {text}"), True
             if not quiet:
                 # Not an outage: a refused command (ACL, WRONGTYPE, a script bug).
-                self.log.error("Redis {where}: {what} refused: {text}", where=self.where,
-                               what=what, text=text)
+                self.log.error(
+                    "Redis {where}: {what} refused: {text}", where=self.where, what=what, text=text
+                )
             return SinkUnavailable(self.name, f"{what}: {text}"), False
-        if f.check(txredisapi.ConnectionError, error.ConnectError, error.ConnectionLost,
-                   error.ConnectionClosed, ConnectionError, defer.CancelledError):
+        if f.check(
+            txredisapi.ConnectionError,
+            error.ConnectError,
+            error.ConnectionLost,
+            error.ConnectionClosed,
+            ConnectionError,
+            defer.CancelledError,
+        ):
             reason = f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
             return SinkUnavailable(self.name, f"{what}: {reason}"), True
-        self.log.failure("Redis {where}: {what} failed unexpectedly", f, where=self.where, what=what)
+        self.log.failure(
+            "Redis {where}: {what} failed unexpectedly", f, where=self.where, what=what
+        )
         return SinkUnavailable(self.name, f"{what}: {f.type.__name__}"), True  # type: ignore[union-attr]
 
     def _note_failure(self, err: SinkError) -> None:
         self._outage_failures += 1
         if self.outage_started is None and not self._stopped:
             self.outage_started = self._reactor.seconds()
-            self.log.error("Redis {where} is unavailable: {reason}; calls fail until it answers",
-                           where=self.where, reason=err.reason)
+            self.log.error(
+                "Redis {where} is unavailable: {reason}; calls fail until it answers",
+                where=self.where,
+                reason=err.reason,
+            )
 
     def _note_success(self) -> None:
         if self.outage_started is None:
@@ -505,8 +552,12 @@ class RedisSink:
         seconds = self._reactor.seconds() - self.outage_started
         failed, self._outage_failures = self._outage_failures, 0
         self.outage_started = None
-        self.log.info("Redis {where} answers again after {seconds:.1f}s ({failed} failed calls)",
-                      where=self.where, seconds=seconds, failed=failed)
+        self.log.info(
+            "Redis {where} answers again after {seconds:.1f}s ({failed} failed calls)",
+            where=self.where,
+            seconds=seconds,
+            failed=failed,
+        )
         self._notify()
 
     def _notify(self) -> None:
@@ -535,10 +586,12 @@ class RedisSettings:
     redis_prefix: str = setting(DEFAULT_PREFIX, "Prefix of every Redis key")
     redis_username: str | None = setting(None, "Redis ACL user")
     redis_password: str | None = setting(
-        None, "Redis password (prefer ETH_REDIS_PASSWORD or --redis-password-file)")
+        None, "Redis password (prefer ETH_REDIS_PASSWORD or --redis-password-file)"
+    )
     redis_timeout: float = setting(5.0, "Seconds to wait for a Redis reply", positive_float)
     redis_tls_ca: str | None = setting(
-        None, "CA file: connect to Redis over TLS and verify its certificate and host name")
+        None, "CA file: connect to Redis over TLS and verify its certificate and host name"
+    )
     tls: Any = None
     """A ``ClientContextFactory`` to use instead of one built from ``redis_tls_ca`` (True: TLS unverified)."""
     call_timeout: float | None = None
@@ -581,13 +634,21 @@ def make_redis_sink(settings: RedisSettings, *, reactor: IReactorTime | None = N
         password=settings.redis_password,
         username=settings.redis_username,
         ssl_context_factory=settings.tls_context(),
-        connectTimeout=settings.connect_timeout if settings.connect_timeout is not None else settings.redis_timeout,
+        connectTimeout=settings.connect_timeout
+        if settings.connect_timeout is not None
+        else settings.redis_timeout,
         replyTimeout=settings.redis_timeout,
         convertNumbers=False,
     )
     where = f"{settings.redis_host}:{settings.redis_port}/{settings.redis_db}"
-    call_timeout = settings.call_timeout if settings.call_timeout is not None else settings.redis_timeout
-    return RedisSink(pool, prefix=settings.redis_prefix, reactor=reactor, call_timeout=call_timeout,
-                     max_in_flight=settings.max_in_flight, where=where)
-
-
+    call_timeout = (
+        settings.call_timeout if settings.call_timeout is not None else settings.redis_timeout
+    )
+    return RedisSink(
+        pool,
+        prefix=settings.redis_prefix,
+        reactor=reactor,
+        call_timeout=call_timeout,
+        max_in_flight=settings.max_in_flight,
+        where=where,
+    )

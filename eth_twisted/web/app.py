@@ -67,7 +67,9 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 
 def error_response(error: ApiError) -> Response:
     """The JSON body of an :class:`ApiError`."""
-    return json_response({"error": error.code, "message": error.message}, error.status, error.headers)
+    return json_response(
+        {"error": error.code, "message": error.message}, error.status, error.headers
+    )
 
 
 def single_arg(request: Request, name: str) -> str | None:
@@ -173,8 +175,12 @@ class App(Resource):
         try:
             route, match = self._route(request)
             if request.method not in (b"GET", b"HEAD"):
-                raise ApiError(405, "method-not-allowed", "only GET and HEAD are supported",
-                               {"Allow": "GET, HEAD"})
+                raise ApiError(
+                    405,
+                    "method-not-allowed",
+                    "only GET and HEAD are supported",
+                    {"Allow": "GET, HEAD"},
+                )
             if not route.public:
                 self._check_host(request)
                 self._check_token(request)
@@ -189,8 +195,7 @@ class App(Resource):
         d.addTimeout(self.handler_timeout, self.clock)
         finished = request.notifyFinish()
         finished.addErrback(lambda _: d.cancel())
-        d.addCallbacks(lambda resp: self._write(request, resp),
-                       lambda f: self._failed(request, f))
+        d.addCallbacks(lambda resp: self._write(request, resp), lambda f: self._failed(request, f))
         d.addErrback(lambda f: self.log.failure("Writing a response failed", f))
         return NOT_DONE_YET
 
@@ -220,11 +225,19 @@ class App(Resource):
         header = request.getHeader(b"authorization") or b""
         scheme, _, presented = header.partition(b" ")
         if scheme.lower() != b"bearer" or not presented.strip():
-            raise ApiError(401, "unauthorized", "a bearer token is required",
-                           {"WWW-Authenticate": 'Bearer realm="eth-twisted"'})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "a bearer token is required",
+                {"WWW-Authenticate": 'Bearer realm="eth-twisted"'},
+            )
         if not hmac.compare_digest(presented.strip(), self._token):
-            raise ApiError(401, "unauthorized", "the bearer token is not valid",
-                           {"WWW-Authenticate": 'Bearer realm="eth-twisted", error="invalid_token"'})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "the bearer token is not valid",
+                {"WWW-Authenticate": 'Bearer realm="eth-twisted", error="invalid_token"'},
+            )
 
     def _failed(self, request: Request, failure: Failure) -> None:
         if failure.check(defer.CancelledError) and request._disconnected:
@@ -232,8 +245,14 @@ class App(Resource):
         if failure.check(ApiError):
             self._write(request, error_response(failure.value))
         elif failure.check(defer.TimeoutError, defer.CancelledError):
-            self._write(request, error_response(
-                ApiError(503, "timeout", "the backend did not answer in time", {"Retry-After": "1"})))
+            self._write(
+                request,
+                error_response(
+                    ApiError(
+                        503, "timeout", "the backend did not answer in time", {"Retry-After": "1"}
+                    )
+                ),
+            )
         else:
             self.log.failure("Handler for {path} failed", failure, path=request.path)
             self._write(request, error_response(ApiError(500, "internal", "internal error")))
@@ -263,7 +282,9 @@ def allowed_hosts(stats: str, option: str | None) -> list[str] | None:
     """
     if option:
         return [h.strip() for h in option.split(",") if h.strip()]
-    if stats and ("interface=127." in stats or "interface=localhost" in stats or "interface=\\:\\:1" in stats):
+    if stats and (
+        "interface=127." in stats or "interface=localhost" in stats or "interface=\\:\\:1" in stats
+    ):
         return ["localhost", "127.0.0.1", "::1"]
     return None
 
@@ -277,9 +298,11 @@ def exposure_warning(stats: str | None, allowed: list[str] | None, token: str | 
         return None
     if not stats.startswith(("tcp:", "tcp6:", "ssl:", "haproxy:")):
         return None
-    return (f"the stats site on {stats} answers any Host header and needs no token: a web page "
-            "opened by a browser that can reach it can read the API (DNS rebinding); set "
-            "--stats-allowed-hosts or --stats-token-file")
+    return (
+        f"the stats site on {stats} answers any Host header and needs no token: a web page "
+        "opened by a browser that can reach it can read the API (DNS rebinding); set "
+        "--stats-allowed-hosts or --stats-token-file"
+    )
 
 
 @dataclass(slots=True)
@@ -296,11 +319,19 @@ class SiteSettings:
 
 
 SITE_OPTIONS: list[list[Any]] = [
-    ["stats-token", None, None,
-     "Bearer token the stats API requires (not /healthz, /readyz); prefer ETH_STATS_TOKEN or --stats-token-file"],
+    [
+        "stats-token",
+        None,
+        None,
+        "Bearer token the stats API requires (not /healthz, /readyz); prefer ETH_STATS_TOKEN or --stats-token-file",
+    ],
     ["stats-token-file", None, None, "File holding the stats API token"],
-    ["stats-allowed-hosts", None, None,
-     "Comma list of Host header values the stats API answers [default on loopback: localhost,127.0.0.1,::1]"],
+    [
+        "stats-allowed-hosts",
+        None,
+        None,
+        "Comma list of Host header values the stats API answers [default on loopback: localhost,127.0.0.1,::1]",
+    ],
     *option_rows(SiteLimits),
 ]
 """Who may read a stats site and its listener's limits: the same options on eth server, eth client and eth run."""
@@ -315,6 +346,9 @@ def site_settings_from(config: Any, stats: str | None) -> SiteSettings:
     """
     limits = settings_from(SiteLimits, config)
     limits.check()
-    return SiteSettings(stats=stats, stats_token=config.resolve_secret("stats-token"),
-                        stats_allowed_hosts=allowed_hosts(stats or "", config["stats-allowed-hosts"]),
-                        limits=limits)
+    return SiteSettings(
+        stats=stats,
+        stats_token=config.resolve_secret("stats-token"),
+        stats_allowed_hosts=allowed_hosts(stats or "", config["stats-allowed-hosts"]),
+        limits=limits,
+    )

@@ -68,9 +68,14 @@ SECURITY_HEADERS: dict[str, str] = {
 }
 
 REASONS = {
-    400: b"Bad Request", 405: b"Method Not Allowed", 408: b"Request Timeout",
-    413: b"Content Too Large", 414: b"URI Too Long", 421: b"Misdirected Request",
-    431: b"Request Header Fields Too Large", 503: b"Service Unavailable",
+    400: b"Bad Request",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    421: b"Misdirected Request",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
 }
 """Reason phrases Twisted's table lacks (421, 431) or words differently."""
 
@@ -80,13 +85,18 @@ class SiteLimits:
     """The limits of one stats listener; the first three are the options of their names."""
 
     stats_max_connections: int = setting(
-        64, "Connections the stats site holds at once; at the cap the longest-waiting idle one is cut",
-        int_in(1, 1_000_000))
-    stats_max_per_ip: int = setting(16, "Stats site connections per client address (IPv6: per /64)",
-                                    int_in(1, 1_000_000))
+        64,
+        "Connections the stats site holds at once; at the cap the longest-waiting idle one is cut",
+        int_in(1, 1_000_000),
+    )
+    stats_max_per_ip: int = setting(
+        16, "Stats site connections per client address (IPv6: per /64)", int_in(1, 1_000_000)
+    )
     stats_header_timeout: float = setting(
-        10.0, "Seconds from a stats request's first byte to its last header (not reset by a trickle)",
-        positive_float)
+        10.0,
+        "Seconds from a stats request's first byte to its last header (not reset by a trickle)",
+        positive_float,
+    )
     idle_timeout: float = 30.0
     """Seconds a connection may wait for its next request."""
     max_line: int = 8192
@@ -109,7 +119,9 @@ class SiteLimits:
         if min(self.max_line, self.max_header_bytes, self.max_headers, self.heavy_requests) < 1:
             raise ValueError("header limits and heavy_requests must be at least 1")
         if self.page_bytes < MIN_PAGE_BYTES:
-            raise ValueError(f"page_bytes must be at least {MIN_PAGE_BYTES} (one record of the largest kind)")
+            raise ValueError(
+                f"page_bytes must be at least {MIN_PAGE_BYTES} (one record of the largest kind)"
+            )
 
 
 STATS_LIMIT_OPTIONS: list[list[Any]] = option_rows(SiteLimits)
@@ -121,16 +133,20 @@ def limits_from_options(config: Any) -> SiteLimits:
     return settings_from(SiteLimits, config)
 
 
-def error_bytes(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
+def error_bytes(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> bytes:
     """A complete HTTP/1.1 answer (JSON error body, security headers) that closes the connection."""
     body = json.dumps({"error": code, "message": message}, separators=(",", ":")).encode()
     reason = REASONS.get(status) or http.RESPONSES.get(status, b"Error")
-    lines = [b"HTTP/1.1 %d %s" % (status, reason),
-             b"Content-Type: application/json; charset=utf-8",
-             b"Content-Length: %d" % len(body),
-             b"Cache-Control: no-store",
-             b"Connection: close",
-             b"Server: eth-twisted"]
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, reason),
+        b"Content-Type: application/json; charset=utf-8",
+        b"Content-Length: %d" % len(body),
+        b"Cache-Control: no-store",
+        b"Connection: close",
+        b"Server: eth-twisted",
+    ]
     for name, value in {**SECURITY_HEADERS, **(headers or {})}.items():
         lines.append(f"{name}: {value}".encode("latin-1"))
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
@@ -169,9 +185,12 @@ class ConnectionTable:
         """Take ``channel`` in, cutting the longest-waiting connection at a cap; False to refuse it."""
         group = channel.group
         if self.per_group[group] >= self.limits.stats_max_per_ip and not self._cut_oldest(
-                self.waiting_by_group.get(group)):
+            self.waiting_by_group.get(group)
+        ):
             return False
-        if len(self.open) >= self.limits.stats_max_connections and not self._cut_oldest(self.waiting):
+        if len(self.open) >= self.limits.stats_max_connections and not self._cut_oldest(
+            self.waiting
+        ):
             return False
         self.open.add(channel)
         self.per_group[group] += 1
@@ -226,9 +245,14 @@ class ConnectionTable:
         self._unlogged[reason] += 1
         now = self.clock.seconds()
         if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
-            log.warn("Stats site refused or cut connections: {counts} (open {open}, cap {cap}, "
-                     "per address {per_ip})", counts=dict(self._unlogged), open=len(self.open),
-                     cap=self.limits.stats_max_connections, per_ip=self.limits.stats_max_per_ip)
+            log.warn(
+                "Stats site refused or cut connections: {counts} (open {open}, cap {cap}, "
+                "per address {per_ip})",
+                counts=dict(self._unlogged),
+                open=len(self.open),
+                cap=self.limits.stats_max_connections,
+                per_ip=self.limits.stats_max_per_ip,
+            )
             self._unlogged.clear()
             self._logged_at = now
 
@@ -255,8 +279,12 @@ class GuardedChannel(http.HTTPChannel):
         super().connectionMade()
         self.group = group_of(self._wire.getPeer())
         if not self.table.admit(self):
-            self.refuse(503, "busy", "too many connections to the stats site; try again",
-                        {"Retry-After": "1"})
+            self.refuse(
+                503,
+                "busy",
+                "too many connections to the stats site; try again",
+                {"Retry-After": "1"},
+            )
 
     # -- reading -----------------------------------------------------------------------
 
@@ -268,7 +296,9 @@ class GuardedChannel(http.HTTPChannel):
             self._held.append(data)
             return
         if self._awaiting and self._header_call is None and data:
-            self._header_call = self.callLater(self.limits.stats_header_timeout, self._headers_too_slow)
+            self._header_call = self.callLater(
+                self.limits.stats_header_timeout, self._headers_too_slow
+            )
         super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -284,8 +314,12 @@ class GuardedChannel(http.HTTPChannel):
             if self._command in (b"GET", b"HEAD"):
                 self.refuse(413, "body-not-allowed", "requests with a body are not accepted here")
             else:
-                self.refuse(405, "method-not-allowed", "only GET and HEAD are supported",
-                            {"Allow": "GET, HEAD"})
+                self.refuse(
+                    405,
+                    "method-not-allowed",
+                    "only GET and HEAD are supported",
+                    {"Allow": "GET, HEAD"},
+                )
             return
         self.table.busy(self)
         super().allHeadersReceived()
@@ -293,22 +327,35 @@ class GuardedChannel(http.HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         """A request line or header line over ``max_line``: 414 or 431, and close."""
         if self._receivedHeaderSize == 0:
-            self.refuse(414, "uri-too-long", f"the request line is longer than {self.MAX_LENGTH} bytes")
+            self.refuse(
+                414, "uri-too-long", f"the request line is longer than {self.MAX_LENGTH} bytes"
+            )
         else:
-            self.refuse(431, "headers-too-large", f"a header line is longer than {self.MAX_LENGTH} bytes")
+            self.refuse(
+                431, "headers-too-large", f"a header line is longer than {self.MAX_LENGTH} bytes"
+            )
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         """Twisted's 400 for a malformed request, and for too many or too large headers (431)."""
-        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
-            self.refuse(431, "headers-too-large",
-                        f"at most {self.maxHeaders} headers and {self.totalHeadersSize} bytes of them")
+        if (
+            self._receivedHeaderSize > self.totalHeadersSize
+            or self._receivedHeaderCount > self.maxHeaders
+        ):
+            self.refuse(
+                431,
+                "headers-too-large",
+                f"at most {self.maxHeaders} headers and {self.totalHeadersSize} bytes of them",
+            )
         else:
             self.refuse(400, "bad-request", "malformed HTTP request")
 
     def _headers_too_slow(self) -> None:
         self._header_call = None
-        self.refuse(408, "request-timeout",
-                    f"the request's headers did not arrive within {self.limits.stats_header_timeout:g} s")
+        self.refuse(
+            408,
+            "request-timeout",
+            f"the request's headers did not arrive within {self.limits.stats_header_timeout:g} s",
+        )
 
     def _stop_header_deadline(self) -> None:
         if self._header_call is not None:
@@ -342,7 +389,9 @@ class GuardedChannel(http.HTTPChannel):
 
     # -- closing -------------------------------------------------------------------------
 
-    def refuse(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def refuse(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         """Answer a JSON error and close (aborting after :data:`ABORT_GRACE` if it is not read)."""
         if self._closing:
             return

@@ -94,7 +94,7 @@ def _static_files() -> dict[str, Response]:
     files: dict[str, Response] = {}
     for name in DASHBOARD_FILES:
         body = (folder / name).read_bytes()
-        ctype = STATIC_TYPES[name[name.rfind("."):]]
+        ctype = STATIC_TYPES[name[name.rfind(".") :]]
         files[name] = Response(body, ctype, 200, {"Cache-Control": "no-cache"})
     return files
 
@@ -160,7 +160,9 @@ class Readiness:
         return name, {"ok": True, "latency_ms": round((self.clock.seconds() - started) * 1000, 3)}
 
 
-def held_place(places: defer.DeferredSemaphore, work: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
+def held_place(
+    places: defer.DeferredSemaphore, work: Callable[[], defer.Deferred[Any]]
+) -> defer.Deferred[Any]:
     """Run ``work()`` in one of ``places``, held until the work itself ends.
 
     Cancelling the answer (the handler deadline, a client gone) while it waits
@@ -195,7 +197,9 @@ def held_place(places: defer.DeferredSemaphore, work: Callable[[], defer.Deferre
 
 def _healthz(clock: IReactorTime, started: float) -> Handler:
     def handler(request: Request, match: re.Match[str]) -> Response:
-        return json_response({"status": "ok", "uptime_seconds": max(0.0, clock.seconds() - started)})
+        return json_response(
+            {"status": "ok", "uptime_seconds": max(0.0, clock.seconds() - started)}
+        )
 
     return handler
 
@@ -208,7 +212,9 @@ def _metrics(registries: Sequence[CollectorRegistry]) -> Handler:
     return handler
 
 
-def _call_readiness(readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> tuple[bool, dict[str, Any]]:
+def _call_readiness(
+    readiness: Callable[[], tuple[bool, dict[str, Any]]],
+) -> tuple[bool, dict[str, Any]]:
     try:
         ok, detail = readiness()
         return bool(ok), dict(detail)
@@ -220,8 +226,9 @@ def _call_readiness(readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> tup
 def _client_readyz(readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> Handler:
     def handler(request: Request, match: re.Match[str]) -> Response:
         ok, detail = _call_readiness(readiness)
-        return json_response({"status": "ready" if ok else "unready", "checks": detail},
-                             200 if ok else 503)
+        return json_response(
+            {"status": "ready" if ok else "unready", "checks": detail}, 200 if ok else 503
+        )
 
     return handler
 
@@ -307,8 +314,12 @@ def _server_routes(
         limit = parse_int(single_arg(request, "limit"), "limit", 1, MAX_ID)
         before = parse_int(single_arg(request, "before"), "before", 1, MAX_ID)
         limit = min(limit if limit is not None else DEFAULT_LIMIT, MAX_LIMIT)
-        page = yield page_of(lambda n, last: record.recent(n, before if last is None else last), limit)
-        body = page.body({"limit": limit, "before": before}, "messages", {"next_before": page.next_cursor})
+        page = yield page_of(
+            lambda n, last: record.recent(n, before if last is None else last), limit
+        )
+        body = page.body(
+            {"limit": limit, "before": before}, "messages", {"next_before": page.next_cursor}
+        )
         return Response(body, JSON_TYPE, 200, {"Cache-Control": "no-store"})
 
     @defer.inlineCallbacks
@@ -319,11 +330,16 @@ def _server_routes(
         after = parse_int(single_arg(request, "after"), "after", 0, MAX_ID)
         limit = min(limit if limit is not None else DEFAULT_LIMIT, MAX_LIMIT)
         page = yield page_of(
-            lambda n, last: record.by_block(number, limit=n, after=after if last is None else last), limit)
+            lambda n, last: record.by_block(number, limit=n, after=after if last is None else last),
+            limit,
+        )
         if not page.items and after is None:
             raise ApiError(404, "not-found", f"no record of block {number}")
-        body = page.body({"block_number": number, "limit": limit, "after": after}, "records",
-                         {"next_after": page.next_cursor})
+        body = page.body(
+            {"block_number": number, "limit": limit, "after": after},
+            "records",
+            {"next_after": page.next_cursor},
+        )
         return Response(body, JSON_TYPE, 200, {"Cache-Control": "no-store"})
 
     return [
@@ -358,8 +374,14 @@ def make_server_site(
     ``limits`` are the listener's (:class:`~eth_twisted.web.limits.SiteLimits`).
     """
     limits = limits or SiteLimits()
-    routes = _server_routes(record=record, sinks=sinks, stats=stats,
-                            registries=[metrics.registry], clock=clock, limits=limits)
+    routes = _server_routes(
+        record=record,
+        sinks=sinks,
+        stats=stats,
+        registries=[metrics.registry],
+        clock=clock,
+        limits=limits,
+    )
     return make_site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits)
 
 
@@ -390,7 +412,9 @@ def make_client_site(
 ) -> Site:
     """The client's site: /healthz, /readyz (``readiness()`` -> (ok, detail)) and /metrics."""
     routes = _client_routes(metrics=metrics, readiness=readiness, clock=clock)
-    return make_site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits or SiteLimits())
+    return make_site(
+        App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits or SiteLimits()
+    )
 
 
 def make_combined_site(
@@ -415,10 +439,15 @@ def make_combined_site(
     """
     limits = limits or SiteLimits()
     routes = _server_routes(
-        record=record, sinks=sinks, stats=stats,
-        registries=[metrics.registry, client_metrics.registry], clock=clock, limits=limits,
+        record=record,
+        sinks=sinks,
+        stats=stats,
+        registries=[metrics.registry, client_metrics.registry],
+        clock=clock,
+        limits=limits,
         client_readiness=client_readiness,
     )
-    routes += _client_routes(metrics=client_metrics, readiness=client_readiness, clock=clock,
-                             prefix="/client")
+    routes += _client_routes(
+        metrics=client_metrics, readiness=client_readiness, clock=clock, prefix="/client"
+    )
     return make_site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits)

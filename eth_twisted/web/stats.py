@@ -75,8 +75,13 @@ class ServerStats:
     """In-memory running totals, seeded from the record and updated per batch."""
 
     def __init__(
-        self, clock: IReactorTime, *, chart_points: int = CHART_POINTS, ttl: float = SNAPSHOT_TTL,
-        top_clients: int = TOP_CLIENTS, max_groups: int = MAX_GROUPS,
+        self,
+        clock: IReactorTime,
+        *,
+        chart_points: int = CHART_POINTS,
+        ttl: float = SNAPSHOT_TTL,
+        top_clients: int = TOP_CLIENTS,
+        max_groups: int = MAX_GROUPS,
     ) -> None:
         self.clock = clock
         self.ttl = ttl
@@ -140,7 +145,9 @@ class ServerStats:
             self._client(ip).records += n
         for ip, block in totals.latest_block_by_ip.items():
             counts = self._client(ip)
-            counts.latest_block = block if counts.latest_block is None else max(counts.latest_block, block)
+            counts.latest_block = (
+                block if counts.latest_block is None else max(counts.latest_block, block)
+            )
         if ip_messages is not None:
             self.messages_source = "redis"
             for ip, n in ip_messages.items():
@@ -166,7 +173,9 @@ class ServerStats:
         Points observed since start are kept: the ring ends up holding the
         newest ``chart_points`` of both, each (time, block) once.
         """
-        points = {(r.received_at, int(r.block_number)) for r in records if r.block_number is not None}
+        points = {
+            (r.received_at, int(r.block_number)) for r in records if r.block_number is not None
+        }
         points |= set(self.chart)
         merged: list[tuple[float, int]] = []
         # By block, then time: the same record seen live and read back (SQL keeps
@@ -242,17 +251,23 @@ class ServerStats:
         if self._cache is not None and now - self._cache_at < self.ttl:
             return
         self._cache = self._build(now)
-        self._cache_bytes = json.dumps(self._cache, separators=(",", ":"), ensure_ascii=False,
-                                       allow_nan=False).encode()
+        self._cache_bytes = json.dumps(
+            self._cache, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
         self._cache_at = now
 
     def _ranked(self) -> list[str]:
         """The busiest :attr:`top_clients` groups, from the last top and the groups that delivered since."""
+
         def rank(key: str) -> tuple[int, str]:
             return -self.clients[key].messages, key
 
-        candidates: Iterable[str] = self.clients if self._touched is None else {*self._top, *self._touched}
-        self._top = heapq.nsmallest(self.top_clients, (k for k in candidates if k in self.clients), key=rank)
+        candidates: Iterable[str] = (
+            self.clients if self._touched is None else {*self._top, *self._touched}
+        )
+        self._top = heapq.nsmallest(
+            self.top_clients, (k for k in candidates if k in self.clients), key=rank
+        )
         self._touched = set()
         return self._top
 
@@ -273,7 +288,9 @@ class ServerStats:
                 "number": self.latest_block,
                 "received_at": self.latest_block_at,
                 "age_seconds": (
-                    max(0.0, now - self.latest_block_at) if self.latest_block_at is not None else None
+                    max(0.0, now - self.latest_block_at)
+                    if self.latest_block_at is not None
+                    else None
                 ),
             }
         return {
@@ -305,4 +322,12 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-__all__ = ["CHART_POINTS", "MAX_GROUPS", "OTHER", "TOP_CLIENTS", "ClientCounts", "ServerStats", "iso"]
+__all__ = [
+    "CHART_POINTS",
+    "MAX_GROUPS",
+    "OTHER",
+    "TOP_CLIENTS",
+    "ClientCounts",
+    "ServerStats",
+    "iso",
+]

@@ -55,8 +55,16 @@ def test_worst_stall_is_the_longest_gap_between_answers() -> None:
 
 def test_good_client_numbers_fail_on_any_error_and_keep_fresh_frames_out() -> None:
     """One ERR makes the verdict FAIL; a frame sent just before the stop is in flight, not unanswered."""
-    data = {"frames": [[1.0, 1.01, "OK"], [1.02, 1.5, "ERR timeout"], [1.04, None, None], [9.9, None, None]],
-            "connects": [[0.5, "ok"]], "closes": []}
+    data = {
+        "frames": [
+            [1.0, 1.01, "OK"],
+            [1.02, 1.5, "ERR timeout"],
+            [1.04, None, None],
+            [9.9, None, None],
+        ],
+        "connects": [[0.5, "ok"]],
+        "closes": [],
+    }
     n = hostile.good_client_numbers(data, 0.9, 10.0, stop=10.5)
     assert n["outcomes"] == {"OK": 1, "ERR timeout": 1, "unanswered": 1, "in flight at stop": 1}
     assert n["answered_throughout"] is False
@@ -73,12 +81,19 @@ def test_proc_net_tcp_rows_of_the_server_port() -> None:
         "2: 0100007F:270F 0B00007F:D432 01 00001000:00000000 00:00000000 00000000 0 0 3 1",
         "3: 0100007F:1F90 0B00007F:D433 08 00000000:00000000 00:00000000 00000000 0 0 4 1",
     ]
-    assert hostile.parse_proc_net_tcp(rows, 9999) == [("CLOSE_WAIT", 0, 60000), ("ESTABLISHED", 4096, 0)]
+    assert hostile.parse_proc_net_tcp(rows, 9999) == [
+        ("CLOSE_WAIT", 0, 60000),
+        ("ESTABLISHED", 4096, 0),
+    ]
 
 
 def test_only_selects_by_name_prefix_and_item() -> None:
     """``--only`` takes names, name prefixes and issue item numbers, and refuses an unknown one."""
-    assert [a.name for a in hostile.selected("regex")] == ["regex-title-22k", "regex-title-64k", "regex-body"]
+    assert [a.name for a in hostile.selected("regex")] == [
+        "regex-title-22k",
+        "regex-title-64k",
+        "regex-body",
+    ]
     assert [a.name for a in hostile.selected("2,stats-body")] == ["wedge", "stats-body"]
     with pytest.raises(SystemExit):
         hostile.selected("nonsense")
@@ -87,7 +102,9 @@ def test_only_selects_by_name_prefix_and_item() -> None:
 def test_title_payload_is_exactly_the_largest_frame() -> None:
     """The 64 KiB title attack is exactly the server's --max-length, and has no closing tag."""
     p = hostile.title_payload(hostile.MAX_LENGTH)
-    assert len(p) == 65536 and p.startswith(b"<title>ethereum block number ") and b"</title>" not in p
+    assert (
+        len(p) == 65536 and p.startswith(b"<title>ethereum block number ") and b"</title>" not in p
+    )
     assert len(hostile.title_payload(None, 1000)) == 22007
 
 

@@ -17,8 +17,13 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def eth(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(VENV_BIN / "eth"), *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(VENV_BIN / "eth"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_migrate_sqlite(tmp_path: Path) -> None:
@@ -37,8 +42,18 @@ def test_migrate_sqlite(tmp_path: Path) -> None:
 @pytest.mark.live
 def test_migrate_mysql_password_from_environment(mysql_db: dict[str, Any]) -> None:
     """Against MariaDB, with the password from ETH_MYSQL_PASS (never on argv), and idempotent."""
-    args = ["migrate", "--use-mysql", "--mysql-host", mysql_db["host"], "--mysql-port", str(mysql_db["port"]),
-            "--mysql-user", mysql_db["user"], "--mysql-db", mysql_db["database"]]
+    args = [
+        "migrate",
+        "--use-mysql",
+        "--mysql-host",
+        mysql_db["host"],
+        "--mysql-port",
+        str(mysql_db["port"]),
+        "--mysql-user",
+        mysql_db["user"],
+        "--mysql-db",
+        mysql_db["database"],
+    ]
     env = {"ETH_MYSQL_PASS": mysql_db["password"]}
     first = eth(*args, env=env)
     assert first.returncode == 0, first.stderr
@@ -50,7 +65,16 @@ def test_migrate_mysql_password_from_environment(mysql_db: dict[str, Any]) -> No
 @pytest.mark.live
 def test_migrate_reports_a_wrong_password(mysql_db: dict[str, Any]) -> None:
     """A refused login exits 1 with a message that names the database but not the password."""
-    result = eth("migrate", "--use-mysql", "--mysql-host", mysql_db["host"], "--mysql-user", mysql_db["user"],
-                 "--mysql-db", mysql_db["database"], env={"ETH_MYSQL_PASS": "wrong-password-123"})
+    result = eth(
+        "migrate",
+        "--use-mysql",
+        "--mysql-host",
+        mysql_db["host"],
+        "--mysql-user",
+        mysql_db["user"],
+        "--mysql-db",
+        mysql_db["database"],
+        env={"ETH_MYSQL_PASS": "wrong-password-123"},
+    )
     assert result.returncode == 1
     assert mysql_db["database"] in result.stderr and "wrong-password-123" not in result.stderr

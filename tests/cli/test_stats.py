@@ -25,13 +25,29 @@ from tests.support import free_port
 from tests.support.web import block_message
 
 SAMPLE: dict[str, Any] = {
-    "now": 1000.0, "started_at": 900.0, "uptime_seconds": 100.0, "messages_source": "redis",
+    "now": 1000.0,
+    "started_at": 900.0,
+    "uptime_seconds": 100.0,
+    "messages_source": "redis",
     "totals": {"records": 1234, "messages": 1300, "duplicates": 66, "clients": 2},
-    "first_received_at": 0.0, "last_received_at": 990.0,
+    "first_received_at": 0.0,
+    "last_received_at": 990.0,
     "latest_block": {"number": 19000000, "received_at": 990.0, "age_seconds": 10.0},
     "clients": [
-        {"ip": "10.0.0.1", "records": 1000, "messages": 1001, "latest_block": 19000000, "last_seen": 995.0},
-        {"ip": "2001:db8::7", "records": 234, "messages": 299, "latest_block": None, "last_seen": None},
+        {
+            "ip": "10.0.0.1",
+            "records": 1000,
+            "messages": 1001,
+            "latest_block": 19000000,
+            "last_seen": 995.0,
+        },
+        {
+            "ip": "2001:db8::7",
+            "records": 234,
+            "messages": 299,
+            "latest_block": None,
+            "last_seen": None,
+        },
     ],
     "chart": [],
 }
@@ -59,8 +75,12 @@ def test_table_shows_head_totals_and_clients() -> None:
 
 def test_empty_server_table() -> None:
     """A server with nothing stored says so instead of showing an empty table."""
-    empty = dict(SAMPLE, latest_block=None, clients=[], totals={"records": 0, "messages": 0,
-                                                                 "duplicates": 0, "clients": 0})
+    empty = dict(
+        SAMPLE,
+        latest_block=None,
+        clients=[],
+        totals={"records": 0, "messages": 0, "duplicates": 0, "clients": 0},
+    )
     text = format_stats(empty, "http://x")
     assert "no block yet" in text and "no clients yet" in text
 
@@ -103,11 +123,13 @@ def test_against_a_live_site():
     messages = [block_message(n, "10.1.2.3", 1_700_000_000.0 + n) for n in (41, 42)]
     stats.seed(Totals())
     stats.observe(messages, (yield sink.store_batch(messages)))
-    site = make_server_site(record=sink, sinks=[sink], stats=stats, metrics=ServerMetrics(),
-                            clock=reactor, token="tkn")
+    site = make_server_site(
+        record=sink, sinks=[sink], stats=stats, metrics=ServerMetrics(), clock=reactor, token="tkn"
+    )
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     url = f"http://127.0.0.1:{port.getHost().port}"
     try:
+
         def call(*argv: str, environ: dict[str, str] | None = None) -> tuple[int, str, str]:
             out, err = io.StringIO(), io.StringIO()
             code = run(options("--url", url, *argv, environ=environ), out, err)
@@ -132,8 +154,13 @@ def test_eth_stats_command_when_server_is_down() -> None:
     """The installed `eth stats` exits 1 with a readable message when nothing answers."""
     eth = Path(sys.executable).parent / "eth"
     url = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.run([str(eth), "stats", "--url", url, "--timeout", "2"], capture_output=True,
-                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [str(eth), "stats", "--url", url, "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 1, proc.stderr
     assert "does not answer" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -179,16 +206,23 @@ def test_redirect_handler_refuses_every_redirect() -> None:
 
     from eth_twisted.cli.stats import NoRedirects
 
-    req = urllib.request.Request("http://127.0.0.1:1/api/stats", headers={"Authorization": "Bearer x"})
+    req = urllib.request.Request(
+        "http://127.0.0.1:1/api/stats", headers={"Authorization": "Bearer x"}
+    )
     for code in (301, 302, 303, 307, 308):
-        assert NoRedirects().redirect_request(req, None, code, "moved", {}, "http://evil.test/") is None
+        assert (
+            NoRedirects().redirect_request(req, None, code, "moved", {}, "http://evil.test/")
+            is None
+        )
 
 
 def test_server_text_is_printed_without_control_characters() -> None:
     """A hostile server's strings cannot put terminal escapes on the screen."""
     from eth_twisted.cli.stats import printable
 
-    hostile = dict(SAMPLE, clients=[dict(SAMPLE["clients"][0], ip="\x1b]0;pwned\x07\x1b[2J10.0.0.1")])
+    hostile = dict(
+        SAMPLE, clients=[dict(SAMPLE["clients"][0], ip="\x1b]0;pwned\x07\x1b[2J10.0.0.1")]
+    )
     text = format_stats(hostile, "http://x")
     assert "\x1b" not in text and "\x07" not in text
     assert printable("a\x1b[31mb\r\nc") == "a?[31mb??c"
@@ -202,9 +236,12 @@ def test_redirect_is_an_error_and_the_token_goes_nowhere(code: int):
     target = Recorder(json.dumps(SAMPLE).encode())
     target_port = reactor.listenTCP(0, Site(target), interface="127.0.0.1")
     elsewhere = f"http://127.0.0.1:{target_port.getHost().port}/api/stats"
-    origin_port = reactor.listenTCP(0, Site(Redirector(code, elsewhere.encode())), interface="127.0.0.1")
+    origin_port = reactor.listenTCP(
+        0, Site(Redirector(code, elsewhere.encode())), interface="127.0.0.1"
+    )
     url = f"http://127.0.0.1:{origin_port.getHost().port}"
     try:
+
         def call() -> tuple[int, str, str]:
             out, err = io.StringIO(), io.StringIO()
             code = run(options("--url", url, environ={"ETH_TOKEN": "secret-token"}), out, err)
@@ -228,9 +265,12 @@ def test_an_oversized_answer_is_refused():
     huge = Recorder(b"{" + b" " * (MAX_BODY + 10) + b"}")
     port = reactor.listenTCP(0, Site(huge), interface="127.0.0.1")
     try:
+
         def call() -> tuple[int, str]:
             err = io.StringIO()
-            return run(options("--url", f"http://127.0.0.1:{port.getHost().port}"), io.StringIO(), err), err.getvalue()
+            return run(
+                options("--url", f"http://127.0.0.1:{port.getHost().port}"), io.StringIO(), err
+            ), err.getvalue()
 
         status, err = yield threads.deferToThread(call)
     finally:
@@ -248,10 +288,20 @@ def test_table_says_how_many_clients_are_not_listed() -> None:
 
 def test_stats_of_the_wrong_kinds_are_an_error_not_a_traceback() -> None:
     """An answer with the right keys but values of the wrong kinds exits 1 with a sentence, no traceback."""
-    hostile = dict(SAMPLE, totals={"records": "many"}, latest_block={"number": [1]},
-                   clients=[{"ip": 1, "records": "x", "last_seen": "soon"}], now=1e308 * 10)
-    for stats in (hostile, dict(SAMPLE, latest_block={"number": 5, "received_at": 1e300, "age_seconds": "x"})):
+    hostile = dict(
+        SAMPLE,
+        totals={"records": "many"},
+        latest_block={"number": [1]},
+        clients=[{"ip": 1, "records": "x", "last_seen": "soon"}],
+        now=1e308 * 10,
+    )
+    for stats in (
+        hostile,
+        dict(SAMPLE, latest_block={"number": 5, "received_at": 1e300, "age_seconds": "x"}),
+    ):
         out, err = io.StringIO(), io.StringIO()
-        code = run(options("--url", "http://x"), out, err, fetch=lambda url, token, timeout, s=stats: s)
+        code = run(
+            options("--url", "http://x"), out, err, fetch=lambda url, token, timeout, s=stats: s
+        )
         assert code == 1 and out.getvalue() == ""
         assert "answered stats this eth stats cannot read" in err.getvalue()

@@ -24,8 +24,13 @@ def state(world: World, label: str) -> str:
     from eth_twisted.client.endpoints import STATES
 
     for name in STATES:
-        if world.metrics.registry.get_sample_value(
-                "eth_client_rpc_endpoint_state", {"endpoint": label, "eth_client_rpc_endpoint_state": name}) == 1:
+        if (
+            world.metrics.registry.get_sample_value(
+                "eth_client_rpc_endpoint_state",
+                {"endpoint": label, "eth_client_rpc_endpoint_state": name},
+            )
+            == 1
+        ):
             return name
     raise AssertionError(f"no state for {label}")
 
@@ -35,18 +40,18 @@ def state(world: World, label: str) -> str:
     [
         ([100], 100),
         ([100, 100], 100),
-        ([100, 101], 100),                     # a block only one endpoint has waits for a second
-        ([100, 101, 101], 101),                # ...and is followed once two have it
-        ([100, 2**255], 100),                  # two that disagree: the lower
+        ([100, 101], 100),  # a block only one endpoint has waits for a second
+        ([100, 101, 101], 101),  # ...and is followed once two have it
+        ([100, 2**255], 100),  # two that disagree: the lower
         ([2**255, 100], 100),
-        ([100, 100, HUGE], 100),               # one liar among three
-        ([100, 104, HUGE], 104),               # a liar does not move the median past the honest answers
-        ([100, 200, 201], 200),                # the majority moved on; the laggard does not hold it back
-        ([100, 101, 102, 106], 102),           # the lower median 101, its group 101..106
-        ([100, 5000, 2**62], 5000),            # no two agree: the median
-        ([100, 100, HUGE, HUGE - 1], 100),     # two colluding liars do not outvote two honest nodes
-        ([100, HUGE, HUGE - 1], HUGE - 1),     # ...but a majority of them does (nothing can tell)
-        ([94, 100, 99], 99),                   # everyone close: the newest that two have reached
+        ([100, 100, HUGE], 100),  # one liar among three
+        ([100, 104, HUGE], 104),  # a liar does not move the median past the honest answers
+        ([100, 200, 201], 200),  # the majority moved on; the laggard does not hold it back
+        ([100, 101, 102, 106], 102),  # the lower median 101, its group 101..106
+        ([100, 5000, 2**62], 5000),  # no two agree: the median
+        ([100, 100, HUGE, HUGE - 1], 100),  # two colluding liars do not outvote two honest nodes
+        ([100, HUGE, HUGE - 1], HUGE - 1),  # ...but a majority of them does (nothing can tell)
+        ([94, 100, 99], 99),  # everyone close: the newest that two have reached
     ],
 )
 def test_agree_table(heads: list[int], expected: int) -> None:
@@ -238,5 +243,7 @@ def test_every_endpoint_changing_chains_is_fatal() -> None:
     w.a.reset(seed="new")
     w.b.reset(seed="new")
     w.rpc.invalidate()
-    with pytest.raises(ChainMismatch, match="no RPC endpoint is on the followed chain.*--reset-cursor"):
+    with pytest.raises(
+        ChainMismatch, match="no RPC endpoint is on the followed chain.*--reset-cursor"
+    ):
         result_of(w.rpc.head_round())

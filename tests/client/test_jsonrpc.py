@@ -33,7 +33,18 @@ HUGE_HEX = "0x" + "f" * 300  # a 1,200-bit block number
 
 @pytest.mark.parametrize(
     "value",
-    [HUGE_HEX, "0x8000000000000000", "0x" + "0" * 17 + "1", "0x", "0xg1", 12345, None, ["0x1"], "0x-1", " 0x1"],
+    [
+        HUGE_HEX,
+        "0x8000000000000000",
+        "0x" + "0" * 17 + "1",
+        "0x",
+        "0xg1",
+        12345,
+        None,
+        ["0x1"],
+        "0x-1",
+        " 0x1",
+    ],
 )
 def test_bad_head_is_that_endpoints_bad_result(value: Any) -> None:
     """A head that is not a hex quantity below 2**63 is that endpoint's bad-result; the others' answer stands."""
@@ -41,7 +52,10 @@ def test_bad_head_is_that_endpoints_bad_result(value: Any) -> None:
     w.a.fail("result", result=value, method="eth_blockNumber", times=-1)
     assert result_of(w.rpc.head_round()) == 100
     assert count(w.metrics, "http://a.example", "bad-result") == 1
-    assert w.metrics.registry.get_sample_value("eth_client_rpc_head", {"endpoint": "http://a.example"}) is None
+    assert (
+        w.metrics.registry.get_sample_value("eth_client_rpc_head", {"endpoint": "http://a.example"})
+        is None
+    )
 
 
 def test_quantity_bounds() -> None:
@@ -57,19 +71,28 @@ def test_quantity_bounds() -> None:
         hex_quantity(hex(MAX_CHAIN_ID + 1), "chain id", limit=MAX_CHAIN_ID)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("timestamp", "0x" + "f" * 4000),
-    ("timestamp", "0x8000000000000000"),
-    ("hash", "0x" + "ab" * 32 + "00"),
-    ("parentHash", "0x" + "zz" * 32),
-    ("number", HUGE_HEX),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("timestamp", "0x" + "f" * 4000),
+        ("timestamp", "0x8000000000000000"),
+        ("hash", "0x" + "ab" * 32 + "00"),
+        ("parentHash", "0x" + "zz" * 32),
+        ("number", HUGE_HEX),
+    ],
+)
 def test_bad_block_field_is_that_endpoints_bad_result(field: str, value: str) -> None:
     """A block with an unbounded or malformed field is that endpoint's bad-result; another endpoint's block is used."""
     w = World(urls=[A, B])
     result_of(w.rpc.head_round())
-    w.a.fail("result", method="eth_getBlockByNumber", times=-1,
-             result=lambda block: {**block, field: value} if block and block["number"] != "0x0" else block)
+    w.a.fail(
+        "result",
+        method="eth_getBlockByNumber",
+        times=-1,
+        result=lambda block: (
+            {**block, field: value} if block and block["number"] != "0x0" else block
+        ),
+    )
     block = result_of(w.rpc.get_block(50))
     assert block == {k: w.b.block(50)[k] for k in ("number", "hash", "parentHash", "timestamp")}
     assert count(w.metrics, "http://a.example", "bad-result") == 1
@@ -78,7 +101,11 @@ def test_bad_block_field_is_that_endpoints_bad_result(field: str, value: str) ->
 def test_checked_block_keeps_only_the_payload_fields() -> None:
     """check_block returns the four fields the payloads use, however much else the node sent."""
     node = FakeEthereumNode(height=3)
-    block = {**node.block(3), "transactions": ["0x" + "aa" * 32] * 10_000, "extraData": "0x" + "00" * 100_000}
+    block = {
+        **node.block(3),
+        "transactions": ["0x" + "aa" * 32] * 10_000,
+        "extraData": "0x" + "00" * 100_000,
+    }
     checked = check_block(block, 3)
     assert sorted(checked) == ["hash", "number", "parentHash", "timestamp"]
     assert sum(len(v) for v in checked.values()) < 200
@@ -125,8 +152,14 @@ def test_poller_survives_a_1200_bit_head() -> None:
 def test_poller_survives_a_4000_digit_timestamp() -> None:
     """A 4,000-digit timestamp in the head block is a bad-result poll, never a rendering crash."""
     rig = Rig(height=100, format="json")
-    rig.node.fail("result", method="eth_getBlockByNumber", times=-1,
-                  result=lambda block: {**block, "timestamp": "0x" + "f" * 4000} if block["number"] == "0x64" else block)
+    rig.node.fail(
+        "result",
+        method="eth_getBlockByNumber",
+        times=-1,
+        result=lambda block: (
+            {**block, "timestamp": "0x" + "f" * 4000} if block["number"] == "0x64" else block
+        ),
+    )
     rig.start()
     rig.tick()
     assert rig.polls("bad-result") == 2 and rig.polls("error") == 0
@@ -161,7 +194,7 @@ def test_redirect_is_http_3xx_and_never_followed(status: int) -> None:
     w.a.fail("redirect", status=status, location="http://c.example/steal", method="eth_blockNumber")
     before = list(w.network.requests)
     assert result_of(w.rpc.block_number()) == 100
-    after = w.network.requests[len(before):]
+    after = w.network.requests[len(before) :]
     assert all(host != "c.example" for _, host in after), after
     assert w.c.requests == []
     assert count(w.metrics, "http://a.example", "http-3xx") == 1
@@ -207,19 +240,24 @@ class FailingAgent:
         self.fallback = fallback
         self.calls = 0
 
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+    def request(
+        self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None
+    ) -> Any:
         self.calls += 1
         if self.error is None:
             return self.fallback.request(method, uri, headers, bodyProducer)
         return defer.fail(self.error)
 
 
-@pytest.mark.parametrize("err, kind", [
-    (error.DNSLookupError("no results for hostname lookup: nonexistent.invalid"), "dns"),
-    (error.ConnectionRefusedError(), "connect"),
-    (error.TimeoutError(), "timeout"),
-    (error.NoRouteError(), "connect"),
-])
+@pytest.mark.parametrize(
+    "err, kind",
+    [
+        (error.DNSLookupError("no results for hostname lookup: nonexistent.invalid"), "dns"),
+        (error.ConnectionRefusedError(), "connect"),
+        (error.TimeoutError(), "timeout"),
+        (error.NoRouteError(), "connect"),
+    ],
+)
 def test_network_trouble_is_classified(err: Exception, kind: str) -> None:
     """DNS, refused, unroutable and connect-timeout failures get their own kind (never 'other')."""
     w = World(urls=[A])
@@ -232,7 +270,11 @@ def test_tls_failure_is_tls_and_not_retried() -> None:
     from twisted.web._newclient import ResponseNeverReceived
 
     w = World(urls=[A])
-    agent = FailingAgent(ResponseNeverReceived([Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))]))
+    agent = FailingAgent(
+        ResponseNeverReceived(
+            [Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))]
+        )
+    )
     w.rpc.agent = agent
     assert failure_of(w.rpc.block_number()).kind == "tls"
     assert agent.calls == 1
@@ -289,7 +331,9 @@ def test_head_below_cursor_logged_once(lines: Lines) -> None:
     rig.node.set_lag(3)
     for _ in range(20):
         rig.tick()
-    assert rig.polls("went-backwards") == 1  # the only endpoint stepped back: that round is not believed
+    assert (
+        rig.polls("went-backwards") == 1
+    )  # the only endpoint stepped back: that round is not believed
     assert rig.polls("behind") == 19
     rig.node.set_lag(0)
     rig.node.mine(1)
@@ -305,8 +349,14 @@ def test_node_out_of_step_logged_once(lines: Lines) -> None:
     rig.start()
     rig.node.mine(1)
     wrong = "0x" + "ee" * 32
-    rig.node.fail("result", method="eth_getBlockByNumber", times=-1,
-                  result=lambda block: {**block, "parentHash": wrong} if block and block["number"] == "0x65" else block)
+    rig.node.fail(
+        "result",
+        method="eth_getBlockByNumber",
+        times=-1,
+        result=lambda block: (
+            {**block, "parentHash": wrong} if block and block["number"] == "0x65" else block
+        ),
+    )
     for _ in range(20):
         rig.tick()
     assert rig.polls("reorg") == 20
@@ -320,8 +370,13 @@ def test_flapping_subject_writes_about_two_lines_per_window() -> None:
     from twisted.logger import Logger
 
     clock = Clock()
-    episode = Episode(Logger(namespace="test.flap"), clock.seconds, "x", start="{subject} {kind}{note}",
-                      end="{subject} ok after {duration}")
+    episode = Episode(
+        Logger(namespace="test.flap"),
+        clock.seconds,
+        "x",
+        start="{subject} {kind}{note}",
+        end="{subject} ok after {duration}",
+    )
     for _ in range(600):
         episode.failed("connect", "refused")
         clock.advance(0.5)
@@ -336,8 +391,13 @@ def test_long_outage_after_a_flap_is_still_logged() -> None:
     from twisted.logger import Logger
 
     clock = Clock()
-    episode = Episode(Logger(namespace="test.flap"), clock.seconds, "x", start="{subject} {kind}{note}",
-                      end="{subject} ok after {duration}")
+    episode = Episode(
+        Logger(namespace="test.flap"),
+        clock.seconds,
+        "x",
+        start="{subject} {kind}{note}",
+        end="{subject} ok after {duration}",
+    )
     episode.failed("dns", "")
     clock.advance(1)
     episode.recovered()

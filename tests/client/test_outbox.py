@@ -114,7 +114,9 @@ def test_cursor_atomic_with_rows_when_cursor_write_fails(outbox: Outbox) -> None
     assert outbox.depth() == 1
 
 
-def test_cursor_atomic_with_rows_on_crash_mid_append(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cursor_atomic_with_rows_on_crash_mid_append(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An exception between inserting rows and moving the cursor leaves neither behind."""
 
     def boom(*args: object) -> None:
@@ -277,7 +279,9 @@ def test_file_lock_refuses_another_process(spool: str) -> None:
             f"try:\n    open_outbox(OutboxSettings(spool={spool!r}), clock=lambda: 0.0)\nexcept OutboxLocked as e:\n"
             "    print(e); sys.exit(3)\n"
         )
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 3, proc.stderr
         assert spool in proc.stdout
     finally:
@@ -307,7 +311,10 @@ def test_wal_and_full_sync(outbox: Outbox) -> None:
 
 def test_settings_default_and_check_names_the_option() -> None:
     """OutboxSettings hold the --spool file name and --max-outbox bound; check() names a bad one."""
-    assert (OutboxSettings().spool, OutboxSettings().max_outbox) == ("eth-client-spool.sqlite3", 100_000)
+    assert (OutboxSettings().spool, OutboxSettings().max_outbox) == (
+        "eth-client-spool.sqlite3",
+        100_000,
+    )
     OutboxSettings().check()
     with pytest.raises(ValueError, match="--max-outbox"):
         OutboxSettings(max_outbox=0).check()
@@ -329,4 +336,6 @@ def test_not_an_sqlite_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="spool.sqlite3"):
         open_outbox(OutboxSettings(spool=str(path)), clock=lambda: 0.0)
     with pytest.raises(ConfigError):
-        open_outbox(OutboxSettings(spool=str(path)), clock=lambda: 0.0)  # not OutboxLocked: the lock was released
+        open_outbox(
+            OutboxSettings(spool=str(path)), clock=lambda: 0.0
+        )  # not OutboxLocked: the lock was released

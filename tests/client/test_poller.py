@@ -138,8 +138,14 @@ def test_max_gap_zero_follows_head() -> None:
 
 @pytest.mark.parametrize(
     "mode, kind",
-    [("garbage", "bad-json"), ("html", "bad-json"), ("truncated", "bad-json"),
-     ("rpc-error", "rpc-error"), ("http-5xx", "http-5xx"), ("wrong-id", "bad-envelope")],
+    [
+        ("garbage", "bad-json"),
+        ("html", "bad-json"),
+        ("truncated", "bad-json"),
+        ("rpc-error", "rpc-error"),
+        ("http-5xx", "http-5xx"),
+        ("wrong-id", "bad-envelope"),
+    ],
 )
 def test_loop_survives_rpc_failures(mode: str, kind: str) -> None:
     """A failing head poll is logged and counted, the loop keeps running, and blocks arrive afterwards."""
@@ -242,7 +248,9 @@ def test_reorg_rewinds_to_common_ancestor() -> None:
     assert rig.numbers() == [100, 101, 102, 103, 104, 105, 103, 104, 105, 106]
     assert rig.outbox.cursor() == rig.cursor_at(106)
     assert rig.outbox.cursor().block_hash != old_105
-    assert [p for p, _ in rig.outbox.log[-4:]] == [render("json", rig.node.block(n), 1337) for n in range(103, 107)]
+    assert [p for p, _ in rig.outbox.log[-4:]] == [
+        render("json", rig.node.block(n), 1337) for n in range(103, 107)
+    ]
     rig.node.mine(1)
     rig.tick()
     assert rig.numbers()[-1] == 107
@@ -267,8 +275,13 @@ def test_chain_id_mismatch_is_fatal() -> None:
 
 @pytest.mark.parametrize(
     "bad, named",
-    [({"format": "xml"}, "--format"), ({"interval": 0.0}, "--interval"), ({"max_backfill": 0}, "--max-backfill"),
-     ({"max_gap": -1}, "--max-gap"), ({"parallel": 0}, "parallel")],
+    [
+        ({"format": "xml"}, "--format"),
+        ({"interval": 0.0}, "--interval"),
+        ({"max_backfill": 0}, "--max-backfill"),
+        ({"max_gap": -1}, "--max-gap"),
+        ({"parallel": 0}, "parallel"),
+    ],
 )
 def test_settings_check_names_the_option(bad: dict[str, Any], named: str) -> None:
     """PollSettings.check() names the option of a bad value; the poller refuses such settings."""
@@ -322,7 +335,9 @@ def test_stop_service_cancels_in_flight_tick() -> None:
     rig.poller.stopService().addBoth(fired.append)
     assert fired == [None]
     assert len(rig.node.requests) == asked, "a cancelled call must not be retried"
-    failures = [s for s in rig.metrics.rpc_failures.collect()[0].samples if s.name.endswith("_total")]
+    failures = [
+        s for s in rig.metrics.rpc_failures.collect()[0].samples if s.name.endswith("_total")
+    ]
     assert failures == [], "a cancellation is not the endpoint's failure"
     rig.clock.advance(30)
     assert len(rig.node.requests) == asked

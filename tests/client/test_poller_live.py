@@ -29,10 +29,16 @@ class Live:
         self.outbox = MemoryOutbox()
         self.fatal: list[str] = []
         self.metrics = ClientMetrics(CollectorRegistry())
-        self.rpc = RPCClient(RPCSettings(rpc=(anvil.url,), rpc_timeout=5.0), clock=reactor, metrics=self.metrics)
+        self.rpc = RPCClient(
+            RPCSettings(rpc=(anvil.url,), rpc_timeout=5.0), clock=reactor, metrics=self.metrics
+        )
         settings.setdefault("interval", 1.0)
         self.poller = BlockPoller(
-            self.rpc, self.outbox, PollSettings(**settings), clock=reactor, metrics=self.metrics,
+            self.rpc,
+            self.outbox,
+            PollSettings(**settings),
+            clock=reactor,
+            metrics=self.metrics,
             fatal=self.fatal.append,
         )
 
@@ -66,14 +72,19 @@ def test_every_mined_block_enqueued_once_in_order(live: Live) -> Any:
     live.assert_contiguous_once()
     cursor = live.outbox.cursor()
     assert cursor is not None
-    assert cursor.block_hash == live.anvil.rpc("eth_getBlockByNumber", hex(cursor.block_number), False)["hash"]
+    assert (
+        cursor.block_hash
+        == live.anvil.rpc("eth_getBlockByNumber", hex(cursor.block_number), False)["hash"]
+    )
     assert live.fatal == []
 
 
 @pytest_twisted.inlineCallbacks
 def test_mining_300_at_once_arrives_over_several_polls(live: Live) -> Any:
     """anvil_mine of 300 blocks arrives completely over several polls of at most max_backfill (128)."""
-    yield async_wait_until(lambda: live.outbox.cursor() is not None, timeout=10, what="a first block")
+    yield async_wait_until(
+        lambda: live.outbox.cursor() is not None, timeout=10, what="a first block"
+    )
     appends_before = len(live.outbox.cursors)
     live.anvil.mine(300)
     target = live.anvil.head()
@@ -81,7 +92,7 @@ def test_mining_300_at_once_arrives_over_several_polls(live: Live) -> Any:
     live.assert_contiguous_once()
     sizes = [
         b.block_number - a.block_number
-        for a, b in pairwise(live.outbox.cursors[appends_before - 1:])
+        for a, b in pairwise(live.outbox.cursors[appends_before - 1 :])
     ]
     assert max(sizes) <= 128
     assert sum(1 for s in sizes if s > 1) >= 3, f"expected several big appends, got {sizes}"
@@ -106,10 +117,15 @@ def test_anvil_reorg_crashes_nothing(anvil: Anvil) -> Any:
             block = anvil.rpc("eth_getBlockByNumber", hex(cursor.block_number), False)
             return bool(block and block["hash"] == cursor.block_hash)
 
-        yield async_wait_until(on_canonical_chain, timeout=20, what="the cursor on the reorganised chain")
+        yield async_wait_until(
+            on_canonical_chain, timeout=20, what="the cursor on the reorganised chain"
+        )
         assert rig.fatal == []
         assert rig.poller._loop is not None and rig.poller._loop.running
-        assert rig.metrics.registry.get_sample_value("eth_client_polls_total", {"result": "error"}) is None
+        assert (
+            rig.metrics.registry.get_sample_value("eth_client_polls_total", {"result": "error"})
+            is None
+        )
     finally:
         yield rig.poller.stopService()
 

@@ -20,14 +20,13 @@ def world() -> World:
     return World()
 
 
-
-
-
-
 def test_label_hides_path_query_and_userinfo() -> None:
     """Endpoint labels keep scheme, host and port only: API keys in paths or queries never leak."""
     assert endpoint_label(A) == "http://a.example"
-    assert endpoint_label("https://user:pw@rpc.example.org:8443/key/abc?x=1") == "https://rpc.example.org:8443"
+    assert (
+        endpoint_label("https://user:pw@rpc.example.org:8443/key/abc?x=1")
+        == "https://rpc.example.org:8443"
+    )
     assert endpoint_label("http://[::1]:8545/") == "http://[::1]:8545"
 
 
@@ -88,12 +87,22 @@ def test_failure_kinds_counted_and_failed_over(world: World, mode: str, kind: st
     world.a.fail(mode, method="eth_blockNumber")
     assert result_of(world.rpc.block_number()) == 100
     assert count(world.metrics, "http://a.example", kind) == 1
-    assert world.b.requests == [("eth_chainId", []), ("eth_getBlockByNumber", ["0x0", False]),
-                                ("eth_blockNumber", [])]
+    assert world.b.requests == [
+        ("eth_chainId", []),
+        ("eth_getBlockByNumber", ["0x0", False]),
+        ("eth_blockNumber", []),
+    ]
 
 
-@pytest.mark.parametrize("mode, kind", [("garbage", "bad-json"), ("rpc-error", "rpc-error"),
-                                        ("wrong-id", "bad-envelope"), ("http-5xx", "http-5xx")])
+@pytest.mark.parametrize(
+    "mode, kind",
+    [
+        ("garbage", "bad-json"),
+        ("rpc-error", "rpc-error"),
+        ("wrong-id", "bad-envelope"),
+        ("http-5xx", "http-5xx"),
+    ],
+)
 def test_all_endpoints_failing_raises_kind(mode: str, kind: str) -> None:
     """When every endpoint fails the same way, the call fails with that kind (an RPCError)."""
     w = World()
@@ -229,10 +238,18 @@ def test_head_round_best_trusted(world: World) -> None:
     """head_round answers the head the endpoints agree on and shows each endpoint's own head."""
     world.b.mine(3)
     assert result_of(world.rpc.head_round()) == 100
-    assert world.metrics.registry.get_sample_value(
-        "eth_client_rpc_head", {"endpoint": "http://a.example"}) == 100
-    assert world.metrics.registry.get_sample_value(
-        "eth_client_rpc_head", {"endpoint": "http://b.example:8545"}) == 103
+    assert (
+        world.metrics.registry.get_sample_value(
+            "eth_client_rpc_head", {"endpoint": "http://a.example"}
+        )
+        == 100
+    )
+    assert (
+        world.metrics.registry.get_sample_value(
+            "eth_client_rpc_head", {"endpoint": "http://b.example:8545"}
+        )
+        == 103
+    )
     world.a.mine(3)
     assert result_of(world.rpc.head_round()) == 103
 

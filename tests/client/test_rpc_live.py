@@ -73,9 +73,17 @@ class Rig:
         self.outbox = MemoryOutbox()
         self.fatal: list[str] = []
         self.metrics = ClientMetrics(CollectorRegistry())
-        self.rpc = RPCClient(RPCSettings(rpc=tuple(urls), rpc_timeout=5.0), clock=reactor, metrics=self.metrics)
-        self.poller = BlockPoller(self.rpc, self.outbox, PollSettings(interval=0.5, format="json"), clock=reactor,
-                                  metrics=self.metrics, fatal=self.fatal.append)
+        self.rpc = RPCClient(
+            RPCSettings(rpc=tuple(urls), rpc_timeout=5.0), clock=reactor, metrics=self.metrics
+        )
+        self.poller = BlockPoller(
+            self.rpc,
+            self.outbox,
+            PollSettings(interval=0.5, format="json"),
+            clock=reactor,
+            metrics=self.metrics,
+            fatal=self.fatal.append,
+        )
 
     def delivered(self) -> list[dict[str, Any]]:
         return [json.loads(payload) for payload, _ in self.outbox.log]
@@ -85,7 +93,10 @@ class Rig:
         return -1 if cursor is None else cursor.block_number
 
     def polls(self, result: str) -> float:
-        return self.metrics.registry.get_sample_value("eth_client_polls_total", {"result": result}) or 0.0
+        return (
+            self.metrics.registry.get_sample_value("eth_client_polls_total", {"result": result})
+            or 0.0
+        )
 
 
 def assert_only_real_blocks(rig: Rig, anvil: Anvil) -> None:
@@ -109,9 +120,13 @@ def test_honest_anvil_plus_liar_delivers_only_real_blocks(anvil: Anvil, served: 
     rig.poller.startService()
     try:
         start = anvil.head()
-        yield async_wait_until(lambda: rig.cursor() >= start + 5, timeout=30, what="five new blocks")
+        yield async_wait_until(
+            lambda: rig.cursor() >= start + 5, timeout=30, what="five new blocks"
+        )
         target = anvil.head()
-        yield async_wait_until(lambda: rig.cursor() >= target, timeout=10, what="the client to keep up")
+        yield async_wait_until(
+            lambda: rig.cursor() >= target, timeout=10, what="the client to keep up"
+        )
         assert rig.cursor() <= anvil.head()
         assert_only_real_blocks(rig, anvil)
         assert liar.stats["faulted"] > 0
@@ -132,12 +147,18 @@ def test_unbounded_answers_cost_only_their_endpoints(anvil: Anvil, served: Serve
     rig.poller.startService()
     try:
         start = anvil.head()
-        yield async_wait_until(lambda: rig.cursor() >= start + 4, timeout=30, what="four new blocks")
+        yield async_wait_until(
+            lambda: rig.cursor() >= start + 4, timeout=30, what="four new blocks"
+        )
         assert_only_real_blocks(rig, anvil)
         assert rig.polls("error") == 0 and rig.fatal == []
-        bad = {ep.label: rig.metrics.registry.get_sample_value(
-            "eth_client_rpc_failures_total", {"endpoint": ep.label, "kind": "bad-result"}) or 0
-            for ep in rig.rpc.endpoints}
+        bad = {
+            ep.label: rig.metrics.registry.get_sample_value(
+                "eth_client_rpc_failures_total", {"endpoint": ep.label, "kind": "bad-result"}
+            )
+            or 0
+            for ep in rig.rpc.endpoints
+        }
         assert bad[rig.rpc.endpoints[0].label] > 0 and bad[rig.rpc.endpoints[2].label] > 0
         assert bad[rig.rpc.endpoints[3].label] == 0
     finally:
@@ -166,8 +187,13 @@ task.react(lambda reactor: __import__("twisted.internet.defer").internet.defer.e
 
 
 def _child_rss(url: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", GZIP_CHILD, url], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", GZIP_CHILD, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     outcome, rss = out.stdout.split()
     return outcome, int(rss)
@@ -274,7 +300,9 @@ def test_basic_auth_from_url_live(served: Served) -> Any:
     node = FakeEthereumNode(height=7, auth=("alice", "s3cr%t@x"))
     url = served.fake(node).replace("http://", "http://alice:s3cr%25t%40x@")
     rpc = RPCClient(RPCSettings(rpc=(url,), rpc_timeout=5), clock=reactor)
-    wrong = RPCClient(RPCSettings(rpc=(url.replace("alice:", "mallory:"),), rpc_timeout=5), clock=reactor)
+    wrong = RPCClient(
+        RPCSettings(rpc=(url.replace("alice:", "mallory:"),), rpc_timeout=5), clock=reactor
+    )
     try:
         assert (yield rpc.head_round()) == 7
         with pytest.raises(RPCFailure) as info:
@@ -294,9 +322,16 @@ def test_tls_failure_is_classified_live(tmp_path: Path) -> Any:
 
     pki = make_pki(tmp_path)
     context = ssl.DefaultOpenSSLContextFactory(pki.server.key, pki.server.cert)
-    port = reactor.listenSSL(0, Site(FakeEthereumNode(height=3)), context,  # type: ignore[attr-defined]
-                             interface="127.0.0.1")
-    rpc = RPCClient(RPCSettings(rpc=(f"https://127.0.0.1:{port.getHost().port}/",), rpc_timeout=5), clock=reactor)
+    port = reactor.listenSSL(
+        0,
+        Site(FakeEthereumNode(height=3)),
+        context,  # type: ignore[attr-defined]
+        interface="127.0.0.1",
+    )
+    rpc = RPCClient(
+        RPCSettings(rpc=(f"https://127.0.0.1:{port.getHost().port}/",), rpc_timeout=5),
+        clock=reactor,
+    )
     try:
         with pytest.raises(RPCFailure) as info:
             yield rpc.block_number()
@@ -319,10 +354,25 @@ def test_unreachable_endpoints_log_a_bounded_number_of_lines(tmp_path: Path) -> 
     stats, refused, server = free_port(), free_port(), free_port()
     log_path = tmp_path / "client.log"
     client = EthProcess(
-        ["client", "--rpc", "http://nonexistent.invalid", "--rpc", f"http://127.0.0.1:{refused}",
-         "--interval", "0.05", "--rpc-timeout", "2", "--spool", str(tmp_path / "spool.sqlite3"),
-         "--stats", f"tcp:{stats}:interface=127.0.0.1", "--connect", f"tcp:host=127.0.0.1:port={server}"],
-        str(log_path), cwd=str(tmp_path),
+        [
+            "client",
+            "--rpc",
+            "http://nonexistent.invalid",
+            "--rpc",
+            f"http://127.0.0.1:{refused}",
+            "--interval",
+            "0.05",
+            "--rpc-timeout",
+            "2",
+            "--spool",
+            str(tmp_path / "spool.sqlite3"),
+            "--stats",
+            f"tcp:{stats}:interface=127.0.0.1",
+            "--connect",
+            f"tcp:host=127.0.0.1:port={server}",
+        ],
+        str(log_path),
+        cwd=str(tmp_path),
     )
     client.start()
     try:
@@ -330,7 +380,11 @@ def test_unreachable_endpoints_log_a_bounded_number_of_lines(tmp_path: Path) -> 
     finally:
         client.kill(signal.SIGTERM)
     text = log_path.read_text()
-    ours = [line for line in text.splitlines() if "[eth_twisted.client.rpc#" in line or "[eth_twisted.client.poller#" in line]
+    ours = [
+        line
+        for line in text.splitlines()
+        if "[eth_twisted.client.rpc#" in line or "[eth_twisted.client.poller#" in line
+    ]
     assert "Traceback" not in text and "#critical]" not in text, text[-3000:]
     assert len([line for line in ours if "is failing (dns)" in line]) == 1, ours
     assert len([line for line in ours if "is failing (connect)" in line]) == 1, ours

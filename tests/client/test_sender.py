@@ -138,10 +138,21 @@ def endpoint(clock: Clock) -> FakeEndpoint:
     return FakeEndpoint(clock)
 
 
-def make_link(endpoint: FakeEndpoint, outbox: Outbox, clock: Clock,
-              retry_policy: Callable[[int], float] | None = lambda attempt: 1.0, **settings: Any) -> DeliveryService:
-    return DeliveryService(endpoint, outbox, DeliverySettings(**settings), clock=clock, metrics=ClientMetrics(),
-                           retry_policy=retry_policy)
+def make_link(
+    endpoint: FakeEndpoint,
+    outbox: Outbox,
+    clock: Clock,
+    retry_policy: Callable[[int], float] | None = lambda attempt: 1.0,
+    **settings: Any,
+) -> DeliveryService:
+    return DeliveryService(
+        endpoint,
+        outbox,
+        DeliverySettings(**settings),
+        clock=clock,
+        metrics=ClientMetrics(),
+        retry_policy=retry_policy,
+    )
 
 
 @pytest.fixture
@@ -184,7 +195,9 @@ SHA = "ab" * 32
         ("ERR - bad-frame", "ERR", "-", "bad-frame"),
     ],
 )
-def test_parse_reply_accepts_protocol_forms(raw: str, kind: str, sha: str, code: str | None) -> None:
+def test_parse_reply_accepts_protocol_forms(
+    raw: str, kind: str, sha: str, code: str | None
+) -> None:
     """Every reply form of wire protocol version 1 parses into kind, hash and code."""
     reply = parse_reply(raw.encode())
     assert (reply.kind, reply.sha, reply.code) == (kind, sha, code)
@@ -192,8 +205,19 @@ def test_parse_reply_accepts_protocol_forms(raw: str, kind: str, sha: str, code:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"OK", b"ack:" + SHA.encode(), b"OK " + SHA.upper().encode(), b"OK " + SHA.encode() + b" x",
-     b"ERR " + SHA.encode(), b"ERR - ", b"DUP -", b"OK  " + SHA.encode(), b"\xff\xfe", b"ERR - Bad Frame"],
+    [
+        b"",
+        b"OK",
+        b"ack:" + SHA.encode(),
+        b"OK " + SHA.upper().encode(),
+        b"OK " + SHA.encode() + b" x",
+        b"ERR " + SHA.encode(),
+        b"ERR - ",
+        b"DUP -",
+        b"OK  " + SHA.encode(),
+        b"\xff\xfe",
+        b"ERR - Bad Frame",
+    ],
 )
 def test_parse_reply_rejects_anything_else(raw: bytes) -> None:
     """Anything but the fixed forms is a ReplyError."""
@@ -202,6 +226,7 @@ def test_parse_reply_rejects_anything_else(raw: bytes) -> None:
 
 
 # -- connecting and resending -------------------------------------------------
+
 
 def test_connect_resends_outbox_oldest_first(
     started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox
@@ -217,7 +242,9 @@ def test_connect_resends_outbox_oldest_first(
     assert metric(started, "eth_client_frames_sent_total") == 3
 
 
-def test_existing_outbox_sent_on_start(endpoint: FakeEndpoint, outbox: Outbox, clock: Clock) -> None:
+def test_existing_outbox_sent_on_start(
+    endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
+) -> None:
     """Messages already waiting when the service starts are sent on the first connection."""
     add_blocks(outbox, 10, 11)
     link = make_link(endpoint, outbox, clock)
@@ -227,7 +254,9 @@ def test_existing_outbox_sent_on_start(endpoint: FakeEndpoint, outbox: Outbox, c
     clock.advance(0)
 
 
-def test_ok_and_dup_ack_in_any_order(started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock) -> None:
+def test_ok_and_dup_ack_in_any_order(
+    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
+) -> None:
     """OK and DUP remove the message they name, matched by hash whatever the order."""
     h = add_blocks(outbox, 1, 3)
     started.wake()
@@ -258,7 +287,9 @@ def test_unexpected_hash_is_a_protocol_error(
     assert endpoint.transport.take_frames() == [render_html(1), render_html(2)]
 
 
-def test_unknown_reply_drops_connection(started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox) -> None:
+def test_unknown_reply_drops_connection(
+    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox
+) -> None:
     """Reply text outside the protocol closes the connection and keeps the messages."""
     add_blocks(outbox, 1, 1)
     started.wake()
@@ -278,7 +309,11 @@ class SenderLines:
         from twisted.logger import LogLevel, formatEvent
 
         level = event.get("log_level")
-        if "DeliveryService" in str(event.get("log_namespace")) and level is not None and level >= LogLevel.warn:
+        if (
+            "DeliveryService" in str(event.get("log_namespace"))
+            and level is not None
+            and level >= LogLevel.warn
+        ):
             self.texts.append(formatEvent(event))
 
 
@@ -319,7 +354,11 @@ def test_replies_after_a_protocol_error_are_not_believed(
 
 
 def test_unknown_err_code_logged_once_per_connection(
-    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock, sender_lines: SenderLines
+    started: DeliveryService,
+    endpoint: FakeEndpoint,
+    outbox: Outbox,
+    clock: Clock,
+    sender_lines: SenderLines,
 ) -> None:
     """Two hundred messages answered with an ERR code outside the vocabulary write one line; all are kept."""
     hashes = add_blocks(outbox, 1, 200)
@@ -330,7 +369,9 @@ def test_unknown_err_code_logged_once_per_connection(
     assert len([t for t in sender_lines.texts if "Unknown ERR code" in t]) == 1
 
 
-def test_oversized_reply_breaks_the_connection(started: DeliveryService, endpoint: FakeEndpoint) -> None:
+def test_oversized_reply_breaks_the_connection(
+    started: DeliveryService, endpoint: FakeEndpoint
+) -> None:
     """A reply longer than the sender's MAX_LENGTH is a broken peer: the connection closes."""
     endpoint.protocols[-1].dataReceived(b"5000:")
     assert endpoint.transport.disconnecting
@@ -369,6 +410,7 @@ def test_reconnects_with_backoff_and_resends_unanswered(
 
 
 # -- ERR codes ----------------------------------------------------------------
+
 
 def test_retryable_err_keeps_message_and_backs_off(
     started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
@@ -463,6 +505,7 @@ def test_err_too_long_dead_letters_first_unanswered(
 
 # -- window -------------------------------------------------------------------
 
+
 def test_window_never_exceeded(endpoint: FakeEndpoint, outbox: Outbox, clock: Clock) -> None:
     """At most ``window`` frames are unanswered; each ack lets exactly one more out."""
     hashes = add_blocks(outbox, 1, 600)
@@ -484,7 +527,9 @@ def test_window_never_exceeded(endpoint: FakeEndpoint, outbox: Outbox, clock: Cl
     clock.advance(0)
 
 
-def test_window_is_bounded_by_the_server_limit(endpoint: FakeEndpoint, outbox: Outbox, clock: Clock) -> None:
+def test_window_is_bounded_by_the_server_limit(
+    endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
+) -> None:
     """A window above the server's per-connection bound (256) is refused."""
     with pytest.raises(ValueError):
         make_link(endpoint, outbox, clock, window=257)
@@ -494,8 +539,12 @@ def test_window_is_bounded_by_the_server_limit(endpoint: FakeEndpoint, outbox: O
 
 @pytest.mark.parametrize(
     "bad, named",
-    [({"window": 257}, "--window"), ({"ack_timeout": 19.0}, "--ack-timeout"), ({"heartbeat": 30.0}, "--heartbeat"),
-     ({"heartbeat": 0.0}, "--heartbeat")],
+    [
+        ({"window": 257}, "--window"),
+        ({"ack_timeout": 19.0}, "--ack-timeout"),
+        ({"heartbeat": 30.0}, "--heartbeat"),
+        ({"heartbeat": 0.0}, "--heartbeat"),
+    ],
 )
 def test_settings_check_names_the_option(bad: dict[str, Any], named: str) -> None:
     """DeliverySettings.check() names the option: the ack timeout is at least twice the server's 10 s deadline,
@@ -505,7 +554,9 @@ def test_settings_check_names_the_option(bad: dict[str, Any], named: str) -> Non
     DeliverySettings(window=1, ack_timeout=20.0, heartbeat=19.9).check()
 
 
-def test_wake_sends_new_messages(started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox) -> None:
+def test_wake_sends_new_messages(
+    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox
+) -> None:
     """wake() after an append writes the new messages at once."""
     assert endpoint.transport.take_frames() == []
     add_blocks(outbox, 5, 5)
@@ -515,6 +566,7 @@ def test_wake_sends_new_messages(started: DeliveryService, endpoint: FakeEndpoin
 
 
 # -- timeouts and heartbeat ---------------------------------------------------
+
 
 def test_ack_timeout_aborts_and_resends(
     started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
@@ -582,7 +634,9 @@ def test_heartbeat_waits_while_writing(
     assert endpoint.transport.take_frames() == [b""]
 
 
-def test_unanswered_probe_times_out(started: DeliveryService, endpoint: FakeEndpoint, clock: Clock) -> None:
+def test_unanswered_probe_times_out(
+    started: DeliveryService, endpoint: FakeEndpoint, clock: Clock
+) -> None:
     """A dead link with nothing to send is found by the probe's ack timeout."""
     clock.advance(10)
     assert endpoint.transport.take_frames() == [b""]
@@ -592,13 +646,16 @@ def test_unanswered_probe_times_out(started: DeliveryService, endpoint: FakeEndp
     assert endpoint.transport.aborted
 
 
-def test_empty_reply_without_probe_is_a_protocol_error(started: DeliveryService, endpoint: FakeEndpoint) -> None:
+def test_empty_reply_without_probe_is_a_protocol_error(
+    started: DeliveryService, endpoint: FakeEndpoint
+) -> None:
     """An ERR empty that answers no probe of ours drops the connection."""
     endpoint.reply(f"ERR {EMPTY_SHA256} empty")
     assert endpoint.transport.disconnecting
 
 
 # -- drain and stop -----------------------------------------------------------
+
 
 def test_drain_fires_true_when_outbox_empties(
     started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
@@ -614,7 +671,9 @@ def test_drain_fires_true_when_outbox_empties(
     assert results == [True]
 
 
-def test_drain_fires_false_at_deadline(started: DeliveryService, outbox: Outbox, clock: Clock) -> None:
+def test_drain_fires_false_at_deadline(
+    started: DeliveryService, outbox: Outbox, clock: Clock
+) -> None:
     """drain() fires False when the deadline passes with messages still waiting."""
     add_blocks(outbox, 1, 1)
     results: list[bool] = []
@@ -632,7 +691,9 @@ def test_drain_of_empty_outbox_is_immediate(started: DeliveryService) -> None:
     assert results == [True]
 
 
-def test_stop_closes_link_and_leaves_no_timers(endpoint: FakeEndpoint, outbox: Outbox, clock: Clock) -> None:
+def test_stop_closes_link_and_leaves_no_timers(
+    endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
+) -> None:
     """stopService closes the connection, keeps the outbox, and cancels every timer."""
     add_blocks(outbox, 1, 1)
     link = make_link(endpoint, outbox, clock)
@@ -647,7 +708,9 @@ def test_stop_closes_link_and_leaves_no_timers(endpoint: FakeEndpoint, outbox: O
     assert clock.getDelayedCalls() == []
 
 
-def test_metrics_track_outbox_depth_and_age(endpoint: FakeEndpoint, outbox: Outbox, clock: Clock) -> None:
+def test_metrics_track_outbox_depth_and_age(
+    endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
+) -> None:
     """The depth and oldest-age gauges follow the outbox, even with the server down."""
     endpoint.refuse = True
     clock.advance(100)
@@ -663,6 +726,7 @@ def test_metrics_track_outbox_depth_and_age(endpoint: FakeEndpoint, outbox: Outb
 
 # -- end to end over iosim with the real receiver -----------------------------
 
+
 def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> None:
     """Through the real receiver, router and memory sink, every message is stored once and acked."""
     from eth_twisted.server.receiver import ReceiverFactory
@@ -670,7 +734,9 @@ def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> No
     from eth_twisted.sinks.memory import MemorySink
 
     sink = MemorySink()
-    router = Router(sink, clock=clock, settings=BatchSettings(batch_delay=0.0, concurrent_batches=1))
+    router = Router(
+        sink, clock=clock, settings=BatchSettings(batch_delay=0.0, concurrent_batches=1)
+    )
     server_factory = ReceiverFactory(router.submit, clock=clock)
     pumps: list[iosim.IOPump] = []
 
@@ -680,8 +746,12 @@ def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> No
             client = factory.buildProtocol(None)
             server = server_factory.buildProtocol(iosim.FakeAddress())
             pump = iosim.connect(
-                server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
-                greet=False, clock=clock,
+                server,
+                iosim.makeFakeServer(server),
+                client,
+                iosim.makeFakeClient(client),
+                greet=False,
+                clock=clock,
             )
             pumps.append(pump)
             return defer.succeed(client)
@@ -705,7 +775,10 @@ def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> No
     # A quiet link sends the probe; the real receiver answers ERR empty and the link stays up.
     clock.advance(10)
     pumps[-1].flush()
-    assert link.metrics.registry.get_sample_value("eth_client_replies_total", {"kind": "ERR:empty"}) == 1
+    assert (
+        link.metrics.registry.get_sample_value("eth_client_replies_total", {"kind": "ERR:empty"})
+        == 1
+    )
     assert link.connected and outbox.dead_letters() == []
     clock.advance(40)
     pumps[-1].flush()
@@ -716,7 +789,11 @@ def test_end_to_end_with_receiver_over_iosim(outbox: Outbox, clock: Clock) -> No
 
 
 def test_outbox_failure_drops_connection_and_recovers(
-    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    started: DeliveryService,
+    endpoint: FakeEndpoint,
+    outbox: Outbox,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An outbox write failing while sending aborts the connection; once it works again all is resent."""
     import sqlite3
@@ -738,7 +815,11 @@ def test_outbox_failure_drops_connection_and_recovers(
 
 
 def test_failure_while_settling_replies_drops_connection(
-    started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    started: DeliveryService,
+    endpoint: FakeEndpoint,
+    outbox: Outbox,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """If acks cannot be committed, nothing is forgotten: the connection drops and the messages are resent."""
     import sqlite3

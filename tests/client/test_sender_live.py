@@ -36,22 +36,39 @@ def test_garbage_burst_from_a_real_server_is_one_protocol_error(tmp_path: Any) -
     outbox = open_outbox(OutboxSettings(spool=str(tmp_path / "spool.sqlite3")), clock=reactor)
     outbox.append([(render_html(7), 7)], Cursor(1, "0xg", 7, "0xh"))
     metrics = ClientMetrics(CollectorRegistry())
-    link = DeliveryService(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), outbox, clock=reactor,
-                           metrics=metrics, retry_policy=lambda attempt: 0.2)
+    link = DeliveryService(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        outbox,
+        clock=reactor,
+        metrics=metrics,
+        retry_policy=lambda attempt: 0.2,
+    )
     errors: list[Any] = []
 
     def observe(event: dict[str, Any]) -> None:
         level = event.get("log_level")
-        if "DeliveryService" in str(event.get("log_namespace")) and level is not None and level >= LogLevel.error:
+        if (
+            "DeliveryService" in str(event.get("log_namespace"))
+            and level is not None
+            and level >= LogLevel.error
+        ):
             errors.append(event)
 
     globalLogPublisher.addObserver(observe)
     link.startService()
     try:
-        invalid = lambda: metrics.registry.get_sample_value(  # noqa: E731
-            "eth_client_replies_total", {"kind": "invalid"}) or 0
-        yield async_wait_until(lambda: metrics.registry.get_sample_value("eth_client_reconnects_total") >= 3,
-                               timeout=20, what="three connections")
+
+        def invalid() -> float:
+            return (
+                metrics.registry.get_sample_value("eth_client_replies_total", {"kind": "invalid"})
+                or 0
+            )
+
+        yield async_wait_until(
+            lambda: metrics.registry.get_sample_value("eth_client_reconnects_total") >= 3,
+            timeout=20,
+            what="three connections",
+        )
         connections = metrics.registry.get_sample_value("eth_client_reconnects_total")
         assert 1 <= invalid() <= connections
         assert len(errors) <= connections

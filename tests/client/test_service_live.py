@@ -37,14 +37,43 @@ class Relay:
         self.port = free_port()
         self.spool = str(tmp / "spool.sqlite3")
         self.server = EthProcess(
-            ["server", "--port", str(self.port), "--stats", "none", "--use-mysql",
-             "--mysql-host", db["host"], "--mysql-port", str(db["port"]), "--mysql-user", db["user"],
-             "--mysql-db", db["database"], "--use-redis", "--redis-prefix", redis_prefix],
-            str(tmp / "server.log"), env={"ETH_MYSQL_PASS": db["password"]}, cwd=str(tmp),
+            [
+                "server",
+                "--port",
+                str(self.port),
+                "--stats",
+                "none",
+                "--use-mysql",
+                "--mysql-host",
+                db["host"],
+                "--mysql-port",
+                str(db["port"]),
+                "--mysql-user",
+                db["user"],
+                "--mysql-db",
+                db["database"],
+                "--use-redis",
+                "--redis-prefix",
+                redis_prefix,
+            ],
+            str(tmp / "server.log"),
+            env={"ETH_MYSQL_PASS": db["password"]},
+            cwd=str(tmp),
         )
         self.client_args = [
-            "client", "--connect", f"tcp:host=127.0.0.1:port={self.port}", "--rpc", anvil.url,
-            "--interval", "1", "--format", "json", "--spool", self.spool, "--stats", "none",
+            "client",
+            "--connect",
+            f"tcp:host=127.0.0.1:port={self.port}",
+            "--rpc",
+            anvil.url,
+            "--interval",
+            "1",
+            "--format",
+            "json",
+            "--spool",
+            self.spool,
+            "--stats",
+            "none",
         ]
         self.client = EthProcess(self.client_args, str(tmp / "client.log"), cwd=str(tmp))
 
@@ -60,7 +89,8 @@ class Relay:
     def stored(self) -> list[tuple[int, int]]:
         """(block_number, rows) for every stored block, in block order."""
         rows = mysql_query(
-            self.db, "SELECT block_number, COUNT(*) FROM ethereum_data GROUP BY block_number ORDER BY block_number"
+            self.db,
+            "SELECT block_number, COUNT(*) FROM ethereum_data GROUP BY block_number ORDER BY block_number",
         )
         return [(int(n), int(c)) for n, c in rows]
 
@@ -70,14 +100,18 @@ class Relay:
         def through() -> list[tuple[int, int]] | None:
             for proc in (self.server, self.client):
                 if not proc.running():
-                    raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}:\n{proc.log_tail()}")
+                    raise AssertionError(
+                        f"{proc.args[0]} exited with {proc.returncode}:\n{proc.log_tail()}"
+                    )
             rows = self.stored()
             return rows if rows and rows[-1][0] >= head else None
 
         try:
             return wait_until(through, timeout, interval=0.2, what=f"block {head} stored")  # type: ignore[no-any-return]
         except AssertionError as e:
-            raise AssertionError(f"{e}\nclient:\n{self.client.log_tail()}\nserver:\n{self.server.log_tail()}") from None
+            raise AssertionError(
+                f"{e}\nclient:\n{self.client.log_tail()}\nserver:\n{self.server.log_tail()}"
+            ) from None
 
 
 def assert_exactly_once_contiguous(rows: list[tuple[int, int]]) -> None:
@@ -89,7 +123,9 @@ def assert_exactly_once_contiguous(rows: list[tuple[int, int]]) -> None:
 
 
 @pytest.fixture
-def relay(tmp_path: Path, mysql_db: dict[str, Any], redis_prefix: str, anvil: Anvil) -> Iterator[Relay]:
+def relay(
+    tmp_path: Path, mysql_db: dict[str, Any], redis_prefix: str, anvil: Anvil
+) -> Iterator[Relay]:
     r = Relay(tmp_path, mysql_db, redis_prefix, anvil)
     r.start()
     try:
@@ -104,7 +140,9 @@ class HeadWatcher(threading.Thread):
     def __init__(self, anvil: Anvil) -> None:
         super().__init__(daemon=True)
         self.anvil = Anvil.__new__(Anvil)  # a second handle (own request ids) on the same node
-        self.anvil.__dict__.update(port=anvil.port, _id=0, proc=None, block_time=None, chain_id=None)
+        self.anvil.__dict__.update(
+            port=anvil.port, _id=0, proc=None, block_time=None, chain_id=None
+        )
         self.seen: dict[int, float] = {}
         self.done = threading.Event()
 
@@ -128,7 +166,9 @@ def test_every_block_stored_once_with_latency(relay: Relay, anvil: Anvil) -> Non
     watcher.start()
     try:
         first = relay.wait_stored_through(0, timeout=60)[0][0]
-        time.sleep(seconds)  # let the chain run: this is the measurement window, not a wait for a condition
+        time.sleep(
+            seconds
+        )  # let the chain run: this is the measurement window, not a wait for a condition
         head = anvil.head()
         rows = relay.wait_stored_through(head)
     finally:
@@ -138,13 +178,18 @@ def test_every_block_stored_once_with_latency(relay: Relay, anvil: Anvil) -> Non
     assert_exactly_once_contiguous(rows)
     assert rows[-1][0] - first >= seconds * 0.8
     committed = mysql_query(
-        relay.db, "SELECT block_number, UNIX_TIMESTAMP(received_at) FROM ethereum_data WHERE block_number > %s",
+        relay.db,
+        "SELECT block_number, UNIX_TIMESTAMP(received_at) FROM ethereum_data WHERE block_number > %s",
         (first,),
     )
-    latencies = sorted(float(t) - watcher.seen[int(n)] for n, t in committed if int(n) in watcher.seen)
+    latencies = sorted(
+        float(t) - watcher.seen[int(n)] for n, t in committed if int(n) in watcher.seen
+    )
     assert latencies, "no block was seen both at the node and in the database"
-    report = (f"latency mined->committed over {len(latencies)} blocks: median {statistics.median(latencies):.3f}s, "
-              f"worst {latencies[-1]:.3f}s (node polled every 50 ms; client --interval 1)")
+    report = (
+        f"latency mined->committed over {len(latencies)} blocks: median {statistics.median(latencies):.3f}s, "
+        f"worst {latencies[-1]:.3f}s (node polled every 50 ms; client --interval 1)"
+    )
     print(report)
     (ROOT / "tests" / "artifacts").mkdir(exist_ok=True)
     (ROOT / "tests" / "artifacts" / "client_latency.txt").write_text(report + "\n")
@@ -176,7 +221,9 @@ def test_server_down_20s_loses_nothing(relay: Relay, anvil: Anvil) -> None:
     assert "Lost the connection" in relay.client.log_text()
 
 
-def test_client_sigkill_and_restart_loses_and_duplicates_nothing(relay: Relay, anvil: Anvil) -> None:
+def test_client_sigkill_and_restart_loses_and_duplicates_nothing(
+    relay: Relay, anvil: Anvil
+) -> None:
     """A client killed with SIGKILL resumes from its durable cursor: no gap, no block stored twice."""
     relay.wait_stored_through(anvil.head(), timeout=60)
     for _ in range(2):
@@ -200,5 +247,7 @@ def test_new_chain_stops_client_naming_reset_cursor(relay: Relay, anvil: Anvil) 
     # With --reset-cursor it starts again on the new chain.
     relay.client.args = [*relay.client_args, "--reset-cursor"]
     relay.client.start()
-    wait_until(lambda: "starting at the chain head" in relay.client.log_text(), 30, what="reset logged")
+    wait_until(
+        lambda: "starting at the chain head" in relay.client.log_text(), 30, what="reset logged"
+    )
     assert relay.client.running()

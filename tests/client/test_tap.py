@@ -33,7 +33,12 @@ def test_defaults() -> None:
     assert o["connect"] == "tcp:host=127.0.0.1:port=9999"
     assert o["rpc"] == list(DEFAULT_RPC_URLS)
     assert (o["interval"], o["max-backfill"], o["max-gap"], o["format"]) == (5.0, 128, None, "html")
-    assert (o["window"], o["ack-timeout"], o["heartbeat"], o["rpc-timeout"]) == (256, 30.0, 10.0, 10.0)
+    assert (o["window"], o["ack-timeout"], o["heartbeat"], o["rpc-timeout"]) == (
+        256,
+        30.0,
+        10.0,
+        10.0,
+    )
     assert o["spool"] == "eth-client-spool.sqlite3"
     assert o["max-outbox"] == 100_000
     assert o["stats"] == "tcp:8081:interface=127.0.0.1"
@@ -59,15 +64,48 @@ def test_ipv6_host_is_escaped() -> None:
 
 def test_every_option_parses() -> None:
     """Every option takes its documented value type."""
-    o = parse([
-        "--rpc", "http://127.0.0.1:8545", "--rpc", "https://a.example/key", "--interval", "1.5",
-        "--max-backfill", "64", "--max-gap", "1000", "--format", "json", "--chain-id", "31337",
-        "--reset-cursor", "--spool", ":memory:", "--max-outbox", "50", "--window", "16",
-        "--ack-timeout", "45", "--heartbeat", "5", "--rpc-timeout", "3", "--stats", "none", "--verbose",
-    ])
+    o = parse(
+        [
+            "--rpc",
+            "http://127.0.0.1:8545",
+            "--rpc",
+            "https://a.example/key",
+            "--interval",
+            "1.5",
+            "--max-backfill",
+            "64",
+            "--max-gap",
+            "1000",
+            "--format",
+            "json",
+            "--chain-id",
+            "31337",
+            "--reset-cursor",
+            "--spool",
+            ":memory:",
+            "--max-outbox",
+            "50",
+            "--window",
+            "16",
+            "--ack-timeout",
+            "45",
+            "--heartbeat",
+            "5",
+            "--rpc-timeout",
+            "3",
+            "--stats",
+            "none",
+            "--verbose",
+        ]
+    )
     assert o["rpc"] == ["http://127.0.0.1:8545", "https://a.example/key"]
     assert (o["interval"], o["max-backfill"], o["max-gap"], o["format"]) == (1.5, 64, 1000, "json")
-    assert (o["chain-id"], o["reset-cursor"], o["spool"], o["max-outbox"]) == (31337, True, ":memory:", 50)
+    assert (o["chain-id"], o["reset-cursor"], o["spool"], o["max-outbox"]) == (
+        31337,
+        True,
+        ":memory:",
+        50,
+    )
     assert (o["window"], o["ack-timeout"], o["heartbeat"], o["rpc-timeout"]) == (16, 45.0, 5.0, 3.0)
     assert o["stats"] is None and o["verbose"]
 
@@ -75,8 +113,13 @@ def test_every_option_parses() -> None:
 def test_environment_and_precedence(tmp_path: Path) -> None:
     """ETH_* variables set options (lists comma-separated, flags as words); the command line wins."""
     env = {
-        "ETH_RPC": "http://a:1, http://b:2", "ETH_WINDOW": "100", "ETH_RESET_CURSOR": "yes",
-        "ETH_FORMAT": "json", "ETH_MAX_GAP": "off", "ETH_PORT": "7777", "ETH_STATE_DIRECTORY": "x",
+        "ETH_RPC": "http://a:1, http://b:2",
+        "ETH_WINDOW": "100",
+        "ETH_RESET_CURSOR": "yes",
+        "ETH_FORMAT": "json",
+        "ETH_MAX_GAP": "off",
+        "ETH_PORT": "7777",
+        "ETH_STATE_DIRECTORY": "x",
         "STATE_DIRECTORY": str(tmp_path),
     }
     o = parse([], env)
@@ -132,7 +175,11 @@ def test_bad_rpc_url_error_hides_the_password() -> None:
     """A malformed --rpc URL is refused with a message that masks its password."""
     with pytest.raises(usage.UsageError) as info:
         parse(["--rpc", "http://alice:hunter2@rpc.example:99999/"])
-    assert "--rpc" in str(info.value) and "hunter2" not in str(info.value) and "alice:***" in str(info.value)
+    assert (
+        "--rpc" in str(info.value)
+        and "hunter2" not in str(info.value)
+        and "alice:***" in str(info.value)
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,7 +206,10 @@ def test_secret_over_plaintext_is_refused_at_parse_time(tmp_path: Path) -> None:
     secret.chmod(0o600)
     with pytest.raises(usage.UsageError, match="--allow-plaintext-secret"):
         parse(["--secret-file", str(secret)])
-    assert parse(["--secret-file", str(secret), "--allow-plaintext-secret"]).settings.link.secret is not None
+    assert (
+        parse(["--secret-file", str(secret), "--allow-plaintext-secret"]).settings.link.secret
+        is not None
+    )
     o = parse(["--secret-file", str(secret), "--tls", "--host", "srv.example"])
     assert o.settings.link.encrypted and o.settings.link.server == "tcp:host=srv.example:port=9999"
     assert "32 bytes" not in repr(o.settings)  # the secret stays out of logs and tracebacks
@@ -178,25 +228,57 @@ def test_option_rows_take_their_defaults_from_the_settings_fields() -> None:
 
     defaults = Options(environ={}).defaults
     seen = 0
-    for cls in (LinkSettings, PollSettings, OutboxSettings, DeliverySettings, RPCSettings, ClientSettings):
+    for cls in (
+        LinkSettings,
+        PollSettings,
+        OutboxSettings,
+        DeliverySettings,
+        RPCSettings,
+        ClientSettings,
+    ):
         for f in dataclasses.fields(cls):
-            if "help" in f.metadata and option_name(f) != "rpc":  # --rpc is repeatable: [] until parsed
+            if (
+                "help" in f.metadata and option_name(f) != "rpc"
+            ):  # --rpc is repeatable: [] until parsed
                 assert defaults[option_name(f)] == getattr(cls(), f.name), f.name
                 seen += 1
     assert seen == 23
     assert parse([]).settings == ClientSettings(
-        link=LinkSettings(), rpc=RPCSettings(), outbox=OutboxSettings(),
-        site=parse([]).settings.site)  # the site's allowlist is derived from --stats
+        link=LinkSettings(),
+        rpc=RPCSettings(),
+        outbox=OutboxSettings(),
+        site=parse([]).settings.site,
+    )  # the site's allowlist is derived from --stats
 
 
 def test_make_service_hands_the_settings_down(tmp_path: Path) -> None:
     """makeService builds each part from its settings, under the option's name."""
-    client, _ = build(tmp_path, "--format", "json", "--chain-id", "5", "--max-gap", "9", "--max-outbox", "50",
-                      "--rpc-timeout", "3", "--heartbeat", "7", "--interval", "2")
+    client, _ = build(
+        tmp_path,
+        "--format",
+        "json",
+        "--chain-id",
+        "5",
+        "--max-gap",
+        "9",
+        "--max-outbox",
+        "50",
+        "--rpc-timeout",
+        "3",
+        "--heartbeat",
+        "7",
+        "--interval",
+        "2",
+    )
     try:
-        assert client.poller.settings == client_tap.PollSettings(interval=2.0, max_gap=9, format="json", chain_id=5)
+        assert client.poller.settings == client_tap.PollSettings(
+            interval=2.0, max_gap=9, format="json", chain_id=5
+        )
         assert client.outbox.max_outbox == 50
-        assert client.rpc.settings.rpc == ("http://127.0.0.1:1",) and client.rpc.settings.rpc_timeout == 3.0
+        assert (
+            client.rpc.settings.rpc == ("http://127.0.0.1:1",)
+            and client.rpc.settings.rpc_timeout == 3.0
+        )
         assert client.delivery.settings.heartbeat == 7.0
     finally:
         client.outbox.close()
@@ -207,7 +289,9 @@ def test_default_spool_uses_state_directory(tmp_path: Path) -> None:
     env = {"STATE_DIRECTORY": str(tmp_path)}
     assert parse([], env)["spool"] == str(tmp_path / "eth-client-spool.sqlite3")
     assert parse([])["spool"] == "eth-client-spool.sqlite3"
-    assert parse(["--spool", "eth-client-spool.sqlite3"], env)["spool"] == "eth-client-spool.sqlite3"
+    assert (
+        parse(["--spool", "eth-client-spool.sqlite3"], env)["spool"] == "eth-client-spool.sqlite3"
+    )
     assert parse([], {**env, "ETH_SPOOL": "here.sqlite3"}).settings.outbox.spool == "here.sqlite3"
 
 
@@ -222,8 +306,17 @@ def test_help_mentions_environment() -> None:
 
 def build(tmp_path: Path, *extra: str) -> tuple[EthClientService, MemoryReactorClock]:
     reactor = MemoryReactorClock()
-    o = parse(["--spool", str(tmp_path / "spool.sqlite3"), "--rpc", "http://127.0.0.1:1",
-               "--stats", "none", *extra])
+    o = parse(
+        [
+            "--spool",
+            str(tmp_path / "spool.sqlite3"),
+            "--rpc",
+            "http://127.0.0.1:1",
+            "--stats",
+            "none",
+            *extra,
+        ]
+    )
     return client_tap.makeService(o, reactor), reactor
 
 
@@ -250,8 +343,16 @@ def test_make_service_wires_the_parts(tmp_path: Path) -> None:
 def test_make_service_with_stats_listens(tmp_path: Path) -> None:
     """--stats serves the client's site on the given endpoint."""
     reactor = MemoryReactorClock()
-    o = parse(["--spool", str(tmp_path / "s.sqlite3"), "--rpc", "http://127.0.0.1:1",
-               "--stats", "tcp:0:interface=127.0.0.1"])
+    o = parse(
+        [
+            "--spool",
+            str(tmp_path / "s.sqlite3"),
+            "--rpc",
+            "http://127.0.0.1:1",
+            "--stats",
+            "tcp:0:interface=127.0.0.1",
+        ]
+    )
     client = client_tap.makeService(o, reactor)
     try:
         assert client.stats is not None
@@ -316,7 +417,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     environ = {k: v for k, v in os.environ.items() if not k.startswith("ETH_")}
     environ.update(env or {})
     return subprocess.run(
-        [*args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=environ,
+        [*args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=environ,
     )
 
 
@@ -330,7 +436,9 @@ def test_eth_client_bad_option_exits_nonzero_naming_it() -> None:
 def test_twistd_eth_client_bad_option_exits_nonzero_naming_it() -> None:
     """``twistd -n eth-client --ack-timeout 5`` exits non-zero and names --ack-timeout."""
     proc = run_cli(sys.executable, "-m", "twisted", "--help")  # warm the plugin cache
-    proc = run_cli(str(ROOT / ".venv/bin/twistd"), "-n", "--pidfile=", "eth-client", "--ack-timeout", "5")
+    proc = run_cli(
+        str(ROOT / ".venv/bin/twistd"), "-n", "--pidfile=", "eth-client", "--ack-timeout", "5"
+    )
     assert proc.returncode != 0
     assert "--ack-timeout" in proc.stdout + proc.stderr
 
@@ -340,12 +448,24 @@ def test_stats_site_limits_reach_the_client_listener(tmp_path: Path) -> None:
     from eth_twisted.web.limits import SiteLimits
 
     reactor = MemoryReactorClock()
-    o = parse(["--spool", str(tmp_path / "s.sqlite3"), "--rpc", "http://127.0.0.1:1",
-               "--stats", "tcp:0:interface=127.0.0.1", "--stats-max-per-ip", "4"],
-              env={"ETH_STATS_MAX_CONNECTIONS": "8"})
+    o = parse(
+        [
+            "--spool",
+            str(tmp_path / "s.sqlite3"),
+            "--rpc",
+            "http://127.0.0.1:1",
+            "--stats",
+            "tcp:0:interface=127.0.0.1",
+            "--stats-max-per-ip",
+            "4",
+        ],
+        env={"ETH_STATS_MAX_CONNECTIONS": "8"},
+    )
     client = client_tap.makeService(o, reactor)
     try:
         assert client.stats is not None
-        assert client.stats.factory.limits == SiteLimits(stats_max_connections=8, stats_max_per_ip=4)
+        assert client.stats.factory.limits == SiteLimits(
+            stats_max_connections=8, stats_max_per_ip=4
+        )
     finally:
         client.outbox.close()

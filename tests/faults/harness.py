@@ -69,7 +69,9 @@ class Rig:
         self.server_port = free_port()
         self.stats_port = free_port()
         self.link = ProxyProcess(
-            self.server_port, record=self.path("wire-replies.txt"), log_path=self.path("proxy-link.log")
+            self.server_port,
+            record=self.path("wire-replies.txt"),
+            log_path=self.path("proxy-link.log"),
         )
         self.mysql_link: ProxyProcess | None = None
         self.redis_link: ProxyProcess | None = None
@@ -93,14 +95,37 @@ class Rig:
         mysql_port = self.mysql_link.listen_port if self.mysql_link else self.mariadb.port
         redis_port = self.redis_link.listen_port if self.redis_link else self.redis.port
         return [
-            "server", "--host", "127.0.0.1", "--port", str(self.server_port),
-            "--stats", f"tcp:{self.stats_port}:interface=127.0.0.1",
-            "--use-mysql", "--mysql-host", "127.0.0.1", "--mysql-port", str(mysql_port),
-            "--mysql-user", self.db["user"], "--mysql-db", self.db["database"],
-            "--mysql-read-timeout", str(o.mysql_read_timeout),
-            "--use-redis", "--redis-host", "127.0.0.1", "--redis-port", str(redis_port),
-            "--redis-prefix", REDIS_PREFIX, "--redis-timeout", "2",
-            "--deadline", str(o.deadline), "--reconcile-interval", str(o.reconcile_interval),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.server_port),
+            "--stats",
+            f"tcp:{self.stats_port}:interface=127.0.0.1",
+            "--use-mysql",
+            "--mysql-host",
+            "127.0.0.1",
+            "--mysql-port",
+            str(mysql_port),
+            "--mysql-user",
+            self.db["user"],
+            "--mysql-db",
+            self.db["database"],
+            "--mysql-read-timeout",
+            str(o.mysql_read_timeout),
+            "--use-redis",
+            "--redis-host",
+            "127.0.0.1",
+            "--redis-port",
+            str(redis_port),
+            "--redis-prefix",
+            REDIS_PREFIX,
+            "--redis-timeout",
+            "2",
+            "--deadline",
+            str(o.deadline),
+            "--reconcile-interval",
+            str(o.reconcile_interval),
             *o.server_args,
         ]
 
@@ -110,9 +135,21 @@ class Rig:
         rpc = self.rpc_fault.url if self.rpc_fault else self.anvil.url
         urls = [rpc, self.anvil.url] if (self.rpc_fault and o.healthy_rpc) else [rpc]
         return [
-            "client", "--host", "127.0.0.1", "--port", str(self.link.listen_port),
-            "--rpc", ",".join(urls), "--interval", str(o.client_interval),
-            "--spool", self.spool, "--stats", "none", "--rpc-timeout", "3",
+            "client",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.link.listen_port),
+            "--rpc",
+            ",".join(urls),
+            "--interval",
+            str(o.client_interval),
+            "--spool",
+            self.spool,
+            "--stats",
+            "none",
+            "--rpc-timeout",
+            "3",
             *o.client_args,
         ]
 
@@ -131,11 +168,15 @@ class Rig:
             self.rpc_fault = RPCFaultProcess(self.anvil.url, log_path=self.path("rpc-fault.log"))
             self.rpc_fault.start()
         env = {"ETH_MYSQL_PASS": self.db["password"]}
-        self.server = EthProcess(self.server_command(), self.path("server.log"), env=env, cwd=self.dir)
+        self.server = EthProcess(
+            self.server_command(), self.path("server.log"), env=env, cwd=self.dir
+        )
         self.client = EthProcess(self.client_command(), self.path("client.log"), cwd=self.dir)
         self.start_server()
         self.client.start()
-        self.oracle = Oracle(self.anvil, self.db, redis=("127.0.0.1", self.redis.port, REDIS_PREFIX))
+        self.oracle = Oracle(
+            self.anvil, self.db, redis=("127.0.0.1", self.redis.port, REDIS_PREFIX)
+        )
         self.anvil.rpc("evm_setIntervalMining", self.opts.block_time)
 
     def start_server(self, timeout: float = 60.0) -> None:
@@ -156,20 +197,28 @@ class Rig:
         try:
             wait_until(first, timeout, interval=0.2, what="the first block in SQL")
         except AssertionError as e:
-            raise AssertionError(f"{e}\n--- server:\n{self.tail('server')}\n--- client:\n{self.tail('client')}") from None
+            raise AssertionError(
+                f"{e}\n--- server:\n{self.tail('server')}\n--- client:\n{self.tail('client')}"
+            ) from None
         return oracle.begin()
 
     def check_alive(self) -> None:
         """Raise (with the log tail) if the server or the client exited."""
         for name, proc in (("server", self.server), ("client", self.client)):
             if proc is not None and proc.proc is not None and not proc.running():
-                raise RuntimeError(f"eth {name} exited with {proc.returncode}:\n{proc.log_tail(15)}")
+                raise RuntimeError(
+                    f"eth {name} exited with {proc.returncode}:\n{proc.log_tail(15)}"
+                )
 
     def during(self, blocks: int, timeout: float = 120.0) -> None:
         """Let a fault last while the node mines ``blocks`` more blocks (at ``block_time``)."""
         target = self.anvil.head() + blocks
-        wait_until(lambda: self.anvil.head() >= target, timeout, interval=0.1,
-                   what=f"{blocks} blocks mined during the fault")
+        wait_until(
+            lambda: self.anvil.head() >= target,
+            timeout,
+            interval=0.1,
+            what=f"{blocks} blocks mined during the fault",
+        )
 
     # -- helpers for the scenarios
 
@@ -187,8 +236,14 @@ class Rig:
 
     def wait_rows(self, at_least: int, timeout: float = 60.0) -> int:
         """Wait until SQL has ``at_least`` rows."""
-        return int(wait_until(lambda: self.rows() >= at_least and self.rows(), timeout, interval=0.02,
-                              what=f"{at_least} rows in SQL"))
+        return int(
+            wait_until(
+                lambda: self.rows() >= at_least and self.rows(),
+                timeout,
+                interval=0.02,
+                what=f"{at_least} rows in SQL",
+            )
+        )
 
     def tail(self, which: str, lines: int = 40) -> str:
         """The last log lines of ``server`` or ``client``."""
@@ -229,14 +284,24 @@ class Rig:
         self.client.kill(signal.SIGTERM)
         verdict = oracle.check(wire_replies=self.link.replies(), outbox=self.spool)
         verdict.problems[:0] = problems
-        result_log.record(ScenarioResult(
-            scenario=scenario, injected=injected, produced=verdict.produced, stored=verdict.stored,
-            lost=verdict.lost, duplicated=verdict.duplicates, recover_seconds=recover,
-            passed=verdict.ok, acked=verdict.wire_ok, dup_replies=verdict.wire_dup,
-            acked_not_stored=len(verdict.acked_not_stored),
-            duration_seconds=time.monotonic() - self.began, notes="; ".join(self.notes),
-            problems=verdict.problems,
-        ))
+        result_log.record(
+            ScenarioResult(
+                scenario=scenario,
+                injected=injected,
+                produced=verdict.produced,
+                stored=verdict.stored,
+                lost=verdict.lost,
+                duplicated=verdict.duplicates,
+                recover_seconds=recover,
+                passed=verdict.ok,
+                acked=verdict.wire_ok,
+                dup_replies=verdict.wire_dup,
+                acked_not_stored=len(verdict.acked_not_stored),
+                duration_seconds=time.monotonic() - self.began,
+                notes="; ".join(self.notes),
+                problems=verdict.problems,
+            )
+        )
         return verdict
 
     def finish_notes(self, result_log: ResultLog, scenario: str) -> None:
@@ -255,15 +320,22 @@ class Rig:
             return self.outbox_depth() == 0
 
         try:
-            wait_until(drained, timeout, interval=0.2, what="the client's outbox to drain (every message acked)")
+            wait_until(
+                drained,
+                timeout,
+                interval=0.2,
+                what="the client's outbox to drain (every message acked)",
+            )
         except AssertionError as e:
             raise AssertionError(f"{e}; {self.outbox_depth()} still waiting") from None
         return time.monotonic()
 
     def explain(self, verdict: Verdict) -> str:
         """An assertion message with the verdict and the daemons' last log lines."""
-        return (f"{verdict.summary()}\nfiles in {self.dir}\n--- server:\n{self.tail('server', 60)}"
-                f"\n--- client:\n{self.tail('client', 60)}")
+        return (
+            f"{verdict.summary()}\nfiles in {self.dir}\n--- server:\n{self.tail('server', 60)}"
+            f"\n--- client:\n{self.tail('client', 60)}"
+        )
 
     def stop(self) -> None:
         """Stop everything this rig started (never raises)."""
@@ -274,4 +346,3 @@ class Rig:
             if ctl is not None:
                 ctl.stop()
         self.anvil.stop()
-

@@ -159,8 +159,14 @@ class Oracle:
     def _connect(self) -> pymysql.connections.Connection:
         m = self.mysql
         return pymysql.connect(
-            host=m["host"], port=m["port"], user=m["user"], password=m["password"],
-            database=m["database"], autocommit=True, connect_timeout=5, read_timeout=30,
+            host=m["host"],
+            port=m["port"],
+            user=m["user"],
+            password=m["password"],
+            database=m["database"],
+            autocommit=True,
+            connect_timeout=5,
+            read_timeout=30,
         )
 
     def rows(self) -> list[tuple[str, bytes, int | None]]:
@@ -213,7 +219,9 @@ class Oracle:
 
     def wait_first_stored(self, timeout: float = 60.0) -> int:
         """Block until SQL holds some block; return the newest."""
-        return int(wait_until(self.newest_stored, timeout, interval=0.2, what="the first block in SQL"))
+        return int(
+            wait_until(self.newest_stored, timeout, interval=0.2, what="the first block in SQL")
+        )
 
     def begin(self, first: int | None = None) -> int:
         """Start the checked range at ``first``, or at the oldest block stored now.
@@ -244,7 +252,12 @@ class Oracle:
     def wait_stored(self, timeout: float = 60.0) -> float:
         """Block until the whole range is in SQL; return the monotonic time it was."""
         try:
-            wait_until(lambda: not self.missing(), timeout, interval=0.2, what="every block of the range in SQL")
+            wait_until(
+                lambda: not self.missing(),
+                timeout,
+                interval=0.2,
+                what="every block of the range in SQL",
+            )
         except AssertionError as e:
             try:
                 gone = self.missing()
@@ -288,8 +301,11 @@ class Oracle:
                 bad.append(block)
         span = range(self.first, self.last + 1)
         v = Verdict(
-            first=self.first, last=self.last, produced=len(span),
-            stored=sum(1 for n in span if n in by_block), rows=len(rows),
+            first=self.first,
+            last=self.last,
+            produced=len(span),
+            stored=sum(1 for n in span if n in by_block),
+            rows=len(rows),
             unrecognised_rows=unrecognised,
         )
         v.missing = [n for n in span if n not in by_block]
@@ -299,11 +315,15 @@ class Oracle:
         if v.missing:
             v.problems.append(f"missing blocks: {_short(v.missing)}")
         if v.duplicated:
-            v.problems.append(f"blocks stored more than once: {_short(sorted(v.duplicated.items()))}")
+            v.problems.append(
+                f"blocks stored more than once: {_short(sorted(v.duplicated.items()))}"
+            )
         if v.duplicate_hashes:
             v.problems.append(f"{v.duplicate_hashes} duplicate hash rows")
         if v.bad_payloads:
-            v.problems.append(f"rows whose payload/hash is not the block's page: {_short(v.bad_payloads)}")
+            v.problems.append(
+                f"rows whose payload/hash is not the block's page: {_short(v.bad_payloads)}"
+            )
         if unrecognised:
             v.problems.append(f"{unrecognised} rows without a block number")
 
@@ -325,7 +345,9 @@ class Oracle:
         not_committed = sorted((ok | dup) - set(hashes))
         if not_committed:
             v.acked_not_stored.extend(not_committed)
-            v.problems.append(f"{len(not_committed)} OK/DUP on the wire for hashes not in SQL: {_short(not_committed, 3)}")
+            v.problems.append(
+                f"{len(not_committed)} OK/DUP on the wire for hashes not in SQL: {_short(not_committed, 3)}"
+            )
 
         if outbox is not None:
             box = read_outbox(outbox)

@@ -196,7 +196,9 @@ class _Link:
             now = reactor.seconds()
             if due > now:
                 if self.timers[direction] is None:
-                    self.timers[direction] = reactor.callLater(due - now, self._timer_fired, direction)
+                    self.timers[direction] = reactor.callLater(
+                        due - now, self._timer_fired, direction
+                    )
                 return
             sink = self._sink(direction)
             if sink is None:
@@ -344,7 +346,9 @@ class _Inbound(protocol.Protocol):
             self.link.poisoned = True
             return
         self.transport.pauseProducing()
-        endpoint = TCP4ClientEndpoint(proxy.reactor, proxy.target_host, proxy.target_port, timeout=10)
+        endpoint = TCP4ClientEndpoint(
+            proxy.reactor, proxy.target_host, proxy.target_port, timeout=10
+        )
         d = connectProtocol(endpoint, _Outbound(self.link))
         d.addCallbacks(self.link.outbound_connected, self.link.outbound_failed)
 
@@ -405,8 +409,13 @@ class FaultProxy(protocol.Factory):
         self.cut_direction = UP
         self.links: set[_Link] = set()
         self.stats = {
-            "accepted": 0, "refused": 0, "resets": 0, "cuts": 0,
-            "up_bytes": 0, "down_bytes": 0, "dropped_bytes": 0,
+            "accepted": 0,
+            "refused": 0,
+            "resets": 0,
+            "cuts": 0,
+            "up_bytes": 0,
+            "down_bytes": 0,
+            "dropped_bytes": 0,
         }
 
     def buildProtocol(self, addr: Any) -> _Inbound:
@@ -435,7 +444,9 @@ class FaultProxy(protocol.Factory):
         elif args:
             raise ValueError(f"mode {mode} takes no arguments")
         self.mode = mode
-        self.log.info("mode {previous} -> {mode} {args}", previous=previous, mode=mode, args=" ".join(args))
+        self.log.info(
+            "mode {previous} -> {mode} {args}", previous=previous, mode=mode, args=" ".join(args)
+        )
         if mode == "reset":
             self.kick()
         elif mode == "hold":
@@ -558,21 +569,28 @@ class ControlledProcess:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module, *self.args],
-            cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, env=env,
+            cwd=str(ROOT),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         if log is not subprocess.DEVNULL:
             log.close()  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.module} exited with {self.proc.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"{self.module} exited with {self.proc.returncode}; see {self.log_path}"
+                )
             try:
                 control_command(self.control_port, "ping", timeout=1)
                 return
             except (OSError, RuntimeError):
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"{self.module} did not answer on control port {self.control_port}")
+                    raise RuntimeError(
+                        f"{self.module} did not answer on control port {self.control_port}"
+                    )
                 time.sleep(0.05)
 
     def command(self, line: str) -> str:
@@ -637,7 +655,9 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    parser = argparse.ArgumentParser(prog="python -m tests.faults.proxy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.faults.proxy", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("listen_port", type=int)
     parser.add_argument("target_host")
     parser.add_argument("target_port", type=int)

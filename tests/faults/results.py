@@ -62,7 +62,6 @@ class ResultLog:
             tmp.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, self.path)
 
-
     def update_notes(self, scenario: str, notes: str) -> None:
         """Replace the notes of one recorded row."""
         with open(self.path.with_suffix(".lock"), "w") as lock:
@@ -120,7 +119,9 @@ the last block was stored and the client's outbox had drained (– when nothing 
 def render(rows: list[dict[str, Any]]) -> str:
     """The Markdown page for ``rows``."""
     lines = [HEADER]
-    lines.append("| scenario | injected | produced | stored | lost | duplicated | OK/DUP | recover s | result | notes |")
+    lines.append(
+        "| scenario | injected | produced | stored | lost | duplicated | OK/DUP | recover s | result | notes |"
+    )
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         result = "pass" if r.get("passed") else "**FAIL**"
@@ -128,13 +129,21 @@ def render(rows: list[dict[str, Any]]) -> str:
         if r.get("problems"):
             notes = (notes + " " if notes else "") + "; ".join(r["problems"])[:400]
         lines.append(
-            "| " + " | ".join(
-                _cell(x) for x in (
-                    r.get("scenario"), r.get("injected"), r.get("produced"), r.get("stored"),
-                    r.get("lost"), r.get("duplicated"), f"{r.get('acked', 0)}/{r.get('dup_replies', 0)}",
+            "| "
+            + " | ".join(
+                _cell(x)
+                for x in (
+                    r.get("scenario"),
+                    r.get("injected"),
+                    r.get("produced"),
+                    r.get("stored"),
+                    r.get("lost"),
+                    r.get("duplicated"),
+                    f"{r.get('acked', 0)}/{r.get('dup_replies', 0)}",
                     r.get("recover_seconds"),
                 )
-            ) + f" | {result} | {_cell(notes)} |"
+            )
+            + f" | {result} | {_cell(notes)} |"
         )
     total = sum(float(r.get("duration_seconds") or 0) for r in rows)
     lines.append("")
@@ -144,7 +153,9 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Render the JSON results into the Markdown table."""
-    parser = argparse.ArgumentParser(prog="python -m tests.faults.results", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.faults.results", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--out", default=str(DEFAULT_MD))
     ns = parser.parse_args(argv)

@@ -42,8 +42,20 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from tests.faults.proxy import ControlFactory, ControlledProcess
 
-MODES = ("pass", "garbage", "html", "429", "stall", "lag", "null", "liar", "huge-head", "huge-timestamp",
-         "redirect", "gzip")
+MODES = (
+    "pass",
+    "garbage",
+    "html",
+    "429",
+    "stall",
+    "lag",
+    "null",
+    "liar",
+    "huge-head",
+    "huge-timestamp",
+    "redirect",
+    "gzip",
+)
 
 HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>\n"
 
@@ -89,7 +101,9 @@ class RPCFaultNode(Resource):
         elif args:
             raise ValueError(f"mode {mode} takes no arguments")
         previous, self.mode = self.mode, mode
-        self.log.info("mode {previous} -> {mode} {args}", previous=previous, mode=mode, args=" ".join(args))
+        self.log.info(
+            "mode {previous} -> {mode} {args}", previous=previous, mode=mode, args=" ".join(args)
+        )
         if previous == "stall" and mode != "stall":
             for request in self._stalled:
                 if not request.finished and request.channel is not None:
@@ -166,14 +180,18 @@ class RPCFaultNode(Resource):
         method = call.get("method") if isinstance(call, dict) else None
         if method not in ("eth_blockNumber", "eth_getBlockByNumber"):
             return json.dumps(await self._node(body)).encode()
-        head_call = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "eth_blockNumber", "params": []}).encode()
+        head_call = json.dumps(
+            {"jsonrpc": "2.0", "id": 0, "method": "eth_blockNumber", "params": []}
+        ).encode()
         head = int((await self._node(head_call))["result"], 16)
         visible = max(0, head - self.arg)
         if method == "eth_blockNumber":
             reported = visible if mode == "lag" else head
             if reported != head:
                 self.stats["faulted"] += 1
-            return json.dumps({"jsonrpc": "2.0", "id": call.get("id"), "result": hex(reported)}).encode()
+            return json.dumps(
+                {"jsonrpc": "2.0", "id": call.get("id"), "result": hex(reported)}
+            ).encode()
         tag = (call.get("params") or ["latest"])[0]
         number: int | None = None
         if tag in ("latest", "pending"):
@@ -210,15 +228,25 @@ class RPCFaultNode(Resource):
 
         head_call = {"jsonrpc": "2.0", "id": 0, "method": "eth_blockNumber", "params": []}
         head = int((await self._node(json.dumps(head_call).encode()))["result"], 16)
-        real = {"jsonrpc": "2.0", "id": 0, "method": "eth_getBlockByNumber", "params": [hex(head), False]}
+        real = {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "eth_getBlockByNumber",
+            "params": [hex(head), False],
+        }
         base = (await self._node(json.dumps(real).encode()))["result"]
 
         def fake(n: int) -> str:
             return "0x" + hashlib.sha256(f"liar:{base['hash']}:{n}".encode()).hexdigest()
 
         parent = base["hash"] if number - 1 <= head else fake(number - 1)
-        return {"number": hex(number), "hash": fake(number), "parentHash": parent,
-                "timestamp": hex(int(base["timestamp"], 16) + number - head), "transactions": []}
+        return {
+            "number": hex(number),
+            "hash": fake(number),
+            "parentHash": parent,
+            "timestamp": hex(int(base["timestamp"], 16) + number - head),
+            "transactions": [],
+        }
 
     def _answer(self, data: bytes, request: Request, mode: str = "pass") -> None:
         if request.finished or request.channel is None:

@@ -96,8 +96,11 @@ class PrivateMariaDB:
     def info(self) -> dict[str, Any]:
         """Connection facts in the shape of the ``mysql_db`` fixture."""
         return {
-            "host": "127.0.0.1", "port": self.port, "user": self.user,
-            "password": self.password, "database": self.database,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": self.user,
+            "password": self.password,
+            "database": self.database,
         }
 
     @property
@@ -117,9 +120,12 @@ class PrivateMariaDB:
             return
         os.makedirs(self.base, exist_ok=True)
         args = [
-            _which("mariadb-install-db", "mysql_install_db"), "--no-defaults",
-            f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
-            "--skip-test-db", "--skip-name-resolve",
+            _which("mariadb-install-db", "mysql_install_db"),
+            "--no-defaults",
+            f"--datadir={self.datadir}",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+            "--skip-name-resolve",
         ]
         if self._as_root:
             shutil.chown(self.base, "mysql", "mysql")
@@ -128,15 +134,24 @@ class PrivateMariaDB:
         out = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
         self.install_seconds = time.monotonic() - begun
         if out.returncode != 0:
-            raise AssertionError(f"mariadb-install-db failed: {out.stdout.decode(errors='replace')[-2000:]}")
+            raise AssertionError(
+                f"mariadb-install-db failed: {out.stdout.decode(errors='replace')[-2000:]}"
+            )
 
     def command_line(self) -> list[str]:
         """The mariadbd command line."""
         args = [
-            _which("mariadbd", "mysqld"), "--no-defaults",
-            f"--datadir={self.datadir}", f"--port={self.port}", "--bind-address=127.0.0.1",
-            f"--socket={self.socket}", f"--pid-file={self.pidfile}", f"--log-error={self.log_path}",
-            "--skip-name-resolve", "--skip-log-bin", "--innodb-buffer-pool-size=32M",
+            _which("mariadbd", "mysqld"),
+            "--no-defaults",
+            f"--datadir={self.datadir}",
+            f"--port={self.port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={self.socket}",
+            f"--pid-file={self.pidfile}",
+            f"--log-error={self.log_path}",
+            "--skip-name-resolve",
+            "--skip-log-bin",
+            "--innodb-buffer-pool-size=32M",
             "--max-connections=200",
         ]
         if self.wait_timeout is not None:
@@ -162,7 +177,9 @@ class PrivateMariaDB:
         return took
 
     def _root(self) -> pymysql.connections.Connection:
-        return pymysql.connect(unix_socket=self.socket, user="root", connect_timeout=2, autocommit=True)
+        return pymysql.connect(
+            unix_socket=self.socket, user="root", connect_timeout=2, autocommit=True
+        )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until mariadbd answers over its socket; fail early if it died."""
@@ -187,10 +204,17 @@ class PrivateMariaDB:
             with conn.cursor() as c:
                 c.execute(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
                 for host in ("127.0.0.1", "localhost"):
-                    c.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", (self.user, host, self.password))
+                    c.execute(
+                        "CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s",
+                        (self.user, host, self.password),
+                    )
                     # its own database and every eth_f_* one new_database() makes
-                    c.execute(f"GRANT ALL PRIVILEGES ON `{self.database}`.* TO %s@%s", (self.user, host))
-                    c.execute("GRANT ALL PRIVILEGES ON `eth\\_f\\_%%`.* TO %s@%s", (self.user, host))
+                    c.execute(
+                        f"GRANT ALL PRIVILEGES ON `{self.database}`.* TO %s@%s", (self.user, host)
+                    )
+                    c.execute(
+                        "GRANT ALL PRIVILEGES ON `eth\\_f\\_%%`.* TO %s@%s", (self.user, host)
+                    )
         finally:
             conn.close()
         self.provisioned = True
@@ -208,7 +232,9 @@ class PrivateMariaDB:
         self.kill(signal.SIGSTOP)
         pid = self.proc.pid if self.proc is not None else None
         if pid is not None:
-            wait_until(lambda: _proc_state(pid) in ("T", "t"), 5, interval=0.01, what="mariadbd to stop")
+            wait_until(
+                lambda: _proc_state(pid) in ("T", "t"), 5, interval=0.01, what="mariadbd to stop"
+            )
 
     def resume(self) -> None:
         """SIGCONT."""
@@ -239,10 +265,15 @@ class PrivateMariaDB:
     def connect(self, database: str | None = None, **kwargs: Any) -> pymysql.connections.Connection:
         """A new TCP connection as the test user."""
         return pymysql.connect(
-            host="127.0.0.1", port=self.port, user=self.user, password=self.password,
-            database=database or self.database, autocommit=True,
+            host="127.0.0.1",
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            database=database or self.database,
+            autocommit=True,
             connect_timeout=kwargs.pop("connect_timeout", 5),
-            read_timeout=kwargs.pop("read_timeout", 30), **kwargs,
+            read_timeout=kwargs.pop("read_timeout", 30),
+            **kwargs,
         )
 
     def query(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
@@ -366,8 +397,12 @@ class EthProcess:
             log.write(f"\n=== start {self.starts + 1}: {' '.join(self.args)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [self.executable, *self.args], stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=self.cwd, preexec_fn=self.preexec_fn,
+                [self.executable, *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.cwd,
+                preexec_fn=self.preexec_fn,
             )
         self.starts += 1
 
@@ -392,7 +427,9 @@ class EthProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-                raise AssertionError(f"{self.args[:1]} did not exit within {wait}s of signal {sig}") from None
+                raise AssertionError(
+                    f"{self.args[:1]} did not exit within {wait}s of signal {sig}"
+                ) from None
         return None
 
     def stop(self) -> None:
@@ -423,7 +460,9 @@ class EthProcess:
 
         def up() -> bool:
             if not self.running():
-                raise AssertionError(f"{self.args[:1]} exited with {self.returncode}:\n{self.log_tail()}")
+                raise AssertionError(
+                    f"{self.args[:1]} exited with {self.returncode}:\n{self.log_tail()}"
+                )
             with socket.socket() as s:
                 s.settimeout(0.3)
                 return s.connect_ex(("127.0.0.1", port)) == 0
@@ -435,7 +474,12 @@ class EthProcess:
 
     def wait_log(self, text: str, timeout: float = 30.0, after: int = 0) -> None:
         """Block until ``text`` appears in the log (after character ``after``)."""
-        wait_until(lambda: text in self.log_text()[after:], timeout, interval=0.1, what=f"log line {text!r}")
+        wait_until(
+            lambda: text in self.log_text()[after:],
+            timeout,
+            interval=0.1,
+            what=f"log line {text!r}",
+        )
 
 
 def _proc_state(pid: int) -> str:

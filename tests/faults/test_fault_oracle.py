@@ -24,11 +24,15 @@ def make_table(db: PrivateMariaDB) -> None:
     )
 
 
-def store(db: PrivateMariaDB, redis: FaultRedis | None, block: int, payload: bytes | None = None) -> str:
+def store(
+    db: PrivateMariaDB, redis: FaultRedis | None, block: int, payload: bytes | None = None
+) -> str:
     payload = render_html(block) if payload is None else payload
     h = sha256_hex(payload)
-    db.query("INSERT INTO ethereum_data (hash, payload, block_number, client_ip) VALUES (%s, %s, %s, %s)",
-             (h, payload, block, "127.0.0.1"))
+    db.query(
+        "INSERT INTO ethereum_data (hash, payload, block_number, client_ip) VALUES (%s, %s, %s, %s)",
+        (h, payload, block, "127.0.0.1"),
+    )
     if redis is not None:
         redis.command("ZADD", PREFIX + "hashes", 1, h)
         redis.command("HINCRBY", PREFIX + "ip_addresses", "127.0.0.1", 1)
@@ -80,7 +84,9 @@ def test_redis_disagreeing_with_sql_is_reported(world: Any) -> None:
     v = oracle.check()
     assert v.redis_missing == 1 and v.redis_ip_sum == 1
     assert not oracle.redis_converged()
-    assert any("Redis" in p for p in v.problems) and any("sum(ip_addresses)" in p for p in v.problems)
+    assert any("Redis" in p for p in v.problems) and any(
+        "sum(ip_addresses)" in p for p in v.problems
+    )
 
 
 def test_ok_on_the_wire_for_an_uncommitted_hash_is_reported(world: Any) -> None:
@@ -120,5 +126,7 @@ def test_outbox_drop_without_a_row_is_reported(world: Any, tmp_path: Any) -> Non
 
 def test_wire_reply_parsing() -> None:
     """Recorded reply lines split into OK, DUP and ERR codes; junk lines are ignored."""
-    ok, dup, err = parse_wire_replies(["OK a", "DUP b", "ERR c busy", "ERR - bad-frame", "", "weird"])
+    ok, dup, err = parse_wire_replies(
+        ["OK a", "DUP b", "ERR c busy", "ERR - bad-frame", "", "weird"]
+    )
     assert ok == {"a"} and dup == {"b"} and err == {"busy": 1, "bad-frame": 1}

@@ -105,7 +105,9 @@ def test_pass_forwards_both_ways_and_half_close(rig: Any) -> None:
     rig.backend.on_eof_reply = b"3:bye,"
     client = yield connect(rig.port)
     client.transport.write(b"5:hello,")
-    yield async_wait_until(lambda: rig.backend.peers and rig.backend.peers[0].data == b"5:hello,", 5)
+    yield async_wait_until(
+        lambda: rig.backend.peers and rig.backend.peers[0].data == b"5:hello,", 5
+    )
     rig.backend.peers[0].transport.write(b"2:hi,")
     yield async_wait_until(lambda: client.data == b"2:hi,", 5)
     client.transport.loseWriteConnection()
@@ -113,7 +115,9 @@ def test_pass_forwards_both_ways_and_half_close(rig: Any) -> None:
     assert client.data == b"2:hi,3:bye,"
     assert rig.backend.peers[0].eof
     assert client.lost is None or not client.reset
-    yield async_wait_until(lambda: not rig.proxy.links, 5, what="the proxy to forget the closed link")
+    yield async_wait_until(
+        lambda: not rig.proxy.links, 5, what="the proxy to forget the closed link"
+    )
     assert rig.proxy.status()["up_bytes"] == 8
 
 
@@ -152,7 +156,9 @@ def test_blackhole_discards_and_the_damaged_connection_stays_dark(rig: Any) -> N
     old.transport.write(b"after")
     healed = yield connect(rig.port)
     healed.transport.write(b"fresh")
-    yield async_wait_until(lambda: len(rig.backend.peers) == 2 and rig.backend.peers[1].data == b"fresh", 5)
+    yield async_wait_until(
+        lambda: len(rig.backend.peers) == 2 and rig.backend.peers[1].data == b"fresh", 5
+    )
     assert rig.backend.peers[0].data == b""
 
 
@@ -167,7 +173,9 @@ def test_hold_keeps_bytes_and_delivers_them_when_released(rig: Any) -> None:
     yield quiet(0.3)
     assert rig.backend.peers[0].data == b"" and client.data == b""
     rig.proxy.set_mode("pass")
-    yield async_wait_until(lambda: rig.backend.peers[0].data == b"3:abc," and client.data == b"2:ok,", 5)
+    yield async_wait_until(
+        lambda: rig.backend.peers[0].data == b"3:abc," and client.data == b"2:ok,", 5
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -176,7 +184,9 @@ def test_reset_aborts_open_and_new_connections(rig: Any) -> None:
     client = yield connect(rig.port)
     yield async_wait_until(lambda: rig.backend.peers, 5)
     rig.proxy.set_mode("reset")
-    yield async_wait_until(lambda: client.lost is not None and rig.backend.peers[0].lost is not None, 5)
+    yield async_wait_until(
+        lambda: client.lost is not None and rig.backend.peers[0].lost is not None, 5
+    )
     assert client.reset and rig.backend.peers[0].reset
     again = yield connect(rig.port)
     yield async_wait_until(lambda: again.lost is not None, 5)
@@ -185,7 +195,9 @@ def test_reset_aborts_open_and_new_connections(rig: Any) -> None:
     rig.proxy.set_mode("pass")
     ok = yield connect(rig.port)
     ok.transport.write(b"x")
-    yield async_wait_until(lambda: len(rig.backend.peers) == 2 and rig.backend.peers[1].data == b"x", 5)
+    yield async_wait_until(
+        lambda: len(rig.backend.peers) == 2 and rig.backend.peers[1].data == b"x", 5
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -195,7 +207,9 @@ def test_cut_forwards_a_prefix_then_resets_once(rig: Any) -> None:
     yield async_wait_until(lambda: rig.backend.peers, 5)
     rig.proxy.set_mode("cut", "5")
     client.transport.write(b"20:abcdefghijklmnopqrst,")
-    yield async_wait_until(lambda: client.lost is not None and rig.backend.peers[0].lost is not None, 5)
+    yield async_wait_until(
+        lambda: client.lost is not None and rig.backend.peers[0].lost is not None, 5
+    )
     assert rig.backend.peers[0].data == b"20:ab"
     assert client.reset and rig.backend.peers[0].reset
     assert rig.proxy.mode == "pass" and rig.proxy.status()["cuts"] == 1
@@ -256,7 +270,11 @@ def test_subprocess_proxy_is_driven_over_its_control_port(tmp_path: Any) -> None
     backend.bind(("127.0.0.1", 0))
     backend.listen(8)
     backend.settimeout(5)
-    proxy = ProxyProcess(backend.getsockname()[1], record=str(tmp_path / "r.txt"), log_path=str(tmp_path / "proxy.log"))
+    proxy = ProxyProcess(
+        backend.getsockname()[1],
+        record=str(tmp_path / "r.txt"),
+        log_path=str(tmp_path / "proxy.log"),
+    )
     proxy.start()
     try:
         c = socket.create_connection(("127.0.0.1", proxy.listen_port), timeout=5)

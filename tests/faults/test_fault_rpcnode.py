@@ -29,8 +29,12 @@ def node() -> Iterator[tuple[Anvil, RPCFaultProcess]]:
     chain.stop()
 
 
-def call(url: str, method: str, *params: Any, timeout: float = 5) -> tuple[int, dict[str, str], bytes]:
-    body = json.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": list(params)}).encode()
+def call(
+    url: str, method: str, *params: Any, timeout: float = 5
+) -> tuple[int, dict[str, str], bytes]:
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 7, "method": method, "params": list(params)}
+    ).encode()
     req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -56,7 +60,9 @@ def test_garbage_html_and_429(node: Any) -> None:
         json.loads(body)
     fault.mode("html")
     _, headers, body = call(fault.url, "eth_blockNumber")
-    assert body.startswith(b"<html>") and "text/html" in headers.get("Content-Type", headers.get("content-type", ""))
+    assert body.startswith(b"<html>") and "text/html" in headers.get(
+        "Content-Type", headers.get("content-type", "")
+    )
     fault.mode("429", 3)
     code, headers, _ = call(fault.url, "eth_blockNumber")
     assert code == 429 and (headers.get("Retry-After") or headers.get("retry-after")) == "3"

@@ -35,7 +35,9 @@ MakeRig = Callable[..., Rig]
 
 
 @pytest.fixture
-def make_rig(scratch: str, private_mariadb: PrivateMariaDB, fault_redis: FaultRedis) -> Iterator[MakeRig]:
+def make_rig(
+    scratch: str, private_mariadb: PrivateMariaDB, fault_redis: FaultRedis
+) -> Iterator[MakeRig]:
     """Builds and starts this test's rig; stops it afterwards."""
     rigs: list[Rig] = []
 
@@ -55,7 +57,9 @@ def errs_on_wire(rig: Rig) -> dict[str, int]:
     return parse_wire_replies(rig.link.replies())[2]
 
 
-def finish(rig: Rig, results: ResultLog, name: str, injected: str, healed_at: float | None, **kw: Any) -> None:
+def finish(
+    rig: Rig, results: ResultLog, name: str, injected: str, healed_at: float | None, **kw: Any
+) -> None:
     """Ask the oracle, record the row, and fail with the logs when the promise broke."""
     verdict = rig.finish(results, name, injected, healed_at, **kw)
     assert verdict.ok, rig.explain(verdict)
@@ -77,7 +81,9 @@ def test_baseline_no_fault(make_rig: MakeRig, fault_results: ResultLog) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_server_killed_mid_burst(make_rig: MakeRig, fault_results: ResultLog, sig: signal.Signals) -> None:
+def test_server_killed_mid_burst(
+    make_rig: MakeRig, fault_results: ResultLog, sig: signal.Signals
+) -> None:
     """The server killed (TERM: graceful, KILL: crash) while a burst is being stored loses nothing and duplicates nothing."""
     rig = make_rig()
     rig.warm_up()
@@ -93,14 +99,21 @@ def test_server_killed_mid_burst(make_rig: MakeRig, fault_results: ResultLog, si
     rig.during(2)
     rig.start_server()
     healed = time.monotonic()
-    finish(rig, fault_results, f"server {sig.name} mid-burst",
-           f"{sig.name} to eth server during a 400-block burst, restarted 2 s later", healed)
+    finish(
+        rig,
+        fault_results,
+        f"server {sig.name} mid-burst",
+        f"{sig.name} to eth server during a 400-block burst, restarted 2 s later",
+        healed,
+    )
 
 
 # -- MariaDB
 
 
-def test_mariadb_sigkill_and_restart(make_rig: MakeRig, fault_results: ResultLog, private_mariadb: PrivateMariaDB) -> None:
+def test_mariadb_sigkill_and_restart(
+    make_rig: MakeRig, fault_results: ResultLog, private_mariadb: PrivateMariaDB
+) -> None:
     """MariaDB SIGKILLed mid-burst and restarted: no OK while down, everything stored once afterwards."""
     rig = make_rig()
     rig.warm_up()
@@ -112,12 +125,18 @@ def test_mariadb_sigkill_and_restart(make_rig: MakeRig, fault_results: ResultLog
     took = private_mariadb.start()
     healed = time.monotonic()
     rig.notes.append(f"down ~5 s; restart took {took:.1f} s; ERR on wire {errs_on_wire(rig)}")
-    finish(rig, fault_results, "MariaDB SIGKILL + restart",
-           "SIGKILL mariadbd during a 200-block burst, restart after 5 blocks", healed)
+    finish(
+        rig,
+        fault_results,
+        "MariaDB SIGKILL + restart",
+        "SIGKILL mariadbd during a 200-block burst, restart after 5 blocks",
+        healed,
+    )
 
 
-def test_mariadb_sigstop_longer_than_read_timeout(make_rig: MakeRig, fault_results: ResultLog,
-                                                 private_mariadb: PrivateMariaDB) -> None:
+def test_mariadb_sigstop_longer_than_read_timeout(
+    make_rig: MakeRig, fault_results: ResultLog, private_mariadb: PrivateMariaDB
+) -> None:
     """MariaDB frozen (SIGSTOP) for longer than the server's 3 s read timeout: nothing acked uncommitted, all stored after SIGCONT."""
     rig = make_rig(mysql_read_timeout=3.0)
     rig.warm_up()
@@ -131,12 +150,18 @@ def test_mariadb_sigstop_longer_than_read_timeout(make_rig: MakeRig, fault_resul
         private_mariadb.resume()
     healed = time.monotonic()
     rig.notes.append(f"stopped 8 s, read timeout 3 s; ERR on wire {errs_on_wire(rig)}")
-    finish(rig, fault_results, "MariaDB SIGSTOP > read timeout",
-           "SIGSTOP mariadbd 8 s (server --mysql-read-timeout 3) during a burst, then SIGCONT", healed)
+    finish(
+        rig,
+        fault_results,
+        "MariaDB SIGSTOP > read timeout",
+        "SIGSTOP mariadbd 8 s (server --mysql-read-timeout 3) during a burst, then SIGCONT",
+        healed,
+    )
 
 
-def test_mariadb_wait_timeout_reaps_idle_connections(make_rig: MakeRig, fault_results: ResultLog,
-                                                     private_mariadb: PrivateMariaDB) -> None:
+def test_mariadb_wait_timeout_reaps_idle_connections(
+    make_rig: MakeRig, fault_results: ResultLog, private_mariadb: PrivateMariaDB
+) -> None:
     """With wait_timeout=1 every idle pool connection is reaped between bursts; no message fails."""
     private_mariadb.set_global("wait_timeout", 1)
     try:
@@ -148,17 +173,27 @@ def test_mariadb_wait_timeout_reaps_idle_connections(make_rig: MakeRig, fault_re
             rig.burst(5)
             rig.wait_rows(rows + 5)
             # idle for longer than wait_timeout: wait until MariaDB has reaped the server's sessions
-            wait_until(lambda: not [r for r in private_mariadb.processlist() if r[2] == "Sleep"], 15,
-                       what="MariaDB to reap the idle pool connections")
+            wait_until(
+                lambda: not [r for r in private_mariadb.processlist() if r[2] == "Sleep"],
+                15,
+                what="MariaDB to reap the idle pool connections",
+            )
         rig.anvil.rpc("evm_setIntervalMining", 1)
         rig.during(2)
     finally:
         private_mariadb.set_global("wait_timeout", 28800)
     errors = errs_on_wire(rig)
     rig.notes.append(f"4 idle gaps with every session reaped; ERR on wire {errors or 'none'}")
-    finish(rig, fault_results, "MariaDB wait_timeout reaping",
-           "SET GLOBAL wait_timeout=1; 4 bursts separated by idle gaps", None)
-    assert not errors, f"a reaped connection should be retried transparently, got ERR replies {errors}"
+    finish(
+        rig,
+        fault_results,
+        "MariaDB wait_timeout reaping",
+        "SET GLOBAL wait_timeout=1; 4 bursts separated by idle gaps",
+        None,
+    )
+    assert not errors, (
+        f"a reaped connection should be retried transparently, got ERR replies {errors}"
+    )
 
 
 def test_slow_database(make_rig: MakeRig, fault_results: ResultLog) -> None:
@@ -172,14 +207,21 @@ def test_slow_database(make_rig: MakeRig, fault_results: ResultLog) -> None:
     rig.mysql_link.mode("pass")
     healed = time.monotonic()
     rig.notes.append(f"ERR on wire {errs_on_wire(rig) or 'none'}")
-    finish(rig, fault_results, "slow database",
-           "proxy delays every MariaDB packet 150 ms both ways for 10 s, burst of 150", healed)
+    finish(
+        rig,
+        fault_results,
+        "slow database",
+        "proxy delays every MariaDB packet 150 ms both ways for 10 s, burst of 150",
+        healed,
+    )
 
 
 # -- Redis
 
 
-def test_redis_sigkill_restart_empty(make_rig: MakeRig, fault_results: ResultLog, fault_redis: FaultRedis) -> None:
+def test_redis_sigkill_restart_empty(
+    make_rig: MakeRig, fault_results: ResultLog, fault_redis: FaultRedis
+) -> None:
     """Redis SIGKILLed mid-burst and restarted empty: SQL complete, Redis rebuilt to equal it."""
     rig = make_rig()
     rig.warm_up()
@@ -189,11 +231,18 @@ def test_redis_sigkill_restart_empty(make_rig: MakeRig, fault_results: ResultLog
     fault_redis.restart_empty()
     healed = time.monotonic()
     rig.during(3)
-    finish(rig, fault_results, "Redis SIGKILL + restart empty",
-           "SIGKILL redis during a 200-block burst, restarted empty at once", healed)
+    finish(
+        rig,
+        fault_results,
+        "Redis SIGKILL + restart empty",
+        "SIGKILL redis during a 200-block burst, restarted empty at once",
+        healed,
+    )
 
 
-def test_redis_down_for_half_a_minute(make_rig: MakeRig, fault_results: ResultLog, fault_redis: FaultRedis) -> None:
+def test_redis_down_for_half_a_minute(
+    make_rig: MakeRig, fault_results: ResultLog, fault_redis: FaultRedis
+) -> None:
     """Redis down for 30 s while blocks keep coming: nothing lost, Redis converges after it returns."""
     rig = make_rig()
     rig.warm_up()
@@ -203,7 +252,13 @@ def test_redis_down_for_half_a_minute(make_rig: MakeRig, fault_results: ResultLo
     fault_redis.start()
     healed = time.monotonic()
     rig.notes.append(f"down 30 s (budget); ERR on wire {errs_on_wire(rig) or 'none'}")
-    finish(rig, fault_results, "Redis down 30 s", "redis killed and kept down 30 s (+ burst of 50)", healed)
+    finish(
+        rig,
+        fault_results,
+        "Redis down 30 s",
+        "redis killed and kept down 30 s (+ burst of 50)",
+        healed,
+    )
 
 
 # -- the client <-> server link
@@ -219,10 +274,18 @@ def test_link_blackhole(make_rig: MakeRig, fault_results: ResultLog) -> None:
     accepted_in_hole = rig.link.status()["accepted"]
     rig.link.mode("pass")
     healed = time.monotonic()
-    finish(rig, fault_results, "link blackhole", "proxy drops every byte both ways for 30 s (+ burst of 30)", healed)
+    finish(
+        rig,
+        fault_results,
+        "link blackhole",
+        "proxy drops every byte both ways for 30 s (+ burst of 30)",
+        healed,
+    )
     st = rig.link.status()
-    rig.notes.append(f"30 s black hole, client ack timeout 20 s; dropped {st['dropped_bytes']} bytes; "
-                     f"{accepted_in_hole - 1} reconnects into the hole, {st['accepted']} connections in all")
+    rig.notes.append(
+        f"30 s black hole, client ack timeout 20 s; dropped {st['dropped_bytes']} bytes; "
+        f"{accepted_in_hole - 1} reconnects into the hole, {st['accepted']} connections in all"
+    )
     rig.finish_notes(fault_results, "link blackhole")
     assert accepted_in_hole >= 2, "the client never gave up on the dead connection (ack timeout)"
 
@@ -239,8 +302,16 @@ def test_link_reset(make_rig: MakeRig, fault_results: ResultLog) -> None:
     rig.link.mode("pass")
     healed = time.monotonic()
     st = rig.link.status()
-    rig.notes.append(f"{st['resets']} open connections reset, {st['refused']} new ones refused with RST")
-    finish(rig, fault_results, "link reset", "proxy RSTs every connection for 5 s during a 300-block burst", healed)
+    rig.notes.append(
+        f"{st['resets']} open connections reset, {st['refused']} new ones refused with RST"
+    )
+    finish(
+        rig,
+        fault_results,
+        "link reset",
+        "proxy RSTs every connection for 5 s during a 300-block burst",
+        healed,
+    )
 
 
 def test_link_cut_mid_frame(make_rig: MakeRig, fault_results: ResultLog) -> None:
@@ -255,8 +326,13 @@ def test_link_cut_mid_frame(make_rig: MakeRig, fault_results: ResultLog) -> None
         cuts += 1
     healed = time.monotonic()
     rig.notes.append("cuts after 7 and 120 bytes up, 30 and 5 bytes down")
-    finish(rig, fault_results, "link cut mid-frame",
-           "4 one-shot cuts: first N bytes of a chunk then RST, both directions", healed)
+    finish(
+        rig,
+        fault_results,
+        "link cut mid-frame",
+        "4 one-shot cuts: first N bytes of a chunk then RST, both directions",
+        healed,
+    )
 
 
 # -- the client process and its outbox
@@ -274,7 +350,13 @@ def test_client_sigkill_with_durable_outbox(make_rig: MakeRig, fault_results: Re
     rig.during(3)
     rig.client.start()
     healed = time.monotonic()
-    finish(rig, fault_results, "client SIGKILL", "SIGKILL eth client during a 300-block burst, restart after 3 blocks", healed)
+    finish(
+        rig,
+        fault_results,
+        "client SIGKILL",
+        "SIGKILL eth client during a 300-block burst, restart after 3 blocks",
+        healed,
+    )
 
 
 @pytest.fixture
@@ -282,7 +364,9 @@ def small_tmpfs(scratch: str) -> Iterator[str]:
     """A 32 MiB tmpfs for the client's outbox (root only): room for SQLite's WAL (up to ~4 MiB) until filled."""
     mount = os.path.join(scratch, "spool-tmpfs")
     os.makedirs(mount)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", mount], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", mount], capture_output=True
+    )
     if done.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
     yield mount
@@ -308,7 +392,9 @@ def _fill(directory: str) -> str:
     return path
 
 
-def test_outbox_disk_full_stops_the_client_advancing(make_rig: MakeRig, fault_results: ResultLog, small_tmpfs: str) -> None:
+def test_outbox_disk_full_stops_the_client_advancing(
+    make_rig: MakeRig, fault_results: ResultLog, small_tmpfs: str
+) -> None:
     """With the outbox's disk full the client's cursor stops instead of dropping blocks; after space returns all arrive."""
     rig = make_rig(spool_dir=small_tmpfs)
     rig.warm_up()
@@ -326,8 +412,16 @@ def test_outbox_disk_full_stops_the_client_advancing(make_rig: MakeRig, fault_re
     )
     if rig.client is not None and not rig.client.running():
         rig.client.start()
-    assert cursor is not None and cursor <= frozen_cursor + 1, "the cursor advanced while the disk was full"
-    finish(rig, fault_results, "outbox disk full", "client outbox on a 32 MiB tmpfs, filled up for 8 blocks", healed)
+    assert cursor is not None and cursor <= frozen_cursor + 1, (
+        "the cursor advanced while the disk was full"
+    )
+    finish(
+        rig,
+        fault_results,
+        "outbox disk full",
+        "client outbox on a 32 MiB tmpfs, filled up for 8 blocks",
+        healed,
+    )
 
 
 # -- the Ethereum node
@@ -338,7 +432,9 @@ def test_outbox_disk_full_stops_the_client_advancing(make_rig: MakeRig, fault_re
     [("garbage", ()), ("html", ()), ("429", (3,)), ("stall", ())],
     ids=["garbage", "html", "429", "stall"],
 )
-def test_rpc_node_misbehaves(make_rig: MakeRig, fault_results: ResultLog, mode: str, args: tuple[Any, ...]) -> None:
+def test_rpc_node_misbehaves(
+    make_rig: MakeRig, fault_results: ResultLog, mode: str, args: tuple[Any, ...]
+) -> None:
     """The only RPC node answers garbage / HTML / 429 Retry-After / a stalled body for 8 s: the poller waits, then catches up."""
     rig = make_rig(rpc_fault=True)
     rig.warm_up()
@@ -349,9 +445,15 @@ def test_rpc_node_misbehaves(make_rig: MakeRig, fault_results: ResultLog, mode: 
     rig.rpc_fault.mode("pass")
     healed = time.monotonic()
     rig.notes.append(f"{st['faulted']} of {st['requests']} RPC requests spoiled")
-    assert rig.client is not None and rig.client.running(), f"the client died:\n{rig.tail('client')}"
-    what = {"garbage": "bytes that are not JSON", "html": "an HTML 502 page", "429": "429 with Retry-After: 3",
-            "stall": "headers and half a body, then nothing"}[mode]
+    assert rig.client is not None and rig.client.running(), (
+        f"the client died:\n{rig.tail('client')}"
+    )
+    what = {
+        "garbage": "bytes that are not JSON",
+        "html": "an HTML 502 page",
+        "429": "429 with Retry-After: 3",
+        "stall": "headers and half a body, then nothing",
+    }[mode]
     finish(rig, fault_results, f"RPC {mode}", f"the only RPC node answers {what} for 8 s", healed)
 
 
@@ -368,4 +470,10 @@ def test_rpc_lagging_node_among_healthy(make_rig: MakeRig, fault_results: Result
     rig.rpc_fault.mode("pass")
     healed = time.monotonic()
     rig.notes.append(f"{rig.rpc_fault.status()['faulted']} answers spoiled")
-    finish(rig, fault_results, "RPC lagging node", "first of two RPC nodes lags 5 blocks (8 s), then nulls the newest 3 (6 s)", healed)
+    finish(
+        rig,
+        fault_results,
+        "RPC lagging node",
+        "first of two RPC nodes lags 5 blocks (8 s), then nulls the newest 3 (6 s)",
+        healed,
+    )

@@ -13,13 +13,22 @@ from tests.support import wait_until
 pytestmark = [pytest.mark.fault]
 
 
-def test_mariadb_is_private_and_reachable_over_tcp_as_its_user(private_mariadb: PrivateMariaDB) -> None:
+def test_mariadb_is_private_and_reachable_over_tcp_as_its_user(
+    private_mariadb: PrivateMariaDB,
+) -> None:
     """The private MariaDB listens on its own port, and its user logs in over TCP with a password."""
     assert private_mariadb.port != 3306
-    assert private_mariadb.query("SELECT CURRENT_USER()")[0][0].startswith(private_mariadb.user + "@")
+    assert private_mariadb.query("SELECT CURRENT_USER()")[0][0].startswith(
+        private_mariadb.user + "@"
+    )
     with pytest.raises(pymysql.err.OperationalError):
-        pymysql.connect(host="127.0.0.1", port=private_mariadb.port, user=private_mariadb.user,
-                        password="wrong", connect_timeout=3)
+        pymysql.connect(
+            host="127.0.0.1",
+            port=private_mariadb.port,
+            user=private_mariadb.user,
+            password="wrong",
+            connect_timeout=3,
+        )
     assert private_mariadb.start_seconds and private_mariadb.start_seconds[0] < 30
 
 
@@ -56,8 +65,11 @@ def test_mariadb_wait_timeout_reaps_idle_sessions(private_mariadb: PrivateMariaD
     try:
         conn = private_mariadb.connect()
         session = conn.thread_id()
-        wait_until(lambda: session not in [row[0] for row in private_mariadb.processlist()], 15,
-                   what="MariaDB to reap the idle session")
+        wait_until(
+            lambda: session not in [row[0] for row in private_mariadb.processlist()],
+            15,
+            what="MariaDB to reap the idle session",
+        )
         with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
             with conn.cursor() as c:
                 c.execute("SELECT 1")
@@ -94,8 +106,11 @@ def test_redis_sigstop_stalls_commands(fault_redis: FaultRedis) -> None:
 
 def test_eth_process_wrapper_reports_exit_status(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """EthProcess runs a command, captures its output in the log, and reports how it ended."""
-    p = EthProcess(["-c", "import sys; print('hello'); sys.exit(3)"], str(tmp_path / "p.log"),
-                   executable="/usr/bin/python3")
+    p = EthProcess(
+        ["-c", "import sys; print('hello'); sys.exit(3)"],
+        str(tmp_path / "p.log"),
+        executable="/usr/bin/python3",
+    )
     p.start()
     assert p.proc is not None
     p.proc.wait(10)

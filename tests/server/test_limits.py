@@ -36,8 +36,9 @@ class Harness:
         self.stored: list[bytes] = []
         self.pending: list[tuple[Message, Callable[[str], None]]] = []
         merged = {**LIMITS, **limits}
-        self.factory = ReceiverFactory(self.submit, clock=self.clock, metrics=ServerMetrics(),
-                                       limits=ReceiverLimits(**merged))  # type: ignore[arg-type]
+        self.factory = ReceiverFactory(
+            self.submit, clock=self.clock, metrics=ServerMetrics(), limits=ReceiverLimits(**merged)
+        )  # type: ignore[arg-type]
 
     def submit(self, message: Message, reply: Callable[[str], None]) -> None:
         if self.hold:
@@ -48,7 +49,9 @@ class Harness:
             self.stored.append(message.payload)
         reply(code)
 
-    def connect(self, host: str = "10.0.0.1", port: int = 40000) -> tuple[ReceiverProtocol | None, StringTransport]:
+    def connect(
+        self, host: str = "10.0.0.1", port: int = 40000
+    ) -> tuple[ReceiverProtocol | None, StringTransport]:
         addr = IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
         proto = self.factory.buildProtocol(addr)
         transport = StringTransport(peerAddress=addr)
@@ -71,7 +74,8 @@ def ok(p: bytes) -> bytes:
 def aborted(t: StringTransport) -> bool:
     """Whether the receiver aborted ``t`` (StringTransport.abortConnection sets ``disconnected``)."""
     return bool(getattr(t, "aborting", False) or getattr(t, "disconnected", False)) or (
-        t.disconnecting and t.producerState == "stopped")
+        t.disconnecting and t.producerState == "stopped"
+    )
 
 
 def test_row01_empty_frame() -> None:
@@ -86,16 +90,26 @@ def test_row01_empty_frame() -> None:
 @pytest.mark.parametrize(
     ("row", "bad", "code"),
     [
-        ("02", b"007:abcdefg,", "bad-frame"), ("02", b"00:,", "bad-frame"), ("02", b"01:a,", "bad-frame"),
-        ("03", b"abc:", "bad-frame"), ("03", b"-1:a,", "bad-frame"), ("03", b"+1:a,", "bad-frame"),
-        ("03", b" 1:a,", "bad-frame"), ("03", b"1 :a,", "bad-frame"), ("03", b"0x10:", "bad-frame"),
+        ("02", b"007:abcdefg,", "bad-frame"),
+        ("02", b"00:,", "bad-frame"),
+        ("02", b"01:a,", "bad-frame"),
+        ("03", b"abc:", "bad-frame"),
+        ("03", b"-1:a,", "bad-frame"),
+        ("03", b"+1:a,", "bad-frame"),
+        ("03", b" 1:a,", "bad-frame"),
+        ("03", b"1 :a,", "bad-frame"),
+        ("03", b"0x10:", "bad-frame"),
         ("03", "٣:abc,".encode(), "bad-frame"),
-        ("04", b"3:abcX", "bad-frame"), ("04", b"2:aaa,", "bad-frame"),
-        ("08", b"1025:", "too-long"), ("08", b"9999999999:", "too-long"), ("08", b"9" * 1000, "too-long"),
+        ("04", b"3:abcX", "bad-frame"),
+        ("04", b"2:aaa,", "bad-frame"),
+        ("08", b"1025:", "too-long"),
+        ("08", b"9999999999:", "too-long"),
+        ("08", b"9" * 1000, "too-long"),
         ("11", b"xyz", "bad-frame"),
         ("12", b"\r\n", "bad-frame"),
         ("16", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", "bad-frame"),
-        ("17", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad-frame"), ("17", b"\x00\x00\x00\x00", "bad-frame"),
+        ("17", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad-frame"),
+        ("17", b"\x00\x00\x00\x00", "bad-frame"),
         ("17", bytes(range(256)), "bad-frame"),
     ],
 )
@@ -229,7 +243,7 @@ def test_row13_binary_payload_is_stored_as_bytes() -> None:
     """Row 13: a payload that is not UTF-8 or JSON is stored as bytes; no exception escapes."""
     h = Harness()
     p, t = h.connect()
-    odd = b"\xff\xfe{\"block_number\": \x00"
+    odd = b'\xff\xfe{"block_number": \x00'
     p.dataReceived(encode(odd))
     assert replies(t) == [ok(odd)] and h.stored == [odd]
 
@@ -446,7 +460,9 @@ class BufferedTransport(StringTransport):
         return data
 
 
-def connect_with(h: Harness, transport: StringTransport, host: str = "10.0.0.1") -> ReceiverProtocol:
+def connect_with(
+    h: Harness, transport: StringTransport, host: str = "10.0.0.1"
+) -> ReceiverProtocol:
     addr = IPv4Address("TCP", host, 40000)
     proto = h.factory.buildProtocol(addr)
     assert proto is not None
@@ -561,7 +577,9 @@ def test_frames_stop_when_the_transport_pauses_us() -> None:
     run_turns(h)
     written = len(t.value())
     assert "writes" in p.paused
-    assert written <= 4096 + TURN_FRAMES * 84  # at most one turn's replies past the mark, not 1.8 MB
+    assert (
+        written <= 4096 + TURN_FRAMES * 84
+    )  # at most one turn's replies past the mark, not 1.8 MB
     assert h.factory.partial_bytes > 60000  # the rest is held in the decoder, counted
     total = b""
     for _ in range(1000):  # the peer reads, the server goes on, until everything is answered
@@ -649,7 +667,9 @@ def test_one_address_filling_its_share_does_not_pause_other_addresses() -> None:
     assert "budget" not in good.paused
     good.dataReceived(b"g" * 1999 + b",")
     assert replies(t) == [ok(b"g" * 3999)]
-    attackers[0].connectionLost(None)  # 15,000 bytes still over the share: the group's oldest (1) reads
+    attackers[0].connectionLost(
+        None
+    )  # 15,000 bytes still over the share: the group's oldest (1) reads
     assert "budget" not in attackers[1].paused and all("budget" in p.paused for p in attackers[3:])
     attackers[1].connectionLost(None)
     attackers[2].connectionLost(None)  # back under the share: the rest resume

@@ -22,15 +22,21 @@ from tests.support.live import GoodClient, rss_kib, sqlite_storage, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
-LIMITS = ReceiverLimits(max_length=4096, frame_timeout=1.5, idle_timeout=12.0, write_stall=2.0,
-                        max_per_ip=40, max_connections=400, rate=20000.0, burst=20000)
+LIMITS = ReceiverLimits(
+    max_length=4096,
+    frame_timeout=1.5,
+    idle_timeout=12.0,
+    write_stall=2.0,
+    max_per_ip=40,
+    max_connections=400,
+    rate=20000.0,
+    burst=20000,
+)
 
 
-
-
-
-
-def attack(port: int, data: bytes, read_for: float = 4.0, half_close: bool = False) -> tuple[list[bytes], str]:
+def attack(
+    port: int, data: bytes, read_for: float = 4.0, half_close: bool = False
+) -> tuple[list[bytes], str]:
     """Send ``data`` from 127.0.0.1; return the replies and how the connection ended."""
     s = socket.create_connection(("127.0.0.1", port), timeout=read_for)
     try:
@@ -70,7 +76,12 @@ BATTERY: list[tuple[str, bytes, list[bytes] | None, str]] = [
     ("11 garbage after frames", b"1:b,2:cc,xyz", [b"b", b"cc", b"ERR - bad-frame"], "closed"),
     ("12 trailing CRLF", b"1:d,\r\n", [b"d", b"ERR - bad-frame"], "closed"),
     ("13 binary payload", encode(b"\xff\x00\xfe"), [b"\xff\x00\xfe"], "open"),
-    ("16 TLS ClientHello", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32, [b"ERR - bad-frame"], "closed"),
+    (
+        "16 TLS ClientHello",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32,
+        [b"ERR - bad-frame"],
+        "closed",
+    ),
     ("17 HTTP request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", [b"ERR - bad-frame"], "closed"),
     ("17 NUL bytes", b"\x00" * 64, [b"ERR - bad-frame"], "closed"),
 ]
@@ -90,7 +101,9 @@ def test_battery_on_loopback_while_a_good_client_is_served(tmp_path: Path) -> No
     good.start()
     try:
         for row, data, expected, end in BATTERY:
-            got, how = yield threads.deferToThread(attack, port, data, 4.0 if end != "open" else 1.0)
+            got, how = yield threads.deferToThread(
+                attack, port, data, 4.0 if end != "open" else 1.0
+            )
             if expected is not None:
                 assert got == [expected_reply(e) for e in expected], row
             else:
@@ -177,8 +190,11 @@ def test_connection_flood_caps_hold_and_others_are_served(tmp_path: Path) -> Non
     """Row 19: thousands of connections from one address hit the per-address cap; 127.0.0.2 is still served."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
-    server, port = yield start_server(sqlite_storage(str(tmp_path / "s.sqlite3")), limits=LIMITS,
-                                      listen="tcp:0:interface=127.0.0.1:backlog=4096")
+    server, port = yield start_server(
+        sqlite_storage(str(tmp_path / "s.sqlite3")),
+        limits=LIMITS,
+        listen="tcp:0:interface=127.0.0.1:backlog=4096",
+    )
     before = rss_kib()
 
     def flood(n: int) -> list[socket.socket]:

@@ -86,7 +86,9 @@ def test_item1_a_backtracking_frame_does_not_freeze_the_server(tmp_path: Path) -
     evil = (b"<title>" + b"ethereum block number " * 3000)[:65500]
     try:
         for _ in range(3):
-            got = yield threads.deferToThread(two_read_client, port, evil + b"%f" % time.time(), "127.0.0.4")
+            got = yield threads.deferToThread(
+                two_read_client, port, evil + b"%f" % time.time(), "127.0.0.4"
+            )
             assert got.startswith(b"OK ")
     finally:
         good.stop.set()
@@ -95,7 +97,9 @@ def test_item1_a_backtracking_frame_does_not_freeze_the_server(tmp_path: Path) -
     assert good.bad == [] and good.ok == good.sent and good.ok > 0
 
 
-def hold_partial_frames(port: int, addresses: int, per_address: int, held_bytes: int) -> list[socket.socket]:
+def hold_partial_frames(
+    port: int, addresses: int, per_address: int, held_bytes: int
+) -> list[socket.socket]:
     """Connections from 127.0.1.10.. that each declare a 65,000-byte frame and send ``held_bytes`` of it, in two steps."""
     held = []
     for i in range(addresses * per_address):
@@ -111,29 +115,43 @@ def hold_partial_frames(port: int, addresses: int, per_address: int, held_bytes:
 
 @pytest_twisted.inlineCallbacks
 def test_item2_eleven_addresses_filling_the_budget_do_not_stall_anyone_else(
-    tmp_path: Path, many_files: None,
+    tmp_path: Path,
+    many_files: None,
 ) -> None:
     """440 large partial frames from 11 addresses fill their groups' shares; a frame in two reads from another
     address is answered during the attack, and after it no socket is left in CLOSE-WAIT."""
-    limits = ReceiverLimits(max_length=65536, partial_budget=4 * 1024 * 1024, frame_timeout=5.0,
-                            idle_timeout=30.0, max_per_ip=100, max_connections=2000)
-    server, port = yield start_server(sqlite(tmp_path), limits=limits,
-                                      listen="tcp:0:interface=127.0.0.1:backlog=2048")
+    limits = ReceiverLimits(
+        max_length=65536,
+        partial_budget=4 * 1024 * 1024,
+        frame_timeout=5.0,
+        idle_timeout=30.0,
+        max_per_ip=100,
+        max_connections=2000,
+    )
+    server, port = yield start_server(
+        sqlite(tmp_path), limits=limits, listen="tcp:0:interface=127.0.0.1:backlog=2048"
+    )
     good = GoodClient(port)
     good.start()
     try:
         held = yield threads.deferToThread(hold_partial_frames, port, 11, 40, 16000)
         yield threads.deferToThread(
-            wait_until, lambda: server.metrics.protocol_errors.labels(reason="partial-budget")._value.get() > 0,
-            10, what="the groups' shares to fill")
+            wait_until,
+            lambda: server.metrics.protocol_errors.labels(reason="partial-budget")._value.get() > 0,
+            10,
+            what="the groups' shares to fill",
+        )
         for n in range(3):
             got = yield threads.deferToThread(two_read_client, port, b"during the attack %d" % n)
             assert got == b"OK " + sha256_hex(b"during the attack %d" % n).encode()
         for s in held:
             s.close()
         yield threads.deferToThread(
-            wait_until, lambda: server_sockets_in("08", port) == 0 and server.factory.partial_bytes == 0,
-            limits.frame_timeout * 3, what="every CLOSE-WAIT socket reaped and the budget drained")
+            wait_until,
+            lambda: server_sockets_in("08", port) == 0 and server.factory.partial_bytes == 0,
+            limits.frame_timeout * 3,
+            what="every CLOSE-WAIT socket reaped and the budget drained",
+        )
     finally:
         good.stop.set()
         yield threads.deferToThread(good.join, 15)
@@ -143,29 +161,46 @@ def test_item2_eleven_addresses_filling_the_budget_do_not_stall_anyone_else(
 
 @pytest_twisted.inlineCallbacks
 def test_items2_3_a_full_budget_never_wedges_and_paused_peers_are_reaped(
-    tmp_path: Path, many_files: None,
+    tmp_path: Path,
+    many_files: None,
 ) -> None:
     """Attackers from 30 addresses fill the whole budget and hold on: the oldest holder always reads, paused
     peers are cut by their frame timers, none stays in CLOSE-WAIT, and a frame in two reads is answered."""
-    limits = ReceiverLimits(max_length=65536, partial_budget=1024 * 1024, frame_timeout=3.0,
-                            idle_timeout=30.0, max_per_ip=100, max_connections=2000)
-    server, port = yield start_server(sqlite(tmp_path), limits=limits,
-                                      listen="tcp:0:interface=127.0.0.1:backlog=2048")
+    limits = ReceiverLimits(
+        max_length=65536,
+        partial_budget=1024 * 1024,
+        frame_timeout=3.0,
+        idle_timeout=30.0,
+        max_per_ip=100,
+        max_connections=2000,
+    )
+    server, port = yield start_server(
+        sqlite(tmp_path), limits=limits, listen="tcp:0:interface=127.0.0.1:backlog=2048"
+    )
     good = GoodClient(port)
     good.start()
     try:
         held = yield threads.deferToThread(hold_partial_frames, port, 30, 15, 16000)
         yield threads.deferToThread(
-            wait_until, lambda: server.metrics.protocol_errors.labels(reason="partial-budget")._value.get() > 0,
-            10, what="the budget to fill")
+            wait_until,
+            lambda: server.metrics.protocol_errors.labels(reason="partial-budget")._value.get() > 0,
+            10,
+            what="the budget to fill",
+        )
         yield threads.deferToThread(
-            wait_until, lambda: server.factory.partial_bytes == 0,
-            limits.frame_timeout * 3, what="the frame timers to reap every holder, paused or not")
+            wait_until,
+            lambda: server.factory.partial_bytes == 0,
+            limits.frame_timeout * 3,
+            what="the frame timers to reap every holder, paused or not",
+        )
         for s in held[: len(held) // 2]:
             s.close()  # half leave at once, half were cut already: nothing may linger
         yield threads.deferToThread(
-            wait_until, lambda: server_sockets_in("08", port) == 0, limits.frame_timeout * 3,
-            what="no socket left in CLOSE-WAIT")
+            wait_until,
+            lambda: server_sockets_in("08", port) == 0,
+            limits.frame_timeout * 3,
+            what="no socket left in CLOSE-WAIT",
+        )
         for n in range(3):
             got = yield threads.deferToThread(two_read_client, port, b"after the attack %d" % n)
             assert got == b"OK " + sha256_hex(b"after the attack %d" % n).encode()
@@ -182,10 +217,18 @@ def test_items2_3_a_full_budget_never_wedges_and_paused_peers_are_reaped(
 @pytest_twisted.inlineCallbacks
 def test_item4_unread_replies_are_bounded_per_connection(tmp_path: Path, many_files: None) -> None:
     """200 peers write 64 KiB of probes in one burst and never read: the server's memory stays bounded."""
-    limits = ReceiverLimits(max_length=65536, rate=1e9, burst=10**9, write_stall=60.0, idle_timeout=120.0,
-                            max_per_ip=1000, max_connections=2000)
-    server, port = yield start_server(sqlite(tmp_path), limits=limits,
-                                      listen="tcp:0:interface=127.0.0.1:backlog=2048")
+    limits = ReceiverLimits(
+        max_length=65536,
+        rate=1e9,
+        burst=10**9,
+        write_stall=60.0,
+        idle_timeout=120.0,
+        max_per_ip=1000,
+        max_connections=2000,
+    )
+    server, port = yield start_server(
+        sqlite(tmp_path), limits=limits, listen="tcp:0:interface=127.0.0.1:backlog=2048"
+    )
     good = GoodClient(port)
     good.start()
     burst = b"0:," * 21845
@@ -208,14 +251,19 @@ def test_item4_unread_replies_are_bounded_per_connection(tmp_path: Path, many_fi
         after = rss_kib()
         owed = max(len(p._slots) for p in server.factory.connections)
         paused = sum(1 for p in server.factory.connections if p.paused & {"writes", "budget"})
-        print("pauses:", sorted(Counter(tuple(sorted(p.paused)) for p in server.factory.connections).items()))
+        print(
+            "pauses:",
+            sorted(Counter(tuple(sorted(p.paused)) for p in server.factory.connections).items()),
+        )
         for s in held:
             s.close()
     finally:
         good.stop.set()
         yield threads.deferToThread(good.join, 15)
         yield server.stopService()
-    print(f"RSS {before} -> {after} KiB for 200 connections ({(after - before) / 200:.0f} KiB each)")
+    print(
+        f"RSS {before} -> {after} KiB for 200 connections ({(after - before) / 200:.0f} KiB each)"
+    )
     assert good.bad == [] and good.ok == good.sent and good.ok > 0
     assert paused >= 150  # they stopped being read once their replies backed up
     assert owed <= 2 * limits.window
@@ -226,22 +274,40 @@ def test_item4_unread_replies_are_bounded_per_connection(tmp_path: Path, many_fi
 @pytest.fixture
 def locked_table(mysql_db: dict[str, Any]) -> Iterator[Any]:
     """A second MariaDB session that can hold a write lock on ethereum_data (a database stall)."""
-    conn = pymysql.connect(host=mysql_db["host"], port=mysql_db["port"], user=mysql_db["user"],
-                           password=mysql_db["password"], database=mysql_db["database"], autocommit=True)
+    conn = pymysql.connect(
+        host=mysql_db["host"],
+        port=mysql_db["port"],
+        user=mysql_db["user"],
+        password=mysql_db["password"],
+        database=mysql_db["database"],
+        autocommit=True,
+    )
     yield conn
     conn.close()
 
 
 @pytest_twisted.inlineCallbacks
 def test_item5_a_slow_database_bounds_the_queue_in_bytes_and_drops_timed_out_copies(
-    mysql_db: dict[str, Any], locked_table: Any, many_files: None,
+    mysql_db: dict[str, Any],
+    locked_table: Any,
+    many_files: None,
 ) -> None:
     """With the record stalled, one read of tiny frames per connection stops at the window, the queue stays
     under its byte budget (busy past it), timed-out messages leave the queue, and all is stored once."""
-    limits = ReceiverLimits(max_length=65536, window=64, deadline=3.0, idle_timeout=60.0, rate=1e9,
-                            burst=10**9, max_per_ip=1000)
-    server, port = yield start_server(mysql_storage(mysql_db), limits=limits,
-                                      batch=BatchSettings(pending_budget=256 * 1024, batch_size=50))  # two stalled batches of 50: the rest waits in the queue
+    limits = ReceiverLimits(
+        max_length=65536,
+        window=64,
+        deadline=3.0,
+        idle_timeout=60.0,
+        rate=1e9,
+        burst=10**9,
+        max_per_ip=1000,
+    )
+    server, port = yield start_server(
+        mysql_storage(mysql_db),
+        limits=limits,
+        batch=BatchSettings(pending_budget=256 * 1024, batch_size=50),
+    )  # two stalled batches of 50: the rest waits in the queue
     with locked_table.cursor() as c:
         c.execute("LOCK TABLES ethereum_data WRITE")
     peak = {"pending": 0, "bytes": 0}
@@ -284,9 +350,15 @@ def test_item5_a_slow_database_bounds_the_queue_in_bytes_and_drops_timed_out_cop
         stop.set()
         watcher.join(5)
         yield server.stopService()
-    codes = [a.split()[0] + (a.split()[-1] if a.startswith(b"ERR") else b"") for got in answers for a in got]
-    print(f"peak queue {peak['pending']} messages, {peak['bytes']} bytes; withdrawn "
-          f"{server.metrics.withdrawn._value.get():.0f}; replies {sorted(set(codes))}")
+    codes = [
+        a.split()[0] + (a.split()[-1] if a.startswith(b"ERR") else b"")
+        for got in answers
+        for a in got
+    ]
+    print(
+        f"peak queue {peak['pending']} messages, {peak['bytes']} bytes; withdrawn "
+        f"{server.metrics.withdrawn._value.get():.0f}; replies {sorted(set(codes))}"
+    )
     assert len(codes) == 20 * 300
     assert peak["pending"] <= 20 * limits.window  # the window held within each read
     assert peak["bytes"] <= 256 * 1024  # the byte budget held

@@ -268,6 +268,7 @@ async def test_accepted_sockets_send_replies_without_nagle() -> None:
 
 # -- answers held for a batch ---------------------------------------------------
 
+
 class CountingTransport(StringTransport):
     """A StringTransport that counts ``write`` calls."""
 
@@ -280,7 +281,9 @@ class CountingTransport(StringTransport):
         super().write(data)
 
 
-def connect_counting(factory: ReceiverFactory, host: str) -> tuple[ReceiverProtocol, CountingTransport]:
+def connect_counting(
+    factory: ReceiverFactory, host: str
+) -> tuple[ReceiverProtocol, CountingTransport]:
     proto = factory.buildProtocol(None)
     transport = CountingTransport(peerAddress=IPv4Address("TCP", host, 5555))
     proto.makeConnection(transport)
@@ -304,7 +307,8 @@ def test_answers_given_while_holding_leave_in_one_write_per_connection() -> None
         rb("OK")
         assert t1.value() == b"" and t2.value() == b""
     assert replies(t1) == [b"OK " + sha256_hex(p).encode() for p in (b"a", b"b")] + [
-        b"DUP " + sha256_hex(b"c").encode()]
+        b"DUP " + sha256_hex(b"c").encode()
+    ]
     assert replies(t2) == [b"ERR " + sha256_hex(b"x").encode() + b" busy"]
     assert (t1.writes, t2.writes) == (1, 1)
     counted = {k: factory.metrics.replies.labels(kind=k)._value.get() for k in ("OK", "DUP", "ERR")}
@@ -324,7 +328,8 @@ def test_held_answers_still_wait_for_an_earlier_unanswered_frame() -> None:
     assert transport.value() == b""
     ra("DUP")  # outside any scope: written at once, with the two behind it
     assert replies(transport) == [b"DUP " + sha256_hex(b"a").encode()] + [
-        b"OK " + sha256_hex(p).encode() for p in (b"b", b"c")]
+        b"OK " + sha256_hex(p).encode() for p in (b"b", b"c")
+    ]
 
 
 def test_held_answers_are_written_even_when_the_scope_fails() -> None:

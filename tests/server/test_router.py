@@ -55,11 +55,15 @@ class RecordingMirror(AlwaysUp):
         return defer.succeed(list(verdicts or []))
 
 
-def setup(mirrors: Sequence[ISink] = (), **kw: object) -> tuple[Router, MemorySink, Clock, dict[bytes, list[str]]]:
+def setup(
+    mirrors: Sequence[ISink] = (), **kw: object
+) -> tuple[Router, MemorySink, Clock, dict[bytes, list[str]]]:
     clock = Clock()
     record = MemorySink()
     kw.setdefault("concurrent_batches", 1)  # one batch at a time unless a test asks for more
-    router = Router(record, mirrors, clock=clock, metrics=ServerMetrics(), settings=BatchSettings(**kw))  # type: ignore[arg-type]
+    router = Router(
+        record, mirrors, clock=clock, metrics=ServerMetrics(), settings=BatchSettings(**kw)
+    )  # type: ignore[arg-type]
     answers: dict[bytes, list[str]] = {}
     return router, record, clock, answers
 
@@ -213,11 +217,18 @@ class ManualRecord(AlwaysUp):
         d.callback([Outcome.STORED] * len(payloads))
 
 
-def concurrent_setup(concurrency: int) -> tuple[Router, ManualRecord, RecordingMirror, Clock, list[bytes]]:
+def concurrent_setup(
+    concurrency: int,
+) -> tuple[Router, ManualRecord, RecordingMirror, Clock, list[bytes]]:
     clock = Clock()
     record, mirror = ManualRecord(), RecordingMirror()
-    router = Router(record, [mirror], clock=clock, metrics=ServerMetrics(),  # type: ignore[list-item]
-                    settings=BatchSettings(batch_size=2, batch_delay=0.002, concurrent_batches=concurrency))
+    router = Router(
+        record,
+        [mirror],
+        clock=clock,
+        metrics=ServerMetrics(),  # type: ignore[list-item]
+        settings=BatchSettings(batch_size=2, batch_delay=0.002, concurrent_batches=concurrency),
+    )
     order: list[bytes] = []
     return router, record, mirror, clock, order
 
@@ -228,15 +239,20 @@ def test_concurrent_batches_are_in_the_record_together_and_answered_in_order() -
     router, record, mirror, clock, order = concurrent_setup(2)
     for p in (b"a1", b"a2", b"b1", b"b2", b"c1"):
         router.submit(msg(p), lambda code, p=p: order.append(p))
-    assert [batch for batch, _ in record.pending] == [[b"a1", b"a2"], [b"b1", b"b2"]]  # both full: at once
+    assert [batch for batch, _ in record.pending] == [
+        [b"a1", b"a2"],
+        [b"b1", b"b2"],
+    ]  # both full: at once
     clock.advance(0.002)
     assert len(record.pending) == 2  # c1 waits: two batches are in the record already
     record.finish(1)  # the later batch commits first
     assert order == [] and mirror.calls == []
     record.finish(0)
     assert order == [b"a1", b"a2", b"b1", b"b2"]
-    assert [calls for calls, _ in mirror.calls] == [[msg(b"a1").hash, msg(b"a2").hash],
-                                                    [msg(b"b1").hash, msg(b"b2").hash]]
+    assert [calls for calls, _ in mirror.calls] == [
+        [msg(b"a1").hash, msg(b"a2").hash],
+        [msg(b"b1").hash, msg(b"b2").hash],
+    ]
     assert [batch for batch, _ in record.pending][2:] == [[b"c1"]]  # room again: c1 goes in
     record.finish(2)
     assert order[-1] == b"c1"
@@ -291,7 +307,9 @@ def test_queue_byte_budget_answers_busy() -> None:
     """Past pending_budget payload bytes queued the router answers busy, whatever the count."""
     mirror = RecordingMirror()
     mirror.hang = True  # the first batch never finishes: everything after it queues
-    router, record, clock, answers = setup([mirror], batch_delay=0.001, batch_size=1, pending_budget=1000)
+    router, record, clock, answers = setup(
+        [mirror], batch_delay=0.001, batch_size=1, pending_budget=1000
+    )
     submit(router, answers, msg(b"first"))
     clock.advance(0.001)  # taken into the (hanging) batch
     for i in range(3):
@@ -304,7 +322,9 @@ def test_queue_byte_budget_answers_busy() -> None:
 def test_withdrawn_messages_leave_the_queue_and_free_their_bytes() -> None:
     """A cancelled ticket drops its message before a batch takes it; a taken one cannot be withdrawn."""
     router, record, clock, answers = setup(batch_delay=0.001)
-    ticket_a = router.submit(msg(b"a" * 100), lambda code: answers.setdefault(b"a", []).append(code))
+    ticket_a = router.submit(
+        msg(b"a" * 100), lambda code: answers.setdefault(b"a", []).append(code)
+    )
     submit(router, answers, msg(b"b"))
     assert ticket_a is not None and router.pending_bytes == 101
     ticket_a.cancel()
@@ -320,8 +340,13 @@ def test_a_taken_message_is_not_withdrawn() -> None:
     """Once in a batch, cancel() does nothing: the message is stored and answered."""
     clock = Clock()
     manual = ManualRecord()
-    router = Router(manual, [], clock=clock, metrics=ServerMetrics(),
-                    settings=BatchSettings(batch_delay=0.001, concurrent_batches=1))
+    router = Router(
+        manual,
+        [],
+        clock=clock,
+        metrics=ServerMetrics(),
+        settings=BatchSettings(batch_delay=0.001, concurrent_batches=1),
+    )
     answers: dict[bytes, list[str]] = {}
     ticket = router.submit(msg(b"a"), lambda code: answers.setdefault(b"a", []).append(code))
     clock.advance(0.001)

@@ -32,7 +32,9 @@ class SlowToStart(MemorySink):
             return defer.fail(ConnectionRefusedError("connection refused"))
         return super().start()
 
-    def store_batch(self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None) -> Any:
+    def store_batch(
+        self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None
+    ) -> Any:
         return super().store_batch(messages, verdicts)
 
 
@@ -40,9 +42,12 @@ SETTINGS = ServerSettings(listen="tcp:0:interface=127.0.0.1", site=SiteSettings(
 
 
 def _lines(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(e["log_level"].name, e.get("log_format", "")) for e in events
-            if e.get("log_namespace", "").startswith("eth_twisted.server.service")
-            and e["log_level"].name in ("error", "warn", "info")]
+    return [
+        (e["log_level"].name, e.get("log_format", ""))
+        for e in events
+        if e.get("log_namespace", "").startswith("eth_twisted.server.service")
+        and e["log_level"].name in ("error", "warn", "info")
+    ]
 
 
 def test_a_sink_outage_at_start_is_logged_once_when_it_starts_and_once_when_it_ends() -> None:

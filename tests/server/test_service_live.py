@@ -64,17 +64,25 @@ def test_sqlite_seed_style_half_closed_client(tmp_path: Path) -> None:
         assert (yield exchange_in_thread(port, [b""])) == [f"ERR {EMPTY_SHA256} empty".encode()]
     finally:
         yield server.stopService()
-    rows = sqlite3.connect(path).execute(
-        "SELECT hash, block_number, client_ip, payload FROM ethereum_data").fetchall()
+    rows = (
+        sqlite3.connect(path)
+        .execute("SELECT hash, block_number, client_ip, payload FROM ethereum_data")
+        .fetchall()
+    )
     assert rows == [(sha256_hex(page), 19000000, "127.0.0.1", page)]
 
 
 @pytest_twisted.inlineCallbacks
-def test_mysql_and_redis_pipelined(mysql_db: dict[str, Any], redis_server: dict[str, Any],
-                                   redis_prefix: str) -> None:
+def test_mysql_and_redis_pipelined(
+    mysql_db: dict[str, Any], redis_server: dict[str, Any], redis_prefix: str
+) -> None:
     """500 pipelined frames on one connection are answered OK in order, stored once in MySQL and counted in Redis."""
-    server, port = yield start_server(mysql_storage(mysql_db, dict(redis_server, prefix=redis_prefix)))
-    assert server.router.answering == server.factory.batcher.hold  # both built with one ReplyBatcher
+    server, port = yield start_server(
+        mysql_storage(mysql_db, dict(redis_server, prefix=redis_prefix))
+    )
+    assert (
+        server.router.answering == server.factory.batcher.hold
+    )  # both built with one ReplyBatcher
     scopes: list[None] = []
 
     def counted_scope() -> Any:
@@ -86,13 +94,18 @@ def test_mysql_and_redis_pipelined(mysql_db: dict[str, Any], redis_server: dict[
         pages = [render_html(n) for n in range(1000, 1500)]
         replies = yield exchange_in_thread(port, pages, half_close=False)
         assert replies == [ok(p) for p in pages]
-        assert 1 <= len(scopes) < 500  # answered a batch at a time, each batch's writes held together
+        assert (
+            1 <= len(scopes) < 500
+        )  # answered a batch at a time, each batch's writes held together
         again = yield exchange_in_thread(port, pages[:10], half_close=False)
         assert again == [dup(p) for p in pages[:10]]
     finally:
         yield server.stopService()
-    assert mysql_query(mysql_db, "SELECT COUNT(*), COUNT(DISTINCT hash), MIN(block_number), MAX(block_number) "
-                                 "FROM ethereum_data")[0] == (500, 500, 1000, 1499)
+    assert mysql_query(
+        mysql_db,
+        "SELECT COUNT(*), COUNT(DISTINCT hash), MIN(block_number), MAX(block_number) "
+        "FROM ethereum_data",
+    )[0] == (500, 500, 1000, 1499)
     port_r = redis_server["port"]
     assert redis_cmd(port_r, "ZCARD", redis_prefix + "hashes") == 500
     assert redis_cmd(port_r, "HGET", redis_prefix + "ip_addresses", "127.0.0.1") == b"500"
@@ -119,11 +132,18 @@ def test_mariadb_kill_connection_costs_nothing(mysql_db: dict[str, Any]) -> None
     try:
         first = [render_html(n) for n in range(100)]
         assert (yield exchange_in_thread(port, first, half_close=False)) == [ok(p) for p in first]
-        conn = pymysql.connect(host=mysql_db["host"], port=mysql_db["port"], user=mysql_db["user"],
-                               password=mysql_db["password"], autocommit=True)
+        conn = pymysql.connect(
+            host=mysql_db["host"],
+            port=mysql_db["port"],
+            user=mysql_db["user"],
+            password=mysql_db["password"],
+            autocommit=True,
+        )
         with conn.cursor() as c:
-            c.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE DB=%s AND ID<>CONNECTION_ID()",
-                      (mysql_db["database"],))
+            c.execute(
+                "SELECT ID FROM information_schema.PROCESSLIST WHERE DB=%s AND ID<>CONNECTION_ID()",
+                (mysql_db["database"],),
+            )
             ids = [row[0] for row in c.fetchall()]
             assert ids, "the server should hold MariaDB connections"
             for i in ids:
@@ -138,7 +158,9 @@ def test_mariadb_kill_connection_costs_nothing(mysql_db: dict[str, Any]) -> None
 
 @pytest.mark.slow
 @pytest_twisted.inlineCallbacks
-def test_private_redis_restart_empty_converges(mysql_db: dict[str, Any], private_redis: Any) -> None:
+def test_private_redis_restart_empty_converges(
+    mysql_db: dict[str, Any], private_redis: Any
+) -> None:
     """A Redis that restarts empty answers ERR (never a false OK) while down, then converges from SQL."""
     prefix = "eth:"
     redis = {"host": "127.0.0.1", "port": private_redis.port, "prefix": prefix}
@@ -161,9 +183,15 @@ def test_private_redis_restart_empty_converges(mysql_db: dict[str, Any], private
                     assert reply.endswith((b" unavailable", b" timeout", b" busy")), reply
             return not pending
 
-        yield async_wait_until(deliver, 30, interval=0.5, what="every message acknowledged after the restart")
-        yield async_wait_until(lambda: redis_cmd(private_redis.port, "ZCARD", prefix + "hashes") == 100, 30,
-                               interval=0.5, what="Redis to converge to SQL")
+        yield async_wait_until(
+            deliver, 30, interval=0.5, what="every message acknowledged after the restart"
+        )
+        yield async_wait_until(
+            lambda: redis_cmd(private_redis.port, "ZCARD", prefix + "hashes") == 100,
+            30,
+            interval=0.5,
+            what="Redis to converge to SQL",
+        )
     finally:
         yield server.stopService()
     assert mysql_query(mysql_db, "SELECT COUNT(*) FROM ethereum_data")[0][0] == 100
@@ -177,14 +205,31 @@ def test_twistd_plugin_smoke(tmp_path: Path) -> None:
     port = free_port()
     db = tmp_path / "eth-server.sqlite3"
     proc = subprocess.Popen(
-        [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "eth-server", "--port", str(port), "--stats", "none",
-         "--sqlite", str(db)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ),
+        [
+            str(VENV_BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            "eth-server",
+            "--port",
+            str(port),
+            "--stats",
+            "none",
+            "--sqlite",
+            str(db),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
     )
     try:
         wait_for_port("127.0.0.1", port, 30)
         page = render_html(7)
-        wait_until(lambda: exchange(port, [page]) in ([ok(page)], [dup(page)]), 20, what="an acknowledgement")
+        wait_until(
+            lambda: exchange(port, [page]) in ([ok(page)], [dup(page)]),
+            20,
+            what="an acknowledgement",
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
@@ -198,8 +243,9 @@ def test_twistd_plugin_smoke(tmp_path: Path) -> None:
 
 def test_eth_server_bad_option_exits_nonzero() -> None:
     """`eth server --use-mysql` without --mysql-host exits non-zero naming the missing flag."""
-    proc = subprocess.run([str(VENV_BIN / "eth"), "server", "--use-mysql"], capture_output=True, timeout=60,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [str(VENV_BIN / "eth"), "server", "--use-mysql"], capture_output=True, timeout=60, cwd=ROOT
+    )
     assert proc.returncode == 2
     assert b"--mysql-host" in proc.stderr
 
@@ -212,8 +258,10 @@ def test_netcat_half_close(tmp_path: Path) -> None:
     server, port = yield start_server(sqlite_storage(str(tmp_path / "s.sqlite3")))
     try:
         proc = yield threads.deferToThread(
-            subprocess.run, ["sh", "-c", f"printf '5:hello,' | nc -N 127.0.0.1 {port}"],
-            capture_output=True, timeout=20,
+            subprocess.run,
+            ["sh", "-c", f"printf '5:hello,' | nc -N 127.0.0.1 {port}"],
+            capture_output=True,
+            timeout=20,
         )
     finally:
         yield server.stopService()

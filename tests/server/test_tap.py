@@ -27,13 +27,38 @@ def test_defaults() -> None:
 
 def test_seed_flags() -> None:
     """The seed's flags keep their meaning."""
-    o = parse(["--host", "0.0.0.0", "--port", "8888", "--use-redis", "--redis-host", "r", "--redis-port",
-               "6380", "--redis-db", "2", "--use-mysql", "--mysql-host", "db", "--mysql-user", "u",
-               "--mysql-pass", "s3cret", "--mysql-db", "eth"])
+    o = parse(
+        [
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8888",
+            "--use-redis",
+            "--redis-host",
+            "r",
+            "--redis-port",
+            "6380",
+            "--redis-db",
+            "2",
+            "--use-mysql",
+            "--mysql-host",
+            "db",
+            "--mysql-user",
+            "u",
+            "--mysql-pass",
+            "s3cret",
+            "--mysql-db",
+            "eth",
+        ]
+    )
     assert o["listen"] == "tcp:8888:interface=0.0.0.0"
     storage = o.storage
     assert storage.mysql.mysql_host == "db" and storage.mysql.mysql_pass == "s3cret"
-    assert storage.redis.redis_host == "r" and storage.redis.redis_port == 6380 and storage.redis.redis_db == 2
+    assert (
+        storage.redis.redis_host == "r"
+        and storage.redis.redis_port == 6380
+        and storage.redis.redis_db == 2
+    )
     assert storage.use_mysql and storage.use_redis
     assert any("ETH_MYSQL_PASS" in w and "--mysql-pass-file" in w for w in o.warnings)
     assert "s3cret" not in o.storage.summary()
@@ -52,7 +77,12 @@ def test_ipv6_host_is_escaped() -> None:
 
 def test_environment_and_precedence() -> None:
     """ETH_* variables set options; the command line wins over them."""
-    env = {"ETH_PORT": "7777", "ETH_USE_REDIS": "yes", "ETH_REDIS_HOST": "cache", "ETH_HOST": "0.0.0.0"}
+    env = {
+        "ETH_PORT": "7777",
+        "ETH_USE_REDIS": "yes",
+        "ETH_REDIS_HOST": "cache",
+        "ETH_HOST": "0.0.0.0",
+    }
     o = parse([], env)
     assert o["listen"] == "tcp:7777:interface=0.0.0.0"
     assert o.storage.redis.redis_host == "cache"
@@ -60,7 +90,10 @@ def test_environment_and_precedence() -> None:
     assert o["listen"] == "tcp:1234:interface=0.0.0.0"
 
 
-@pytest.mark.parametrize(("value", "expected"), [("1", True), ("on", True), ("TRUE", True), ("no", False), ("off", False), ("0", False)])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", True), ("on", True), ("TRUE", True), ("no", False), ("off", False), ("0", False)],
+)
 def test_flag_words(value: str, expected: bool) -> None:
     """Flags in the environment take 1/true/yes/on and 0/false/no/off."""
     assert parse([], {"ETH_USE_REDIS": value})["use-redis"] is expected
@@ -100,19 +133,35 @@ def test_password_from_environment_file_and_credentials(tmp_path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "mysql-pass").write_text("from-creds")
-    assert parse(base, {"CREDENTIALS_DIRECTORY": str(creds)}).storage.mysql.mysql_pass == "from-creds"
+    assert (
+        parse(base, {"CREDENTIALS_DIRECTORY": str(creds)}).storage.mysql.mysql_pass == "from-creds"
+    )
 
 
 def test_unreadable_password_file_is_named(tmp_path) -> None:
     """A password file that cannot be read is an error naming the option."""
     with pytest.raises(usage.UsageError, match="--mysql-pass-file"):
-        parse(["--use-mysql", "--mysql-host", "h", "--mysql-user", "u", "--mysql-db", "d",
-               "--mysql-pass-file", str(tmp_path / "nope")])
+        parse(
+            [
+                "--use-mysql",
+                "--mysql-host",
+                "h",
+                "--mysql-user",
+                "u",
+                "--mysql-db",
+                "d",
+                "--mysql-pass-file",
+                str(tmp_path / "nope"),
+            ]
+        )
 
 
 def test_state_directory_holds_the_sqlite_file() -> None:
     """With $STATE_DIRECTORY set the SQLite file lives there."""
-    assert parse([], {"STATE_DIRECTORY": "/var/lib/eth"})["sqlite"] == "/var/lib/eth/eth-server.sqlite3"
+    assert (
+        parse([], {"STATE_DIRECTORY": "/var/lib/eth"})["sqlite"]
+        == "/var/lib/eth/eth-server.sqlite3"
+    )
 
 
 def test_help_states_environment_and_precedence() -> None:
@@ -165,7 +214,15 @@ def test_pipeline_is_opt_in(tmp_path) -> None:
 
     from eth_twisted.server.tap import makeService
 
-    base = ["--use-redis", "--stats", "none", "--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0"]
+    base = [
+        "--use-redis",
+        "--stats",
+        "none",
+        "--sqlite",
+        str(tmp_path / "s.sqlite3"),
+        "--port",
+        "0",
+    ]
     assert makeService(parse(base), MemoryReactorClock()).router.pipeline is False
     assert makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.pipeline is True
 
@@ -177,10 +234,26 @@ def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
 
     from eth_twisted.server.tap import makeService
 
-    base = ["--use-redis", "--stats", "none", "--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0"]
+    base = [
+        "--use-redis",
+        "--stats",
+        "none",
+        "--sqlite",
+        str(tmp_path / "s.sqlite3"),
+        "--port",
+        "0",
+    ]
     assert makeService(parse(base), MemoryReactorClock()).router.concurrent_batches == 2
-    assert makeService(parse([*base, "--concurrent-batches", "1"]), MemoryReactorClock()).router.concurrent_batches == 1
-    assert makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.concurrent_batches == 1
+    assert (
+        makeService(
+            parse([*base, "--concurrent-batches", "1"]), MemoryReactorClock()
+        ).router.concurrent_batches
+        == 1
+    )
+    assert (
+        makeService(parse([*base, "--pipeline"]), MemoryReactorClock()).router.concurrent_batches
+        == 1
+    )
     for bad in ("0", "9", "two"):
         with pytest.raises(usage.UsageError, match="concurrent-batches"):
             parse([*base, "--concurrent-batches", bad])
@@ -195,10 +268,21 @@ def test_stats_site_limits_reach_the_listener(tmp_path) -> None:
     from eth_twisted.web.limits import SiteLimits
 
     assert parse([]).settings.site.limits == SiteLimits()
-    base = ["--sqlite", str(tmp_path / "s.sqlite3"), "--port", "0", "--stats", "tcp:0:interface=127.0.0.1"]
-    o = parse([*base, "--stats-max-connections", "10", "--stats-max-per-ip", "3"],
-              env={"ETH_STATS_HEADER_TIMEOUT": "2.5"})
-    assert o.settings.site.limits == SiteLimits(stats_max_connections=10, stats_max_per_ip=3, stats_header_timeout=2.5)
+    base = [
+        "--sqlite",
+        str(tmp_path / "s.sqlite3"),
+        "--port",
+        "0",
+        "--stats",
+        "tcp:0:interface=127.0.0.1",
+    ]
+    o = parse(
+        [*base, "--stats-max-connections", "10", "--stats-max-per-ip", "3"],
+        env={"ETH_STATS_HEADER_TIMEOUT": "2.5"},
+    )
+    assert o.settings.site.limits == SiteLimits(
+        stats_max_connections=10, stats_max_per_ip=3, stats_header_timeout=2.5
+    )
     reactor = MemoryReactorClock()
     server = makeService(o, reactor)
     site = server.getServiceNamed("stats").factory
@@ -255,8 +339,16 @@ def test_make_service_raises_the_open_files_limit(tmp_path, monkeypatch) -> None
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
     try:
         config = Options()
-        config.parseOptions(["--sqlite", str(tmp_path / "s.db"), "--max-connections", str(wanted - 64 - 256),
-                             "--stats", "none"])
+        config.parseOptions(
+            [
+                "--sqlite",
+                str(tmp_path / "s.db"),
+                "--max-connections",
+                str(wanted - 64 - 256),
+                "--stats",
+                "none",
+            ]
+        )
         makeService(config, MemoryReactorClock())
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == wanted
     finally:

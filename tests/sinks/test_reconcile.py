@@ -55,7 +55,9 @@ class ScriptedRecord(MemorySink):
     def fetch_records(self, after_id: int, limit: int) -> Deferred[list[Record]]:
         raise AssertionError("a reconciliation read whole records (payloads) out of the record")
 
-    def fetch_summaries(self, after_id: int, limit: int, max_bytes: int = 1 << 20) -> Deferred[list[RecordSummary]]:
+    def fetch_summaries(
+        self, after_id: int, limit: int, max_bytes: int = 1 << 20
+    ) -> Deferred[list[RecordSummary]]:
         self.fetches += 1
         if self.fetch_error is not None:
             return defer.fail(self.fetch_error)
@@ -98,7 +100,9 @@ class FakeMetrics:
         self.reconciled_hashes = FakeCounter()
 
 
-def clocked(record: MemorySink, **kwargs: Any) -> tuple[Reconciler, RedisSink, FakeRedis, Clock, FakeMetrics]:
+def clocked(
+    record: MemorySink, **kwargs: Any
+) -> tuple[Reconciler, RedisSink, FakeRedis, Clock, FakeMetrics]:
     """A reconciler on a fake-client sink, a Clock and fake metrics (not started)."""
     fake, clock, metrics = FakeRedis(), Clock(), FakeMetrics()
     # A reconciliation page script answers how many hashes it added: all of them, here.
@@ -250,15 +254,18 @@ async def test_run_once_on_a_service_never_started_reconciles_everything() -> No
 async def test_reconcile_reads_bounded_pages_of_summaries_only() -> None:
     """Reconciliation reads summaries (never payloads) in pages bounded by rows and bytes; each page one script."""
     record = ScriptedRecord()
-    await record.store_batch([msg(b"p-%d" % i + b"x" * 65536, ip=f"10.0.0.{i % 3}", at=T0 + i)
-                              for i in range(30)])
+    await record.store_batch(
+        [msg(b"p-%d" % i + b"x" * 65536, ip=f"10.0.0.{i % 3}", at=T0 + i) for i in range(30)]
+    )
     asked: list[tuple[int, int, int]] = []
     answered: list[list[RecordSummary]] = []
     read = record.fetch_summaries
 
     def spy(after_id: int, limit: int, max_bytes: int = 1 << 20) -> Deferred[list[RecordSummary]]:
         asked.append((after_id, limit, max_bytes))
-        return read(after_id, limit, max_bytes).addCallback(lambda page: answered.append(page) or page)
+        return read(after_id, limit, max_bytes).addCallback(
+            lambda page: answered.append(page) or page
+        )
 
     record.fetch_summaries = spy  # type: ignore[method-assign]
     _, sink, fake, _, _ = clocked(record)
@@ -270,7 +277,9 @@ async def test_reconcile_reads_bounded_pages_of_summaries_only() -> None:
     assert all(sum(map(summary_bytes, p)) <= 3 * one for p in answered)
     pages = [c for c in fake.calls if c[0] == "EVALSHA" and c[1] == RECONCILE_PAGE.sha]
     assert len(pages) == 10
-    assert max(len(c) for c in pages) <= 7 + 2 * 3 + 2 * 3  # command, keys, ttl, count; 3 pairs; <= 3 IPs
+    assert (
+        max(len(c) for c in pages) <= 7 + 2 * 3 + 2 * 3
+    )  # command, keys, ttl, count; 3 pairs; <= 3 IPs
 
 
 # -- what a reconciliation writes (shared Redis, own prefix) ------------------------------
@@ -279,7 +288,13 @@ async def test_reconcile_reads_bounded_pages_of_summaries_only() -> None:
 @pytest_twisted.async_yield_fixture
 async def sink(redis_server: dict[str, Any], redis_prefix: str) -> AsyncIterator[RedisSink]:
     """A started Redis sink on the shared Redis, under this test's prefix."""
-    s = make_redis_sink(RedisSettings(redis_host=redis_server["host"], redis_port=redis_server["port"], redis_prefix=redis_prefix))
+    s = make_redis_sink(
+        RedisSettings(
+            redis_host=redis_server["host"],
+            redis_port=redis_server["port"],
+            redis_prefix=redis_prefix,
+        )
+    )
     await s.start()
     yield s
     await s.stop()
@@ -294,22 +309,36 @@ async def test_reconcile_restores_hashes_and_counts(
     port = redis_server["port"]
     record = MemorySink()
     await record.store_batch(numbered(30, ip="10.0.0.1") + numbered(20, prefix=b"n", ip="10.0.0.2"))
-    present = (await record.fetch_records(0, 5))
+    present = await record.fetch_records(0, 5)
     # Redis knows 5 of the hashes, one with a later score that must be kept (NX),
     # holds a wrong count, an IP the record never saw, and too few messages.
-    resp(port, "ZADD", redis_prefix + "hashes", *[x for r in present for x in (repr(r.received_at), r.hash)])
+    resp(
+        port,
+        "ZADD",
+        redis_prefix + "hashes",
+        *[x for r in present for x in (repr(r.received_at), r.hash)],
+    )
     resp(port, "ZADD", redis_prefix + "hashes", "XX", T0 + 999, present[0].hash)
     resp(port, "HSET", redis_prefix + "ip_addresses", "10.0.0.1", 7, "10.9.9.9", 4)
     resp(port, "HSET", redis_prefix + "ip_messages", "10.0.0.1", 99, "10.0.0.2", 3, "10.9.9.9", 4)
 
     result = await sink.reconcile(record, page_size=7)
-    assert (result.records, result.hashes_added, result.ips, result.ip_messages_raised) == (50, 45, 2, 1)
+    assert (result.records, result.hashes_added, result.ips, result.ip_messages_raised) == (
+        50,
+        45,
+        2,
+        1,
+    )
     assert await hash_count(sink) == 50
     assert float(resp(port, "ZSCORE", redis_prefix + "hashes", present[0].hash)) == T0 + 999
     last = (await record.fetch_records(49, 1))[0]
     assert float(resp(port, "ZSCORE", redis_prefix + "hashes", last.hash)) == last.received_at
     assert hgetall(port, redis_prefix + "ip_addresses") == {"10.0.0.1": 30, "10.0.0.2": 20}
-    assert hgetall(port, redis_prefix + "ip_messages") == {"10.0.0.1": 99, "10.0.0.2": 20, "10.9.9.9": 4}
+    assert hgetall(port, redis_prefix + "ip_messages") == {
+        "10.0.0.1": 99,
+        "10.0.0.2": 20,
+        "10.9.9.9": 4,
+    }
     assert resp(port, "KEYS", sink.reconcile_tmp_key + "*") == []
 
 
@@ -319,15 +348,27 @@ async def test_concurrent_reconciliations_do_not_mix_counts(
     sink: RedisSink, redis_server: dict[str, Any], redis_prefix: str
 ) -> None:
     """Two servers rebuilding the same mirror at once (interleaved pages) both leave the right counts."""
-    other = make_redis_sink(RedisSettings(redis_host=redis_server["host"], redis_port=redis_server["port"], redis_prefix=redis_prefix))
+    other = make_redis_sink(
+        RedisSettings(
+            redis_host=redis_server["host"],
+            redis_port=redis_server["port"],
+            redis_prefix=redis_prefix,
+        )
+    )
     await other.start()
     try:
         record = MemorySink()
-        await record.store_batch(numbered(40, ip="10.0.0.1") + numbered(25, prefix=b"n", ip="10.0.0.2"))
-        a, b = await defer.gatherResults([sink.reconcile(record, page_size=4),
-                                          other.reconcile(record, page_size=3)])
+        await record.store_batch(
+            numbered(40, ip="10.0.0.1") + numbered(25, prefix=b"n", ip="10.0.0.2")
+        )
+        a, b = await defer.gatherResults(
+            [sink.reconcile(record, page_size=4), other.reconcile(record, page_size=3)]
+        )
         assert a.records == b.records == 65
-        assert hgetall(redis_server["port"], redis_prefix + "ip_addresses") == {"10.0.0.1": 40, "10.0.0.2": 25}
+        assert hgetall(redis_server["port"], redis_prefix + "ip_addresses") == {
+            "10.0.0.1": 40,
+            "10.0.0.2": 25,
+        }
         assert resp(redis_server["port"], "KEYS", sink.reconcile_tmp_key + "*") == []
     finally:
         await other.stop()
@@ -349,10 +390,14 @@ async def test_reconcile_empty_record_clears_ip_addresses(
 
 @pytest.mark.live
 @pytest_twisted.ensureDeferred
-async def test_reconcile_many_ips(sink: RedisSink, redis_server: dict[str, Any], redis_prefix: str) -> None:
+async def test_reconcile_many_ips(
+    sink: RedisSink, redis_server: dict[str, Any], redis_prefix: str
+) -> None:
     """1,300 IPs (more than one HSET chunk in the script) all land in ip_addresses and ip_messages."""
     record = MemorySink()
-    await record.store_batch([msg(b"ip-%d" % i, ip=f"10.{i // 256}.{i % 256}.1") for i in range(1300)])
+    await record.store_batch(
+        [msg(b"ip-%d" % i, ip=f"10.{i // 256}.{i % 256}.1") for i in range(1300)]
+    )
     result = await sink.reconcile(record)
     assert (result.ips, result.ip_messages_raised) == (1300, 1300)
     addresses = hgetall(redis_server["port"], redis_prefix + "ip_addresses")
@@ -385,7 +430,9 @@ async def test_start_reconciler_with_server_metrics(sink: RedisSink) -> None:
     metrics = ServerMetrics(CollectorRegistry())
     rec = start_reconciler(sink, record, interval=300, metrics=metrics)
     try:
-        await async_wait_until(lambda: rec.last_result is not None, timeout=10, what="the first run")
+        await async_wait_until(
+            lambda: rec.last_result is not None, timeout=10, what="the first run"
+        )
         assert await hash_count(sink) == 12
         assert (await sink.read_counts())[0] == {"10.0.0.5": 12}
         reg = metrics.registry
@@ -402,12 +449,15 @@ async def test_redis_restarted_empty_converges_without_traffic(private_redis: Pr
     """With the reconciler running, a Redis restarted empty gets every hash and count back by itself."""
     record = MemorySink()
     await record.store_batch(numbered(40, ip="10.0.0.7"))
-    s = make_redis_sink(RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_timeout=1.0))
+    s = make_redis_sink(
+        RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_timeout=1.0)
+    )
     await s.start()
     rec = start_reconciler(s, record, interval=300, watch_interval=0.2)
     try:
-        await async_wait_until(lambda: rec.runs == 1 and rec.last_result is not None, timeout=10,
-                               what="the first run")
+        await async_wait_until(
+            lambda: rec.runs == 1 and rec.last_result is not None, timeout=10, what="the first run"
+        )
         assert await hash_count(s) == 40
         private_redis.restart_empty()
         assert resp(private_redis.port, "DBSIZE") == 0
@@ -438,7 +488,9 @@ def _rss_bench() -> Any:
 
 @pytest.mark.live
 @pytest.mark.slow
-def test_reconcile_memory_does_not_grow_with_payloads(mysql_db: dict[str, Any], redis_server: dict[str, Any]) -> None:
+def test_reconcile_memory_does_not_grow_with_payloads(
+    mysql_db: dict[str, Any], redis_server: dict[str, Any]
+) -> None:
     """Reconciling 400 rows of 64 KiB from MariaDB costs a small fraction of reading their payloads once.
 
     Both are measured in this run, each in a fresh process (peak RSS growth): the
@@ -448,9 +500,13 @@ def test_reconcile_memory_does_not_grow_with_payloads(mysql_db: dict[str, Any], 
     rss.fill(mysql_db, 400, 65536)
     payloads = rss.measure("payloads", mysql_db)
     rebuilt = rss.measure("reconcile", mysql_db)
-    print(f"\nRSS growth: reading the payloads {payloads['growth_kib']} KiB, "
-          f"reconciling {rebuilt['growth_kib']} KiB")
+    print(
+        f"\nRSS growth: reading the payloads {payloads['growth_kib']} KiB, "
+        f"reconciling {rebuilt['growth_kib']} KiB"
+    )
     assert payloads["records"] == rebuilt["records"] == rebuilt["hashes_added"] == 400
     assert payloads["payload_bytes"] == 400 * 65536
-    assert payloads["growth_kib"] * 1024 > payloads["payload_bytes"] / 2  # the baseline did load them
+    assert (
+        payloads["growth_kib"] * 1024 > payloads["payload_bytes"] / 2
+    )  # the baseline did load them
     assert rebuilt["growth_kib"] < payloads["growth_kib"] / 4

@@ -35,10 +35,6 @@ OK, DUP, REJECTED = Outcome.STORED, Outcome.DUPLICATE, Outcome.REJECTED
 # -- helpers ------------------------------------------------------------------------------
 
 
-
-
-
-
 class LogCapture:
     """Collects the log events of one namespace while installed."""
 
@@ -71,7 +67,13 @@ def sink_log() -> Iterator[LogCapture]:
 @pytest_twisted.async_yield_fixture
 async def sink(redis_server: dict[str, Any], redis_prefix: str) -> AsyncIterator[RedisSink]:
     """A started Redis sink on the shared Redis, under this test's prefix."""
-    s = make_redis_sink(RedisSettings(redis_host=redis_server["host"], redis_port=redis_server["port"], redis_prefix=redis_prefix))
+    s = make_redis_sink(
+        RedisSettings(
+            redis_host=redis_server["host"],
+            redis_port=redis_server["port"],
+            redis_prefix=redis_prefix,
+        )
+    )
     await s.start()
     yield s
     await s.stop()
@@ -80,14 +82,25 @@ async def sink(redis_server: dict[str, Any], redis_prefix: str) -> AsyncIterator
 @pytest_twisted.async_yield_fixture
 async def private_sink(private_redis: PrivateRedis) -> AsyncIterator[RedisSink]:
     """A started sink on a private Redis, with 1 s timeouts and a small in-flight bound."""
-    s = make_redis_sink(RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_prefix="eth:", redis_timeout=1.0, max_in_flight=8, pool_size=2))
+    s = make_redis_sink(
+        RedisSettings(
+            redis_host="127.0.0.1",
+            redis_port=private_redis.port,
+            redis_prefix="eth:",
+            redis_timeout=1.0,
+            max_in_flight=8,
+            pool_size=2,
+        )
+    )
     await s.start()
     yield s
     private_redis.kill(signal.SIGCONT)
     await s.stop()
 
 
-async def store_in_record(record: MemorySink, sink: RedisSink, batch: Sequence[Message]) -> list[Outcome]:
+async def store_in_record(
+    record: MemorySink, sink: RedisSink, batch: Sequence[Message]
+) -> list[Outcome]:
     """What the router does: the record decides, the mirror follows with its verdicts."""
     verdicts = await record.store_batch(batch)
     return await sink.store_batch(batch, verdicts)
@@ -119,13 +132,18 @@ class TestRedisSinkAsMirror(SinkContract):
 
 @pytest.mark.live
 @pytest_twisted.ensureDeferred
-async def test_keys_after_batches_with_verdicts(sink: RedisSink, redis_server: dict[str, Any],
-                                                redis_prefix: str) -> None:
+async def test_keys_after_batches_with_verdicts(
+    sink: RedisSink, redis_server: dict[str, Any], redis_prefix: str
+) -> None:
     """With verdicts, ip_addresses counts only STORED, ip_messages every delivery, hashes the first time."""
     port = redis_server["port"]
     record = MemorySink()
-    first = [msg(b"a", "10.0.0.1", T0), msg(b"b", "10.0.0.2", T0 + 1), msg(b"a", "10.0.0.2", T0 + 2),
-             msg(b"bad", "10.0.0.3", T0 + 3, block=-1)]
+    first = [
+        msg(b"a", "10.0.0.1", T0),
+        msg(b"b", "10.0.0.2", T0 + 1),
+        msg(b"a", "10.0.0.2", T0 + 2),
+        msg(b"bad", "10.0.0.3", T0 + 3, block=-1),
+    ]
     assert await store_in_record(record, sink, first) == [OK, OK, DUP, REJECTED]
     second = [msg(b"b", "10.0.0.1", T0 + 10), msg(b"c", "10.0.0.1", T0 + 11)]
     assert await store_in_record(record, sink, second) == [DUP, OK]
@@ -169,19 +187,26 @@ async def test_hostile_addresses_counted_as_the_record_stores_them(
 
 @pytest.mark.live
 @pytest_twisted.ensureDeferred
-async def test_standalone_counts_first_by_zadd(sink: RedisSink, redis_prefix: str,
-                                               redis_server: dict[str, Any]) -> None:
+async def test_standalone_counts_first_by_zadd(
+    sink: RedisSink, redis_prefix: str, redis_server: dict[str, Any]
+) -> None:
     """Without verdicts a hash already in Redis is DUP and does not count as a first delivery."""
     await sink.store_batch([msg(b"x", "10.0.0.1"), msg(b"y", "10.0.0.1")])
-    out = await sink.store_batch([msg(b"x", "10.0.0.2"), msg(b"z", "10.0.0.2"), msg(b"w", block=2**63)])
+    out = await sink.store_batch(
+        [msg(b"x", "10.0.0.2"), msg(b"z", "10.0.0.2"), msg(b"w", block=2**63)]
+    )
     assert out == [DUP, OK, REJECTED]
-    assert await sink.read_counts() == ({"10.0.0.1": 2, "10.0.0.2": 1}, {"10.0.0.1": 2, "10.0.0.2": 2})
+    assert await sink.read_counts() == (
+        {"10.0.0.1": 2, "10.0.0.2": 1},
+        {"10.0.0.1": 2, "10.0.0.2": 2},
+    )
 
 
 @pytest.mark.live
 @pytest_twisted.ensureDeferred
-async def test_all_rejected_batch_touches_nothing(sink: RedisSink, redis_prefix: str,
-                                                  redis_server: dict[str, Any]) -> None:
+async def test_all_rejected_batch_touches_nothing(
+    sink: RedisSink, redis_prefix: str, redis_server: dict[str, Any]
+) -> None:
     """A batch the record rejected entirely writes no key at all."""
     out = await sink.store_batch([msg(b"n", block=-5)], [REJECTED])
     assert out == [REJECTED]
@@ -199,11 +224,14 @@ async def test_verdicts_must_match_messages(sink: RedisSink) -> None:
 @pytest.mark.live
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_large_batches_count_exactly(sink: RedisSink, redis_prefix: str,
-                                           redis_server: dict[str, Any]) -> None:
+async def test_large_batches_count_exactly(
+    sink: RedisSink, redis_prefix: str, redis_server: dict[str, Any]
+) -> None:
     """40 batches of 500 (one packed script argument each) leave exact keys; the rate is bench/'s job."""
-    batches = [[msg(b"big-%d-%d" % (k, i), f"10.1.{i % 4}.{i % 50}", T0 + i) for i in range(500)]
-               for k in range(40)]
+    batches = [
+        [msg(b"big-%d-%d" % (k, i), f"10.1.{i % 4}.{i % 50}", T0 + i) for i in range(500)]
+        for k in range(40)
+    ]
     for k, batch in enumerate(batches):
         verdicts = [OK if i % 10 else DUP for i in range(500)] if k else [OK] * 500
         assert await sink.store_batch(batch, verdicts) == verdicts
@@ -258,7 +286,9 @@ async def test_start_warns_when_redis_has_no_persistence(
     private_redis: PrivateRedis, sink_log: LogCapture
 ) -> None:
     """The private Redis runs with save "" and appendonly no: start() warns once and says so."""
-    s = make_redis_sink(RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_timeout=2.0))
+    s = make_redis_sink(
+        RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_timeout=2.0)
+    )
     try:
         await s.start()
         assert s.persistent is False
@@ -276,7 +306,15 @@ async def test_persistence_unknown_when_config_is_refused(
 ) -> None:
     """A user whose ACL refuses CONFIG starts anyway and logs that persistence is unknown."""
     resp(private_redis.port, "ACL", "SETUSER", "mirror", "on", ">pw", "~*", "+@all", "-config")
-    s = make_redis_sink(RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_username="mirror", redis_password="pw", redis_timeout=2.0))
+    s = make_redis_sink(
+        RedisSettings(
+            redis_host="127.0.0.1",
+            redis_port=private_redis.port,
+            redis_username="mirror",
+            redis_password="pw",
+            redis_timeout=2.0,
+        )
+    )
     try:
         await s.start()
         assert s.persistent is None
@@ -377,7 +415,9 @@ async def test_in_flight_bound_fails_fast_while_redis_is_stopped(
     """Past max_in_flight calls a new call fails at once instead of queueing behind a stopped Redis."""
     await private_sink.ping()
     private_redis.kill(signal.SIGSTOP)
-    pending = [private_sink.store_batch([msg(b"q-%d" % i)]) for i in range(private_sink.max_in_flight)]
+    pending = [
+        private_sink.store_batch([msg(b"q-%d" % i)]) for i in range(private_sink.max_in_flight)
+    ]
     for d in pending:
         d.addErrback(lambda f: f.trap(SinkError))
     extra = private_sink.store_batch([msg(b"one-too-many")])
@@ -392,7 +432,9 @@ async def test_in_flight_bound_fails_fast_while_redis_is_stopped(
 @pytest.mark.live
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_restart_detected_by_run_id(private_sink: RedisSink, private_redis: PrivateRedis) -> None:
+async def test_restart_detected_by_run_id(
+    private_sink: RedisSink, private_redis: PrivateRedis
+) -> None:
     """check_restart answers True once after Redis restarted (run_id changed) and tells the listeners."""
     told: list[int] = []
     private_sink.add_recovery_listener(lambda: told.append(1))
@@ -411,8 +453,6 @@ async def test_restart_detected_by_run_id(private_sink: RedisSink, private_redis
 
 
 # -- unit tests: bounds and error mapping without a network -----------------------------
-
-
 
 
 def fake_sink(**kwargs: Any) -> tuple[RedisSink, FakeRedis, Clock]:
@@ -459,8 +499,16 @@ def test_in_flight_bound_gives_busy_then_unavailable_during_outage() -> None:
 @pytest.mark.parametrize(
     ("error", "expected", "outage"),
     [
-        (txredisapi.ResponseError("MISCONF Redis is configured to save RDB snapshots"), SinkUnavailable, True),
-        (txredisapi.ResponseError("LOADING Redis is loading the dataset in memory"), SinkUnavailable, True),
+        (
+            txredisapi.ResponseError("MISCONF Redis is configured to save RDB snapshots"),
+            SinkUnavailable,
+            True,
+        ),
+        (
+            txredisapi.ResponseError("LOADING Redis is loading the dataset in memory"),
+            SinkUnavailable,
+            True,
+        ),
         (txredisapi.ResponseError("BUSY Redis is busy running a script"), SinkBusy, False),
         (txredisapi.ResponseError("NOPERM this user has no permissions"), SinkUnavailable, False),
         (txredisapi.ConnectionError("Lost connection"), SinkUnavailable, True),
@@ -481,7 +529,9 @@ def test_errors_are_mapped(error: Exception, expected: type[SinkError], outage: 
 def test_noscript_falls_back_to_eval_within_one_call() -> None:
     """EVALSHA answered NOSCRIPT is retried as EVAL with the script source, under the same call."""
     s, fake, _ = fake_sink()
-    fake.replies["EVALSHA"] = txredisapi.ResponseError("NOSCRIPT No matching script. Please use EVAL.")
+    fake.replies["EVALSHA"] = txredisapi.ResponseError(
+        "NOSCRIPT No matching script. Please use EVAL."
+    )
     fake.replies["EVAL"] = lambda args: [1, 0]
     out: list[Any] = []
     s.store_batch([msg(b"a"), msg(b"a")]).addCallback(out.append)
@@ -536,11 +586,20 @@ def test_store_script_arguments() -> None:
 
 def test_pack_store_entries_keeps_lines_parseable() -> None:
     """An address the line format cannot carry goes in the record's storable form: escaped, '-' when empty."""
-    packed = pack_store_entries([("h1", 1.0, "::1", "?"), ("h2", 2.5, "", "1"), ("h3", 3.0, "a b", "0"),
-                                 ("h4", 4.0, "x\ty", "1"), ("h5", 5.0, "fe80::1%eth0", "0"),
-                                 ("h6", 6.0, "::ffff:10.0.0.1", "1")])
-    assert packed == ("h1 1.0 ::1 ?\nh2 2.5 - 1\nh3 3.0 a\\x20b 0\nh4 4.0 x\\x09y 1\n"
-                      "h5 5.0 fe80::1%eth0 0\nh6 6.0 10.0.0.1 1\n")
+    packed = pack_store_entries(
+        [
+            ("h1", 1.0, "::1", "?"),
+            ("h2", 2.5, "", "1"),
+            ("h3", 3.0, "a b", "0"),
+            ("h4", 4.0, "x\ty", "1"),
+            ("h5", 5.0, "fe80::1%eth0", "0"),
+            ("h6", 6.0, "::ffff:10.0.0.1", "1"),
+        ]
+    )
+    assert packed == (
+        "h1 1.0 ::1 ?\nh2 2.5 - 1\nh3 3.0 a\\x20b 0\nh4 4.0 x\\x09y 1\n"
+        "h5 5.0 fe80::1%eth0 0\nh6 6.0 10.0.0.1 1\n"
+    )
 
 
 def test_pack_store_entries_encodes_any_address() -> None:

@@ -28,10 +28,31 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, PKI]]:
     exe = shutil.which("redis-server")
     assert exe, "redis-server is not installed: run scripts/test"
     proc = subprocess.Popen(
-        [exe, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path), "--tls-cert-file", pki.server.cert,
-         "--tls-key-file", pki.server.key, "--tls-ca-cert-file", pki.ca, "--tls-auth-clients", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            exe,
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--tls-cert-file",
+            pki.server.cert,
+            "--tls-key-file",
+            pki.server.key,
+            "--tls-ca-cert-file",
+            pki.ca,
+            "--tls-auth-clients",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port("127.0.0.1", port, 10)
@@ -45,14 +66,32 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, PKI]]:
 def test_redis_over_verified_tls(tls_redis: tuple[int, PKI]) -> None:
     """With the right CA the sink stores over TLS; with another CA it refuses to talk at all."""
     port, pki = tls_redis
-    sink = make_redis_sink(RedisSettings(redis_host="localhost", redis_port=port, redis_prefix="tls:", redis_tls_ca=pki.ca, redis_timeout=3.0), reactor=reactor)
+    sink = make_redis_sink(
+        RedisSettings(
+            redis_host="localhost",
+            redis_port=port,
+            redis_prefix="tls:",
+            redis_tls_ca=pki.ca,
+            redis_timeout=3.0,
+        ),
+        reactor=reactor,
+    )
     yield sink.start()
     try:
         outcomes = yield sink.store_batch([Message.build(b"over tls", "10.0.0.1", 1.0)])
         assert outcomes == [Outcome.STORED]
     finally:
         yield sink.stop()
-    impostor = make_redis_sink(RedisSettings(redis_host="localhost", redis_port=port, redis_prefix="tls:", redis_tls_ca=pki.other_ca, redis_timeout=2.0), reactor=reactor)
+    impostor = make_redis_sink(
+        RedisSettings(
+            redis_host="localhost",
+            redis_port=port,
+            redis_prefix="tls:",
+            redis_tls_ca=pki.other_ca,
+            redis_timeout=2.0,
+        ),
+        reactor=reactor,
+    )
     with pytest.raises(SinkError):
         yield impostor.start()
     yield impostor.stop()

@@ -46,7 +46,9 @@ def wait_until(
             last_error = e
         if time.monotonic() > deadline:
             detail = f" (last error: {last_error!r})" if last_error else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}{detail}")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or predicate}{detail}"
+            )
         time.sleep(interval)
 
 
@@ -69,7 +71,9 @@ def async_wait_until(
             last_error = e
         if time.monotonic() > deadline:
             detail = f" (last error: {last_error!r})" if last_error else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}{detail}")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or predicate}{detail}"
+            )
         yield task.deferLater(reactor, interval, lambda: None)
 
 
@@ -127,7 +131,9 @@ def provision_mysql_user(socket_path: str, user: str, password: str) -> None:
     try:
         with root.cursor() as c:
             for host in ("127.0.0.1", "localhost", "::1"):
-                c.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", (user, host, password))
+                c.execute(
+                    "CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", (user, host, password)
+                )
                 c.execute("ALTER USER %s@%s IDENTIFIED BY %s", (user, host, password))
                 c.execute("GRANT ALL PRIVILEGES ON `eth\\_test\\_%%`.* TO %s@%s", (user, host))
     finally:
@@ -177,11 +183,27 @@ class PrivateRedis:
         """Start (or restart) it, empty unless its directory has data, and wait for PONG."""
         exe = shutil.which("redis-server")
         if exe is None:
-            raise AssertionError("redis-server is not installed: run ./scripts/test, which installs it")
+            raise AssertionError(
+                "redis-server is not installed: run ./scripts/test, which installs it"
+            )
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--logfile", self.logfile],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--logfile",
+                self.logfile,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(self.ping, 10, what=f"private redis on {self.port}")
 
@@ -249,7 +271,9 @@ class Anvil:
     def rpc(self, method: str, *params: Any) -> Any:
         """One blocking JSON-RPC call; raises on an error object."""
         self._id += 1
-        body = json.dumps({"jsonrpc": "2.0", "id": self._id, "method": method, "params": list(params)})
+        body = json.dumps(
+            {"jsonrpc": "2.0", "id": self._id, "method": method, "params": list(params)}
+        )
         req = urllib.request.Request(self.url, body.encode(), {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=5) as resp:
             reply = json.loads(resp.read())

@@ -31,13 +31,23 @@ def mysql_storage(db: dict[str, Any], redis: dict[str, Any] | None = None) -> St
     """Storage settings for the server: the test's MariaDB database, and Redis under a prefix if given."""
     storage = StorageSettings(
         use_mysql=True,
-        mysql=MySQLSettings(mysql_host=db["host"], mysql_port=db["port"], mysql_user=db["user"],
-                            mysql_pass=db["password"], mysql_db=db["database"], mysql_read_timeout=10.0),
+        mysql=MySQLSettings(
+            mysql_host=db["host"],
+            mysql_port=db["port"],
+            mysql_user=db["user"],
+            mysql_pass=db["password"],
+            mysql_db=db["database"],
+            mysql_read_timeout=10.0,
+        ),
     )
     if redis is not None:
         storage.use_redis = True
-        storage.redis = RedisSettings(redis_host=redis["host"], redis_port=redis["port"],
-                                      redis_prefix=redis["prefix"], redis_timeout=2.0)
+        storage.redis = RedisSettings(
+            redis_host=redis["host"],
+            redis_port=redis["port"],
+            redis_prefix=redis["prefix"],
+            redis_timeout=2.0,
+        )
     return storage
 
 
@@ -53,12 +63,21 @@ def start_server(storage: StorageSettings, **fields: Any) -> Any:
     settings = ServerSettings(storage=storage, **fields)
     server: ServerService = build_server(settings, reactor=reactor)
     server.startService()
-    yield async_wait_until(lambda: server.ready and server.port is not None, 30, what="server sinks ready")
+    yield async_wait_until(
+        lambda: server.ready and server.port is not None, 30, what="server sinks ready"
+    )
     return server, server.port.getHost().port
 
 
-def exchange(port: int, frames: Iterable[bytes], half_close: bool = True, timeout: float = 15.0,
-             host: str = "127.0.0.1", raw: bytes | None = None, expect: int | None = None) -> list[bytes]:
+def exchange(
+    port: int,
+    frames: Iterable[bytes],
+    half_close: bool = True,
+    timeout: float = 15.0,
+    host: str = "127.0.0.1",
+    raw: bytes | None = None,
+    expect: int | None = None,
+) -> list[bytes]:
     """Blocking client: send the frames (or ``raw`` bytes), read replies until EOF or ``expect``."""
     frames = list(frames)
     with socket.create_connection((host, port), timeout=timeout) as s:
@@ -76,11 +95,11 @@ def exchange(port: int, frames: Iterable[bytes], half_close: bool = True, timeou
         return got
 
 
-def exchange_in_thread(port: int, frames: Iterable[bytes], **kw: Any) -> defer.Deferred[list[bytes]]:
+def exchange_in_thread(
+    port: int, frames: Iterable[bytes], **kw: Any
+) -> defer.Deferred[list[bytes]]:
     """:func:`exchange` in a thread, so the in-process server keeps running."""
     return threads.deferToThread(exchange, port, list(frames), **kw)
-
-
 
 
 def rss_kib() -> int:

@@ -19,8 +19,13 @@ MYSQL_SOCKET = os.environ.get("ETH_TEST_MYSQL_SOCKET", "/run/mysqld/mysqld.sock"
 def connect_test_user(database: str | None = None) -> pymysql.connections.Connection:
     """A connection as the test user over TCP (to ``database`` when given)."""
     return pymysql.connect(
-        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASS,
-        database=database, connect_timeout=5, autocommit=True,
+        host=MYSQL_HOST,
+        port=MYSQL_PORT,
+        user=MYSQL_USER,
+        password=MYSQL_PASS,
+        database=database,
+        connect_timeout=5,
+        autocommit=True,
     )
 
 

@@ -66,7 +66,9 @@ class World:
         self.clock.advance(1_700_000_000)
         self.metrics = ClientMetrics(CollectorRegistry())
         self.rpc = RPCClient(
-            RPCSettings(rpc=tuple(urls or [A, B]), **kwargs), agent=self.stub, clock=self.clock,
+            RPCSettings(rpc=tuple(urls or [A, B]), **kwargs),
+            agent=self.stub,
+            clock=self.clock,
             metrics=self.metrics,
         )
 
@@ -78,7 +80,9 @@ class Lines:
         self.events: list[dict[str, Any]] = []
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if str(event.get("log_namespace", "")).startswith(("eth_twisted.client.rpc", "eth_twisted.client.poller")):
+        if str(event.get("log_namespace", "")).startswith(
+            ("eth_twisted.client.rpc", "eth_twisted.client.poller")
+        ):
             level = event.get("log_level")
             if level is not None and level >= LogLevel.info:
                 self.events.append(event)
@@ -104,22 +108,36 @@ URL = "http://node.example/"
 class Rig:
     """A fake node, a Clock, an RPC client, a MemoryOutbox and a poller (not started)."""
 
-    def __init__(self, height: int = 100, outbox: MemoryOutbox | None = None, rpc_timeout: float = 10.0,
-                 **settings: Any) -> None:
+    def __init__(
+        self,
+        height: int = 100,
+        outbox: MemoryOutbox | None = None,
+        rpc_timeout: float = 10.0,
+        **settings: Any,
+    ) -> None:
         self.node = FakeEthereumNode(height=height)
         self.stub = RequestTraversalAgent(FakeNetwork({"node.example": self.node}))
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.metrics = ClientMetrics(CollectorRegistry())
-        self.rpc = RPCClient(RPCSettings(rpc=(URL,), rpc_timeout=rpc_timeout), agent=self.stub, clock=self.clock,
-                             metrics=self.metrics)
+        self.rpc = RPCClient(
+            RPCSettings(rpc=(URL,), rpc_timeout=rpc_timeout),
+            agent=self.stub,
+            clock=self.clock,
+            metrics=self.metrics,
+        )
         self.outbox = outbox if outbox is not None else MemoryOutbox()
         self.woken = 0
         self.fatal: list[str] = []
         settings.setdefault("interval", 5.0)
         self.poller = BlockPoller(
-            self.rpc, self.outbox, PollSettings(**settings), clock=self.clock, metrics=self.metrics,
-            on_enqueued=self.wake, fatal=self.fatal.append,
+            self.rpc,
+            self.outbox,
+            PollSettings(**settings),
+            clock=self.clock,
+            metrics=self.metrics,
+            on_enqueued=self.wake,
+            fatal=self.fatal.append,
         )
 
     def wake(self) -> None:
@@ -134,7 +152,10 @@ class Rig:
         self.clock.advance(self.poller.settings.interval)
 
     def polls(self, result: str) -> float:
-        return self.metrics.registry.get_sample_value("eth_client_polls_total", {"result": result}) or 0.0
+        return (
+            self.metrics.registry.get_sample_value("eth_client_polls_total", {"result": result})
+            or 0.0
+        )
 
     def numbers(self) -> list[int | None]:
         return self.outbox.logged_numbers()

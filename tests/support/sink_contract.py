@@ -47,7 +47,9 @@ REJECTED = Outcome.REJECTED
 
 T0 = 1_700_000_000.25
 
-LONG_SUBJECT = "CN=" + "a" * 300 + ",OU=Payments Platform,O=Example Corporation GmbH,L=Frankfurt,C=DE"
+LONG_SUBJECT = (
+    "CN=" + "a" * 300 + ",OU=Payments Platform,O=Example Corporation GmbH,L=Frankfurt,C=DE"
+)
 """An ordinary corporate certificate subject, longer than the 255 characters client_id holds."""
 
 HOSTILE_IDS = [
@@ -92,9 +94,7 @@ def msg(
 
 def numbered(n: int, prefix: bytes = b"m", ip: str = "10.0.0.1", start: int = 0) -> list[Message]:
     """``n`` distinct messages with block numbers ``start..start+n-1``."""
-    return [
-        msg(prefix + b"-%d" % i, ip=ip, at=T0 + i / 1000, block=start + i) for i in range(n)
-    ]
+    return [msg(prefix + b"-%d" % i, ip=ip, at=T0 + i / 1000, block=start + i) for i in range(n)]
 
 
 class SinkContract:
@@ -188,7 +188,13 @@ class SinkContract:
     @pytest_twisted.ensureDeferred
     async def test_payload_bytes_round_trip(self, sink: Any) -> None:
         """NUL, non-UTF-8 and 64 KiB payloads are distinct and stored as given."""
-        weird = [b"\x00", b"\x00\x00", b"\xff\xfe\x80 not utf-8 \xc3(", os.urandom(65536), b"\x00" * 65536]
+        weird = [
+            b"\x00",
+            b"\x00\x00",
+            b"\xff\xfe\x80 not utf-8 \xc3(",
+            os.urandom(65536),
+            b"\x00" * 65536,
+        ]
         assert await self.store(sink, [msg(p) for p in weird]) == [OK] * len(weird)
         assert await self.store(sink, [msg(p) for p in weird]) == [DUP] * len(weird)
         if self.is_record:
@@ -220,11 +226,12 @@ class SinkContract:
                 assert storable_text(rec.client_ip) and 0 < len(rec.client_ip) <= MAX_CLIENT_IP
                 assert " " not in rec.client_ip
                 assert rec.client_id is None or (
-                    storable_text(rec.client_id) and len(rec.client_id) <= MAX_CLIENT_ID)
-            ids = [r.client_id for r in rows[:len(HOSTILE_IDS)]]
+                    storable_text(rec.client_id) and len(rec.client_id) <= MAX_CLIENT_ID
+                )
+            ids = [r.client_id for r in rows[: len(HOSTILE_IDS)]]
             assert len(set(ids)) == len(HOSTILE_IDS)  # distinct identities stay distinct
             assert ids[-1] == ""  # printable values are kept as they are
-            ips = [r.client_ip for r in rows[len(HOSTILE_IDS):]]
+            ips = [r.client_ip for r in rows[len(HOSTILE_IDS) :]]
             assert len(set(ips)) == len(HOSTILE_IPS)
 
     # -- record reads ------------------------------------------------------------
@@ -234,7 +241,9 @@ class SinkContract:
         """fetch_records pages through every record in insertion order, fields intact."""
         self.require_record()
         await self.store(sink, numbered(5, ip="10.0.0.1"))
-        await self.store(sink, [msg(b"no-block", ip="10.0.0.2", at=T0 + 7.123456, client_id="cli-7")])
+        await self.store(
+            sink, [msg(b"no-block", ip="10.0.0.2", at=T0 + 7.123456, client_id="cli-7")]
+        )
         first = await sink.fetch_records(0, 4)
         assert [r.payload for r in first] == [b"m-0", b"m-1", b"m-2", b"m-3"]
         rest = await sink.fetch_records(first[-1].id, 100)
@@ -251,7 +260,9 @@ class SinkContract:
         assert await sink.fetch_records(last.id, 10) == []
 
     @pytest_twisted.ensureDeferred
-    async def test_fetch_summaries_page_through_every_record_without_payloads(self, sink: Any) -> None:
+    async def test_fetch_summaries_page_through_every_record_without_payloads(
+        self, sink: Any
+    ) -> None:
         """fetch_summaries pages by id (keyset) through every record: its fields, never its payload."""
         self.require_record()
         await self.store(sink, numbered(5, ip="10.0.0.1"))
@@ -267,8 +278,11 @@ class SinkContract:
         summaries = [s for p in pages for s in p]
         assert all(isinstance(s, RecordSummary) and not hasattr(s, "payload") for s in summaries)
         assert [(s.id, s.hash, s.block_number, s.client_ip) for s in summaries] == [
-            (r.id, r.hash, r.block_number, r.client_ip) for r in records]
-        assert [s.received_at for s in summaries] == pytest.approx([r.received_at for r in records], abs=1e-6)
+            (r.id, r.hash, r.block_number, r.client_ip) for r in records
+        ]
+        assert [s.received_at for s in summaries] == pytest.approx(
+            [r.received_at for r in records], abs=1e-6
+        )
         assert await sink.fetch_summaries(records[-1].id, 10) == []
         assert await sink.fetch_summaries(0, 0) == []
 
@@ -334,7 +348,9 @@ class SinkContract:
     async def test_by_block_pages_by_id(self, sink: Any) -> None:
         """by_block with limit and after pages through one height in id order, without overlap."""
         self.require_record()
-        await self.store(sink, [msg(b"p-%d" % i, block=5) for i in range(5)] + [msg(b"other", block=6)])
+        await self.store(
+            sink, [msg(b"p-%d" % i, block=5) for i in range(5)] + [msg(b"other", block=6)]
+        )
         first = await sink.by_block(5, limit=2)
         assert [r.payload for r in first] == [b"p-0", b"p-1"]
         rest = await sink.by_block(5, limit=10, after=first[-1].id)
@@ -354,12 +370,15 @@ class SinkContract:
     async def test_totals(self, sink: Any) -> None:
         """Totals count first senders per IP and take the latest block by insertion order."""
         self.require_record()
-        await self.store(sink, [
-            msg(b"1", ip="10.0.0.1", at=T0 + 1, block=100),
-            msg(b"2", ip="10.0.0.2", at=T0 + 2, block=105),
-            msg(b"3", ip="10.0.0.1", at=T0 + 3, block=101),
-            msg(b"4", ip="10.0.0.2", at=T0 + 4),
-        ])
+        await self.store(
+            sink,
+            [
+                msg(b"1", ip="10.0.0.1", at=T0 + 1, block=100),
+                msg(b"2", ip="10.0.0.2", at=T0 + 2, block=105),
+                msg(b"3", ip="10.0.0.1", at=T0 + 3, block=101),
+                msg(b"4", ip="10.0.0.2", at=T0 + 4),
+            ],
+        )
         await self.store(sink, [msg(b"1", ip="10.0.0.3", at=T0 + 9, block=100)])  # DUP
         t: Totals = await sink.totals()
         assert t.records == 4

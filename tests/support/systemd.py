@@ -42,7 +42,9 @@ class NotifyListener:
         self.messages.append((pid, fields))
         return pid, fields
 
-    def wait_for(self, key: str, timeout: float = 10.0, pid: int | None = None) -> tuple[int, dict[str, str]]:
+    def wait_for(
+        self, key: str, timeout: float = 10.0, pid: int | None = None
+    ) -> tuple[int, dict[str, str]]:
         """The first message with ``key`` (from process ``pid``, when given), already
         received or arriving before the deadline."""
 

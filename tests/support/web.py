@@ -60,8 +60,13 @@ class Http:
         self.stub = StubTreq(site.resource)
         self.clock = clock
 
-    def start(self, path: str, method: str = "GET", headers: dict[str, str] | None = None,
-              base: str = BASE) -> defer.Deferred[Any]:
+    def start(
+        self,
+        path: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        base: str = BASE,
+    ) -> defer.Deferred[Any]:
         d = self.stub.request(method, base + path, headers=headers)
         self.stub.flush()
         return d
@@ -78,11 +83,19 @@ class Http:
             turns += 1
         response = fired(d)
         body = fired(response.content())
-        headers = {k.decode().lower(): b", ".join(v).decode() for k, v in response.headers.getAllRawHeaders()}
+        headers = {
+            k.decode().lower(): b", ".join(v).decode()
+            for k, v in response.headers.getAllRawHeaders()
+        }
         return Reply(response.code, headers, body)
 
-    def get(self, path: str, method: str = "GET", headers: dict[str, str] | None = None,
-            base: str = BASE) -> Reply:
+    def get(
+        self,
+        path: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        base: str = BASE,
+    ) -> Reply:
         return self.finish(self.start(path, method, headers, base))
 
 
@@ -103,7 +116,9 @@ class BrokenRecord(MemorySink):
     def recent(self, limit: int, before: int | None = None) -> Any:
         raise RuntimeError("mysql://eth:hunter2@db/eth exploded")
 
-    def by_block(self, block_number: int, limit: int | None = None, after: int | None = None) -> Any:
+    def by_block(
+        self, block_number: int, limit: int | None = None, after: int | None = None
+    ) -> Any:
         return defer.fail(SinkUnavailable("broken", "password=hunter2 refused"))
 
 
@@ -138,22 +153,35 @@ class ServerFixture:
         return outcomes
 
 
-def server_fixture(record: MemorySink | None = None, sinks: list[Any] | None = None,
-                   token: str | None = None, allowed_hosts: list[str] | None = None,
-                   limits: SiteLimits | None = None) -> ServerFixture:
+def server_fixture(
+    record: MemorySink | None = None,
+    sinks: list[Any] | None = None,
+    token: str | None = None,
+    allowed_hosts: list[str] | None = None,
+    limits: SiteLimits | None = None,
+) -> ServerFixture:
     """Build a server site on a Clock at t=10000."""
     clock = Clock()
     clock.advance(10_000)
     sink = record if record is not None else MemorySink()
     stats = ServerStats(clock)
     metrics = ServerMetrics()
-    site = make_server_site(record=sink, sinks=sinks if sinks is not None else [sink], stats=stats,
-                            metrics=metrics, clock=clock, token=token, allowed_hosts=allowed_hosts,
-                            limits=limits)
+    site = make_server_site(
+        record=sink,
+        sinks=sinks if sinks is not None else [sink],
+        stats=stats,
+        metrics=metrics,
+        clock=clock,
+        token=token,
+        allowed_hosts=allowed_hosts,
+        limits=limits,
+    )
     return ServerFixture(clock, sink, stats, metrics, site, Http(site, clock))
 
 
-def client_site(ready: bool | Exception = True, token: str | None = None) -> tuple[Site, ClientMetrics, Clock]:
+def client_site(
+    ready: bool | Exception = True, token: str | None = None
+) -> tuple[Site, ClientMetrics, Clock]:
     """A client site whose readiness answers ``ready`` (or raises it)."""
     clock = Clock()
     metrics = ClientMetrics()
@@ -163,7 +191,11 @@ def client_site(ready: bool | Exception = True, token: str | None = None) -> tup
             raise ready
         return ready, {"last_poll_age": 1.5, "link_up": ready}
 
-    return make_client_site(metrics=metrics, readiness=readiness, clock=clock, token=token), metrics, clock
+    return (
+        make_client_site(metrics=metrics, readiness=readiness, clock=clock, token=token),
+        metrics,
+        clock,
+    )
 
 
 def combined_site(client_ready: bool = True) -> tuple[Site, MemorySink, Clock]:
@@ -171,14 +203,15 @@ def combined_site(client_ready: bool = True) -> tuple[Site, MemorySink, Clock]:
     clock = Clock()
     sink = MemorySink()
     site = make_combined_site(
-        record=sink, sinks=[sink], stats=ServerStats(clock), metrics=ServerMetrics(),
-        client_metrics=ClientMetrics(), client_readiness=lambda: (client_ready, {"link_up": client_ready}),
+        record=sink,
+        sinks=[sink],
+        stats=ServerStats(clock),
+        metrics=ServerMetrics(),
+        client_metrics=ClientMetrics(),
+        client_readiness=lambda: (client_ready, {"link_up": client_ready}),
         clock=clock,
     )
     return site, sink, clock
-
-
-
 
 
 @defer.inlineCallbacks
@@ -211,8 +244,13 @@ def send_from(source: str, port: int, frames: list[bytes]) -> list[bytes]:
 def start_with_stats(storage: StorageSettings, **kw: Any) -> Any:
     """A real server with its stats site on a free loopback port; fire with (server, port, web)."""
     web = free_port()
-    site = SiteSettings(stats=f"tcp:{web}:interface=127.0.0.1", stats_token=kw.pop("stats_token", None))
+    site = SiteSettings(
+        stats=f"tcp:{web}:interface=127.0.0.1", stats_token=kw.pop("stats_token", None)
+    )
     server, port = yield start_server(storage, site=site, **kw)
-    yield async_wait_until(lambda: get(web, "/healthz").addCallback(lambda r: r[0] == 200), 10,
-                           what="stats site to answer")
+    yield async_wait_until(
+        lambda: get(web, "/healthz").addCallback(lambda r: r[0] == 200),
+        10,
+        what="stats site to answer",
+    )
     return server, port, web

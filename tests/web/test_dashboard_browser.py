@@ -33,8 +33,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.live]
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 TOKEN = "browser-token"
-HOSTILE = (b"<script>window.__pwned = 1; alert('xss')</script>"
-           b"<img src=x onerror=\"window.__pwned = 2\"><b>bold?</b>")
+HOSTILE = (
+    b"<script>window.__pwned = 1; alert('xss')</script>"
+    b'<img src=x onerror="window.__pwned = 2"><b>bold?</b>'
+)
 HEAD0 = 19_000_040
 
 
@@ -63,8 +65,9 @@ def seed_history(path: Path, now: float) -> None:
 
 
 def api_stats(web: int) -> dict[str, Any]:
-    request = urllib.request.Request(f"http://127.0.0.1:{web}/api/stats",
-                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{web}/api/stats", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read())
 
@@ -89,7 +92,9 @@ def drive_browser(web: int, port: int) -> dict[str, Any]:
             api_head = api_stats(web)["latest_block"]["number"]
             page.wait_for_function(
                 "n => document.getElementById('head-number').dataset.value === String(n)",
-                arg=api_head, timeout=10_000)
+                arg=api_head,
+                timeout=10_000,
+            )
             seen["head_before"] = page.text_content("#head-number")
             seen["fragment_after_load"] = page.evaluate("window.location.hash")
 
@@ -98,7 +103,9 @@ def drive_browser(web: int, port: int) -> dict[str, Any]:
             assert send_from("127.0.0.3", port, [render_html(new_head)])[0].startswith(b"OK")
             page.wait_for_function(
                 "n => document.getElementById('head-number').dataset.value === String(n)",
-                arg=new_head, timeout=10_000)
+                arg=new_head,
+                timeout=10_000,
+            )
             seen["head_after"] = page.text_content("#head-number")
             seen["api_head_after"] = api_stats(web)["latest_block"]["number"]
 
@@ -106,12 +113,15 @@ def drive_browser(web: int, port: int) -> dict[str, Any]:
             assert send_from("127.0.0.4", port, [HOSTILE])[0].startswith(b"OK")
             page.wait_for_function(
                 "() => [...document.querySelectorAll('#messages-list .preview')]"
-                ".some(e => e.textContent.includes('<script>'))", timeout=10_000)
+                ".some(e => e.textContent.includes('<script>'))",
+                timeout=10_000,
+            )
             row = page.locator("#messages-list li.msg", has_text="window.__pwned").first
             row.locator("summary").click()
             seen["hostile_text"] = row.locator("pre.payload").text_content()
             seen["scripts_in_list"] = page.evaluate(
-                "document.querySelectorAll('#messages-list script, #messages-list img, #messages-list b').length")
+                "document.querySelectorAll('#messages-list script, #messages-list img, #messages-list b').length"
+            )
             seen["pwned"] = page.evaluate("typeof window.__pwned")
             seen["clients_rows"] = page.locator("#client-rows tr").count()
             seen["clients_meta"] = page.text_content("#clients-meta")
@@ -157,5 +167,7 @@ def test_dashboard_in_chromium(tmp_path: Path, chromium: str):
     assert "2001:db8:7::/64" in seen["client_addrs"]  # four hosts of one /64, one row
     assert "sqlite" in seen["sinks"] and "up" in seen["sinks"]
     assert seen["status"] == "live"
-    assert not [c for c in seen["console"] if "Content Security Policy" in c or c.startswith("error")]
+    assert not [
+        c for c in seen["console"] if "Content Security Policy" in c or c.startswith("error")
+    ]
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -54,9 +54,12 @@ def failures(events: list[dict[str, Any]]) -> list[str]:
 # -- item 19: an Authorization header that is not UTF-8 ------------------------------------
 
 
-@pytest.mark.parametrize("value", [b"Bearer \xff\xfe", b"\xffearer tok", b"Bearer t\xf6k", b"Bearer \x80"])
-def test_non_utf8_authorization_is_a_401_without_a_traceback(value: bytes,
-                                                             logged: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize(
+    "value", [b"Bearer \xff\xfe", b"\xffearer tok", b"Bearer t\xf6k", b"Bearer \x80"]
+)
+def test_non_utf8_authorization_is_a_401_without_a_traceback(
+    value: bytes, logged: list[dict[str, Any]]
+) -> None:
     """An Authorization header that is not UTF-8 is an invalid token (401), never a 500 or a log line."""
     s = server_fixture(token="tok")
     reply = s.http.get("/api/stats", headers={b"Authorization": [value]})
@@ -85,8 +88,12 @@ class Wire(StringTransport):
     ``reads=False`` is a peer that never reads: only an abort ends it.
     """
 
-    def __init__(self, clock: Clock, host: str, *, reads: bool = True, buffer_limit: int | None = None):
-        address = IPv6Address("TCP", host, 40000) if ":" in host else IPv4Address("TCP", host, 40000)
+    def __init__(
+        self, clock: Clock, host: str, *, reads: bool = True, buffer_limit: int | None = None
+    ):
+        address = (
+            IPv6Address("TCP", host, 40000) if ":" in host else IPv4Address("TCP", host, 40000)
+        )
         super().__init__(peerAddress=address, lenient=True)
         self.clock = clock
         self.reads = reads
@@ -97,7 +104,11 @@ class Wire(StringTransport):
 
     def write(self, data: bytes) -> None:
         super().write(data)
-        if self.buffer_limit is not None and not self.full and len(self.value()) > self.buffer_limit:
+        if (
+            self.buffer_limit is not None
+            and not self.full
+            and len(self.value()) > self.buffer_limit
+        ):
             self.full = True
             self.producer.pauseProducing()
 
@@ -187,7 +198,8 @@ def test_the_deadline_runs_per_request_from_its_first_byte() -> None:
 
 
 def test_a_silent_connection_is_closed_at_the_idle_timeout_without_a_log_line(
-        logged: list[dict[str, Any]]) -> None:
+    logged: list[dict[str, Any]],
+) -> None:
     """A connection that never sends a byte is closed after idle_timeout, and nothing is logged for it."""
     s = server_fixture(limits=SiteLimits(idle_timeout=30.0))
     _channel, wire = connect(s)
@@ -215,7 +227,11 @@ def test_a_peer_that_does_not_read_its_refusal_is_aborted() -> None:
 
 def test_refusals_are_logged_at_most_once_a_minute(logged: list[dict[str, Any]]) -> None:
     """A hundred trickling connections cut in one minute make one warning, with the counts."""
-    s = server_fixture(limits=SiteLimits(stats_header_timeout=1.0, stats_max_per_ip=1000, stats_max_connections=1000))
+    s = server_fixture(
+        limits=SiteLimits(
+            stats_header_timeout=1.0, stats_max_per_ip=1000, stats_max_connections=1000
+        )
+    )
     for _ in range(100):
         _channel, wire = connect(s)
         wire.protocol.dataReceived(b"G")
@@ -228,15 +244,29 @@ def test_refusals_are_logged_at_most_once_a_minute(logged: list[dict[str, Any]])
 # -- item 14: small header limits -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("request_bytes", "status"), [
-    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
-    (b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(60)) + b"\r\n", 431),
-    (b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"b" * 4000) for i in range(5)) + b"\r\n",
-     431),
-    (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-])
-def test_oversized_or_malformed_headers_get_a_json_error_and_close(request_bytes: bytes, status: int) -> None:
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+        (
+            b"GET /healthz HTTP/1.1\r\n"
+            + b"".join(b"X-%d: 1\r\n" % i for i in range(60))
+            + b"\r\n",
+            431,
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\n"
+            + b"".join(b"X-%d: %s\r\n" % (i, b"b" * 4000) for i in range(5))
+            + b"\r\n",
+            431,
+        ),
+        (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    ],
+)
+def test_oversized_or_malformed_headers_get_a_json_error_and_close(
+    request_bytes: bytes, status: int
+) -> None:
     """Past the line, count or byte limit of the headers: 414/431 (400 when malformed), JSON, closed."""
     s = server_fixture()
     _channel, wire = connect(s)
@@ -252,8 +282,13 @@ def test_a_browser_sized_request_is_within_the_limits() -> None:
     s = server_fixture()
     _channel, wire = connect(s)
     headers = b"".join(b"X-Browser-%d: %s\r\n" % (i, b"v" * 60) for i in range(20))
-    wire.protocol.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers
-                               + b"Cookie: " + b"c" * 4096 + b"\r\n\r\n")
+    wire.protocol.dataReceived(
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + headers
+        + b"Cookie: "
+        + b"c" * 4096
+        + b"\r\n\r\n"
+    )
     assert statuses(wire.value()) == [200]
 
 
@@ -278,15 +313,22 @@ def spooled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return opened
 
 
-@pytest.mark.parametrize(("head", "status"), [
-    (b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 314572800\r\n\r\n", 405),
-    (b"PUT /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", 405),
-    (b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\n", 413),
-    (b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", 413),
-    (b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 314572800\r\nExpect: 100-continue\r\n\r\n",
-     405),
-])
-def test_a_body_is_refused_at_its_headers_and_never_spooled(head: bytes, status: int, spooled: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 314572800\r\n\r\n", 405),
+        (b"PUT /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", 405),
+        (b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\n", 413),
+        (b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", 413),
+        (
+            b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 314572800\r\nExpect: 100-continue\r\n\r\n",
+            405,
+        ),
+    ],
+)
+def test_a_body_is_refused_at_its_headers_and_never_spooled(
+    head: bytes, status: int, spooled: list[int]
+) -> None:
     """A declared body gets 413 (405 for other methods) as soon as the headers end; nothing is read or spooled."""
     s = server_fixture(token="tok")
     _channel, wire = connect(s)
@@ -305,7 +347,9 @@ def test_a_post_without_a_body_is_an_ordinary_405_on_a_kept_connection() -> None
     """A method other than GET/HEAD without a body is answered 405 by the app; the connection stays."""
     s = server_fixture()
     _channel, wire = connect(s)
-    wire.protocol.dataReceived(b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+    wire.protocol.dataReceived(
+        b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+    )
     assert statuses(wire.drain()) == [405]
     wire.protocol.dataReceived(HEALTHZ)
     assert statuses(wire.drain()) == [200]
@@ -354,7 +398,9 @@ def test_at_the_global_cap_the_longest_waiting_connection_is_cut() -> None:
 
 def test_when_every_connection_is_busy_a_new_one_gets_a_503() -> None:
     """Connections with a request in progress are never cut; a new one beyond the cap is refused 503."""
-    s = server_fixture(record=SlowRecord(), limits=SiteLimits(stats_max_connections=2, stats_max_per_ip=2))
+    s = server_fixture(
+        record=SlowRecord(), limits=SiteLimits(stats_max_connections=2, stats_max_per_ip=2)
+    )
     busy = [connect(s, "10.0.0.1")[1] for _ in range(2)]
     for wire in busy:
         wire.protocol.dataReceived(b"GET /api/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -454,13 +500,20 @@ def test_a_record_longer_than_max_payload_is_cut_and_says_so() -> None:
 
 def test_one_record_always_fits_a_page() -> None:
     """The worst-escaping record at MAX_PAYLOAD is under the smallest page budget, so paging always advances."""
-    worst = record_json(Record(1, "0" * 64, b"\x01" * (4 * MAX_PAYLOAD), 2**63 - 1, "x" * 45, "\x02" * 255, 1.0))
+    worst = record_json(
+        Record(1, "0" * 64, b"\x01" * (4 * MAX_PAYLOAD), 2**63 - 1, "x" * 45, "\x02" * 255, 1.0)
+    )
     assert len(json_bytes(worst)) + PAGE_OVERHEAD <= MIN_PAGE_BYTES
     with pytest.raises(ValueError, match="page_bytes"):
         SiteLimits(page_bytes=MIN_PAGE_BYTES - 1).check()
     s = server_fixture(limits=SiteLimits(page_bytes=MIN_PAGE_BYTES))
-    s.store([Message.build(b"\x01" * (4 * MAX_PAYLOAD), "10.0.0.1", 1.0) for _ in range(1)]
-            + [Message.build(b"\x01" * (4 * MAX_PAYLOAD) + b"%d" % i, "10.0.0.1", 1.0) for i in range(2)])
+    s.store(
+        [Message.build(b"\x01" * (4 * MAX_PAYLOAD), "10.0.0.1", 1.0) for _ in range(1)]
+        + [
+            Message.build(b"\x01" * (4 * MAX_PAYLOAD) + b"%d" % i, "10.0.0.1", 1.0)
+            for i in range(2)
+        ]
+    )
     for before in ("", "?before=3", "?before=2"):
         reply = s.http.get("/api/messages" + before)
         assert len(reply.json()["messages"]) == 1
@@ -470,8 +523,10 @@ def test_one_record_always_fits_a_page() -> None:
 def test_block_records_are_paged_by_count_and_bytes() -> None:
     """/api/blocks/<n> pages with limit and after (default 50, at most page_bytes each) and covers every record."""
     s = server_fixture()
-    s.store([Message.build(b"%d" % i + b"\x01" * 60000, "10.0.0.1", 1.0, 7) for i in range(30)]
-            + [Message.build(b"tiny-%d" % i, "10.0.0.2", 2.0, 7) for i in range(120)])
+    s.store(
+        [Message.build(b"%d" % i + b"\x01" * 60000, "10.0.0.1", 1.0, 7) for i in range(30)]
+        + [Message.build(b"tiny-%d" % i, "10.0.0.2", 2.0, 7) for i in range(120)]
+    )
     first = s.http.get("/api/blocks/7").json()
     assert first["limit"] == 50 and first["after"] is None
     assert len(s.http.get("/api/blocks/7").body) <= SiteLimits().page_bytes
@@ -594,8 +649,12 @@ def test_stats_answers_cost_the_same_with_5000_addresses_as_with_10() -> None:
 
     def fixture(addresses: int) -> Any:
         s = server_fixture()
-        s.stats.seed(Totals(records=addresses,
-                            first_by_ip={f"10.1.{i // 256}.{i % 256}": 1 + i % 5 for i in range(addresses)}))
+        s.stats.seed(
+            Totals(
+                records=addresses,
+                first_by_ip={f"10.1.{i // 256}.{i % 256}": 1 + i % 5 for i in range(addresses)},
+            )
+        )
         assert s.http.get("/api/stats").code == 200
         return s
 
@@ -632,12 +691,23 @@ def test_eth_run_defaults_to_the_loopback_host_allowlist_and_takes_the_token(tmp
     config = run_options("--data-dir", str(tmp_path))
     server = ServerOptions(environ={})
     server.parseOptions([])
-    assert config.site.stats_allowed_hosts == server.settings.site.stats_allowed_hosts == ["localhost", "127.0.0.1", "::1"]
+    assert (
+        config.site.stats_allowed_hosts
+        == server.settings.site.stats_allowed_hosts
+        == ["localhost", "127.0.0.1", "::1"]
+    )
     assert config.site.stats_token is None and config.site.limits == SiteLimits()
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
-    config = run_options("--stats-token-file", str(token_file), "--stats-allowed-hosts", "dash.example",
-                         "--stats-max-connections", "9", environ={"ETH_STATS_HEADER_TIMEOUT": "3"})
+    config = run_options(
+        "--stats-token-file",
+        str(token_file),
+        "--stats-allowed-hosts",
+        "dash.example",
+        "--stats-max-connections",
+        "9",
+        environ={"ETH_STATS_HEADER_TIMEOUT": "3"},
+    )
     assert config.site.stats_token == "from-file"
     assert config.site.stats_allowed_hosts == ["dash.example"]
     assert config.site.limits == SiteLimits(stats_max_connections=9, stats_header_timeout=3.0)
@@ -679,7 +749,9 @@ def test_eth_run_site_refuses_a_rebound_host_and_needs_the_token(tmp_path: Any) 
     auth = {"Authorization": "Bearer run-token"}
     assert http.get("/api/stats", headers=auth).code == 200
     assert http.get("/api/stats").code == 401
-    assert http.get("/api/stats", headers=auth, base="http://rebound.attacker.test:8080").code == 421
+    assert (
+        http.get("/api/stats", headers=auth, base="http://rebound.attacker.test:8080").code == 421
+    )
     assert http.get("/healthz", base="http://rebound.attacker.test:8080").code == 200
     assert "needs the stats token" in run.out.getvalue() and "run-token" not in run.out.getvalue()
 
@@ -706,14 +778,19 @@ def test_a_site_on_the_network_without_allowlist_or_token_is_warned_about(comman
     from eth_twisted.client import tap as client_tap
     from eth_twisted.server import tap as server_tap
 
-    options = {"server": server_tap.Options, "client": client_tap.Options, "run": RunOptions}[command]
+    options = {"server": server_tap.Options, "client": client_tap.Options, "run": RunOptions}[
+        command
+    ]
 
     def warnings(*argv: str, environ: dict[str, str] | None = None) -> list[str]:
         config = options(environ=environ or {})
         config.parseOptions(["--stats", *argv])
         return [w for w in config.warnings if "DNS rebinding" in w]
 
-    assert warnings("tcp:8080:interface=0.0.0.0") and "--stats-allowed-hosts" in warnings("tcp:8080")[0]
+    assert (
+        warnings("tcp:8080:interface=0.0.0.0")
+        and "--stats-allowed-hosts" in warnings("tcp:8080")[0]
+    )
     assert warnings("tcp:8080:interface=127.0.0.1") == []
     assert warnings("tcp:8080:interface=0.0.0.0", "--stats-allowed-hosts", "dash.example") == []
     assert warnings("tcp:8080:interface=0.0.0.0", environ={"ETH_STATS_TOKEN": "t"}) == []

@@ -52,8 +52,12 @@ def populated():
     s = server_fixture(token="tok")
     s.stats.seed(Totals(), {"10.0.0.1": 0})
     s.store([block_message(n, f"10.0.0.{n % 3}", 9000.0 + n) for n in range(5)])
-    s.store([Message.build(b"\xff\x00 not utf-8", "10.0.0.9", 9100.0),
-             Message.build(b"<script>x</script>", "10.0.0.9", 9101.0)])
+    s.store(
+        [
+            Message.build(b"\xff\x00 not utf-8", "10.0.0.9", 9100.0),
+            Message.build(b"<script>x</script>", "10.0.0.9", 9101.0),
+        ]
+    )
     s.store([block_message(3, "10.0.0.7", 9200.0)])
     return s
 
@@ -61,23 +65,26 @@ def populated():
 AUTH = {"Authorization": "Bearer tok"}
 
 
-@pytest.mark.parametrize(("template", "url", "status"), [
-    ("/api/stats", "/api/stats", 200),
-    ("/api/stats", "/api/stats?x=1", 200),
-    ("/api/messages", "/api/messages", 200),
-    ("/api/messages", "/api/messages?limit=2&before=4", 200),
-    ("/api/messages", "/api/messages?before=1", 200),
-    ("/api/messages", "/api/messages?limit=0", 400),
-    ("/api/blocks/{number}", "/api/blocks/3", 200),
-    ("/api/blocks/{number}", "/api/blocks/3?limit=1&after=0", 200),
-    ("/api/blocks/{number}", "/api/blocks/3?after=999", 200),
-    ("/api/blocks/{number}", "/api/blocks/999", 404),
-    ("/api/blocks/{number}", "/api/blocks/x", 400),
-    ("/api/blocks/{number}", "/api/blocks/3?limit=0", 400),
-    ("/api/openapi.json", "/api/openapi.json", 200),
-    ("/healthz", "/healthz", 200),
-    ("/readyz", "/readyz", 200),
-])
+@pytest.mark.parametrize(
+    ("template", "url", "status"),
+    [
+        ("/api/stats", "/api/stats", 200),
+        ("/api/stats", "/api/stats?x=1", 200),
+        ("/api/messages", "/api/messages", 200),
+        ("/api/messages", "/api/messages?limit=2&before=4", 200),
+        ("/api/messages", "/api/messages?before=1", 200),
+        ("/api/messages", "/api/messages?limit=0", 400),
+        ("/api/blocks/{number}", "/api/blocks/3", 200),
+        ("/api/blocks/{number}", "/api/blocks/3?limit=1&after=0", 200),
+        ("/api/blocks/{number}", "/api/blocks/3?after=999", 200),
+        ("/api/blocks/{number}", "/api/blocks/999", 404),
+        ("/api/blocks/{number}", "/api/blocks/x", 400),
+        ("/api/blocks/{number}", "/api/blocks/3?limit=0", 400),
+        ("/api/openapi.json", "/api/openapi.json", 200),
+        ("/healthz", "/healthz", 200),
+        ("/readyz", "/readyz", 200),
+    ],
+)
 def test_real_responses_match_the_document(template: str, url: str, status: int) -> None:
     """Each documented operation's real answer has a documented status and a valid body."""
     reply = populated().http.get(url, headers=AUTH)
@@ -86,8 +93,10 @@ def test_real_responses_match_the_document(template: str, url: str, status: int)
     validate(template, status, reply.json())
 
 
-@pytest.mark.parametrize("template", ["/api/stats", "/api/messages", "/api/blocks/{number}",
-                                      "/api/openapi.json", "/metrics"])
+@pytest.mark.parametrize(
+    "template",
+    ["/api/stats", "/api/messages", "/api/blocks/{number}", "/api/openapi.json", "/metrics"],
+)
 def test_unauthorized_answer_matches_the_document(template: str) -> None:
     """Without the token, protected operations answer the documented 401 body."""
     reply = populated().http.get(template.replace("{number}", "1"))
@@ -117,7 +126,12 @@ def test_stats_of_many_clients_match_the_document() -> None:
 def test_a_truncated_record_matches_the_document() -> None:
     """A record whose payload is cut (payload_truncated) validates, as text and as base64."""
     s = populated()
-    s.store([Message.build(b"t" * 200_000, "10.0.0.1", 9400.0), Message.build(b"\xff" * 200_000, "10.0.0.1", 9401.0)])
+    s.store(
+        [
+            Message.build(b"t" * 200_000, "10.0.0.1", 9400.0),
+            Message.build(b"\xff" * 200_000, "10.0.0.1", 9401.0),
+        ]
+    )
     body = s.http.get("/api/messages?limit=2", headers=AUTH).json()
     assert [m["payload_truncated"] for m in body["messages"]] == [True, True]
     validate("/api/messages", 200, body)
@@ -141,7 +155,9 @@ def test_internal_error_body_is_the_error_schema() -> None:
     """The generic 500 body has the document's Error shape."""
     reply = server_fixture(record=BrokenRecord()).http.get("/api/messages")
     assert reply.code == 500
-    errors = list(Draft202012Validator(dict(SPEC["components"]["schemas"]["Error"])).iter_errors(reply.json()))
+    errors = list(
+        Draft202012Validator(dict(SPEC["components"]["schemas"]["Error"])).iter_errors(reply.json())
+    )
     assert errors == []
 
 
@@ -164,20 +180,44 @@ def test_schemathesis_finds_no_issue(tmp_path: Path):
     messages = [block_message(n, f"10.0.0.{n % 4}", 1_700_000_000.0 + n) for n in range(30)]
     messages.append(Message.build(b"\xfe\xff binary", "192.0.2.1", 1_700_000_100.0))
     # More client groups than /api/stats lists, IPv6 /64s among them, and a payload it cuts.
-    messages += [block_message(100 + n, f"2001:db8:{n}::{n + 1}", 1_700_000_200.0 + n) for n in range(25)]
+    messages += [
+        block_message(100 + n, f"2001:db8:{n}::{n + 1}", 1_700_000_200.0 + n) for n in range(25)
+    ]
     messages.append(Message.build(b"\x01" * 200_000, "192.0.2.2", 1_700_000_300.0, 3))
     outcomes = yield sink.store_batch(messages)
     clock_stats.seed(Totals())
     clock_stats.observe(messages, outcomes)
-    site = make_server_site(record=sink, sinks=[sink], stats=clock_stats, metrics=ServerMetrics(),
-                            clock=reactor, token="fuzz-token")
+    site = make_server_site(
+        record=sink,
+        sinks=[sink],
+        stats=clock_stats,
+        metrics=ServerMetrics(),
+        clock=reactor,
+        token="fuzz-token",
+    )
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     try:
         url = f"http://127.0.0.1:{port.getHost().port}/api/openapi.json"
         st = str(Path(sys.executable).parent / "schemathesis")
-        args = ["run", url, "-H", "Authorization: Bearer fuzz-token", "--checks", "all",
-                "--max-examples", "60", "--seed", "20240601", "--generation-database", "none",
-                "--workers", "1", "--no-color", "--request-timeout", "10"]
+        args = [
+            "run",
+            url,
+            "-H",
+            "Authorization: Bearer fuzz-token",
+            "--checks",
+            "all",
+            "--max-examples",
+            "60",
+            "--seed",
+            "20240601",
+            "--generation-database",
+            "none",
+            "--workers",
+            "1",
+            "--no-color",
+            "--request-timeout",
+            "10",
+        ]
         env = {k: v for k, v in os.environ.items() if k.startswith(("PATH", "HOME", "LANG", "LC_"))}
         out, err, code = yield utils.getProcessOutputAndValue(st, args, env=env, path=str(tmp_path))
     finally:

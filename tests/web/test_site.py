@@ -114,9 +114,17 @@ def test_message_json_shape() -> None:
     s.store([m])
     (record,) = s.http.get("/api/messages").json()["messages"]
     assert record == {
-        "id": 1, "hash": m.hash, "block_number": 19000000, "client_ip": "192.0.2.7", "client_id": None,
-        "received_at": 1700000000.25, "received_at_iso": "2023-11-14T22:13:20.250000Z", "size": 194,
-        "payload_encoding": "utf-8", "payload": m.payload.decode(), "payload_truncated": False,
+        "id": 1,
+        "hash": m.hash,
+        "block_number": 19000000,
+        "client_ip": "192.0.2.7",
+        "client_id": None,
+        "received_at": 1700000000.25,
+        "received_at_iso": "2023-11-14T22:13:20.250000Z",
+        "size": 194,
+        "payload_encoding": "utf-8",
+        "payload": m.payload.decode(),
+        "payload_truncated": False,
     }
 
 
@@ -130,10 +138,21 @@ def test_binary_payload_is_base64() -> None:
     assert base64.b64decode(record["payload"]) == raw
 
 
-@pytest.mark.parametrize("query", [
-    "limit=0", "limit=-1", "limit=abc", "limit=1.5", "limit=", "limit=1&limit=2", "before=0",
-    "before=x", "limit=%FF", "limit=123456789012345678901234",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=-1",
+        "limit=abc",
+        "limit=1.5",
+        "limit=",
+        "limit=1&limit=2",
+        "before=0",
+        "before=x",
+        "limit=%FF",
+        "limit=123456789012345678901234",
+    ],
+)
 def test_bad_paging_is_a_400_json_error(query: str) -> None:
     """A bad limit or before gets 400 with a JSON error naming the parameter."""
     s = server_fixture()
@@ -151,7 +170,13 @@ def test_block_lookup() -> None:
     """/api/blocks/<n> returns every record of block n."""
     s = server_fixture()
     a = block_message(42)
-    s.store([a, Message.build(b'{"block_number":42,"chain_id":5}', "10.0.0.9", 2.0, 42), block_message(43)])
+    s.store(
+        [
+            a,
+            Message.build(b'{"block_number":42,"chain_id":5}', "10.0.0.9", 2.0, 42),
+            block_message(43),
+        ]
+    )
     body = s.http.get("/api/blocks/42").json()
     assert body["block_number"] == 42
     assert [r["hash"] for r in body["records"]][0] == a.hash
@@ -166,7 +191,9 @@ def test_unknown_block_is_404() -> None:
     assert reply.json()["error"] == "not-found"
 
 
-@pytest.mark.parametrize("number", ["abc", "-1", "1e3", "0x10", str(MAX_BLOCK_NUMBER + 1), "%20", "1%2F2"])
+@pytest.mark.parametrize(
+    "number", ["abc", "-1", "1e3", "0x10", str(MAX_BLOCK_NUMBER + 1), "%20", "1%2F2"]
+)
 def test_bad_block_number_is_400(number: str) -> None:
     """Anything but a decimal integer in 0..2^63-1 is a 400 JSON error."""
     s = server_fixture()
@@ -230,8 +257,19 @@ def test_slow_record_is_a_503_after_the_deadline() -> None:
     assert reply.json()["error"] == "timeout"
 
 
-@pytest.mark.parametrize("path", ["/", "/api/stats", "/nope", "/healthz", "/readyz", "/metrics",
-                                  "/static/dashboard.js", "/api/blocks/x"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/api/stats",
+        "/nope",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/static/dashboard.js",
+        "/api/blocks/x",
+    ],
+)
 def test_security_headers_on_every_response(path: str) -> None:
     """Every answer (errors included) carries CSP, nosniff, no-referrer and frame denial."""
     reply = server_fixture().http.get(path)
@@ -321,8 +359,9 @@ def test_metrics_prometheus_text() -> None:
 # -- token and Host allowlist --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/api/stats", "/api/messages", "/api/blocks/1", "/metrics",
-                                  "/api/openapi.json"])
+@pytest.mark.parametrize(
+    "path", ["/api/stats", "/api/messages", "/api/blocks/1", "/metrics", "/api/openapi.json"]
+)
 def test_token_required_on_data_paths(path: str) -> None:
     """With a token, data paths answer 401 without it or with a wrong one, 2xx/404 with it."""
     s = server_fixture(token="s3cret")
@@ -353,16 +392,19 @@ def test_host_allowlist() -> None:
     assert s.http.get("/healthz", base="http://attacker.test:8080").code == 200
 
 
-@pytest.mark.parametrize(("host", "allowed", "expected"), [
-    ("localhost", ["localhost"], True),
-    ("LOCALHOST", ["localhost"], False),  # host_allowed takes the lowercased host
-    ("::1", ["[::1]"], True),
-    ("a.example.org", [".example.org"], True),
-    ("example.org", [".example.org"], True),
-    ("badexample.org", [".example.org"], False),
-    ("anything", ["*"], True),
-    (None, ["*"], False),
-])
+@pytest.mark.parametrize(
+    ("host", "allowed", "expected"),
+    [
+        ("localhost", ["localhost"], True),
+        ("LOCALHOST", ["localhost"], False),  # host_allowed takes the lowercased host
+        ("::1", ["[::1]"], True),
+        ("a.example.org", [".example.org"], True),
+        ("example.org", [".example.org"], True),
+        ("badexample.org", [".example.org"], False),
+        ("anything", ["*"], True),
+        (None, ["*"], False),
+    ],
+)
 def test_host_allowed(host: str | None, allowed: list[str], expected: bool) -> None:
     """Allowlist entries match exactly, by subdomain with a leading dot, or all with '*'."""
     assert host_allowed(host, allowed) is expected
@@ -376,7 +418,7 @@ def test_dashboard_page_and_files() -> None:
     http = server_fixture().http
     page = http.get("/")
     assert page.code == 200 and page.headers["content-type"].startswith("text/html")
-    assert b"<canvas id=\"chart\"" in page.body
+    assert b'<canvas id="chart"' in page.body
     assert http.get("/static/dashboard.js").headers["content-type"].startswith("text/javascript")
     assert http.get("/static/dashboard.css").headers["content-type"].startswith("text/css")
     assert http.get("/static/favicon.svg").headers["content-type"] == "image/svg+xml"

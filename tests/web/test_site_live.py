@@ -25,12 +25,6 @@ from tests.support.web import get, send_from, start_with_stats
 pytestmark = pytest.mark.live
 
 
-
-
-
-
-
-
 @defer.inlineCallbacks
 def exercise(storage: StorageSettings, sinks: set[str], source: str) -> Any:
     """Store blocks, check every endpoint, restart on the same storage, check the seeded stats."""
@@ -44,7 +38,8 @@ def exercise(storage: StorageSettings, sinks: set[str], source: str) -> Any:
 
         def stats_settled() -> Any:
             return get(web, "/api/stats", "tok").addCallback(
-                lambda r: r[1] if r[1]["totals"]["messages"] == 4 else None)
+                lambda r: r[1] if r[1]["totals"]["messages"] == 4 else None
+            )
 
         stats = yield async_wait_until(stats_settled, 10, what="stats to count 4 messages")
         assert stats["totals"] == {"records": 3, "messages": 4, "duplicates": 1, "clients": 2}
@@ -76,9 +71,11 @@ def exercise(storage: StorageSettings, sinks: set[str], source: str) -> Any:
     # A restart seeds the stats from the record (and Redis), chart history included.
     server, port, web = yield start_with_stats(storage)
     try:
+
         def seeded() -> Any:
             return get(web, "/api/stats").addCallback(
-                lambda r: r[1] if r[1]["totals"]["records"] == 3 else None)
+                lambda r: r[1] if r[1]["totals"]["records"] == 3 else None
+            )
 
         stats = yield async_wait_until(seeded, 15, what="stats seeded after restart")
         assert stats["latest_block"]["number"] == 19000002
@@ -96,8 +93,9 @@ def test_sqlite_server_stats_api(tmp_path: Path):
 
 
 @pytest_twisted.inlineCallbacks
-def test_mysql_redis_server_stats_api(mysql_db: dict[str, Any], redis_server: dict[str, Any],
-                                      redis_prefix: str):
+def test_mysql_redis_server_stats_api(
+    mysql_db: dict[str, Any], redis_server: dict[str, Any], redis_prefix: str
+):
     """On MariaDB+Redis the API answers, and message counts after a restart come from Redis."""
     storage = mysql_storage(mysql_db, dict(redis_server, prefix=redis_prefix))
     yield exercise(storage, {"mysql", "redis"}, "redis")
@@ -109,7 +107,9 @@ def test_readyz_names_redis_when_it_dies(tmp_path: Path, private_redis: PrivateR
     """Killing Redis turns /readyz into a 503 naming redis; /healthz stays 200."""
     storage = sqlite_storage(tmp_path / "eth-server.sqlite3")
     storage.use_redis = True
-    storage.redis = RedisSettings(redis_host="127.0.0.1", redis_port=private_redis.port, redis_timeout=1.0)
+    storage.redis = RedisSettings(
+        redis_host="127.0.0.1", redis_port=private_redis.port, redis_timeout=1.0
+    )
     server, _port, web = yield start_with_stats(storage)
     try:
         status, ready = yield get(web, "/readyz")

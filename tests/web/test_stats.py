@@ -14,7 +14,9 @@ from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.web.stats import OTHER, TOP_CLIENTS, ServerStats
 
 
-def msg(n: int | None, ip: str = "10.0.0.1", at: float = 1000.0, payload: bytes | None = None) -> Message:
+def msg(
+    n: int | None, ip: str = "10.0.0.1", at: float = 1000.0, payload: bytes | None = None
+) -> Message:
     body = payload if payload is not None else render_html(n if n is not None else 0)
     return Message.build(body, ip, at, n)
 
@@ -28,8 +30,17 @@ def fresh(now: float = 5000.0) -> tuple[Clock, ServerStats]:
 def test_seed_without_redis_counts_records_as_messages() -> None:
     """Seeded from SQL alone, each client's message count starts at its record count."""
     _, stats = fresh()
-    stats.seed(Totals(records=5, first_by_ip={"a": 3, "b": 2}, latest_block=9, latest_block_at=4000.0,
-                      latest_block_by_ip={"a": 9}, first_received_at=10.0, last_received_at=4000.0))
+    stats.seed(
+        Totals(
+            records=5,
+            first_by_ip={"a": 3, "b": 2},
+            latest_block=9,
+            latest_block_at=4000.0,
+            latest_block_by_ip={"a": 9},
+            first_received_at=10.0,
+            last_received_at=4000.0,
+        )
+    )
     snap = stats.snapshot()
     assert snap["totals"] == {"records": 5, "messages": 5, "duplicates": 0, "clients": 2}
     assert snap["messages_source"] == "sql"
@@ -44,7 +55,10 @@ def test_seed_with_redis_message_counts() -> None:
     snap = stats.snapshot()
     assert snap["messages_source"] == "redis"
     assert snap["totals"] == {"records": 3, "messages": 9, "duplicates": 6, "clients": 2}
-    assert [(c["ip"], c["records"], c["messages"]) for c in snap["clients"]] == [("a", 3, 7), ("c", 0, 2)]
+    assert [(c["ip"], c["records"], c["messages"]) for c in snap["clients"]] == [
+        ("a", 3, 7),
+        ("c", 0, 2),
+    ]
 
 
 def test_seed_never_shows_fewer_messages_than_records() -> None:
@@ -126,8 +140,10 @@ def test_seed_chart_merges_history_with_live_points() -> None:
     clock = Clock()
     stats = ServerStats(clock, chart_points=4)
     stats.observe([msg(7, at=70.0)], ["OK"])
-    records = [Record(i, f"h{i}", b"", n, "a", None, float((n or 9) * 10)) for i, n in
-               enumerate([3, 5, 4, 7, None], start=1)]
+    records = [
+        Record(i, f"h{i}", b"", n, "a", None, float((n or 9) * 10))
+        for i, n in enumerate([3, 5, 4, 7, None], start=1)
+    ]
     stats.seed_chart(records)
     assert stats.chart_seeded
     assert list(stats.chart) == [(30.0, 3), (40.0, 4), (50.0, 5), (70.0, 7)]
@@ -140,9 +156,19 @@ def test_snapshot_is_strict_json() -> None:
     clock.advance(1)
     text = json.dumps(stats.snapshot(), allow_nan=False)
     assert set(json.loads(text)) == {
-        "now", "started_at", "uptime_seconds", "messages_source", "totals", "first_received_at",
-        "last_received_at", "first_received_at_iso", "last_received_at_iso", "latest_block", "clients",
-        "clients_omitted", "chart",
+        "now",
+        "started_at",
+        "uptime_seconds",
+        "messages_source",
+        "totals",
+        "first_received_at",
+        "last_received_at",
+        "first_received_at_iso",
+        "last_received_at_iso",
+        "latest_block",
+        "clients",
+        "clients_omitted",
+        "chart",
     }
 
 
@@ -181,7 +207,9 @@ class PayloadlessReads(MemorySink):
 def test_load_reads_the_chart_without_payloads():
     """load() seeds the chart from payload-free summaries of the newest records."""
     sink = PayloadlessReads()
-    yield sink.store_batch([msg(n, at=float(n), payload=render_html(n) + b"x" * 65536) for n in range(1, 4)])
+    yield sink.store_batch(
+        [msg(n, at=float(n), payload=render_html(n) + b"x" * 65536) for n in range(1, 4)]
+    )
     _, stats = fresh()
     yield stats.load(sink)
     assert stats.snapshot()["chart"] == [[float(n), n] for n in range(1, 4)]
@@ -201,8 +229,10 @@ def test_seed_chart_merges_a_batch_sharing_one_receipt_time() -> None:
     now = 1_700_000_000.1234567
     messages = [Message.build(render_html(n), "10.0.0.1", now, n) for n in (7, 8, 9)]
     stats.observe(messages, [Outcome.STORED] * 3)
-    read_back = [Record(i, m.hash, m.payload, m.block_number, m.client_ip, None, round(now, 6))
-                 for i, m in enumerate(messages, 1)]
+    read_back = [
+        Record(i, m.hash, m.payload, m.block_number, m.client_ip, None, round(now, 6))
+        for i, m in enumerate(messages, 1)
+    ]
     stats.seed_chart(read_back)
     assert sorted(n for _, n in stats.chart) == [7, 8, 9]
 
@@ -230,9 +260,14 @@ def test_snapshot_lists_the_busiest_clients_and_counts_the_rest() -> None:
 def test_ipv6_clients_are_grouped_by_slash_64() -> None:
     """Addresses in one IPv6 /64 are one client, live and when seeded from SQL and Redis."""
     clock, stats = fresh()
-    stats.seed(Totals(records=3, first_by_ip={"2001:db8::1": 2, "2001:db8::2": 1, "10.0.0.1": 0},
-                      latest_block_by_ip={"2001:db8::1": 5, "2001:db8::2": 9}),
-               {"2001:db8::1": 4, "2001:db8::2": 3})
+    stats.seed(
+        Totals(
+            records=3,
+            first_by_ip={"2001:db8::1": 2, "2001:db8::2": 1, "10.0.0.1": 0},
+            latest_block_by_ip={"2001:db8::1": 5, "2001:db8::2": 9},
+        ),
+        {"2001:db8::1": 4, "2001:db8::2": 3},
+    )
     stats.observe([msg(10, "2001:db8::ffff:1"), msg(11, "2001:db8:0:1::1")], ["OK", "OK"])
     clock.advance(1)
     clients = {c["ip"]: c for c in stats.snapshot()["clients"]}
@@ -248,11 +283,15 @@ def test_the_top_stays_exact_as_counts_grow() -> None:
 
     rng = random.Random(13)
     clock, stats = fresh()
-    stats.seed(Totals(records=0, first_by_ip={f"10.0.0.{i}": 0 for i in range(60)}),
-               {f"10.0.0.{i}": rng.randrange(50) for i in range(60)})
+    stats.seed(
+        Totals(records=0, first_by_ip={f"10.0.0.{i}": 0 for i in range(60)}),
+        {f"10.0.0.{i}": rng.randrange(50) for i in range(60)},
+    )
     for _round in range(200):
-        batch = [msg(None, f"10.0.0.{rng.randrange(80)}", payload=b"%d" % rng.randrange(10**9))
-                 for _ in range(rng.randrange(1, 12))]
+        batch = [
+            msg(None, f"10.0.0.{rng.randrange(80)}", payload=b"%d" % rng.randrange(10**9))
+            for _ in range(rng.randrange(1, 12))
+        ]
         stats.observe(batch, ["DUP"] * len(batch))
         clock.advance(1)
         full = sorted(stats.clients.items(), key=lambda kv: (-kv[1].messages, kv[0]))[:TOP_CLIENTS]
@@ -268,7 +307,11 @@ def test_groups_past_the_cap_are_counted_together() -> None:
     clock.advance(1)
     snap = stats.snapshot()
     assert {c["ip"]: c["records"] for c in snap["clients"]} == {
-        "10.0.0.0": 1, "10.0.0.1": 1, "10.0.0.2": 1, OTHER: 3}
+        "10.0.0.0": 1,
+        "10.0.0.1": 1,
+        "10.0.0.2": 1,
+        OTHER: 3,
+    }
     assert snap["totals"]["records"] == 6
 
 

@@ -11,4 +11,11 @@ from eth_twisted.sinks.sql.migrations import migrate_mysql, migrate_sqlite
 from eth_twisted.sinks.sql.mysql import MySQLSink, make_mysql_sink
 from eth_twisted.sinks.sql.sqlite import SQLiteSink, make_sqlite_sink
 
-__all__ = ["MySQLSink", "SQLiteSink", "make_mysql_sink", "make_sqlite_sink", "migrate_mysql", "migrate_sqlite"]
+__all__ = [
+    "MySQLSink",
+    "SQLiteSink",
+    "make_mysql_sink",
+    "make_sqlite_sink",
+    "migrate_mysql",
+    "migrate_sqlite",
+]

@@ -35,7 +35,6 @@ def from_utc_datetime(dt: datetime) -> float:
     return (dt - _EPOCH) / timedelta(seconds=1)
 
 
-
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
@@ -59,7 +58,9 @@ def load_migrations(dialect: str) -> list[Migration]:
         if not m:
             continue
         text = "\n".join(
-            line for line in path.read_text("utf-8").splitlines() if not line.lstrip().startswith("--")
+            line
+            for line in path.read_text("utf-8").splitlines()
+            if not line.lstrip().startswith("--")
         )
         statements = tuple(s.strip() for s in re.split(r";\s*$", text, flags=re.M) if s.strip())
         found.append(Migration(int(m.group(1)), m.group(2), statements))
@@ -76,19 +77,23 @@ def latest_version(dialect: str) -> int:
 
 _SCHEMA_VERSION_DDL = {
     "mysql": "CREATE TABLE IF NOT EXISTS schema_version ("
-             "version INT NOT NULL PRIMARY KEY, applied_at DATETIME(6) NOT NULL"
-             ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "version INT NOT NULL PRIMARY KEY, applied_at DATETIME(6) NOT NULL"
+    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     "sqlite": "CREATE TABLE IF NOT EXISTS schema_version ("
-              "version INTEGER NOT NULL PRIMARY KEY, applied_at REAL NOT NULL)",
+    "version INTEGER NOT NULL PRIMARY KEY, applied_at REAL NOT NULL)",
 }
 
 
-_MYSQL_PRIVILEGE_CODES = frozenset({1044, 1142, 1227})  # db access denied, command denied, need privilege
+_MYSQL_PRIVILEGE_CODES = frozenset(
+    {1044, 1142, 1227}
+)  # db access denied, command denied, need privilege
 
 
 def _is_missing_table(dialect: str, error: BaseException) -> bool:
     if dialect == "mysql":
-        return isinstance(error, pymysql.err.MySQLError) and bool(error.args) and error.args[0] == 1146
+        return (
+            isinstance(error, pymysql.err.MySQLError) and bool(error.args) and error.args[0] == 1146
+        )
     return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
 
 
@@ -126,8 +131,13 @@ def apply_migrations(
     have = applied_versions(conn, dialect)
     current = max(have, default=0)
     if current > latest:
-        log.warn("The {dialect} schema is at version {current}, newer than this code's {latest}; "
-                 "continuing", dialect=dialect, current=current, latest=latest)
+        log.warn(
+            "The {dialect} schema is at version {current}, newer than this code's {latest}; "
+            "continuing",
+            dialect=dialect,
+            current=current,
+            latest=latest,
+        )
     pending = [m for m in migrations if m.version not in have]
     if not pending:
         return []
@@ -151,8 +161,11 @@ def apply_migrations(
             for migration in migrations:
                 if dialect == "sqlite":
                     cur.execute("BEGIN IMMEDIATE")
-                cur.execute("SELECT COUNT(*) FROM schema_version WHERE version = "
-                            + ("%s" if dialect == "mysql" else "?"), (migration.version,))
+                cur.execute(
+                    "SELECT COUNT(*) FROM schema_version WHERE version = "
+                    + ("%s" if dialect == "mysql" else "?"),
+                    (migration.version,),
+                )
                 if cur.fetchone()[0]:
                     conn.commit()
                     continue
@@ -161,19 +174,29 @@ def apply_migrations(
                 now: Any = clock()
                 if dialect == "mysql":
                     now = to_utc_datetime(now)
-                    cur.execute("INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)",
-                                (migration.version, now))
+                    cur.execute(
+                        "INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)",
+                        (migration.version, now),
+                    )
                 else:
-                    cur.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                                (migration.version, now))
+                    cur.execute(
+                        "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                        (migration.version, now),
+                    )
                 conn.commit()
                 applied.append(migration.version)
-                log.info("Applied {dialect} migration {version:04d}_{name}", dialect=dialect,
-                         version=migration.version, name=migration.name)
+                log.info(
+                    "Applied {dialect} migration {version:04d}_{name}",
+                    dialect=dialect,
+                    version=migration.version,
+                    name=migration.name,
+                )
         except Exception as e:
             conn.rollback()
             denied = (
-                isinstance(e, pymysql.err.MySQLError) and bool(e.args) and e.args[0] in _MYSQL_PRIVILEGE_CODES
+                isinstance(e, pymysql.err.MySQLError)
+                and bool(e.args)
+                and e.args[0] in _MYSQL_PRIVILEGE_CODES
             ) or (isinstance(e, sqlite3.OperationalError) and "readonly" in str(e))
             if denied:
                 raise ConfigError(
@@ -211,8 +234,10 @@ def migrate_mysql(settings: MySQLSettings, *, create_database: bool = True) -> l
         server = pymysql.connect(**dict(kw, database=None, autocommit=True))
         try:
             with server.cursor() as c:
-                c.execute(f"CREATE DATABASE IF NOT EXISTS {_quote_identifier(database)} "
-                          "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+                c.execute(
+                    f"CREATE DATABASE IF NOT EXISTS {_quote_identifier(database)} "
+                    "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+                )
         finally:
             server.close()
         conn = pymysql.connect(**kw)
@@ -225,8 +250,10 @@ def migrate_mysql(settings: MySQLSettings, *, create_database: bool = True) -> l
 def check_sqlite_path(path: str) -> str:
     path = str(path)
     if not path or path == ":memory:" or path.startswith("file::memory:") or "mode=memory" in path:
-        raise ConfigError("an SQLite sink needs a file: an in-memory database cannot be shared by "
-                          "adbapi's threads (use the memory sink in tests)")
+        raise ConfigError(
+            "an SQLite sink needs a file: an in-memory database cannot be shared by "
+            "adbapi's threads (use the memory sink in tests)"
+        )
     return path
 
 

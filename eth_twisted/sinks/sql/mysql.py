@@ -80,7 +80,9 @@ class MySQLRowEncoder:
         if m.received_at != self._ts:
             self._ts_sql = _sql_datetime(m.received_at)
             self._ts = m.received_at
-        return f"({_sql_hash(m.hash)},X'{m.payload.hex()}',{bn_sql},{ip_sql},{cid_sql},{self._ts_sql})"
+        return (
+            f"({_sql_hash(m.hash)},X'{m.payload.hex()}',{bn_sql},{ip_sql},{cid_sql},{self._ts_sql})"
+        )
 
     def _client_id_sql(self, client_id: str) -> str:
         literal = _sql_text(storable_client_id(client_id) or "")
@@ -145,10 +147,13 @@ class MySQLSink(SQLSink):
 
     def _open(self, conn: Any) -> None:
         with conn.cursor() as c:
-            c.execute("SET SESSION time_zone = '+00:00', "
-                      "sql_mode = 'STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,"
-                      "ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION', "
-                      "innodb_lock_wait_timeout = %s", (self._lock_wait,))
+            c.execute(
+                "SET SESSION time_zone = '+00:00', "
+                "sql_mode = 'STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,"
+                "ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION', "
+                "innodb_lock_wait_timeout = %s",
+                (self._lock_wait,),
+            )
             # The OK/DUP bookkeeping reads its own snapshot after inserting.
             c.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.commit()
@@ -159,10 +164,18 @@ class MySQLSink(SQLSink):
 
         def pool(name: str, size: int) -> ReconnectingConnectionPool:
             return ReconnectingConnectionPool(
-                "pymysql", sink_name=self.name, classify=classify_mysql_error,
-                retries=self.retries, retry_window=window, handshake_timeout=connect_timeout,
-                cp_min=1, cp_max=size, cp_name=f"eth-{self.name}-{name}", cp_openfun=self._open,
-                cp_reactor=self._reactor, **self._connect_kwargs,
+                "pymysql",
+                sink_name=self.name,
+                classify=classify_mysql_error,
+                retries=self.retries,
+                retry_window=window,
+                handshake_timeout=connect_timeout,
+                cp_min=1,
+                cp_max=size,
+                cp_name=f"eth-{self.name}-{name}",
+                cp_openfun=self._open,
+                cp_reactor=self._reactor,
+                **self._connect_kwargs,
             )
 
         return pool("writer", self.writers), pool("reader", self.pool_size)
@@ -189,7 +202,9 @@ class MySQLSink(SQLSink):
         start = 0
         while start < len(rows):
             end, size = start, 0
-            while end < len(rows) and (end == start or size + sizes[end] <= self.max_statement_bytes):
+            while end < len(rows) and (
+                end == start or size + sizes[end] <= self.max_statement_bytes
+            ):
                 size += sizes[end]
                 end += 1
             values = ",".join(rows[start:end])
@@ -218,7 +233,16 @@ class MySQLSink(SQLSink):
         return self._encoder.row(m)
 
 
-def make_mysql_sink(settings: MySQLSettings, *, reactor: Any = None, migrate: bool = True) -> MySQLSink:
+def make_mysql_sink(
+    settings: MySQLSettings, *, reactor: Any = None, migrate: bool = True
+) -> MySQLSink:
     """A MySQL/MariaDB record sink (not started)."""
-    return MySQLSink(mysql_connect_kwargs(settings), reactor, migrate=migrate, pool_size=settings.pool_size,
-                     writers=settings.writers, retries=settings.retries, ping_timeout=settings.ping_timeout)
+    return MySQLSink(
+        mysql_connect_kwargs(settings),
+        reactor,
+        migrate=migrate,
+        pool_size=settings.pool_size,
+        writers=settings.writers,
+        retries=settings.retries,
+        ping_timeout=settings.ping_timeout,
+    )

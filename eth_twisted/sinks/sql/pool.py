@@ -46,22 +46,45 @@ class ErrorKind(enum.Enum):
     """Anything else (privileges, missing table, syntax): fail the batch."""
 
 
-_MYSQL_LOST = frozenset({
-    1040 + 13,  # 1053 ER_SERVER_SHUTDOWN
-    1152, 1153, 1154, 1156, 1158, 1159, 1160, 1161,  # aborted connection, network read/write errors
-    1927,  # ER_CONNECTION_KILLED (MariaDB)
-    2002, 2003, 2006, 2013, 2014, 2055,  # client: can't connect, gone away, lost, out of sync
-    4031,  # disconnected for inactivity (MySQL 8)
-})
+_MYSQL_LOST = frozenset(
+    {
+        1040 + 13,  # 1053 ER_SERVER_SHUTDOWN
+        1152,
+        1153,
+        1154,
+        1156,
+        1158,
+        1159,
+        1160,
+        1161,  # aborted connection, network read/write errors
+        1927,  # ER_CONNECTION_KILLED (MariaDB)
+        2002,
+        2003,
+        2006,
+        2013,
+        2014,
+        2055,  # client: can't connect, gone away, lost, out of sync
+        4031,  # disconnected for inactivity (MySQL 8)
+    }
+)
 
 
 _MYSQL_CONFLICT = frozenset({1205, 1213, 1040})  # lock wait timeout, deadlock, too many connections
 
 
-_MYSQL_DATA = frozenset({
-    1048, 1264, 1265, 1292, 1366, 1367, 1406,  # null, out of range, truncated, wrong value, too long
-    3819, 4025,  # CHECK constraint failed (MySQL, MariaDB)
-})
+_MYSQL_DATA = frozenset(
+    {
+        1048,
+        1264,
+        1265,
+        1292,
+        1366,
+        1367,
+        1406,  # null, out of range, truncated, wrong value, too long
+        3819,
+        4025,  # CHECK constraint failed (MySQL, MariaDB)
+    }
+)
 
 
 def classify_mysql_error(error: BaseException) -> ErrorKind:
@@ -219,8 +242,11 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
         try:
             conn.close()
         except Exception as e:  # a dead socket cannot say goodbye; nothing to do
-            log.debug("Closing a {sink} connection failed: {reason}", sink=self.sink_name,
-                      reason=describe_error(e))
+            log.debug(
+                "Closing a {sink} connection failed: {reason}",
+                sink=self.sink_name,
+                reason=describe_error(e),
+            )
 
     def _drop(self, raw: Any) -> None:
         """Forget this thread's connection (it is broken)."""
@@ -248,8 +274,12 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
                 result = body(conn)
                 conn.commit()
                 if attempt:
-                    log.info("{sink}: {failure}; retried away ({attempts} retries)",
-                             sink=self.sink_name, failure=first_failure, attempts=attempt)
+                    log.info(
+                        "{sink}: {failure}; retried away ({attempts} retries)",
+                        sink=self.sink_name,
+                        failure=first_failure,
+                        attempts=attempt,
+                    )
                 return result
             except Exception as e:
                 kind = self.classify(e)
@@ -261,8 +291,11 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
                     raise DataRefused(e) from e
                 elapsed = self._monotonic() - started
                 delay = self.retry_delay * (4**attempt)
-                if (kind in (ErrorKind.LOST, ErrorKind.CONFLICT) and attempt < self.retries
-                        and elapsed + delay < self.retry_window):
+                if (
+                    kind in (ErrorKind.LOST, ErrorKind.CONFLICT)
+                    and attempt < self.retries
+                    and elapsed + delay < self.retry_window
+                ):
                     attempt += 1
                     with self._counter_lock:
                         self.retried += 1
@@ -271,9 +304,14 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
                     # away once, above.
                     if not first_failure:
                         first_failure = f"{kind.value} ({describe_error(e)})"
-                    log.debug("{sink}: {kind} ({reason}); retry {attempt} of {retries}",
-                              sink=self.sink_name, kind=kind.value, reason=describe_error(e),
-                              attempt=attempt, retries=self.retries)
+                    log.debug(
+                        "{sink}: {kind} ({reason}); retry {attempt} of {retries}",
+                        sink=self.sink_name,
+                        kind=kind.value,
+                        reason=describe_error(e),
+                        attempt=attempt,
+                        retries=self.retries,
+                    )
                     self._sleep(delay)
                     continue
                 if kind is ErrorKind.OTHER and not self._is_driver_error(e):
@@ -304,10 +342,16 @@ class MySQLSettings:
     mysql_port: int = setting(3306, "MySQL port", int_in(1, 65535))
     mysql_user: str | None = setting(None, "MySQL user (required with --use-mysql)")
     mysql_pass: str | None = setting(
-        None, "MySQL password (prefer ETH_MYSQL_PASS, --mysql-pass-file or $CREDENTIALS_DIRECTORY/mysql-pass)")
+        None,
+        "MySQL password (prefer ETH_MYSQL_PASS, --mysql-pass-file or $CREDENTIALS_DIRECTORY/mysql-pass)",
+    )
     mysql_db: str | None = setting(None, "MySQL database (required with --use-mysql)")
-    mysql_ssl_ca: str | None = setting(None, "CA file: connect to MySQL over TLS and verify its certificate")
-    mysql_connect_timeout: float = setting(5.0, "Seconds to connect and log in to MySQL", positive_float)
+    mysql_ssl_ca: str | None = setting(
+        None, "CA file: connect to MySQL over TLS and verify its certificate"
+    )
+    mysql_connect_timeout: float = setting(
+        5.0, "Seconds to connect and log in to MySQL", positive_float
+    )
     mysql_read_timeout: float = setting(30.0, "Seconds to wait for a MySQL reply", positive_float)
     ssl: dict[str, Any] | None = None
     """TLS beyond a CA (``ca``, ``cert``, ``key``, ``verify``); ``mysql_ssl_ca`` alone fills ``ca``."""
@@ -327,16 +371,26 @@ class MySQLSettings:
         return {"ca": self.mysql_ssl_ca} if self.mysql_ssl_ca else None
 
 
-def mysql_connect_kwargs(settings: MySQLSettings, *, database: str | None | bool = True,
-                         read_timeout: float | None = None) -> dict[str, Any]:
+def mysql_connect_kwargs(
+    settings: MySQLSettings,
+    *,
+    database: str | None | bool = True,
+    read_timeout: float | None = None,
+) -> dict[str, Any]:
     """PyMySQL's ``connect`` arguments for ``settings`` (``database=None``: connect without one)."""
     tls = settings.tls()
     kw: dict[str, Any] = dict(
-        host=settings.mysql_host, port=int(settings.mysql_port), user=settings.mysql_user,
-        password=settings.mysql_pass or "", database=settings.mysql_db if database is True else database,
-        charset="utf8mb4", autocommit=False, connect_timeout=settings.mysql_connect_timeout,
+        host=settings.mysql_host,
+        port=int(settings.mysql_port),
+        user=settings.mysql_user,
+        password=settings.mysql_pass or "",
+        database=settings.mysql_db if database is True else database,
+        charset="utf8mb4",
+        autocommit=False,
+        connect_timeout=settings.mysql_connect_timeout,
         read_timeout=read_timeout if read_timeout is not None else settings.mysql_read_timeout,
-        write_timeout=settings.write_timeout, init_command=settings.init_command,
+        write_timeout=settings.write_timeout,
+        init_command=settings.init_command,
     )
     if tls:
         kw["ssl"] = mysql_tls_context(tls)
@@ -347,7 +401,9 @@ def mysql_tls_context(settings: dict[str, Any]) -> ssl_module.SSLContext:
     """A client TLS context from ``ca``, ``cert``, ``key`` and ``verify`` (default true)."""
     unknown = set(settings) - {"ca", "cert", "key", "verify"}
     if unknown:
-        raise ConfigError(f"unknown MySQL TLS settings: {sorted(unknown)} (use ca, cert, key, verify)")
+        raise ConfigError(
+            f"unknown MySQL TLS settings: {sorted(unknown)} (use ca, cert, key, verify)"
+        )
     ctx = ssl_module.create_default_context(cafile=settings.get("ca") or None)
     if settings.get("cert"):
         ctx.load_cert_chain(settings["cert"], settings.get("key") or None)

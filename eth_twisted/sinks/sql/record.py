@@ -52,8 +52,6 @@ IN_CHUNK = 500
 """Hashes per ``WHERE hash IN (...)`` query (SQLite's variable limit is 999 in old builds)."""
 
 
-
-
 STATEMENT_OVERHEAD = 400
 """Bytes of SQL per inserted row besides the escaped payload (hash, ip, id, time, separators)."""
 
@@ -70,7 +68,7 @@ _SUMMARY_MIN_BYTES = SUMMARY_FIXED_BYTES + 64
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 class _StoreState:
@@ -92,7 +90,9 @@ class SQLSink:
     insert_sql = ""
     in_chunk = IN_CHUNK
 
-    def __init__(self, reactor: Any = None, *, migrate: bool = True, ping_timeout: float = 5.0) -> None:
+    def __init__(
+        self, reactor: Any = None, *, migrate: bool = True, ping_timeout: float = 5.0
+    ) -> None:
         reactor = maybe_global_reactor(reactor)
         self._reactor = reactor
         self.migrate = migrate
@@ -113,8 +113,9 @@ class SQLSink:
 
     def _prepare(self, conn: Any) -> list[int]:
         """Writer-side start: migrations (or the version check) and server limits."""
-        return apply_migrations(conn, self.dialect, allow_create=self.migrate,
-                                clock=self._reactor.seconds)
+        return apply_migrations(
+            conn, self.dialect, allow_create=self.migrate, clock=self._reactor.seconds
+        )
 
     def _describe(self) -> str:
         return self.name
@@ -167,8 +168,12 @@ class SQLSink:
             raise
         self.migrations_applied = applied
         self._running = True
-        log.info("SQL sink {sink} ready ({where}); migrations applied now: {applied}",
-                 sink=self.name, where=self._describe(), applied=self.migrations_applied or "none")
+        log.info(
+            "SQL sink {sink} ready ({where}); migrations applied now: {applied}",
+            sink=self.name,
+            where=self._describe(),
+            applied=self.migrations_applied or "none",
+        )
 
     def _close_pools(self) -> None:
         """Close the pools, each once (adbapi's second close raises ``AlreadyQuit``), and forget them."""
@@ -212,8 +217,9 @@ class SQLSink:
         d.addBoth(done)
         return d
 
-    def _run(self, pool: ReconnectingConnectionPool | None, fn: Callable[..., Any],
-             *args: Any) -> Deferred[Any]:
+    def _run(
+        self, pool: ReconnectingConnectionPool | None, fn: Callable[..., Any], *args: Any
+    ) -> Deferred[Any]:
         if not self._running or pool is None:
             return defer.fail(SinkUnavailable(self.name, "the sink is not running"))
         d = pool.runInteraction(fn, *args)
@@ -267,8 +273,11 @@ class SQLSink:
     def _select_existing(self, txn: Any, hashes: Sequence[str]) -> dict[str, tuple[str, Any]]:
         found: dict[str, tuple[str, Any]] = {}
         for chunk in _chunks(hashes, self.in_chunk):
-            self._execute_in(txn, "SELECT hash, client_ip, received_at FROM ethereum_data WHERE hash IN ({})",
-                             chunk)
+            self._execute_in(
+                txn,
+                "SELECT hash, client_ip, received_at FROM ethereum_data WHERE hash IN ({})",
+                chunk,
+            )
             for h, ip, at in txn.fetchall():
                 found[h] = (ip, at)
         return found
@@ -283,7 +292,9 @@ class SQLSink:
         start = 0
         while start < len(rows):
             end, size = start, 0
-            while end < len(rows) and (end == start or size + sizes[end] <= self.max_statement_bytes):
+            while end < len(rows) and (
+                end == start or size + sizes[end] <= self.max_statement_bytes
+            ):
                 size += sizes[end]
                 end += 1
             txn.executemany(self.insert_sql, rows[start:end])
@@ -291,9 +302,16 @@ class SQLSink:
             start = end
         return inserted
 
-    def _insert_isolating(self, txn: Any, messages: Sequence[Message], idx: list[int],
-                          rows: list[tuple[Any, ...]], sizes: list[int], rejected: set[int],
-                          depth: int = 0) -> None:
+    def _insert_isolating(
+        self,
+        txn: Any,
+        messages: Sequence[Message],
+        idx: list[int],
+        rows: list[tuple[Any, ...]],
+        sizes: list[int],
+        rejected: set[int],
+        depth: int = 0,
+    ) -> None:
         """Insert ``rows``; on a data error split in halves under savepoints to find the bad rows.
 
         A single row refused is tried once more with its client metadata as
@@ -312,19 +330,25 @@ class SQLSink:
                 if self._insert_ascii_metadata(txn, messages[idx[0]], sizes[0], depth + 1, e):
                     return
                 rejected.add(idx[0])
-                log.warn("{sink} refused one message ({reason}); answering rejected",
-                         sink=self.name, reason=describe_error(e))
+                log.warn(
+                    "{sink} refused one message ({reason}); answering rejected",
+                    sink=self.name,
+                    reason=describe_error(e),
+                )
                 return
             half = len(rows) // 2
-            self._insert_isolating(txn, messages, idx[:half], rows[:half], sizes[:half], rejected,
-                                   depth + 1)
-            self._insert_isolating(txn, messages, idx[half:], rows[half:], sizes[half:], rejected,
-                                   depth + 1)
+            self._insert_isolating(
+                txn, messages, idx[:half], rows[:half], sizes[:half], rejected, depth + 1
+            )
+            self._insert_isolating(
+                txn, messages, idx[half:], rows[half:], sizes[half:], rejected, depth + 1
+            )
         else:
             txn.execute(f"RELEASE SAVEPOINT {savepoint}")
 
-    def _insert_ascii_metadata(self, txn: Any, m: Message, size: int, depth: int,
-                               refusal: BaseException) -> bool:
+    def _insert_ascii_metadata(
+        self, txn: Any, m: Message, size: int, depth: int, refusal: BaseException
+    ) -> bool:
         """Insert ``m`` with ASCII-only client metadata; False when that changes nothing or fails too.
 
         For a column that cannot hold the characters the storable form keeps
@@ -339,7 +363,9 @@ class SQLSink:
         savepoint = f"eth_sp{depth}"
         txn.execute(f"SAVEPOINT {savepoint}")
         try:
-            self._insert(txn, [self._row(m._replace(client_ip=plain_ip, client_id=plain_id))], [size])
+            self._insert(
+                txn, [self._row(m._replace(client_ip=plain_ip, client_id=plain_id))], [size]
+            )
         except Exception as e:
             if self._classify(e) is not ErrorKind.DATA:
                 raise
@@ -347,15 +373,20 @@ class SQLSink:
             txn.execute(f"RELEASE SAVEPOINT {savepoint}")
             return False
         txn.execute(f"RELEASE SAVEPOINT {savepoint}")
-        log.warn("{sink} could not hold a message's client metadata ({reason}); stored it with the "
-                 "metadata as ASCII escapes", sink=self.name, reason=describe_error(refusal))
+        log.warn(
+            "{sink} could not hold a message's client metadata ({reason}); stored it with the "
+            "metadata as ASCII escapes",
+            sink=self.name,
+            reason=describe_error(refusal),
+        )
         return True
 
     def _classify(self, error: BaseException) -> ErrorKind:
         raise NotImplementedError
 
-    def _insert_all_new(self, txn: Any, messages: Sequence[Message], candidates: list[int],
-                        state: _StoreState) -> bool:
+    def _insert_all_new(
+        self, txn: Any, messages: Sequence[Message], candidates: list[int], state: _StoreState
+    ) -> bool:
         """Insert every candidate at once; True when every one was new (the common case).
 
         The duplicate-ignoring insert reports how many rows it added. When that
@@ -381,8 +412,9 @@ class SQLSink:
         self._begin_write(txn)
         return False
 
-    def _store_txn(self, txn: Any, messages: Sequence[Message], careful: bool,
-                   state: _StoreState) -> list[Outcome]:
+    def _store_txn(
+        self, txn: Any, messages: Sequence[Message], careful: bool, state: _StoreState
+    ) -> list[Outcome]:
         """One batch, one transaction. Runs in a writer thread; may be re-run by the pool."""
         self._begin_write(txn)
         outcomes: list[Outcome | None] = [None] * len(messages)
@@ -398,13 +430,21 @@ class SQLSink:
             if bn is not None and not (isinstance(bn, int) and 0 <= bn <= MAX_BLOCK_NUMBER):
                 outcomes[i] = Outcome.REJECTED
             elif not self._payload_fits(m.payload):
-                log.warn("{sink}: a {size}-byte payload is larger than this database takes; "
-                         "answering rejected", sink=self.name, size=len(m.payload))
+                log.warn(
+                    "{sink}: a {size}-byte payload is larger than this database takes; "
+                    "answering rejected",
+                    sink=self.name,
+                    size=len(m.payload),
+                )
                 outcomes[i] = Outcome.REJECTED
             else:
                 candidates.append(i)
-        if candidates and not careful and not state.attempted and self._insert_all_new(
-                txn, messages, candidates, state):
+        if (
+            candidates
+            and not careful
+            and not state.attempted
+            and self._insert_all_new(txn, messages, candidates, state)
+        ):
             for i in candidates:
                 outcomes[i] = Outcome.STORED
             return [o if o is not None else Outcome.DUPLICATE for o in outcomes]
@@ -448,9 +488,14 @@ class SQLSink:
     def _same_delivery(self, m: Message, row: tuple[str, Any]) -> bool:
         ip, at = row
         stored = self._time_float(at)
-        return ip == storable_client_ip(m.client_ip) and stored is not None and abs(
-            stored - self._time_float(self._time_value(m.received_at))  # type: ignore[operator]
-        ) < 1e-6
+        return (
+            ip == storable_client_ip(m.client_ip)
+            and stored is not None
+            and abs(
+                stored - self._time_float(self._time_value(m.received_at))  # type: ignore[operator]
+            )
+            < 1e-6
+        )
 
     def store_batch(
         self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None
@@ -470,8 +515,12 @@ class SQLSink:
 
         def isolate(failure: Failure) -> Deferred[list[Outcome]]:
             failure.trap(DataRefused)
-            log.warn("{sink} refused a value in a batch of {n} ({reason}); isolating it",
-                     sink=self.name, n=len(batch), reason=str(failure.value))
+            log.warn(
+                "{sink} refused a value in a batch of {n} ({reason}); isolating it",
+                sink=self.name,
+                n=len(batch),
+                reason=str(failure.value),
+            )
             d2 = self._run(self.writer, self._store_txn, batch, True, state)
             d2.addErrback(self._data_to_unavailable)
             return d2
@@ -487,8 +536,15 @@ class SQLSink:
 
     def _record(self, row: Sequence[Any]) -> Record:
         rid, h, payload, bn, ip, cid, at = row
-        return Record(int(rid), h, bytes(payload), None if bn is None else int(bn), ip, cid,
-                      self._time_float(at) or 0.0)
+        return Record(
+            int(rid),
+            h,
+            bytes(payload),
+            None if bn is None else int(bn),
+            ip,
+            cid,
+            self._time_float(at) or 0.0,
+        )
 
     def _select_records(self, txn: Any, sql: str, args: tuple[Any, ...]) -> list[Record]:
         txn.execute(self._q(sql), args)
@@ -501,25 +557,34 @@ class SQLSink:
 
     def fetch_records(self, after_id: int, limit: int) -> Deferred[list[Record]]:
         """Records with ``id > after_id`` in id order, at most ``limit``."""
-        return self._read(f"SELECT {_COLUMNS} FROM ethereum_data WHERE id > %s ORDER BY id LIMIT %s",
-                          int(after_id), max(0, int(limit)))
+        return self._read(
+            f"SELECT {_COLUMNS} FROM ethereum_data WHERE id > %s ORDER BY id LIMIT %s",
+            int(after_id),
+            max(0, int(limit)),
+        )
 
     def recent(self, limit: int, before: int | None = None) -> Deferred[list[Record]]:
         """Newest first (by id), at most ``limit``, only ids below ``before`` if given."""
         if before is None:
-            return self._read(f"SELECT {_COLUMNS} FROM ethereum_data ORDER BY id DESC LIMIT %s",
-                              max(0, int(limit)))
+            return self._read(
+                f"SELECT {_COLUMNS} FROM ethereum_data ORDER BY id DESC LIMIT %s",
+                max(0, int(limit)),
+            )
         return self._read(
             f"SELECT {_COLUMNS} FROM ethereum_data WHERE id < %s ORDER BY id DESC LIMIT %s",
-            int(before), max(0, int(limit)))
+            int(before),
+            max(0, int(limit)),
+        )
 
     def _summary(self, row: Sequence[Any]) -> RecordSummary:
         rid, h, bn, ip, at = row
-        return RecordSummary(int(rid), h, None if bn is None else int(bn), ip,
-                             self._time_float(at) or 0.0)
+        return RecordSummary(
+            int(rid), h, None if bn is None else int(bn), ip, self._time_float(at) or 0.0
+        )
 
-    def _select_summaries(self, txn: Any, sql: str, args: tuple[Any, ...], limit: int,
-                          max_bytes: int) -> list[RecordSummary]:
+    def _select_summaries(
+        self, txn: Any, sql: str, args: tuple[Any, ...], limit: int, max_bytes: int
+    ) -> list[RecordSummary]:
         txn.execute(self._q(sql), args)
 
         def rows() -> Iterator[Sequence[Any]]:
@@ -531,8 +596,9 @@ class SQLSink:
 
         return take_page(map(self._summary, rows()), limit, max_bytes)
 
-    def _summaries(self, sql: str, args: tuple[Any, ...], limit: int,
-                   max_bytes: int) -> Deferred[list[RecordSummary]]:
+    def _summaries(
+        self, sql: str, args: tuple[Any, ...], limit: int, max_bytes: int
+    ) -> Deferred[list[RecordSummary]]:
         # Never ask for more rows than the page can hold: the payload column is not
         # selected, and the driver buffers at most this many small rows.
         rows = max(0, min(int(limit), int(max_bytes) // _SUMMARY_MIN_BYTES + 1))
@@ -546,7 +612,10 @@ class SQLSink:
         """One page of summaries (no payloads) with ``id > after_id``, in id order (keyset pagination)."""
         return self._summaries(
             f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data WHERE id > %s ORDER BY id LIMIT %s",
-            (int(after_id),), limit, max_bytes)
+            (int(after_id),),
+            limit,
+            max_bytes,
+        )
 
     def recent_summaries(
         self, limit: int, before: int | None = None, max_bytes: int = DEFAULT_SUMMARY_PAGE_BYTES
@@ -555,17 +624,27 @@ class SQLSink:
         if before is None:
             return self._summaries(
                 f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data ORDER BY id DESC LIMIT %s",
-                (), limit, max_bytes)
+                (),
+                limit,
+                max_bytes,
+            )
         return self._summaries(
             f"SELECT {_SUMMARY_COLUMNS} FROM ethereum_data WHERE id < %s ORDER BY id DESC LIMIT %s",
-            (int(before),), limit, max_bytes)
+            (int(before),),
+            limit,
+            max_bytes,
+        )
 
-    def by_block(self, block_number: int, limit: int | None = None,
-                 after: int | None = None) -> Deferred[list[Record]]:
+    def by_block(
+        self, block_number: int, limit: int | None = None, after: int | None = None
+    ) -> Deferred[list[Record]]:
         """Records whose recognised block number is ``block_number``, in id order (above ``after``, at most ``limit``)."""
         if not 0 <= int(block_number) <= MAX_BLOCK_NUMBER:
             return defer.succeed([])
-        sql, args = f"SELECT {_COLUMNS} FROM ethereum_data WHERE block_number = %s", [int(block_number)]
+        sql, args = (
+            f"SELECT {_COLUMNS} FROM ethereum_data WHERE block_number = %s",
+            [int(block_number)],
+        )
         if after is not None:
             sql, args = sql + " AND id > %s", [*args, int(after)]
         sql += " ORDER BY id"
@@ -586,14 +665,18 @@ class SQLSink:
         t.last_received_at = None if hi is None else self._time_float(hi)
         txn.execute("SELECT client_ip, COUNT(*) FROM ethereum_data GROUP BY client_ip")
         t.first_by_ip = {ip: int(n) for ip, n in txn.fetchall()}
-        txn.execute("SELECT block_number, received_at FROM ethereum_data "
-                    "WHERE block_number IS NOT NULL ORDER BY id DESC LIMIT 1")
+        txn.execute(
+            "SELECT block_number, received_at FROM ethereum_data "
+            "WHERE block_number IS NOT NULL ORDER BY id DESC LIMIT 1"
+        )
         row = txn.fetchone()
         if row is not None:
             t.latest_block, t.latest_block_at = int(row[0]), self._time_float(row[1])
-        txn.execute("SELECT d.client_ip, d.block_number FROM ethereum_data d JOIN ("
-                    "SELECT MAX(id) AS id FROM ethereum_data WHERE block_number IS NOT NULL "
-                    "GROUP BY client_ip) m ON d.id = m.id")
+        txn.execute(
+            "SELECT d.client_ip, d.block_number FROM ethereum_data d JOIN ("
+            "SELECT MAX(id) AS id FROM ethereum_data WHERE block_number IS NOT NULL "
+            "GROUP BY client_ip) m ON d.id = m.id"
+        )
         t.latest_block_by_ip = {ip: int(bn) for ip, bn in txn.fetchall()}
         return t
 

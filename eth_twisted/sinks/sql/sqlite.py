@@ -67,7 +67,9 @@ class SQLiteSink(SQLSink):
     def _open_writer(self, conn: sqlite3.Connection) -> None:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL (journal_mode={mode})")
+            raise sqlite3.OperationalError(
+                f"cannot switch {self.path} to WAL (journal_mode={mode})"
+            )
         self.journal_mode = str(mode).lower()
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
@@ -75,12 +77,23 @@ class SQLiteSink(SQLSink):
         conn.execute("PRAGMA query_only=ON")
 
     def _make_pools(self) -> tuple[ReconnectingConnectionPool, ReconnectingConnectionPool]:
-        def pool(name: str, size: int, openfun: Callable[[Any], None]) -> ReconnectingConnectionPool:
+        def pool(
+            name: str, size: int, openfun: Callable[[Any], None]
+        ) -> ReconnectingConnectionPool:
             return ReconnectingConnectionPool(
-                "sqlite3", self.path, sink_name=self.name, classify=classify_sqlite_error,
-                retries=self.retries, retry_window=max(2.0, 3 * self.busy_timeout),
-                timeout=self.busy_timeout, check_same_thread=False, isolation_level=None,
-                cp_min=1, cp_max=size, cp_name=f"eth-{self.name}-{name}", cp_openfun=openfun,
+                "sqlite3",
+                self.path,
+                sink_name=self.name,
+                classify=classify_sqlite_error,
+                retries=self.retries,
+                retry_window=max(2.0, 3 * self.busy_timeout),
+                timeout=self.busy_timeout,
+                check_same_thread=False,
+                isolation_level=None,
+                cp_min=1,
+                cp_max=size,
+                cp_name=f"eth-{self.name}-{name}",
+                cp_openfun=openfun,
                 cp_reactor=self._reactor,
             )
 
@@ -106,8 +119,14 @@ class SQLiteSink(SQLSink):
         return None if value is None else float(value)
 
     def _row(self, m: Message) -> tuple[Any, ...]:
-        return (m.hash, m.payload, m.block_number, storable_client_ip(m.client_ip),
-                storable_client_id(m.client_id), float(m.received_at))
+        return (
+            m.hash,
+            m.payload,
+            m.block_number,
+            storable_client_ip(m.client_ip),
+            storable_client_id(m.client_id),
+            float(m.received_at),
+        )
 
 
 SQLITE_FILE = "eth-server.sqlite3"
@@ -119,18 +138,28 @@ class SQLiteSettings:
     """The embedded SQLite record; ``sqlite`` is the server option of that name."""
 
     sqlite: str | None = setting(
-        None, f"SQLite file used without MySQL [default: {SQLITE_FILE} in $STATE_DIRECTORY, else the working "
-        "directory]")
+        None,
+        f"SQLite file used without MySQL [default: {SQLITE_FILE} in $STATE_DIRECTORY, else the working "
+        "directory]",
+    )
     busy_timeout: float = 5.0
     readers: int = 2
     synchronous: str = "FULL"
     ping_timeout: float = 5.0
 
 
-def make_sqlite_sink(settings: SQLiteSettings, *, reactor: Any = None, migrate: bool = True) -> SQLiteSink:
+def make_sqlite_sink(
+    settings: SQLiteSettings, *, reactor: Any = None, migrate: bool = True
+) -> SQLiteSink:
     """An SQLite record sink on the file ``settings.sqlite`` (not started; never ``:memory:``)."""
     if not settings.sqlite:
         raise ConfigError("the SQLite record needs a file (the tap resolves --sqlite's default)")
-    return SQLiteSink(settings.sqlite, reactor, migrate=migrate, busy_timeout=settings.busy_timeout,
-                      readers=settings.readers, synchronous=settings.synchronous,
-                      ping_timeout=settings.ping_timeout)
+    return SQLiteSink(
+        settings.sqlite,
+        reactor,
+        migrate=migrate,
+        busy_timeout=settings.busy_timeout,
+        readers=settings.readers,
+        synchronous=settings.synchronous,
+        ping_timeout=settings.ping_timeout,
+    )

@@ -44,8 +44,14 @@ from tests.support.sink_contract import T0, SinkContract, msg, numbered
 
 def settings_for(db: dict[str, Any], **fields: Any) -> MySQLSettings:
     """MySQL settings for the test's database (``fields``: any other MySQLSettings field)."""
-    return MySQLSettings(mysql_host=db["host"], mysql_port=db["port"], mysql_user=db["user"],
-                         mysql_pass=db["password"], mysql_db=db["database"], **fields)
+    return MySQLSettings(
+        mysql_host=db["host"],
+        mysql_port=db["port"],
+        mysql_user=db["user"],
+        mysql_pass=db["password"],
+        mysql_db=db["database"],
+        **fields,
+    )
 
 
 def sink_for(db: dict[str, Any], migrate: bool = True, **fields: Any) -> MySQLSink:
@@ -69,8 +75,11 @@ class TestMySQLSink(SinkContract):
 
 def other_connection_ids(db: dict[str, Any]) -> list[int]:
     """Ids of the sink's server connections (every session on the test database but the asker)."""
-    rows = mysql_query(db, "SELECT ID FROM information_schema.PROCESSLIST "
-                           "WHERE DB = %s AND ID <> CONNECTION_ID()", (db["database"],))
+    rows = mysql_query(
+        db,
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND ID <> CONNECTION_ID()",
+        (db["database"],),
+    )
     return [int(r[0]) for r in rows]
 
 
@@ -97,24 +106,35 @@ def test_datetime_round_trip() -> None:
 @pytest_twisted.ensureDeferred
 async def test_rows_and_schema_visible(sink: MySQLSink, mysql_db: dict[str, Any]) -> None:
     """Another client sees the rows, the UTC DATETIME(6), the schema version and the table shape."""
-    await sink.store_batch([msg(b"seen", ip="::ffff:192.0.2.1", at=1_700_000_000.654321, block=42,
-                                client_id="cli")])
-    [row] = mysql_query(mysql_db, "SELECT hash, payload, block_number, client_ip, client_id, "
-                                  "received_at FROM ethereum_data")
+    await sink.store_batch(
+        [msg(b"seen", ip="::ffff:192.0.2.1", at=1_700_000_000.654321, block=42, client_id="cli")]
+    )
+    [row] = mysql_query(
+        mysql_db,
+        "SELECT hash, payload, block_number, client_ip, client_id, received_at FROM ethereum_data",
+    )
     assert row[0] == msg(b"seen").hash and row[1] == b"seen" and row[2] == 42
     assert row[3] == "192.0.2.1" and row[4] == "cli"
     assert row[5].isoformat() == "2023-11-14T22:13:20.654321"
     versions = [r[0] for r in mysql_query(mysql_db, "SELECT version FROM schema_version")]
     assert versions == list(range(1, latest_version("mysql") + 1))
-    cols = dict(mysql_query(mysql_db, "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS "
-                                      "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'ethereum_data'",
-                            (mysql_db["database"],)))
+    cols = dict(
+        mysql_query(
+            mysql_db,
+            "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'ethereum_data'",
+            (mysql_db["database"],),
+        )
+    )
     assert cols["hash"] == "char(64)" and cols["payload"] == "mediumblob"
     assert cols["block_number"] == "bigint(20) unsigned" and cols["received_at"] == "datetime(6)"
     assert cols["client_ip"] == "varchar(45)" and cols["client_id"] == "varchar(255)"
-    [(engine,)] = mysql_query(mysql_db, "SELECT ENGINE FROM information_schema.TABLES WHERE "
-                                        "TABLE_SCHEMA = %s AND TABLE_NAME = 'ethereum_data'",
-                              (mysql_db["database"],))
+    [(engine,)] = mysql_query(
+        mysql_db,
+        "SELECT ENGINE FROM information_schema.TABLES WHERE "
+        "TABLE_SCHEMA = %s AND TABLE_NAME = 'ethereum_data'",
+        (mysql_db["database"],),
+    )
     assert engine == "InnoDB"
 
 
@@ -174,16 +194,22 @@ async def test_metadata_the_column_charset_cannot_hold_is_stored_as_ascii(
     sink: MySQLSink, mysql_db: dict[str, Any]
 ) -> None:
     """An operator's utf8mb3/latin1 metadata columns cannot refuse a payload: it is stored, metadata escaped."""
-    mysql_query(mysql_db, "ALTER TABLE ethereum_data "
-                          "MODIFY client_id VARCHAR(255) CHARACTER SET utf8mb3 NULL, "
-                          "MODIFY client_ip VARCHAR(45) CHARACTER SET latin1 NOT NULL")
+    mysql_query(
+        mysql_db,
+        "ALTER TABLE ethereum_data "
+        "MODIFY client_id VARCHAR(255) CHARACTER SET utf8mb3 NULL, "
+        "MODIFY client_ip VARCHAR(45) CHARACTER SET latin1 NOT NULL",
+    )
     plain = msg(b"plain", ip="10.0.0.1", client_id="CN=J\u00fcrgen")
     emoji_id = msg(b"emoji-id", client_id="CN=\U0001f600 team")
     greek_ip = msg(b"greek-ip", ip="fe80::\u03b1")
     batch = [plain, emoji_id, greek_ip]
     assert await sink.store_batch(batch) == [Outcome.STORED] * 3
     rows = {r.hash: r for r in await sink.fetch_records(0, 10)}
-    assert (rows[plain.hash].client_ip, rows[plain.hash].client_id) == ("10.0.0.1", "CN=J\u00fcrgen")
+    assert (rows[plain.hash].client_ip, rows[plain.hash].client_id) == (
+        "10.0.0.1",
+        "CN=J\u00fcrgen",
+    )
     assert rows[emoji_id.hash].client_id == "CN=\\U0001f600 team"
     assert rows[greek_ip.hash].client_ip == "fe80::\\u03b1"
     assert await sink.store_batch(batch) == [Outcome.DUPLICATE] * 3
@@ -221,8 +247,9 @@ async def test_killed_connections_cost_no_message(mysql_db: dict[str, Any]) -> N
             expected += 301
         await s.ping()
         assert s.retried >= 1
-        assert mysql_query(mysql_db, "SELECT COUNT(*), COUNT(DISTINCT hash) FROM ethereum_data") == [
-            (expected, expected)]
+        assert mysql_query(
+            mysql_db, "SELECT COUNT(*), COUNT(DISTINCT hash) FROM ethereum_data"
+        ) == [(expected, expected)]
         assert (await s.totals()).records == expected
     finally:
         await s.stop()
@@ -238,10 +265,16 @@ async def test_idle_reaped_connection_is_transparent(mysql_db: dict[str, Any]) -
     try:
         assert await s.store_batch([msg(b"before")]) == [Outcome.STORED]
         assert other_connection_ids(mysql_db)
-        await async_wait_until(lambda: threads.deferToThread(
-            lambda: not other_connection_ids(mysql_db)), timeout=15, what="the server to reap the sink")
+        await async_wait_until(
+            lambda: threads.deferToThread(lambda: not other_connection_ids(mysql_db)),
+            timeout=15,
+            what="the server to reap the sink",
+        )
         before = s.retried
-        assert await s.store_batch([msg(b"after"), msg(b"before")]) == [Outcome.STORED, Outcome.DUPLICATE]
+        assert await s.store_batch([msg(b"after"), msg(b"before")]) == [
+            Outcome.STORED,
+            Outcome.DUPLICATE,
+        ]
         assert len(await s.fetch_records(0, 10)) == 2
         assert s.retried > before
     finally:
@@ -251,7 +284,16 @@ async def test_idle_reaped_connection_is_transparent(mysql_db: dict[str, Any]) -
 @pytest_twisted.ensureDeferred
 async def test_nothing_listening_fails_fast() -> None:
     """start() against a port where nothing listens fails with SinkUnavailable within the connect timeout."""
-    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=free_port(), mysql_user="u", mysql_pass="secret-password", mysql_db="db", mysql_connect_timeout=2))
+    s = make_mysql_sink(
+        MySQLSettings(
+            mysql_host="127.0.0.1",
+            mysql_port=free_port(),
+            mysql_user="u",
+            mysql_pass="secret-password",
+            mysql_db="db",
+            mysql_connect_timeout=2,
+        )
+    )
     started = time.monotonic()
     with pytest.raises(SinkUnavailable) as e:
         await s.start()
@@ -305,7 +347,16 @@ async def test_server_gone_fails_fast_then_recovers(mysql_db: dict[str, Any]) ->
     """When the server goes away, batches and pings fail fast as SinkUnavailable; when back, they work."""
     proxy = CuttableProxy(mysql_db["host"], mysql_db["port"])
     proxy.up()
-    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=proxy.port, mysql_user=mysql_db["user"], mysql_pass=mysql_db["password"], mysql_db=mysql_db["database"], mysql_connect_timeout=2))
+    s = make_mysql_sink(
+        MySQLSettings(
+            mysql_host="127.0.0.1",
+            mysql_port=proxy.port,
+            mysql_user=mysql_db["user"],
+            mysql_pass=mysql_db["password"],
+            mysql_db=mysql_db["database"],
+            mysql_connect_timeout=2,
+        )
+    )
     await s.start()
     try:
         assert await s.store_batch([msg(b"one")]) == [Outcome.STORED]
@@ -317,7 +368,10 @@ async def test_server_gone_fails_fast_then_recovers(mysql_db: dict[str, Any]) ->
             await s.ping()
         assert time.monotonic() - started < 4.0
         proxy.up()
-        assert await s.store_batch([msg(b"two"), msg(b"one")]) == [Outcome.STORED, Outcome.DUPLICATE]
+        assert await s.store_batch([msg(b"two"), msg(b"one")]) == [
+            Outcome.STORED,
+            Outcome.DUPLICATE,
+        ]
         await s.ping()
     finally:
         await s.stop()
@@ -394,8 +448,9 @@ class FakeDriver:
 
 def fake_pool(driver: FakeDriver, sleeps: list[float]) -> ReconnectingConnectionPool:
     """A one-thread retrying pool on ``driver`` that records its back-off delays."""
-    pool = ReconnectingConnectionPool("pymysql", sink_name="fake", sleep=sleeps.append,
-                                      cp_min=1, cp_max=1, cp_reactor=reactor)
+    pool = ReconnectingConnectionPool(
+        "pymysql", sink_name="fake", sleep=sleeps.append, cp_min=1, cp_max=1, cp_reactor=reactor
+    )
     pool.dbapi = driver
     pool.start()
     return pool
@@ -412,7 +467,9 @@ def lost(code: int = 2013) -> pymysql.err.OperationalError:
     return pymysql.err.OperationalError(code, "Lost connection to MySQL server during query")
 
 
-async def run_fake(script: list[BaseException | None], **kw: Any) -> tuple[Any, FakeDriver, list[float], Any]:
+async def run_fake(
+    script: list[BaseException | None], **kw: Any
+) -> tuple[Any, FakeDriver, list[float], Any]:
     """Run one interaction on a fake pool; answer (result or exception, driver, sleeps, pool)."""
     driver = FakeDriver(script, **kw)
     sleeps: list[float] = []
@@ -433,7 +490,10 @@ async def test_pool_retries_lost_connection_on_new_connection() -> None:
     """A 2006/2013 drops the connection and re-runs the interaction on a fresh one."""
     result, driver, sleeps, pool = await run_fake([lost(2006), lost(2013), None])
     assert result == "done"
-    assert len(driver.connections) == 3 and [c.closed for c in driver.connections[:2]] == [True, True]
+    assert len(driver.connections) == 3 and [c.closed for c in driver.connections[:2]] == [
+        True,
+        True,
+    ]
     assert pool.retried == 2 and sleeps == [0.05, 0.2]
 
 
@@ -443,7 +503,10 @@ def sql_log() -> Iterator[list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
 
     def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "eth_twisted.sinks.sql" and event["log_level"] >= LogLevel.info:
+        if (
+            event.get("log_namespace") == "eth_twisted.sinks.sql"
+            and event["log_level"] >= LogLevel.info
+        ):
             events.append(event)
 
     globalLogPublisher.addObserver(observe)
@@ -474,7 +537,9 @@ async def test_pool_interface_error_exhausts_to_unavailable() -> None:
 @pytest_twisted.ensureDeferred
 async def test_pool_deadlock_rolls_back_and_retries_on_same_connection() -> None:
     """1213 and 1205 roll back and retry without reconnecting; when they persist: SinkBusy."""
-    result, driver, _, _ = await run_fake([pymysql.err.OperationalError(1213, "Deadlock found"), None])
+    result, driver, _, _ = await run_fake(
+        [pymysql.err.OperationalError(1213, "Deadlock found"), None]
+    )
     assert result == "done" and len(driver.connections) == 1 and driver.rollbacks == 1
     assert driver.held == 1
     result, _, _, _ = await run_fake([pymysql.err.OperationalError(1205, "Lock wait timeout")] * 10)
@@ -484,7 +549,9 @@ async def test_pool_deadlock_rolls_back_and_retries_on_same_connection() -> None
 @pytest_twisted.ensureDeferred
 async def test_pool_read_timeout_is_not_retried() -> None:
     """A read timeout drops the connection and fails at once as SinkTimeout (the write may land)."""
-    timed_out = pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query (timed out)")
+    timed_out = pymysql.err.OperationalError(
+        2013, "Lost connection to MySQL server during query (timed out)"
+    )
     result, driver, sleeps, _ = await run_fake([timed_out, None])
     assert isinstance(result, SinkTimeout)
     assert driver.executed == 1 and sleeps == [] and driver.held == 0
@@ -501,7 +568,9 @@ async def test_pool_data_error_is_not_retried() -> None:
 @pytest_twisted.ensureDeferred
 async def test_pool_other_errors_fail_once() -> None:
     """A privilege error is not retried and becomes SinkUnavailable naming the code."""
-    result, driver, _, _ = await run_fake([pymysql.err.OperationalError(1142, "INSERT command denied")])
+    result, driver, _, _ = await run_fake(
+        [pymysql.err.OperationalError(1142, "INSERT command denied")]
+    )
     assert isinstance(result, SinkUnavailable) and "1142" in str(result) and driver.executed == 1
 
 
@@ -545,7 +614,9 @@ class ScriptedMigrationConn:
         elif sql.startswith("SELECT GET_LOCK") or sql.startswith("SELECT RELEASE_LOCK"):
             self.rows = [(1,)]
         elif sql.startswith("CREATE"):
-            raise pymysql.err.OperationalError(1142, "CREATE command denied to user 'ro'@'localhost'")
+            raise pymysql.err.OperationalError(
+                1142, "CREATE command denied to user 'ro'@'localhost'"
+            )
 
     def fetchall(self) -> list[tuple[Any, ...]]:
         return self.rows
@@ -565,8 +636,12 @@ class ScriptedMigrationConn:
 
 def test_migrations_without_privilege() -> None:
     """An account that may not create tables: a current schema proceeds, one behind names `eth migrate`."""
-    assert apply_migrations(ScriptedMigrationConn(list(range(1, latest_version("mysql") + 1))),
-                            "mysql") == []
+    assert (
+        apply_migrations(
+            ScriptedMigrationConn(list(range(1, latest_version("mysql") + 1))), "mysql"
+        )
+        == []
+    )
     with pytest.raises(ConfigError, match="eth migrate"):
         apply_migrations(ScriptedMigrationConn([]), "mysql")
 
@@ -585,7 +660,9 @@ async def test_ambiguous_commit_answers_stored(sink: MySQLSink, mysql_db: dict[s
             self._connection.commit()
             if state["lose"]:
                 state["lose"] -= 1
-                raise pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+                raise pymysql.err.OperationalError(
+                    2013, "Lost connection to MySQL server during query"
+                )
 
     pool.connectionFactory = LosesOneCommitReply
     try:
@@ -604,7 +681,17 @@ async def test_ping_times_out_on_stalled_server(mysql_db: dict[str, Any]) -> Non
     """A server that stops answering fails ping() with SinkTimeout after ping_timeout, not a hang."""
     proxy = CuttableProxy(mysql_db["host"], mysql_db["port"])
     proxy.up()
-    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=proxy.port, mysql_user=mysql_db["user"], mysql_pass=mysql_db["password"], mysql_db=mysql_db["database"], mysql_read_timeout=5, ping_timeout=0.5))
+    s = make_mysql_sink(
+        MySQLSettings(
+            mysql_host="127.0.0.1",
+            mysql_port=proxy.port,
+            mysql_user=mysql_db["user"],
+            mysql_pass=mysql_db["password"],
+            mysql_db=mysql_db["database"],
+            mysql_read_timeout=5,
+            ping_timeout=0.5,
+        )
+    )
     await s.start()
     try:
         await s.ping()
@@ -626,14 +713,50 @@ def test_tls_settings() -> None:
     """TLS settings become an SSLContext; verify=false turns checks off; unknown keys are refused."""
     import ssl
 
-    kw = make_mysql_sink(MySQLSettings(mysql_host="db.example", mysql_port=3306, mysql_user="u", mysql_pass="p", mysql_db="d", ssl={"verify": False}))._connect_kwargs
+    kw = make_mysql_sink(
+        MySQLSettings(
+            mysql_host="db.example",
+            mysql_port=3306,
+            mysql_user="u",
+            mysql_pass="p",
+            mysql_db="d",
+            ssl={"verify": False},
+        )
+    )._connect_kwargs
     assert isinstance(kw["ssl"], ssl.SSLContext) and kw["ssl"].verify_mode == ssl.CERT_NONE
-    kw = make_mysql_sink(MySQLSettings(mysql_host="db.example", mysql_port=3306, mysql_user="u", mysql_pass="p", mysql_db="d", ssl={}))._connect_kwargs
+    kw = make_mysql_sink(
+        MySQLSettings(
+            mysql_host="db.example",
+            mysql_port=3306,
+            mysql_user="u",
+            mysql_pass="p",
+            mysql_db="d",
+            ssl={},
+        )
+    )._connect_kwargs
     assert "ssl" not in kw
-    kw = make_mysql_sink(MySQLSettings(mysql_host="db.example", mysql_port=3306, mysql_user="u", mysql_pass="p", mysql_db="d", ssl={"verify": True}))._connect_kwargs
+    kw = make_mysql_sink(
+        MySQLSettings(
+            mysql_host="db.example",
+            mysql_port=3306,
+            mysql_user="u",
+            mysql_pass="p",
+            mysql_db="d",
+            ssl={"verify": True},
+        )
+    )._connect_kwargs
     assert kw["ssl"].check_hostname and kw["ssl"].verify_mode == ssl.CERT_REQUIRED
     with pytest.raises(ConfigError, match="capath"):
-        make_mysql_sink(MySQLSettings(mysql_host="db.example", mysql_port=3306, mysql_user="u", mysql_pass="p", mysql_db="d", ssl={"capath": "/x"}))
+        make_mysql_sink(
+            MySQLSettings(
+                mysql_host="db.example",
+                mysql_port=3306,
+                mysql_user="u",
+                mysql_pass="p",
+                mysql_db="d",
+                ssl={"capath": "/x"},
+            )
+        )
 
 
 def test_row_encoder_reuses_a_receipt_time_only_for_the_same_time() -> None:
@@ -650,7 +773,9 @@ def test_row_encoder_caches_are_bounded_in_bytes() -> None:
     """Peers choosing a new 60 KiB client name per message cannot grow the encoder's caches past a bound."""
     enc = MySQLRowEncoder()
     for i in range(5000):
-        row = enc.row(msg(b"n%d" % i, f"10.{i // 256 % 256}.{i % 256}.1", client_id=f"{i:06d}" + "n" * 60_000))
+        row = enc.row(
+            msg(b"n%d" % i, f"10.{i // 256 % 256}.{i % 256}.1", client_id=f"{i:06d}" + "n" * 60_000)
+        )
         assert row.count("~") == 1  # stored bounded, with its digest
     for cache in (enc._ips, enc._ids):
         assert len(cache) <= 4096
@@ -713,7 +838,16 @@ def pool_threads(sink: MySQLSink) -> list[str]:
 @pytest_twisted.ensureDeferred
 async def test_stop_after_starts_that_never_succeeded() -> None:
     """A sink whose every start failed stops cleanly: each pool is closed once, no AlreadyQuit."""
-    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=free_port(), mysql_user="u", mysql_pass="pw", mysql_db="db", mysql_connect_timeout=1))
+    s = make_mysql_sink(
+        MySQLSettings(
+            mysql_host="127.0.0.1",
+            mysql_port=free_port(),
+            mysql_user="u",
+            mysql_pass="pw",
+            mysql_db="db",
+            mysql_connect_timeout=1,
+        )
+    )
     for _ in range(2):
         with pytest.raises(SinkUnavailable):
             await s.start()
@@ -724,14 +858,27 @@ async def test_stop_after_starts_that_never_succeeded() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_stop_during_start_waits_for_the_connect_timeout_only(silent_server: SilentServer) -> None:
+async def test_stop_during_start_waits_for_the_connect_timeout_only(
+    silent_server: SilentServer,
+) -> None:
     """stop() while start() waits for a greeting that never comes ends after the connect timeout.
 
     The read timeout (60 s) is for queries; the greeting and login are bounded by
     connect_timeout (1 s), so neither start nor a shutdown during it can hang on a
     stopped server. Afterwards no pool thread is left.
     """
-    s = make_mysql_sink(MySQLSettings(mysql_host="127.0.0.1", mysql_port=silent_server.port, mysql_user="u", mysql_pass="pw", mysql_db="db", mysql_connect_timeout=1, mysql_read_timeout=60, write_timeout=60))
+    s = make_mysql_sink(
+        MySQLSettings(
+            mysql_host="127.0.0.1",
+            mysql_port=silent_server.port,
+            mysql_user="u",
+            mysql_pass="pw",
+            mysql_db="db",
+            mysql_connect_timeout=1,
+            mysql_read_timeout=60,
+            write_timeout=60,
+        )
+    )
     started: list[Any] = []
     s.start().addBoth(started.append)
     began = time.monotonic()
@@ -745,11 +892,14 @@ async def test_stop_during_start_waits_for_the_connect_timeout_only(silent_serve
 
 @pytest.mark.live
 @pytest_twisted.ensureDeferred
-async def test_queries_keep_the_read_timeout_after_a_bounded_login(mysql_db: dict[str, Any]) -> None:
+async def test_queries_keep_the_read_timeout_after_a_bounded_login(
+    mysql_db: dict[str, Any],
+) -> None:
     """Login is bounded by connect_timeout, but a query may take up to read_timeout as before."""
     s = sink_for(mysql_db, mysql_connect_timeout=1, mysql_read_timeout=30)
     await s.start()
     try:
+
         def slow(txn: Any) -> Any:
             txn.execute("SELECT SLEEP(1.5)")
             return txn.fetchall()
@@ -766,8 +916,20 @@ def _serve(argv: list[str], tmp_path: Path) -> tuple[subprocess.Popen[str], list
     """Start ``eth server`` with ``argv``; answer the process and the list its output lines go to."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETH_")}
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "eth"), "server", "--port", str(free_port()), "--stats", "none",
-         *argv], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            str(Path(sys.executable).parent / "eth"),
+            "server",
+            "--port",
+            str(free_port()),
+            "--stats",
+            "none",
+            *argv,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     lines: list[str] = []
 
@@ -787,13 +949,17 @@ def _assert_clean_shutdown(proc: subprocess.Popen[str], lines: list[str], within
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
-        raise AssertionError(f"eth server did not stop within {within}s of SIGTERM:\n" + "".join(lines))
-    wait_until(lambda: any("Main loop terminated" in line for line in lines), 5, what="the last line")
+        raise AssertionError(
+            f"eth server did not stop within {within}s of SIGTERM:\n" + "".join(lines)
+        )
+    wait_until(
+        lambda: any("Main loop terminated" in line for line in lines), 5, what="the last line"
+    )
     log = "".join(lines)
     assert proc.returncode == 0, log
     for bad in ("Traceback", "AlreadyQuit", "#critical]", "Unhandled"):
         assert bad not in log, log
-    after = log[log.index("Received SIGTERM"):]
+    after = log[log.index("Received SIGTERM") :]
     assert "could not start" not in after, log
 
 
@@ -801,27 +967,65 @@ def _assert_clean_shutdown(proc: subprocess.Popen[str], lines: list[str], within
 @pytest.mark.slow
 def test_server_whose_database_never_answered_stops_cleanly(tmp_path: Path) -> None:
     """`eth server --use-mysql` at a port where nothing listens: SIGTERM between start attempts is clean."""
-    proc, lines = _serve(["--use-mysql", "--mysql-host", "127.0.0.1", "--mysql-port", str(free_port()),
-                          "--mysql-user", "u", "--mysql-db", "d", "--mysql-connect-timeout", "1"], tmp_path)
+    proc, lines = _serve(
+        [
+            "--use-mysql",
+            "--mysql-host",
+            "127.0.0.1",
+            "--mysql-port",
+            str(free_port()),
+            "--mysql-user",
+            "u",
+            "--mysql-db",
+            "d",
+            "--mysql-connect-timeout",
+            "1",
+        ],
+        tmp_path,
+    )
     try:
         # SIGTERM right after a failed attempt: the sink's pools are closed, a retry is waiting.
-        wait_until(lambda: any("could not start" in line for line in lines), 60,
-                   what="a failed start attempt")
+        wait_until(
+            lambda: any("could not start" in line for line in lines),
+            60,
+            what="a failed start attempt",
+        )
     finally:
         _assert_clean_shutdown(proc, lines, within=30)
 
 
 @pytest.mark.live
 @pytest.mark.slow
-def test_server_on_a_stopped_database_stops_cleanly(tmp_path: Path, silent_server: SilentServer) -> None:
+def test_server_on_a_stopped_database_stops_cleanly(
+    tmp_path: Path, silent_server: SilentServer
+) -> None:
     """`eth server` on a MariaDB that accepts and never answers: SIGTERM mid-connect exits cleanly, promptly.
 
     The read timeout is 120 s; shutdown waits at most for the connect timeout (1 s).
     """
-    proc, lines = _serve(["--use-mysql", "--mysql-host", "127.0.0.1", "--mysql-port", str(silent_server.port),
-                          "--mysql-user", "u", "--mysql-db", "d", "--mysql-connect-timeout", "1",
-                          "--mysql-read-timeout", "120"], tmp_path)
+    proc, lines = _serve(
+        [
+            "--use-mysql",
+            "--mysql-host",
+            "127.0.0.1",
+            "--mysql-port",
+            str(silent_server.port),
+            "--mysql-user",
+            "u",
+            "--mysql-db",
+            "d",
+            "--mysql-connect-timeout",
+            "1",
+            "--mysql-read-timeout",
+            "120",
+        ],
+        tmp_path,
+    )
     try:
-        wait_until(lambda: any("eth-server listening on" in line for line in lines), 30, what="the listener")
+        wait_until(
+            lambda: any("eth-server listening on" in line for line in lines),
+            30,
+            what="the listener",
+        )
     finally:
         _assert_clean_shutdown(proc, lines, within=30)

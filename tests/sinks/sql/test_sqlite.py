@@ -57,8 +57,11 @@ async def test_reader_not_blocked_by_open_write(tmp_path: Path) -> None:
         assert await s.store_batch(numbered(3)) == [Outcome.STORED] * 3
         writer = raw(path)
         writer.execute("BEGIN IMMEDIATE")
-        writer.execute("INSERT INTO ethereum_data (hash, payload, client_ip, received_at) "
-                       "VALUES (?, x'00', '1.1.1.1', 0)", ("f" * 64,))
+        writer.execute(
+            "INSERT INTO ethereum_data (hash, payload, client_ip, received_at) "
+            "VALUES (?, x'00', '1.1.1.1', 0)",
+            ("f" * 64,),
+        )
         try:
             assert [r.payload for r in await s.fetch_records(0, 10)] == [b"m-0", b"m-1", b"m-2"]
             assert (await s.totals()).records == 3
