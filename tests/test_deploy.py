@@ -44,7 +44,7 @@ UNITS = {
 }
 STATE_DIR = "/var/lib/eth-twisted"
 
-# RELIABILITY 4.5: the hardening set of Debian 12's redis-server.service, less
+# The hardening set of Debian 12's redis-server.service, less
 # MemoryDenyWriteExecute (pyOpenSSL's cffi callbacks need W+X memory).
 HARDENING = {
     "NoNewPrivileges": "yes",
@@ -334,7 +334,8 @@ def test_every_hadolint_exception_is_explained() -> None:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_image_shape(dockerfile: Path) -> None:
     """Multi-stage on slim Python; the runtime stage is non-root, has the state volume,
-    a /healthz check without curl, the plugin cache built as root and the pidfile-free entrypoint."""
+    a /healthz check without curl, the plugin cache built as root and the pidfile-free entrypoint.
+    """
     instructions = dockerfile_instructions(dockerfile)
     froms = [args for word, args in instructions if word == "FROM"]
     assert len(froms) >= 2 and all("slim" in f for f in froms if f.startswith("python:"))
@@ -365,7 +366,8 @@ def test_image_shape(dockerfile: Path) -> None:
 
 def test_default_command_runs_server_and_client_together() -> None:
     """The main image's CMD is `eth run`, with its dashboard reachable from outside the container,
-    and it parses with the real `eth` option parser."""
+    and it parses with the real `eth` option parser.
+    """
     from eth_twisted.cli import main as cli
 
     (cmd,) = [exec_form(args) for word, args in final_stage(ROOT / "Dockerfile") if word == "CMD"]
@@ -422,7 +424,8 @@ def test_build_context_holds_what_the_install_needs_and_no_secrets() -> None:
 
 def test_entrypoint_runs_twistd_in_the_foreground_without_pidfile(tmp_path: Path) -> None:
     """`twistd ...` gains --nodaemon --pidfile= (a user's own --pidfile comes later and wins);
-    any other command runs unchanged."""
+    any other command runs unchanged.
+    """
     fake = tmp_path / "bin"
     fake.mkdir()
     for name in ("twistd", "eth"):
@@ -466,7 +469,8 @@ def test_container_start_survives_a_stale_pidfile_and_passes_its_healthcheck(
 ) -> None:
     """As in a restarted container: a twistd.pid naming PID 1 is left in the state volume;
     `twistd eth-server` through the entrypoint still becomes ready and the image's
-    HEALTHCHECK command succeeds against it."""
+    HEALTHCHECK command succeeds against it.
+    """
     state = tmp_path / "state"
     state.mkdir()
     (state / "twistd.pid").write_text("1")
@@ -507,7 +511,8 @@ def test_container_start_survives_a_stale_pidfile_and_passes_its_healthcheck(
 @pytest.mark.timeout(900)
 def test_install_script_installs_a_working_app_into_a_fresh_virtualenv(tmp_path: Path) -> None:
     """scripts/install-app, run on exactly the files the image build sees, gives a venv where
-    twistd lists both plugins, the plugin cache exists and `eth` runs: a non-editable install."""
+    twistd lists both plugins, the plugin cache exists and `eth` runs: a non-editable install.
+    """
     src = tmp_path / "src"
     for rel in context_files():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -584,7 +589,8 @@ def test_install_script_regenerates_only_the_cache_when_asked(tmp_path: Path) ->
 
 def test_compose_file_matches_the_compose_specification() -> None:
     """docker-compose.yml (and the Beanstalk one) validate against the Compose JSON schema,
-    and the validator does reject a bad file."""
+    and the validator does reject a bad file.
+    """
     validator = compose_validator()
     for path in (ROOT / "docker-compose.yml", ROOT / "deploy/aws/beanstalk/docker-compose.yml"):
         errors = [
@@ -600,7 +606,8 @@ def test_compose_file_matches_the_compose_specification() -> None:
 
 def test_compose_services_start_in_health_order() -> None:
     """mysql, redis, server, client and test exist; each long-running service has a health check,
-    and every dependency waits for service_healthy."""
+    and every dependency waits for service_healthy.
+    """
     services = load_compose()["services"]
     assert set(services) >= {"mysql", "redis", "server", "client", "test"}
     for name in ("mysql", "redis", "server", "client"):
@@ -652,7 +659,8 @@ def test_inline_secret_finder_finds_one() -> None:
 
 def test_compose_has_no_inline_secret() -> None:
     """Passwords arrive only as files (compose secrets under deploy/secrets/, with a template each);
-    no environment variable or command line carries one."""
+    no environment variable or command line carries one.
+    """
     compose = load_compose()
     secret_files = {name: spec["file"] for name, spec in compose["secrets"].items()}
     for name, path in secret_files.items():
@@ -674,7 +682,8 @@ def test_compose_has_no_inline_secret() -> None:
 
 def test_compose_test_service_sets_what_the_fixtures_read() -> None:
     """Every ETH_TEST_* variable the fixtures read (tests/conftest.py, tests/support/mysql.py; but the
-    local socket) is set for the test service, and the password comes from its secret file."""
+    local socket) is set for the test service, and the password comes from its secret file.
+    """
     sources = (ROOT / "tests/conftest.py").read_text() + (
         ROOT / "tests/support/mysql.py"
     ).read_text()
@@ -690,7 +699,8 @@ def test_compose_test_service_sets_what_the_fixtures_read() -> None:
 
 def test_compose_commands_parse_with_the_real_options(tmp_path: Path) -> None:
     """The server's command line plus its environment is a valid `eth server` invocation,
-    pointed at the compose MariaDB and Redis, with the password from the secret file."""
+    pointed at the compose MariaDB and Redis, with the password from the secret file.
+    """
     server = load_compose()["services"]["server"]
     env = _environment(server)
     secret = tmp_path / "mysql-pass"
@@ -718,7 +728,8 @@ def test_env_example_names_every_compose_variable() -> None:
 
 def test_mariadb_init_script_creates_the_test_account_safely(tmp_path: Path) -> None:
     """The init script grants the test account its eth_test_* databases only, quoting the
-    password from the secret file (quotes and backslashes included) as a SQL literal."""
+    password from the secret file (quotes and backslashes included) as a SQL literal.
+    """
     secret = tmp_path / "mysql-test-pass"
     secret.write_text("it's a \\ test\n")
     captured = tmp_path / "sql"
@@ -786,7 +797,8 @@ def test_systemd_security_exposure_is_low(name: str, tmp_path: Path) -> None:
 def test_unit_settings(name: str) -> None:
     """Type=notify from the main process, twistd -n without pidfile, state directory as working
     directory, restart on failure, an unprivileged user, the 4.5 hardening set, and no
-    MemoryDenyWriteExecute (with the reason written down)."""
+    MemoryDenyWriteExecute (with the reason written down).
+    """
     text = UNITS[name].read_text()
     service = parse_unit(UNITS[name])["Service"]
     one = {k: v[-1] for k, v in service.items()}
@@ -830,7 +842,8 @@ def test_server_unit_exec_start_becomes_ready(
     """eth-server.service's ExecStart, run as written with what systemd would provide
     (its EnvironmentFile example, StateDirectory, credentials, NOTIFY_SOCKET), sends READY=1
     from the main process once it accepts connections and /readyz answers; SIGTERM stops it
-    cleanly, and no pidfile was written."""
+    cleanly, and no pidfile was written.
+    """
     unit = parse_unit(UNITS["eth-server"])
     state, creds = tmp_path / "state", tmp_path / "credentials"
     state.mkdir()
@@ -868,7 +881,8 @@ def test_client_unit_exec_start_becomes_ready_and_delivers(
     tmp_path: Path, service_env: dict[str, str], daemons: list[Daemon], anvil: Any
 ) -> None:
     """eth-client.service's ExecStart, run as written beside the server unit's, sends READY=1
-    from the main process, then delivers anvil's blocks to the server."""
+    from the main process, then delivers anvil's blocks to the server.
+    """
     listener = NotifyListener()
     port, server_stats, client_stats = free_port(), free_port(), free_port()
     try:
@@ -941,7 +955,8 @@ def test_image_default_command_relays_blocks(
 ) -> None:
     """The image's CMD (`eth run`, through the entrypoint, state in STATE_DIRECTORY) serves
     /healthz for the HEALTHCHECK and stores the chain's blocks; only the stats port and the
-    RPC endpoint are adapted to this machine."""
+    RPC endpoint are adapted to this machine.
+    """
     (cmd,) = [exec_form(a) for w, a in final_stage(ROOT / "Dockerfile") if w == "CMD"]
     stats = free_port()
     argv = [arg.replace("tcp:8080:", f"tcp:{stats}:") for arg in cmd]
@@ -972,7 +987,8 @@ def test_beanstalk_bundle_has_dockerfile_compose_and_ebextensions_at_its_root(
     tmp_path: Path,
 ) -> None:
     """make-beanstalk-bundle zips the committed sources with the Beanstalk Dockerfile and compose
-    file at the root, and .ebextensions asking for a network load balancer with a TCP 9999 listener."""
+    file at the root, and .ebextensions asking for a network load balancer with a TCP 9999 listener.
+    """
     import zipfile
 
     bundle = tmp_path / "bundle.zip"
@@ -1016,7 +1032,8 @@ def test_beanstalk_bundle_has_dockerfile_compose_and_ebextensions_at_its_root(
 
 def test_ecs_task_definition_matches_the_client_image() -> None:
     """The ECS task definition runs the client image as its user, with the image's health check
-    port, the state volume and awslogs; it sets no secret in its environment."""
+    port, the state volume and awslogs; it sets no secret in its environment.
+    """
     task = json.loads((ROOT / "deploy/aws/ecs-task-definition.json").read_text())
     (container,) = task["containerDefinitions"]
     assert container["user"] == "10001:10001"
@@ -1053,7 +1070,8 @@ def test_shell_scripts_parse_and_are_executable(script: str) -> None:
 
 def test_secrets_generator_writes_new_random_files_and_keeps_existing_ones(tmp_path: Path) -> None:
     """deploy/secrets/generate creates one random secret per template, readable by the
-    containers, and never overwrites a secret that exists."""
+    containers, and never overwrites a secret that exists.
+    """
     work = tmp_path / "secrets"
     work.mkdir()
     shutil.copy2(ROOT / "deploy/secrets/generate", work / "generate")

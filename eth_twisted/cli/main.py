@@ -23,6 +23,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from eth_twisted import __version__
+from eth_twisted.cli import migrate as migrate_cli
 from eth_twisted.interfaces import maybe_global_reactor
 from eth_twisted.options import PRECEDENCE, EnvOptions, non_negative_float
 from eth_twisted.server import tap as server_tap
@@ -44,13 +45,6 @@ def _stats_options() -> usage.Options:
     from eth_twisted.cli import stats as stats_cli
 
     return stats_cli.Options()
-
-
-class MigrateOptions(server_tap.StorageOptions):
-    """Options of ``eth migrate``: the server's storage flags."""
-
-    synopsis = "[storage options]"
-    longdesc = "Apply the numbered schema migrations to the configured SQL database. " + PRECEDENCE
 
 
 class Options(EnvOptions):
@@ -75,7 +69,7 @@ class Options(EnvOptions):
             "Run server and client in one process on the embedded defaults",
         ],
         ["stats", None, _stats_options, "Print the server's stats as a table"],
-        ["migrate", None, MigrateOptions, "Apply schema migrations"],
+        ["migrate", None, migrate_cli.MigrateOptions, "Apply schema migrations"],
     ]
 
     def opt_version(self) -> None:
@@ -148,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(stats_cli.run(sub))
     if command == "migrate":
-        return migrate(sub)
+        return migrate_cli.migrate(sub)
     start_logging(verbose, quiet=command == "run")
     if command == "server":
         sub["verbose"] = verbose
@@ -163,28 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_service(lambda reactor: make_run_service(sub, reactor, verbose=verbose))
     raise AssertionError(command)  # pragma: no cover - postOptions rejects others
-
-
-def migrate(config: server_tap.StorageOptions) -> int:
-    """``eth migrate``: apply migrations and print what was applied."""
-    from eth_twisted.sinks.sql.migrations import migrate_mysql, migrate_sqlite
-
-    storage = config.storage
-    where = storage.summary()
-    try:
-        if storage.use_mysql:
-            applied = migrate_mysql(storage.mysql)
-        else:
-            assert storage.sqlite.sqlite is not None
-            applied = migrate_sqlite(storage.sqlite.sqlite)
-    except Exception as e:
-        print(f"eth migrate: {where}: {e}", file=sys.stderr)
-        return 1
-    if applied:
-        print(f"eth migrate: applied {', '.join(str(v) for v in applied)} to {where}")
-    else:
-        print(f"eth migrate: {where} is up to date")
-    return 0
 
 
 __all__ = ["main"]

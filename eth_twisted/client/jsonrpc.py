@@ -606,7 +606,8 @@ class _CappedEndpoint:
 @implementer(IAgentEndpointFactory)
 class CappedEndpointFactory:
     """What ``Agent`` uses by default (TCP for http, TLS with browser-like checks for https),
-    with every connection's bytes per response capped at ``cap``."""
+    with every connection's bytes per response capped at ``cap``.
+    """
 
     def __init__(self, reactor: Any, cap: int, connect_timeout: float | None = None) -> None:
         from twisted.web.client import BrowserLikePolicyForHTTPS

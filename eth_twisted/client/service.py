@@ -326,7 +326,8 @@ def make_client_service(
 
 def link_endpoint(reactor: Any, link: LinkSettings) -> Any:
     """The endpoint the sender connects with: plain, TLS (verified, never falling back), and/or
-    behind the shared-secret handshake."""
+    behind the shared-secret handshake.
+    """
     from eth_twisted.link.handshake import AuthClientEndpoint
     from eth_twisted.link.tls import client_tls_endpoint
 

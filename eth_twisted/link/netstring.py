@@ -1,7 +1,7 @@
 """A netstring decoder whose cost is linear in the bytes received.
 
 Twisted's ``NetstringReceiver`` re-slices its buffer once per frame, which is
-quadratic in the size of one chunk full of tiny frames (RELIABILITY.md 1.4-7),
+quadratic in the size of one chunk full of tiny frames,
 and its parse-error handler closes the connection at once, dropping the
 replies owed for earlier frames. This decoder only parses: it hands back every
 complete frame and, separately, the first framing error, so the protocol can

@@ -1,6 +1,6 @@
 """Payload formats: rendering a block as bytes, and recognising a block number.
 
-The bytes are fixed by DESIGN.md ("Payloads") and pinned by golden vectors in
+The bytes are fixed by docs/protocol.md ("Payloads and message kinds") and pinned by golden vectors in
 the tests: changing one byte changes every message id.
 """
 

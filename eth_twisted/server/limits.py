@@ -175,7 +175,8 @@ class ConnectionCaps:
 @implementer(interfaces.IHalfCloseableProtocol, interfaces.IHandshakeListener)
 class CappedConnection(ProtocolWrapper):
     """Holds a connection's place in the caps until it ends; forwards half-closes and
-    the TLS handshake's completion to the gate behind it."""
+    the TLS handshake's completion to the gate behind it.
+    """
 
     group: str | None
     transport: Any

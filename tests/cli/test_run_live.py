@@ -25,7 +25,8 @@ VENV_BIN = Path(sys.executable).parent
 
 def test_eth_run_against_anvil(tmp_path: Path, anvil: Any) -> None:
     """eth run prints where its data lives, the dashboard URL and one line per stored block,
-    takes a free port when its own is taken, and stops cleanly on Ctrl-C."""
+    takes a free port when its own is taken, and stops cleanly on Ctrl-C.
+    """
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()

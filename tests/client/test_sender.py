@@ -548,7 +548,8 @@ def test_window_is_bounded_by_the_server_limit(
 )
 def test_settings_check_names_the_option(bad: dict[str, Any], named: str) -> None:
     """DeliverySettings.check() names the option: the ack timeout is at least twice the server's 10 s deadline,
-    the heartbeat shorter than it."""
+    the heartbeat shorter than it.
+    """
     with pytest.raises(ValueError, match=named):
         DeliverySettings(**bad).check()
     DeliverySettings(window=1, ack_timeout=20.0, heartbeat=19.9).check()

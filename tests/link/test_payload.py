@@ -1,4 +1,4 @@
-"""Payload formats: the golden vectors of DESIGN.md and block-number recognition."""
+"""Payload formats: the golden vectors of docs/protocol.md and block-number recognition."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ GOLDEN_BLOCK = {
 
 
 def test_html_golden_vector() -> None:
-    """Block 19000000 renders to the 194 bytes whose SHA-256 DESIGN.md pins."""
+    """Block 19000000 renders to the 194 bytes whose SHA-256 docs/protocol.md pins."""
     page = render_html(19000000)
     assert len(page) == 194
     assert hashlib.sha256(page).hexdigest() == HTML_19M_SHA
@@ -182,5 +182,5 @@ def test_recogniser_looks_at_a_bounded_prefix() -> None:
     ],
 )
 def test_html_rules_without_regular_expressions(payload: bytes, expected: int | None) -> None:
-    """Title and body rules as DESIGN.md states them: case-insensitive, tags ignored, one integer."""
+    """Title and body rules as docs/protocol.md states them: case-insensitive, tags ignored, one integer."""
     assert recognise_block_number(payload) == expected

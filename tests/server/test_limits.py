@@ -1,4 +1,4 @@
-"""The bad-input battery (RELIABILITY.md section (a)) against the receiver on a StringTransport.
+"""The bad-input battery against the receiver on a StringTransport.
 
 Each test names its battery row. E0 means: the connection closes without an
 answer for the bad frame, every valid frame before it is answered once, the
@@ -411,7 +411,8 @@ def test_violations_logged_once_per_address_and_reason(capsys: pytest.CaptureFix
 )
 def test_fuzz_arbitrary_streams(frames: list[bytes], garbage: bytes, cuts: list[int]) -> None:
     """Any byte stream in any chunking: no exception escapes, frames before the first error are
-    answered exactly once, and buffers stay bounded."""
+    answered exactly once, and buffers stay bounded.
+    """
     h = Harness(max_length=64)
     p, t = h.connect()
     stream = b"".join(encode(f) for f in frames) + garbage
@@ -437,7 +438,8 @@ def test_fuzz_arbitrary_streams(frames: list[bytes], garbage: bytes, cuts: list[
 
 class BufferedTransport(StringTransport):
     """A StringTransport that pauses its registered producer past ``high`` bytes written, as a real
-    TCP transport does (``producerPaused``: separate from whether the transport itself reads)."""
+    TCP transport does (``producerPaused``: separate from whether the transport itself reads).
+    """
 
     def __init__(self, high: int, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]

@@ -119,7 +119,8 @@ def test_item2_eleven_addresses_filling_the_budget_do_not_stall_anyone_else(
     many_files: None,
 ) -> None:
     """440 large partial frames from 11 addresses fill their groups' shares; a frame in two reads from another
-    address is answered during the attack, and after it no socket is left in CLOSE-WAIT."""
+    address is answered during the attack, and after it no socket is left in CLOSE-WAIT.
+    """
     limits = ReceiverLimits(
         max_length=65536,
         partial_budget=4 * 1024 * 1024,
@@ -165,7 +166,8 @@ def test_items2_3_a_full_budget_never_wedges_and_paused_peers_are_reaped(
     many_files: None,
 ) -> None:
     """Attackers from 30 addresses fill the whole budget and hold on: the oldest holder always reads, paused
-    peers are cut by their frame timers, none stays in CLOSE-WAIT, and a frame in two reads is answered."""
+    peers are cut by their frame timers, none stays in CLOSE-WAIT, and a frame in two reads is answered.
+    """
     limits = ReceiverLimits(
         max_length=65536,
         partial_budget=1024 * 1024,
@@ -293,7 +295,8 @@ def test_item5_a_slow_database_bounds_the_queue_in_bytes_and_drops_timed_out_cop
     many_files: None,
 ) -> None:
     """With the record stalled, one read of tiny frames per connection stops at the window, the queue stays
-    under its byte budget (busy past it), timed-out messages leave the queue, and all is stored once."""
+    under its byte budget (busy past it), timed-out messages leave the queue, and all is stored once.
+    """
     limits = ReceiverLimits(
         max_length=65536,
         window=64,

@@ -292,7 +292,8 @@ def connect_counting(
 
 def test_answers_given_while_holding_leave_in_one_write_per_connection() -> None:
     """Inside the batcher's hold() nothing is written; when it ends each connection gets its replies,
-    in frame order, in one write, and the reply counter counts every one."""
+    in frame order, in one write, and the reply counter counts every one.
+    """
     router = FakeRouter()
     factory = ReceiverFactory(router.submit, clock=Clock(), metrics=ServerMetrics())
     one, t1 = connect_counting(factory, "10.0.0.1")

@@ -229,7 +229,8 @@ def test_pipeline_is_opt_in(tmp_path) -> None:
 
 def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
     """Two batches may be in the SQL record at once by default; --concurrent-batches sets it, within 1..8,
-    and the pipeline mode (one batch per stage) keeps one."""
+    and the pipeline mode (one batch per stage) keeps one.
+    """
     from twisted.internet.testing import MemoryReactorClock
 
     from eth_twisted.server.tap import makeService
@@ -261,7 +262,8 @@ def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
 
 def test_stats_site_limits_reach_the_listener(tmp_path) -> None:
     """--stats-max-connections, --stats-max-per-ip and --stats-header-timeout (or ETH_*) set the stats
-    listener's limits; the defaults are SiteLimits'."""
+    listener's limits; the defaults are SiteLimits'.
+    """
     from twisted.internet.testing import MemoryReactorClock
 
     from eth_twisted.server.tap import makeService

@@ -46,7 +46,8 @@ class NotifyListener:
         self, key: str, timeout: float = 10.0, pid: int | None = None
     ) -> tuple[int, dict[str, str]]:
         """The first message with ``key`` (from process ``pid``, when given), already
-        received or arriving before the deadline."""
+        received or arriving before the deadline.
+        """
 
         def wanted(message: tuple[int, dict[str, str]] | None) -> bool:
             return message is not None and key in message[1] and pid in (None, message[0])

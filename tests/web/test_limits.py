@@ -460,7 +460,8 @@ def escaped(i: int, size: int = 64 * 1024) -> Message:
 
 def test_a_page_of_escaped_payloads_stops_at_the_byte_budget() -> None:
     """limit=200 of 64 KiB payloads that escape to 384 KiB each answers at most page_bytes, and
-    next_before pages through every record exactly once."""
+    next_before pages through every record exactly once.
+    """
     s = server_fixture()
     s.store([escaped(i) for i in range(40)])
     budget = SiteLimits().page_bytes
@@ -579,7 +580,8 @@ def test_heavy_reads_wait_for_a_place() -> None:
 
 def test_an_abandoned_read_keeps_its_place_until_it_ends() -> None:
     """A request that times out during its read answers 503 at once, but its place stays taken until the
-    read (which a database thread cannot stop) ends: abandoned reads never pile up."""
+    read (which a database thread cannot stop) ends: abandoned reads never pile up.
+    """
     from eth_twisted.web.app import HANDLER_TIMEOUT
 
     record = CountingRecord()
@@ -644,7 +646,8 @@ def test_chart_history_is_read_without_payloads() -> None:
 
 def test_stats_answers_cost_the_same_with_5000_addresses_as_with_10() -> None:
     """/api/stats is the cached encoded top-N snapshot: 200 requests with 5,000 addresses seen take
-    about as long as with 10 (measured in this test, as a ratio), and the answer stays small."""
+    about as long as with 10 (measured in this test, as a ratio), and the answer stays small.
+    """
     import time
 
     def fixture(addresses: int) -> Any:

@@ -788,7 +788,8 @@ async def test_concurrent_batches_sharing_hashes_answer_each_hash_ok_once(
     sink: MySQLSink, mysql_db: dict[str, Any]
 ) -> None:
     """Batches stored at once (the router's --concurrent-batches) that share hashes, in opposite orders
-    (a deadlock when both lock their first rows): every hash is OK exactly once, DUP otherwise."""
+    (a deadlock when both lock their first rows): every hash is OK exactly once, DUP otherwise.
+    """
     base = numbered(300, prefix=b"conc")
     batches = [base[0:200], list(reversed(base[100:300])), base[50:250:2], base[::3]]
     results = await defer.gatherResults([sink.store_batch(b) for b in batches], consumeErrors=True)
