@@ -38,7 +38,9 @@ TOKEN = "live-token"
 
 def raw_request(port: int, data: bytes, source: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
     """Send ``data`` on a fresh connection and read until the server closes (or the timeout)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as s:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+    ) as s:
         s.sendall(data)
         chunks = []
         try:
@@ -73,11 +75,17 @@ def start_site(tmp_path: Path, **kw: Any) -> Any:
     """A real server on SQLite with its stats site (token required); fire with (server, web port)."""
     web = free_port()
     storage = sqlite_storage(tmp_path / "eth-server.sqlite3")
-    site = SiteSettings(stats=f"tcp:{web}:interface=127.0.0.1", stats_token=TOKEN,
-                        limits=kw.pop("stats_limits", None) or SiteLimits())
+    site = SiteSettings(
+        stats=f"tcp:{web}:interface=127.0.0.1",
+        stats_token=TOKEN,
+        limits=kw.pop("stats_limits", None) or SiteLimits(),
+    )
     server, _port = yield start_server(storage, site=site, **kw)
-    yield async_wait_until(lambda: threads.deferToThread(get, web, "/healthz").addCallback(lambda c: c == 200),
-                           10, what="stats site to answer")
+    yield async_wait_until(
+        lambda: threads.deferToThread(get, web, "/healthz").addCallback(lambda c: c == 200),
+        10,
+        what="stats site to answer",
+    )
     return server, web
 
 
@@ -86,8 +94,10 @@ def test_non_utf8_authorization_is_a_401_live(tmp_path: Path):
     """A raw request whose Authorization is not UTF-8 gets 401; the site keeps serving."""
     server, web = yield start_site(tmp_path)
     try:
-        request = (b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\xfd\r\n"
-                   b"Connection: close\r\n\r\n")
+        request = (
+            b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\xfd\r\n"
+            b"Connection: close\r\n\r\n"
+        )
         answer = yield threads.deferToThread(raw_request, web, request)
         assert status_of(answer) == 401, answer[:200]
         assert body_of(answer)["error"] == "unauthorized"
@@ -98,29 +108,78 @@ def test_non_utf8_authorization_is_a_401_live(tmp_path: Path):
 
 
 class GoodClient:
-    """A well-behaved client on 127.0.0.2: GET /healthz every 0.1 s in a thread until stopped."""
+    """A well-behaved client on 127.0.0.2: GET /healthz every 0.1 s in a thread until finished.
+
+    It makes at least one request, and :meth:`finish` waits for the thread without blocking
+    the reactor: the server runs in this process, so a request in flight can only be answered
+    while the reactor turns.
+    """
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.statuses: list[int] = []
+        self.errors: list[str] = []
+        self.took: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
+            started = time.monotonic()
             try:
                 self.statuses.append(get(self.port, "/healthz"))
-            except OSError:
+            except OSError as e:
+                self.errors.append(repr(e))
                 self.statuses.append(0)
-            self._stop.wait(0.1)
+            self.took.append(round(time.monotonic() - started, 3))
+            if self._stop.wait(0.1):
+                return
 
-    def __enter__(self) -> GoodClient:
+    def start(self) -> GoodClient:
+        """Start asking, in a thread of its own."""
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def finish(self) -> defer.Deferred[None]:
+        """Stop after the request in flight; fires once the thread has ended."""
         self._stop.set()
-        self._thread.join(10)
+        return threads.deferToThread(self._thread.join, 30)
+
+    def report(self) -> tuple[Any, ...]:
+        """What it saw: statuses, errors and seconds per request."""
+        return Counter(self.statuses), self.errors, self.took
+
+    def all_answered(self) -> bool:
+        """Every request it made was answered 200."""
+        return bool(self.statuses) and set(self.statuses) == {200} and not self._thread.is_alive()
+
+
+@pytest_twisted.inlineCallbacks
+def test_good_client_stopped_mid_request_still_gets_its_answer_live(tmp_path: Path):
+    """The probe the tests below rely on, stopped while its request waits for the reactor.
+
+    Its answer still arrives: finishing it must not block the reactor the server runs on
+    (a blocking join left the request unanswered until a 10 s timeout: status 0 or none).
+    """
+    server, web = yield start_site(tmp_path)
+    site = site_of(server)
+    build = site.buildProtocol
+    good = GoodClient(web)
+    finished: list[defer.Deferred[None]] = []
+
+    def finish_on_its_first_connection(addr: Any) -> Any:
+        if addr.host == "127.0.0.2" and not finished:
+            finished.append(good.finish())  # the request is in flight: not yet read
+        return build(addr)
+
+    site.buildProtocol = finish_on_its_first_connection
+    try:
+        good.start()
+        yield async_wait_until(lambda: bool(finished), 10, what="the probe's connection")
+        yield finished[0]
+        assert good.statuses == [200], good.report()
+    finally:
+        yield server.stopService()
 
 
 def site_of(server: Any) -> Any:
@@ -133,7 +192,9 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def trickle(port: int, sources: list[str], per_source: int, every: float, seconds: float) -> dict[str, Any]:
+def trickle(
+    port: int, sources: list[str], per_source: int, every: float, seconds: float
+) -> dict[str, Any]:
     """Open connections from each source, send a request line, then one header byte every ``every`` s.
 
     Returns how many the server still held open after ``seconds``, the
@@ -143,7 +204,9 @@ def trickle(port: int, sources: list[str], per_source: int, every: float, second
     for source in sources:
         for _ in range(per_source):
             try:
-                s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+                s = socket.create_connection(
+                    ("127.0.0.1", port), timeout=5, source_address=(source, 0)
+                )
             except OSError:
                 continue
             s.sendall(b"GET /healthz HTTP/1.1\r\n")
@@ -170,8 +233,11 @@ def trickle(port: int, sources: list[str], per_source: int, every: float, second
                     answers[s] += data
                 else:
                     alive.discard(s)
-    result = {"connected": len(socks), "still_open": len(alive),
-              "statuses": Counter(status_of(a) for a in answers.values())}
+    result = {
+        "connected": len(socks),
+        "still_open": len(alive),
+        "statuses": Counter(status_of(a) for a in answers.values()),
+    }
     for s in socks:
         s.close()
     return result
@@ -179,8 +245,11 @@ def trickle(port: int, sources: list[str], per_source: int, every: float, second
 
 @pytest_twisted.inlineCallbacks
 def test_trickling_connections_are_cut_and_capped_live(tmp_path: Path):
-    """200 connections trickling a header byte every 0.3 s from 20 addresses are all closed within the
-    header deadline; the site never holds more than its cap; /healthz from elsewhere keeps answering."""
+    """200 connections trickling header bytes are all closed within the header deadline.
+
+    They come from 20 addresses, a byte every 0.3 s; the site never holds more than its cap,
+    and /healthz from elsewhere keeps answering.
+    """
     limits = SiteLimits(stats_max_connections=64, stats_max_per_ip=16, stats_header_timeout=1.5)
     server, web = yield start_site(tmp_path, stats_limits=limits)
     table = site_of(server).table
@@ -192,9 +261,12 @@ def test_trickling_connections_are_cut_and_capped_live(tmp_path: Path):
     fd_sampler = task.LoopingCall(lambda: fds_peak.__setitem__(0, max(fds_peak[0], open_fds())))
     fd_sampler.start(0.1)
     try:
-        with GoodClient(web) as good:
+        good = GoodClient(web).start()
+        try:
             sources = [f"127.0.1.{i}" for i in range(1, 21)]
             result = yield threads.deferToThread(trickle, web, sources, 10, 0.3, 6.0)
+        finally:
+            yield good.finish()
         assert result["connected"] == 200
         assert result["still_open"] == 0, result
         assert result["statuses"][408] >= 1, result
@@ -202,7 +274,7 @@ def test_trickling_connections_are_cut_and_capped_live(tmp_path: Path):
         # Descriptors (the sockets of both ends live in this process): the attacker's 200 plus at
         # most the site's 64, never 400.
         assert fds_peak[0] - fds_before <= 200 + 64 + 16, (fds_before, fds_peak[0])
-        assert good.statuses and set(good.statuses) == {200}, Counter(good.statuses)
+        assert good.all_answered(), (*good.report(), dict(site_of(server).table.refused))
     finally:
         sampler.stop()
         fd_sampler.stop()
@@ -232,13 +304,18 @@ def silent_connections(port: int, source: str, n: int, hold: float) -> int:
 @pytest_twisted.inlineCallbacks
 def test_silent_connections_from_one_address_are_held_to_its_cap_live(tmp_path: Path):
     """300 silent connections from one address leave it 16 places; /healthz from another address answers."""
-    server, web = yield start_site(tmp_path, stats_limits=SiteLimits(stats_max_per_ip=16, stats_max_connections=64))
+    server, web = yield start_site(
+        tmp_path, stats_limits=SiteLimits(stats_max_per_ip=16, stats_max_connections=64)
+    )
     try:
-        with GoodClient(web) as good:
+        good = GoodClient(web).start()
+        try:
             alive = yield threads.deferToThread(silent_connections, web, "127.0.0.1", 300, 1.0)
+        finally:
+            yield good.finish()
         assert alive == 16
         assert len(site_of(server).table.open) <= 16 + 1
-        assert good.statuses and set(good.statuses) == {200}, Counter(good.statuses)
+        assert good.all_answered(), (*good.report(), dict(site_of(server).table.refused))
     finally:
         yield server.stopService()
 
@@ -274,18 +351,26 @@ def send_body(port: int, head: bytes, body_bytes: int) -> tuple[bytes, bytes]:
 @pytest.mark.parametrize(("method", "status"), [("POST", 405), ("GET", 413)])
 @pytest_twisted.inlineCallbacks
 def test_a_large_body_is_refused_before_it_is_sent_live(tmp_path: Path, method: str, status: int):
-    """A request declaring 300 MiB is answered at its headers, before any body byte, and nothing is spooled."""
+    """A request declaring 300 MiB is answered at its headers, before any body byte.
+
+    Nothing is spooled.
+    """
     server, web = yield start_site(tmp_path)
     try:
         spooled_before = deleted_temp_files()
-        head = (f"{method} /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
-                f"Content-Length: {300 * 1024 * 1024}\r\n\r\n").encode()
-        with GoodClient(web) as good:
+        head = (
+            f"{method} /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {300 * 1024 * 1024}\r\n\r\n"
+        ).encode()
+        good = GoodClient(web).start()
+        try:
             early, _late = yield threads.deferToThread(send_body, web, head, 8 * 1024 * 1024)
             assert deleted_temp_files() <= spooled_before
+        finally:
+            yield good.finish()
         assert status_of(early) == status, early[:300]
         assert body_of(early)["error"] in ("method-not-allowed", "body-not-allowed")
-        assert good.statuses and set(good.statuses) == {200}, Counter(good.statuses)
+        assert good.all_answered(), (*good.report(), dict(site_of(server).table.refused))
     finally:
         yield server.stopService()
 
@@ -317,8 +402,10 @@ def pipeline_without_reading(port: int, requests: int, wait: float, report: Any)
 
 @pytest_twisted.inlineCallbacks
 def test_pipelined_requests_behind_unread_answers_cost_one_answer_live(tmp_path: Path):
-    """500 pipelined requests from a peer that reads nothing leave about one answer queued, not 500;
-    once it reads, every one is answered."""
+    """500 pipelined requests from a peer that reads nothing leave about one answer queued, not 500.
+
+    Once it reads, every one is answered.
+    """
     server, web = yield start_site(tmp_path)
     site = site_of(server)
     one_answer = len((resources.files("eth_twisted.web") / "static" / "dashboard.js").read_bytes())
@@ -328,8 +415,12 @@ def test_pipelined_requests_behind_unread_answers_cost_one_answer_live(tmp_path:
     queued: list[int] = []
     try:
         answered = yield threads.deferToThread(
-            pipeline_without_reading, web, 500, 1.5,
-            lambda: queued.append(sum(queued_bytes(c) for c in built if c.transport is not None)))
+            pipeline_without_reading,
+            web,
+            500,
+            1.5,
+            lambda: queued.append(sum(queued_bytes(c) for c in built if c.transport is not None)),
+        )
         assert answered == 500
         assert queued and queued[0] <= 64 * 1024 + 2 * one_answer, (queued, one_answer)
     finally:
@@ -338,7 +429,9 @@ def test_pipelined_requests_behind_unread_answers_cost_one_answer_live(tmp_path:
 
 def fetch(port: int, path: str) -> tuple[int, bytes]:
     """GET ``path`` with the token (HTTP/1.0: the body ends at close); (status, body)."""
-    request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+    request = (
+        f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+    )
     answer = raw_request(port, request, "127.0.0.3", timeout=30)
     return status_of(answer), answer.partition(b"\r\n\r\n")[2]
 
@@ -346,7 +439,9 @@ def fetch(port: int, path: str) -> tuple[int, bytes]:
 def heartbeats(port: int, stop: threading.Event) -> list[bytes]:
     """A well-behaved netstring client on 127.0.0.2: one probe at a time until ``stop``; its replies."""
     replies: list[bytes] = []
-    with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=("127.0.0.2", 0)) as s:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=15, source_address=("127.0.0.2", 0)
+    ) as s:
         decoder = NetstringDecoder(1 << 16)
         while not stop.is_set():
             s.sendall(b"0:,")
@@ -360,8 +455,11 @@ def heartbeats(port: int, stop: threading.Event) -> list[bytes]:
 
 @pytest_twisted.inlineCallbacks
 def test_twenty_parallel_pages_of_escaped_payloads_stay_bounded_live(tmp_path: Path):
-    """200 stored 64 KiB payloads that escape 6x, asked for by 20 clients at once with limit=200:
-    every answer is at most one page budget, paging reaches every record, and ingest keeps answering."""
+    """Twenty parallel pages of 6x-escaping payloads each stay within one page budget.
+
+    200 stored 64 KiB payloads, asked for by 20 clients at once with limit=200: every answer
+    is at most one page budget, paging reaches every record, and ingest keeps answering.
+    """
     server, web = yield start_site(tmp_path)
     port = server.port.getHost().port
     payloads = [b"%08d" % i + b"\x01" * (64 * 1024 - 8) for i in range(200)]
@@ -371,9 +469,13 @@ def test_twenty_parallel_pages_of_escaped_payloads_stay_bounded_live(tmp_path: P
     stop = threading.Event()
     probes = threads.deferToThread(heartbeats, port, stop)
     try:
-        with GoodClient(web) as good:
+        good = GoodClient(web).start()
+        try:
             answers = yield defer.gatherResults(
-                [threads.deferToThread(fetch, web, "/api/messages?limit=200") for _ in range(20)])
+                [threads.deferToThread(fetch, web, "/api/messages?limit=200") for _ in range(20)]
+            )
+        finally:
+            yield good.finish()
         stop.set()
         probe_replies = yield probes
         for status, body in answers:
@@ -383,20 +485,22 @@ def test_twenty_parallel_pages_of_escaped_payloads_stay_bounded_live(tmp_path: P
         seen = [m["id"] for m in first["messages"]]
         before = first["next_before"]
         while before is not None:
-            status, body = yield threads.deferToThread(fetch, web, f"/api/messages?limit=200&before={before}")
+            status, body = yield threads.deferToThread(
+                fetch, web, f"/api/messages?limit=200&before={before}"
+            )
             page = json.loads(body)
             seen += [m["id"] for m in page["messages"]]
             before = page["next_before"]
         assert len(seen) == len(set(seen)) == 200
         assert probe_replies and all(r.startswith(b"ERR e3b0c442") for r in probe_replies)
-        assert good.statuses and set(good.statuses) == {200}, Counter(good.statuses)
+        assert good.all_answered(), (*good.report(), dict(site_of(server).table.refused))
     finally:
         stop.set()
         yield server.stopService()
 
 
 def seed_addresses(path: Path, ipv4: int, ipv6_hosts: int) -> None:
-    """Rows from ``ipv4`` distinct IPv4 addresses and ``ipv6_hosts`` hosts of one IPv6 /64, straight into SQLite."""
+    """Rows from ``ipv4`` IPv4 addresses and ``ipv6_hosts`` hosts of one IPv6 /64, into SQLite."""
     migrate_sqlite(str(path))
     addresses = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(ipv4)]
     addresses += [f"2001:db8:5::{i + 1:x}" for i in range(ipv6_hosts)]
@@ -404,28 +508,42 @@ def seed_addresses(path: Path, ipv4: int, ipv6_hosts: int) -> None:
         db.executemany(
             "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at)"
             " VALUES (?, ?, NULL, ?, NULL, ?)",
-            [(sha256_hex(b"from %d" % i), b"from %d" % i, ip, 1_700_000_000.0 + i)
-             for i, ip in enumerate(addresses)])
+            [
+                (sha256_hex(b"from %d" % i), b"from %d" % i, ip, 1_700_000_000.0 + i)
+                for i, ip in enumerate(addresses)
+            ],
+        )
 
 
 @pytest_twisted.inlineCallbacks
 def test_stats_of_5000_addresses_are_the_top_20_and_a_count_live(tmp_path: Path):
-    """A server whose record holds 5,000 IPv4 addresses and 300 hosts of one IPv6 /64 answers /api/stats
-    with the 20 busiest groups and a count of 5,001, a few kilobytes; 20 clients polling it hard do not
-    stop a netstring client's probes being answered."""
+    """/api/stats over 5,000 IPv4 addresses and 300 hosts of one IPv6 /64 stays a few kilobytes.
+
+    It lists the 20 busiest groups and a count of 5,001; 20 clients polling it hard do not
+    stop a netstring client's probes being answered.
+    """
     seed_addresses(tmp_path / "eth-server.sqlite3", 5000, 300)
     server, web = yield start_site(tmp_path)
     port = server.port.getHost().port
     try:
+
         def seeded() -> Any:
             return threads.deferToThread(fetch, web, "/api/stats").addCallback(
-                lambda r: json.loads(r[1]) if json.loads(r[1])["totals"]["records"] == 5300 else None)
+                lambda r: (
+                    json.loads(r[1]) if json.loads(r[1])["totals"]["records"] == 5300 else None
+                )
+            )
 
         stats = yield async_wait_until(seeded, 15, what="stats seeded from SQL")
         assert stats["totals"]["clients"] == 5001
         assert len(stats["clients"]) == 20 and stats["clients_omitted"] == 4981
-        assert stats["clients"][0] == {"ip": "2001:db8:5::/64", "records": 300, "messages": 300,
-                                       "latest_block": None, "last_seen": None}
+        assert stats["clients"][0] == {
+            "ip": "2001:db8:5::/64",
+            "records": 300,
+            "messages": 300,
+            "latest_block": None,
+            "last_seen": None,
+        }
         status, body = yield threads.deferToThread(fetch, web, "/api/stats")
         assert status == 200 and len(body) < 64 * 1024
 
