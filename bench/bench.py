@@ -983,7 +983,8 @@ def report(res: dict[str, Any]) -> str:
             r = lim["raw_mysql"]
             lines.append(
                 f"- raw PyMySQL executemany, 1,000-row transactions: **{r['rate']:,.0f} rows/s** "
-                f"(client {r['client_us_per_row']:.1f} µs/row, mariadbd {r['mariadbd_us_per_row']:.1f} µs/row)"
+                f"(client {r['client_us_per_row']:.1f} µs/row, "
+                f"mariadbd {r['mariadbd_us_per_row']:.1f} µs/row)"
             )
         if "raw_mysql_per_row" in lim:
             r1 = lim["raw_mysql_per_row"]
@@ -1024,7 +1025,8 @@ def report(res: dict[str, Any]) -> str:
             lines += [
                 "",
                 f"Inside the server: {r['batch_mean']:.1f} messages a batch; a MySQL transaction "
-                f"took {st['mysql']['mean_ms']:.2f} ms on average (busy {st['mysql']['busy']:.0%} of the time), "
+                f"took {st['mysql']['mean_ms']:.2f} ms on average "
+                f"(busy {st['mysql']['busy']:.0%} of the time), "
                 f"the Redis script {st['redis']['mean_ms']:.2f} ms (busy {st['redis']['busy']:.0%}).",
             ]
         for f in r.get("floor", []):
@@ -1056,7 +1058,8 @@ def report(res: dict[str, Any]) -> str:
             "",
             "## Idle client",
             "",
-            f"`eth client` polling anvil every second for {r['seconds']:.0f} s: CPU **{100 * r['cores']:.2f}%** "
+            f"`eth client` polling anvil every second for {r['seconds']:.0f} s: "
+            f"CPU **{100 * r['cores']:.2f}%** "
             f"of a core, RSS **{r['rss_mb']:.0f} MB**, {r['rows']} blocks stored; "
             f"verified: {'yes' if r['verified'] else 'NO'}",
         ]

@@ -211,7 +211,10 @@ def close_wait(port: int) -> int:
 
 
 def tmp_bytes(pid: int, tmpdir: Path) -> int:
-    """Bytes in files the server holds open under ``tmpdir`` (unlinked ones too) plus files still listed there."""
+    """Bytes in files the server holds open under ``tmpdir`` plus files still listed there.
+
+    Files it holds open count even when they have been unlinked.
+    """
     total = 0
     prefix = str(tmpdir)
     try:
@@ -277,7 +280,10 @@ def reply_text(reply: bytes) -> str:
 def fresh_client(
     port: int, block: int, *, source: str = FRESH, split: bool = True, wait: float = 15.0
 ) -> dict[str, Any]:
-    """A new connection sends one message (in two TCP writes 50 ms apart when ``split``); was it answered OK?"""
+    """Send one message on a new connection and report whether it was answered OK.
+
+    The message goes in two TCP writes 50 ms apart when ``split``.
+    """
     payload = render_html(block)
     digest = sha256(payload).hexdigest().encode()
     frame = netstring(payload)
@@ -370,7 +376,10 @@ class Crowd:
         burst: int = 40,
         timeout: float = 3.0,
     ) -> int:
-        """Connect ``n`` sockets round robin from ``sources`` in bursts (below the listen backlog); send ``data``."""
+        """Connect ``n`` sockets round robin from ``sources`` in bursts; send ``data``.
+
+        The bursts stay below the listen backlog.
+        """
         opened = 0
         for start in range(0, n, burst):
             sel = selectors.DefaultSelector()
@@ -572,8 +581,9 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def worst_stall(answer_times: list[float], t0: float, t1: float) -> float:
-    """The longest interval within [t0, t1] without any answer to the good client (it always has one to wait for).
+    """The longest interval within [t0, t1] without any answer to the good client.
 
+    The good client always has an answer to wait for.
     ``answer_times`` are the moments real replies (OK, DUP, ERR) arrived, sorted.
     The good client has a fresh message to send every 20 ms, so every gap between
     answers beyond that is time it was kept waiting.
@@ -733,7 +743,10 @@ def one_frame(ctx: Ctx, payload: bytes) -> None:
 
 
 def title_payload(size: int | None, reps: int = 1000) -> bytes:
-    """``<title>`` + "ethereum block number " repeated, no ``</title>``; padded to ``size`` bytes when given."""
+    """``<title>`` + "ethereum block number " repeated, no ``</title>``.
+
+    Padded to ``size`` bytes when given.
+    """
     unit = b"ethereum block number "
     if size is None:
         return b"<title>" + unit * reps
@@ -752,7 +765,10 @@ def attack_title_64k(ctx: Ctx) -> None:
 
 
 def attack_body(ctx: Ctx) -> None:
-    """Item 1: the body regex's quadratic input (a matching title, then ``<body>`` repeated, no ``</body>``)."""
+    """Item 1: the body regex's quadratic input.
+
+    A matching title, then ``<body>`` repeated, no ``</body>``.
+    """
     head = b"<title>Ethereum block number</title>"
     one_frame(ctx, head + b"<body>" * ((MAX_LENGTH - len(head)) // 6))
 
@@ -822,7 +838,10 @@ def attack_closewait(ctx: Ctx) -> None:
 
 
 def after_closewait(ctx: Ctx) -> None:
-    """Item 3: CLOSE-WAIT sockets, held descriptors and a client from 127.0.0.11 (its 100 places held), at +5 s and +35 s."""
+    """Item 3: CLOSE-WAIT sockets, held descriptors and a client from 127.0.0.11, at +5 s and +35 s.
+
+    The client from 127.0.0.11 tries while that address's 100 places are held.
+    """
     for at in (5, 35):
         ctx.sleep_until("leave", at)
         ctx.extras[f"close_wait_{at}s"] = close_wait(ctx.server.port)
@@ -1033,7 +1052,7 @@ PAGE_PAYLOAD = 60 * 1024
 
 
 def prepare_pages(ctx: Ctx) -> None:
-    """Item 16: store 200 records of 60 KiB of ``\\x01`` (each ``\\u0001`` in JSON: six bytes a byte)."""
+    r"""Item 16: store 200 records of 60 KiB of ``\x01`` (each ``\u0001`` in JSON: six bytes a byte)."""
     s = socket.socket()
     s.bind((ATTACKERS[0], 0))
     s.settimeout(60)
@@ -1063,7 +1082,8 @@ def attack_pages(ctx: Ctx) -> None:
             conn = http.client.HTTPConnection(
                 "127.0.0.1", port, timeout=120, source_address=(ATTACKERS[i % 10], 0)
             )
-            # before=201: the 200 large records (ids 1-200, stored before the good client began), not its pages
+            # before=201: the 200 large records (ids 1-200, stored before the good client
+            # began), not its pages
             conn.request(
                 "GET",
                 f"/api/messages?limit=200&before={PAGE_RECORDS + 1}",
@@ -1405,7 +1425,8 @@ def report(res: dict[str, Any]) -> str:
             continue
         g = r["good"]
         lines.append(
-            f"| {r['item']} | {r['name']} | {r.get('rss_before_mb', 0):.0f} / {r.get('rss_peak_mb', 0):.0f} / "
+            f"| {r['item']} | {r['name']} | "
+            f"{r.get('rss_before_mb', 0):.0f} / {r.get('rss_peak_mb', 0):.0f} / "
             f"{r.get('rss_after_mb', 0):.0f} | {ms(g['p50_ms'])} / {ms(g['p99_ms'])} / {ms(g['max_ms'])} | "
             f"{g['worst_stall_s']:.2f} | {ms(r['healthz']['worst_ms'])}"
             + (
@@ -1413,7 +1434,8 @@ def report(res: dict[str, Any]) -> str:
                 if r["healthz"]["failures"]
                 else ""
             )
-            + f" | {yes_no(g['answered_throughout'])} | {recovered_text(r['extras'].get('recovered_after_leaving_s'))}"
+            + f" | {yes_no(g['answered_throughout'])} | "
+            f"{recovered_text(r['extras'].get('recovered_after_leaving_s'))}"
             f" | {fresh_text(r['extras'].get('two_write_after'))} |"
         )
     for r in res["attacks"]:

@@ -260,7 +260,8 @@ def main() -> None:
     finally:
         drop_database(db)
     print(
-        f"\n{'child':<10} {'code':<28} {'records':>8} {'base MiB':>9} {'peak MiB':>9} {'growth MiB':>11} {'s':>7}"
+        f"\n{'child':<10} {'code':<28} {'records':>8} {'base MiB':>9} "
+        f"{'peak MiB':>9} {'growth MiB':>11} {'s':>7}"
     )
     for r in reports:
         print(

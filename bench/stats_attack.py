@@ -82,7 +82,11 @@ class Server:
             [
                 sys.executable,
                 "-c",
-                "import sys\ntry:\n    from eth_twisted.cli.main import main\nexcept ImportError:  # an older tree\n    from eth_twisted.cli import main\nsys.exit(main())",
+                (
+                    "import sys\ntry:\n    from eth_twisted.cli.main import main\n"
+                    "except ImportError:  # an older tree\n    from eth_twisted.cli import main\n"
+                    "sys.exit(main())"
+                ),
                 "server",
                 "--port",
                 str(self.port),

@@ -333,8 +333,10 @@ def test_every_hadolint_exception_is_explained() -> None:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_image_shape(dockerfile: Path) -> None:
-    """Multi-stage on slim Python; the runtime stage is non-root, has the state volume,
-    a /healthz check without curl, the plugin cache built as root and the pidfile-free entrypoint.
+    """Multi-stage on slim Python; the runtime stage is non-root.
+
+    The runtime stage has the state volume, a /healthz check without curl, the plugin cache built as
+    root and the pidfile-free entrypoint.
     """
     instructions = dockerfile_instructions(dockerfile)
     froms = [args for word, args in instructions if word == "FROM"]
@@ -365,8 +367,9 @@ def test_image_shape(dockerfile: Path) -> None:
 
 
 def test_default_command_runs_server_and_client_together() -> None:
-    """The main image's CMD is `eth run`, with its dashboard reachable from outside the container,
-    and it parses with the real `eth` option parser.
+    """The main image's CMD is `eth run` and parses with the real `eth` option parser.
+
+    Its dashboard is reachable from outside the container.
     """
     from eth_twisted.cli import main as cli
 
@@ -423,8 +426,9 @@ def test_build_context_holds_what_the_install_needs_and_no_secrets() -> None:
 
 
 def test_entrypoint_runs_twistd_in_the_foreground_without_pidfile(tmp_path: Path) -> None:
-    """`twistd ...` gains --nodaemon --pidfile= (a user's own --pidfile comes later and wins);
-    any other command runs unchanged.
+    """`twistd ...` gains --nodaemon --pidfile=; any other command runs unchanged.
+
+    A user's own --pidfile comes later and wins.
     """
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -467,9 +471,11 @@ def test_entrypoint_runs_twistd_in_the_foreground_without_pidfile(tmp_path: Path
 def test_container_start_survives_a_stale_pidfile_and_passes_its_healthcheck(
     tmp_path: Path, service_env: dict[str, str], daemons: list[Daemon]
 ) -> None:
-    """As in a restarted container: a twistd.pid naming PID 1 is left in the state volume;
-    `twistd eth-server` through the entrypoint still becomes ready and the image's
-    HEALTHCHECK command succeeds against it.
+    """A stale twistd.pid naming PID 1, as in a restarted container, does not stop the server.
+
+    As in a restarted container: a twistd.pid naming PID 1 is left in the state volume; `twistd
+    eth-server` through the entrypoint still becomes ready and the image's HEALTHCHECK command
+    succeeds against it.
     """
     state = tmp_path / "state"
     state.mkdir()
@@ -510,8 +516,10 @@ def test_container_start_survives_a_stale_pidfile_and_passes_its_healthcheck(
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_install_script_installs_a_working_app_into_a_fresh_virtualenv(tmp_path: Path) -> None:
-    """scripts/install-app, run on exactly the files the image build sees, gives a venv where
-    twistd lists both plugins, the plugin cache exists and `eth` runs: a non-editable install.
+    """scripts/install-app, run on exactly the files the image build sees, gives a working venv.
+
+    In that venv twistd lists both plugins, the plugin cache exists and `eth` runs: a non-editable
+    install.
     """
     src = tmp_path / "src"
     for rel in context_files():
@@ -588,8 +596,9 @@ def test_install_script_regenerates_only_the_cache_when_asked(tmp_path: Path) ->
 
 
 def test_compose_file_matches_the_compose_specification() -> None:
-    """docker-compose.yml (and the Beanstalk one) validate against the Compose JSON schema,
-    and the validator does reject a bad file.
+    """docker-compose.yml (and the Beanstalk one) validate against the Compose JSON schema.
+
+    The validator does reject a bad file.
     """
     validator = compose_validator()
     for path in (ROOT / "docker-compose.yml", ROOT / "deploy/aws/beanstalk/docker-compose.yml"):
@@ -605,8 +614,9 @@ def test_compose_file_matches_the_compose_specification() -> None:
 
 
 def test_compose_services_start_in_health_order() -> None:
-    """mysql, redis, server, client and test exist; each long-running service has a health check,
-    and every dependency waits for service_healthy.
+    """mysql, redis, server, client and test exist and start in health order.
+
+    Each long-running service has a health check, and every dependency waits for service_healthy.
     """
     services = load_compose()["services"]
     assert set(services) >= {"mysql", "redis", "server", "client", "test"}
@@ -658,8 +668,9 @@ def test_inline_secret_finder_finds_one() -> None:
 
 
 def test_compose_has_no_inline_secret() -> None:
-    """Passwords arrive only as files (compose secrets under deploy/secrets/, with a template each);
-    no environment variable or command line carries one.
+    """Passwords arrive only as files; no environment variable or command line carries one.
+
+    The files are compose secrets under deploy/secrets/, with a template each.
     """
     compose = load_compose()
     secret_files = {name: spec["file"] for name, spec in compose["secrets"].items()}
@@ -681,8 +692,10 @@ def test_compose_has_no_inline_secret() -> None:
 
 
 def test_compose_test_service_sets_what_the_fixtures_read() -> None:
-    """Every ETH_TEST_* variable the fixtures read (tests/conftest.py, tests/support/mysql.py; but the
-    local socket) is set for the test service, and the password comes from its secret file.
+    """Every ETH_TEST_* variable the fixtures read (but the local socket) is set for the test service.
+
+    The fixtures are those in tests/conftest.py and tests/support/mysql.py, and the password comes
+    from its secret file.
     """
     sources = (ROOT / "tests/conftest.py").read_text() + (
         ROOT / "tests/support/mysql.py"
@@ -698,8 +711,9 @@ def test_compose_test_service_sets_what_the_fixtures_read() -> None:
 
 
 def test_compose_commands_parse_with_the_real_options(tmp_path: Path) -> None:
-    """The server's command line plus its environment is a valid `eth server` invocation,
-    pointed at the compose MariaDB and Redis, with the password from the secret file.
+    """The server's command line plus its environment is a valid `eth server` invocation.
+
+    It points at the compose MariaDB and Redis, with the password from the secret file.
     """
     server = load_compose()["services"]["server"]
     env = _environment(server)
@@ -727,8 +741,9 @@ def test_env_example_names_every_compose_variable() -> None:
 
 
 def test_mariadb_init_script_creates_the_test_account_safely(tmp_path: Path) -> None:
-    """The init script grants the test account its eth_test_* databases only, quoting the
-    password from the secret file (quotes and backslashes included) as a SQL literal.
+    """The init script grants the test account its eth_test_* databases only.
+
+    It quotes the password from the secret file (quotes and backslashes included) as a SQL literal.
     """
     secret = tmp_path / "mysql-test-pass"
     secret.write_text("it's a \\ test\n")
@@ -795,7 +810,9 @@ def test_systemd_security_exposure_is_low(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(UNITS))
 def test_unit_settings(name: str) -> None:
-    """Type=notify from the main process, twistd -n without pidfile, state directory as working
+    """Each unit: Type=notify, twistd -n without pidfile, an unprivileged user, hardening.
+
+    Type=notify from the main process, twistd -n without pidfile, state directory as working
     directory, restart on failure, an unprivileged user, the 4.5 hardening set, and no
     MemoryDenyWriteExecute (with the reason written down).
     """
@@ -839,10 +856,11 @@ def test_environment_file_examples_hold_no_secret_and_parse(name: str) -> None:
 def test_server_unit_exec_start_becomes_ready(
     tmp_path: Path, service_env: dict[str, str], daemons: list[Daemon]
 ) -> None:
-    """eth-server.service's ExecStart, run as written with what systemd would provide
-    (its EnvironmentFile example, StateDirectory, credentials, NOTIFY_SOCKET), sends READY=1
-    from the main process once it accepts connections and /readyz answers; SIGTERM stops it
-    cleanly, and no pidfile was written.
+    """eth-server.service's ExecStart, run as written, sends READY=1 and stops cleanly on SIGTERM.
+
+    It runs with what systemd would provide (its EnvironmentFile example, StateDirectory,
+    credentials, NOTIFY_SOCKET) and sends READY=1 from the main process once it accepts connections
+    and /readyz answers; SIGTERM stops it cleanly, and no pidfile was written.
     """
     unit = parse_unit(UNITS["eth-server"])
     state, creds = tmp_path / "state", tmp_path / "credentials"
@@ -880,8 +898,9 @@ def test_server_unit_exec_start_becomes_ready(
 def test_client_unit_exec_start_becomes_ready_and_delivers(
     tmp_path: Path, service_env: dict[str, str], daemons: list[Daemon], anvil: Any
 ) -> None:
-    """eth-client.service's ExecStart, run as written beside the server unit's, sends READY=1
-    from the main process, then delivers anvil's blocks to the server.
+    """eth-client.service's ExecStart, run as written beside the server unit's, sends READY=1.
+
+    READY=1 comes from the main process, which then delivers anvil's blocks to the server.
     """
     listener = NotifyListener()
     port, server_stats, client_stats = free_port(), free_port(), free_port()
@@ -953,9 +972,10 @@ def test_client_unit_exec_start_becomes_ready_and_delivers(
 def test_image_default_command_relays_blocks(
     tmp_path: Path, service_env: dict[str, str], daemons: list[Daemon], anvil: Any
 ) -> None:
-    """The image's CMD (`eth run`, through the entrypoint, state in STATE_DIRECTORY) serves
-    /healthz for the HEALTHCHECK and stores the chain's blocks; only the stats port and the
-    RPC endpoint are adapted to this machine.
+    """The image's CMD serves /healthz for the HEALTHCHECK and stores the chain's blocks.
+
+    The CMD is `eth run`, through the entrypoint, state in STATE_DIRECTORY; only the stats port and
+    the RPC endpoint are adapted to this machine.
     """
     (cmd,) = [exec_form(a) for w, a in final_stage(ROOT / "Dockerfile") if w == "CMD"]
     stats = free_port()
@@ -986,8 +1006,10 @@ def test_image_default_command_relays_blocks(
 def test_beanstalk_bundle_has_dockerfile_compose_and_ebextensions_at_its_root(
     tmp_path: Path,
 ) -> None:
-    """make-beanstalk-bundle zips the committed sources with the Beanstalk Dockerfile and compose
-    file at the root, and .ebextensions asking for a network load balancer with a TCP 9999 listener.
+    """make-beanstalk-bundle zips the committed sources with the Beanstalk files at the root.
+
+    The Beanstalk Dockerfile and compose file are at the root, and .ebextensions ask for a network
+    load balancer with a TCP 9999 listener.
     """
     import zipfile
 
@@ -1031,8 +1053,9 @@ def test_beanstalk_bundle_has_dockerfile_compose_and_ebextensions_at_its_root(
 
 
 def test_ecs_task_definition_matches_the_client_image() -> None:
-    """The ECS task definition runs the client image as its user, with the image's health check
-    port, the state volume and awslogs; it sets no secret in its environment.
+    """The ECS task definition runs the client image as its user; it sets no secret in its environment.
+
+    It has the image's health check port, the state volume and awslogs.
     """
     task = json.loads((ROOT / "deploy/aws/ecs-task-definition.json").read_text())
     (container,) = task["containerDefinitions"]
@@ -1069,8 +1092,9 @@ def test_shell_scripts_parse_and_are_executable(script: str) -> None:
 
 
 def test_secrets_generator_writes_new_random_files_and_keeps_existing_ones(tmp_path: Path) -> None:
-    """deploy/secrets/generate creates one random secret per template, readable by the
-    containers, and never overwrites a secret that exists.
+    """deploy/secrets/generate creates one random secret per template, readable by the containers.
+
+    It never overwrites a secret that exists.
     """
     work = tmp_path / "secrets"
     work.mkdir()

@@ -80,7 +80,10 @@ def test_the_rules_read_the_whole_package() -> None:
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
 def test_folders_never_import_across_the_data_path(folder: str) -> None:
-    """client/ and server/ never import each other; sinks/, link/ and web/ never reach the parts above them."""
+    """client/ and server/ never import each other.
+
+    sinks/, link/ and web/ never reach the parts above them.
+    """
     crossings = sorted(
         f"{module} imports {target}"
         for module, path in MODULES.items()

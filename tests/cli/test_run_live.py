@@ -24,8 +24,10 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def test_eth_run_against_anvil(tmp_path: Path, anvil: Any) -> None:
-    """eth run prints where its data lives, the dashboard URL and one line per stored block,
-    takes a free port when its own is taken, and stops cleanly on Ctrl-C.
+    """eth run reports its data, dashboard and blocks, dodges a taken port and stops on Ctrl-C.
+
+    It prints where its data lives, the dashboard URL and one line per stored block, takes a
+    free port when its own is taken, and stops cleanly on Ctrl-C.
     """
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -96,7 +98,10 @@ def test_eth_run_against_anvil(tmp_path: Path, anvil: Any) -> None:
 
 
 def test_eth_run_site_needs_its_token(tmp_path: Path, anvil: Any) -> None:
-    """With ETH_STATS_TOKEN, eth run's API answers 401 without it and 200 with it; the token is not printed."""
+    """With ETH_STATS_TOKEN, eth run's API answers 401 without it and 200 with it.
+
+    The token is not printed.
+    """
     stats_port = free_port()
     env = dict(os.environ, ETH_STATS_TOKEN="run-secret-token")
     proc = subprocess.Popen(

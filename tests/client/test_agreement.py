@@ -60,7 +60,10 @@ def test_agree_table(heads: list[int], expected: int) -> None:
 
 
 def test_one_liar_among_three_is_distrusted(lines: Lines) -> None:
-    """An endpoint claiming a head far ahead of the other two is far-ahead: not followed, counted, one line."""
+    """An endpoint claiming a head far ahead of the other two is far-ahead.
+
+    It is not followed, it is counted, and it is logged in one line.
+    """
     w = World(urls=[A, B, C])
     w.c.fabricate(2293)
     for _ in range(5):
@@ -237,7 +240,10 @@ def test_chain_id_filters_before_the_majority() -> None:
 
 
 def test_every_endpoint_changing_chains_is_fatal() -> None:
-    """When every endpoint has moved to another chain since verification, the next round is a ChainMismatch."""
+    """When every endpoint has moved to another chain, the next round is a ChainMismatch.
+
+    Every endpoint has moved since verification.
+    """
     w = World(urls=[A, B])
     result_of(w.rpc.verify_chain(None))
     w.a.reset(seed="new")

@@ -1,4 +1,7 @@
-"""Hostile or broken RPC answers cost only the endpoint that gave them: bounds, encodings, redirects, auth, logs."""
+"""Hostile or broken RPC answers cost only the endpoint that gave them.
+
+Covered: bounds, encodings, redirects, auth, logs.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +50,10 @@ HUGE_HEX = "0x" + "f" * 300  # a 1,200-bit block number
     ],
 )
 def test_bad_head_is_that_endpoints_bad_result(value: Any) -> None:
-    """A head that is not a hex quantity below 2**63 is that endpoint's bad-result; the others' answer stands."""
+    """A head that is not a hex quantity below 2**63 is that endpoint's bad-result.
+
+    The others' answer stands.
+    """
     w = World(urls=[A, B])
     w.a.fail("result", result=value, method="eth_blockNumber", times=-1)
     assert result_of(w.rpc.head_round()) == 100
@@ -59,7 +65,10 @@ def test_bad_head_is_that_endpoints_bad_result(value: Any) -> None:
 
 
 def test_quantity_bounds() -> None:
-    """hex_quantity takes 0 .. 2**63-1 (chain ids up to EIP-2294's bound) and refuses longer hex before int()."""
+    """hex_quantity takes 0 .. 2**63-1 and refuses longer hex before int().
+
+    Chain ids are taken up to EIP-2294's bound.
+    """
     assert hex_quantity("0x0", "n") == 0
     assert hex_quantity("0x7fffffffffffffff", "n") == 2**63 - 1
     assert hex_quantity(hex(MAX_CHAIN_ID), "chain id", limit=MAX_CHAIN_ID) == MAX_CHAIN_ID
@@ -82,7 +91,10 @@ def test_quantity_bounds() -> None:
     ],
 )
 def test_bad_block_field_is_that_endpoints_bad_result(field: str, value: str) -> None:
-    """A block with an unbounded or malformed field is that endpoint's bad-result; another endpoint's block is used."""
+    """A block with an unbounded or malformed field is that endpoint's bad-result.
+
+    Another endpoint's block is used.
+    """
     w = World(urls=[A, B])
     result_of(w.rpc.head_round())
     w.a.fail(
@@ -120,7 +132,10 @@ def test_huge_chain_id_is_bad_result() -> None:
 
 
 def test_any_exception_from_a_check_is_the_endpoints_bad_result() -> None:
-    """Whatever a check raises about one endpoint's answer is that endpoint's bad-result, and the next is asked."""
+    """Whatever a check raises about one endpoint's answer is that endpoint's bad-result.
+
+    The next endpoint is asked.
+    """
     w = World(urls=[A, B])
     calls: list[str] = []
 
@@ -173,7 +188,10 @@ def test_poller_survives_a_4000_digit_timestamp() -> None:
 
 
 def test_gzip_answer_is_bad_encoding_and_never_inflated() -> None:
-    """An answer gzip-encoded although identity was asked for is bad-encoding; the request asked for identity."""
+    """An answer gzip-encoded although identity was asked for is bad-encoding.
+
+    The request asked for identity.
+    """
     w = World(urls=[A, B])
     w.a.fail("gzip", size=64 * 1024 * 1024, method="eth_blockNumber")
     assert result_of(w.rpc.block_number()) == 100
@@ -204,7 +222,10 @@ def test_redirect_is_http_3xx_and_never_followed(status: int) -> None:
 
 
 def test_url_credentials_become_basic_auth(lines: Lines) -> None:
-    """user:password@ in an RPC URL is sent as HTTP basic auth (percent-decoded) and appears in no log or label."""
+    """user:password@ in an RPC URL is sent as HTTP basic auth and appears in no log or label.
+
+    The credentials are percent-decoded.
+    """
     w = World(urls=["http://alice:p%40ss-s3cret@a.example/v1/", B])
     w.a.auth = ("alice", "p@ss-s3cret")
     assert result_of(w.rpc.verify_chain(None))
@@ -281,7 +302,10 @@ def test_tls_failure_is_tls_and_not_retried() -> None:
 
 
 def test_dns_outage_logs_one_line_each_way(lines: Lines) -> None:
-    """An unresolvable endpoint polled 200 times writes one warning when its outage starts, one line when it ends."""
+    """An unresolvable endpoint polled 200 times logs its outage in two lines.
+
+    It writes one warning when its outage starts, one line when it ends.
+    """
     w = World(urls=[A, B])
     agent = FailingAgent(error.DNSLookupError("no results"), fallback=w.stub)
     w.rpc.agent = agent
@@ -344,7 +368,10 @@ def test_head_below_cursor_logged_once(lines: Lines) -> None:
 
 
 def test_node_out_of_step_logged_once(lines: Lines) -> None:
-    """A node whose next block keeps naming a wrong parent (while its cursor block stands) is one line, not one per tick."""
+    """A node whose next block keeps naming a wrong parent is one line, not one per tick.
+
+    Its cursor block stands meanwhile.
+    """
     rig = Rig(height=100)
     rig.start()
     rig.node.mine(1)
@@ -365,7 +392,10 @@ def test_node_out_of_step_logged_once(lines: Lines) -> None:
 
 
 def test_flapping_subject_writes_about_two_lines_per_window() -> None:
-    """A subject failing and recovering every second for ten minutes writes at most two lines per flap window."""
+    """A subject flapping every second for ten minutes writes at most two lines per flap window.
+
+    It fails and recovers every second.
+    """
     from twisted.internet.task import Clock
     from twisted.logger import Logger
 
@@ -386,7 +416,10 @@ def test_flapping_subject_writes_about_two_lines_per_window() -> None:
 
 
 def test_long_outage_after_a_flap_is_still_logged() -> None:
-    """An outage that starts right after a logged one and lasts is logged once it has lasted the flap window."""
+    """An outage right after a logged one is logged once it has lasted the flap window.
+
+    The outage starts right after the logged one and lasts.
+    """
     from twisted.internet.task import Clock
     from twisted.logger import Logger
 

@@ -276,7 +276,8 @@ def test_file_lock_refuses_another_process(spool: str) -> None:
         script = (
             "import sys\nfrom eth_twisted.client.outbox import OutboxSettings, open_outbox\n"
             "from eth_twisted.errors import OutboxLocked\n"
-            f"try:\n    open_outbox(OutboxSettings(spool={spool!r}), clock=lambda: 0.0)\nexcept OutboxLocked as e:\n"
+            f"try:\n    open_outbox(OutboxSettings(spool={spool!r}), clock=lambda: 0.0)\n"
+            "except OutboxLocked as e:\n"
             "    print(e); sys.exit(3)\n"
         )
         proc = subprocess.run(

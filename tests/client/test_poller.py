@@ -103,7 +103,10 @@ def test_outbox_full_on_append_does_not_advance() -> None:
 
 
 def test_max_gap_skip_recorded() -> None:
-    """Past max_gap the poller skips to the last min(max_gap, max_backfill) blocks, records and counts the gap."""
+    """Past max_gap the poller skips to the last min(max_gap, max_backfill) blocks.
+
+    It records and counts the gap.
+    """
     rig = Rig(max_gap=50, max_backfill=128).start()
     rig.node.mine(1000)
     rig.tick()
@@ -222,7 +225,10 @@ def test_tick_deadline_cancels_and_loop_goes_on() -> None:
 
 
 def test_parent_mismatch_does_not_advance() -> None:
-    """A block not naming the cursor's block as parent (node out of step) is not enqueued; retried next poll."""
+    """A block not naming the cursor's block as parent is not enqueued; it is retried next poll.
+
+    That is a node out of step.
+    """
     rig = Rig().start()
     rig.node.mine(2)
     good_parent = rig.node.blocks[101]["parentHash"]
@@ -237,7 +243,10 @@ def test_parent_mismatch_does_not_advance() -> None:
 
 
 def test_reorg_rewinds_to_common_ancestor() -> None:
-    """A reorg replacing enqueued blocks re-sends the canonical ones from the common ancestor, then goes on."""
+    """A reorg replacing enqueued blocks re-sends the canonical ones from the common ancestor.
+
+    Then the poller goes on.
+    """
     rig = Rig(format="json").start()
     rig.node.mine(5)
     rig.tick()
@@ -257,7 +266,10 @@ def test_reorg_rewinds_to_common_ancestor() -> None:
 
 
 def test_chain_mismatch_with_cursor_is_fatal() -> None:
-    """A stored cursor from another chain calls fatal with a message naming --reset-cursor; nothing enqueued."""
+    """A stored cursor from another chain calls fatal with a message naming --reset-cursor.
+
+    Nothing is enqueued.
+    """
     outbox = MemoryOutbox(initial_cursor=Cursor(1337, "0x" + "ab" * 32, 90, "0x" + "cd" * 32))
     rig = Rig(outbox=outbox).start()
     assert len(rig.fatal) == 1 and "--reset-cursor" in rig.fatal[0]

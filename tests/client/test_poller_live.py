@@ -65,7 +65,10 @@ def live(anvil: Anvil) -> Iterator[Live]:
 
 @pytest_twisted.inlineCallbacks
 def test_every_mined_block_enqueued_once_in_order(live: Live) -> Any:
-    """Over several seconds of 1 s blocks, every block is enqueued exactly once, contiguous, up to the head."""
+    """Over several seconds of 1 s blocks, every block is enqueued exactly once.
+
+    The blocks are contiguous, up to the head.
+    """
     yield async_wait_until(lambda: len(live.numbers()) >= 6, timeout=20, what="six blocks")
     target = live.anvil.head()
     yield async_wait_until(lambda: live.cursor_number() >= target, timeout=10, what="the head")

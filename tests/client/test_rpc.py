@@ -37,7 +37,10 @@ def test_default_urls_are_public_https() -> None:
 
 
 def test_settings_default_to_the_public_urls_and_check_names_rpc() -> None:
-    """RPCSettings default to DEFAULT_RPC_URLS; check() refuses an unusable URL naming --rpc, never its password."""
+    """RPCSettings default to DEFAULT_RPC_URLS; check() refuses an unusable URL.
+
+    The refusal names --rpc, never the URL's password.
+    """
     assert RPCSettings().rpc == DEFAULT_RPC_URLS and RPCSettings().rpc_timeout == 10.0
     RPCSettings().check()
     with pytest.raises(ValueError, match="--rpc") as info:
@@ -147,7 +150,10 @@ def test_stalled_headers_time_out() -> None:
 
 
 def test_dropped_connection_retried_once(world: World) -> None:
-    """A connection closed before any answer (stale pooled connection) is retried once on the same endpoint."""
+    """A connection closed before any answer is retried once on the same endpoint.
+
+    That is a stale pooled connection.
+    """
     world.a.fail("drop", method="eth_blockNumber")
     assert result_of(world.rpc.block_number()) == 100
     assert [m for m, _ in world.b.requests] == []
@@ -255,7 +261,10 @@ def test_head_round_best_trusted(world: World) -> None:
 
 
 def test_lagging_endpoint_not_trusted() -> None:
-    """An endpoint more than lag_threshold behind the agreed head is lagging, counted and asked last for blocks."""
+    """An endpoint more than lag_threshold behind the agreed head is lagging.
+
+    It is counted and asked last for blocks.
+    """
     w = World(urls=[A, B, C], lag_threshold=5)
     w.a.set_lag(6)
     assert result_of(w.rpc.head_round()) == 100
@@ -334,7 +343,10 @@ def test_restarted_node_reverified_after_transport_failure() -> None:
 
 
 def test_unverified_endpoint_checked_before_use(world: World) -> None:
-    """An endpoint down during verify_chain that comes back on another chain is wrong-chain: its head never counts."""
+    """An endpoint down during verify_chain that comes back on another chain is wrong-chain.
+
+    Its head never counts.
+    """
     world.b.fail("http-5xx")
     result_of(world.rpc.verify_chain(None))
     world.b.reset(seed="other", height=500)
@@ -387,7 +399,10 @@ def test_streamed_body_over_cap_closes_connection() -> None:
 
 
 def test_default_http_client_has_own_pool() -> None:
-    """Without an injected agent, RPCClient builds a twisted.web Agent on its own pool, which close() closes."""
+    """Without an injected agent, RPCClient builds a twisted.web Agent on its own pool.
+
+    close() closes that pool.
+    """
     from twisted.internet.testing import MemoryReactorClock
 
     reactor = MemoryReactorClock()

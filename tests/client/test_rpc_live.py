@@ -113,8 +113,9 @@ def assert_only_real_blocks(rig: Rig, anvil: Anvil) -> None:
 @pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_honest_anvil_plus_liar_delivers_only_real_blocks(anvil: Anvil, served: Served) -> Any:
-    """With an honest anvil and a node claiming 2,293 blocks more (listed first), only anvil's blocks are
-    delivered and the client keeps up with anvil.
+    """With an honest anvil and a lying node, only anvil's blocks are delivered.
+
+    The lying node claims 2,293 blocks more and is listed first; the client keeps up with anvil.
     """
     liar, liar_url = served.fault_node(anvil, "liar", 2293)
     rig = Rig([liar_url, anvil.url])
@@ -203,8 +204,10 @@ def _child_rss(url: str) -> tuple[str, int]:
 @pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_gzip_bomb_is_refused_without_inflating(served: Served) -> Any:
-    """A gzip answer inflating to 512 MiB is bad-encoding, asked for identity, and costs no more memory
-    than an ordinary answer (peak RSS of a client process, compared with one in the same test).
+    """A gzip answer inflating to 512 MiB is bad-encoding and costs no more memory than an ordinary one.
+
+    The request asked for identity. Memory is the peak RSS of a client process, compared with one
+    in the same test.
     """
     from twisted.internet import threads
 
@@ -262,8 +265,10 @@ class HeaderFlood:
 @pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_header_flood_is_cut_at_the_response_cap(served: Served) -> Any:
-    """A node streaming header lines forever is too-large once a response passes its byte cap, and costs a
-    client process no more memory than an ordinary answer (peak RSS compared in the same test).
+    """A node streaming header lines forever is too-large once a response passes its byte cap.
+
+    It costs a client process no more memory than an ordinary answer (peak RSS compared in the
+    same test).
     """
     from twisted.internet import threads
 
@@ -352,8 +357,10 @@ def _polls(stats_port: int) -> float:
 
 @pytest.mark.slow
 def test_unreachable_endpoints_log_a_bounded_number_of_lines(tmp_path: Path) -> None:
-    """A real eth client polling an unresolvable host and a refused port 60 times on a 0.05 s interval
-    writes no traceback and at most one line per endpoint outage plus one for the failing polls.
+    """A real eth client polling unreachable endpoints writes a bounded number of lines.
+
+    It polls an unresolvable host and a refused port 60 times on a 0.05 s interval, and writes no
+    traceback and at most one line per endpoint outage plus one for the failing polls.
     """
     stats, refused, server = free_port(), free_port(), free_port()
     log_path = tmp_path / "client.log"

@@ -330,7 +330,10 @@ def sender_lines() -> Iterator[SenderLines]:
 def test_garbage_burst_costs_one_line(
     started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, sender_lines: SenderLines
 ) -> None:
-    """Ten thousand invalid replies in one read are one protocol error (one line, one count), not ten thousand."""
+    """Ten thousand invalid replies in one read are one protocol error, not ten thousand.
+
+    That is one line and one count.
+    """
     add_blocks(outbox, 1, 1)
     started.wake()
     endpoint.protocols[-1].dataReceived(encode(b"ack:hello") * 10_000)
@@ -342,7 +345,10 @@ def test_garbage_burst_costs_one_line(
 def test_replies_after_a_protocol_error_are_not_believed(
     started: DeliveryService, endpoint: FakeEndpoint, outbox: Outbox, clock: Clock
 ) -> None:
-    """Once a connection said something invalid, its later replies in the same read are not read; all is resent."""
+    """Once a connection said something invalid, its later replies in the same read are not read.
+
+    All is resent.
+    """
     (h,) = add_blocks(outbox, 1, 1)
     started.wake()
     endpoint.transport.take_frames()
@@ -547,8 +553,9 @@ def test_window_is_bounded_by_the_server_limit(
     ],
 )
 def test_settings_check_names_the_option(bad: dict[str, Any], named: str) -> None:
-    """DeliverySettings.check() names the option: the ack timeout is at least twice the server's 10 s deadline,
-    the heartbeat shorter than it.
+    """DeliverySettings.check() names the option that is out of bounds.
+
+    The ack timeout is at least twice the server's 10 s deadline, the heartbeat shorter than it.
     """
     with pytest.raises(ValueError, match=named):
         DeliverySettings(**bad).check()

@@ -160,7 +160,10 @@ class HeadWatcher(threading.Thread):
 
 
 def test_every_block_stored_once_with_latency(relay: Relay, anvil: Anvil) -> None:
-    """Blocks mined at 1 s are all stored, once each, in a contiguous run; mined-to-committed latency is reported."""
+    """Blocks mined at 1 s are all stored, once each, in a contiguous run.
+
+    The mined-to-committed latency is reported.
+    """
     seconds = float(os.environ.get("ETH_LATENCY_SECONDS", "30"))
     watcher = HeadWatcher(anvil)
     watcher.start()

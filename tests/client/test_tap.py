@@ -200,7 +200,10 @@ def test_link_options_are_checked_once_in_the_tap(argv: list[str], named: str) -
 
 
 def test_secret_over_plaintext_is_refused_at_parse_time(tmp_path: Path) -> None:
-    """A link secret without TLS is a UsageError naming the way out; --allow-plaintext-secret or --tls allow it."""
+    """A link secret without TLS is a UsageError naming the way out.
+
+    --allow-plaintext-secret or --tls allow it.
+    """
     secret = tmp_path / "secret"
     secret.write_bytes(b"a shared secret of 32 bytes!!!!!")
     secret.chmod(0o600)
@@ -285,7 +288,10 @@ def test_make_service_hands_the_settings_down(tmp_path: Path) -> None:
 
 
 def test_default_spool_uses_state_directory(tmp_path: Path) -> None:
-    """The default spool lives in $STATE_DIRECTORY when set, else the working directory; a given one stays as given."""
+    """The default spool lives in $STATE_DIRECTORY when set, else the working directory.
+
+    A given spool stays as given.
+    """
     env = {"STATE_DIRECTORY": str(tmp_path)}
     assert parse([], env)["spool"] == str(tmp_path / "eth-client-spool.sqlite3")
     assert parse([])["spool"] == "eth-client-spool.sqlite3"

@@ -57,7 +57,10 @@ def fault_redis() -> Iterator[FaultRedis]:
 
 @pytest.fixture
 def scratch(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A directory for one scenario's logs and files; kept (and named) when the test fails or ETH_FAULTS_KEEP is set."""
+    """A directory for one scenario's logs and files.
+
+    It is kept (and named) when the test fails or ETH_FAULTS_KEEP is set.
+    """
     path = tempfile.mkdtemp(prefix=f"eth-fault-{request.node.name[:40]}-")
     yield path
     rep = getattr(request.node, "rep_call", None)

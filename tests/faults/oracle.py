@@ -1,4 +1,6 @@
-"""The exactly-once oracle: every block the node produced is in SQL once, Redis agrees, no OK without a commit.
+"""The exactly-once oracle.
+
+Every block the node produced is in SQL once, Redis agrees, no OK without a commit.
 
 Usage in a scenario::
 

@@ -120,7 +120,8 @@ def render(rows: list[dict[str, Any]]) -> str:
     """The Markdown page for ``rows``."""
     lines = [HEADER]
     lines.append(
-        "| scenario | injected | produced | stored | lost | duplicated | OK/DUP | recover s | result | notes |"
+        "| scenario | injected | produced | stored | lost | duplicated | OK/DUP | recover s "
+        "| result | notes |"
     )
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:

@@ -109,7 +109,8 @@ def test_outbox_drop_without_a_row_is_reported(world: Any, tmp_path: Any) -> Non
     conn = sqlite3.connect(path)
     conn.executescript(
         "CREATE TABLE outbox (hash TEXT); CREATE TABLE dead_letters (hash TEXT);"
-        "CREATE TABLE cursor (block_number INTEGER); CREATE TABLE gaps (first_block INTEGER, last_block INTEGER, reason TEXT);"
+        "CREATE TABLE cursor (block_number INTEGER); "
+        "CREATE TABLE gaps (first_block INTEGER, last_block INTEGER, reason TEXT);"
     )
     conn.execute("INSERT INTO dead_letters VALUES (?)", (sha256_hex(render_html(13)),))
     conn.execute("INSERT INTO outbox VALUES (?)", (sha256_hex(render_html(14)),))

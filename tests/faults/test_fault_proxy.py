@@ -101,7 +101,10 @@ def quiet(seconds: float) -> defer.Deferred[None]:
 
 @pytest_twisted.inlineCallbacks
 def test_pass_forwards_both_ways_and_half_close(rig: Any) -> None:
-    """In pass mode bytes flow both ways and a client's half-close reaches the target, whose reply comes back."""
+    """In pass mode bytes flow both ways and a client's half-close reaches the target.
+
+    The target's reply comes back.
+    """
     rig.backend.on_eof_reply = b"3:bye,"
     client = yield connect(rig.port)
     client.transport.write(b"5:hello,")
@@ -140,7 +143,10 @@ def test_delay_holds_each_chunk_in_both_directions_keeping_order(rig: Any) -> No
 
 @pytest_twisted.inlineCallbacks
 def test_blackhole_discards_and_the_damaged_connection_stays_dark(rig: Any) -> None:
-    """Blackhole drops bytes and new connections never reach the target; after healing only new connections pass."""
+    """Blackhole drops bytes and new connections never reach the target.
+
+    After healing only new connections pass.
+    """
     old = yield connect(rig.port)
     yield async_wait_until(lambda: rig.backend.peers, 5)
     rig.proxy.set_mode("blackhole")

@@ -82,7 +82,10 @@ def test_stall_sends_headers_then_never_the_rest(node: Any) -> None:
 
 
 def test_lag_and_null(node: Any) -> None:
-    """A lagging node reports head-K and null above it; a null node reports the head but null for the newest."""
+    """A lagging node reports head-K and null above it.
+
+    A null node reports the head but null for the newest.
+    """
     chain, fault = node
     head = chain.head()
     fault.mode("lag", 5)

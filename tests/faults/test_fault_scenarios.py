@@ -84,7 +84,10 @@ def test_baseline_no_fault(make_rig: MakeRig, fault_results: ResultLog) -> None:
 def test_server_killed_mid_burst(
     make_rig: MakeRig, fault_results: ResultLog, sig: signal.Signals
 ) -> None:
-    """The server killed (TERM: graceful, KILL: crash) while a burst is being stored loses nothing and duplicates nothing."""
+    """The server killed while a burst is being stored loses nothing and duplicates nothing.
+
+    TERM is a graceful stop, KILL a crash.
+    """
     rig = make_rig()
     rig.warm_up()
     base = rig.rows()
@@ -137,7 +140,11 @@ def test_mariadb_sigkill_and_restart(
 def test_mariadb_sigstop_longer_than_read_timeout(
     make_rig: MakeRig, fault_results: ResultLog, private_mariadb: PrivateMariaDB
 ) -> None:
-    """MariaDB frozen (SIGSTOP) for longer than the server's 3 s read timeout: nothing acked uncommitted, all stored after SIGCONT."""
+    """MariaDB frozen for longer than the server's read timeout: nothing acked uncommitted.
+
+    MariaDB is frozen with SIGSTOP for longer than the server's 3 s read timeout; all is stored
+    after SIGCONT.
+    """
     rig = make_rig(mysql_read_timeout=3.0)
     rig.warm_up()
     base = rig.rows()
@@ -265,7 +272,10 @@ def test_redis_down_for_half_a_minute(
 
 
 def test_link_blackhole(make_rig: MakeRig, fault_results: ResultLog) -> None:
-    """A blackholed link (bytes silently dropped) is detected by the ack timeout; after healing all arrive once."""
+    """A blackholed link is detected by the ack timeout; after healing all arrive once.
+
+    The link drops bytes silently.
+    """
     rig = make_rig(client_args=["--ack-timeout", "20", "--heartbeat", "4"])
     rig.warm_up()
     rig.link.mode("blackhole")
@@ -291,7 +301,10 @@ def test_link_blackhole(make_rig: MakeRig, fault_results: ResultLog) -> None:
 
 
 def test_link_reset(make_rig: MakeRig, fault_results: ResultLog) -> None:
-    """Every connection reset (RST) for a while, mid-burst: the client reconnects and resends, nothing doubled."""
+    """Every connection reset for a while, mid-burst: the client reconnects and resends, nothing doubled.
+
+    The connections are reset with RST.
+    """
     rig = make_rig()
     rig.warm_up()
     base = rig.rows()
@@ -315,7 +328,10 @@ def test_link_reset(make_rig: MakeRig, fault_results: ResultLog) -> None:
 
 
 def test_link_cut_mid_frame(make_rig: MakeRig, fault_results: ResultLog) -> None:
-    """Frames cut mid-way (client->server) and replies cut mid-way (server->client), then RST: no partial store, no loss."""
+    """Frames and replies cut mid-way, then RST: no partial store, no loss.
+
+    Frames are cut mid-way client->server and replies mid-way server->client.
+    """
     rig = make_rig()
     rig.warm_up()
     cuts = 0
@@ -361,7 +377,10 @@ def test_client_sigkill_with_durable_outbox(make_rig: MakeRig, fault_results: Re
 
 @pytest.fixture
 def small_tmpfs(scratch: str) -> Iterator[str]:
-    """A 32 MiB tmpfs for the client's outbox (root only): room for SQLite's WAL (up to ~4 MiB) until filled."""
+    """A 32 MiB tmpfs for the client's outbox (root only).
+
+    It has room for SQLite's WAL (up to ~4 MiB) until filled.
+    """
     mount = os.path.join(scratch, "spool-tmpfs")
     os.makedirs(mount)
     done = subprocess.run(
@@ -395,7 +414,10 @@ def _fill(directory: str) -> str:
 def test_outbox_disk_full_stops_the_client_advancing(
     make_rig: MakeRig, fault_results: ResultLog, small_tmpfs: str
 ) -> None:
-    """With the outbox's disk full the client's cursor stops instead of dropping blocks; after space returns all arrive."""
+    """With the outbox's disk full the client's cursor stops instead of dropping blocks.
+
+    After space returns all arrive.
+    """
     rig = make_rig(spool_dir=small_tmpfs)
     rig.warm_up()
     rig.during(2)
@@ -435,7 +457,10 @@ def test_outbox_disk_full_stops_the_client_advancing(
 def test_rpc_node_misbehaves(
     make_rig: MakeRig, fault_results: ResultLog, mode: str, args: tuple[Any, ...]
 ) -> None:
-    """The only RPC node answers garbage / HTML / 429 Retry-After / a stalled body for 8 s: the poller waits, then catches up."""
+    """The only RPC node misbehaving for 8 s: the poller waits, then catches up.
+
+    The node answers garbage / HTML / 429 Retry-After / a stalled body.
+    """
     rig = make_rig(rpc_fault=True)
     rig.warm_up()
     assert rig.rpc_fault is not None

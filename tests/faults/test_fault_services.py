@@ -44,7 +44,10 @@ def test_mariadb_sigkill_and_restart_keeps_committed_rows(private_mariadb: Priva
 
 
 def test_mariadb_sigstop_makes_reads_time_out(private_mariadb: PrivateMariaDB) -> None:
-    """While SIGSTOPped, a query with read_timeout=1 fails with 2013 after about a second; SIGCONT heals it."""
+    """While SIGSTOPped, a query with read_timeout=1 fails with 2013 after about a second.
+
+    SIGCONT heals it.
+    """
     conn = private_mariadb.connect(read_timeout=1)
     private_mariadb.pause()
     try:

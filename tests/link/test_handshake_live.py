@@ -226,7 +226,10 @@ def test_plaintext_secret_listener_refuses_without_flag() -> Generator[Any, Any,
 def test_silent_authenticated_tls_peers_cannot_lock_out_the_secret(
     pki: PKI, server: LinkServer
 ) -> Generator[Any, Any, None]:
-    """60 TLS connections from 6 addresses that never send AUTH, table 32: the right secret gets AUTH-OK and OK."""
+    """Silent authenticated TLS peers cannot lock out the right secret: it gets AUTH-OK and OK.
+
+    There are 60 TLS connections from 6 addresses that never send AUTH, and the table holds 32.
+    """
     port = yield server.start(
         pki, secret=SECRET, timeout=120, max_pending=32, max_pending_per_group=8
     )

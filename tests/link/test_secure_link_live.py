@@ -58,7 +58,10 @@ def rows(path: Path) -> list[tuple[Any, ...]]:
 
 @pytest_twisted.inlineCallbacks
 def test_mtls_and_secret_end_to_end(tmp_path: Path, anvil: Any) -> None:
-    """Over TLS with a client certificate and the HMAC handshake, every block arrives with the client's name."""
+    """Over TLS with a client certificate and the HMAC handshake, every block arrives.
+
+    Each block arrives with the client's name.
+    """
     pki = make_pki(tmp_path / "pki")
     db = tmp_path / "server.sqlite3"
     server, port = yield start_server(
@@ -171,7 +174,10 @@ class Replies(Protocol):
 def test_mtls_client_with_a_long_subject_is_stored_in_mariadb(
     tmp_path: Path, mysql_db: dict[str, Any]
 ) -> Any:
-    """A client certificate with a 300+ character subject: every message OK, stored with the bounded client_id."""
+    """A client certificate with a 300+ character subject: every message OK.
+
+    Every message is stored with the bounded client_id.
+    """
     pki = make_pki(tmp_path / "pki")
     client = issue_into(pki, "corporate-client", "unused", subject=long_subject())
     subject = long_subject().rfc4514_string()
@@ -199,7 +205,10 @@ def test_mtls_client_with_a_long_subject_is_stored_in_mariadb(
 
 @pytest_twisted.inlineCallbacks
 def test_eleven_silent_addresses_do_not_lock_out_the_secret(tmp_path: Path) -> Any:
-    """The issue's attack at default limits: 11 addresses x 100 silent TLS connections; the right secret still gets OK."""
+    """The issue's attack at default limits: the right secret still gets OK.
+
+    The attack is 11 addresses x 100 silent TLS connections.
+    """
     pki = make_pki(tmp_path / "pki")
     db = tmp_path / "server.sqlite3"
     server, port = yield start_server(

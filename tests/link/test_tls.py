@@ -54,7 +54,10 @@ def test_tls_gate_has_the_same_eviction_policy() -> None:
 
 
 def test_tls_gate_early_data_is_bounded_in_bytes() -> None:
-    """Bytes racing the TLS handshake are kept up to 64 KiB (x the table's 1,024 = 64 MiB), then the peer is aborted."""
+    """Bytes racing the TLS handshake are kept up to 64 KiB, then the peer is aborted.
+
+    64 KiB x the table's 1,024 = 64 MiB.
+    """
     failures: list[str] = []
     gate = TLSGateFactory(RecorderFactory(), clock=Clock(), on_failure=failures.append)
     proto, t = connect_from(gate, "192.0.2.1")

@@ -1,4 +1,7 @@
-"""TLS and mutual TLS on the link over real loopback sockets: certificates, ciphers, ALPN, the TLS gate (live)."""
+"""TLS and mutual TLS on the link over real loopback sockets (live).
+
+Covered: certificates, ciphers, ALPN, the TLS gate.
+"""
 
 from __future__ import annotations
 
@@ -118,7 +121,10 @@ def test_tls_by_dns_name(pki: PKI, server: LinkServer) -> Generator[Any, Any, No
 def test_client_refuses_bad_server_certificates(
     pki: PKI, server: LinkServer, case: str, expect: str
 ) -> Generator[Any, Any, None]:
-    """Wrong CA, wrong host name and an expired certificate fail the connection; nothing reaches the receiver."""
+    """Wrong CA, wrong host name and an expired certificate fail the connection.
+
+    Nothing reaches the receiver.
+    """
     cert = pki.expired_server if case == "expired" else pki.server
     port = yield server.start(pki, cert=cert)
     ca = pki.other_ca if case == "wrong-ca" else pki.ca
@@ -216,7 +222,10 @@ def test_mtls_client_whose_subject_cryptography_refuses_is_served(
 def test_silent_tls_peers_cannot_fill_the_tls_gate(
     pki: PKI, server: LinkServer
 ) -> Generator[Any, Any, None]:
-    """60 silent TCP connections from 6 addresses, table 32 (8 per address): a TLS client is still answered."""
+    """Silent TCP peers cannot fill the TLS gate: a TLS client is still answered.
+
+    There are 60 silent TCP connections from 6 addresses; the table holds 32 (8 per address).
+    """
     port = yield server.start(pki, timeout=120, max_pending=32, max_pending_per_group=8)
     (gate,) = server.gates
     silent = yield silent_connections(port, HOSTS, 10)

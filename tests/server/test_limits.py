@@ -198,7 +198,10 @@ def test_row09_truncated_by_fin() -> None:
 
 
 def test_row10_ten_thousand_probes_in_one_segment() -> None:
-    """Row 10: of 10,000 frames in one read, the burst is handled, the rest waits for tokens, all are answered."""
+    """Row 10: of 10,000 frames in one read, the burst is handled and all are answered.
+
+    The rest waits for tokens.
+    """
     h = Harness(rate=1000.0, burst=2000)
     p, t = h.connect()
     p.dataReceived(b"0:," * 10000)
@@ -226,7 +229,10 @@ def run_turns(h: Harness, most: int = 10000) -> None:
 
 
 def test_one_connection_gets_a_turn_share_and_the_others_theirs() -> None:
-    """A read of thousands of frames is handled TURN_FRAMES at a time, so another connection is served between."""
+    """A read of thousands of frames is handled TURN_FRAMES at a time.
+
+    So another connection is served between those turns.
+    """
     h = Harness(rate=1e9, burst=10**9)
     flood, tf = h.connect("10.0.0.1")
     other, to = h.connect("10.0.0.2")
@@ -298,7 +304,10 @@ def test_row19_ipv6_grouped_by_64() -> None:
 
 
 def test_row20_half_open_peer_idle_timeout() -> None:
-    """Row 20: a peer that vanished without FIN is reaped by the idle timeout; heartbeats keep a quiet one alive."""
+    """Row 20: a peer that vanished without FIN is reaped by the idle timeout.
+
+    Heartbeats keep a quiet one alive.
+    """
     h = Harness(idle_timeout=90.0)
     quiet, tq = h.connect("10.0.0.1")
     alive, ta = h.connect("10.0.0.2")
@@ -346,7 +355,10 @@ def test_frame_timer_does_not_run_while_we_owe_replies() -> None:
 
 
 def test_partial_budget_pauses_newcomers_but_not_the_oldest() -> None:
-    """Past the global partial-frame budget, connections growing a partial frame pause; the oldest keeps reading."""
+    """Past the global partial-frame budget, connections growing a partial frame pause.
+
+    The oldest keeps reading.
+    """
     h = Harness(max_length=60000, partial_budget=10000)
     first, t1 = h.connect("10.0.0.1")
     second, t2 = h.connect("10.0.0.2")
@@ -410,8 +422,9 @@ def test_violations_logged_once_per_address_and_reason(capsys: pytest.CaptureFix
     cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=20),
 )
 def test_fuzz_arbitrary_streams(frames: list[bytes], garbage: bytes, cuts: list[int]) -> None:
-    """Any byte stream in any chunking: no exception escapes, frames before the first error are
-    answered exactly once, and buffers stay bounded.
+    """Any byte stream in any chunking: no exception escapes and buffers stay bounded.
+
+    Frames before the first error are answered exactly once.
     """
     h = Harness(max_length=64)
     p, t = h.connect()
@@ -437,8 +450,10 @@ def test_fuzz_arbitrary_streams(frames: list[bytes], garbage: bytes, cuts: list[
 
 
 class BufferedTransport(StringTransport):
-    """A StringTransport that pauses its registered producer past ``high`` bytes written, as a real
-    TCP transport does (``producerPaused``: separate from whether the transport itself reads).
+    """A StringTransport that pauses its registered producer past ``high`` bytes written.
+
+    A real TCP transport does so too (``producerPaused``: separate from whether the transport
+    itself reads).
     """
 
     def __init__(self, high: int, **kw: object) -> None:
@@ -474,7 +489,10 @@ def connect_with(
 
 
 def test_budget_wedge_the_next_oldest_holder_is_resumed_when_the_oldest_leaves() -> None:
-    """Over the budget, when the oldest holder leaves, the next oldest reads again (the budget still drains)."""
+    """Over the budget, when the oldest holder leaves, the next oldest reads again.
+
+    The budget still drains.
+    """
     h = Harness(max_length=60000, partial_budget=10000)
     conns = [h.connect(f"10.0.0.{i}") for i in range(1, 5)]
     for p, _ in conns:
@@ -507,7 +525,10 @@ def test_budget_paused_peers_still_time_out_and_release_the_budget() -> None:
 
 
 def test_after_a_budget_attack_a_frame_in_two_reads_is_answered() -> None:
-    """Once the attackers are gone (reaped by their frame timers), a frame that spans two reads is answered."""
+    """Once the attackers are gone, a frame that spans two reads is answered.
+
+    The attackers are reaped by their frame timers.
+    """
     h = Harness(max_length=60000, partial_budget=10000, frame_timeout=30.0)
     attackers = [h.connect(f"10.0.1.{i}") for i in range(20)]
     for p, _ in attackers:
@@ -541,7 +562,10 @@ def test_a_budget_paused_peer_that_closed_is_reaped_within_the_frame_timeout() -
 
 
 def test_a_closing_connection_whose_peer_never_takes_its_replies_is_aborted() -> None:
-    """Every pause has a way out: a close waiting on an unread reply is aborted after deadline + write_stall."""
+    """Every pause has a way out: a close waiting on an unread reply is aborted.
+
+    It is aborted after deadline + write_stall.
+    """
     h = Harness(hold=True, deadline=10.0, write_stall=60.0)
     p, t = h.connect()
     assert p is not None
@@ -571,7 +595,10 @@ def test_window_is_enforced_within_one_read() -> None:
 
 
 def test_frames_stop_when_the_transport_pauses_us() -> None:
-    """Item 4: 64 KiB of probes from a peer that never reads: replies stop a turn after the write buffer's mark."""
+    """Item 4: replies to a peer that never reads stop a turn after the write buffer's mark.
+
+    The peer sends 64 KiB of probes.
+    """
     h = Harness(rate=1e9, burst=10**9)
     t = BufferedTransport(high=4096)
     p = connect_with(h, t)
@@ -638,7 +665,10 @@ def test_a_timed_out_message_is_withdrawn_from_the_queue() -> None:
 
 
 def test_half_close_behind_held_frames_answers_them_all_then_closes() -> None:
-    """A peer that half-closes while the window holds its later frames back gets every answer, then the close."""
+    """A peer that half-closes behind held frames gets every answer, then the close.
+
+    The window holds its later frames back when it half-closes.
+    """
     h = Harness(hold=True, window=2)
     p, t = h.connect()
     assert p is not None
@@ -655,7 +685,10 @@ def test_half_close_behind_held_frames_answers_them_all_then_closes() -> None:
 
 
 def test_one_address_filling_its_share_does_not_pause_other_addresses() -> None:
-    """Past its group's share (a sixteenth of the budget) an address's newer holders pause; other addresses read."""
+    """Past its group's share an address's newer holders pause; other addresses read.
+
+    A group's share is a sixteenth of the budget.
+    """
     h = Harness(max_length=4000, partial_budget=160000)
     assert h.factory.budget.share == 10000
     attackers = [h.connect("10.0.0.1", 40000 + i)[0] for i in range(6)]

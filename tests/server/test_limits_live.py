@@ -187,7 +187,10 @@ def test_peer_that_never_reads_is_bounded_and_dropped(tmp_path: Path) -> None:
 
 @pytest_twisted.inlineCallbacks
 def test_connection_flood_caps_hold_and_others_are_served(tmp_path: Path) -> None:
-    """Row 19: thousands of connections from one address hit the per-address cap; 127.0.0.2 is still served."""
+    """Row 19: thousands of connections from one address hit the per-address cap.
+
+    127.0.0.2 is still served.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
     server, port = yield start_server(

@@ -78,7 +78,10 @@ def two_read_client(port: int, payload: bytes, host: str = "127.0.0.3") -> bytes
 
 @pytest_twisted.inlineCallbacks
 def test_item1_a_backtracking_frame_does_not_freeze_the_server(tmp_path: Path) -> None:
-    """64 KiB of '<title>' and repeated words (minutes for the old regexes) is stored while others are served."""
+    """64 KiB of '<title>' and repeated words is stored while others are served.
+
+    That frame took minutes for the old regexes.
+    """
     limits = ReceiverLimits(max_length=65536)
     server, port = yield start_server(sqlite(tmp_path), limits=limits)
     good = GoodClient(port)
@@ -100,7 +103,10 @@ def test_item1_a_backtracking_frame_does_not_freeze_the_server(tmp_path: Path) -
 def hold_partial_frames(
     port: int, addresses: int, per_address: int, held_bytes: int
 ) -> list[socket.socket]:
-    """Connections from 127.0.1.10.. that each declare a 65,000-byte frame and send ``held_bytes`` of it, in two steps."""
+    """Connections from 127.0.1.10.. that each declare a 65,000-byte frame.
+
+    Each sends ``held_bytes`` of it, in two steps.
+    """
     held = []
     for i in range(addresses * per_address):
         s = socket.socket()
@@ -118,8 +124,10 @@ def test_item2_eleven_addresses_filling_the_budget_do_not_stall_anyone_else(
     tmp_path: Path,
     many_files: None,
 ) -> None:
-    """440 large partial frames from 11 addresses fill their groups' shares; a frame in two reads from another
-    address is answered during the attack, and after it no socket is left in CLOSE-WAIT.
+    """440 large partial frames from 11 addresses fill their groups' shares; no one else stalls.
+
+    A frame in two reads from another address is answered during the attack, and after it no
+    socket is left in CLOSE-WAIT.
     """
     limits = ReceiverLimits(
         max_length=65536,
@@ -165,8 +173,10 @@ def test_items2_3_a_full_budget_never_wedges_and_paused_peers_are_reaped(
     tmp_path: Path,
     many_files: None,
 ) -> None:
-    """Attackers from 30 addresses fill the whole budget and hold on: the oldest holder always reads, paused
-    peers are cut by their frame timers, none stays in CLOSE-WAIT, and a frame in two reads is answered.
+    """Attackers from 30 addresses fill the whole budget and hold on: nothing wedges.
+
+    The oldest holder always reads, paused peers are cut by their frame timers, none stays in
+    CLOSE-WAIT, and a frame in two reads is answered.
     """
     limits = ReceiverLimits(
         max_length=65536,
@@ -294,8 +304,10 @@ def test_item5_a_slow_database_bounds_the_queue_in_bytes_and_drops_timed_out_cop
     locked_table: Any,
     many_files: None,
 ) -> None:
-    """With the record stalled, one read of tiny frames per connection stops at the window, the queue stays
-    under its byte budget (busy past it), timed-out messages leave the queue, and all is stored once.
+    """With the record stalled, one read of tiny frames per connection stops at the window.
+
+    The queue stays under its byte budget (busy past it), timed-out messages leave the queue, and
+    all is stored once.
     """
     limits = ReceiverLimits(
         max_length=65536,

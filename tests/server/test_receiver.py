@@ -236,7 +236,10 @@ def test_connection_lost_drops_pending_answers_quietly() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_accepted_sockets_send_replies_without_nagle() -> None:
-    """Each accepted connection has TCP_NODELAY (a small reply is not held for the peer's ACK) and keepalive."""
+    """Each accepted connection has TCP_NODELAY and keepalive.
+
+    With TCP_NODELAY a small reply is not held for the peer's ACK.
+    """
     from twisted.internet import reactor
 
     router = FakeRouter(auto="OK")
@@ -291,8 +294,10 @@ def connect_counting(
 
 
 def test_answers_given_while_holding_leave_in_one_write_per_connection() -> None:
-    """Inside the batcher's hold() nothing is written; when it ends each connection gets its replies,
-    in frame order, in one write, and the reply counter counts every one.
+    """Inside the batcher's hold() nothing is written; then one write per connection.
+
+    When it ends each connection gets its replies, in frame order, in one write, and the reply
+    counter counts every one.
     """
     router = FakeRouter()
     factory = ReceiverFactory(router.submit, clock=Clock(), metrics=ServerMetrics())
@@ -346,7 +351,10 @@ def test_held_answers_are_written_even_when_the_scope_fails() -> None:
 
 
 def test_a_connection_lost_while_held_gets_nothing_and_breaks_nothing() -> None:
-    """A peer that goes away between its answer and the end of the scope is skipped; others still get theirs."""
+    """A peer that goes away between its answer and the end of the scope is skipped.
+
+    Others still get theirs.
+    """
     router = FakeRouter()
     factory = ReceiverFactory(router.submit, clock=Clock(), metrics=ServerMetrics())
     gone, t1 = connect_counting(factory, "10.0.0.1")

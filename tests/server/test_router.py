@@ -234,8 +234,10 @@ def concurrent_setup(
 
 
 def test_concurrent_batches_are_in_the_record_together_and_answered_in_order() -> None:
-    """With concurrency 2 a second batch enters the record before the first commits; a later batch
-    that commits first still waits: mirrors and answers go in the order the batches were taken.
+    """With concurrency 2 a second batch enters the record before the first commits.
+
+    A later batch that commits first still waits: mirrors and answers go in the order the batches
+    were taken.
     """
     router, record, mirror, clock, order = concurrent_setup(2)
     for p in (b"a1", b"a2", b"b1", b"b2", b"c1"):
@@ -285,8 +287,9 @@ def test_a_failed_batch_does_not_block_the_next_in_concurrent_mode() -> None:
 
 
 def test_each_batch_is_answered_inside_one_answering_scope() -> None:
-    """The router enters ``answering`` once per batch, around all of that batch's replies (the
-    receiver holds its writes in it), and not around anything else.
+    """The router enters ``answering`` once per batch, around all of that batch's replies.
+
+    The receiver holds its writes in it; the router enters it around nothing else.
     """
     router, _, clock, _ = setup(batch_size=2)
     events: list[str] = []

@@ -76,7 +76,10 @@ def test_sqlite_seed_style_half_closed_client(tmp_path: Path) -> None:
 def test_mysql_and_redis_pipelined(
     mysql_db: dict[str, Any], redis_server: dict[str, Any], redis_prefix: str
 ) -> None:
-    """500 pipelined frames on one connection are answered OK in order, stored once in MySQL and counted in Redis."""
+    """500 pipelined frames on one connection are answered OK in order.
+
+    They are stored once in MySQL and counted in Redis.
+    """
     server, port = yield start_server(
         mysql_storage(mysql_db, dict(redis_server, prefix=redis_prefix))
     )

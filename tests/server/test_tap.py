@@ -228,8 +228,10 @@ def test_pipeline_is_opt_in(tmp_path) -> None:
 
 
 def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
-    """Two batches may be in the SQL record at once by default; --concurrent-batches sets it, within 1..8,
-    and the pipeline mode (one batch per stage) keeps one.
+    """Two batches may be in the SQL record at once by default.
+
+    --concurrent-batches sets it, within 1..8, and the pipeline mode (one batch per stage) keeps
+    one.
     """
     from twisted.internet.testing import MemoryReactorClock
 
@@ -261,8 +263,10 @@ def test_concurrent_batches_default_and_bounds(tmp_path) -> None:
 
 
 def test_stats_site_limits_reach_the_listener(tmp_path) -> None:
-    """--stats-max-connections, --stats-max-per-ip and --stats-header-timeout (or ETH_*) set the stats
-    listener's limits; the defaults are SiteLimits'.
+    """The --stats-* limit options (or ETH_*) set the stats listener's limits.
+
+    --stats-max-connections, --stats-max-per-ip and --stats-header-timeout (or ETH_*) set them;
+    the defaults are SiteLimits'.
     """
     from twisted.internet.testing import MemoryReactorClock
 

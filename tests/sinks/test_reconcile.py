@@ -252,7 +252,10 @@ async def test_run_once_on_a_service_never_started_reconciles_everything() -> No
 
 @pytest_twisted.ensureDeferred
 async def test_reconcile_reads_bounded_pages_of_summaries_only() -> None:
-    """Reconciliation reads summaries (never payloads) in pages bounded by rows and bytes; each page one script."""
+    """Reconciliation reads summaries (never payloads) in pages bounded by rows and bytes.
+
+    Each page is one script.
+    """
     record = ScriptedRecord()
     await record.store_batch(
         [msg(b"p-%d" % i + b"x" * 65536, ip=f"10.0.0.{i % 3}", at=T0 + i) for i in range(30)]

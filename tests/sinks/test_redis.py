@@ -334,7 +334,10 @@ async def test_persistence_unknown_when_config_is_refused(
 async def test_sigkill_fails_fast_then_recovers_and_reconcile_restores(
     private_sink: RedisSink, private_redis: PrivateRedis, sink_log: LogCapture
 ) -> None:
-    """Redis SIGKILLed: calls fail within the timeout; restarted empty: batches work, reconcile restores all."""
+    """Redis SIGKILLed: calls fail within the timeout.
+
+    Restarted empty: batches work, reconcile restores all.
+    """
     record = MemorySink()
     ips = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
     for k in range(3):

@@ -45,8 +45,9 @@ class NotifyListener:
     def wait_for(
         self, key: str, timeout: float = 10.0, pid: int | None = None
     ) -> tuple[int, dict[str, str]]:
-        """The first message with ``key`` (from process ``pid``, when given), already
-        received or arriving before the deadline.
+        """The first message with ``key`` (from process ``pid``, when given).
+
+        It may have been received already or arrive before the deadline.
         """
 
         def wanted(message: tuple[int, dict[str, str]] | None) -> bool:

@@ -120,7 +120,8 @@ def drive_browser(web: int, port: int) -> dict[str, Any]:
             row.locator("summary").click()
             seen["hostile_text"] = row.locator("pre.payload").text_content()
             seen["scripts_in_list"] = page.evaluate(
-                "document.querySelectorAll('#messages-list script, #messages-list img, #messages-list b').length"
+                "document.querySelectorAll("
+                "'#messages-list script, #messages-list img, #messages-list b').length"
             )
             seen["pwned"] = page.evaluate("typeof window.__pwned")
             seen["clients_rows"] = page.locator("#client-rows tr").count()

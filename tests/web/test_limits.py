@@ -183,7 +183,10 @@ def test_trickled_headers_are_cut_at_the_deadline_however_often_a_byte_arrives()
 
 
 def test_the_deadline_runs_per_request_from_its_first_byte() -> None:
-    """On a kept-alive connection each request has its own deadline; idle time between them is the idle timer's."""
+    """On a kept-alive connection each request has its own deadline.
+
+    Idle time between them is the idle timer's.
+    """
     s = server_fixture(limits=SiteLimits(stats_header_timeout=10.0, idle_timeout=30.0))
     _channel, wire = connect(s)
     wire.protocol.dataReceived(HEALTHZ)
@@ -321,7 +324,10 @@ def spooled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         (b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\n", 413),
         (b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", 413),
         (
-            b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 314572800\r\nExpect: 100-continue\r\n\r\n",
+            (
+                b"POST /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 314572800\r\n"
+                b"Expect: 100-continue\r\n\r\n"
+            ),
             405,
         ),
     ],
@@ -329,7 +335,10 @@ def spooled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_a_body_is_refused_at_its_headers_and_never_spooled(
     head: bytes, status: int, spooled: list[int]
 ) -> None:
-    """A declared body gets 413 (405 for other methods) as soon as the headers end; nothing is read or spooled."""
+    """A declared body gets 413 (405 for other methods) as soon as the headers end.
+
+    Nothing is read or spooled.
+    """
     s = server_fixture(token="tok")
     _channel, wire = connect(s)
     wire.protocol.dataReceived(head)
@@ -412,7 +421,10 @@ def test_when_every_connection_is_busy_a_new_one_gets_a_503() -> None:
 
 
 def test_the_site_speaks_http_1_1_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Even with the h2 package present, ALPN offers only http/1.1 (HTTP/2 would bypass the channel's limits)."""
+    """Even with the h2 package present, ALPN offers only http/1.1.
+
+    HTTP/2 would bypass the channel's limits.
+    """
     import twisted.web.http as twisted_http
 
     monkeypatch.setattr(twisted_http, "H2_ENABLED", True)
@@ -459,7 +471,8 @@ def escaped(i: int, size: int = 64 * 1024) -> Message:
 
 
 def test_a_page_of_escaped_payloads_stops_at_the_byte_budget() -> None:
-    """limit=200 of 64 KiB payloads that escape to 384 KiB each answers at most page_bytes, and
+    """limit=200 of 64 KiB payloads that escape to 384 KiB each answers at most page_bytes.
+
     next_before pages through every record exactly once.
     """
     s = server_fixture()
@@ -500,7 +513,10 @@ def test_a_record_longer_than_max_payload_is_cut_and_says_so() -> None:
 
 
 def test_one_record_always_fits_a_page() -> None:
-    """The worst-escaping record at MAX_PAYLOAD is under the smallest page budget, so paging always advances."""
+    """The worst-escaping record at MAX_PAYLOAD is under the smallest page budget.
+
+    So paging always advances.
+    """
     worst = record_json(
         Record(1, "0" * 64, b"\x01" * (4 * MAX_PAYLOAD), 2**63 - 1, "x" * 45, "\x02" * 255, 1.0)
     )
@@ -522,7 +538,10 @@ def test_one_record_always_fits_a_page() -> None:
 
 
 def test_block_records_are_paged_by_count_and_bytes() -> None:
-    """/api/blocks/<n> pages with limit and after (default 50, at most page_bytes each) and covers every record."""
+    """/api/blocks/<n> pages with limit and after and covers every record.
+
+    A page holds 50 records by default, at most page_bytes each.
+    """
     s = server_fixture()
     s.store(
         [Message.build(b"%d" % i + b"\x01" * 60000, "10.0.0.1", 1.0, 7) for i in range(30)]
@@ -579,8 +598,10 @@ def test_heavy_reads_wait_for_a_place() -> None:
 
 
 def test_an_abandoned_read_keeps_its_place_until_it_ends() -> None:
-    """A request that times out during its read answers 503 at once, but its place stays taken until the
-    read (which a database thread cannot stop) ends: abandoned reads never pile up.
+    """A request that times out during its read answers 503 at once, but keeps its place.
+
+    Its place stays taken until the read (which a database thread cannot stop) ends: abandoned
+    reads never pile up.
     """
     from eth_twisted.web.app import HANDLER_TIMEOUT
 
@@ -645,8 +666,10 @@ def test_chart_history_is_read_without_payloads() -> None:
 
 
 def test_stats_answers_cost_the_same_with_5000_addresses_as_with_10() -> None:
-    """/api/stats is the cached encoded top-N snapshot: 200 requests with 5,000 addresses seen take
-    about as long as with 10 (measured in this test, as a ratio), and the answer stays small.
+    """/api/stats is the cached encoded top-N snapshot, as cheap with 5,000 addresses as with 10.
+
+    200 requests with 5,000 addresses seen take about as long as with 10 (measured in this test,
+    as a ratio), and the answer stays small.
     """
     import time
 
@@ -776,7 +799,10 @@ def test_the_sites_factory_chatter_stays_out_of_the_console(logged: list[dict[st
 
 @pytest.mark.parametrize("command", ["server", "client", "run"])
 def test_a_site_on_the_network_without_allowlist_or_token_is_warned_about(command: str) -> None:
-    """A stats listener beyond loopback with neither an allowlist nor a token gets a start-up warning naming both fixes."""
+    """A stats listener beyond loopback with neither an allowlist nor a token gets a warning.
+
+    The start-up warning names both fixes.
+    """
     from eth_twisted.cli.run import RunOptions
     from eth_twisted.client import tap as client_tap
     from eth_twisted.server import tap as server_tap

@@ -224,7 +224,10 @@ def test_seed_chart_does_not_double_a_record_read_back_with_rounded_time() -> No
 
 
 def test_seed_chart_merges_a_batch_sharing_one_receipt_time() -> None:
-    """Blocks received together (one timestamp) and read back from SQL a microsecond off stay one point each."""
+    """Blocks received together and read back from SQL a microsecond off stay one point each.
+
+    Blocks received together share one timestamp.
+    """
     stats = ServerStats(Clock())
     now = 1_700_000_000.1234567
     messages = [Message.build(render_html(n), "10.0.0.1", now, n) for n in (7, 8, 9)]

@@ -193,7 +193,10 @@ async def test_bad_row_isolated(sink: MySQLSink) -> None:
 async def test_metadata_the_column_charset_cannot_hold_is_stored_as_ascii(
     sink: MySQLSink, mysql_db: dict[str, Any]
 ) -> None:
-    """An operator's utf8mb3/latin1 metadata columns cannot refuse a payload: it is stored, metadata escaped."""
+    """An operator's utf8mb3/latin1 metadata columns cannot refuse a payload.
+
+    The payload is stored, its metadata escaped.
+    """
     mysql_query(
         mysql_db,
         "ALTER TABLE ethereum_data "
@@ -516,7 +519,10 @@ def sql_log() -> Iterator[list[dict[str, Any]]]:
 
 @pytest_twisted.ensureDeferred
 async def test_pool_logs_an_outage_not_each_retry(sql_log: list[dict[str, Any]]) -> None:
-    """Retries that fail for good log nothing here (the caller logs the outage once); one retried away logs one line."""
+    """Retries that fail for good log nothing here; one retried away logs one line.
+
+    The caller logs the outage once.
+    """
     result, _, _, _ = await run_fake([pymysql.err.InterfaceError(0, "")] * 10)
     assert isinstance(result, SinkUnavailable)
     assert sql_log == []
@@ -787,8 +793,10 @@ def test_row_encoder_caches_are_bounded_in_bytes() -> None:
 async def test_concurrent_batches_sharing_hashes_answer_each_hash_ok_once(
     sink: MySQLSink, mysql_db: dict[str, Any]
 ) -> None:
-    """Batches stored at once (the router's --concurrent-batches) that share hashes, in opposite orders
-    (a deadlock when both lock their first rows): every hash is OK exactly once, DUP otherwise.
+    """Batches stored at once that share hashes: every hash is OK exactly once, DUP otherwise.
+
+    The batches are stored at once as with the router's --concurrent-batches, and share hashes in
+    opposite orders (a deadlock when both lock their first rows).
     """
     base = numbered(300, prefix=b"conc")
     batches = [base[0:200], list(reversed(base[100:300])), base[50:250:2], base[::3]]
