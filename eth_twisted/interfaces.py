@@ -92,7 +92,10 @@ class IRecord(ISink):
 
 
 def maybe_global_reactor(reactor: Any = None) -> Any:
-    """``reactor``, or Twisted's global reactor when it is None (imported only then, as Twisted's own helper does)."""
+    """``reactor``, or Twisted's global reactor when it is None.
+
+    The global reactor is imported only then, as Twisted's own helper does.
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 

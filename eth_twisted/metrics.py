@@ -91,7 +91,8 @@ class ServerMetrics:
         )
         self.withdrawn = Counter(
             "eth_server_withdrawn_messages",
-            "Queued messages dropped before a batch took them: their deadline passed or their connection closed",
+            "Queued messages dropped before a batch took them: "
+            "their deadline passed or their connection closed",
             registry=r,
         )
 

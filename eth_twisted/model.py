@@ -1,8 +1,9 @@
-"""The data that crosses module boundaries, and the sink interface.
+"""The data that crosses module boundaries: messages, outcomes, records, their storable forms.
 
 A :class:`Message` is one netstring frame as the server received it; a sink
-stores batches of them and answers with one :class:`Outcome` per message, or
-fails the whole batch with a :class:`~eth_twisted.errors.SinkError`.
+(:class:`~eth_twisted.interfaces.ISink`) stores batches of them and answers with one
+:class:`Outcome` per message, or fails the whole batch with a
+:class:`~eth_twisted.errors.SinkError`.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ class Message(NamedTuple):
 
     Immutable. A named tuple rather than a frozen dataclass: the receiver makes
     one per frame, and a frozen dataclass's ``__init__`` (one
-    ``object.__setattr__`` per field) took 1.3 µs against 0.4 µs, about 5% of
-    the server's CPU per message under load.
+    ``object.__setattr__`` per field) is several times slower, a visible share of
+    the server's CPU per message under load (bench/README.md, "Third round").
     """
 
     payload: bytes

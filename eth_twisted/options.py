@@ -1,12 +1,10 @@
 """Command-line options with environment fallbacks, and secrets.
 
-Every option of the taps can also come from the environment as
-``ETH_<OPTION>`` (``--redis-host`` -> ``ETH_REDIS_HOST``). Precedence: the
-command line, then the environment, then the default. Flags take
-``1/true/yes/on`` and ``0/false/no/off``; repeatable options take
-comma-separated values. Secrets come from the environment, a ``*-file``
-option, or systemd's ``$CREDENTIALS_DIRECTORY``; on argv they still work but
-log a warning.
+Every option of the taps can also come from the environment as ``ETH_<OPTION>``
+(``--redis-host`` -> ``ETH_REDIS_HOST``): :class:`EnvOptions`, with the README's
+"Configuration rules" (precedence, flag values, lists). Secrets come from the environment,
+a ``*-file`` option, or systemd's ``$CREDENTIALS_DIRECTORY``; on argv they still work but
+log a warning. A settings dataclass field made with :func:`setting` is an option.
 """
 
 from __future__ import annotations
@@ -122,6 +120,10 @@ optional_positive_int.coerceDoc = ""  # type: ignore[attr-defined]
 
 class EnvOptions(usage.Options):
     """``usage.Options`` that also reads ``ETH_*`` environment variables.
+
+    Precedence: the command line, then the environment, then the default. Flags take
+    ``1/true/yes/on`` and ``0/false/no/off``; repeatable options take comma-separated
+    values, and a repeatable option on the command line replaces the environment's list.
 
     Subclasses declare ``optFlags``/``optParameters`` as usual. Options named
     in ``repeatable`` collect every occurrence into a list (``opt_<name>``
@@ -302,7 +304,7 @@ def _default_of(f: dataclasses.Field[Any]) -> Any:
 
 
 def option_rows(cls: type, *names: str) -> list[list[Any]]:
-    """``optParameters`` rows for the option fields of ``cls`` (all of them, or ``names``), bool ones left out."""
+    """``optParameters`` rows for the option fields of ``cls`` (all, or ``names``), bool ones left out."""
     return [
         [option_name(f), None, _default_of(f), f.metadata["help"], f.metadata["coerce"]]
         for f in _option_fields(cls, names)

@@ -1,17 +1,9 @@
 """Log trouble once when it starts and once when it ends, never once per attempt.
 
-An :class:`Episode` follows one subject (an RPC endpoint's reachability, its
-trust, the poller's polls). :meth:`Episode.failed` is called on every failed
-attempt and :meth:`Episode.recovered` on every success; only the first
-failure of an episode and its end write a line, the end with the episode's
-duration, failure count and kinds. Everything else goes to debug.
-
-A subject that flaps (fails, recovers, fails again within
-``flap_window`` seconds) does not write a pair of lines per flap: an episode
-that starts within ``flap_window`` of the last logged end is logged only
-once it has lasted ``flap_window`` seconds, and its start line counts the
-brief episodes that were not logged. So a subject writes at most about two
-lines per ``flap_window``, however often it is tried.
+An :class:`Episode` follows one subject (an RPC endpoint's reachability, its trust, the
+poller's polls); its docstring says which calls write a line, and how a subject that flaps
+is kept to about two lines per ``flap_window``. docs/hostile-input.md (item 13) shows what
+it replaced.
 """
 
 from __future__ import annotations
@@ -27,6 +19,17 @@ FLAP_WINDOW = 60.0
 
 class Episode:
     """The current episode of trouble of one subject, and what has been logged about it.
+
+    :meth:`failed` is called on every failed attempt and :meth:`recovered` on every
+    success; only the first failure of an episode and its end write a line, the end with
+    the episode's duration, failure count and kinds. Everything else goes to debug.
+
+    A subject that flaps (fails, recovers, fails again within ``flap_window`` seconds)
+    does not write a pair of lines per flap: an episode that starts within
+    ``flap_window`` of the last logged end is logged only once it has lasted
+    ``flap_window`` seconds, and its start line counts the brief episodes that were not
+    logged. So a subject writes at most about two lines per ``flap_window``, however
+    often it is tried.
 
     ``start`` and ``end`` are logger format strings. Their fields: ``subject``,
     ``kind`` (the first kind of the episode), ``detail``, ``note`` (empty, or

@@ -1,18 +1,9 @@
 """systemd readiness notification (the sd_notify protocol), with no dependency.
 
-A service started with ``Type=notify`` tells systemd it is ready by sending one
-datagram, ``READY=1``, to the ``AF_UNIX`` socket named in ``$NOTIFY_SOCKET``
-(systemd.io/NOTIFY, ``sd_notify(3)``). The name is a filesystem path, or an
-abstract-namespace name written with a leading ``@``. (The ``vsock:`` addresses
-systemd 254+ hands to virtual machines are not supported: they are logged and
-ignored.) The taps call
-:func:`notify_ready` once their listeners are up and their sinks answered, and
-:func:`notify_stopping` when they begin to shut down. Outside systemd (no
-``$NOTIFY_SOCKET``) every function is a harmless no-op that returns False.
-
-Nothing here raises: a notification that cannot be delivered is logged and
-reported as False, because a lost readiness message must never take the
-service down (systemd times the start out on its own).
+The taps call :func:`notify_ready` once their listeners are up and their sinks answered,
+and :func:`notify_stopping` when they begin to shut down; :func:`notify` says what is sent
+where. Outside systemd every function is a no-op that returns False, and nothing here
+raises. docs/architecture.md (section 2) says when each service notifies.
 """
 
 from __future__ import annotations
@@ -43,9 +34,17 @@ def socket_address(name: str) -> str | bytes | None:
 def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
     """Send ``state`` (newline-separated ``KEY=VALUE`` lines) to ``$NOTIFY_SOCKET``.
 
+    A service started with ``Type=notify`` tells systemd it is ready by sending one
+    datagram, ``READY=1``, to the ``AF_UNIX`` socket named in ``$NOTIFY_SOCKET``
+    (systemd.io/NOTIFY, ``sd_notify(3)``). The name is a filesystem path, or an
+    abstract-namespace name written with a leading ``@`` (:func:`socket_address`). The
+    ``vsock:`` addresses systemd 254+ hands to virtual machines are not supported: they
+    are logged and ignored.
+
     Returns True when the datagram was sent, False when there is no socket to
     send to (not under systemd, or an address this module cannot use) or the
-    send failed; failures are logged, never raised.
+    send failed; failures are logged, never raised, because a lost readiness
+    message must never take the service down (systemd times the start out on its own).
     """
     environ = os.environ if environ is None else environ
     name = environ.get("NOTIFY_SOCKET", "")
@@ -89,7 +88,7 @@ def notify_ready(status: str = "", environ: Mapping[str, str] | None = None) -> 
 
 
 def notify_status(status: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Update the one-line ``STATUS=`` that ``systemctl status`` shows (for a running service's state changes)."""
+    """Update the one-line ``STATUS=`` that ``systemctl status`` shows (a running service's state)."""
     return notify("STATUS=" + _one_line(status), environ)
 
 

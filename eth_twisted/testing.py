@@ -1,13 +1,9 @@
 """Fakes that ship with the package, for our tests and for anyone embedding it.
 
-* :class:`FakeEthereumNode`: an in-memory chain served over JSON-RPC as a
-  ``twisted.web`` resource. Drive it in unit tests with
-  ``treq.testing.StubTreq(node)`` (or several nodes behind one
-  :class:`FakeNetwork`, routed by host name), or listen on a real port with
-  :meth:`FakeEthereumNode.listen` for live tests. It mines, reorganises,
-  lags, and misbehaves on demand (:meth:`FakeEthereumNode.fail`).
-* :class:`MemoryOutbox`: the client outbox's poller-facing methods, in
-  memory, with a log of every append (duplicates included) for assertions.
+:class:`FakeEthereumNode` is an in-memory chain served over JSON-RPC (alone, or several
+behind one :class:`FakeNetwork`); :class:`MemoryOutbox` is the client outbox's
+poller-facing half, in memory. Their docstrings say how to drive them; docs/architecture.md
+(section 4) lists them in the folder map.
 """
 
 from __future__ import annotations
@@ -81,6 +77,11 @@ class FakeEthereumNode(Resource):
     genesis included). Answers ``eth_blockNumber``, ``eth_chainId``,
     ``net_version`` and ``eth_getBlockByNumber`` (number, ``latest``,
     ``earliest``; the ``full`` flag is ignored).
+
+    Drive it in unit tests with ``treq.testing.StubTreq(node)`` (or several nodes behind
+    one :class:`FakeNetwork`, routed by host name), or listen on a real port with
+    :meth:`listen` for live tests. It mines, reorganises, lags, and misbehaves on demand
+    (:meth:`fail`).
     """
 
     isLeaf = True
@@ -246,7 +247,7 @@ class FakeEthereumNode(Resource):
                 request.setHeader(b"www-authenticate", b'Basic realm="node"')
                 return b"unauthorized"
         try:
-            call = json.loads(request.content.read())  # type: ignore[union-attr,attr-defined]
+            call = json.loads(request.content.read())  # type: ignore[attr-defined]
             method = str(call["method"])
             params = list(call.get("params") or [])
             call_id = call.get("id")

@@ -93,8 +93,8 @@ def _drop_chatter(event: dict[str, Any]) -> PredicateResult:
         and level is not None
         and level < LogLevel.warn
     ):
-        return PredicateResult.no
-    return PredicateResult.maybe
+        return PredicateResult.no  # type: ignore[no-any-return]  # Twisted's constant, untyped
+    return PredicateResult.maybe  # type: ignore[no-any-return]
 
 
 def start_logging(verbose: bool, stream: Any = None, quiet: bool = False) -> None:

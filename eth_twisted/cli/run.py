@@ -1,11 +1,11 @@
 """``eth run``: server and client in one process, on the embedded defaults.
 
-It prints where its data lives, the dashboard URL and one line per stored
-block. The server listens on 127.0.0.1:9999, or on a free port when 9999 is
-taken. Ctrl-C (SIGINT) or SIGTERM first lets the client drain its outbox,
-within ``--drain-timeout`` seconds, then stops both. Its site has the same
-protections as ``eth server``'s: the Host allowlist on loopback (DNS
-rebinding), the optional bearer token, and the listener's limits.
+It prints where its data lives, the dashboard URL and one line per stored block. The
+server listens on 127.0.0.1:9999, or on a free port when 9999 is taken. Ctrl-C (SIGINT) or
+SIGTERM first lets the client drain its outbox, within ``--drain-timeout`` seconds, then
+stops both. Its site has ``eth server``'s protections: the Host allowlist on loopback (DNS
+rebinding), the optional bearer token, the listener's limits. docs/architecture.md
+(section 2, "eth run") draws its service tree.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class RunOptions(EnvOptions):
             "data-dir",
             None,
             None,
-            "Directory for the SQLite file and the outbox [default: $STATE_DIRECTORY, else the working directory]",
+            "Directory for the SQLite file and the outbox "
+            "[default: $STATE_DIRECTORY, else the working directory]",
         ],
         [
             "drain-timeout",

@@ -1,4 +1,7 @@
-"""One RPC endpoint and what the client has learned of it (state, cooldowns, trust), and the RPC client's settings."""
+"""One RPC endpoint and what the client has learned of it, and the RPC client's settings.
+
+What it has learned: its state, cooldowns and trust (:class:`RPCEndpoint`).
+"""
 
 from __future__ import annotations
 
@@ -94,6 +97,8 @@ class RPCSettings:
 
 @dataclass
 class Agreement:
+    """A head round's agreed head, its clock time, and how many endpoints reached the median."""
+
     head: int
     at: float
     support: int

@@ -1,26 +1,11 @@
 """One JSON-RPC request over HTTP, and the checks an answer must pass before it is believed.
 
-The request goes straight through ``twisted.web.client.Agent`` (the library
-treq is built on), not through ``treq.HTTPClient``: every treq request is
-wrapped in a ``ContentDecoderAgent`` that asks for gzip and inflates it
-without a bound (one 4 MiB compressed body becomes gigabytes before any cap
-sees it), in a redirect agent (a node's 303 sends us, as a GET, to any host
-it names), in a cookie jar shared by every endpoint, and in a response
-buffer. We need none of them, so none is there:
-
-* no ``Accept-Encoding`` but ``identity``, and a response that is encoded
-  anyway is the endpoint's ``bad-encoding`` failure (nothing is inflated);
-* redirects are never followed: a 3xx is the endpoint's ``http-3xx``;
-* the body is read with a byte cap (:func:`collect_capped`);
-* a URL's ``user:password@`` becomes an HTTP basic ``Authorization`` header
-  and is removed from the URL, so it reaches no log, label or metric.
-
-Every quantity in an answer is bounded before ``int()`` sees it: block
-numbers and timestamps below 2**63 (:data:`MAX_QUANTITY`), chain ids at most
-:data:`MAX_CHAIN_ID` (EIP-2294), hex strings at most 16 digits; hashes are 32
-bytes of hex. A block is reduced to the four fields the payloads use
-(:func:`check_block`), so a fetched block holds a few hundred bytes however
-large the node's answer was.
+:func:`post` sends one request through ``twisted.web.client.Agent``: never redirected,
+never inflated, its body capped in bytes (why not treq is in its docstring).
+:func:`parse_envelope`, :func:`check_block` and :func:`hex_quantity` bound and check what
+an answer holds; :func:`classify` names a transport failure's kind. docs/architecture.md
+(section 1, "RPC endpoints") places it on the data path; docs/hostile-input.md (items
+9-11) lists the attacks these checks stop.
 """
 
 from __future__ import annotations
@@ -166,8 +151,8 @@ def parse_retry_after(value: str | bytes | None, now: float) -> float | None:
             when = email.utils.parsedate_to_datetime(text)
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        if when is None:
-            return None
+        if when is None:  # defensive: typeshed says it never returns None
+            return None  # type: ignore[unreachable]
         try:
             seconds = when.timestamp() - now
         except (OverflowError, OSError, ValueError):
@@ -215,7 +200,13 @@ def check_block(block: Any, number: int, label: str = "") -> dict[str, Any]:
     ``None`` means the node does not have that block yet (``null-result``);
     anything malformed or out of bounds is ``bad-result``. The result is a
     new dict of ``number``, ``hash``, ``parentHash`` and ``timestamp`` in
-    canonical form (lowercase hex), whatever else the node sent.
+    canonical form (lowercase hex), whatever else the node sent, so a fetched
+    block holds a few hundred bytes however large the node's answer was.
+
+    Every quantity in an answer is bounded before ``int()`` sees it: block
+    numbers and timestamps below 2**63 (:data:`MAX_QUANTITY`), chain ids at most
+    :data:`MAX_CHAIN_ID` (EIP-2294), hex strings at most 16 digits
+    (:func:`hex_quantity`); hashes are 32 bytes of hex (:func:`check_hash`).
     """
     if block is None:
         raise RPCFailure(f"block {number} not available yet", "null-result", label)
@@ -410,6 +401,22 @@ async def post(
     A 2xx answer's body is read up to ``max_body`` bytes; other answers'
     bodies up to :data:`ERROR_BODY_CAP` (their status is what counts). An
     encoded 2xx answer is ``bad-encoding`` (we asked for identity).
+
+    The request goes straight through ``twisted.web.client.Agent`` (the library
+    treq is built on, see :func:`capped_agent`), not through ``treq.HTTPClient``:
+    every treq request is wrapped in a ``ContentDecoderAgent`` that asks for gzip
+    and inflates it without a bound (one 4 MiB compressed body becomes gigabytes
+    before any cap sees it), in a redirect agent (a node's 303 sends us, as a GET,
+    to any host it names), in a cookie jar shared by every endpoint, and in a
+    response buffer. We need none of them, so none is there:
+
+    * no ``Accept-Encoding`` but ``identity``, and a response that is encoded
+      anyway is the endpoint's ``bad-encoding`` failure (nothing is inflated);
+    * redirects are never followed: a 3xx is the endpoint's ``http-3xx``;
+    * the body is read with a byte cap (:func:`collect_capped`);
+    * a URL's ``user:password@`` becomes an HTTP basic ``Authorization`` header
+      and is removed from the URL (:meth:`Target.from_url`), so it reaches no log,
+      label or metric.
     """
     headers = Headers(
         {
@@ -605,8 +612,9 @@ class _CappedEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class CappedEndpointFactory:
-    """What ``Agent`` uses by default (TCP for http, TLS with browser-like checks for https),
-    with every connection's bytes per response capped at ``cap``.
+    """What ``Agent`` uses by default, with every connection's bytes per response capped at ``cap``.
+
+    That default is TCP for http, and TLS with browser-like checks for https.
     """
 
     def __init__(self, reactor: Any, cap: int, connect_timeout: float | None = None) -> None:

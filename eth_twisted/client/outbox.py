@@ -1,22 +1,10 @@
 """The client's durable outbox, its cursor and its dead letters, in one SQLite file.
 
-Every rendered block goes into the outbox *in the same transaction* that
-moves the cursor past it, so a crash at any instant leaves either both or
-neither: on restart the poller resumes right after the last block enqueued
-and every message it enqueued is still waiting to be sent. A message leaves
-the outbox only when the server answers ``OK``/``DUP`` for its hash
-(:meth:`Outbox.ack`) or a final ``ERR`` (:meth:`Outbox.dead_letter`, which
-keeps it in a table of its own: never resent, counted, listable).
-
-The file is opened in WAL mode with ``synchronous=FULL``: a commit is on disk
-(fsync'd) before :meth:`Outbox.append` returns, so a power cut cannot move
-the cursor past a message that was not kept. The file is locked with
-``flock`` on ``<path>.lock`` so two clients never share one outbox.
-
-All methods are synchronous and short (one small transaction each); they run
-on the reactor thread. Several calls can share one transaction with
-:meth:`Outbox.transaction` (the sender settles a whole read's worth of
-replies with one fsync).
+:class:`Outbox` keeps every rendered block until the server acknowledges it, and moves the
+cursor past blocks in the same transaction that stores them, so a crash leaves both or
+neither; the durability rules (WAL, ``synchronous=FULL``, the ``flock``) are in its
+docstring. docs/architecture.md (section 1, "Outbox", and section 3) places it on the data
+path and on the reactor thread.
 """
 
 from __future__ import annotations
@@ -86,7 +74,8 @@ class OutboxSettings:
 
     spool: str = setting(
         "eth-client-spool.sqlite3",
-        "Outbox file, or ':memory:' (not durable); the default file goes in $STATE_DIRECTORY when that is set",
+        "Outbox file, or ':memory:' (not durable); "
+        "the default file goes in $STATE_DIRECTORY when that is set",
     )
     """The SQLite file (the tap puts the default name in ``$STATE_DIRECTORY``), or ``:memory:``."""
     max_outbox: int = setting(
@@ -174,6 +163,7 @@ class _FileLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
+        """Take the lock and write our pid in the file; raise OutboxLocked if another client holds it."""
         try:
             handle = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held until release
         except OSError as e:
@@ -201,6 +191,7 @@ class _FileLock:
         self._file = handle
 
     def release(self) -> None:
+        """Drop the lock and close the file (the lock file itself stays)."""
         if self._file is not None:
             # The lock file stays: unlinking it would race with a new opener.
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
@@ -210,6 +201,24 @@ class _FileLock:
 
 class Outbox:
     """Messages waiting for an ack, the poller's cursor, dead letters and gaps.
+
+    Every rendered block goes into the outbox *in the same transaction* that
+    moves the cursor past it, so a crash at any instant leaves either both or
+    neither: on restart the poller resumes right after the last block enqueued
+    and every message it enqueued is still waiting to be sent. A message leaves
+    the outbox only when the server answers ``OK``/``DUP`` for its hash
+    (:meth:`ack`) or a final ``ERR`` (:meth:`dead_letter`, which keeps it in a
+    table of its own: never resent, counted, listable).
+
+    The file is opened in WAL mode with ``synchronous=FULL``: a commit is on disk
+    (fsync'd) before :meth:`append` returns, so a power cut cannot move the
+    cursor past a message that was not kept. The file is locked with ``flock``
+    on ``<path>.lock`` so two clients never share one outbox.
+
+    All methods are synchronous and short (one small transaction each); they run
+    on the reactor thread. Several calls can share one transaction with
+    :meth:`transaction` (the sender settles a whole read's worth of replies with
+    one fsync).
 
     Build one with :func:`open_outbox`. ``max_outbox`` bounds the number of
     waiting messages: :meth:`append` raises :class:`OutboxFull` rather than

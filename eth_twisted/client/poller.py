@@ -1,40 +1,10 @@
 """The BlockPoller service: watch the chain head and put every new block in the outbox.
 
-A ``LoopingCall`` on the injected clock runs one *tick* every ``interval``
-seconds. A tick returns a Deferred, so ticks never overlap; it has its own
-deadline; and every failure is caught, logged and counted, so the loop never
-stops (a LoopingCall dies for good on the first unhandled failure).
-
-One tick:
-
-1. Until the chain is verified (at start, after a failed poll, i.e. when
-   the endpoints come back), every endpoint must show the chain of the stored
-   cursor (:meth:`RPCClient.verify_chain`). A mismatch calls ``fatal`` with a
-   message naming ``--reset-cursor``; the tap stops the process.
-2. ``head_round`` gives the best trusted head.
-3. No cursor yet: the head block itself is enqueued (the first poll emits
-   the current block, like the seed). Head unchanged: nothing. Head below
-   the cursor: nothing, logged.
-4. Head moved from N to N+k: blocks N+1 .. N+min(k, max_backfill, free
-   outbox slots) are fetched (``parallel`` at a time, kept in order), each
-   checked to name the previous block's hash as its parent, rendered, and
-   appended with the new cursor in ONE ``outbox.append``; the rest of the
-   gap is walked by later ticks, never jumped.
-5. ``max_gap`` G (off by default): when k > G, blocks N+1 .. head-K are
-   skipped, where K = max(1, min(G, max_backfill)); the skipped range is
-   recorded with ``outbox.record_gap``, logged and counted, and the last K
-   blocks up to the head are fetched. ``max_gap=0`` follows the head only.
-6. Parent-hash mismatch: nothing past it is enqueued. When the node
-   confirms that the cursor's own block was replaced (a reorg), the poller
-   walks back through the hashes it enqueued recently to the common
-   ancestor and enqueues the canonical blocks after it again (``json``
-   payloads then carry the new hashes; ``html`` payloads are byte-identical
-   and the server answers DUP). Otherwise (a node out of step) it retries
-   next tick. Either way it never skips and never crashes.
-
-Failed polls are logged once per outage (when the first fails and when one
-succeeds again, with the duration), as are a head below the cursor and a
-node out of step: a poller that fails every tick for hours writes two lines.
+Each tick verifies the chain, asks for the agreed head, fetches the blocks after the cursor
+(each checked to name its parent), renders them and appends them with the new cursor in one
+outbox transaction. The loop, the steps of a tick, gaps and reorgs are described in
+:class:`BlockPoller` and :meth:`BlockPoller.tick`; docs/architecture.md (section 1, "Poller")
+places the poller on the data path.
 """
 
 from __future__ import annotations
@@ -81,7 +51,7 @@ class PollSettings:
         "Skip ahead (recording the gap) when further behind than this many blocks; 'off' never skips",
         optional_positive_int,
     )
-    """None never skips; 0 follows the head only (see the module docstring, step 5)."""
+    """None never skips; 0 follows the head only (see :meth:`BlockPoller.tick`, step 5)."""
     format: str = setting("html", "Payload format: html or json (use json for more than one chain)")
     chain_id: int | None = setting(
         None, "Expected chain id; refuse endpoints that disagree", int_in(1)
@@ -107,6 +77,15 @@ class PollSettings:
 
 class BlockPoller(service.Service):
     """Polls the head through ``rpc`` and appends rendered blocks to ``outbox``.
+
+    A ``LoopingCall`` on the injected clock runs one tick (:meth:`tick`) every
+    ``interval`` seconds. A tick returns a Deferred, so ticks never overlap; it has its own
+    deadline (``tick_timeout``); and every failure is caught, logged and counted, so the
+    loop never stops (a LoopingCall dies for good on the first unhandled failure).
+
+    Failed polls are logged once per outage (when the first fails and when one succeeds
+    again, with the duration), as are a head below the cursor and a node out of step: a
+    poller that fails every tick for hours writes two lines.
 
     ``on_enqueued`` is called after every append (it wakes the sender);
     ``fatal`` is called once with the message when the chain does not match
@@ -135,7 +114,7 @@ class BlockPoller(service.Service):
         self.rpc = rpc
         self.outbox = outbox
         self.settings = settings
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = clock
         self.metrics = metrics
         self.on_enqueued = on_enqueued or (lambda: None)
         self.fatal = fatal
@@ -206,7 +185,36 @@ class BlockPoller(service.Service):
     # -- one tick ------------------------------------------------------------
 
     def tick(self) -> Deferred[Any] | None:
-        """Run one poll; the Deferred fires when it is over and never fails."""
+        """Run one poll; the Deferred fires when it is over and never fails.
+
+        Nothing is started (None) while a tick is in flight or after a fatal mismatch.
+        One tick:
+
+        1. Until the chain is verified (at start, after a failed poll, i.e. when
+           the endpoints come back), every endpoint must show the chain of the stored
+           cursor (:meth:`RPCClient.verify_chain`). A mismatch calls ``fatal`` with a
+           message naming ``--reset-cursor``; the tap stops the process.
+        2. ``head_round`` gives the best trusted head.
+        3. No cursor yet: the head block itself is enqueued (the first poll emits
+           the current block, like the seed). Head unchanged: nothing. Head below
+           the cursor: nothing, logged.
+        4. Head moved from N to N+k: blocks N+1 .. N+min(k, max_backfill, free
+           outbox slots) are fetched (``parallel`` at a time, kept in order), each
+           checked to name the previous block's hash as its parent, rendered, and
+           appended with the new cursor in ONE ``outbox.append``; the rest of the
+           gap is walked by later ticks, never jumped.
+        5. ``max_gap`` G (off by default): when k > G, blocks N+1 .. head-K are
+           skipped, where K = max(1, min(G, max_backfill)); the skipped range is
+           recorded with ``outbox.record_gap``, logged and counted, and the last K
+           blocks up to the head are fetched. ``max_gap=0`` follows the head only.
+        6. Parent-hash mismatch: nothing past it is enqueued. When the node
+           confirms that the cursor's own block was replaced (a reorg), the poller
+           walks back through the hashes it enqueued recently to the common
+           ancestor and enqueues the canonical blocks after it again (``json``
+           payloads then carry the new hashes; ``html`` payloads are byte-identical
+           and the server answers DUP). Otherwise (a node out of step) it retries
+           next tick. Either way it never skips and never crashes.
+        """
         if self.fatal_message is not None or self._in_flight is not None:
             return None
         d = Deferred.fromCoroutine(self._poll())

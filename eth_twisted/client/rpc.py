@@ -88,7 +88,7 @@ class RPCClient:
             raise ValueError("at least one RPC URL is needed")
         clock = maybe_global_reactor(clock)
         self.settings = settings
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = clock
         self.endpoints = [RPCEndpoint.from_url(u) for u in settings.rpc]
         for ep in self.endpoints:
             ep.outage = Episode(
@@ -96,7 +96,8 @@ class RPCClient:
                 self.clock.seconds,
                 ep.label,
                 start="RPC endpoint {subject} is failing ({kind}): {detail}{note}",
-                end="RPC endpoint {subject} answers again after {duration:.1f} s ({failures} failures: {kinds})",
+                end="RPC endpoint {subject} answers again after {duration:.1f} s "
+                "({failures} failures: {kinds})",
             )
             ep.mistrust = Episode(
                 log,

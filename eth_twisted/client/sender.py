@@ -1,36 +1,10 @@
 """The client's link to the server: resend, window, ack matching, heartbeats.
 
-:class:`DeliveryService` owns a ``ClientService`` (capped exponential
-backoff, the injected clock) that keeps one TCP connection to the server. On
-every new connection it resends every unacknowledged outbox entry, oldest
-first, keeping at most ``window`` frames unanswered. Replies are matched by
-hash (docs/protocol.md, wire protocol version 1):
-
-* ``OK <sha>`` / ``DUP <sha>``: the server holds it; the outbox forgets it;
-* ``ERR <sha> unavailable|timeout|busy``: kept; sending pauses (1 s, doubling
-  to 30 s while errors continue) and the message is resent first afterwards;
-* ``ERR <sha> empty|too-long|rejected|auth``: final; the message moves to the
-  outbox's dead letters and is never resent;
-* ``ERR - <code>``: the connection's framing broke; the server closes it and
-  everything unanswered is resent on the next connection. For ``too-long``
-  the first unanswered frame (replies come in frame order) is the culprit and
-  is dead-lettered, so it cannot block the queue forever.
-
-A reply for a hash that is not in flight, or text that is none of the above,
-is a protocol error: logged, and the connection is dropped (and remade).
-Nothing that connection says afterwards is read (a burst of garbage costs one
-line, not one per frame); what it left unanswered is resent on the next one.
-An ERR code outside the vocabulary is retryable, logged once per code per
-connection.
-
-Liveness: when nothing has been written for ``heartbeat`` seconds the empty
-frame ``0:,`` goes out (its ``ERR e3b0...b855 empty`` reply is expected); if
-the oldest unanswered frame (probe or message) waits ``ack_timeout`` seconds
-the connection is aborted and remade, and everything in flight is resent.
-The server deduplicates by hash, so a resend costs a ``DUP``, never a row.
-
-The protocol only frames and parses; the state lives in the service, which
-survives reconnections.
+:class:`DeliveryService` keeps one connection to the server and sends the outbox over it,
+oldest first, within the window; :class:`SenderProtocol` only frames and parses. What is
+done with each reply is in :meth:`DeliveryService.reply_received` and docs/protocol.md
+(section 3, "What the client does with each"); the probe, the heartbeat and the ack
+timeout are in docs/protocol.md sections 5 and 8.
 """
 
 from __future__ import annotations
@@ -68,7 +42,10 @@ from eth_twisted.options import int_in, positive_float, setting
 MAX_WINDOW = 256
 """The server's default per-connection window: the client never keeps more frames unanswered."""
 SERVER_DEADLINE = 10.0
-"""The server's default per-message deadline (``eth server --deadline``); the ack timeout is at least twice it."""
+"""The server's default per-message deadline (``eth server --deadline``).
+
+The ack timeout is at least twice it.
+"""
 RETRY_INITIAL = 1.0
 RETRY_MAX = 30.0
 METRICS_INTERVAL = 5.0
@@ -76,7 +53,10 @@ METRICS_INTERVAL = 5.0
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    """How the link sends and when it gives up on a connection; each field is the client option of its name."""
+    """How the link sends and when it gives up on a connection.
+
+    Each field is the client option of its name.
+    """
 
     window: int = setting(
         256,
@@ -109,7 +89,11 @@ class DeliverySettings:
 
 
 class SenderProtocol(NetstringReceiver):
-    """One connection to the server: writes frames, parses replies, delegates the rest."""
+    """One connection to the server: writes frames, parses replies, delegates the rest.
+
+    The protocol only frames and parses; the state lives in :class:`DeliveryService`,
+    which survives reconnections.
+    """
 
     MAX_LENGTH = 1024
     """Replies are short (``ERR <64 hex> <code>``); anything longer is a broken peer."""
@@ -192,6 +176,17 @@ class _Flight:
 
 class DeliveryService(service.MultiService):
     """Delivers the outbox to the server over a self-healing connection.
+
+    It owns a ``ClientService`` (capped exponential backoff, the injected clock) that keeps
+    one TCP connection to the server. On every new connection it resends every
+    unacknowledged outbox entry, oldest first, keeping at most ``window`` frames
+    unanswered; replies are matched by hash (:meth:`reply_received`).
+
+    Liveness: when nothing has been written for ``heartbeat`` seconds the empty frame
+    ``0:,`` goes out (its ``ERR e3b0...b855 empty`` reply is expected); if the oldest
+    unanswered frame (probe or message) waits ``ack_timeout`` seconds the connection is
+    aborted and remade, and everything in flight is resent. The server deduplicates by
+    hash, so a resend costs a ``DUP``, never a row.
 
     ``endpoint`` is where the server listens (``clientFromString(...)``);
     ``server`` only labels log lines. ``wake()`` after an append sends what
@@ -390,7 +385,26 @@ class DeliveryService(service.MultiService):
         proto.transport.loseConnection()
 
     def reply_received(self, proto: SenderProtocol, reply: Reply) -> None:
-        """Settle one reply (inside the protocol's outbox transaction)."""
+        """Settle one reply (inside the protocol's outbox transaction).
+
+        * ``OK <sha>`` / ``DUP <sha>``: the server holds it; the outbox forgets it;
+        * ``ERR <sha> unavailable|timeout|busy``: kept; sending pauses (1 s, doubling
+          to 30 s while errors continue) and the message is resent first afterwards;
+        * ``ERR <sha> empty|too-long|rejected|auth``: final; the message moves to the
+          outbox's dead letters and is never resent;
+        * ``ERR - <code>``: the connection's framing broke; the server closes it and
+          everything unanswered is resent on the next connection. For ``too-long``
+          the first unanswered message (replies come in frame order) is the culprit and
+          is dead-lettered, so it cannot block the queue forever (unless a probe sent
+          before it is still unanswered).
+
+        A reply for a hash that is not in flight, or text that is none of the above,
+        is a protocol error: logged, and the connection is dropped (and remade).
+        Nothing that connection says afterwards is read (a burst of garbage costs one
+        line, not one per frame); what it left unanswered is resent on the next one.
+        An ERR code outside the vocabulary is retryable, logged once per code per
+        connection.
+        """
         if proto is not self._proto:
             return
         if reply.code is None:

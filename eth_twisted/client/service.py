@@ -1,20 +1,9 @@
 """The eth-client assembled: RPC client, poller, durable outbox, sender link, stats site.
 
-:func:`make_client_service` takes one :class:`ClientSettings` (the tap builds
-it from the options; every part's defaults live in that part's own settings
-class) and returns an :class:`EthClientService` whose children are the
-delivery link (started first, stopped last) and the poller; the stats site,
-when configured, is a third child. Stopping closes the RPC connection pool
-and then the outbox file.
-
-A fatal condition (the RPC endpoints or the stored cursor disagree about the
-chain) is reported by the poller through :meth:`EthClientService.fatal`: it
-logs critically, sets ``exit_code`` to 2 and stops the reactor. The ``eth``
-CLI returns ``exit_code`` as the process status. Under ``twistd``, which has
-no exit-code channel, the service is built with ``exit_on_fatal=True`` and
-registers an ``atexit`` hook that ends the process with status 2 after
-twistd has finished its own shutdown (pidfile removed, logs flushed), so a
-supervisor sees the failure instead of a clean exit.
+:func:`make_client_service` builds an :class:`EthClientService` from one checked
+:class:`ClientSettings`; :meth:`EthClientService.fatal` says how a chain mismatch ends the
+process. docs/architecture.md (section 2, "eth client") draws the service tree and its
+start and stop order.
 """
 
 from __future__ import annotations
@@ -55,7 +44,10 @@ def tcp_client_endpoint(host: str, port: int) -> str:
 
 @dataclass(frozen=True)
 class LinkSettings:
-    """Where the server is and how the link to it is secured; the option fields are the client options of their names."""
+    """Where the server is and how the link to it is secured.
+
+    The option fields are the client options of their names.
+    """
 
     host: str = setting("127.0.0.1", "Server host")
     port: int = setting(9999, "Server port", int_in(1, 65535))
@@ -64,7 +56,8 @@ class LinkSettings:
     )
     tls: bool = setting(
         False,
-        "Connect to --host/--port over TLS, verifying the server's certificate and name (no plaintext fallback)",
+        "Connect to --host/--port over TLS, verifying the server's certificate and name "
+        "(no plaintext fallback)",
     )
     tls_ca: str | None = setting(
         None, "PEM CA the server's certificate must chain to [default: the system's trust store]"
@@ -85,7 +78,10 @@ class LinkSettings:
 
     @property
     def server(self) -> str:
-        """The endpoint string connected to: ``connect``, else ``host``/``port`` (always those with ``tls``)."""
+        """The endpoint string connected to: ``connect``, else ``host``/``port``.
+
+        Always ``host``/``port`` with ``tls``.
+        """
         if self.connect and not self.tls:
             return self.connect
         return tcp_client_endpoint(self.host, self.port)
@@ -198,7 +194,16 @@ class EthClientService(service.MultiService):
         self.poller.setServiceParent(self)
 
     def fatal(self, message: str) -> None:
-        """Stop the process with a non-zero status after logging ``message``."""
+        """Stop the process with a non-zero status after logging ``message``.
+
+        The poller calls it for a fatal condition (the RPC endpoints or the stored
+        cursor disagree about the chain): it logs critically, sets ``exit_code`` to 2
+        and stops the reactor. The ``eth`` CLI returns ``exit_code`` as the process
+        status. Under ``twistd``, which has no exit-code channel, the service is built
+        with ``exit_on_fatal=True`` and registers an ``atexit`` hook that ends the
+        process with status 2 after twistd has finished its own shutdown (pidfile
+        removed, logs flushed), so a supervisor sees the failure instead of a clean exit.
+        """
         if self.fatal_message is not None:
             return
         self.fatal_message = message
@@ -274,8 +279,12 @@ def make_client_service(
 ) -> EthClientService:
     """Build the client. Opens (and locks) the outbox now, so a bad spool fails at once.
 
-    ``settings`` are trusted (the tap checked them); ``agent`` injects the
-    ``IAgent`` the RPC calls go through (tests).
+    ``settings`` are trusted (the tap builds and checks them from the options; every
+    part's defaults live in that part's own settings class); ``agent`` injects the
+    ``IAgent`` the RPC calls go through (tests). The service's children are the
+    delivery link (started first, stopped last) and the poller; the stats site, when
+    configured, is a third child. Stopping closes the RPC connection pool and then the
+    outbox file.
     """
     metrics = metrics if metrics is not None else ClientMetrics()
     outbox = open_outbox(settings.outbox, clock=reactor)
@@ -325,8 +334,10 @@ def make_client_service(
 
 
 def link_endpoint(reactor: Any, link: LinkSettings) -> Any:
-    """The endpoint the sender connects with: plain, TLS (verified, never falling back), and/or
-    behind the shared-secret handshake.
+    """The endpoint the sender connects with: plain or TLS, and perhaps behind the handshake.
+
+    TLS is verified and never falls back to plaintext; with a secret, the endpoint is
+    wrapped in the shared-secret handshake.
     """
     from eth_twisted.link.handshake import AuthClientEndpoint
     from eth_twisted.link.tls import client_tls_endpoint

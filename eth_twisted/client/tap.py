@@ -103,7 +103,10 @@ class Options(EnvOptions):
             self.warnings.append(exposed)
 
     def client_settings(self) -> ClientSettings:
-        """The settings of everything ``eth client`` runs, checked (ConfigError/ValueError name the option)."""
+        """The settings of everything ``eth client`` runs, checked.
+
+        A ConfigError or ValueError names the option at fault.
+        """
         from eth_twisted.link.secret import load_secret
 
         link = settings_from(

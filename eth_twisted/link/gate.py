@@ -1,4 +1,4 @@
-"""Gates: protocol wrappers that hold a new connection until a check passes, then hand it to the inner protocol.
+"""Gates: protocol wrappers that hold a new connection until a check passes, then hand it on.
 
 The inner protocol does not exist until then, so it never sees a byte that arrived before, or
 pipelined behind, a failed check (see docs/protocol.md). :class:`PendingHandshakes` bounds the
@@ -60,6 +60,7 @@ class LogLimiter:
 
 
 def peer_text(transport: Any) -> str:
+    """The peer of ``transport`` for log lines: ``host:port`` (``[v6]:port``), or ``-``."""
     try:
         address = transport.getPeer()
     except Exception:  # noqa: BLE001

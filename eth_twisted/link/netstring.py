@@ -1,15 +1,8 @@
-"""A netstring decoder whose cost is linear in the bytes received.
+"""A netstring decoder whose cost is linear in the bytes received, and the encoder.
 
-Twisted's ``NetstringReceiver`` re-slices its buffer once per frame, which is
-quadratic in the size of one chunk full of tiny frames,
-and its parse-error handler closes the connection at once, dropping the
-replies owed for earlier frames. This decoder only parses: it hands back every
-complete frame and, separately, the first framing error, so the protocol can
-answer what it owes before it closes.
-
-The grammar is D. J. Bernstein's: ``[len]":"[string]","`` where ``[len]`` is
-a non-empty run of ASCII digits without leading zeros (``0`` alone is the
-empty string).
+:class:`NetstringDecoder` parses what the server reads (why not Twisted's
+``NetstringReceiver`` is in its docstring); :func:`encode` frames one payload. The grammar
+and what is refused with which code are in docs/protocol.md (section 1, "Framing").
 """
 
 from __future__ import annotations
@@ -24,6 +17,14 @@ _ZERO = ord("0")
 
 class NetstringDecoder:
     """Incremental netstring parser with a maximum payload length.
+
+    Twisted's ``NetstringReceiver`` re-slices its buffer once per frame, which is
+    quadratic in the size of one chunk full of tiny frames, and its parse-error handler
+    closes the connection at once, dropping the replies owed for earlier frames. This
+    decoder only parses: it hands back every complete frame and, separately, the first
+    framing error, so the protocol can answer what it owes before it closes. The grammar
+    is D. J. Bernstein's: ``[len]":"[string]","`` where ``[len]`` is a non-empty run of
+    ASCII digits without leading zeros (``0`` alone is the empty string).
 
     ``add(data)`` keeps bytes; ``next()`` parses and returns one complete
     frame at a time, so a reader can stop between frames (its window is full,

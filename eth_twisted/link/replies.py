@@ -1,4 +1,4 @@
-"""The replies of wire protocol version 1: their codes, how the server writes them and how the client reads them.
+"""The replies of wire protocol version 1: their codes, how the server writes and the client reads them.
 
 For every frame, in order, the server answers ``OK <sha256>``, ``DUP <sha256>``
 or ``ERR <sha256> <code>``; ``ERR - <code>`` ends a connection whose framing

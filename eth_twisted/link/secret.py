@@ -94,5 +94,6 @@ def check_secret_transport(secret: bytes | None, tls: bool, allow_plaintext: boo
 
 
 def check_secret_bytes(secret: bytes) -> None:
+    """Raise ConfigError unless ``secret`` is bytes, at least :data:`MIN_SECRET_BYTES` long."""
     if not isinstance(secret, bytes) or len(secret) < MIN_SECRET_BYTES:
         raise ConfigError(f"the link secret must be at least {MIN_SECRET_BYTES} bytes")

@@ -69,7 +69,7 @@ def _pem_certificates(data: bytes, path: str) -> list[Certificate]:
 
 def _tls_version(min_tls: str) -> TLSVersion:
     try:
-        return _TLS_VERSIONS[min_tls]
+        return _TLS_VERSIONS[min_tls]  # type: ignore[no-any-return]  # Twisted's enum, untyped
     except KeyError:
         raise ConfigError(
             f"minimum TLS version must be one of {sorted(_TLS_VERSIONS)}, got {min_tls!r}"
@@ -234,7 +234,7 @@ def listen_endpoint(
         options = getattr(endpoint, "_sslContextFactory", None)
         if isinstance(options, CertificateOptions):
             harden_server_context(options.getContext(), ciphers=True)
-        return endpoint
+        return endpoint  # type: ignore[no-any-return]  # serverFromString is untyped
     return _TLSServerEndpoint(endpoint, tls)
 
 
@@ -246,11 +246,11 @@ def is_tls(transport: Any) -> bool:
 
 
 def peer_identity(transport: Any) -> str | None:
-    """The peer certificate's subject as an RFC 4514 string, or None without one.
+    r"""The peer certificate's subject as an RFC 4514 string, or None without one.
 
     Never raises for what a peer's certificate holds: characters that are not
     printable (control characters, bidirectional overrides) are escaped as
-    RFC 4514 ``\\XX`` hex pairs, so the string is safe in a log line; a
+    RFC 4514 ``\XX`` hex pairs, so the string is safe in a log line; a
     subject that ``cryptography`` refuses to parse although OpenSSL verified
     the certificate (e.g. ``_`` or ``@`` in a PrintableString, which some
     CAs issue) is rebuilt from OpenSSL's own parse, and failing that the
@@ -287,7 +287,7 @@ _RFC4514_SPECIAL = frozenset(b',+"\\<>;=')
 
 
 def _escape_value(raw: bytes) -> str:
-    """Raw attribute bytes as an RFC 4514 value: printable ASCII as is, specials and the rest as ``\\XX``."""
+    r"""Raw attribute bytes as an RFC 4514 value: printable ASCII as is, specials and the rest as ``\XX``."""
     out = []
     for i, byte in enumerate(raw):
         if (

@@ -50,7 +50,8 @@ class ReceiverLimits:
     )
     idle_timeout: float = setting(
         90.0,
-        "Seconds without a complete frame before a connection is dropped (a client sends a heartbeat when it has been quiet for --heartbeat, 10 s by default)",
+        "Seconds without a complete frame before a connection is dropped "
+        "(a client sends a heartbeat when it has been quiet for --heartbeat, 10 s by default)",
         positive_float,
     )
     write_stall: float = setting(
@@ -174,8 +175,9 @@ class ConnectionCaps:
 
 @implementer(interfaces.IHalfCloseableProtocol, interfaces.IHandshakeListener)
 class CappedConnection(ProtocolWrapper):
-    """Holds a connection's place in the caps until it ends; forwards half-closes and
-    the TLS handshake's completion to the gate behind it.
+    """Holds a connection's place in the caps until it ends.
+
+    It forwards half-closes and the TLS handshake's completion to the gate behind it.
     """
 
     group: str | None
@@ -287,7 +289,10 @@ class PartialBudget:
         return True
 
     def changed(self, holder: BudgetHolder, delta: int, restarted: bool = False) -> None:
-        """Account ``delta`` more bytes held by ``holder`` (``restarted``: a newer frame); pause or resume readers."""
+        """Account ``delta`` more bytes held by ``holder``; pause or resume readers.
+
+        ``restarted``: the bytes belong to a newer frame.
+        """
         budget, share = self.limits.partial_budget, self.share
         group = holder.group
         was_over = self.total > budget

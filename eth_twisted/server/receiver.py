@@ -39,7 +39,7 @@ from eth_twisted.server.limits import (
 
 
 class Ticket(Protocol_):
-    """What the router hands back for a queued message: the receiver withdraws it when it is no longer wanted."""
+    """What the router hands back for a queued message; the receiver withdraws it when unwanted."""
 
     def cancel(self) -> None:
         """The message timed out or its connection is gone: do not store it if it is still queued."""
@@ -287,7 +287,7 @@ class ReceiverProtocol(Protocol):
                     self._finish(None)
                     return
                 if self._closing:
-                    break
+                    break  # type: ignore[unreachable]  # _frame_received may close
         if handled:
             f.metrics.received.inc(handled)
         if decoder.error is not None:
@@ -494,7 +494,8 @@ class ReceiverProtocol(Protocol):
         if self._rate_timer is None or not self._rate_timer.active():
             self.factory.metrics.protocol_errors.labels(reason="rate-limited").inc()
             self.pause_reading("rate")
-            # Resume with a tenth of a second's tokens, not one: one wake-up per frame would cost more than the frame.
+            # Resume with a tenth of a second's tokens, not one: one wake-up per frame
+            # would cost more than the frame.
             wanted = max(1.0, min(float(limits.burst), limits.rate / 10.0))
             self._rate_timer = self.factory.clock.callLater(
                 (wanted - self._tokens) / limits.rate, self._rate_refilled
@@ -601,8 +602,10 @@ class ReceiverProtocol(Protocol):
 
 
 class ReceiverFactory(Factory):
-    """Builds :class:`ReceiverProtocol` for every connection and holds what they share: the
-    connection caps, the partial-frame budget, the reply batcher and the violation log.
+    """Builds :class:`ReceiverProtocol` for every connection and holds what they share.
+
+    What they share: the connection caps, the partial-frame budget, the reply batcher and
+    the violation log.
 
     ``caps_in_front``: a :class:`~eth_twisted.server.limits.CapsFactory` in front
     of TLS or handshake gates counts the connections in :attr:`caps`, so this

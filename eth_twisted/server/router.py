@@ -1,12 +1,10 @@
 """Group commit: messages from every connection, in batches, to the sinks.
 
-The router collects submitted messages for a few milliseconds (or until a
-batch is full), stores one batch at a time in the record sink (SQL or
-memory), then hands the same batch with the record's verdicts to every
-mirror (Redis), and answers each message once: ``OK``/``DUP`` when every
-sink has it, or the retryable code of the sink that failed. Answers never
-come before the commit. There is one callable per message, not a Deferred
-chain, on the hot path.
+:class:`Router` collects submitted messages into batches, stores each in the record sink,
+hands it with the record's verdicts to every mirror and answers each message once, never
+before the commit; its docstring says how batches overlap. docs/architecture.md (section
+1, "Router") places it on the data path; docs/protocol.md (section 4) says when a reply is
+written.
 """
 
 from __future__ import annotations
@@ -113,6 +111,7 @@ class SinkHealth:
         metrics.sink_up.labels(sink=name).set(1)
 
     def failed(self, reason: str, now: float) -> None:
+        """A batch failed in this sink at ``now``: log and mark it down if it was up."""
         if self.up:
             self.up = False
             self.since = now
@@ -125,6 +124,7 @@ class SinkHealth:
             self.metrics.sink_up.labels(sink=self.name).set(0)
 
     def succeeded(self, now: float) -> None:
+        """A batch succeeded at ``now``: log the recovery and mark it up if it was down."""
         if not self.up:
             self.log.info(
                 "Sink {sink} recovered after {seconds:.1f}s",
@@ -138,6 +138,13 @@ class SinkHealth:
 
 class Router:
     """Batches messages to ``record`` and then ``mirrors``; answers each message once.
+
+    Submitted messages are collected for a few milliseconds (or until a batch is full);
+    each batch is stored in the record sink (SQL or memory), then handed with the
+    record's verdicts to every mirror (Redis), and each message is answered once:
+    ``OK``/``DUP`` when every sink has it, or the retryable code of the sink that failed.
+    Answers never come before the commit. There is one callable per message, not a
+    Deferred chain, on the hot path.
 
     With ``pipeline`` the two stages overlap: while the mirrors store
     batch N (with the record's verdicts for it), the record may already store
@@ -178,7 +185,10 @@ class Router:
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.observers: list[Observer] = []
         self.answering = answering
-        """Entered around each batch's replies (a ReplyBatcher's ``hold``): the receiver holds its writes until the batch is answered."""
+        """Entered around each batch's replies (a ReplyBatcher's ``hold``).
+
+        The receiver holds its writes until the batch is answered.
+        """
         self.health = {s.name: SinkHealth(s.name, self.metrics) for s in [record, *self.mirrors]}
         self.ready = True
         self._queue: deque[_Queued] = deque()

@@ -1,13 +1,9 @@
-"""The eth-server service: its settings, and the listener, router, sinks and site started and stopped in order.
+"""The eth-server service: its settings, and the listener, router, sinks and site, in order.
 
-The tap turns options into one :class:`ServerSettings`; :func:`build_server`
-builds every part from it and hands them to :class:`ServerService`. Start:
-bind the listener at once (a bind failure stops start-up loudly), serve the
-stats site, then start the sinks, retrying while a database is unreachable
-(until they answer every message gets ``ERR <sha> unavailable``), seed the
-stats, start the Redis reconciler and say ready. Stop: stop reading, stop
-accepting, store and answer what was already received, then close the sinks.
-docs/architecture.md draws the tree.
+The tap turns options into one :class:`ServerSettings`; :func:`build_server` builds every
+part from it and hands them to :class:`ServerService`, which starts and stops them in a
+fixed order. docs/architecture.md (section 2, "eth server") draws the tree and gives the
+start and stop order step by step.
 """
 
 from __future__ import annotations
@@ -155,7 +151,14 @@ class _Listener(service.Service):
 
 
 class ServerService(service.MultiService):
-    """The running server: its listener, router, sinks, stats, site and reconciler, in a fixed order."""
+    """The running server: its listener, router, sinks, stats, site and reconciler, in a fixed order.
+
+    Start: bind the listener at once (a bind failure stops start-up loudly), serve the
+    stats site, then start the sinks, retrying while a database is unreachable (until
+    they answer every message gets ``ERR <sha> unavailable``), seed the stats, start the
+    Redis reconciler and say ready. Stop: stop reading, stop accepting, store and answer
+    what was already received, then close the sinks.
+    """
 
     log = Logger()
 
@@ -255,8 +258,9 @@ class ServerService(service.MultiService):
                     yield sink.start()
                     break
                 except Exception as e:
-                    if self._stopping:
-                        return False  # stopped while starting: the sink was told, nothing to retry
+                    if self._stopping:  # stopService may set it while sink.start() runs
+                        # Stopped while starting: the sink was told, nothing to retry.
+                        return False  # type: ignore[unreachable]  # mypy narrowed _stopping
                     if failed_at is None:
                         failed_at = self.reactor.seconds()
                         self.log.error(
@@ -466,7 +470,10 @@ def gated_factory(
 def _reconciler(
     record: IRecord, mirrors: Sequence[ISink], reactor: Any, interval: float, metrics: ServerMetrics
 ) -> service.Service | None:
-    """The service that rebuilds Redis from SQL (at start, every ``interval``, after an outage), if Redis mirrors."""
+    """The service that rebuilds Redis from SQL, if Redis mirrors; else None.
+
+    It rebuilds at start, every ``interval`` and after an outage.
+    """
     from eth_twisted.sinks.reconcile import Reconciler
     from eth_twisted.sinks.redis import RedisSink
 

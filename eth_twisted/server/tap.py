@@ -126,7 +126,8 @@ class Options(StorageOptions):
             "secret-file",
             None,
             None,
-            "File holding the link's shared secret (also ETH_SECRET, $CREDENTIALS_DIRECTORY/link-secret): clients must pass the HMAC handshake",
+            "File holding the link's shared secret (also ETH_SECRET, "
+            "$CREDENTIALS_DIRECTORY/link-secret): clients must pass the HMAC handshake",
         ],
         *option_rows(ReceiverLimits),
         *option_rows(BatchSettings),
@@ -150,7 +151,10 @@ class Options(StorageOptions):
             self.warnings.append(exposed)
 
     def server_settings(self) -> ServerSettings:
-        """The settings of everything ``eth server`` runs, checked (ConfigError/ValueError name the option)."""
+        """The settings of everything ``eth server`` runs, checked.
+
+        A ConfigError or ValueError names the option at fault.
+        """
         from eth_twisted.link.secret import check_secret_transport, load_secret
 
         listen = self["listen"] = self["listen"] or tcp_endpoint(self["host"], self["port"])
@@ -206,8 +210,8 @@ def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLD) -> None:
     Under load the server holds tens of thousands of live objects (a window of
     messages per connection, their reply slots and callables). CPython's default
     thresholds run a collection every 700 allocations and a full one every
-    70,000, each walking every live object: the benchmark measured about 15%
-    of the server's throughput spent there (bench/README.md). This freezes what
+    70,000, each walking every live object, a measurable share of the server's
+    throughput (bench/README.md, "What was slow", item 5). This freezes what
     start-up allocated (modules, classes: never garbage) and collects young
     objects every ``thresholds[0]`` allocations instead. Process-wide, so it is
     the process's entry point that calls it, never a library object.

@@ -1,6 +1,7 @@
-"""Storage behind :class:`~eth_twisted.interfaces.ISink`: the SQL record, the Redis mirror, the memory sink for tests.
+"""Storage behind :class:`~eth_twisted.interfaces.ISink`: the SQL record, the Redis mirror, the memory sink.
 
-:func:`create_sinks` builds exactly the configured ones from a :class:`StorageSettings`.
+The memory sink is for tests. :func:`create_sinks` builds exactly the configured ones from a
+:class:`StorageSettings`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from eth_twisted.sinks.sql.sqlite import SQLiteSettings
 
 @dataclass(slots=True)
 class StorageSettings:
-    """Which sinks the server stores to, and each one's settings; the flags are the server options of their names."""
+    """Which sinks the server stores to, and each one's settings.
+
+    The flags are the server options of their names.
+    """
 
     use_mysql: bool = setting(False, "Store to MySQL/MariaDB (else to the embedded SQLite file)")
     use_redis: bool = setting(False, "Mirror counts and hashes to Redis")

@@ -26,16 +26,25 @@ DEFAULT_RECONCILE_INTERVAL = 300.0
 
 
 class _ReconcilableSink(Protocol):
+    """What the Reconciler needs from its sink (:class:`~eth_twisted.sinks.redis.RedisSink`)."""
+
     def reconcile(
         self,
         record: IRecord,
         page_size: int = ...,
         page_bytes: int = ...,
         cancelled: Callable[[], bool] | None = ...,
-    ) -> Deferred[ReconcileResult]: ...
-    def check_restart(self) -> Deferred[bool]: ...
-    def add_recovery_listener(self, listener: Callable[[], None]) -> None: ...
-    def remove_recovery_listener(self, listener: Callable[[], None]) -> None: ...
+    ) -> Deferred[ReconcileResult]:
+        """Rebuild what Redis can know from ``record``, a bounded page at a time."""
+
+    def check_restart(self) -> Deferred[bool]:
+        """Fire True when Redis restarted since the last look (its ``run_id`` changed)."""
+
+    def add_recovery_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever Redis comes back or is seen to have restarted."""
+
+    def remove_recovery_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener``."""
 
 
 class Reconciler(Service):
@@ -65,7 +74,7 @@ class Reconciler(Service):
         self.sink = sink
         self.record = record
         self.interval = interval
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = clock
         self.metrics = metrics
         self.page_size = page_size
         self.page_bytes = page_bytes

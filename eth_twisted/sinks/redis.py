@@ -1,23 +1,9 @@
 """The Redis mirror sink: stats keys updated by one Lua script per batch, rebuilt from SQL.
 
-SQL is the record; Redis mirrors it for the stats API (README "Storage"):
-
-- ``<prefix>hashes``: sorted set, member = SHA-256, score = unix time of first receipt;
-- ``<prefix>ip_addresses``: hash, client IP -> records it was first to deliver;
-- ``<prefix>ip_messages``: hash, client IP -> every message it delivered, duplicates included.
-
-txredisapi queues commands silently while Redis is down and answers them
-minutes later, so every call made here is bounded twice:
-in time (``Deferred.addTimeout`` on the injected reactor) and in number
-(``max_in_flight``; past it a call fails at once). Failures become
-:mod:`eth_twisted.errors` exceptions: timeouts :class:`SinkTimeout`, everything
-else :class:`SinkUnavailable` (``BUSY`` scripts and a full in-flight budget:
-:class:`SinkBusy`). An outage is logged once when it starts and once when it ends.
-
-A Redis that restarted empty converges through :meth:`RedisSink.reconcile`,
-which the :class:`~eth_twisted.sinks.reconcile.Reconciler` service runs at start, every ``interval`` and
-whenever the sink sees Redis come back (first success after failures, or a
-changed ``run_id``).
+SQL is the record; :class:`RedisSink` mirrors it for the stats API (its docstring lists the
+keys, how every call is bounded and how a Redis that restarted empty converges). The README
+("Storage") gives the keys as a user sees them; docs/architecture.md (section 1, "Mirrors")
+places the sink after the record.
 """
 
 from __future__ import annotations
@@ -143,6 +129,26 @@ def parse_run_id(info: Any) -> str | None:
 class RedisSink:
     """The Redis mirror, on any txredisapi-like client.
 
+    SQL is the record; Redis mirrors it for the stats API (README "Storage"):
+
+    - ``<prefix>hashes``: sorted set, member = SHA-256, score = unix time of first receipt;
+    - ``<prefix>ip_addresses``: hash, client IP -> records it was first to deliver;
+    - ``<prefix>ip_messages``: hash, client IP -> every message it delivered, duplicates
+      included.
+
+    txredisapi queues commands silently while Redis is down and answers them minutes
+    later, so every call made here is bounded twice: in time (``Deferred.addTimeout`` on
+    the injected reactor) and in number (``max_in_flight``; past it a call fails at once).
+    Failures become :mod:`eth_twisted.errors` exceptions: timeouts :class:`SinkTimeout`,
+    everything else :class:`SinkUnavailable` (``BUSY`` scripts, and a full in-flight budget
+    while Redis answers: :class:`SinkBusy`). An outage is logged once when it starts and
+    once when it ends.
+
+    A Redis that restarted empty converges through :meth:`reconcile`, which the
+    :class:`~eth_twisted.sinks.reconcile.Reconciler` service runs at start, every
+    ``interval`` and whenever the sink sees Redis come back (first success after
+    failures, or a changed ``run_id``).
+
     ``redis`` is txredisapi's connection handler (see :func:`make_redis_sink`)
     or a fake with ``execute_command`` and ``disconnect``. It must be built with
     ``convertNumbers=False`` and ``charset=None``. Every call is bounded by
@@ -168,7 +174,7 @@ class RedisSink:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._redis = redis
-        self._reactor: IReactorTime = reactor  # type: ignore[assignment]
+        self._reactor: IReactorTime = reactor
         self.prefix = prefix
         self.hashes_key = prefix + "hashes"
         self.ip_addresses_key = prefix + "ip_addresses"
@@ -505,7 +511,7 @@ class RedisSink:
     def _translate(self, f: Failure, what: str, quiet: bool = False) -> tuple[SinkError, bool]:
         """Map a failure of one call to the project's exceptions; True when it is an outage."""
         if f.check(SinkError):
-            return f.value, not f.check(SinkBusy)  # type: ignore[return-value]
+            return f.value, not f.check(SinkBusy)
         if f.check(defer.TimeoutError, txredisapi.TimeoutError):
             return SinkTimeout(self.name, f"{what}: no answer within {self.call_timeout:g}s"), True
         if f.check(txredisapi.ResponseError):
@@ -529,12 +535,12 @@ class RedisSink:
             ConnectionError,
             defer.CancelledError,
         ):
-            reason = f.getErrorMessage() or f.type.__name__  # type: ignore[union-attr]
+            reason = f.getErrorMessage() or f.type.__name__
             return SinkUnavailable(self.name, f"{what}: {reason}"), True
         self.log.failure(
             "Redis {where}: {what} failed unexpectedly", f, where=self.where, what=what
         )
-        return SinkUnavailable(self.name, f"{what}: {f.type.__name__}"), True  # type: ignore[union-attr]
+        return SinkUnavailable(self.name, f"{what}: {f.type.__name__}"), True
 
     def _note_failure(self, err: SinkError) -> None:
         self._outage_failures += 1

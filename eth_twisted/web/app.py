@@ -1,7 +1,7 @@
-"""The small web framework under the stats sites: routes matched on the whole path, JSON errors, the Host allowlist and the bearer token.
+"""The small web framework under the stats sites: routes, JSON errors, the Host allowlist, the token.
 
-A leaf :class:`App` resource routes every path itself, so every answer (errors included) is
-JSON with the security headers, never a traceback.
+Routes are matched on the whole path. A leaf :class:`App` resource routes every path itself, so
+every answer (errors included) is JSON with the security headers, never a traceback.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def error_response(error: ApiError) -> Response:
 
 
 def single_arg(request: Request, name: str) -> str | None:
+    """The one value of query argument ``name`` (None when absent), or ApiError 400 when repeated."""
     args: dict[bytes, list[bytes]] = request.args or {}
     values = args.get(name.encode(), [])
     if not values:
@@ -146,7 +147,17 @@ def host_allowed(host: str | None, allowed: Sequence[str]) -> bool:
 
 
 class App(Resource):
-    """A leaf resource that routes every path itself, so errors are always JSON."""
+    """A leaf resource that routes every path itself, so errors are always JSON.
+
+    Every response is JSON (``/metrics`` is Prometheus text, the dashboard its static
+    files), carries the security headers in :data:`SECURITY_HEADERS`, and an error is a
+    JSON body ``{"error": code, "message": text}`` with the proper status, never a
+    traceback. Only GET and HEAD are answered. With a ``token`` every path needs
+    ``Authorization: Bearer <token>`` except the public routes: the health checks and the
+    dashboard's static files (which hold no data: the dashboard's script sends the token
+    it is given in the URL fragment). With ``allowed_hosts`` a request for a route that is
+    not public whose ``Host`` is not listed gets 421.
+    """
 
     isLeaf = True
     log = Logger()
@@ -323,18 +334,23 @@ SITE_OPTIONS: list[list[Any]] = [
         "stats-token",
         None,
         None,
-        "Bearer token the stats API requires (not /healthz, /readyz); prefer ETH_STATS_TOKEN or --stats-token-file",
+        "Bearer token the stats API requires (not /healthz, /readyz); "
+        "prefer ETH_STATS_TOKEN or --stats-token-file",
     ],
     ["stats-token-file", None, None, "File holding the stats API token"],
     [
         "stats-allowed-hosts",
         None,
         None,
-        "Comma list of Host header values the stats API answers [default on loopback: localhost,127.0.0.1,::1]",
+        "Comma list of Host header values the stats API answers "
+        "[default on loopback: localhost,127.0.0.1,::1]",
     ],
     *option_rows(SiteLimits),
 ]
-"""Who may read a stats site and its listener's limits: the same options on eth server, eth client and eth run."""
+"""Who may read a stats site, and its listener's limits.
+
+The same options on eth server, eth client and eth run.
+"""
 
 
 def site_settings_from(config: Any, stats: str | None) -> SiteSettings:

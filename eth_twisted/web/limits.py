@@ -1,29 +1,10 @@
 """What a hostile HTTP client meets at the stats site's listener.
 
-Every stats listener (the server's ``--stats``, the client's ``--stats`` and
-``eth run``'s combined site) serves a :class:`GuardedSite`, whose channel is
-Twisted's HTTP/1.1 ``HTTPChannel`` with these limits (:class:`SiteLimits`,
-README "Stats API and dashboard"):
-
-- a whole-request header deadline: from the first byte of a request to its
-  last header, not a rolling idle timer, so a trickle of one byte every few
-  seconds is answered 408 and closed;
-- small header limits (line length, count, total bytes): 414/431 and close;
-- no request bodies: a request declaring one (``Content-Length`` > 0 or
-  chunked) is answered 413 (405 for a method other than GET/HEAD) at its
-  headers, before anything is read or spooled, and closed;
-- a connection cap, overall and per address (IPv6: per /64): at a cap the
-  connection that has waited longest without a request in progress is cut,
-  so an attacker's parked connections make room for a well-behaved client,
-  and only when every connection is busy is the new one answered 503;
-- an idle timeout between requests, and pipelined requests are not parsed
-  while the peer leaves answers unread (the answers it is owed stay one at
-  a time, however many requests it queued).
-
-Every refusal is a JSON error with the security headers, written before the
-connection is closed; a peer that does not read it is aborted after
-:data:`ABORT_GRACE` seconds. Refusals are counted and logged at most once a
-minute, never one line per connection.
+Every stats listener (the server's ``--stats``, the client's ``--stats`` and ``eth run``'s
+combined site) serves a :class:`GuardedSite`, whose :class:`GuardedChannel` holds each
+connection to the limits of :class:`SiteLimits` (listed in its docstring and in the README,
+"Stats API and dashboard"). docs/hostile-input.md (items 14 and 15) lists the attacks they
+stop.
 """
 
 from __future__ import annotations
@@ -258,7 +239,28 @@ class ConnectionTable:
 
 
 class GuardedChannel(http.HTTPChannel):
-    """Twisted's HTTP/1.1 channel with the stats site's limits (module docstring)."""
+    """Twisted's HTTP/1.1 channel with the stats site's limits (:class:`SiteLimits`).
+
+    - a whole-request header deadline: from the first byte of a request to its
+      last header, not a rolling idle timer, so a trickle of one byte every few
+      seconds is answered 408 and closed;
+    - small header limits (line length, count, total bytes): 414/431 and close;
+    - no request bodies: a request declaring one (``Content-Length`` > 0 or
+      chunked) is answered 413 (405 for a method other than GET/HEAD) at its
+      headers, before anything is read or spooled, and closed;
+    - a connection cap, overall and per address (IPv6: per /64): at a cap the
+      connection that has waited longest without a request in progress is cut,
+      so an attacker's parked connections make room for a well-behaved client,
+      and only when every connection is busy is the new one answered 503;
+    - an idle timeout between requests, and pipelined requests are not parsed
+      while the peer leaves answers unread (the answers it is owed stay one at
+      a time, however many requests it queued).
+
+    Every refusal is a JSON error with the security headers, written before the
+    connection is closed; a peer that does not read it is aborted after
+    :data:`ABORT_GRACE` seconds. Refusals are counted and logged at most once a
+    minute, never one line per connection.
+    """
 
     limits: SiteLimits = SiteLimits()
     table: ConnectionTable

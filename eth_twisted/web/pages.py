@@ -1,13 +1,10 @@
 """Pages of stored records for the stats API, bounded in bytes as well as in records.
 
-``/api/messages`` and ``/api/blocks/<n>`` answer pages built by
-:func:`read_page`: records are read from the record's read path in batches
-sized to what is left of the page, encoded one at a time (the reactor gets a
-turn after every :data:`YIELD_EVERY` bytes encoded), and the page stops before
-its JSON would pass the byte budget (``SiteLimits.page_bytes``), saying where
-the next page starts. A record carries at most :data:`MAX_PAYLOAD` bytes of its
-payload (``payload_truncated`` says when it was cut; ``size`` is always the
-whole length), so one record always fits a page however it escapes.
+``/api/messages`` and ``/api/blocks/<n>`` answer pages built by :func:`read_page`, which
+reads, encodes and stops each page before its byte budget (how is in its docstring);
+:func:`record_json` shows at most :data:`MAX_PAYLOAD` bytes of a record's payload. The
+README ("Stats API and dashboard") gives the limits; docs/hostile-input.md (item 16) the
+attack they stop.
 """
 
 from __future__ import annotations
@@ -60,7 +57,10 @@ def _text(payload: bytes, truncated: bool) -> str | None:
 
 
 def record_json(record: Record, max_payload: int = MAX_PAYLOAD) -> dict[str, Any]:
-    """One stored record for the API: payload as text when UTF-8, else base64; at most ``max_payload`` bytes of it."""
+    """One stored record for the API: payload as text when UTF-8, else base64.
+
+    At most ``max_payload`` bytes of the payload are shown.
+    """
     truncated = len(record.payload) > max_payload
     shown = record.payload[:max_payload] if truncated else record.payload
     text = _text(shown, truncated)
@@ -110,12 +110,18 @@ class Page:
 
 @defer.inlineCallbacks
 def read_page(fetch: Fetch, limit: int, budget: int, clock: IReactorTime) -> Any:
-    """Read and encode up to ``limit`` records through ``fetch`` into a :class:`Page` of at most ``budget`` bytes.
+    """Read and encode up to ``limit`` records through ``fetch`` into a bounded :class:`Page`.
 
-    The first record is always taken (it fits: see :data:`MAX_PAYLOAD`);
-    after it, the page stops before a record that would take it past the
-    budget. Each query asks for the records left, estimated from the sizes
-    seen so far, so a page of large records reads few more rows than it sends.
+    The page holds at most ``budget`` bytes (``SiteLimits.page_bytes``). Records are read
+    from the record's read path in batches sized to what is left of the page and encoded
+    one at a time; the reactor gets a turn after every :data:`YIELD_EVERY` bytes encoded.
+    The first record is always taken (it fits: a record carries at most
+    :data:`MAX_PAYLOAD` bytes of its payload, ``payload_truncated`` says when it was cut
+    and ``size`` is always the whole length, so one record fits a page however it
+    escapes); after it, the page stops before a record that would take it past the
+    budget, saying where the next page starts. Each query asks for the records left,
+    estimated from the sizes seen so far, so a page of large records reads few more rows
+    than it sends.
     """
     budget = max(1, budget - PAGE_OVERHEAD)
     items: list[bytes] = []

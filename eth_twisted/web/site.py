@@ -1,28 +1,11 @@
 """The HTTP side: stats API, Prometheus metrics, health checks and the dashboard.
 
-Three site builders, each returning a ``twisted.web.server.Site`` the taps
-listen on with an endpoint string:
-
-- :func:`make_server_site`: ``/`` (dashboard), ``/api/stats``,
-  ``/api/messages?limit=&before=``, ``/api/blocks/<n>``, ``/api/openapi.json``,
-  ``/healthz``, ``/readyz``, ``/metrics``;
-- :func:`make_client_site`: ``/healthz``, ``/readyz``, ``/metrics``;
-- :func:`make_combined_site` (``eth run``): the server's site, whose
-  ``/metrics`` carries both registries and whose ``/readyz`` needs both sides
-  ready, plus ``/client/healthz``, ``/client/readyz`` and ``/client/metrics``
-  for the client alone.
-
-Every response is JSON (``/metrics`` is Prometheus text, the dashboard its
-static files), carries the security headers in :data:`SECURITY_HEADERS`, and
-an error is a JSON body ``{"error": code, "message": text}`` with the proper
-status, never a traceback. With a ``token`` every path needs
-``Authorization: Bearer <token>`` except the health checks and the
-dashboard's static files (which hold no data: the dashboard's script sends the
-token it is given in the URL fragment). With ``allowed_hosts`` a request whose
-``Host`` is not listed gets 421 (health checks excepted).
-
-The web layer reads the record's own read path and the in-memory
-:class:`~eth_twisted.web.stats.ServerStats`; it never touches the writer.
+Three builders return the ``twisted.web.server.Site`` a tap listens on with an endpoint
+string: :func:`make_server_site`, :func:`make_client_site` and :func:`make_combined_site`
+(``eth run``); each docstring lists its paths, and :class:`~eth_twisted.web.app.App` says
+what every answer carries. The web layer reads the record's read path and the in-memory
+:class:`~eth_twisted.web.stats.ServerStats`, never the writer (docs/architecture.md,
+section 1, "Web").
 """
 
 from __future__ import annotations
@@ -102,7 +85,8 @@ def _static_files() -> dict[str, Response]:
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3 document of the JSON endpoints (shipped as static/openapi.json)."""
     folder = resources.files("eth_twisted.web") / "static"
-    return json.loads((folder / "openapi.json").read_text(encoding="utf-8"))
+    document: dict[str, Any] = json.loads((folder / "openapi.json").read_text(encoding="utf-8"))
+    return document
 
 
 class Readiness:
@@ -368,6 +352,8 @@ def make_server_site(
 ) -> Site:
     """The server's stats site.
 
+    Its paths: ``/`` (dashboard), ``/api/stats``, ``/api/messages?limit=&before=``,
+    ``/api/blocks/<n>``, ``/api/openapi.json``, ``/healthz``, ``/readyz``, ``/metrics``.
     ``record`` serves /api/messages and /api/blocks through its read path;
     ``sinks`` (every configured sink, the record included) are pinged by
     /readyz; ``stats`` answers /api/stats; ``metrics.registry`` is /metrics.

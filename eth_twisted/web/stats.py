@@ -1,19 +1,9 @@
 """Running totals of what the server stored, for the stats API and the dashboard.
 
-:class:`ServerStats` is seeded once at start from the record (SQL totals, and
-Redis's per-client message counts when Redis is configured), then kept
-current in memory by the router after every batch (:meth:`ServerStats.observe`).
-The stats API reads :meth:`ServerStats.snapshot_bytes`, the encoded snapshot,
-built at most once a second on the injected clock: dashboards polling it
-never touch the writer, and ingest never waits for them.
-
-Clients are counted by address group (:func:`eth_twisted.server.receiver.peer_group`:
-the address, or its /64 for IPv6, the unit a single host controls). A
-snapshot lists the :data:`TOP_CLIENTS` busiest groups plus how many there are;
-building it costs the groups that delivered since the last one, not every
-group ever seen (counts only grow, so no other group can enter the top). At
-most :data:`MAX_GROUPS` groups are kept; the rest are counted together as
-:data:`OTHER`.
+:class:`ServerStats` is seeded once from the record, kept current by the router after every
+batch, and serves an encoded snapshot built at most once a second; its docstring says how
+clients are counted and bounded. docs/architecture.md (section 1, "Web") places it between
+the router and the stats site.
 """
 
 from __future__ import annotations
@@ -72,7 +62,21 @@ class ClientCounts:
 
 
 class ServerStats:
-    """In-memory running totals, seeded from the record and updated per batch."""
+    """In-memory running totals, seeded from the record and updated per batch.
+
+    Seeded once at start from the record (SQL totals, and Redis's per-client message
+    counts when Redis is configured), then kept current in memory by the router after
+    every batch (:meth:`observe`). The stats API reads :meth:`snapshot_bytes`, the
+    encoded snapshot, built at most once a second on the injected clock: dashboards
+    polling it never touch the writer, and ingest never waits for them.
+
+    Clients are counted by address group (:func:`eth_twisted.model.peer_group`: the
+    address, or its /64 for IPv6, the unit a single host controls). A snapshot lists the
+    :data:`TOP_CLIENTS` busiest groups plus how many there are; building it costs the
+    groups that delivered since the last one, not every group ever seen (counts only
+    grow, so no other group can enter the top). At most :data:`MAX_GROUPS` groups are
+    kept; the rest are counted together as :data:`OTHER`.
+    """
 
     def __init__(
         self,

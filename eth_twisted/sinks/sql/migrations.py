@@ -1,4 +1,7 @@
-"""Numbered schema migrations (``migrations/<dialect>/NNNN_name.sql``), the ``schema_version`` table, and ``eth migrate``."""
+"""Numbered schema migrations, the ``schema_version`` table, and ``eth migrate``.
+
+The migrations are the files ``migrations/<dialect>/NNNN_name.sql``.
+"""
 
 from __future__ import annotations
 
@@ -248,6 +251,7 @@ def migrate_mysql(settings: MySQLSettings, *, create_database: bool = True) -> l
 
 
 def check_sqlite_path(path: str) -> str:
+    """``path`` as a string, or ConfigError for an in-memory database (adbapi's threads cannot share one)."""
     path = str(path)
     if not path or path == ":memory:" or path.startswith("file::memory:") or "mode=memory" in path:
         raise ConfigError(

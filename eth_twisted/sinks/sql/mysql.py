@@ -33,11 +33,12 @@ def _needs_no_escaping(value: str) -> bool:
 
 def _sql_text(value: str) -> str:
     """A MySQL string literal (backslash escapes; our sessions never set NO_BACKSLASH_ESCAPES)."""
-    return "'" + pymysql.converters.escape_string(value) + "'"
+    escaped: str = pymysql.converters.escape_string(value)
+    return "'" + escaped + "'"
 
 
 def _sql_hash(value: str) -> str:
-    """A hash as a literal: ASCII letters and digits (every hex hash) need no escaping, anything else is escaped."""
+    """A hash as a literal: ASCII letters and digits (every hex hash) as is, anything else escaped."""
     return f"'{value}'" if _needs_no_escaping(value) else _sql_text(value)
 
 
@@ -50,8 +51,8 @@ class MySQLRowEncoder:
     """Rows of ``ethereum_data`` as SQL literals, without PyMySQL's per-value mogrify.
 
     PyMySQL's ``executemany`` escapes every value through a chain of generic
-    converters (about 10 µs a row on this machine, in the writer thread, holding
-    the GIL the reactor needs). Our rows have a fixed shape, so each column is
+    converters (microseconds a row, in the writer thread, holding the GIL the
+    reactor needs: bench/README.md, "What was slow", item 1). Our rows have a fixed shape, so each column is
     encoded by one cheap function: the payload as a hex literal (exact size, no
     escaping: ``X'...'`` is binary for a MEDIUMBLOB), the hash as is when it is
     lowercase hex, IPs and client ids made storable (:func:`~eth_twisted.model.storable_client_ip`)
@@ -117,7 +118,10 @@ class MySQLSink(SQLSink):
     # Not INSERT IGNORE: IGNORE also turns data errors (too long, CHECK) into warnings and
     # silently truncated or skipped rows; this only ignores the duplicate hash. PyMySQL does
     # not set CLIENT_FOUND_ROWS, so a no-op duplicate counts 0 affected rows.
-    insert_head = "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at) VALUES "
+    insert_head = (
+        "INSERT INTO ethereum_data "
+        "(hash, payload, block_number, client_ip, client_id, received_at) VALUES "
+    )
     insert_tail = " ON DUPLICATE KEY UPDATE hash = hash"
     in_chunk = 1000
 

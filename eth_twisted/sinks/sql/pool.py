@@ -1,4 +1,4 @@
-"""The SQL sinks' connection pool: adbapi that reconnects and retries, and how each database error is classed."""
+"""The SQL sinks' connection pool: adbapi that reconnects and retries, and how database errors are classed."""
 
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
         if conn is None:
             conn = self._open_connection()
             if self.openfun is not None:
-                try:
+                try:  # type: ignore[unreachable]  # adbapi declares openfun = None
                     self.openfun(conn)
                 except BaseException:
                     self._close(conn)
@@ -336,7 +336,10 @@ class ReconnectingConnectionPool(adbapi.ConnectionPool):
 
 @dataclass(slots=True)
 class MySQLSettings:
-    """Where and how the MySQL/MariaDB record connects; the option fields are the server options of their names."""
+    """Where and how the MySQL/MariaDB record connects.
+
+    The option fields are the server options of their names.
+    """
 
     mysql_host: str | None = setting(None, "MySQL host (required with --use-mysql)")
     mysql_port: int = setting(3306, "MySQL port", int_in(1, 65535))

@@ -638,7 +638,10 @@ class SQLSink:
     def by_block(
         self, block_number: int, limit: int | None = None, after: int | None = None
     ) -> Deferred[list[Record]]:
-        """Records whose recognised block number is ``block_number``, in id order (above ``after``, at most ``limit``)."""
+        """Records whose recognised block number is ``block_number``, in id order.
+
+        Only ids above ``after``, and at most ``limit`` of them.
+        """
         if not 0 <= int(block_number) <= MAX_BLOCK_NUMBER:
             return defer.succeed([])
         sql, args = (

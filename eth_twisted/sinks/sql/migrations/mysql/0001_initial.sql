@@ -1,4 +1,4 @@
--- 0001 initial: the record, as DESIGN.md "Storage" fixes it.
+-- 0001 initial: the record, as the README's "Storage" section describes it.
 -- One statement per ";" at the end of a line; applied by eth_twisted.sinks.sql.apply_migrations.
 -- The CHECK makes a malformed hash a data error the sink isolates (REJECTED), never a silent truncation.
 CREATE TABLE IF NOT EXISTS ethereum_data (
