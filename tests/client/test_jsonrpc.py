@@ -288,7 +288,7 @@ def test_network_trouble_is_classified(err: Exception, kind: str) -> None:
 
 def test_tls_failure_is_tls_and_not_retried() -> None:
     """A TLS verification failure is kind tls, tried once (not retried as a stale connection)."""
-    from twisted.web._newclient import ResponseNeverReceived
+    from twisted.web.client import ResponseNeverReceived
 
     w = World(urls=[A])
     agent = FailingAgent(
