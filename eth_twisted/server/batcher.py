@@ -10,7 +10,8 @@ from typing import Protocol
 class Flushable(Protocol):
     """A connection that holds its replies until told to write them."""
 
-    def _flush(self) -> None: ...
+    def write_due_replies(self) -> None:
+        """Write the replies it holds that are due."""
 
 
 class ReplyBatcher:
@@ -39,7 +40,7 @@ class ReplyBatcher:
             self.holding = False
             held, self._held = self._held, {}
             for protocol in held:
-                protocol._flush()
+                protocol.write_due_replies()
 
     def defer(self, protocol: Flushable) -> bool:
         """True (and ``protocol`` flushed at the end) when inside :meth:`hold`."""

@@ -380,9 +380,10 @@ class ReceiverProtocol(Protocol):
     def _resolve(self, slot: _Slot, code: str) -> None:
         """Set the reply for ``slot`` and write every reply now due, in order."""
         slot.text = reply_text(slot.sha, code)
-        self._flush()
+        self.write_due_replies()
 
-    def _flush(self) -> None:
+    def write_due_replies(self) -> None:
+        """Write every reply now due, in frame order, in one write (at a batch's end when held)."""
         if self._gone:
             return
         if self.factory.batcher.defer(self):
@@ -592,7 +593,7 @@ class ReceiverProtocol(Protocol):
         self._close_timer = self.factory.clock.callLater(
             limits.deadline + limits.write_stall, self._close_overdue
         )
-        self._flush()
+        self.write_due_replies()
 
     def _close_overdue(self) -> None:
         self._close_timer = None

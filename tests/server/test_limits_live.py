@@ -116,8 +116,7 @@ def test_battery_on_loopback_while_a_good_client_is_served(tmp_path: Path) -> No
         got, _ = yield threads.deferToThread(attack, port, encode(b"m" * 4096), 1.0)
         assert got == [b"DUP " + sha256_hex(b"m" * 4096).encode()]
     finally:
-        good.stop.set()
-        yield threads.deferToThread(good.join, 15)
+        yield good.finish()
         yield server.stopService()
     assert good.bad == [] and good.ok == good.sent and good.ok > 20
     errors = server.metrics.protocol_errors
@@ -239,8 +238,7 @@ def test_connection_flood_caps_hold_and_others_are_served(tmp_path: Path) -> Non
         good = GoodClient(port)
         good.start()
         yield threads.deferToThread(time.sleep, 1.0)
-        good.stop.set()
-        yield threads.deferToThread(good.join, 10)
+        yield good.finish(10)
         assert good.bad == [] and good.ok >= 10
         for s in socks:
             s.close()

@@ -94,8 +94,7 @@ def test_item1_a_backtracking_frame_does_not_freeze_the_server(tmp_path: Path) -
             )
             assert got.startswith(b"OK ")
     finally:
-        good.stop.set()
-        yield threads.deferToThread(good.join, 15)
+        yield good.finish()
         yield server.stopService()
     assert good.bad == [] and good.ok == good.sent and good.ok > 0
 
@@ -162,8 +161,7 @@ def test_item2_eleven_addresses_filling_the_budget_do_not_stall_anyone_else(
             what="every CLOSE-WAIT socket reaped and the budget drained",
         )
     finally:
-        good.stop.set()
-        yield threads.deferToThread(good.join, 15)
+        yield good.finish()
         yield server.stopService()
     assert good.bad == [] and good.ok == good.sent and good.ok > 0
 
@@ -219,8 +217,7 @@ def test_items2_3_a_full_budget_never_wedges_and_paused_peers_are_reaped(
         for s in held[len(held) // 2 :]:
             s.close()
     finally:
-        good.stop.set()
-        yield threads.deferToThread(good.join, 15)
+        yield good.finish()
         yield server.stopService()
     assert good.bad == [] and good.ok == good.sent and good.ok > 0
     assert server.metrics.protocol_errors.labels(reason="frame-timeout")._value.get() >= 400
@@ -270,8 +267,7 @@ def test_item4_unread_replies_are_bounded_per_connection(tmp_path: Path, many_fi
         for s in held:
             s.close()
     finally:
-        good.stop.set()
-        yield threads.deferToThread(good.join, 15)
+        yield good.finish()
         yield server.stopService()
     print(
         f"RSS {before} -> {after} KiB for 200 connections ({(after - before) / 200:.0f} KiB each)"

@@ -16,10 +16,10 @@ from eth_twisted.model import sha256_hex
 from eth_twisted.server.service import ServerService, ServerSettings, build_server
 from eth_twisted.sinks import StorageSettings
 from eth_twisted.sinks.redis import RedisSettings
-from eth_twisted.sinks.sql.pool import MySQLSettings
 from eth_twisted.sinks.sql.sqlite import SQLiteSettings
 from eth_twisted.web.app import SiteSettings
 from tests.support import async_wait_until
+from tests.support.mysql import settings_for
 
 
 def sqlite_storage(path: Any) -> StorageSettings:
@@ -31,14 +31,7 @@ def mysql_storage(db: dict[str, Any], redis: dict[str, Any] | None = None) -> St
     """Storage settings for the server: the test's MariaDB database, and Redis under a prefix if given."""
     storage = StorageSettings(
         use_mysql=True,
-        mysql=MySQLSettings(
-            mysql_host=db["host"],
-            mysql_port=db["port"],
-            mysql_user=db["user"],
-            mysql_pass=db["password"],
-            mysql_db=db["database"],
-            mysql_read_timeout=10.0,
-        ),
+        mysql=settings_for(db, mysql_read_timeout=10.0),
     )
     if redis is not None:
         storage.use_redis = True
@@ -144,3 +137,12 @@ class GoodClient(threading.Thread):
                     self.bad.append(reply)
             time.sleep(0.02)
         s.close()
+
+    def finish(self, timeout: float = 15) -> defer.Deferred[None]:
+        """Stop after the exchange in flight; fires once the thread has ended.
+
+        It waits in a thread: the server under test runs on this process's reactor, which
+        must keep turning to answer the last message.
+        """
+        self.stop.set()
+        return threads.deferToThread(self.join, timeout)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pymysql
 
+from eth_twisted.sinks.sql.pool import MySQLSettings
 from tests.support import provision_mysql_user
 
 MYSQL_HOST = os.environ.get("ETH_TEST_MYSQL_HOST", "127.0.0.1")
@@ -43,3 +44,17 @@ def mysql_query(db: dict[str, Any], sql: str, args: Any = None) -> list[tuple[An
             return list(c.fetchall())
     finally:
         conn.close()
+
+
+def settings_for(db: dict[str, Any], **fields: Any) -> MySQLSettings:
+    """MySQL settings for the test's database (``fields``: any MySQLSettings field, host included)."""
+    return MySQLSettings(
+        **{
+            "mysql_host": db["host"],
+            "mysql_port": db["port"],
+            "mysql_user": db["user"],
+            "mysql_pass": db["password"],
+            "mysql_db": db["database"],
+            **fields,
+        }
+    )

@@ -38,20 +38,35 @@ from eth_twisted.sinks.sql.migrations import (
 from eth_twisted.sinks.sql.mysql import MySQLRowEncoder, MySQLSink, make_mysql_sink
 from eth_twisted.sinks.sql.pool import DataRefused, MySQLSettings, ReconnectingConnectionPool
 from tests.support import async_wait_until, free_port, wait_until
-from tests.support.mysql import mysql_query
+from tests.support.mysql import mysql_query, settings_for
 from tests.support.sink_contract import T0, SinkContract, msg, numbered
 
 
-def settings_for(db: dict[str, Any], **fields: Any) -> MySQLSettings:
-    """MySQL settings for the test's database (``fields``: any other MySQLSettings field)."""
-    return MySQLSettings(
-        mysql_host=db["host"],
-        mysql_port=db["port"],
-        mysql_user=db["user"],
-        mysql_pass=db["password"],
-        mysql_db=db["database"],
+def unreachable(port: int, password: str = "pw", **fields: Any) -> MySQLSink:
+    """A sink for a server on 127.0.0.1:``port`` that is not a MariaDB the test set up."""
+    settings = MySQLSettings(
+        mysql_host="127.0.0.1",
+        mysql_port=port,
+        mysql_user="u",
+        mysql_pass=password,
+        mysql_db="db",
         **fields,
     )
+    return make_mysql_sink(settings)
+
+
+def tls_kwargs(ssl: dict[str, Any]) -> dict[str, Any]:
+    """The connect keywords a sink with ``--mysql-ssl``-style options ``ssl`` passes PyMySQL."""
+    settings = MySQLSettings(
+        mysql_host="db.example",
+        mysql_port=3306,
+        mysql_user="u",
+        mysql_pass="p",
+        mysql_db="d",
+        ssl=ssl,
+    )
+    kwargs: dict[str, Any] = make_mysql_sink(settings)._connect_kwargs
+    return kwargs
 
 
 def sink_for(db: dict[str, Any], migrate: bool = True, **fields: Any) -> MySQLSink:
@@ -287,16 +302,7 @@ async def test_idle_reaped_connection_is_transparent(mysql_db: dict[str, Any]) -
 @pytest_twisted.ensureDeferred
 async def test_nothing_listening_fails_fast() -> None:
     """start() against a port where nothing listens fails with SinkUnavailable within the connect timeout."""
-    s = make_mysql_sink(
-        MySQLSettings(
-            mysql_host="127.0.0.1",
-            mysql_port=free_port(),
-            mysql_user="u",
-            mysql_pass="secret-password",
-            mysql_db="db",
-            mysql_connect_timeout=2,
-        )
-    )
+    s = unreachable(free_port(), password="secret-password", mysql_connect_timeout=2)
     started = time.monotonic()
     with pytest.raises(SinkUnavailable) as e:
         await s.start()
@@ -350,15 +356,11 @@ async def test_server_gone_fails_fast_then_recovers(mysql_db: dict[str, Any]) ->
     """When the server goes away, batches and pings fail fast as SinkUnavailable; when back, they work."""
     proxy = CuttableProxy(mysql_db["host"], mysql_db["port"])
     proxy.up()
-    s = make_mysql_sink(
-        MySQLSettings(
-            mysql_host="127.0.0.1",
-            mysql_port=proxy.port,
-            mysql_user=mysql_db["user"],
-            mysql_pass=mysql_db["password"],
-            mysql_db=mysql_db["database"],
-            mysql_connect_timeout=2,
-        )
+    s = sink_for(
+        mysql_db,
+        mysql_host="127.0.0.1",
+        mysql_port=proxy.port,
+        mysql_connect_timeout=2,
     )
     await s.start()
     try:
@@ -687,16 +689,12 @@ async def test_ping_times_out_on_stalled_server(mysql_db: dict[str, Any]) -> Non
     """A server that stops answering fails ping() with SinkTimeout after ping_timeout, not a hang."""
     proxy = CuttableProxy(mysql_db["host"], mysql_db["port"])
     proxy.up()
-    s = make_mysql_sink(
-        MySQLSettings(
-            mysql_host="127.0.0.1",
-            mysql_port=proxy.port,
-            mysql_user=mysql_db["user"],
-            mysql_pass=mysql_db["password"],
-            mysql_db=mysql_db["database"],
-            mysql_read_timeout=5,
-            ping_timeout=0.5,
-        )
+    s = sink_for(
+        mysql_db,
+        mysql_host="127.0.0.1",
+        mysql_port=proxy.port,
+        mysql_read_timeout=5,
+        ping_timeout=0.5,
     )
     await s.start()
     try:
@@ -719,50 +717,14 @@ def test_tls_settings() -> None:
     """TLS settings become an SSLContext; verify=false turns checks off; unknown keys are refused."""
     import ssl
 
-    kw = make_mysql_sink(
-        MySQLSettings(
-            mysql_host="db.example",
-            mysql_port=3306,
-            mysql_user="u",
-            mysql_pass="p",
-            mysql_db="d",
-            ssl={"verify": False},
-        )
-    )._connect_kwargs
+    kw = tls_kwargs({"verify": False})
     assert isinstance(kw["ssl"], ssl.SSLContext) and kw["ssl"].verify_mode == ssl.CERT_NONE
-    kw = make_mysql_sink(
-        MySQLSettings(
-            mysql_host="db.example",
-            mysql_port=3306,
-            mysql_user="u",
-            mysql_pass="p",
-            mysql_db="d",
-            ssl={},
-        )
-    )._connect_kwargs
+    kw = tls_kwargs({})
     assert "ssl" not in kw
-    kw = make_mysql_sink(
-        MySQLSettings(
-            mysql_host="db.example",
-            mysql_port=3306,
-            mysql_user="u",
-            mysql_pass="p",
-            mysql_db="d",
-            ssl={"verify": True},
-        )
-    )._connect_kwargs
+    kw = tls_kwargs({"verify": True})
     assert kw["ssl"].check_hostname and kw["ssl"].verify_mode == ssl.CERT_REQUIRED
     with pytest.raises(ConfigError, match="capath"):
-        make_mysql_sink(
-            MySQLSettings(
-                mysql_host="db.example",
-                mysql_port=3306,
-                mysql_user="u",
-                mysql_pass="p",
-                mysql_db="d",
-                ssl={"capath": "/x"},
-            )
-        )
+        tls_kwargs({"capath": "/x"})
 
 
 def test_row_encoder_reuses_a_receipt_time_only_for_the_same_time() -> None:
@@ -847,16 +809,7 @@ def pool_threads(sink: MySQLSink) -> list[str]:
 @pytest_twisted.ensureDeferred
 async def test_stop_after_starts_that_never_succeeded() -> None:
     """A sink whose every start failed stops cleanly: each pool is closed once, no AlreadyQuit."""
-    s = make_mysql_sink(
-        MySQLSettings(
-            mysql_host="127.0.0.1",
-            mysql_port=free_port(),
-            mysql_user="u",
-            mysql_pass="pw",
-            mysql_db="db",
-            mysql_connect_timeout=1,
-        )
-    )
+    s = unreachable(free_port(), mysql_connect_timeout=1)
     for _ in range(2):
         with pytest.raises(SinkUnavailable):
             await s.start()
@@ -876,17 +829,8 @@ async def test_stop_during_start_waits_for_the_connect_timeout_only(
     connect_timeout (1 s), so neither start nor a shutdown during it can hang on a
     stopped server. Afterwards no pool thread is left.
     """
-    s = make_mysql_sink(
-        MySQLSettings(
-            mysql_host="127.0.0.1",
-            mysql_port=silent_server.port,
-            mysql_user="u",
-            mysql_pass="pw",
-            mysql_db="db",
-            mysql_connect_timeout=1,
-            mysql_read_timeout=60,
-            write_timeout=60,
-        )
+    s = unreachable(
+        silent_server.port, mysql_connect_timeout=1, mysql_read_timeout=60, write_timeout=60
     )
     started: list[Any] = []
     s.start().addBoth(started.append)
