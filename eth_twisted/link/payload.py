@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from eth_twisted.model import MAX_BLOCK_NUMBER
@@ -80,6 +80,57 @@ def render(fmt: str, block: Mapping[str, Any], chain_id: int) -> bytes:
     if fmt == "json":
         return render_json(block_fields(block, chain_id))
     raise ValueError(f"unknown payload format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+KINDS = ("block", "reorg", "finalized")
+"""The JSON message kinds (docs/protocol.md, "Message kinds"); a block has no ``kind`` key."""
+
+
+def render_reorg(
+    chain_id: int,
+    fork_number: int,
+    old_hashes: Sequence[str],
+    new_hashes: Sequence[str],
+    detected_at: int,
+) -> bytes:
+    """A reorg record: the blocks after ``fork_number`` that stopped (old) and became canonical.
+
+    Both hash lists run from ``fork_number + 1`` upward; ``depth`` is the number of
+    blocks that stopped being canonical (``new_hashes`` may be shorter: a chain that went
+    back without a replacement, or longer: the new branch outgrew the old one).
+    ``detected_at`` is whole unix seconds, so a resent record is the same bytes.
+    """
+    return render_json(
+        {
+            "kind": "reorg",
+            "chain_id": chain_id,
+            "fork_number": fork_number,
+            "depth": len(old_hashes),
+            "old_hashes": [h.lower() for h in old_hashes],
+            "new_hashes": [h.lower() for h in new_hashes],
+            "detected_at": int(detected_at),
+        }
+    )
+
+
+def render_finalized(
+    chain_id: int,
+    block_number: int,
+    block_hash: str,
+    safe_number: int | None,
+    safe_hash: str | None,
+) -> bytes:
+    """A finality record: the finalized (and, when known, the safe) block of ``chain_id``."""
+    return render_json(
+        {
+            "kind": "finalized",
+            "chain_id": chain_id,
+            "block_number": block_number,
+            "block_hash": block_hash.lower(),
+            "safe_number": safe_number,
+            "safe_hash": safe_hash.lower() if safe_hash is not None else None,
+        }
+    )
 
 
 def _checked(number: int) -> int:
