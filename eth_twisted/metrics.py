@@ -191,6 +191,84 @@ class ClientMetrics:
         self.replies = Counter(
             "eth_client_replies", "Replies from the server by kind and code", ["kind"], registry=r
         )
+        self.ws_state = Enum(
+            "eth_client_ws_state",
+            "Each node WebSocket's state",
+            ["endpoint"],
+            registry=r,
+            states=["down", "connecting", "open", "subscribed"],
+        )
+        self.ws_reconnects = Counter(
+            "eth_client_ws_reconnects",
+            "Node WebSocket connections subscribed after the first",
+            ["endpoint"],
+            registry=r,
+        )
+        self.ws_resubscribes = Counter(
+            "eth_client_ws_resubscribes",
+            "newHeads subscriptions renewed on an open node WebSocket",
+            ["endpoint"],
+            registry=r,
+        )
+        self.ws_invalid = Counter(
+            "eth_client_ws_invalid_messages",
+            "Node WebSocket messages dropped as malformed, by kind",
+            ["endpoint", "kind"],
+            registry=r,
+        )
+        self.ws_heartbeat_misses = Counter(
+            "eth_client_ws_heartbeat_misses",
+            "Node WebSocket connections dropped for an unanswered heartbeat",
+            ["endpoint"],
+            registry=r,
+        )
         self.ack_timeouts = Counter(
             "eth_client_ack_timeouts", "Connections dropped for a missing ack", registry=r
+        )
+        self.heads_received = Counter(
+            "eth_client_heads_received",
+            "Headers taken by the head pipeline, by source (push, poll, backfill)",
+            ["source"],
+            registry=r,
+        )
+        self.heads_duplicate = Counter(
+            "eth_client_heads_duplicate",
+            "Headers already held (deduped by hash), by source",
+            ["source"],
+            registry=r,
+        )
+        self.reorgs = Counter("eth_client_reorgs", "Reorgs followed", registry=r)
+        self.reorg_depth = Histogram(
+            "eth_client_reorg_depth",
+            "Blocks that stopped being canonical per reorg",
+            buckets=(1, 2, 3, 5, 10, 20, 64, 128, 256),
+            registry=r,
+        )
+        self.finality_violations = Counter(
+            "eth_client_finality_violations",
+            "Reorgs at or below the finalized block, and finalized blocks whose hash changed",
+            ["kind"],
+            registry=r,
+        )
+        self.finalized_block = Gauge(
+            "eth_client_finalized_block", "Number of the finalized block", registry=r
+        )
+        self.safe_block = Gauge("eth_client_safe_block", "Number of the safe block", registry=r)
+        self.head_source = Enum(
+            "eth_client_head_source",
+            "Where new heads come from: push (a WebSocket subscription) or poll",
+            states=["push", "poll"],
+            registry=r,
+        )
+        self.watchdog_checks = Counter(
+            "eth_client_watchdog_checks",
+            "Silences of a subscription compared with the polled head",
+            ["endpoint"],
+            registry=r,
+        )
+        self.stalls = Counter(
+            "eth_client_subscription_stalls",
+            "Silent subscriptions confirmed by a polled head above the last push, by action taken",
+            ["endpoint", "action"],
+            registry=r,
         )
