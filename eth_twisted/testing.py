@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,8 +75,9 @@ class FakeEthereumNode(Resource):
 
     ``seed`` makes the chain's hashes (a different seed is a different chain,
     genesis included). Answers ``eth_blockNumber``, ``eth_chainId``,
-    ``net_version`` and ``eth_getBlockByNumber`` (number, ``latest``,
-    ``earliest``; the ``full`` flag is ignored).
+    ``net_version``, ``eth_getBlockByHash`` and ``eth_getBlockByNumber`` (number,
+    ``latest``, ``earliest``, ``safe`` and ``finalized`` at :attr:`safe_depth` and
+    :attr:`finalized_depth` below the head; the ``full`` flag is ignored).
 
     Drive it in unit tests with ``treq.testing.StubTreq(node)`` (or several nodes behind
     one :class:`FakeNetwork`, routed by host name), or listen on a real port with
@@ -111,6 +112,10 @@ class FakeEthereumNode(Resource):
         """(user, password) HTTP basic auth requires; 401 without it."""
         self.headers: list[dict[bytes, list[bytes]]] = []
         """The request headers of every request, in order."""
+        self.safe_depth: int | None = 32
+        """``safe`` is this many blocks below the head (None: the tag is unknown)."""
+        self.finalized_depth: int | None = 64
+        """``finalized`` is this many blocks below the head (None: the tag is unknown)."""
         self._salt = 0
         self._append_block()
         self.mine(height)
@@ -160,6 +165,13 @@ class FakeEthereumNode(Resource):
         self._salt += 1
         for _ in range(depth):
             self._append_block()
+
+    def rollback(self, depth: int) -> None:
+        """Drop the newest ``depth`` blocks without replacing them (``anvil_rollback``)."""
+        if not 0 < depth <= self.head:
+            raise ValueError(f"rollback depth must be 1..{self.head}")
+        del self.blocks[len(self.blocks) - depth :]
+        self._salt += 1
 
     def reset(self, chain_id: int | None = None, seed: str | None = None, height: int = 0) -> None:
         """Start a new chain from scratch (a dev node restarted): new genesis, ``height`` blocks."""
@@ -219,10 +231,21 @@ class FakeEthereumNode(Resource):
             return hex(self.chain_id), None
         if method == "net_version":
             return str(self.chain_id), None
+        if method == "eth_getBlockByHash":
+            wanted = str(params[0]).lower() if params else ""
+            for block in self.blocks[: visible + 1]:
+                if block["hash"] == wanted:
+                    return dict(block), None
+            return None, None
         if method == "eth_getBlockByNumber":
             tag = params[0] if params else "latest"
-            if tag in ("latest", "pending", "safe", "finalized"):
+            if tag in ("latest", "pending"):
                 number = visible
+            elif tag in ("safe", "finalized"):
+                depth = self.safe_depth if tag == "safe" else self.finalized_depth
+                if depth is None:
+                    return None, {"code": -39001, "message": f"unknown block tag {tag}"}
+                number = max(visible - depth, 0)
             elif tag == "earliest":
                 number = 0
             else:
@@ -412,6 +435,8 @@ class MemoryOutbox:
     gaps: list[tuple[int, int, str]] = field(default_factory=list)
     cursors: list[Cursor] = field(default_factory=list)
     fail_with: Exception | None = None
+    chain: dict[int, str] = field(default_factory=dict)
+    state: dict[str, str] = field(default_factory=dict)
     on_append: Callable[[list[tuple[bytes, int | None]], Cursor], None] | None = None
 
     def __post_init__(self) -> None:
@@ -425,7 +450,14 @@ class MemoryOutbox:
         """How many more messages fit."""
         return max(self.max_outbox - len(self.items), 0)
 
-    def append(self, items: list[tuple[bytes, int | None]], cursor: Cursor) -> None:
+    def append(
+        self,
+        items: list[tuple[bytes, int | None]],
+        cursor: Cursor,
+        *,
+        chain: Sequence[tuple[int, str, str]] = (),
+        rewind_to: int | None = None,
+    ) -> None:
         """Add items and move the cursor together; OutboxFull (nothing changed) if they do not fit."""
         if self.fail_with is not None:
             exc, self.fail_with = self.fail_with, None
@@ -443,8 +475,27 @@ class MemoryOutbox:
                 self.items.append((payload, number))
         self._cursor = cursor
         self.cursors.append(cursor)
+        if rewind_to is not None:
+            self.chain = {n: h for n, h in self.chain.items() if n <= rewind_to}
+        self.chain.update({n: h for n, h, _ in chain})
         if self.on_append is not None:
             self.on_append(items, cursor)
+
+    def recent_blocks(self, limit: int) -> list[tuple[int, str]]:
+        """The newest ``limit`` remembered canonical blocks, oldest first."""
+        return sorted(self.chain.items())[-limit:]
+
+    def get_state(self, key: str) -> str | None:
+        """A remembered value."""
+        return self.state.get(key)
+
+    def set_state(self, key: str, value: str) -> None:
+        """Remember a value."""
+        self.state[key] = value
+
+    def payloads(self) -> list[bytes]:
+        """Every payload ever appended, in order."""
+        return [p for p, _ in self.log]
 
     def record_gap(self, first: int, last: int, reason: str) -> None:
         """Remember a skipped range."""
@@ -453,6 +504,8 @@ class MemoryOutbox:
     def reset_cursor(self) -> None:
         """Forget the cursor."""
         self._cursor = None
+        self.chain.clear()
+        self.state.clear()
 
     def ack_all(self) -> list[tuple[bytes, int | None]]:
         """Remove and return every waiting item (as if the server acknowledged them)."""

@@ -83,3 +83,20 @@ def choose_chain(
     if 2 * count > len(pool):
         return chain
     raise ChainMismatch(f"RPC endpoints disagree, and no chain has a majority: {seen}. {advice}")
+
+
+def wrong_chain_message(
+    shown: list[tuple[str, tuple[int, str]]], identity: tuple[int, str], *, single: bool
+) -> str:
+    """Why following stops when every endpoint (label, chain shown) is on another chain."""
+    following = f"chain id {identity[0]} with genesis {identity[1]}"
+    if single and shown:
+        label, chain = shown[0]
+        return (
+            f"{label} changed chains: it now reports chain id {chain[0]} with genesis "
+            f"{chain[1]}, but this client has been following {following}. {RESET_ADVICE}"
+        )
+    seen = "; ".join(
+        f"{label} is on chain id {chain[0]} with genesis {chain[1]}" for label, chain in shown
+    )
+    return f"no RPC endpoint is on the followed {following} any more: {seen}. {RESET_ADVICE}"

@@ -6,9 +6,14 @@ What it has learned: its state, cooldowns and trust (:class:`RPCEndpoint`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from eth_twisted.client.jsonrpc import (
     Target,
+    check_block,
+    endpoint_label,
+    hex_quantity,
     redact_url,
 )
 from eth_twisted.options import positive_float, setting
@@ -86,7 +91,7 @@ class RPCSettings:
             raise ValueError("--rpc: at least one JSON-RPC endpoint is needed")
         for url in self.rpc:
             try:
-                Target.from_url(url)
+                ws_target(url) if is_websocket(url) else Target.from_url(url)
             except ValueError as e:
                 raise ValueError(f"--rpc: {e}, got {redact_url(url)!r}") from None
         if self.rpc_timeout <= 0:
@@ -127,6 +132,12 @@ class RPCEndpoint:
     """None when trusted, else why not: lagging, far-ahead, went-backwards or wrong-chain."""
     outage: Episode | None = field(default=None, repr=False)
     mistrust: Episode | None = field(default=None, repr=False)
+    kind: str = "http"
+    """``http`` or ``ws`` (requests over the endpoint's NodeSocket)."""
+    raw_url: str = field(default="", repr=False)
+    """The URL as configured (may hold credentials: never logged)."""
+    socket: Any = field(default=None, repr=False)
+    """The NodeSocket of a ``ws`` endpoint, once attached."""
 
     @property
     def label(self) -> str:
@@ -155,4 +166,29 @@ class RPCEndpoint:
     @classmethod
     def from_url(cls, url: str) -> RPCEndpoint:
         """An endpoint for ``url``; ValueError (without the URL in it) for a bad one."""
-        return cls(target=Target.from_url(url))
+        if is_websocket(url):
+            return cls(target=ws_target(url), kind="ws", raw_url=url)
+        return cls(target=Target.from_url(url), raw_url=url)
+
+
+def is_websocket(url: str) -> bool:
+    """Whether ``url`` is a ``ws://`` or ``wss://`` URL."""
+    return url[:6].lower().startswith(("ws://", "wss://"))
+
+
+def ws_target(url: str) -> Target:
+    """The :class:`Target` of a ``ws(s)://`` URL: credentials split off as for HTTP."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError("expected a ws:// or wss:// URL with a host name")
+    http = Target.from_url(urlunsplit(("http" + parts.scheme[2:], *parts[1:])))
+    clean = "ws" + http.url[4:]
+    return Target(url=clean, label=endpoint_label(clean), authorization=http.authorization)
+
+
+def check_header(block: Any, label: str = "") -> dict[str, Any]:
+    """A block header of unknown number (a push, a block by hash or tag), checked as check_block does."""
+    number = hex_quantity(
+        block.get("number") if isinstance(block, dict) else None, "block number", label
+    )
+    return check_block(block, number, label)

@@ -14,7 +14,7 @@ import errno
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -56,6 +56,15 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     code         TEXT    NOT NULL,
     dead_at      REAL    NOT NULL
 );
+CREATE TABLE IF NOT EXISTS recent_blocks (
+    block_number INTEGER PRIMARY KEY,
+    block_hash   TEXT    NOT NULL,
+    parent_hash  TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    key          TEXT    PRIMARY KEY,
+    value        TEXT    NOT NULL
+);
 CREATE TABLE IF NOT EXISTS gaps (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     first_block  INTEGER NOT NULL,
@@ -66,6 +75,9 @@ CREATE TABLE IF NOT EXISTS gaps (
 """
 
 Clock = Callable[[], float]
+
+RECENT_BLOCKS = 1024
+"""Canonical blocks the outbox remembers for the head pipeline (fork points after a restart)."""
 
 
 @dataclass(frozen=True)
@@ -305,13 +317,25 @@ class Outbox:
         """How many more messages fit before the bound."""
         return max(0, self.max_outbox - self._depth)
 
-    def append(self, items: list[tuple[bytes, int | None]], cursor: Cursor) -> None:
+    def append(
+        self,
+        items: list[tuple[bytes, int | None]],
+        cursor: Cursor,
+        *,
+        chain: Sequence[tuple[int, str, str]] = (),
+        rewind_to: int | None = None,
+    ) -> None:
         """Add ``(payload, block_number)`` items and move the cursor, atomically.
 
         Raises :class:`OutboxFull` (nothing written, cursor unchanged) when the
         items do not all fit. A payload already waiting (same hash) is kept
         once; the cursor still moves. Empty payloads are refused: the empty
         frame is the heartbeat probe and can never be a message.
+
+        In the same transaction the remembered canonical chain (``recent_blocks``,
+        what the head pipeline finds fork points in after a restart) forgets the
+        blocks above ``rewind_to`` and takes ``chain`` (number, hash, parent), keeping
+        the newest :data:`RECENT_BLOCKS`.
         """
         if any(not payload for payload, _ in items):
             raise ValueError("an empty payload cannot be a message (it is the heartbeat probe)")
@@ -333,6 +357,7 @@ class Outbox:
                 )
                 self._changed(conn.total_changes - before)
                 self._write_cursor(cursor, now)
+                self._write_chain(chain, rewind_to)
         except sqlite3.OperationalError as e:
             # SQLITE_FULL: the disk (or its quota) is full. The transaction rolled
             # back, the cursor did not move: the poller waits, as for a full outbox.
@@ -348,6 +373,43 @@ class Outbox:
             "block_hash = excluded.block_hash, updated_at = excluded.updated_at",
             (cursor.chain_id, cursor.genesis_hash, cursor.block_number, cursor.block_hash, now),
         )
+
+    def _write_chain(self, chain: Sequence[tuple[int, str, str]], rewind_to: int | None) -> None:
+        conn = self.conn
+        if rewind_to is not None:
+            conn.execute("DELETE FROM recent_blocks WHERE block_number > ?", (rewind_to,))
+        if chain:
+            conn.executemany(
+                "INSERT OR REPLACE INTO recent_blocks (block_number, block_hash, parent_hash) "
+                "VALUES (?, ?, ?)",
+                chain,
+            )
+            conn.execute(
+                "DELETE FROM recent_blocks WHERE block_number <= ?",
+                (chain[-1][0] - RECENT_BLOCKS,),
+            )
+
+    def recent_blocks(self, limit: int) -> list[tuple[int, str]]:
+        """The newest ``limit`` remembered canonical blocks (number, hash), oldest first."""
+        rows = self.conn.execute(
+            "SELECT block_number, block_hash FROM recent_blocks ORDER BY block_number DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(int(n), str(h)) for n, h in reversed(rows)]
+
+    def get_state(self, key: str) -> str | None:
+        """A small remembered value (the last finalized block), or None."""
+        value = self._scalar("SELECT value FROM state WHERE key = ?", (key,))
+        return None if value is None else str(value)
+
+    def set_state(self, key: str, value: str) -> None:
+        """Remember ``value`` under ``key`` (its own transaction, or the caller's)."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO state (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
     def record_gap(self, first: int, last: int, reason: str) -> None:
         """Remember that blocks ``first..last`` were skipped, and why."""
@@ -368,10 +430,12 @@ class Outbox:
     def reset_cursor(self) -> None:
         """Forget the cursor (``--reset-cursor``): the poller starts again at the head.
 
-        Waiting messages stay and are still delivered.
+        Waiting messages stay and are still delivered; the remembered chain goes too.
         """
         with self.transaction():
             self.conn.execute("DELETE FROM cursor")
+            self.conn.execute("DELETE FROM recent_blocks")
+            self.conn.execute("DELETE FROM state")
 
     # -- the sender's side ----------------------------------------------------
 

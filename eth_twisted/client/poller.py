@@ -9,10 +9,9 @@ places the poller on the data path.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
@@ -22,12 +21,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from eth_twisted.client.heads import HeadPipeline
 from eth_twisted.client.jsonrpc import RPCFailure
-from eth_twisted.client.outbox import Cursor
 from eth_twisted.client.rpc import RPCClient
-from eth_twisted.errors import ChainMismatch, OutboxFull
+from eth_twisted.errors import ChainMismatch
 from eth_twisted.interfaces import maybe_global_reactor
-from eth_twisted.link.payload import FORMATS, render
+from eth_twisted.link.payload import FORMATS
 from eth_twisted.metrics import ClientMetrics
 from eth_twisted.options import int_in, optional_positive_int, positive_float, setting
 from eth_twisted.outage import Episode
@@ -107,6 +106,7 @@ class BlockPoller(service.Service):
         on_enqueued: Callable[[], None] | None = None,
         fatal: Callable[[str], None] | None = None,
         close_rpc: bool = True,
+        pipeline: HeadPipeline | None = None,
     ) -> None:
         settings = settings if settings is not None else PollSettings()
         settings.check()
@@ -128,8 +128,18 @@ class BlockPoller(service.Service):
         self._loop: LoopingCall | None = None
         self._in_flight: Deferred[Any] | None = None
         self._idle_waiters: list[Deferred[None]] = []
-        self._recent: OrderedDict[int, str] = OrderedDict()
-        self._history = max(2 * settings.max_backfill, 256)
+        self.polled_at: float | None = None
+        """Clock time of the last head round that answered."""
+        self.pipeline = pipeline or HeadPipeline(
+            rpc,
+            outbox,
+            fmt=settings.format,
+            max_backfill=settings.max_backfill,
+            parallel=settings.parallel,
+            clock=clock,
+            metrics=metrics,
+            on_enqueued=self.on_enqueued,
+        )
         self.trouble = Episode(
             log,
             self.clock.seconds,
@@ -145,18 +155,16 @@ class BlockPoller(service.Service):
             start="{subject} is below the cursor: {detail}{note}; nothing to send until the chain reaches it",
             end="{subject} reached the cursor again after {duration:.1f} s",
         )
-        self._out_of_step: tuple[int, str] | None = None
 
     # -- service -------------------------------------------------------------
 
     def startService(self) -> None:
         """Start ticking now and every ``settings.interval`` seconds."""
         super().startService()
+        self.pipeline.load()
         cursor = self.outbox.cursor()
-        if cursor is not None:
-            self._remember(cursor.block_number, cursor.block_hash)
-            if self.metrics is not None:
-                self.metrics.cursor.set(cursor.block_number)
+        if cursor is not None and self.metrics is not None:
+            self.metrics.cursor.set(cursor.block_number)
         self.verified = False
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self.clock
@@ -260,6 +268,8 @@ class BlockPoller(service.Service):
         self._count("error")
 
     def _count(self, result: str) -> None:
+        if result == "outbox-full" and self.last_result != "outbox-full":  # once per episode
+            log.error("outbox full: not advancing the cursor until it drains")
         self.last_result = result
         if result in SUCCESS_RESULTS:
             self.last_success = self.clock.seconds()
@@ -289,192 +299,34 @@ class BlockPoller(service.Service):
             self.verified = True
         head = await self.rpc.head_round()
         self.last_head = head
-        cursor = self.outbox.cursor()
-        if cursor is None:
+        self.polled_at = self.clock.seconds()
+        return await self.pipeline.run(lambda: self._follow(head))
+
+    async def _follow(self, head: int) -> str:
+        """Bring the pipeline to the polled ``head`` (a step of the pipeline's queue)."""
+        pipeline = self.pipeline
+        tip = pipeline.tip
+        if tip is None:
+            return await pipeline.reconcile(await self.rpc.get_block(head), "poll")
+        nt = tip[0]
+        if head < nt:
             block = await self.rpc.get_block(head)
-            return self._enqueue([block], None)
-        if head < cursor.block_number:
-            self.behind.failed("behind", f"head {head}, cursor {cursor.block_number}")
-            self.rpc.invalidate()  # checking the chain again
-            return "behind"
+            held = pipeline.held(head)
+            if held is not None and held != block["hash"]:
+                return await pipeline.reconcile(block, "poll")  # a reorg to a lower head
+            result = await pipeline.rolled_back(block)
+            if result == "behind":
+                self.behind.failed("behind", f"head {head}, cursor {nt}")
+                self.rpc.invalidate()  # checking the chain again
+            return result
         self.behind.recovered()
-        if head == cursor.block_number:
-            return "idle"
-        return await self._advance(cursor, head)
-
-    async def _advance(self, cursor: Cursor, head: int) -> str:
-        start = cursor.block_number + 1
-        parent: str | None = cursor.block_hash.lower()
-        skipped: tuple[int, int] | None = None
+        if head == nt:
+            # The same height may hold another block now (a reorg of equal length).
+            result = await pipeline.reconcile(await self.rpc.get_block(head), "poll")
+            return "idle" if result == "dup" else result
         max_gap, max_backfill = self.settings.max_gap, self.settings.max_backfill
-        if max_gap is not None and head - cursor.block_number > max_gap:
+        if max_gap is not None and head - nt > max_gap:
             keep = max(1, min(max_gap, max_backfill))
-            skipped = (start, head - keep)
-            start, parent = head - keep + 1, None
-        free = self.outbox.free_slots()
-        if free <= 0:
-            return self._outbox_full(f"no free slot for block {start}")
-        count = min(head - start + 1, max_backfill, free)
-        blocks, error = await self._fetch(start, count)
-        good = self._chained(blocks, parent)
-        if not good and blocks:
-            return await self._mismatch(cursor, head, blocks[0])
-        if not good:
-            assert error is not None
-            error.raiseException()
-        result = self._enqueue(good, skipped)
-        if len(good) < len(blocks):
-            return "reorg"
-        if error is not None and result == "ok":
-            e = error.value
-            kind = e.kind if isinstance(e, RPCFailure) else "error"
-            # Progress, and the rest comes next tick: not an outage, so not a warning per tick.
-            log.debug(
-                "fetched blocks {first}..{last}, then ({kind}): {why}",
-                first=start,
-                last=start + len(good) - 1,
-                kind=kind,
-                why=str(e),
-            )
-            return kind
-        return result
-
-    async def _fetch(self, start: int, count: int) -> tuple[list[dict[str, Any]], Failure | None]:
-        """Blocks start.. start+count-1 in order, stopping at the first failure or half the deadline."""
-        soft_deadline = self.clock.seconds() + self.settings.tick_timeout / 2
-        blocks: list[dict[str, Any]] = []
-        end = start + count
-        parallel = self.settings.parallel
-        for first in range(start, end, parallel):
-            if blocks and self.clock.seconds() > soft_deadline:
-                break
-            numbers = range(first, min(first + parallel, end))
-            results = await defer.DeferredList(
-                [self.rpc.get_block(n) for n in numbers], consumeErrors=True
-            )
-            for ok, value in results:
-                if not ok:
-                    failure = cast(Failure, value)
-                    if not failure.check(RPCFailure):
-                        failure.raiseException()  # ChainMismatch, or a bug
-                    return blocks, failure
-                blocks.append(value)
-        return blocks, None
-
-    @staticmethod
-    def _chained(blocks: list[dict[str, Any]], parent: str | None) -> list[dict[str, Any]]:
-        """The leading blocks that each name the previous one's hash as parent."""
-        good = []
-        for block in blocks:
-            if parent is not None and block["parentHash"].lower() != parent:
-                break
-            good.append(block)
-            parent = block["hash"].lower()
-        return good
-
-    def _enqueue(self, blocks: list[dict[str, Any]], skipped: tuple[int, int] | None) -> str:
-        identity = self.rpc.identity
-        assert identity is not None, "enqueue before the chain was verified"
-        chain_id, genesis = identity
-        items = [(render(self.settings.format, b, chain_id), int(b["number"], 16)) for b in blocks]
-        last = blocks[-1]
-        cursor = Cursor(chain_id, genesis, int(last["number"], 16), last["hash"].lower())
-        try:
-            self.outbox.append(items, cursor)
-        except OutboxFull as e:
-            return self._outbox_full(str(e))
-        for b in blocks:
-            self._remember(int(b["number"], 16), b["hash"].lower())
-        if skipped is not None:
-            first, last_skipped = skipped
-            reason = f"max-gap: head {cursor.block_number} was more than {self.settings.max_gap} blocks ahead"
-            self.outbox.record_gap(first, last_skipped, reason)
-            log.warn(
-                "skipped blocks {first}..{last} ({n} blocks): {reason}",
-                first=first,
-                last=last_skipped,
-                n=last_skipped - first + 1,
-                reason=reason,
-            )
-            if self.metrics is not None:
-                self.metrics.gaps_skipped.inc(last_skipped - first + 1)
-        if self.metrics is not None:
-            self.metrics.blocks_enqueued.inc(len(items))
-            self.metrics.cursor.set(cursor.block_number)
-        log.debug("enqueued blocks {first}..{last}", first=items[0][1], last=cursor.block_number)
-        try:
-            self.on_enqueued()
-        except Exception:  # noqa: BLE001 - the sender's wake-up must not fail the poll
-            log.failure("on_enqueued failed")
-        return "ok"
-
-    def _outbox_full(self, why: str) -> str:
-        if self.last_result != "outbox-full":  # once per episode, not every poll
-            log.error("outbox full, not advancing the cursor until it drains: {why}", why=why)
-        if self.metrics is not None:
-            self.metrics.outbox_full.inc()
-        return "outbox-full"
-
-    # -- reorgs --------------------------------------------------------------
-
-    def _remember(self, number: int, block_hash: str) -> None:
-        self._recent[number] = block_hash
-        self._recent.move_to_end(number)
-        for stale in [n for n in self._recent if n > number]:
-            del self._recent[stale]  # a rewind: those heights now hold other blocks
-        while len(self._recent) > self._history:
-            self._recent.popitem(last=False)
-
-    async def _mismatch(self, cursor: Cursor, head: int, block: dict[str, Any]) -> str:
-        """Block cursor+1 does not name the cursor's block as parent."""
-        number = int(block["number"], 16)
-        self.rpc.invalidate()  # a node restarted on another chain looks like a reorg: check first
-        seen = (number, block["parentHash"])
-        if seen != self._out_of_step:  # once per disagreement, not once per tick
-            self._out_of_step = seen
-            log.warn(
-                "block {number} names parent {parent}, not {expected}: a reorg or a node out of step",
-                number=number,
-                parent=block["parentHash"],
-                expected=cursor.block_hash,
-            )
-        canonical = await self.rpc.get_block(cursor.block_number)
-        if canonical["hash"].lower() == cursor.block_hash.lower():
-            return "reorg"  # the node contradicts itself: retry next tick
-        ancestor = await self._common_ancestor(cursor.block_number - 1)
-        if ancestor is None:
-            log.error(
-                "reorg deeper than the {n} blocks remembered: resuming from the node's block {number}",
-                n=len(self._recent),
-                number=cursor.block_number,
-            )
-            return self._after_rewind([canonical], head)
-        a_number, a_hash = ancestor
-        log.warn(
-            "reorg: block {cursor} replaced; common ancestor {ancestor}, re-sending from {first}",
-            cursor=cursor.block_number,
-            ancestor=a_number,
-            first=a_number + 1,
-        )
-        free = self.outbox.free_slots()
-        if free <= 0:
-            return self._outbox_full("no free slot for the reorganised blocks")
-        count = min(head - a_number, self.settings.max_backfill, free)
-        blocks, _ = await self._fetch(a_number + 1, count)
-        return self._after_rewind(self._chained(blocks, a_hash), head)
-
-    def _after_rewind(self, blocks: list[dict[str, Any]], head: int) -> str:
-        if blocks:
-            result = self._enqueue(blocks, None)
-            if result != "ok":
-                return result
-        return "reorg"
-
-    async def _common_ancestor(self, below: int) -> tuple[int, str] | None:
-        number = below
-        while number >= 0 and number in self._recent:
-            block = await self.rpc.get_block(number)
-            if block["hash"].lower() == self._recent[number]:
-                return number, self._recent[number]
-            number -= 1
-        return None
+            reason = f"max-gap: head {head} was more than {max_gap} blocks ahead"
+            return await pipeline.skip_to(head, keep, reason)
+        return await pipeline.advance(head)

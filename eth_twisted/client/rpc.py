@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from eth_twisted.client.agreement import RESET_ADVICE, agreement, choose_chain
+from eth_twisted.client.agreement import agreement, choose_chain, wrong_chain_message
 from eth_twisted.client.endpoints import (
     AGREEMENT_MEMORY,
     BACKOFF_MAX,
@@ -32,6 +32,7 @@ from eth_twisted.client.endpoints import (
     Agreement,
     RPCEndpoint,
     RPCSettings,
+    check_header,
 )
 from eth_twisted.client.jsonrpc import (
     MAX_CHAIN_ID,
@@ -157,6 +158,42 @@ class RPCClient:
             check=lambda result, label: check_block(result, number, label),
         )
         return cast(dict[str, Any], block)
+
+    def get_block_by_hash(self, block_hash: str) -> Deferred[dict[str, Any] | None]:
+        """Block ``block_hash``'s header (as :meth:`get_block`), or None when the node has none."""
+        return Deferred.fromCoroutine(self._get_block_by_hash(block_hash.lower()))
+
+    async def _get_block_by_hash(self, block_hash: str) -> dict[str, Any] | None:
+        def check(result: Any, label: str) -> dict[str, Any] | None:
+            if result is None:
+                return None
+            header = check_header(result, label)
+            if header["hash"] != block_hash:
+                raise RPCFailure(
+                    f"asked for block {block_hash}, got {header['hash']}", "bad-result", label
+                )
+            return header
+
+        _, block = await self._call("eth_getBlockByHash", [block_hash, False], check=check)
+        return cast("dict[str, Any] | None", block)
+
+    def get_tagged(self, tag: str) -> Deferred[dict[str, Any] | None]:
+        """The header of the ``tag`` block (``finalized``, ``safe``), or None when there is none."""
+        return Deferred.fromCoroutine(self._get_tagged(tag))
+
+    async def _get_tagged(self, tag: str) -> dict[str, Any] | None:
+        _, block = await self._call(
+            "eth_getBlockByNumber", [tag, False], check=lambda r, lb: r and check_header(r, lb)
+        )
+        return cast("dict[str, Any] | None", block)
+
+    def attach_socket(self, url: str, socket: Any) -> RPCEndpoint:
+        """Send the requests of the ``ws(s)://`` endpoint ``url`` over ``socket`` (a NodeSocket)."""
+        for ep in self.endpoints:
+            if ep.raw_url == url:
+                ep.socket = socket
+                return ep
+        raise KeyError("no such WebSocket endpoint")
 
     def chain_id(self) -> Deferred[int]:
         """``eth_chainId`` of the first usable endpoint that answers."""
@@ -315,22 +352,12 @@ class RPCClient:
         """Every endpoint is on another chain than the one followed: that is fatal."""
         if not all(ep.distrust == "wrong-chain" for ep in self.endpoints) or self.identity is None:
             return
-        advice = RESET_ADVICE
-        following = f"chain id {self.identity[0]} with genesis {self.identity[1]}"
-        if len(self.endpoints) == 1:
-            ep = self.endpoints[0]
-            assert ep.chain is not None
-            raise ChainMismatch(
-                f"{ep.label} changed chains: it now reports chain id {ep.chain[0]} with genesis "
-                f"{ep.chain[1]}, but this client has been following {following}. {advice}"
-            )
-        seen = "; ".join(
-            f"{ep.label} is on chain id {ep.chain[0]} with genesis {ep.chain[1]}"
-            for ep in self.endpoints
-            if ep.chain is not None
-        )
         raise ChainMismatch(
-            f"no RPC endpoint is on the followed {following} any more: {seen}. {advice}"
+            wrong_chain_message(
+                [(ep.label, ep.chain) for ep in self.endpoints if ep.chain is not None],
+                self.identity,
+                single=len(self.endpoints) == 1,
+            )
         )
 
     # -- head agreement ------------------------------------------------------
@@ -563,10 +590,15 @@ class RPCClient:
             separators=(",", ":"),
         ).encode("ascii")
         try:
-            answer = await self._post(ep, body)
-            if not 200 <= answer.code < 300:
-                raise status_failure(answer.code, ep.label, answer.retry_after, answer.location)
-            result = parse_envelope(answer.body, request_id, ep.label)
+            if ep.socket is not None:
+                result = await ep.socket.request(method, params)
+            elif ep.kind != "http":
+                raise RPCFailure("the WebSocket is not attached", "unavailable", ep.label)
+            else:
+                answer = await self._post(ep, body)
+                if not 200 <= answer.code < 300:
+                    raise status_failure(answer.code, ep.label, answer.retry_after, answer.location)
+                result = parse_envelope(answer.body, request_id, ep.label)
         except RPCFailure as e:
             self._record_failure(ep, e, method)
             raise

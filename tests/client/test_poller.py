@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typing import Any
 
 import pytest
@@ -243,26 +245,46 @@ def test_parent_mismatch_does_not_advance() -> None:
 
 
 def test_reorg_rewinds_to_common_ancestor() -> None:
-    """A reorg replacing enqueued blocks re-sends the canonical ones from the common ancestor.
+    """A reorg replacing enqueued blocks sends a reorg record, then the canonical blocks again.
 
-    Then the poller goes on.
+    The record names the fork point and the old and new hashes; then the poller goes on.
     """
     rig = Rig(format="json").start()
     rig.node.mine(5)
     rig.tick()
-    old_105 = rig.outbox.cursor().block_hash
+    old = [rig.node.block(n)["hash"] for n in (103, 104, 105)]
     rig.node.reorg(3)  # 103, 104, 105 replaced
     rig.node.mine(1)
     rig.tick()
-    assert rig.numbers() == [100, 101, 102, 103, 104, 105, 103, 104, 105, 106]
+    assert rig.numbers() == [100, 101, 102, 103, 104, 105, None, 103, 104, 105, 106]
     assert rig.outbox.cursor() == rig.cursor_at(106)
-    assert rig.outbox.cursor().block_hash != old_105
+    record = json.loads(rig.outbox.log[6][0])
+    assert record == {
+        "kind": "reorg",
+        "chain_id": 1337,
+        "fork_number": 102,
+        "depth": 3,
+        "old_hashes": old,
+        "new_hashes": [rig.node.block(n)["hash"] for n in (103, 104, 105, 106)],
+        "detected_at": int(rig.clock.seconds()),
+    }
     assert [p for p, _ in rig.outbox.log[-4:]] == [
         render("json", rig.node.block(n), 1337) for n in range(103, 107)
     ]
+    assert rig.metrics.registry.get_sample_value("eth_client_reorgs_total") == 1
     rig.node.mine(1)
     rig.tick()
     assert rig.numbers()[-1] == 107
+
+
+def test_reorg_in_html_sends_the_blocks_again_without_a_record() -> None:
+    """With html payloads a reorg re-sends the replaced heights (no record: html has no kinds)."""
+    rig = Rig(format="html").start()
+    rig.node.mine(3)
+    rig.tick()
+    rig.node.reorg(2)
+    rig.tick()
+    assert rig.numbers() == [100, 101, 102, 103, 102, 103]
 
 
 def test_chain_mismatch_with_cursor_is_fatal() -> None:
@@ -326,15 +348,55 @@ def test_node_restarted_on_new_chain_is_fatal() -> None:
 
 
 def test_head_below_cursor_enqueues_nothing() -> None:
-    """A head below the cursor (all endpoints behind) enqueues nothing and counts 'behind'."""
+    """A head below the cursor from a node that still has the held blocks is 'behind': nothing moves."""
     rig = Rig().start()
-    rig.node.blocks = rig.node.blocks[:98]  # the same chain, shorter
+    rig.node.set_lag(2)  # reports 98 but still serves block 100 by hash
+    real = rig.node.answer
+
+    def lagging(method: str, params: list[Any]) -> Any:
+        if method == "eth_getBlockByHash":
+            rig.node.lag, lag = 0, rig.node.lag
+            try:
+                return real(method, params)
+            finally:
+                rig.node.lag = lag
+        return real(method, params)
+
+    rig.node.answer = lagging  # type: ignore[method-assign]
     rig.tick()  # went backwards versus its own previous answer: not trusted
     rig.tick()  # trusted again, but below the cursor
     assert rig.polls("went-backwards") == 1
     assert rig.polls("behind") == 1
     assert rig.numbers() == [100]
+    assert rig.outbox.cursor() == rig.cursor_at(100)
     assert rig.fatal == []
+
+
+def test_rollback_without_push_orphans_the_blocks_above() -> None:
+    """A chain that went back (the held tip is gone, as after anvil_rollback) is a reorg record.
+
+    Its old hashes are the blocks above the new head and it names no new ones; the cursor
+    goes back, and the next block at a held height is a replacement.
+    """
+    rig = Rig(format="json").start()
+    rig.node.mine(3)
+    rig.tick()
+    gone = [rig.node.block(n)["hash"] for n in (102, 103)]
+    rig.node.rollback(2)
+    rig.tick()  # went backwards: not trusted this round
+    rig.tick()
+    rig.tick()
+    assert rig.polls("behind") == 2, "a lagging node looks the same for a moment"
+    assert rig.numbers() == [100, 101, 102, 103]
+    rig.tick()
+    assert rig.polls("reorg") == 1
+    record = json.loads(rig.outbox.log[-1][0])
+    assert (record["fork_number"], record["old_hashes"], record["new_hashes"]) == (101, gone, [])
+    assert rig.outbox.cursor() == rig.cursor_at(101)
+    rig.node.mine(1)
+    rig.tick()
+    assert rig.numbers()[-1] == 102
+    assert rig.outbox.log[-1][0] == render("json", rig.node.block(102), 1337)
 
 
 def test_stop_service_cancels_in_flight_tick() -> None:
@@ -374,3 +436,24 @@ def test_new_chain_behind_5xx_proxy_is_fatal_not_a_reorg() -> None:
     rig.tick()
     assert rig.fatal and "--reset-cursor" in rig.fatal[0]
     assert rig.numbers() == [100]
+
+
+def test_blocks_back_after_a_rollback_are_named_canonical_again() -> None:
+    """A 'rollback' that was a node far behind: the same blocks come back with a reorg record.
+
+    The record has no old hashes and names the returning blocks, so the server's
+    canonical chain is the node's again.
+    """
+    rig = Rig(format="json").start()
+    rig.node.mine(2)
+    rig.tick()
+    hidden = [rig.node.block(n)["hash"] for n in (101, 102)]
+    rig.node.set_lag(2)  # the node knows nothing above 100 for a while
+    for _ in range(4):
+        rig.tick()
+    assert json.loads(rig.outbox.log[-1][0])["old_hashes"] == hidden
+    rig.node.set_lag(0)
+    rig.tick()
+    back = json.loads(rig.outbox.log[-3][0])
+    assert (back["fork_number"], back["old_hashes"], back["new_hashes"]) == (100, [], hidden)
+    assert rig.outbox.cursor() == rig.cursor_at(102)

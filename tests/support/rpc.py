@@ -81,7 +81,7 @@ class Lines:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if str(event.get("log_namespace", "")).startswith(
-            ("eth_twisted.client.rpc", "eth_twisted.client.poller")
+            ("eth_twisted.client.rpc", "eth_twisted.client.poller", "eth_twisted.client.heads")
         ):
             level = event.get("log_level")
             if level is not None and level >= LogLevel.info:
