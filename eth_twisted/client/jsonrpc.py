@@ -14,7 +14,6 @@ import base64
 import email.utils
 import json
 import re
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -38,6 +37,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from eth_twisted.client.tcp import quickack, tcp_socket
 from eth_twisted.errors import RPCError
 
 MAX_QUANTITY = 2**63 - 1
@@ -551,46 +551,6 @@ def has_reason(e: BaseException, kind: type[BaseException]) -> bool:
     return any(isinstance(r, Failure) and r.check(kind) for r in getattr(e, "reasons", None) or ())
 
 
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-"""``socket.TCP_QUICKACK`` where the platform has it (Linux), else None."""
-
-
-def tcp_socket(transport: Any) -> socket.socket | None:
-    """The TCP socket under ``transport`` (through TLS and protocol wrappers), or None.
-
-    Wrappers forward ``getHandle`` to the transport below them, and TLS answers it with
-    its ``OpenSSL.SSL.Connection``; so the walk goes down ``.transport`` until a handle
-    is a real socket.
-    """
-    for _ in range(8):
-        if transport is None:
-            return None
-        get = getattr(transport, "getHandle", None)
-        try:
-            handle = get() if get is not None else None
-        except Exception:  # noqa: BLE001 - a fake or closed transport has no handle
-            handle = None
-        if isinstance(handle, socket.socket):
-            return handle if handle.type == socket.SOCK_STREAM else None
-        transport = getattr(transport, "transport", None)
-    return None
-
-
-def quickack(sock: socket.socket | None) -> None:
-    """Re-arm TCP_QUICKACK on ``sock`` (Linux; a no-op elsewhere or for None).
-
-    The kernel leaves quick-ACK mode on its own, so it is re-armed at every read: the
-    ACK of what was just read leaves at once, and a node that does not set TCP_NODELAY
-    (anvil) sends the next small write without waiting ~40 ms for it (HEADS.md 6.7).
-    """
-    if sock is None or _QUICKACK is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-    except OSError:
-        pass  # closed, or not TCP after all
-
-
 class _ByteCap(ProtocolWrapper):
     """Counts the bytes a connection receives for each request; past the cap, aborts it.
 
@@ -603,7 +563,7 @@ class _ByteCap(ProtocolWrapper):
 
     received = 0
     over = False
-    _sock: socket.socket | None = None
+    _sock: Any = None
 
     def makeConnection(self, transport: Any) -> None:
         # Requests are small writes that must not wait for an ACK (Nagle); the

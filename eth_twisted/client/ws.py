@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
@@ -87,13 +87,17 @@ class SocketSettings:
 def retry_policy(
     settings: SocketSettings, jitter: Callable[[], float] = random.random
 ) -> Callable[[int], float]:
-    """``ClientService``'s retry policy: ``min(initial * 2**attempt, max) + jitter()``; no limit."""
-    return backoffPolicy(
-        initialDelay=settings.backoff_initial,
-        factor=2.0,
-        maxDelay=settings.backoff_max,
-        jitter=jitter,
-    )
+    """``ClientService``'s retry policy: ``min(initial * 2**(n-1), max) + jitter()``; no limit.
+
+    ClientService numbers failed attempts from 1, so the first retry waits
+    ``backoff_initial`` (plus jitter), the next twice that, up to ``backoff_max``.
+    """
+
+    def policy(attempt: int) -> float:
+        steps = min(max(attempt - 1, 0), 64)
+        return min(settings.backoff_initial * 2.0**steps, settings.backoff_max) + jitter()
+
+    return policy
 
 
 @dataclass

@@ -22,7 +22,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from eth_twisted.client.jsonrpc import endpoint_label, quickack, tcp_socket
+from eth_twisted.client.jsonrpc import endpoint_label
+from eth_twisted.client.tcp import quickack, tcp_socket
 
 if TYPE_CHECKING:
     import socket
@@ -144,8 +145,13 @@ class NodeProtocol(WebSocketClientProtocol):
         return result
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if code is not None and code != 1000:
-            self.lost_reason = f"closed with {code}: {str(reason or '')[:120]}"
+        if self.lost_reason or code is None or code == 1000:
+            return  # our own reason (a deadline) says more
+        text = str(reason or "")
+        if "(" in text and text.endswith(")"):  # 'connection was closed uncleanly ("...")'
+            text = text[text.index("(") + 1 : -1].strip('"')
+        text = text.removeprefix("I dropped the WebSocket TCP connection: ")
+        self.lost_reason = f"closed ({code}): {text[:160]}"
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         super().connectionLost(reason)
