@@ -22,8 +22,10 @@ from twisted.logger import Logger
 
 from eth_twisted import systemd
 from eth_twisted.client.endpoints import RPCSettings
+from eth_twisted.client.finality import FinalitySettings, FinalityTracker
 from eth_twisted.client.outbox import Outbox, OutboxSettings, open_outbox
 from eth_twisted.client.poller import BlockPoller, PollSettings
+from eth_twisted.client.push import HeadSources, PushSettings
 from eth_twisted.client.rpc import RPCClient
 from eth_twisted.client.sender import DeliveryService, DeliverySettings
 from eth_twisted.errors import ConfigError
@@ -137,6 +139,8 @@ class ClientSettings:
     poll: PollSettings = field(default_factory=PollSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    push: PushSettings = field(default_factory=PushSettings)
+    finality: FinalitySettings = field(default_factory=FinalitySettings)
     site: SiteSettings = field(
         default_factory=lambda: SiteSettings(stats="tcp:8081:interface=127.0.0.1")
     )
@@ -147,7 +151,8 @@ class ClientSettings:
 
     def check(self) -> None:
         """Raise ValueError naming the option of the first value that makes no sense."""
-        for part in (self.link, self.rpc, self.poll, self.outbox, self.delivery, self.site.limits):
+        parts = (self.link, self.rpc, self.poll, self.outbox, self.delivery, self.push)
+        for part in (*parts, self.finality, self.site.limits):
             part.check()
 
 
@@ -169,6 +174,8 @@ class EthClientService(service.MultiService):
         poll: PollSettings,
         metrics: ClientMetrics,
         exit_on_fatal: bool = False,
+        push: PushSettings | None = None,
+        finality: FinalitySettings | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -190,8 +197,22 @@ class EthClientService(service.MultiService):
         self.exit_code = 0
         self.fatal_message: str | None = None
         self.exit_on_fatal = exit_on_fatal
+        self._behind_since: float | None = None
         delivery.setServiceParent(self)
         self.poller.setServiceParent(self)
+        self.finality = FinalityTracker(
+            rpc, self.poller.pipeline, finality, fmt=poll.format, clock=reactor, metrics=metrics
+        )
+        self.finality.setServiceParent(self)
+        self.heads = HeadSources(
+            rpc,
+            self.poller,
+            push or PushSettings(),
+            reactor=reactor,
+            metrics=metrics,
+            request_timeout=rpc.settings.rpc_timeout,
+        )
+        self.heads.setServiceParent(self)
 
     def fatal(self, message: str) -> None:
         """Stop the process with a non-zero status after logging ``message``.
@@ -227,6 +248,7 @@ class EthClientService(service.MultiService):
         fresh = last_poll is not None and now - last_poll <= max(
             3 * self.poller.settings.interval, 30.0
         )
+        heads_ok = self._heads_follow(now)
         detail = {
             "server_link": {
                 "ok": self.delivery.connected,
@@ -238,9 +260,22 @@ class EthClientService(service.MultiService):
                 "depth": self.outbox.depth(),
                 "free_slots": self.outbox.free_slots(),
             },
+            "heads": {"ok": heads_ok, **self.heads.status()},
+            "finality": self.finality.status(),
         }
-        ok = self.delivery.connected and fresh and self.outbox.free_slots() > 0
+        ok = self.delivery.connected and fresh and self.outbox.free_slots() > 0 and heads_ok
         return ok, detail
+
+    def _heads_follow(self, now: float) -> bool:
+        """False when the polled head has been above the held tip for too long (heads stopped)."""
+        polled, tip = self.poller.last_head, self.poller.pipeline.tip
+        if polled is None or tip is None or polled <= tip[0]:
+            self._behind_since = None
+            return True
+        if self._behind_since is None:
+            self._behind_since = now
+        limit = max(3 * self.poller.settings.interval, 30.0)
+        return now - self._behind_since <= limit
 
     def startService(self) -> None:
         super().startService()
@@ -316,6 +351,8 @@ def make_client_service(
             poll=settings.poll,
             metrics=metrics,
             exit_on_fatal=exit_on_fatal,
+            push=settings.push,
+            finality=settings.finality,
         )
         if settings.site.stats:
             client.stats = _stats_service(client, settings.site, reactor)

@@ -15,8 +15,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from eth_twisted.client.endpoints import RPCSettings
+from eth_twisted.client.finality import FinalitySettings
 from eth_twisted.client.outbox import OutboxSettings
 from eth_twisted.client.poller import PollSettings
+from eth_twisted.client.push import PushSettings
 from eth_twisted.client.sender import DeliverySettings
 from eth_twisted.client.service import ClientSettings, LinkSettings
 from eth_twisted.errors import ConfigError
@@ -62,6 +64,8 @@ class Options(EnvOptions):
         *option_rows(PollSettings),
         *option_rows(OutboxSettings),
         *option_rows(DeliverySettings),
+        *option_rows(PushSettings),
+        *option_rows(FinalitySettings),
         *option_rows(RPCSettings, "rpc_timeout"),
         [
             "secret-file",
@@ -120,6 +124,8 @@ class Options(EnvOptions):
             poll=settings_from(PollSettings, self),
             outbox=settings_from(OutboxSettings, self),
             delivery=settings_from(DeliverySettings, self),
+            push=settings_from(PushSettings, self),
+            finality=settings_from(FinalitySettings, self),
             site=site_settings_from(self, self["stats"]),
         )
         settings.check()

@@ -336,7 +336,9 @@ def test_make_service_wires_the_parts(tmp_path: Path) -> None:
         assert client.delivery.outbox is client.outbox
         assert client.poller.outbox is client.outbox
         assert client.delivery.metrics is client.metrics
-        assert set(client) == {client.delivery, client.poller}
+        assert set(client) == {client.delivery, client.poller, client.finality, client.heads}
+        assert client.finality.pipeline is client.poller.pipeline
+        assert client.heads.sources == []  # no ws:// endpoint
         assert client.exit_code == 0 and not client.exit_on_fatal
         client.delivery.startService()
         host, port = reactor.tcpClients[0][:2]
