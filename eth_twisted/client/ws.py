@@ -32,7 +32,6 @@ from eth_twisted.client.jsonrpc import (
     hex_quantity,
 )
 from eth_twisted.client.wsproto import (
-    GuardedEndpoint,
     NodeProtocol,
     WSTarget,
     node_endpoint,
@@ -125,8 +124,8 @@ class NodeSocket:
     pushes; ``on_down(reason)`` when a connection that was open is lost.
 
     ``reactor`` makes the connections (the global one by default); ``clock`` runs every
-    timer (the reactor by default). ``endpoint`` replaces the connection's endpoint
-    (tests); ``tls_trust`` is a trust root or a client TLS policy for ``wss``
+    timer (the reactor by default). ``endpoint`` replaces the TCP endpoint (tests; TLS
+    still goes on top for ``wss``); ``tls_trust`` is a trust root or a client TLS policy for ``wss``
     (:func:`~eth_twisted.client.wsproto.tls_creator`).
     """
 
@@ -201,12 +200,15 @@ class NodeSocket:
         factory = node_factory(
             self, self.target, self.settings.max_message, self.reactor, quickack=quickack
         )
-        if endpoint is None:
-            endpoint = node_endpoint(
-                self.reactor, self.target, self.settings.open_timeout, tls_trust
-            )
         self.service = ClientService(
-            GuardedEndpoint(endpoint, self._connect_failed),
+            node_endpoint(
+                self.reactor,
+                self.target,
+                self.settings.open_timeout,
+                self._connect_failed,
+                tls_trust,
+                endpoint,
+            ),
             factory,
             retryPolicy=retry_policy(self.settings, jitter),
             clock=self.clock,

@@ -9,6 +9,7 @@ that lets ``ClientService`` survive a failed ``prepareConnection``. docs/archite
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -227,14 +228,23 @@ def tls_creator(host: str, tls_trust: Any = None) -> Any:
 
 
 def node_endpoint(
-    reactor: Any, target: WSTarget, timeout: float, tls_trust: Any = None
+    reactor: Any,
+    target: WSTarget,
+    timeout: float,
+    on_failure: Callable[[Failure], None],
+    tls_trust: Any = None,
+    tcp: IStreamClientEndpoint | None = None,
 ) -> IStreamClientEndpoint:
-    """``HostnameEndpoint`` to ``target``, wrapped in verified TLS for ``wss``."""
+    """The endpoint ClientService uses: TCP (``tcp``, or a ``HostnameEndpoint``), guarded.
+
+    For ``wss`` the TLS layer (certificate and host name verified) goes above the guard:
+    autobahn wants its transport to be the TLS protocol itself.
+    """
     from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(
-        reactor, target.host, target.port, timeout=timeout
-    )
+    if tcp is None:
+        tcp = HostnameEndpoint(reactor, target.host, target.port, timeout=timeout)
+    endpoint: IStreamClientEndpoint = GuardedEndpoint(tcp, on_failure)
     if target.secure:
         endpoint = wrapClientTLS(tls_creator(target.host, tls_trust), endpoint)
     return endpoint
@@ -269,7 +279,9 @@ def _unwrap(wrapper: Any) -> Any:
 class GuardedEndpoint:
     """An endpoint for ClientService: connect failures reported, NoTransition contained."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint, on_failure: Any) -> None:
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, on_failure: Callable[[Failure], None]
+    ) -> None:
         self.endpoint = endpoint
         self.on_failure = on_failure
 
