@@ -338,6 +338,7 @@ class NodeSocket:
         ready, self._ready = self._ready, None
         if ready is not None:
             ready.errback(RPCFailure(reason, "connection-lost", self.label))
+            ready.addErrback(_consumed)  # when ClientService had not taken it yet
         if self._stopping:
             self._set_state("down")
             return
@@ -405,6 +406,7 @@ class NodeSocket:
             proto.abort()
             if ready is not None:
                 ready.errback(failure)
+                ready.addErrback(_consumed)
 
     def _after_subscribe(self) -> None:
         self._start_beat()
@@ -612,6 +614,10 @@ class NodeSocket:
         self._set_state("down")
         if isinstance(result, Failure):
             log.failure("WebSocket {endpoint}: stopping failed", result, endpoint=self.label)
+
+
+def _consumed(failure: Failure) -> None:
+    """Ends a failure nobody else was waiting for (it was logged as an outage already)."""
 
 
 def _kind(failure: Failure) -> str:

@@ -494,3 +494,26 @@ def test_settings_checked() -> None:
         SocketSettings(request_timeout=0).check()
     with pytest.raises(ValueError):
         SocketSettings(backoff_initial=20.0, backoff_max=15.0).check()
+
+
+def test_stop_during_the_handshake() -> None:
+    """stop() before the handshake completes ends the attempt; nothing reconnects."""
+    rig = Rig()
+    rig.socket.start()  # not flushed: the handshake is in flight
+    stopped = rig.socket.stop()
+    rig.flush()
+    assert result_of(stopped) is None
+    assert rig.socket.state == "down"
+    rig.advance(60.0)
+    assert rig.endpoint.attempts == 1
+
+
+def test_stop_while_waiting_to_retry() -> None:
+    """stop() between refused attempts cancels the retry at once."""
+    rig = Rig()
+    rig.refuse = True
+    rig.socket.start()
+    stopped = rig.socket.stop()
+    assert result_of(stopped) is None
+    rig.advance(60.0)
+    assert rig.endpoint.attempts == 1 and rig.socket.state == "down"
