@@ -568,8 +568,14 @@ class HeadPipeline:
 
     # -- reorgs --------------------------------------------------------------
 
-    def _follow_reorg(self, ancestor: int, chain: Sequence[Header]) -> str:
-        """Blocks above ``ancestor`` were replaced by ``chain`` (which may be empty)."""
+    def _follow_reorg(
+        self, ancestor: int, chain: Sequence[Header], ancestor_hash: str | None = None
+    ) -> str:
+        """Blocks above ``ancestor`` were replaced by ``chain`` (which may be empty).
+
+        ``ancestor_hash`` is the fork block's hash when it is not a held block (a chain
+        that went back below what is remembered).
+        """
         tip = self.tip
         assert tip is not None
         old = [self._window[n] for n in range(ancestor + 1, tip[0] + 1) if n in self._window]
@@ -582,6 +588,8 @@ class HeadPipeline:
         if self.format == "json":
             chain_id, _ = self._identity()
             records.append(render_reorg(chain_id, ancestor, old, new, int(reorg.at)))
+        if ancestor_hash is not None:
+            self._hold(ancestor, ancestor_hash)
         result = self.append(chain, records=records, rewind_to=ancestor)
         if result != "ok":
             return result
@@ -634,10 +642,11 @@ class HeadPipeline:
         if seen < ROLLBACK_CONFIRMATIONS:
             return "behind"  # a lagging node looks the same for a moment
         self._gone = None
-        if self.held(number_of(head)) != head["hash"]:
-            return await self.reconcile(head, "poll")  # below what is remembered: walk to it
+        held = self.held(number_of(head))
+        if held is not None and held != head["hash"]:
+            return await self.reconcile(head, "poll")  # another block there: walk to it
         await self._verify()
-        return self._follow_reorg(number_of(head), [])
+        return self._follow_reorg(number_of(head), [], ancestor_hash=head["hash"])
 
 
 def number_of_first(blocks: Sequence[Header]) -> str:

@@ -132,12 +132,12 @@ class Options(EnvOptions):
         return settings
 
     def _warn_rpc_credentials(self) -> None:
-        from eth_twisted.client.jsonrpc import Target
+        from eth_twisted.client.endpoints import RPCEndpoint
 
         if not self.from_argv("rpc"):
             return
         for url in self.settings.rpc.rpc:
-            target = Target.from_url(url)
+            target = RPCEndpoint.from_url(url).target
             if target.authorization is not None:
                 self.warnings.append(
                     f"--rpc {target.label} carries a password on the command line, visible to every "

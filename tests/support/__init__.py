@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,9 +248,16 @@ def anvil_binary() -> str:
 class Anvil:
     """A real Ethereum dev node on a free loopback port."""
 
-    def __init__(self, block_time: float | None = 1.0, chain_id: int | None = None) -> None:
+    def __init__(
+        self,
+        block_time: float | None = 1.0,
+        chain_id: int | None = None,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.block_time = block_time
         self.chain_id = chain_id
+        self.extra = list(extra)
+        """More anvil arguments (``--slots-in-an-epoch 1``, ``--state PATH``)."""
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._id = 0
@@ -259,12 +266,18 @@ class Anvil:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def ws_url(self) -> str:
+        """The same port's WebSocket (anvil serves HTTP and WS on one port)."""
+        return f"ws://127.0.0.1:{self.port}"
+
     def start(self) -> None:
         args = [anvil_binary(), "--host", "127.0.0.1", "--port", str(self.port), "--silent"]
         if self.block_time:
             args += ["--block-time", str(self.block_time)]
         if self.chain_id is not None:
             args += ["--chain-id", str(self.chain_id)]
+        args += self.extra
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: self.rpc("eth_chainId") is not None, 15, what="anvil to answer")
 
@@ -286,6 +299,15 @@ class Anvil:
 
     def mine(self, blocks: int = 1) -> None:
         self.rpc("anvil_mine", hex(blocks))
+
+    def block(self, number: int | str) -> dict[str, Any]:
+        """``eth_getBlockByNumber`` of a number or a tag."""
+        tag = hex(number) if isinstance(number, int) else number
+        return self.rpc("eth_getBlockByNumber", tag, False)  # type: ignore[no-any-return]
+
+    def chain(self, first: int, last: int) -> dict[int, str]:
+        """The node's canonical hashes from ``first`` to ``last``."""
+        return {n: self.block(n)["hash"] for n in range(first, last + 1)}
 
     def stop(self) -> None:
         stop_process(self.proc)
