@@ -82,8 +82,13 @@ class Options(EnvOptions):
             raise usage.UsageError("a command is required: server, client, run, stats or migrate")
 
 
-QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory", "eth_twisted.web.limits.GuardedSite")
-"""Namespaces whose info-level chatter (factory start/stop) is dropped unless --verbose."""
+QUIET_NAMESPACES = (
+    "twisted.web.client._HTTP11ClientFactory",
+    "eth_twisted.web.limits.GuardedSite",
+    "twisted.application._client_service._Core",
+)
+"""Namespaces whose info-level chatter is dropped unless --verbose: factory start and stop,
+and ClientService's "Scheduling retry" line per attempt (outages are logged once per episode)."""
 
 
 def _drop_chatter(event: dict[str, Any]) -> PredicateResult:
