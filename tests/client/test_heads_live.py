@@ -352,3 +352,55 @@ def test_tcp_path_cut_mid_burst(tmp_path: Path, on_demand: Anvil) -> None:
     finally:
         relay.stop()
         ws.stop()
+
+
+def test_two_chains_into_one_server(tmp_path: Path, on_demand: Anvil) -> None:
+    """One client per chain into one server: each chain's canonical chain is its node's."""
+    other = Anvil(block_time=None, chain_id=31338)
+    other.start()
+    relay = heads(tmp_path, on_demand)
+    second = EthProcess(
+        [
+            "client",
+            "--connect",
+            f"tcp:host=127.0.0.1:port={relay.port}",
+            "--format",
+            "json",
+            "--interval",
+            "1",
+            "--spool",
+            str(tmp_path / "spool-2.sqlite3"),
+            "--stats",
+            "none",
+            "--rpc",
+            other.ws_url,
+        ],
+        str(tmp_path / "client-2.log"),
+        cwd=str(tmp_path),
+    )
+    second.start()
+    try:
+        on_demand.mine(4)
+        other.mine(7)
+
+        def both() -> bool:
+            mine = relay.canonical()
+            theirs = {
+                int(n): str(h)
+                for n, h in relay.query(
+                    "SELECT block_number, block_hash FROM ethereum_data "
+                    "WHERE kind = 'block' AND canonical = 1 AND chain_id = 31338"
+                )
+            }
+            return (
+                bool(mine and theirs)
+                and mine == on_demand.chain(min(mine), on_demand.head())
+                and theirs == other.chain(min(theirs), other.head())
+            )
+
+        wait_until(both, 45, interval=0.25, what="both chains canonical on the server")
+        assert on_demand.block(3)["hash"] != other.block(3)["hash"]
+    finally:
+        second.stop()
+        relay.stop()
+        other.stop()
