@@ -16,10 +16,13 @@ from zope.interface import Attribute, Interface
 
 from eth_twisted.model import (
     DEFAULT_SUMMARY_PAGE_BYTES,
+    ChainRow,
+    ChainSummary,
     Message,
     Outcome,
     Record,
     RecordSummary,
+    ReorgRow,
     Totals,
 )
 
@@ -89,6 +92,25 @@ class IRecord(ISink):
 
     def totals() -> Deferred[Totals]:
         """Aggregate counts over every record."""
+
+    chain_alarms = Attribute(
+        "A list of callables, each called with every ChainViolation (a reorg at or below the "
+        "finalized block, a finality record naming another hash) once its batch is stored."
+    )
+
+    def chains(limit: int, after: int | None = None) -> Deferred[list[ChainSummary]]:
+        """One page of the chains seen, in chain id order, only ids above ``after`` if given.
+
+        Each with its head (the highest canonical block), finality and reorg counts.
+        """
+
+    def chain_blocks(chain_id: int, start: int, end: int, limit: int) -> Deferred[list[ChainRow]]:
+        """The canonical blocks of ``chain_id`` numbered ``start..end``, in order, at most ``limit``."""
+
+    def chain_reorgs(
+        chain_id: int, limit: int, before: int | None = None
+    ) -> Deferred[list[ReorgRow]]:
+        """The reorg records of ``chain_id``, newest first, only ids below ``before`` if given."""
 
 
 def maybe_global_reactor(reactor: Any = None) -> Any:

@@ -120,6 +120,67 @@ class Outcome(str, enum.Enum):
     """Can never be stored (a recognised field out of range): final."""
 
 
+MAX_REORG_HASHES = 1024
+"""Hashes of each list of a reorg record the record applies; the rest are logged and ignored."""
+
+KIND_BLOCK, KIND_REORG, KIND_FINALIZED, KIND_OTHER = "block", "reorg", "finalized", "other"
+"""The values of the record's ``kind`` column (docs/protocol.md, "Message kinds")."""
+
+
+class ChainBlock(NamedTuple):
+    """What a ``json`` block carries besides its number: the chain and the links."""
+
+    chain_id: int
+    block_hash: str
+    parent_hash: str
+
+    @property
+    def kind(self) -> str:
+        """``block``."""
+        return KIND_BLOCK
+
+
+class ReorgEvent(NamedTuple):
+    """A reorg record: after ``fork_number``, ``old_hashes`` stopped and ``new_hashes`` became canonical.
+
+    Both lists run from ``fork_number + 1`` upward and hold at most
+    :data:`MAX_REORG_HASHES` hashes; ``dropped`` counts the ones past that bound
+    (logged and ignored).
+    """
+
+    chain_id: int
+    fork_number: int
+    depth: int
+    old_hashes: tuple[str, ...]
+    new_hashes: tuple[str, ...]
+    detected_at: int
+    dropped: int = 0
+
+    @property
+    def kind(self) -> str:
+        """``reorg``."""
+        return KIND_REORG
+
+
+class FinalityEvent(NamedTuple):
+    """A finality record: the chain's finalized block and, when known, its safe block."""
+
+    chain_id: int
+    block_number: int
+    block_hash: str
+    safe_number: int | None
+    safe_hash: str | None
+
+    @property
+    def kind(self) -> str:
+        """``finalized``."""
+        return KIND_FINALIZED
+
+
+ChainEvent = ChainBlock | ReorgEvent | FinalityEvent
+"""What the server recognised of a ``json`` payload's chain metadata."""
+
+
 class Message(NamedTuple):
     """One received payload with what the server knows about its arrival.
 
@@ -135,6 +196,8 @@ class Message(NamedTuple):
     received_at: float
     block_number: int | None = None
     client_id: str | None = None
+    chain: ChainEvent | None = None
+    """The chain metadata the server recognised (``json`` kinds), or None."""
 
     @classmethod
     def build(
@@ -144,9 +207,23 @@ class Message(NamedTuple):
         received_at: float,
         block_number: int | None = None,
         client_id: str | None = None,
+        chain: ChainEvent | None = None,
     ) -> Message:
         """Make a message, computing its hash."""
-        return cls(payload, sha256_hex(payload), client_ip, received_at, block_number, client_id)
+        return cls(
+            payload, sha256_hex(payload), client_ip, received_at, block_number, client_id, chain
+        )
+
+    @property
+    def kind(self) -> str:
+        """The record's ``kind``: block, reorg or finalized as recognised, else other.
+
+        A payload with a block number and no chain metadata (``html``, or JSON
+        without valid links) is a ``block`` too, whose canonical status is unknown.
+        """
+        if self.chain is not None:
+            return self.chain.kind
+        return KIND_OTHER if self.block_number is None else KIND_BLOCK
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +237,76 @@ class Record:
     client_ip: str
     client_id: str | None
     received_at: float
+    kind: str | None = None
+    chain_id: int | None = None
+    block_hash: str | None = None
+    parent_hash: str | None = None
+    canonical: bool | None = None
+    """True on the canonical chain, False when not (orphaned), None when unknown (html)."""
+    finalized: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRow:
+    """One block of a chain's canonical chain (``/api/chains/<id>/blocks``)."""
+
+    block_number: int
+    block_hash: str
+    parent_hash: str
+    finalized: bool
+    hash: str
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReorgRow:
+    """One stored reorg record (``/api/chains/<id>/reorgs``)."""
+
+    id: int
+    chain_id: int
+    fork_number: int
+    depth: int
+    replaced: int
+    """How many new hashes the record named (it may be fewer or more than ``depth``)."""
+    old_head: str | None
+    new_head: str | None
+    detected_at: int
+    received_at: float
+    client_ip: str
+    hash: str
+    below_finality: bool
+    """A finality violation: the reorg reached at or below the chain's finalized height."""
+    finalized_number: int | None
+    """The chain's finalized height when the record was applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainSummary:
+    """One chain as ``/api/chains`` shows it."""
+
+    chain_id: int
+    first_seen_at: float
+    head_number: int | None
+    head_hash: str | None
+    finalized_number: int | None
+    finalized_hash: str | None
+    safe_number: int | None
+    safe_hash: str | None
+    reorgs: int
+    violations: int
+    """Reorgs at or below finality plus finality records contradicting the canonical chain."""
+    last_reorg: ReorgRow | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainViolation:
+    """A finality violation the record found, for the server's metric and log."""
+
+    kind: str
+    """``reorg`` (a reorg at or below the finalized height) or ``finalized`` (another hash)."""
+    chain_id: int
+    block_number: int
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)

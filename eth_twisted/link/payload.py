@@ -11,7 +11,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from eth_twisted.model import MAX_BLOCK_NUMBER
+from eth_twisted.model import (
+    MAX_BLOCK_NUMBER,
+    MAX_REORG_HASHES,
+    ChainBlock,
+    ChainEvent,
+    FinalityEvent,
+    ReorgEvent,
+)
 
 FORMATS = ("html", "json")
 
@@ -170,6 +177,110 @@ def recognise_block_number(payload: bytes) -> int | None:
         return None
     if head == b"<":
         return _recognise_html(payload)
+    return None
+
+
+def recognise(payload: bytes) -> tuple[int | None, ChainEvent | None]:
+    """The block number and the chain metadata of a payload (docs/protocol.md, "Message kinds").
+
+    One parse per payload. A JSON object without a ``kind`` key is a block: its
+    number as :func:`recognise_block_number` reads it, and a :class:`ChainBlock`
+    when ``chain_id``, ``block_hash`` and ``parent_hash`` are valid. An object with
+    a ``kind`` never carries a block number: it is a :class:`ReorgEvent` or a
+    :class:`FinalityEvent` when every field is valid, else nothing (the record
+    stores it as kind ``other``). Raises :class:`OutOfRange` as
+    :func:`recognise_block_number` does, for blocks only.
+    """
+    if payload[:1] != b"{" and payload.lstrip()[:1] != b"{":
+        return recognise_block_number(payload), None
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    if "kind" in obj:
+        return None, _chain_record(obj)
+    value = obj.get("block_number")
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None, None
+    number = _checked(value)
+    chain_id = _number(obj.get("chain_id"))
+    block_hash, parent = _hash(obj.get("block_hash")), _hash(obj.get("parent_hash"))
+    if chain_id is not None and block_hash is not None and parent is not None:
+        return number, ChainBlock(chain_id, block_hash, parent)
+    return number, None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= MAX_BLOCK_NUMBER
+
+
+def _number(value: Any) -> int | None:
+    """``value`` when it is an integer (not a boolean) in 0..2**63-1, else None."""
+    return value if _in_range(value) else None
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _hash(value: Any) -> str | None:
+    """A 32-byte hash as ``0x`` and 64 hex digits, lowercased; None when ``value`` is not one."""
+    if isinstance(value, str) and len(value) == 66 and value[:2] in ("0x", "0X"):
+        if _HEX.issuperset(value[2:]):
+            return "0x" + value[2:].lower()
+    return None
+
+
+def _hashes(value: Any) -> list[str] | None:
+    if not isinstance(value, list):
+        return None
+    out: list[str] = []
+    for item in value:
+        checked = _hash(item)
+        if checked is None:
+            return None
+        out.append(checked)
+    return out
+
+
+def _chain_record(obj: dict[str, Any]) -> ChainEvent | None:
+    """A reorg or finality record when every field of its kind is valid, else None."""
+    kind, chain_id = obj.get("kind"), _number(obj.get("chain_id"))
+    if chain_id is None:
+        return None
+    if kind == "reorg":
+        fork, detected = _number(obj.get("fork_number")), _number(obj.get("detected_at"))
+        old, new = _hashes(obj.get("old_hashes")), _hashes(obj.get("new_hashes"))
+        if old is None or new is None or fork is None or detected is None:
+            return None
+        if obj.get("depth") != len(old) or fork + max(len(old), len(new)) > MAX_BLOCK_NUMBER:
+            return None
+        dropped = max(0, len(old) - MAX_REORG_HASHES) + max(0, len(new) - MAX_REORG_HASHES)
+        return ReorgEvent(
+            chain_id,
+            fork,
+            len(old),
+            tuple(old[:MAX_REORG_HASHES]),
+            tuple(new[:MAX_REORG_HASHES]),
+            detected,
+            dropped,
+        )
+    if kind == "finalized":
+        number, block_hash = _number(obj.get("block_number")), _hash(obj.get("block_hash"))
+        safe_raw, safe_hash_raw = obj.get("safe_number"), obj.get("safe_hash")
+        if number is None or block_hash is None:
+            return None
+        if safe_raw is None and safe_hash_raw is None:
+            return FinalityEvent(chain_id, number, block_hash, None, None)
+        safe_number, safe_hash = _number(safe_raw), _hash(safe_hash_raw)
+        if safe_number is None or safe_hash is None:
+            return None
+        return FinalityEvent(chain_id, number, block_hash, safe_number, safe_hash)
     return None
 
 

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from eth_twisted.errors import FrameError
 from eth_twisted.link.netstring import NetstringDecoder, encode
-from eth_twisted.link.payload import OutOfRange, recognise_block_number
+from eth_twisted.link.payload import OutOfRange, recognise
 from eth_twisted.link.replies import reply_text
 from eth_twisted.metrics import ServerMetrics
 from eth_twisted.model import EMPTY_SHA256, Message, normalise_ip, peer_group, sha256_hex
@@ -341,12 +341,12 @@ class ReceiverProtocol(Protocol):
         slot = _Slot(sha, now + f.limits.deadline)
         self._slots.append(slot)
         try:
-            block_number = recognise_block_number(payload)
+            block_number, chain = recognise(payload)
         except OutOfRange:
             f.metrics.outcomes.labels(outcome="rejected").inc()
             self._resolve(slot, "rejected")
             return
-        message = Message(payload, sha, self.peer_ip, now, block_number, self.client_id)
+        message = Message(payload, sha, self.peer_ip, now, block_number, self.client_id, chain)
         self._unanswered += 1
         if self._deadline_timer is None:
             self._arm_deadline()

@@ -27,15 +27,15 @@ def eth(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_migrate_sqlite(tmp_path: Path) -> None:
-    """The first run applies migration 1 and records it; the second finds nothing to do."""
+    """The first run applies migrations 1 and 2 and records them; the second finds nothing to do."""
     db = tmp_path / "eth-server.sqlite3"
     first = eth("migrate", "--sqlite", str(db))
     assert first.returncode == 0, first.stderr
-    assert "applied 1" in first.stdout
+    assert "applied 1, 2" in first.stdout
     second = eth("migrate", "--sqlite", str(db))
     assert second.returncode == 0 and "up to date" in second.stdout
     con = sqlite3.connect(db)
-    assert [r[0] for r in con.execute("SELECT version FROM schema_version")] == [1]
+    assert [r[0] for r in con.execute("SELECT version FROM schema_version")] == [1, 2]
     assert con.execute("SELECT COUNT(*) FROM ethereum_data").fetchone() == (0,)
 
 
@@ -57,9 +57,14 @@ def test_migrate_mysql_password_from_environment(mysql_db: dict[str, Any]) -> No
     env = {"ETH_MYSQL_PASS": mysql_db["password"]}
     first = eth(*args, env=env)
     assert first.returncode == 0, first.stderr
-    assert "applied 1" in first.stdout and mysql_db["password"] not in first.stdout + first.stderr
+    assert (
+        "applied 1, 2" in first.stdout and mysql_db["password"] not in first.stdout + first.stderr
+    )
     assert "up to date" in eth(*args, env=env).stdout
-    assert mysql_query(mysql_db, "SELECT version FROM schema_version") == [(1,)]
+    assert mysql_query(mysql_db, "SELECT version FROM schema_version ORDER BY version") == [
+        (1,),
+        (2,),
+    ]
 
 
 @pytest.mark.live

@@ -173,7 +173,7 @@ def apply_migrations(
                     conn.commit()
                     continue
                 for statement in migration.statements:
-                    cur.execute(statement)
+                    _execute_ddl(cur, dialect, statement)
                 now: Any = clock()
                 if dialect == "mysql":
                     now = to_utc_datetime(now)
@@ -214,6 +214,24 @@ def apply_migrations(
             cur.fetchall()
         cur.close()
     return applied
+
+
+_MYSQL_ALREADY_THERE = frozenset({1060, 1061})  # duplicate column name, duplicate key name
+
+
+def _execute_ddl(cur: Any, dialect: str, statement: str) -> None:
+    """Run one migration statement; on MySQL, an ALTER that an interrupted run applied is skipped.
+
+    MySQL commits each DDL statement by itself, so a migration cut short leaves
+    its first ALTERs applied without its ``schema_version`` row; when it runs
+    again, a column or key that is already there is not an error.
+    """
+    try:
+        cur.execute(statement)
+    except pymysql.err.MySQLError as e:
+        if not (dialect == "mysql" and e.args and e.args[0] in _MYSQL_ALREADY_THERE):
+            raise
+        log.info("Migration statement already applied ({reason}); skipped", reason=e.args[1])
 
 
 def _quote_identifier(name: str) -> str:

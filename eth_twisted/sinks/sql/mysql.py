@@ -10,7 +10,14 @@ import pymysql
 from zope.interface import implementer
 
 from eth_twisted.interfaces import IRecord
-from eth_twisted.model import MAX_CLIENT_ID, Message, storable_client_id, storable_client_ip
+from eth_twisted.model import (
+    MAX_CLIENT_ID,
+    ChainBlock,
+    FinalityEvent,
+    Message,
+    storable_client_id,
+    storable_client_ip,
+)
 from eth_twisted.sinks.sql.migrations import from_utc_datetime, to_utc_datetime
 from eth_twisted.sinks.sql.pool import (
     ErrorKind,
@@ -69,7 +76,11 @@ class MySQLRowEncoder:
         self._ts_sql = ""
 
     def row(self, m: Message) -> str:
-        """One message as ``(hash, payload, block_number, client_ip, client_id, received_at)``."""
+        """One message as the row of :data:`INSERT_COLUMNS`.
+
+        The chain columns come from the recogniser, whose hashes are ``0x`` and
+        lowercase hex and whose kinds are a fixed set: safe as literals.
+        """
         ip_sql = self._ips.get(m.client_ip)
         if ip_sql is None:
             ip_sql = _sql_text(storable_client_ip(m.client_ip))
@@ -82,13 +93,32 @@ class MySQLRowEncoder:
             self._ts_sql = _sql_datetime(m.received_at)
             self._ts = m.received_at
         return (
-            f"({_sql_hash(m.hash)},X'{m.payload.hex()}',{bn_sql},{ip_sql},{cid_sql},{self._ts_sql})"
+            f"({_sql_hash(m.hash)},X'{m.payload.hex()}',{bn_sql},{ip_sql},{cid_sql},{self._ts_sql},"
+            f"{chain_sql(m)})"
         )
 
     def _client_id_sql(self, client_id: str) -> str:
         literal = _sql_text(storable_client_id(client_id) or "")
         _remember(self._ids, client_id, literal)
         return literal
+
+
+def chain_sql(m: Message) -> str:
+    """``kind, chain_id, block_hash, parent_hash, canonical`` of ``m`` as SQL literals.
+
+    A chain block is inserted not canonical (0): the chain step decides, by an
+    UPDATE, so the insert never meets the one-canonical-per-height key (which
+    ``ON DUPLICATE KEY`` would silently turn into "already stored").
+    """
+    c = m.chain
+    if c is None:
+        return f"'{m.kind}',NULL,NULL,NULL,NULL"
+    if isinstance(c, ChainBlock):
+        if m.block_number is None:
+            return f"'{m.kind}',{int(c.chain_id)},NULL,NULL,NULL"
+        return f"'block',{int(c.chain_id)},'{c.block_hash}','{c.parent_hash}',0"
+    block_hash = f"'{c.block_hash}'" if isinstance(c, FinalityEvent) else "NULL"
+    return f"'{c.kind}',{int(c.chain_id)},{block_hash},NULL,NULL"
 
 
 _CACHE_ENTRIES = 4096
@@ -111,16 +141,13 @@ class MySQLSink(SQLSink):
     name = "mysql"
     dialect = "mysql"
     placeholder = "%s"
-    insert_sql = (
-        "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE hash = hash"
-    )
+    insert_sql = ""  # rows are literals: see insert_head
     # Not INSERT IGNORE: IGNORE also turns data errors (too long, CHECK) into warnings and
     # silently truncated or skipped rows; this only ignores the duplicate hash. PyMySQL does
     # not set CLIENT_FOUND_ROWS, so a no-op duplicate counts 0 affected rows.
     insert_head = (
-        "INSERT INTO ethereum_data "
-        "(hash, payload, block_number, client_ip, client_id, received_at) VALUES "
+        "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, "
+        "received_at, kind, chain_id, block_hash, parent_hash, canonical) VALUES "
     )
     insert_tail = " ON DUPLICATE KEY UPDATE hash = hash"
     in_chunk = 1000

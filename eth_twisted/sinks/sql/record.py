@@ -11,11 +11,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from eth_twisted.errors import (
-    SinkError,
-    SinkTimeout,
-    SinkUnavailable,
-)
+from eth_twisted.errors import SinkError, SinkTimeout, SinkUnavailable
 from eth_twisted.interfaces import IRecord, maybe_global_reactor
 from eth_twisted.model import (
     DEFAULT_SUMMARY_PAGE_BYTES,
@@ -23,6 +19,7 @@ from eth_twisted.model import (
     MAX_CLIENT_ID,
     MAX_CLIENT_IP,
     SUMMARY_FIXED_BYTES,
+    ChainViolation,
     Message,
     Outcome,
     Record,
@@ -33,6 +30,8 @@ from eth_twisted.model import (
     storable_client_ip,
     take_page,
 )
+from eth_twisted.sinks.sql.chain import COLUMNS as _COLUMNS
+from eth_twisted.sinks.sql.chain import ChainRecordMixin
 from eth_twisted.sinks.sql.migrations import apply_migrations
 from eth_twisted.sinks.sql.pool import (
     DataRefused,
@@ -56,9 +55,6 @@ STATEMENT_OVERHEAD = 400
 """Bytes of SQL per inserted row besides the escaped payload (hash, ip, id, time, separators)."""
 
 
-_COLUMNS = "id, hash, payload, block_number, client_ip, client_id, received_at"
-
-
 _SUMMARY_COLUMNS = "id, hash, block_number, client_ip, received_at"
 
 
@@ -74,14 +70,15 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 class _StoreState:
     """Shared between the attempts of one store interaction (the pool may re-run it)."""
 
-    __slots__ = ("attempted",)
+    __slots__ = ("attempted", "violations")
 
     def __init__(self) -> None:
         self.attempted: set[str] = set()
+        self.violations: list[ChainViolation] = []
 
 
 @implementer(IRecord)
-class SQLSink:
+class SQLSink(ChainRecordMixin):
     """The dialect-neutral part of the SQL record; see :class:`MySQLSink`, :class:`SQLiteSink`."""
 
     name = "sql"
@@ -106,6 +103,7 @@ class SQLSink:
         self._running = False
         self._stopping = False
         self._starting: Deferred[None] | None = None
+        self.chain_alarms = []  # called with each finality violation once its batch is stored
 
     # pools are built by the subclasses
     def _make_pools(self) -> tuple[ReconnectingConnectionPool, ReconnectingConnectionPool]:
@@ -415,7 +413,20 @@ class SQLSink:
     def _store_txn(
         self, txn: Any, messages: Sequence[Message], careful: bool, state: _StoreState
     ) -> list[Outcome]:
-        """One batch, one transaction. Runs in a writer thread; may be re-run by the pool."""
+        """One batch, one transaction. Runs in a writer thread; may be re-run by the pool.
+
+        The chain step (:meth:`_chain_step`) runs in the same transaction, over
+        the messages this attempt inserted: an OK is only sent once the canonical
+        and finalized status it implies is committed too.
+        """
+        outcomes, fresh = self._store_rows(txn, messages, careful, state)
+        state.violations = self._chain_step(txn, [messages[i] for i in fresh]) if fresh else []
+        return outcomes
+
+    def _store_rows(
+        self, txn: Any, messages: Sequence[Message], careful: bool, state: _StoreState
+    ) -> tuple[list[Outcome], list[int]]:
+        """Insert the batch's rows: the outcomes, and the indexes of the rows inserted now."""
         self._begin_write(txn)
         outcomes: list[Outcome | None] = [None] * len(messages)
         first: dict[str, int] = {}
@@ -447,7 +458,7 @@ class SQLSink:
         ):
             for i in candidates:
                 outcomes[i] = Outcome.STORED
-            return [o if o is not None else Outcome.DUPLICATE for o in outcomes]
+            return [o if o is not None else Outcome.DUPLICATE for o in outcomes], candidates
         existing = self._select_existing(txn, [messages[i].hash for i in candidates])
         new: list[int] = []
         for i in candidates:
@@ -483,7 +494,8 @@ class SQLSink:
                 mine = self._select_existing(txn, [messages[i].hash for i in kept])
                 for i in kept:
                     outcomes[i] = Outcome.STORED if messages[i].hash in mine else Outcome.DUPLICATE
-        return [o if o is not None else Outcome.DUPLICATE for o in outcomes]
+        fresh = [i for i in new if outcomes[i] is Outcome.STORED]
+        return [o if o is not None else Outcome.DUPLICATE for o in outcomes], fresh
 
     def _same_delivery(self, m: Message, row: tuple[str, Any]) -> bool:
         ip, at = row
@@ -526,25 +538,18 @@ class SQLSink:
             return d2
 
         d.addErrback(isolate)
-        return d
+
+        def report(outcomes: list[Outcome]) -> list[Outcome]:
+            self._report(state.violations)
+            return outcomes
+
+        return d.addCallback(report)
 
     def _data_to_unavailable(self, failure: Failure) -> None:
         failure.trap(DataRefused)
         raise SinkUnavailable(self.name, str(failure.value))
 
     # -- reads -----------------------------------------------------------------
-
-    def _record(self, row: Sequence[Any]) -> Record:
-        rid, h, payload, bn, ip, cid, at = row
-        return Record(
-            int(rid),
-            h,
-            bytes(payload),
-            None if bn is None else int(bn),
-            ip,
-            cid,
-            self._time_float(at) or 0.0,
-        )
 
     def _select_records(self, txn: Any, sql: str, args: tuple[Any, ...]) -> list[Record]:
         txn.execute(self._q(sql), args)

@@ -13,7 +13,13 @@ from eth_twisted.errors import (
     ConfigError,
 )
 from eth_twisted.interfaces import IRecord
-from eth_twisted.model import Message, storable_client_id, storable_client_ip
+from eth_twisted.model import (
+    ChainBlock,
+    FinalityEvent,
+    Message,
+    storable_client_id,
+    storable_client_ip,
+)
 from eth_twisted.options import setting
 from eth_twisted.sinks.sql.migrations import check_sqlite_path
 from eth_twisted.sinks.sql.pool import ErrorKind, ReconnectingConnectionPool, classify_sqlite_error
@@ -34,8 +40,9 @@ class SQLiteSink(SQLSink):
     dialect = "sqlite"
     placeholder = "?"
     insert_sql = (
-        "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at) "
-        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO NOTHING"
+        "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at, "
+        "kind, chain_id, block_hash, parent_hash, canonical) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO NOTHING"
     )
     # Not INSERT OR IGNORE: that also drops rows failing a CHECK; this ignores only the hash.
 
@@ -126,7 +133,20 @@ class SQLiteSink(SQLSink):
             storable_client_ip(m.client_ip),
             storable_client_id(m.client_id),
             float(m.received_at),
+            *chain_values(m),
         )
+
+
+def chain_values(m: Message) -> tuple[Any, ...]:
+    """``kind, chain_id, block_hash, parent_hash, canonical`` of ``m`` (a chain block starts at 0)."""
+    c = m.chain
+    if c is None:
+        return (m.kind, None, None, None, None)
+    if isinstance(c, ChainBlock):
+        if m.block_number is None:
+            return (m.kind, c.chain_id, None, None, None)
+        return ("block", c.chain_id, c.block_hash, c.parent_hash, 0)
+    return (c.kind, c.chain_id, c.block_hash if isinstance(c, FinalityEvent) else None, None, None)
 
 
 SQLITE_FILE = "eth-server.sqlite3"
