@@ -71,6 +71,13 @@ class ServerMetrics:
             ["result"],
             registry=r,
         )
+        self.finality_violations = Counter(
+            "eth_server_finality_violations",
+            "Chain records contradicting finality, by kind: reorg (a reorg at or below the "
+            "finalized block) or finalized (a finality record naming another hash)",
+            ["kind"],
+            registry=r,
+        )
         self.reconciled_hashes = Counter(
             "eth_server_redis_reconciled_hashes",
             "Hashes added to Redis by reconciliation",

@@ -387,6 +387,9 @@ def assemble_server(
 
     stats = ServerStats(reactor)
     router.observers.append(stats.observe)
+    alarms = getattr(record, "chain_alarms", None)
+    if isinstance(alarms, list):  # the record logs each violation; the metric counts them
+        alarms.append(lambda v: metrics.finality_violations.labels(kind=v.kind).inc())
     site = None
     if settings.site.stats is not None:
         from eth_twisted.web.site import make_server_site

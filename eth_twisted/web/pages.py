@@ -80,6 +80,12 @@ def record_json(record: Record, max_payload: int = MAX_PAYLOAD) -> dict[str, Any
         "payload_encoding": encoding,
         "payload": payload,
         "payload_truncated": truncated,
+        "kind": record.kind,
+        "chain_id": record.chain_id,
+        "block_hash": record.block_hash,
+        "parent_hash": record.parent_hash,
+        "canonical": record.canonical,
+        "finalized": record.finalized,
     }
 
 

@@ -39,6 +39,7 @@ from eth_twisted.web.app import (
     parse_int,
     single_arg,
 )
+from eth_twisted.web.chains import chain_routes
 from eth_twisted.web.limits import SiteLimits
 from eth_twisted.web.pages import Page, json_bytes, read_page
 from eth_twisted.web.stats import ServerStats
@@ -336,6 +337,7 @@ def _server_routes(
         Route.at(r"/api/messages", messages),
         Route.at(r"/api/blocks/(?P<number>[^/]*)", blocks),
         Route.at(r"/api/openapi\.json", openapi),
+        *chain_routes(record, lambda work: held_place(heavy, work)),
     ]
 
 
@@ -353,7 +355,9 @@ def make_server_site(
     """The server's stats site.
 
     Its paths: ``/`` (dashboard), ``/api/stats``, ``/api/messages?limit=&before=``,
-    ``/api/blocks/<n>``, ``/api/openapi.json``, ``/healthz``, ``/readyz``, ``/metrics``.
+    ``/api/blocks/<n>``, ``/api/chains``, ``/api/chains/<id>/blocks?from=&to=``,
+    ``/api/chains/<id>/reorgs?limit=&before=``, ``/api/openapi.json``, ``/healthz``,
+    ``/readyz``, ``/metrics``.
     ``record`` serves /api/messages and /api/blocks through its read path;
     ``sinks`` (every configured sink, the record included) are pinged by
     /readyz; ``stats`` answers /api/stats; ``metrics.registry`` is /metrics.

@@ -25,6 +25,7 @@ from eth_twisted.model import Message, Totals
 from eth_twisted.sinks.memory import MemorySink
 from eth_twisted.web.site import make_server_site, openapi_document
 from eth_twisted.web.stats import ServerStats
+from tests.support.chain_contract import bh, branch, finalized, reorg
 from tests.support.web import BrokenRecord, block_message, server_fixture
 
 SPEC = openapi_document()
@@ -59,6 +60,10 @@ def populated():
         ]
     )
     s.store([block_message(3, "10.0.0.7", 9200.0)])
+    # Chain 3: json blocks, a reorg below finality, a finality record (what /api/chains shows).
+    s.store(branch("a", 1, 6, chain=3) + [finalized(4, chain=3, safe=5)])
+    s.store([reorg(3, [bh("a", n, 3) for n in (4, 5, 6)], [bh("b", 4, 3)], chain=3)])
+    s.store(branch("b", 4, 5, "a", chain=3))
     return s
 
 
@@ -81,6 +86,18 @@ AUTH = {"Authorization": "Bearer tok"}
         ("/api/blocks/{number}", "/api/blocks/x", 400),
         ("/api/blocks/{number}", "/api/blocks/3?limit=0", 400),
         ("/api/openapi.json", "/api/openapi.json", 200),
+        ("/api/chains", "/api/chains", 200),
+        ("/api/chains", "/api/chains?limit=1&after=0", 200),
+        ("/api/chains", "/api/chains?limit=0", 400),
+        ("/api/chains/{chain}/blocks", "/api/chains/3/blocks", 200),
+        ("/api/chains/{chain}/blocks", "/api/chains/3/blocks?from=2&to=4&limit=2", 200),
+        ("/api/chains/{chain}/blocks", "/api/chains/3/blocks?from=9&to=2", 200),
+        ("/api/chains/{chain}/blocks", "/api/chains/99/blocks", 200),
+        ("/api/chains/{chain}/blocks", "/api/chains/x/blocks", 400),
+        ("/api/chains/{chain}/blocks", "/api/chains/3/blocks?limit=1001", 200),
+        ("/api/chains/{chain}/reorgs", "/api/chains/3/reorgs", 200),
+        ("/api/chains/{chain}/reorgs", "/api/chains/3/reorgs?limit=1&before=2", 200),
+        ("/api/chains/{chain}/reorgs", "/api/chains/3/reorgs?before=0", 400),
         ("/healthz", "/healthz", 200),
         ("/readyz", "/readyz", 200),
     ],
@@ -95,11 +112,20 @@ def test_real_responses_match_the_document(template: str, url: str, status: int)
 
 @pytest.mark.parametrize(
     "template",
-    ["/api/stats", "/api/messages", "/api/blocks/{number}", "/api/openapi.json", "/metrics"],
+    [
+        "/api/stats",
+        "/api/messages",
+        "/api/blocks/{number}",
+        "/api/openapi.json",
+        "/api/chains",
+        "/api/chains/{chain}/blocks",
+        "/api/chains/{chain}/reorgs",
+        "/metrics",
+    ],
 )
 def test_unauthorized_answer_matches_the_document(template: str) -> None:
     """Without the token, protected operations answer the documented 401 body."""
-    reply = populated().http.get(template.replace("{number}", "1"))
+    reply = populated().http.get(template.replace("{number}", "1").replace("{chain}", "1"))
     assert reply.code == 401
     validate(template, 401, reply.json())
 
@@ -184,6 +210,9 @@ def test_schemathesis_finds_no_issue(tmp_path: Path):
         block_message(100 + n, f"2001:db8:{n}::{n + 1}", 1_700_000_200.0 + n) for n in range(25)
     ]
     messages.append(Message.build(b"\x01" * 200_000, "192.0.2.2", 1_700_000_300.0, 3))
+    messages += branch("a", 1, 8, chain=5) + [finalized(6, chain=5, safe=7)]
+    messages += [reorg(4, [bh("a", n, 5) for n in (5, 6, 7, 8)], [bh("b", 5, 5)], chain=5)]
+    messages += branch("b", 5, 9, "a", chain=5)
     outcomes = yield sink.store_batch(messages)
     clock_stats.seed(Totals())
     clock_stats.observe(messages, outcomes)

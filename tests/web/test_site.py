@@ -108,7 +108,7 @@ def test_messages_default_and_capped_limit() -> None:
 
 
 def test_message_json_shape() -> None:
-    """A record carries hash, block, sender, times, size and its payload as text."""
+    """A record carries hash, block, sender, times, size, its payload as text, and its chain status."""
     s = server_fixture()
     m = block_message(19000000, "192.0.2.7", 1700000000.25)
     s.store([m])
@@ -125,6 +125,12 @@ def test_message_json_shape() -> None:
         "payload_encoding": "utf-8",
         "payload": m.payload.decode(),
         "payload_truncated": False,
+        "kind": "block",
+        "chain_id": None,
+        "block_hash": None,
+        "parent_hash": None,
+        "canonical": None,
+        "finalized": False,
     }
 
 
