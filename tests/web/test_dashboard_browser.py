@@ -2,7 +2,8 @@
 
 A real server on SQLite with its stats site; the page is opened with the
 token in the URL fragment. The head shown equals the API's and follows a new
-message; a payload carrying ``<script>`` is shown as text and never runs; the
+message; a payload carrying ``<script>`` is shown as text and never runs; a chain's
+head and finalized block and a reorg below finality (flagged) show; the
 clients table shows the busiest 20 of 30 client groups and says so; a
 screenshot is saved to tests/artifacts/dashboard.png.
 """
@@ -25,6 +26,7 @@ from eth_twisted.link.payload import render_html
 from eth_twisted.model import sha256_hex
 from eth_twisted.sinks.sql.migrations import migrate_sqlite
 from tests.support import ROOT
+from tests.support.chain_contract import bh, branch, finalized, reorg
 from tests.support.live import sqlite_storage
 from tests.support.web import send_from, start_with_stats
 
@@ -127,6 +129,25 @@ def drive_browser(web: int, port: int) -> dict[str, Any]:
             seen["clients_rows"] = page.locator("#client-rows tr").count()
             seen["clients_meta"] = page.text_content("#clients-meta")
             seen["client_addrs"] = page.locator("#client-rows td.addr").all_text_contents()
+            # Chain records: the head, the finalized block and a reorg below finality, flagged.
+            chain = [m.payload for m in branch("a", 1, 6, chain=7)]
+            chain += [finalized(4, chain=7, safe=5).payload]
+            chain += [
+                reorg(3, [bh("a", n, 7) for n in (4, 5, 6)], [bh("b", 4, 7)], chain=7).payload
+            ]
+            chain += [m.payload for m in branch("b", 4, 5, "a", chain=7)]
+            replies = send_from("127.0.0.5", port, chain)
+            assert all(r.startswith(b"OK") for r in replies), replies
+            page.wait_for_function(
+                "() => document.querySelector('#reorgs-list li.reorg.violation') !== null",
+                timeout=10_000,
+            )
+            seen["chain_row"] = page.text_content("#chain-rows tr[data-chain='7']")
+            seen["chain_finalized"] = page.text_content(
+                "#chain-rows tr[data-chain='7'] td.finalized"
+            )
+            seen["chain_head"] = page.text_content("#chain-rows tr[data-chain='7'] td.head")
+            seen["reorg_flag"] = page.text_content("#reorgs-list li.reorg.violation .flag")
             seen["sinks"] = page.text_content("#sinks")
             seen["status"] = page.get_attribute("#status", "data-state")
             page.wait_for_timeout(600)  # let the pulse animation and chart settle for the picture
@@ -166,6 +187,9 @@ def test_dashboard_in_chromium(tmp_path: Path, chromium: str):
     assert seen["clients_meta"] == "30 addresses · busiest 20 shown"
     assert seen["client_addrs"][:3] == ["192.0.2.10", "192.0.2.11", "192.0.2.12"]
     assert "2001:db8:7::/64" in seen["client_addrs"]  # four hosts of one /64, one row
+    assert seen["chain_head"].startswith("#5") and seen["chain_finalized"] == "#4"
+    assert "⚠ 1" in seen["chain_row"]
+    assert seen["reorg_flag"] == "below finality (finalized #4)"
     assert "sqlite" in seen["sinks"] and "up" in seen["sinks"]
     assert seen["status"] == "live"
     assert not [

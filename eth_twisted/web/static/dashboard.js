@@ -7,6 +7,8 @@
   const STATS_EVERY_MS = 1000;
   const READY_EVERY_MS = 5000;
   const MESSAGES_SHOWN = 8;
+  const CHAINS_SHOWN = 20;
+  const REORGS_SHOWN = 5;
   const TOKEN_KEY = "eth-twisted-token";
 
   const state = {
@@ -206,6 +208,50 @@
     list.replaceChildren(...items);
   }
 
+  const shortHash = (h) => (h ? h.slice(0, 10) + "…" + h.slice(-4) : "–");
+  const point = (p) => (p ? "#" + fmtInt(p.number) : "–");
+
+  // Chains: head, safe, finalized and reorg counts; a violation is flagged, never hidden.
+  function renderChains(chains, reorgs) {
+    const rows = chains.map((c) =>
+      el("tr", { class: c.violations ? "violation" : null, "data-chain": c.chain_id },
+        el("td", { class: "num" }, String(c.chain_id)),
+        el("td", { class: "num head" }, point(c.head), " ", el("span", { class: "hash" }, shortHash(c.head && c.head.hash))),
+        el("td", { class: "num" }, point(c.safe)),
+        el("td", { class: "num finalized" }, point(c.finalized)),
+        el("td", { class: "num" }, fmtInt(c.reorgs)),
+        el("td", { class: "num violations" }, c.violations ? "⚠ " + fmtInt(c.violations) : "0")));
+    if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 6 }, "no chain records yet")));
+    $("chain-rows").replaceChildren(...rows);
+    const items = reorgs.map((r) =>
+      el("li", { class: "reorg" + (r.below_finality ? " violation" : "") },
+        el("span", { class: "chain" }, "chain " + r.chain_id),
+        el("span", { class: "fork" }, "after #" + fmtInt(r.fork_number)),
+        el("span", { class: "depth" }, "depth " + fmtInt(r.depth) + ", " + fmtInt(r.replaced) + " new"),
+        el("span", { class: "hash" }, shortHash(r.old_head) + " → " + shortHash(r.new_head)),
+        r.below_finality
+          ? el("span", { class: "flag" }, "below finality (finalized #" + fmtInt(r.finalized_number) + ")")
+          : null,
+        el("span", { class: "when" }, fmtClock(r.received_at))));
+    if (!items.length) items.push(el("li", { class: "empty" }, "no reorg yet"));
+    $("reorgs-list").replaceChildren(...items);
+    setText("chains-meta", chains.length ? chains.length + (chains.length === 1 ? " chain" : " chains") : "json records only");
+  }
+
+  async function pollChains() {
+    if (state.needAuth) return;
+    try {
+      const { status, body } = await api("/api/chains?limit=" + CHAINS_SHOWN);
+      if (status !== 200) return;
+      const withReorgs = body.chains.filter((c) => c.reorgs > 0);
+      const pages = await Promise.all(withReorgs.map((c) =>
+        api("/api/chains/" + encodeURIComponent(c.chain_id) + "/reorgs?limit=" + REORGS_SHOWN)));
+      const reorgs = pages.filter((p) => p.status === 200).flatMap((p) => p.body.reorgs);
+      reorgs.sort((a, b) => b.received_at - a.received_at);
+      renderChains(body.chains, reorgs.slice(0, REORGS_SHOWN));
+    } catch (e) { /* the status pill already says so */ }
+  }
+
   // -- chart ----------------------------------------------------------------------------
 
   function niceStep(range, ticks) {
@@ -334,6 +380,7 @@
       if (body.totals.records !== state.lastRecords) {
         state.lastRecords = body.totals.records;
         pollMessages();
+        pollChains();
       }
     } catch (e) {
       state.failures += 1;
