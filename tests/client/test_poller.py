@@ -456,3 +456,37 @@ def test_blocks_back_after_a_rollback_are_named_canonical_again() -> None:
     back = json.loads(rig.outbox.log[-3][0])
     assert (back["fork_number"], back["old_hashes"], back["new_hashes"]) == (100, [], hidden)
     assert rig.outbox.cursor() == rig.cursor_at(102)
+
+
+def test_reorg_while_stopped_is_found_after_a_restart(tmp_path: Any) -> None:
+    """The outbox remembers the recent canonical chain: a reorg during downtime has its fork point.
+
+    A fresh poller on the same outbox file finds the fork 5 blocks down and sends a reorg
+    record naming exactly the blocks that were replaced.
+    """
+    from eth_twisted.client.outbox import OutboxSettings, open_outbox
+    from eth_twisted.client.poller import BlockPoller
+
+    outbox = open_outbox(OutboxSettings(spool=str(tmp_path / "spool.sqlite3")))
+    try:
+        rig = Rig(format="json", outbox=outbox).start()
+        rig.node.mine(10)
+        rig.tick()
+        old = [rig.node.block(n)["hash"] for n in range(106, 111)]
+        rig.poller.stopService()
+        assert outbox.recent_blocks(3) == list(zip((108, 109, 110), old[2:], strict=True))
+        rig.node.reorg(5)
+        again = BlockPoller(
+            rig.rpc, outbox, PollSettings(format="json"), clock=rig.clock, metrics=rig.metrics
+        )
+        again.startService()
+        record = json.loads(outbox.pending(100)[11].payload)
+        assert (record["kind"], record["fork_number"], record["old_hashes"]) == (
+            "reorg",
+            105,
+            old,
+        )
+        assert outbox.cursor() == rig.cursor_at(110)
+        again.stopService()
+    finally:
+        outbox.close()
