@@ -50,6 +50,8 @@ _CHAIN = "chain_id, finalized_number, finalized_hash, safe_number, safe_hash, re
 
 CHUNK = 500
 
+_HEX_ID = frozenset("0123456789abcdef")
+
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
@@ -184,11 +186,11 @@ class SQLChainStore(ChainStore):
         ]
         for assignment, shas in groups:  # orphans first: their heights are free before promotions
             for part in _chunks(shas):
-                self._x(
-                    f"UPDATE ethereum_data SET {assignment} WHERE hash IN "
-                    f"({self._marks(len(part))})",
-                    part,
-                )
+                sql = f"UPDATE ethereum_data SET {assignment} WHERE hash IN "
+                if all(_HEX_ID.issuperset(h) for h in part):  # message ids: literals, no mogrify
+                    self.txn.execute(sql + "(" + ",".join(f"'{h}'" for h in part) + ")")
+                else:
+                    self._x(sql + f"({self._marks(len(part))})", part)
 
     def add_reorg(
         self,
