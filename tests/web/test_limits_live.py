@@ -564,3 +564,34 @@ def test_stats_of_5000_addresses_are_the_top_20_and_a_count_live(tmp_path: Path)
         assert probe_replies and all(r.startswith(b"ERR e3b0c442") for r in probe_replies)
     finally:
         yield server.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_connections_send_without_nagle() -> None:
+    """Each connection the stats site accepts has TCP_NODELAY: a small answer is not held.
+
+    Twisted's HTTPChannel sets it; this keeps it so should the channel ever change.
+    """
+    from twisted.web.resource import Resource
+
+    from eth_twisted.web.limits import GuardedSite
+
+    site = GuardedSite(Resource(), SiteLimits(), reactor)
+    channels: list[Any] = []
+    build = site.buildProtocol
+
+    def recording(addr: Any) -> Any:
+        channel = build(addr)
+        channels.append(channel)
+        return channel
+
+    site.buildProtocol = recording  # type: ignore[method-assign]
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        await async_wait_until(lambda: channels and channels[0].transport is not None)
+        handle = channels[0].transport.getHandle()
+        assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        client.close()
+        await port.stopListening()
