@@ -10,11 +10,15 @@ import pytest
 from eth_twisted.link.payload import (
     HTML_SCAN_LIMIT,
     OutOfRange,
+    recognise,
     recognise_block_number,
     render,
+    render_finalized,
     render_html,
     render_json,
+    render_reorg,
 )
+from eth_twisted.model import MAX_REORG_HASHES, ChainBlock, FinalityEvent, ReorgEvent
 
 HTML_19M_SHA = "f6cba531821a919acf0192f162c2458baceb8a90d935e88a0c01ffafd94ea860"
 JSON_GOLDEN_SHA = "68e6f0e30107893f5d6df88500800c4050d70e0aa074dd8ecb626ab028bb007a"
@@ -184,3 +188,68 @@ def test_recogniser_looks_at_a_bounded_prefix() -> None:
 def test_html_rules_without_regular_expressions(payload: bytes, expected: int | None) -> None:
     """Title and body rules as docs/protocol.md states them: case-insensitive, tags ignored, one integer."""
     assert recognise_block_number(payload) == expected
+
+
+H1, H2, H3 = ("0x" + c * 64 for c in "123")
+
+
+def test_recognise_a_json_block_with_its_links() -> None:
+    """The golden block is block 19000000 of chain 1 with its hash and parent."""
+    assert recognise(render_json(GOLDEN_BLOCK)) == (
+        19000000,
+        ChainBlock(1, "0x" + "ab" * 32, "0x" + "cd" * 32),
+    )
+    upper = dict(GOLDEN_BLOCK, block_hash="0x" + "AB" * 32)
+    assert recognise(render_json(upper))[1] == ChainBlock(1, "0x" + "ab" * 32, "0x" + "cd" * 32)
+    bad_links = dict(GOLDEN_BLOCK, parent_hash="0x1234")
+    assert recognise(render_json(bad_links)) == (19000000, None)  # a block, chain unknown
+    assert recognise(render_html(7)) == (7, None)
+
+
+def test_rendered_reorg_and_finality_records_are_recognised() -> None:
+    """render_reorg and render_finalized give records the recogniser reads back field for field."""
+    number, event = recognise(render_reorg(5, 99, [H1, H2], [H3], 1_700_000_000))
+    assert number is None
+    assert event == ReorgEvent(5, 99, 2, (H1, H2), (H3,), 1_700_000_000, 0)
+    assert recognise(render_finalized(5, 98, H1, 100, H2)) == (
+        None,
+        FinalityEvent(5, 98, H1, 100, H2),
+    )
+    assert recognise(render_finalized(5, 98, H1, None, None)) == (
+        None,
+        FinalityEvent(5, 98, H1, None, None),
+    )
+    assert recognise(render_reorg(5, 99, [H1], [], 1))[1] == ReorgEvent(5, 99, 1, (H1,), (), 1, 0)
+
+
+def test_reorg_hash_lists_are_capped() -> None:
+    """Past MAX_REORG_HASHES a list is cut and the rest counted as dropped (bounded work)."""
+    many = ["0x" + f"{i:064x}" for i in range(MAX_REORG_HASHES + 5)]
+    _, event = recognise(render_reorg(1, 10, many, many[:3], 1))
+    assert isinstance(event, ReorgEvent)
+    assert len(event.old_hashes) == MAX_REORG_HASHES and event.dropped == 5
+    assert event.depth == MAX_REORG_HASHES + 5
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"kind":"launch","chain_id":1}',
+        b'{"kind":"reorg","chain_id":1,"fork_number":1,"depth":2,"old_hashes":[],'
+        b'"new_hashes":[],"detected_at":1}',
+        b'{"kind":"reorg","chain_id":true,"fork_number":1,"depth":0,"old_hashes":[],'
+        b'"new_hashes":[],"detected_at":1}',
+        b'{"kind":"reorg","chain_id":1,"fork_number":1,"depth":0,"old_hashes":{},'
+        b'"new_hashes":[],"detected_at":1}',
+        b'{"kind":"finalized","chain_id":1,"block_number":-1,"block_hash":"' + H1.encode() + b'"}',
+        b'{"kind":"finalized","chain_id":1,"block_number":1,"block_hash":"' + H1.encode() + b'",'
+        b'"safe_number":2,"safe_hash":null}',
+        b'{"kind":"finalized","chain_id":1,"block_number":1e3,"block_hash":"' + H1.encode() + b'"}',
+        b'{"kind":"finalized","chain_id":1,"block_number":' + str(2**64).encode() + b","
+        b'"block_hash":"' + H1.encode() + b'"}',
+        b'{"kind":null}',
+    ],
+)
+def test_invalid_kinds_are_nothing(payload: bytes) -> None:
+    """A record with a kind but a bad field is neither a chain event nor a block (kind other)."""
+    assert recognise(payload) == (None, None)
