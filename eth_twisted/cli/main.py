@@ -7,6 +7,7 @@ runs both in one process on the embedded defaults.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -126,9 +127,33 @@ def run_service(build: Callable[[Any], Any], reactor: Any = None) -> int:
     return int(getattr(service, "exit_code", 0) or 0)
 
 
+EXIT_BROKEN_PIPE = 128 + 13
+"""Exit status when standard output was closed under us (``eth server --help | head``):
+128 + SIGPIPE, what a shell reports for a command killed by a closed pipe."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``eth`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of the ``eth`` console script.
+
+    A reader that closes the pipe early (``eth server --help | head``) ends the command
+    quietly with :data:`EXIT_BROKEN_PIPE` instead of a ``BrokenPipeError`` traceback.
+    """
+    try:
+        try:
+            return _main(sys.argv[1:] if argv is None else argv)
+        finally:
+            # Also on SystemExit (--help, --version): a failed flush is caught below.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's advice (signal module docs): point stdout at /dev/null, so the
+        # interpreter's final flush at exit does not fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str]) -> int:
     config = Options()
     try:
         config.parseOptions(argv)
