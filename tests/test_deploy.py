@@ -761,6 +761,51 @@ def test_mariadb_init_script_creates_the_test_account_safely(tmp_path: Path) -> 
     assert "GRANT ALL PRIVILEGES ON `eth\\_test\\_%`.* TO 'eth_test'@'%';" in sql
 
 
+def test_mariadb_init_script_is_sourced_by_the_entrypoint_and_leaks_nothing(tmp_path: Path) -> None:
+    """The init script reaches the entrypoint's docker_process_sql and leaves its shell as it was.
+
+    The MariaDB image's entrypoint (docker-entrypoint.sh, 10.11 and 11.4) runs an executable
+    ``*.sh`` in /docker-entrypoint-initdb.d as its own process, where its helper functions do not
+    exist (``docker_process_sql: command not found``, and no test account), and sources any other.
+    So the file must not be executable, and once sourced it must not change the entrypoint's
+    shell options (a leaked ``set -u`` aborts the entrypoint later) or leave variables behind.
+    """
+    init_dir = ROOT / "deploy/compose/mariadb-init"
+    scripts = sorted(init_dir.glob("*.sh"))
+    assert scripts
+    for script in scripts:
+        assert not os.access(script, os.X_OK), (
+            f"{script.name} is executable: the entrypoint would not source it"
+        )
+    secret = tmp_path / "mysql-test-pass"
+    secret.write_text("pw\n")
+    captured = tmp_path / "sql"
+    # The entrypoint's own loop (docker_process_init_files), with its helper as a shim.
+    entrypoint = f"""
+set -eo pipefail
+docker_process_sql() {{ cat >> "{captured}"; }}
+before="$-"
+for f in "{init_dir}"/*; do
+  case "$f" in
+    *.sh) if [ -x "$f" ]; then "$f"; else . "$f"; fi ;;
+  esac
+done
+[ "$-" = "$before" ] || {{ echo "shell options changed: $before -> $-" >&2; exit 3; }}
+[ -z "${{test_pass:-}}${{test_pass_file:-}}" ] || {{ echo "variables leaked" >&2; exit 4; }}
+echo entrypoint-carried-on
+"""
+    result = subprocess.run(
+        ["bash", "-c", entrypoint],
+        env=dict(os.environ, ETH_TEST_PASS_FILE=str(secret)),
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.strip() == "entrypoint-carried-on"
+    assert "CREATE USER IF NOT EXISTS 'eth_test'@'%' IDENTIFIED BY 'pw';" in captured.read_text()
+
+
 # --------------------------------------------------------------------------- systemd
 
 
@@ -1075,16 +1120,22 @@ SHELL_SCRIPTS = [
     "deploy/docker/entrypoint",
     "deploy/secrets/generate",
     "deploy/aws/make-beanstalk-bundle",
-    "deploy/compose/mariadb-init/10-eth-test-user.sh",
 ]
+# Sourced by another program's shell, never run: must NOT be executable (see
+# test_mariadb_init_script_is_sourced_by_the_entrypoint_and_leaks_nothing).
+SOURCED_SCRIPTS = ["deploy/compose/mariadb-init/10-eth-test-user.sh"]
 
 
-@pytest.mark.parametrize("script", SHELL_SCRIPTS)
-def test_shell_scripts_parse_and_are_executable(script: str) -> None:
-    """Each deployment script is executable and its shell (from the #! line) parses it."""
+@pytest.mark.parametrize("script", SHELL_SCRIPTS + SOURCED_SCRIPTS)
+def test_shell_scripts_parse_and_have_the_right_mode(script: str) -> None:
+    """Each deployment script parses with its shell (from the #! line).
+
+    A script that is run is executable; one that is sourced is not.
+    """
     path = ROOT / script
     shebang = path.read_text().splitlines()[0]
-    assert shebang in ("#!/bin/sh", "#!/bin/bash") and os.access(path, os.X_OK)
+    assert shebang in ("#!/bin/sh", "#!/bin/bash")
+    assert os.access(path, os.X_OK) == (script in SHELL_SCRIPTS)
     result = subprocess.run(
         [shebang[2:], "-n", str(path)], capture_output=True, text=True, timeout=10
     )
