@@ -231,7 +231,9 @@ class HeadPipeline:
         tip = self.tip
         if tip is None:
             return self.append([header])
-        if block_hash in self._numbers:
+        if block_hash in self._numbers or (self._window and h < next(iter(self._window))):
+            # Held already, or older than anything held (a push from before the first
+            # poll): nothing to judge it by and nothing to send.
             if self.metrics is not None:
                 self.metrics.heads_duplicate.labels(source).inc()
             return "dup"

@@ -197,6 +197,7 @@ class NodeSocket:
         self._close_timer: IDelayedCall | None = None
         self._subscribed_once = False
         self._stopping = False
+        self._open_waiters: list[Deferred[None]] = []
         factory = node_factory(
             self, self.target, self.settings.max_message, self.reactor, quickack=quickack
         )
@@ -245,11 +246,40 @@ class NodeSocket:
         default ``request_timeout``), ``rate-limit`` and ``rpc-error`` (an error object,
         classified as HTTP answers are), ``bad-envelope``, ``connection-lost``. The
         result is unchecked (the caller checks it, as with ``parse_envelope``).
+        While the very first connection is still being made the request waits for it,
+        at most ``open_timeout``, instead of failing at once (a later reconnect does not
+        hold requests: the other endpoints answer meanwhile).
         """
+        first = not self._subscribed_once and not self.outage.active
+        if self.state == "connecting" and first and not self._stopping:
+            return Deferred.fromCoroutine(self._request_when_open(method, params, timeout))
+        return self._request_now(method, params, timeout)
+
+    def _request_now(self, method: str, params: list[Any], timeout: float | None) -> Deferred[Any]:
         proto = self._proto
         if proto is None or not proto.can_send or self.state not in ("open", "subscribed"):
             return defer.fail(RPCFailure(f"{method}: not connected", "unavailable", self.label))
         return self._send(proto, method, params, timeout)
+
+    async def _request_when_open(
+        self, method: str, params: list[Any], timeout: float | None
+    ) -> Any:
+        waiter: Deferred[None] = Deferred()
+        self._open_waiters.append(waiter)
+        timer = self.clock.callLater(self.settings.open_timeout, self._wake_open, waiter)
+        try:
+            await waiter
+        finally:
+            if timer.active():
+                timer.cancel()
+        return await self._request_now(method, params, timeout)
+
+    def _wake_open(self, waiter: Deferred[None] | None = None) -> None:
+        waiters = [waiter] if waiter is not None else list(self._open_waiters)
+        for w in waiters:
+            if w in self._open_waiters:
+                self._open_waiters.remove(w)
+                w.callback(None)
 
     def resubscribe(self) -> Deferred[None]:
         """Unsubscribe (its failure ignored) and subscribe again on the same socket.
@@ -607,6 +637,8 @@ class NodeSocket:
         self.state = state
         if self.metrics is not None:
             self.metrics.ws_state.labels(self.label).state(state)
+        if state != "connecting" and self._open_waiters:
+            self._wake_open()
 
     def _stopped(self, result: Any) -> None:
         self._cancel("_close_timer")

@@ -223,3 +223,16 @@ def test_distrusted_endpoint_pushes_are_ignored() -> None:
     source.endpoint.distrust = "far-ahead"
     socket.push(101)
     assert rig.numbers() == [100]
+
+
+def test_a_push_older_than_anything_held_is_ignored() -> None:
+    """A push from before the first poll's block (held while syncing) is not a node out of step."""
+    rig, socket, _ = rig_with_push()
+    socket.push(99)
+    assert rig.numbers() == [100]
+    assert (
+        rig.metrics.registry.get_sample_value(
+            "eth_client_heads_duplicate_total", {"source": "push"}
+        )
+        == 1
+    )

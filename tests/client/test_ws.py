@@ -517,3 +517,33 @@ def test_stop_while_waiting_to_retry() -> None:
     assert result_of(stopped) is None
     rig.advance(60.0)
     assert rig.endpoint.attempts == 1 and rig.socket.state == "down"
+
+
+def test_request_during_the_first_connect_waits_for_it() -> None:
+    """A request made while the first connection is being made waits for it, then is sent.
+
+    (The client's first poll starts with the socket: it must not fail 'not connected'.)
+    A request made while reconnecting later fails at once, as the other endpoints answer.
+    """
+    rig = Rig(open_timeout=5.0)
+    rig.auto["eth_chainId"] = "0x7a69"
+    rig.socket.start()  # not flushed: the handshake is under way
+    d = rig.socket.request("eth_chainId", [])
+    assert not d.called
+    rig.flush()
+    assert result_of(d) == "0x7a69"
+    rig.socket.reconnect()
+    rig.flush()
+    assert rig.socket.state == "connecting"
+    assert result_of(rig.socket.request("eth_chainId", [])).value.kind == "unavailable"
+
+
+def test_request_during_a_first_connect_that_never_opens_fails_after_open_timeout() -> None:
+    """The wait is bounded: open_timeout, then 'unavailable'."""
+    rig = Rig(open_timeout=5.0)
+    rig.socket.start()
+    d = rig.socket.request("eth_chainId", [])
+    rig.clock.advance(4.9)
+    assert not d.called
+    rig.clock.advance(0.2)
+    assert result_of(d).value.kind == "unavailable"
