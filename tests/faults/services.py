@@ -28,10 +28,16 @@ from typing import Any
 
 import pymysql
 
-from tests.support import PrivateRedis, free_port, redis_command, stop_process, wait_until
+from tests.support import (
+    VENV_BIN,
+    PrivateRedis,
+    free_port,
+    redis_command,
+    stop_process,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-VENV_BIN = ROOT / ".venv" / "bin"
 
 
 def _which(*names: str) -> str:

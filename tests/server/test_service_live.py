@@ -22,6 +22,7 @@ from tests.support import (
     async_wait_until,
     free_port,
     redis_command,
+    redis_host_for,
     wait_for_port,
     wait_until,
 )
@@ -48,8 +49,8 @@ def dup(payload: bytes) -> bytes:
 
 
 def redis_cmd(port: int, *args: str) -> Any:
-    """One blocking command against the Redis on 127.0.0.1:``port``."""
-    return redis_command("127.0.0.1", port, *args)
+    """One blocking command against the Redis on ``port`` (the shared one's host, or loopback)."""
+    return redis_command(redis_host_for(port), port, *args)
 
 
 @pytest_twisted.inlineCallbacks

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -22,6 +23,9 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 
 ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+"""The bin directory of the Python running the tests: ``eth`` and ``twistd`` are beside it
+(``.venv/bin`` on a checkout, ``/opt/eth-twisted/venv/bin`` in the test image)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -170,11 +174,23 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     wait_until(ready, timeout, what=f"{host}:{port} to accept connections")
 
 
+SHARED_REDIS_HOST = os.environ.get("ETH_TEST_REDIS_HOST", "127.0.0.1")
+"""Where the shared Redis the suite was given runs (``redis`` under docker compose)."""
+PRIVATE_REDIS_PORTS: set[int] = set()
+"""Loopback ports of the private redis-servers this process started."""
+
+
+def redis_host_for(port: int) -> str:
+    """The host of the Redis on ``port``: loopback for a private one, else the shared Redis's host."""
+    return "127.0.0.1" if port in PRIVATE_REDIS_PORTS else SHARED_REDIS_HOST
+
+
 class PrivateRedis:
     """A redis-server of the test's own on a free port (never the machine's shared one)."""
 
     def __init__(self, directory: str | None = None) -> None:
         self.port = free_port()
+        PRIVATE_REDIS_PORTS.add(self.port)
         self.dir = directory or tempfile.mkdtemp(prefix="eth-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
         self.logfile = os.path.join(self.dir, "redis.log")

@@ -7,12 +7,16 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from tests.support import redis_command
+from tests.support import redis_command, redis_host_for
 
 
-def resp(port: int, *args: Any, host: str = "127.0.0.1") -> Any:
-    """One blocking Redis command (inspection only, never the code under test)."""
-    return redis_command(host, port, *args)
+def resp(port: int, *args: Any, host: str | None = None) -> Any:
+    """One blocking Redis command (inspection only, never the code under test).
+
+    Without ``host``: the shared Redis's host (``ETH_TEST_REDIS_HOST``), or loopback for a
+    private redis-server of the test's own.
+    """
+    return redis_command(host or redis_host_for(port), port, *args)
 
 
 def hgetall(port: int, key: str) -> dict[str, int]:
