@@ -87,6 +87,7 @@ QUIET_NAMESPACES = (
     "twisted.web.client._HTTP11ClientFactory",
     "eth_twisted.web.limits.GuardedSite",
     "twisted.application._client_service._Core",
+    "twisted.application._client_service.ClientService",
 )
 """Namespaces whose info-level chatter is dropped unless --verbose: factory start and stop,
 and ClientService's "Scheduling retry" line per attempt (outages are logged once per episode)."""

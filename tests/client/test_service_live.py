@@ -90,7 +90,8 @@ class Relay:
         """(block_number, rows) for every stored block, in block order."""
         rows = mysql_query(
             self.db,
-            "SELECT block_number, COUNT(*) FROM ethereum_data GROUP BY block_number ORDER BY block_number",
+            "SELECT block_number, COUNT(*) FROM ethereum_data WHERE kind = 'block' "
+            "GROUP BY block_number ORDER BY block_number",
         )
         return [(int(n), int(c)) for n, c in rows]
 
