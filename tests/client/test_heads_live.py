@@ -43,6 +43,11 @@ class Heads:
             str(tmp / "server.log"),
             cwd=str(tmp),
         )
+        self.client = self.client_for(rpc, "", f"tcp:{self.client_stats}:interface=127.0.0.1")
+        self.client.args += list(client_args)
+
+    def client_for(self, rpc: list[str], name: str, stats: str = "none") -> EthProcess:
+        """An ``eth client`` of this server (json, 1 s polls), its files named by ``name``."""
         args = [
             "client",
             "--connect",
@@ -52,16 +57,15 @@ class Heads:
             "--interval",
             "1",
             "--spool",
-            str(tmp / "spool.sqlite3"),
+            str(self.tmp / f"spool{name}.sqlite3"),
             "--stats",
-            f"tcp:{self.client_stats}:interface=127.0.0.1",
+            stats,
             "--finality-interval",
             "1",
-            *client_args,
         ]
         for url in rpc:
             args += ["--rpc", url]
-        self.client = EthProcess(args, str(tmp / "client.log"), cwd=str(tmp))
+        return EthProcess(args, str(self.tmp / f"client{name}.log"), cwd=str(self.tmp))
 
     def start(self) -> Heads:
         self.server.start()
@@ -359,25 +363,7 @@ def test_two_chains_into_one_server(tmp_path: Path, on_demand: Anvil) -> None:
     other = Anvil(block_time=None, chain_id=31338)
     other.start()
     relay = heads(tmp_path, on_demand)
-    second = EthProcess(
-        [
-            "client",
-            "--connect",
-            f"tcp:host=127.0.0.1:port={relay.port}",
-            "--format",
-            "json",
-            "--interval",
-            "1",
-            "--spool",
-            str(tmp_path / "spool-2.sqlite3"),
-            "--stats",
-            "none",
-            "--rpc",
-            other.ws_url,
-        ],
-        str(tmp_path / "client-2.log"),
-        cwd=str(tmp_path),
-    )
+    second = relay.client_for([other.ws_url], "-2")
     second.start()
     try:
         on_demand.mine(4)

@@ -20,7 +20,18 @@ from eth_twisted.client.jsonrpc import MAX_CHAIN_ID, RPCFailure, Target, check_b
 from eth_twisted.client.rpc import RPCClient
 from eth_twisted.outage import FLAP_WINDOW, Episode
 from eth_twisted.testing import FakeEthereumNode
-from tests.support.rpc import A, B, Lines, Rig, World, captured_lines, count, failure_of, result_of
+from tests.support.rpc import (
+    A,
+    B,
+    Lines,
+    Rig,
+    World,
+    captured_lines,
+    count,
+    failure_of,
+    lag_keeping_blocks,
+    result_of,
+)
 
 
 @pytest.fixture
@@ -352,21 +363,7 @@ def test_head_below_cursor_logged_once(lines: Lines) -> None:
     """A head below the cursor for many polls is one line when it starts and one when the chain catches up."""
     rig = Rig(height=100)
     rig.start()
-    rig.node.set_lag(3)
-    real = rig.node.answer
-
-    def lagging(method: str, params: list[Any]) -> Any:
-        # A node behind that still has the held blocks (a load balancer's lagging backend
-        # answers the head, another one the block): behind, never a rollback.
-        if method == "eth_getBlockByHash":
-            rig.node.lag, lag = 0, rig.node.lag
-            try:
-                return real(method, params)
-            finally:
-                rig.node.lag = lag
-        return real(method, params)
-
-    rig.node.answer = lagging  # type: ignore[method-assign]
+    lag_keeping_blocks(rig.node, 3)
     for _ in range(20):
         rig.tick()
     assert (

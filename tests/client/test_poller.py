@@ -12,7 +12,7 @@ from eth_twisted.client.poller import PollSettings
 from eth_twisted.errors import OutboxFull
 from eth_twisted.link.payload import render
 from eth_twisted.testing import FakeEthereumNode, MemoryOutbox
-from tests.support.rpc import Rig
+from tests.support.rpc import Rig, lag_keeping_blocks
 
 
 def test_first_poll_enqueues_current_head() -> None:
@@ -349,19 +349,7 @@ def test_node_restarted_on_new_chain_is_fatal() -> None:
 def test_head_below_cursor_enqueues_nothing() -> None:
     """A head below the cursor from a node that still has the held blocks is 'behind': nothing moves."""
     rig = Rig().start()
-    rig.node.set_lag(2)  # reports 98 but still serves block 100 by hash
-    real = rig.node.answer
-
-    def lagging(method: str, params: list[Any]) -> Any:
-        if method == "eth_getBlockByHash":
-            rig.node.lag, lag = 0, rig.node.lag
-            try:
-                return real(method, params)
-            finally:
-                rig.node.lag = lag
-        return real(method, params)
-
-    rig.node.answer = lagging  # type: ignore[method-assign]
+    lag_keeping_blocks(rig.node, 2)  # reports 98 but still serves block 100 by hash
     rig.tick()  # went backwards versus its own previous answer: not trusted
     rig.tick()  # trusted again, but below the cursor
     assert rig.polls("went-backwards") == 1

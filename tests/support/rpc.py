@@ -163,3 +163,24 @@ class Rig:
     def cursor_at(self, number: int) -> Cursor:
         block = self.node.block(number)
         return Cursor(self.node.chain_id, self.node.genesis_hash, number, block["hash"])
+
+
+def lag_keeping_blocks(node: FakeEthereumNode, blocks: int) -> None:
+    """``node`` reports a head ``blocks`` lower but still serves every block by hash.
+
+    A load balancer whose lagging backend answers the head while another has the blocks:
+    behind, never a rollback.
+    """
+    node.set_lag(blocks)
+    real = node.answer
+
+    def lagging(method: str, params: list[Any]) -> Any:
+        if method == "eth_getBlockByHash":
+            node.lag, lag = 0, node.lag
+            try:
+                return real(method, params)
+            finally:
+                node.lag = lag
+        return real(method, params)
+
+    node.answer = lagging  # type: ignore[method-assign]
