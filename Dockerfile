@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # eth-twisted: the server and the client in one small image.
 #
 #   docker build -t eth-twisted .
@@ -33,14 +32,20 @@ RUN npm install --no-save --no-audit --no-fund "@foundry-rs/anvil-linux-${TARGET
 
 # The test suite against the compose MariaDB and Redis (docker-compose.yml).
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS test
-# redis-server: the private Redis some live tests kill and restart. Debian's current package is
-# wanted (security updates), hence no version pin (.hadolint.yaml, DL3008).
+# What the tests run besides Python: redis-server (the private Redis some live tests kill and
+# restart), nc (the seed-style client), openssl, sslscan and testssl (the link's TLS policy).
+# Chromium is not here: the `browser` tests stay with the host's CI (ETH_TEST_MARKERS).
+# Debian's current packages are wanted (security updates), hence no version pin
+# (.hadolint.yaml, DL3008).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends redis-server \
+    && apt-get install -y --no-install-recommends redis-server netcat-openbsd openssl sslscan testssl.sh \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src /src
 COPY --from=anvil /anvil/anvil /usr/local/bin/anvil
-RUN PIP_NO_CACHE_DIR=1 /src/scripts/install-app --extras test /opt/eth-twisted/venv /src \
+# dev: ruff and mypy, which tests/test_lint.py runs.
+# /src/.venv: the checkout's usual venv path (scripts/setup) names this venv too.
+RUN PIP_NO_CACHE_DIR=1 /src/scripts/install-app --extras test,dev /opt/eth-twisted/venv /src \
+    && ln -s /opt/eth-twisted/venv /src/.venv \
     && useradd --system --uid 10001 --user-group --home-dir /src --no-create-home eth \
     && chown -R eth:eth /src
 ENV PATH=/opt/eth-twisted/venv/bin:$PATH \
@@ -48,7 +53,7 @@ ENV PATH=/opt/eth-twisted/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 USER 10001:10001
-CMD ["python", "-m", "pytest", "-p", "no:cacheprovider", "-m", "not browser and not fault"]
+CMD ["python", "-m", "pytest", "-p", "no:cacheprovider", "-m", "not browser and not fault and not container"]
 
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
