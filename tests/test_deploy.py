@@ -312,6 +312,20 @@ def test_hadolint_finds_nothing(dockerfile: Path) -> None:
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_dockerfile_builds_offline_with_buildkit(dockerfile: Path) -> None:
+    """No ``# syntax=`` directive: BuildKit would pull that frontend image before building.
+
+    Offline or air-gapped, that pull fails at once; the built-in frontend needs nothing.
+    """
+    directives = []
+    for line in dockerfile.read_text().splitlines():
+        if not line.startswith("#"):
+            break  # parser directives exist only above the first instruction or blank line
+        directives.append(line)
+    assert not [d for d in directives if re.match(r"#\s*syntax\s*=", d, re.I)], directives
+
+
 def test_every_hadolint_exception_is_explained() -> None:
     """Each rule ignored in .hadolint.yaml or inline has a comment right above it saying why."""
     config = (ROOT / ".hadolint.yaml").read_text().splitlines()
