@@ -40,7 +40,11 @@ class BatchSettings:
 
     batch_size: int = setting(1000, "Most messages per sink batch", int_in(1, 100_000))
     batch_delay: float = setting(
-        0.002, "Seconds to collect a batch before storing it", non_negative_float
+        0.002,
+        "Most seconds a batch collects while every --concurrent-batches slot is busy; then it is "
+        "stored anyway (at most as many batches again). A record with a free slot stores a "
+        "message at once, without waiting (until issue 19 every batch waited this long)",
+        non_negative_float,
     )
     concurrent_batches: int = setting(
         2,
@@ -139,8 +143,16 @@ class SinkHealth:
 class Router:
     """Batches messages to ``record`` and then ``mirrors``; answers each message once.
 
-    Submitted messages are collected for a few milliseconds (or until a batch is full);
-    each batch is stored in the record sink (SQL or memory), then handed with the
+    Latency first (group commit as MariaDB and PostgreSQL do it): a message that
+    finds a free slot (fewer than ``concurrent_batches`` batches taken and not yet
+    answered) is stored at once, with whatever else is queued, and no timer. While
+    every slot is busy messages collect, and the batch goes when a slot frees, when it
+    is full (``batch_size`` messages or ``batch_bytes``) or when its first message has
+    waited ``batch_delay``; the last two may take up to ``concurrent_batches`` places
+    beyond the slots, never more, so a stalled record still fills the queue and its
+    bounds answer ``busy``. With ``pipeline`` there are no places beyond the slot.
+
+    Each batch is stored in the record sink (SQL or memory), then handed with the
     record's verdicts to every mirror (Redis), and each message is answered once:
     ``OK``/``DUP`` when every sink has it, or the retryable code of the sink that failed.
     Answers never come before the commit. There is one callable per message, not a
@@ -197,8 +209,14 @@ class Router:
         self._queued_bytes = 0
         """Payload bytes of those messages: with ``max_pending`` the queue's bound (bytes and items)."""
         self._timer: Any = None
+        """The ``batch_delay`` call that stores a collecting batch when no slot frees in time."""
         self._in_flight = 0
-        """Batches taken and not yet answered (at most ``concurrency``)."""
+        """Batches taken and not yet answered (at most ``_most_batches``)."""
+        self._most_batches = (
+            self.concurrent_batches if self.pipeline else 2 * self.concurrent_batches
+        )
+        """Batches in flight at most: the slots, and as many again for full or overdue batches."""
+        self._flushing = False
         self._finish_tail: defer.Deferred[None] | None = None
         """Fires when the newest taken batch has been answered: the next one's mirrors wait for it."""
         self._stored: deque[tuple[list[tuple[Message, Reply]], list[Message], Any]] = deque()
@@ -243,11 +261,17 @@ class Router:
         self._queue.append(entry)
         queued = self._queued = queued + 1
         self._queued_bytes += nbytes
-        if self._in_flight < self.concurrent_batches:
-            if queued >= self.settings.batch_size:
-                self._flush()
+        in_flight = self._in_flight
+        if in_flight < self.concurrent_batches:
+            self._flush()  # a free slot: at once
+        elif in_flight < self._most_batches:
+            if (
+                queued >= self.settings.batch_size
+                or self._queued_bytes >= self.settings.batch_bytes
+            ):
+                self._flush()  # a full batch waits for no slot
             elif self._timer is None:
-                self._timer = self.clock.callLater(self.settings.batch_delay, self._flush)
+                self._timer = self.clock.callLater(self.settings.batch_delay, self._overdue)
         return entry
 
     def _withdrawn(self, entry: _Queued) -> None:
@@ -286,34 +310,60 @@ class Router:
     def _idle(self) -> bool:
         return not self._in_flight and not self._queued and not self._stored and not self._mirroring
 
-    def _flush(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+    def _full(self) -> bool:
+        return (
+            self._queued >= self.settings.batch_size
+            or self._queued_bytes >= self.settings.batch_bytes
+        )
+
+    def _overdue(self) -> None:
+        """The collecting batch has waited ``batch_delay``: store it even if no slot is free."""
         self._timer = None
-        if self._in_flight >= self.concurrent_batches or self._stored:
-            return  # the record is busy, or a stored batch still waits for the mirrors
+        self._flush(overdue=True)
+
+    def _flush(self, overdue: bool = False) -> None:
+        """Take batches while a slot is free; beyond the slots, a full or overdue batch.
+
+        Never re-entrant: a batch a synchronous sink finishes inside the loop
+        only frees its slot, and the loop goes on.
+        """
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            slots, most = self.concurrent_batches, self._most_batches
+            while self._queued and self._in_flight < most and not self._stored:
+                # not self._stored: a stored batch still waits for the mirrors (pipeline)
+                if self._in_flight >= slots and not overdue and not self._full():
+                    break
+                overdue = False
+                if self._timer is not None:
+                    if self._timer.active():
+                        self._timer.cancel()
+                    self._timer = None
+                if not self._start_batch():
+                    break
+        finally:
+            self._flushing = False
+        if self._queued:
+            if self._timer is None and self._in_flight < self._most_batches and not self._stored:
+                self._timer = self.clock.callLater(self.settings.batch_delay, self._overdue)
+        elif self._idle():
+            self._notify_drained()
+
+    def _start_batch(self) -> bool:
+        """Take one batch from the queue into the record; False when only withdrawn entries were left."""
         batch = self._take_batch()
         if not batch:
-            if self._idle():
-                self._notify_drained()
-            return
+            return False
         self._in_flight += 1
         previous, self._finish_tail = self._finish_tail, defer.Deferred()
         self._store(batch, previous, self._finish_tail).addBoth(self._batch_done)
-        if (
-            self._queued
-            and self._in_flight < self.concurrent_batches
-            and self._queued >= self.settings.batch_size
-        ):
-            self._flush()
+        return True
 
     def _batch_done(self, _: object) -> None:
         self._in_flight -= 1
-        if self._queued:
-            # Whatever arrived while the batch was being stored goes next, at once.
-            self._flush()
-        elif self._idle():
-            self._notify_drained()
+        self._flush()  # whatever arrived while the batch was being stored goes next, at once
 
     def _pump_mirrors(self) -> None:
         """Overlap mode: hand the oldest stored batch to the mirrors when they are free."""
@@ -328,10 +378,7 @@ class Router:
     def _mirrors_done(self, _: object) -> None:
         self._mirroring = False
         self._pump_mirrors()
-        if self._queued and self._in_flight < self.concurrent_batches:
-            self._flush()
-        elif self._idle():
-            self._notify_drained()
+        self._flush()
 
     @defer.inlineCallbacks
     def _store(
@@ -431,8 +478,7 @@ class Router:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._drained.append(d)
-        if self._in_flight < self.concurrent_batches:
-            self._flush()
+        self._flush()
         return d
 
     def _notify_drained(self) -> None:

@@ -55,11 +55,30 @@ class RecordingMirror(AlwaysUp):
         return defer.succeed(list(verdicts or []))
 
 
+class HeldMemory(MemorySink):
+    """A memory record whose batches are answered only when the test releases them, oldest first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[defer.Deferred[None]] = []
+
+    def store_batch(
+        self, messages: Sequence[Message], verdicts: Sequence[Outcome] | None = None
+    ) -> defer.Deferred[list[Outcome]]:
+        stored = super().store_batch(messages, verdicts)
+        gate: defer.Deferred[None] = defer.Deferred()
+        self.gates.append(gate)
+        return gate.addCallback(lambda _: stored)  # type: ignore[return-value]
+
+    def release(self) -> None:
+        self.gates.pop(0).callback(None)
+
+
 def setup(
-    mirrors: Sequence[ISink] = (), **kw: object
+    mirrors: Sequence[ISink] = (), record: MemorySink | None = None, **kw: object
 ) -> tuple[Router, MemorySink, Clock, dict[bytes, list[str]]]:
     clock = Clock()
-    record = MemorySink()
+    record = record if record is not None else MemorySink()
     kw.setdefault("concurrent_batches", 1)  # one batch at a time unless a test asks for more
     router = Router(
         record, mirrors, clock=clock, metrics=ServerMetrics(), settings=BatchSettings(**kw)
@@ -68,45 +87,130 @@ def setup(
     return router, record, clock, answers
 
 
+def short_timers(clock: Clock) -> list[object]:
+    """The delayed calls due within 10 s: a batch_delay timer, not a 30 s batch_timeout."""
+    return [c for c in clock.getDelayedCalls() if c.getTime() - clock.seconds() < 10.0]
+
+
 def submit(router: Router, answers: dict[bytes, list[str]], m: Message) -> None:
     router.submit(m, lambda code: answers.setdefault(m.payload, []).append(code))
 
 
-def test_batches_after_the_delay_and_answers_once() -> None:
-    """Messages submitted together are stored in one batch after max_delay and answered once each."""
-    router, record, clock, answers = setup(batch_delay=0.005)
-    for p in (b"a", b"b", b"a"):
+# -- the policy: at once with a free slot, collected while every slot is busy --------------
+
+
+def test_an_idle_record_stores_a_lone_message_at_once() -> None:
+    """With a free slot a message is stored and answered inside submit: no batch_delay, no timer."""
+    router, record, clock, answers = setup(batch_delay=0.002, concurrent_batches=2)
+    submit(router, answers, msg(b"a"))
+    assert record.batches == [1]
+    assert answers == {b"a": ["OK"]}
+    assert clock.getDelayedCalls() == []
+
+
+def test_messages_collected_while_every_slot_is_busy_go_when_a_slot_frees() -> None:
+    """Two slots busy: later messages collect into one batch, stored the moment a slot frees.
+
+    No timer stores it: the clock never moves. A hash twice in that batch is OK once, then DUP.
+    """
+    held = HeldMemory()
+    router, record, clock, answers = setup(record=held, batch_delay=1.0, concurrent_batches=2)
+    submit(router, answers, msg(b"a"))
+    submit(router, answers, msg(b"b"))
+    assert held.batches == [1, 1]  # each at once, a slot each
+    for p in (b"c", b"d", b"c"):
         submit(router, answers, msg(p))
-    assert answers == {}
-    clock.advance(0.005)
-    assert record.batches == [3]
-    assert answers == {b"a": ["OK", "DUP"], b"b": ["OK"]}
+    assert held.batches == [1, 1] and router.pending == 3
+    held.release()
+    assert answers == {b"a": ["OK"]}
+    assert held.batches == [1, 1, 3]  # the freed slot took the collected batch
+    held.release()
+    held.release()
+    assert answers == {b"a": ["OK"], b"b": ["OK"], b"c": ["OK", "DUP"], b"d": ["OK"]}
+    assert router.drain().called
 
 
-def test_full_batch_flushes_without_waiting() -> None:
-    """A batch that reaches max_batch is stored at once, the rest waits for the next batch."""
-    router, record, clock, answers = setup(batch_size=2, batch_delay=1.0)
+def test_a_full_batch_is_stored_without_waiting_for_a_slot() -> None:
+    """batch_size messages collected while the slot is busy are stored at once, beyond the slot.
+
+    Only as many batches again as there are slots: past that the queue waits for a slot, with no timer.
+    """
+    held = HeldMemory()
+    router, record, clock, answers = setup(record=held, batch_size=3, batch_delay=1.0)
+    submit(router, answers, msg(b"x"))
     for p in (b"1", b"2", b"3"):
         submit(router, answers, msg(p))
-    assert record.batches == [2]
-    assert set(answers) == {b"1", b"2"}
-    clock.advance(1.0)
-    assert record.batches == [2, 1]
-    assert set(answers) == {b"1", b"2", b"3"}
+    assert held.batches == [1, 3]
+    submit(router, answers, msg(b"4"))
+    assert held.batches == [1, 3] and short_timers(clock) == []
+    held.release()
+    assert held.batches == [1, 3] and answers == {b"x": ["OK"]}  # the slot is the full batch's
+    assert len(short_timers(clock)) == 1  # 4 collects behind it, for at most batch_delay
+    held.release()
+    assert held.batches == [1, 3, 1]
+    held.release()
+    assert set(answers) == {b"x", b"1", b"2", b"3", b"4"}
 
 
-def test_one_batch_in_flight_at_a_time() -> None:
-    """While a batch is being stored, new messages queue and go in the next batch together."""
-    mirror = RecordingMirror()
-    mirror.hang = True
-    router, record, clock, answers = setup([mirror], batch_delay=0.001)
+def test_a_batch_of_batch_bytes_is_stored_without_waiting_for_a_slot() -> None:
+    """Collected payload bytes reaching batch_bytes store the batch at once, whatever the count."""
+    held = HeldMemory()
+    router, record, clock, answers = setup(record=held, batch_bytes=1000, batch_delay=1.0)
     submit(router, answers, msg(b"x"))
+    submit(router, answers, msg(b"a" * 500))
+    assert held.batches == [1]
+    submit(router, answers, msg(b"b" * 500))
+    assert held.batches == [1, 2]
+
+
+def test_batch_delay_bounds_the_wait_while_the_slots_stay_busy() -> None:
+    """A batch collecting behind a busy slot is stored after batch_delay, not later."""
+    held = HeldMemory()
+    router, record, clock, answers = setup(record=held, batch_delay=0.005)
+    submit(router, answers, msg(b"x"))
+    submit(router, answers, msg(b"y"))
+    clock.advance(0.004)
+    assert held.batches == [1]
     clock.advance(0.001)
-    for p in (b"y", b"z"):
-        submit(router, answers, msg(p))
-    clock.advance(1)
-    assert record.batches == [1]
-    assert answers == {}
+    assert held.batches == [1, 1]
+    submit(router, answers, msg(b"z"))  # the slot and the place beyond it are taken: z waits
+    assert short_timers(clock) == []
+    clock.advance(1.0)
+    assert held.batches == [1, 1]
+    held.release()
+    assert answers == {b"x": ["OK"]}
+    held.release()
+    assert held.batches == [1, 1, 1]  # a slot freed: z at once
+    held.release()
+    assert answers == {b"x": ["OK"], b"y": ["OK"], b"z": ["OK"]}
+
+
+def test_answers_keep_the_order_batches_were_taken_whatever_order_they_commit() -> None:
+    """Batches taken at once, full and overdue are answered in the order they were taken.
+
+    The record commits them newest first; mirrors and answers still go oldest first.
+    """
+    router, record, mirror, clock, order = concurrent_setup(2)
+    for p in (b"a1", b"a2", b"b1", b"b2", b"c1"):
+        router.submit(msg(p), lambda code, p=p: order.append(p))
+    assert [batch for batch, _ in record.pending] == [[b"a1"], [b"a2"], [b"b1", b"b2"]]
+    clock.advance(0.002)  # c1 was collecting: overdue
+    assert [batch for batch, _ in record.pending][3:] == [[b"c1"]]
+    for index in (3, 2, 1):
+        record.finish(index)
+    assert order == [] and mirror.calls == []
+    record.finish(0)
+    assert order == [b"a1", b"a2", b"b1", b"b2", b"c1"]
+    assert [calls for calls, _ in mirror.calls] == [
+        [msg(b"a1").hash],
+        [msg(b"a2").hash],
+        [msg(b"b1").hash, msg(b"b2").hash],
+        [msg(b"c1").hash],
+    ]
+    assert router.drain().called
+
+
+# -- answers, failures, bounds ---------------------------------------------------------------
 
 
 def test_record_failure_answers_its_code_and_recovers() -> None:
@@ -124,15 +228,34 @@ def test_record_failure_answers_its_code_and_recovers() -> None:
     assert router.health["memory"].up
 
 
+def test_a_hung_batch_holds_its_slot_and_one_place_beyond() -> None:
+    """While a batch hangs in the mirror, one overdue batch goes beyond the slot; the rest queues."""
+    mirror = RecordingMirror()
+    mirror.hang = True
+    router, record, clock, answers = setup([mirror], batch_delay=0.001)
+    submit(router, answers, msg(b"x"))
+    for p in (b"y", b"z"):
+        submit(router, answers, msg(p))
+    clock.advance(0.001)
+    assert record.batches == [1, 2]
+    submit(router, answers, msg(b"w"))
+    clock.advance(10)
+    assert record.batches == [1, 2] and router.pending == 1
+    assert answers == {}
+
+
 def test_mirror_gets_the_record_verdicts() -> None:
     """The mirror is called after the record with the record's verdicts for the same messages."""
     mirror = RecordingMirror()
-    router, record, clock, answers = setup([mirror], batch_delay=0.001)
+    held = HeldMemory()
+    router, record, clock, answers = setup([mirror], record=held, batch_delay=1.0)
+    submit(router, answers, msg(b"x"))
     submit(router, answers, msg(b"a"))
     submit(router, answers, msg(b"a", ip="10.0.0.2"))
-    clock.advance(0.001)
-    assert mirror.calls[0][1] == [Outcome.STORED, Outcome.DUPLICATE]
-    assert answers == {b"a": ["OK", "DUP"]}
+    held.release()
+    held.release()
+    assert mirror.calls[1][1] == [Outcome.STORED, Outcome.DUPLICATE]
+    assert answers == {b"x": ["OK"], b"a": ["OK", "DUP"]}
 
 
 def test_mirror_failure_is_not_acknowledged() -> None:
@@ -171,29 +294,38 @@ def test_queue_bound_answers_busy() -> None:
     mirror = RecordingMirror()
     mirror.hang = True
     router, record, clock, answers = setup([mirror], batch_delay=0.001, max_pending=2, batch_size=1)
-    for p in (b"1", b"2", b"3", b"4"):
+    for p in (b"1", b"2", b"3", b"4", b"5"):
         submit(router, answers, msg(p))
-    assert answers == {b"4": ["busy"]}
+    assert record.batches == [1, 1]  # the slot and the place beyond it; 3 and 4 queue
+    assert answers == {b"5": ["busy"]}
 
 
 def test_observers_see_final_codes() -> None:
     """Batch observers get each message with its final code."""
-    router, record, clock, answers = setup(batch_delay=0.001)
+    held = HeldMemory()
+    router, record, clock, answers = setup(record=held, batch_delay=1.0)
     seen: list[tuple[list[bytes], list[str]]] = []
     router.observers.append(lambda ms, cs: seen.append(([m.payload for m in ms], list(cs))))
+    submit(router, answers, msg(b"x"))
     submit(router, answers, msg(b"a"))
     submit(router, answers, msg(b"a"))
-    clock.advance(0.001)
-    assert seen == [([b"a", b"a"], ["OK", "DUP"])]
+    held.release()
+    held.release()
+    assert seen == [([b"x"], ["OK"]), ([b"a", b"a"], ["OK", "DUP"])]
 
 
 def test_drain_waits_for_queued_messages() -> None:
     """drain() fires once every queued message has been stored and answered."""
-    router, record, clock, answers = setup(batch_delay=1.0)
+    held = HeldMemory()
+    router, record, clock, answers = setup(record=held, batch_delay=1.0)
     submit(router, answers, msg(b"a"))
+    submit(router, answers, msg(b"b"))
     drained = router.drain()
+    held.release()
+    assert not drained.called
+    held.release()
     assert drained.called
-    assert answers == {b"a": ["OK"]}
+    assert answers == {b"a": ["OK"], b"b": ["OK"]}
 
 
 @implementer(ISink)
@@ -233,45 +365,21 @@ def concurrent_setup(
     return router, record, mirror, clock, order
 
 
-def test_concurrent_batches_are_in_the_record_together_and_answered_in_order() -> None:
-    """With concurrency 2 a second batch enters the record before the first commits.
-
-    A later batch that commits first still waits: mirrors and answers go in the order the batches
-    were taken.
-    """
-    router, record, mirror, clock, order = concurrent_setup(2)
-    for p in (b"a1", b"a2", b"b1", b"b2", b"c1"):
-        router.submit(msg(p), lambda code, p=p: order.append(p))
-    assert [batch for batch, _ in record.pending] == [
-        [b"a1", b"a2"],
-        [b"b1", b"b2"],
-    ]  # both full: at once
-    clock.advance(0.002)
-    assert len(record.pending) == 2  # c1 waits: two batches are in the record already
-    record.finish(1)  # the later batch commits first
-    assert order == [] and mirror.calls == []
-    record.finish(0)
-    assert order == [b"a1", b"a2", b"b1", b"b2"]
-    assert [calls for calls, _ in mirror.calls] == [
-        [msg(b"a1").hash, msg(b"a2").hash],
-        [msg(b"b1").hash, msg(b"b2").hash],
-    ]
-    assert [batch for batch, _ in record.pending][2:] == [[b"c1"]]  # room again: c1 goes in
-    record.finish(2)
-    assert order[-1] == b"c1"
-    assert router.drain().called
-
-
-def test_concurrency_one_keeps_one_batch_in_the_record() -> None:
-    """The default: the next batch is taken only after the previous one was answered."""
+def test_concurrency_one_has_one_slot_and_one_place_beyond() -> None:
+    """With one slot a full batch may go beside the slot's batch; a third waits for an answer."""
     router, record, _, clock, order = concurrent_setup(1)
     for p in (b"a1", b"a2", b"b1", b"b2"):
         router.submit(msg(p), lambda code, p=p: order.append(p))
     clock.advance(0.01)
-    assert [batch for batch, _ in record.pending] == [[b"a1", b"a2"]]
+    assert [batch for batch, _ in record.pending] == [[b"a1"], [b"a2", b"b1"]]
     record.finish(0)
-    assert order == [b"a1", b"a2"]
-    assert [batch for batch, _ in record.pending] == [[b"a1", b"a2"], [b"b1", b"b2"]]
+    assert order == [b"a1"]
+    assert len(record.pending) == 2  # b2: the slot is the full batch's
+    clock.advance(0.002)
+    assert [batch for batch, _ in record.pending][2:] == [[b"b2"]]  # overdue: the place beyond
+    record.finish(1)
+    record.finish(2)
+    assert order == [b"a1", b"a2", b"b1", b"b2"]
 
 
 def test_a_failed_batch_does_not_block_the_next_in_concurrent_mode() -> None:
@@ -280,10 +388,12 @@ def test_a_failed_batch_does_not_block_the_next_in_concurrent_mode() -> None:
     codes: dict[bytes, str] = {}
     for p in (b"a1", b"a2", b"b1", b"b2"):
         router.submit(msg(p), lambda code, p=p: (order.append(p), codes.__setitem__(p, code)))
+    assert [batch for batch, _ in record.pending] == [[b"a1"], [b"a2"], [b"b1", b"b2"]]
     record.finish(1)
+    record.finish(2)
     record.pending[0][1].errback(SinkUnavailable("manual", "down"))
     assert order == [b"a1", b"a2", b"b1", b"b2"]
-    assert codes == {b"a1": "unavailable", b"a2": "unavailable", b"b1": "OK", b"b2": "OK"}
+    assert codes == {b"a1": "unavailable", b"a2": "OK", b"b1": "OK", b"b2": "OK"}
 
 
 def test_each_batch_is_answered_inside_one_answering_scope() -> None:
@@ -291,7 +401,8 @@ def test_each_batch_is_answered_inside_one_answering_scope() -> None:
 
     The receiver holds its writes in it; the router enters it around nothing else.
     """
-    router, _, clock, _ = setup(batch_size=2)
+    held = HeldMemory()
+    router, _, clock, _ = setup(record=held, batch_size=2, batch_delay=1.0)
     events: list[str] = []
 
     class Scope:
@@ -304,8 +415,9 @@ def test_each_batch_is_answered_inside_one_answering_scope() -> None:
     router.answering = Scope
     for p in (b"a", b"b", b"c"):
         router.submit(msg(p), lambda code, p=p: events.append(f"{p.decode()}:{code}"))
-    clock.advance(0.01)
-    assert events == ["enter", "a:OK", "b:OK", "exit", "enter", "c:OK", "exit"]
+    held.release()
+    held.release()
+    assert events == ["enter", "a:OK", "exit", "enter", "b:OK", "c:OK", "exit"]
 
 
 def test_queue_byte_budget_answers_busy() -> None:
@@ -315,18 +427,20 @@ def test_queue_byte_budget_answers_busy() -> None:
     router, record, clock, answers = setup(
         [mirror], batch_delay=0.001, batch_size=1, pending_budget=1000
     )
-    submit(router, answers, msg(b"first"))
-    clock.advance(0.001)  # taken into the (hanging) batch
-    for i in range(3):
+    submit(router, answers, msg(b"first"))  # taken into the (hanging) batch at once
+    for i in range(4):
         submit(router, answers, msg(b"%d" % i + b"x" * 399))
+    assert record.batches == [1, 1]  # 0 went beyond the slot (a full batch); 1 and 2 queue
     assert router.pending == 2 and router.pending_bytes == 800
-    assert [k[:1] for k, v in answers.items() if v == ["busy"]] == [b"2"]
+    assert [k[:1] for k, v in answers.items() if v == ["busy"]] == [b"3"]
     assert router.metrics.registry.get_sample_value("eth_server_pending_bytes") == 800
 
 
 def test_withdrawn_messages_leave_the_queue_and_free_their_bytes() -> None:
     """A cancelled ticket drops its message before a batch takes it; a taken one cannot be withdrawn."""
-    router, record, clock, answers = setup(batch_delay=0.001)
+    held = HeldMemory()
+    router, record, clock, answers = setup(record=held, batch_delay=1.0)
+    submit(router, answers, msg(b"x"))  # the slot is busy: a and b wait
     ticket_a = router.submit(
         msg(b"a" * 100), lambda code: answers.setdefault(b"a", []).append(code)
     )
@@ -335,8 +449,9 @@ def test_withdrawn_messages_leave_the_queue_and_free_their_bytes() -> None:
     ticket_a.cancel()
     ticket_a.cancel()  # twice is harmless
     assert router.pending == 1 and router.pending_bytes == 1
-    clock.advance(0.001)
-    assert [r.payload for r in record.order] == [b"b"]
+    held.release()
+    held.release()
+    assert [r.payload for r in record.order] == [b"x", b"b"]
     assert b"a" not in answers and answers[b"b"] == ["OK"]
     assert router.metrics.withdrawn._value.get() == 1
 
@@ -434,15 +549,16 @@ def test_overlap_keeps_verdicts_failures_and_drain() -> None:
     """Mirrors get the record's verdicts, a failing record answers its code, drain waits for both stages."""
     mirror = GatedMirror()
     router, record, clock, answers = setup([mirror], batch_delay=0.001, pipeline=True)
-    submit(router, answers, msg(b"a"))
-    submit(router, answers, msg(b"a", ip="10.0.0.2"))
-    clock.advance(0.001)
+    submit(router, answers, msg(b"a"))  # stored at once, to the mirror
+    submit(router, answers, msg(b"a", ip="10.0.0.2"))  # stored at once, waits for the mirror
     record.fail_with = SinkUnavailable("memory", "down")
-    submit(router, answers, msg(b"b"))
+    submit(router, answers, msg(b"b"))  # waits: a stored batch already waits for the mirror
     drained = router.drain()
     assert not drained.called
-    assert mirror.calls[0][1] == [Outcome.STORED, Outcome.DUPLICATE]
+    mirror.release()
+    assert answers == {b"a": ["OK"]}  # b's verdict waits its turn behind the stored batch
     mirror.release()
     assert drained.called
+    assert [verdicts for _, verdicts in mirror.calls] == [[Outcome.STORED], [Outcome.DUPLICATE]]
     assert answers == {b"a": ["OK", "DUP"], b"b": ["unavailable"]}
-    assert len(mirror.calls) == 1  # a batch the record refused never reaches the mirror
+    # a batch the record refused never reaches the mirror
