@@ -56,6 +56,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SINK_SETS = ("sqlite", "mysql", "redis+sqlite", "mysql+redis")
 
 
+RAW_INSERT_SQL = (
+    "INSERT INTO ethereum_data (hash, payload, block_number, client_ip, client_id, received_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE hash = hash"
+)
+"""The raw limits' INSERT: the sink's columns that a block row fills, PyMySQL's own escaping
+(``executemany`` makes one multi-row statement of it); the sink builds literals instead."""
+
+
 # -- /proc ---------------------------------------------------------------------------
 
 
@@ -550,7 +558,6 @@ def raw_mysql(rows_total: int, batch: int = 1000) -> dict[str, Any]:
     from eth_twisted.link.payload import render_html
     from eth_twisted.model import sha256_hex
     from eth_twisted.sinks.sql.migrations import to_utc_datetime
-    from eth_twisted.sinks.sql.mysql import MySQLSink
 
     with bench_database() as database:
         migrate(database)
@@ -565,7 +572,7 @@ def raw_mysql(rows_total: int, batch: int = 1000) -> dict[str, Any]:
         t0 = time.perf_counter()
         with conn.cursor() as c:
             for i in range(0, rows_total, batch):
-                c.executemany(MySQLSink.insert_sql, rows[i : i + batch])
+                c.executemany(RAW_INSERT_SQL, rows[i : i + batch])
                 conn.commit()
         elapsed = time.perf_counter() - t0
         client_cpu, db_cpu = time.process_time() - cpu0, cpu_of(mariadbd) - db0
@@ -590,7 +597,6 @@ def raw_mysql_per_row(rows_total: int) -> dict[str, Any]:
     from eth_twisted.link.payload import render_html
     from eth_twisted.model import sha256_hex
     from eth_twisted.sinks.sql.migrations import to_utc_datetime
-    from eth_twisted.sinks.sql.mysql import MySQLSink
 
     with bench_database() as database:
         migrate(database)
@@ -602,7 +608,7 @@ def raw_mysql_per_row(rows_total: int) -> dict[str, Any]:
                 p = render_html(60_000_000 + n)
                 t = time.perf_counter()
                 c.execute(
-                    MySQLSink.insert_sql,
+                    RAW_INSERT_SQL,
                     (sha256_hex(p), p, n, "127.0.0.1", None, to_utc_datetime(time.time())),
                 )
                 conn.commit()
@@ -680,11 +686,16 @@ def server_metrics(port: int) -> dict[str, float]:
     return samples
 
 
+def paced_messages(opts: argparse.Namespace, rate: float) -> int:
+    """Messages of one paced run at ``rate``: ``paced_seconds`` of it, and never fewer than 1,000."""
+    return max(1000, int(rate * opts.paced_seconds))
+
+
 def paced_once(
-    opts: argparse.Namespace, code: Path, block0: int, profile: Path | None = None
+    opts: argparse.Namespace, code: Path, rate: float, block0: int, profile: Path | None = None
 ) -> dict[str, Any]:
-    """One paced run against a fresh MySQL+Redis server, with its own stage breakdown."""
-    n = int(opts.paced_rate * opts.paced_seconds)
+    """One paced run at ``rate`` against a fresh MySQL+Redis server, with its own stage breakdown."""
+    n = paced_messages(opts, rate)
     with (
         tempfile.TemporaryDirectory(prefix="ethbench-") as tmp,
         bench_database() as database,
@@ -703,7 +714,7 @@ def paced_once(
                 clients=opts.clients,
                 messages=n,
                 start_block=block0,
-                extra=["--rate", str(opts.paced_rate)],
+                extra=["--rate", str(rate)],
             )
             result["cpu"] = cpu_split(pids, before, n, result["elapsed"])
             m = server_metrics(stats_port)
@@ -721,14 +732,14 @@ def paced_once(
             n / stages["mysql"]["batches"] if stages["mysql"]["batches"] else float("nan")
         )
         result["rows"] = count_rows(database, None)
-        result["offered"] = opts.paced_rate
+        result["offered"] = rate
         result["verified"] = result["rows"] == n and result["counts"].get("OK") == n
         return result
 
 
-def paced_floor(opts: argparse.Namespace, delay: float, block0: int) -> dict[str, Any]:
+def paced_floor(opts: argparse.Namespace, rate: float, delay: float, block0: int) -> dict[str, Any]:
     """The same paced load against ``bench/echo_server.py``: what the machine adds with no sink at all."""
-    n = int(opts.paced_rate * opts.paced_seconds)
+    n = paced_messages(opts, rate)
     with tempfile.TemporaryDirectory(prefix="ethbench-") as tmp:
         port = free_port()
         log = Path(tmp) / "echo.log"
@@ -743,33 +754,34 @@ def paced_floor(opts: argparse.Namespace, delay: float, block0: int) -> dict[str
                 clients=opts.clients,
                 messages=n,
                 start_block=block0,
-                extra=["--rate", str(opts.paced_rate)],
+                extra=["--rate", str(rate)],
             )
     result["delay_ms"] = delay * 1000
+    result["offered"] = rate
     result["verified"] = result["counts"].get("OK") == n
     return result
 
 
 def paced_latency(
-    opts: argparse.Namespace, code: Path, block0: int, profile: Path | None = None
+    opts: argparse.Namespace, code: Path, rate: float, block0: int, profile: Path | None = None
 ) -> dict[str, Any]:
-    """Ack latency at ``opts.paced_rate`` msgs/s offered (MySQL+Redis, K clients), ``opts.repeat`` runs.
+    """Ack latency at ``rate`` msgs/s offered (MySQL+Redis, K clients), ``opts.repeat`` runs.
 
     The run with the median p99 is reported, the range of all runs beside it, and
     the floor: the same load against a server that stores nothing, answering at
-    once and after a fixed 2 ms timer.
+    once (and, with ``--echo-delay``, after a fixed timer too).
     """
-    n = int(opts.paced_rate * opts.paced_seconds)
+    n = paced_messages(opts, rate)
     runs = []
     for i in range(opts.repeat):
-        runs.append(paced_once(opts, code, block0 + i * n, profile if i == 0 else None))
+        runs.append(paced_once(opts, code, rate, block0 + i * n, profile if i == 0 else None))
     runs.sort(key=lambda r: r["p99_ms"])
     result = runs[
         len(runs) // 2
     ]  # the median; of an even count, the middle run with the higher p99
     result["runs"] = [(r["p50_ms"], r["p99_ms"]) for r in runs]
     result["verified"] = all(r["verified"] for r in runs)
-    result["floor"] = [paced_floor(opts, delay, block0) for delay in (0.0, 0.002)]
+    result["floor"] = [paced_floor(opts, rate, delay, block0) for delay in opts.echo_delays]
     return result
 
 
@@ -1004,41 +1016,70 @@ def report(res: dict[str, Any]) -> str:
         lines += ["", "## Ratios", ""]
         for k, v in ratios.items():
             lines.append(f"- {k}: **{v:.2f}**")
-    if "paced" in res:
-        r = res["paced"]
-        st = r.get("stages", {})
+    paced = res.get("paced_rates") or ([res["paced"]] if "paced" in res else [])
+    if paced:
+        commit = lim.get("raw_mysql_per_row")
+        clients = paced[0]["clients"]
         lines += [
             "",
-            f"## Latency at {r['offered']:,.0f} msgs/s offered (MySQL+Redis, {r['clients']} clients)",
+            f"## Paced latency (MySQL+Redis, {clients} clients) beside the floors",
             "",
-            f"p50 **{r['p50_ms']:.2f} ms**, p99 **{r['p99_ms']:.2f} ms**, max {r['max_ms']:.1f} ms over "
-            f"{r['answered']:,} messages (the run with the median p99 of {len(r.get('runs', [1]))}; "
-            "p50/p99 of every run: "
-            + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in r.get("runs", []))
-            + "); "
-            f"server CPU {r['cpu']['server']['cores']:.2f} of a core "
-            f"({r['cpu']['server'].get('system_seconds', 0) / max(1e-9, r['cpu']['server']['seconds']):.0%} "
-            "in the kernel); "
-            f"verified: {'yes' if r['verified'] else 'NO'}",
+            "Each rate: the run with the median p99 of its runs (every run's p50/p99 beside); the "
+            "floors measured in this run: the same load against `bench/echo_server.py` (stores "
+            "nothing, answers at once) and one raw INSERT+COMMIT (no acknowledgement after a "
+            "commit can beat it).",
+            "",
+            "| offered msgs/s | p50 ms | p99 ms | max ms | p50 / commit p50 | p99 / commit p99 "
+            "| echo p50 / p99 / max ms | msgs a batch | MySQL / Redis ms a batch | server cores "
+            "| runs p50/p99 | verified |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        if st:
-            lines += [
-                "",
-                f"Inside the server: {r['batch_mean']:.1f} messages a batch; a MySQL transaction "
-                f"took {st['mysql']['mean_ms']:.2f} ms on average "
-                f"(busy {st['mysql']['busy']:.0%} of the time), "
-                f"the Redis script {st['redis']['mean_ms']:.2f} ms (busy {st['redis']['busy']:.0%}).",
-            ]
-        for f in r.get("floor", []):
-            what = (
-                "acknowledging at once"
-                if not f["delay_ms"]
-                else f"acknowledging after a {f['delay_ms']:.0f} ms timer"
-            )
+        for r in paced:
+            st = r.get("stages", {})
+            echo = next((f for f in r.get("floor", []) if not f["delay_ms"]), None)
+            ratio50 = f"{r['p50_vs_commit']:.2f}x" if "p50_vs_commit" in r else "-"
+            ratio99 = f"{r['p99_vs_commit']:.2f}x" if "p99_vs_commit" in r else "-"
             lines.append(
-                f"- floor, the same load against `bench/echo_server.py` (stores nothing), {what}: "
-                f"p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms, max {f['max_ms']:.1f} ms"
+                f"| {r['offered']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} "
+                f"| {ratio50} | {ratio99} | "
+                + (
+                    f"{echo['p50_ms']:.2f} / {echo['p99_ms']:.2f} / {echo['max_ms']:.1f}"
+                    if echo
+                    else "-"
+                )
+                + f" | {r.get('batch_mean', float('nan')):.1f} | "
+                + (f"{st['mysql']['mean_ms']:.2f} / {st['redis']['mean_ms']:.2f}" if st else "-")
+                + f" | {r['cpu']['server']['cores']:.2f} | "
+                + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in r.get("runs", []))
+                + f" | {'yes' if r['verified'] else 'NO'} |"
             )
+        if commit:
+            lines.append(
+                f"\nOne raw INSERT+COMMIT in this run: p50 {commit['p50_ms']:.2f} ms, "
+                f"p99 {commit['p99_ms']:.2f} ms."
+            )
+        for r in paced:
+            for f in r.get("floor", []):
+                if f["delay_ms"]:
+                    lines.append(
+                        f"- echo floor at {r['offered']:,.0f} msgs/s answering after a "
+                        f"{f['delay_ms']:.0f} ms timer: p50 {f['p50_ms']:.2f} ms, "
+                        f"p99 {f['p99_ms']:.2f} ms, max {f['max_ms']:.1f} ms"
+                    )
+        head = res.get("paced")
+        if head and commit and head.get("offered") == 1000:
+            goals = [
+                f"p99 at 1,000 msgs/s {head['p99_vs_commit']:.2f}x the raw commit p99 (goal <= 3x)",
+                f"p50 {head['p50_vs_commit']:.2f}x the raw commit p50 (goal <= 2x)",
+            ]
+            full = res.get("ingest", {}).get("mysql+redis")
+            if full and "raw_mysql" in lim:
+                goals.append(
+                    f"saturated MySQL+Redis {full['rate']:,.0f} msgs/s = "
+                    f"{full['rate'] / lim['raw_mysql']['rate']:.2f} of raw batched inserts "
+                    f"({lim['raw_mysql']['rate']:,.0f} rows/s; goal >= 0.9)"
+                )
+            lines += ["", "Goals (issue 19): " + "; ".join(goals) + "."]
     if "idle" in res:
         r = res["idle"]
         lines += [
@@ -1190,6 +1231,18 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="record a py-spy profile of the MySQL+Redis server"
     )
     p.add_argument(
+        "--paced-rates",
+        default="100,1000,5000",
+        help="comma list of the offered rates (msgs/s) of the paced latency section",
+    )
+    p.add_argument(
+        "--echo-delay",
+        action="append",
+        type=float,
+        default=[],
+        help="also measure the echo floor answering after this many seconds (repeatable)",
+    )
+    p.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -1202,8 +1255,9 @@ def main(argv: list[str] | None = None) -> int:
     opts.clients = opts.clients or (20 if q else 50)
     opts.repeat = opts.repeat or (1 if q else 2)
     opts.seed_messages = 5_000 if q else 20_000
-    opts.paced_rate = 1000.0
+    opts.paced_rates = [float(r) for r in opts.paced_rates.split(",") if r]
     opts.paced_seconds = 5 if q else 20
+    opts.echo_delays = [0.0, *opts.echo_delay]
     opts.idle = 2_000 if q else 10_000
     opts.idle_messages = 1_000
     opts.client_seconds = 15 if q else 60
@@ -1238,11 +1292,17 @@ def main(argv: list[str] | None = None) -> int:
         # First, on a rested machine: after minutes of saturation this VM's host slows
         # it down (steal time), and the paced numbers then measure the benchmark's own
         # preceding load rather than the server (bench/README.md, second round).
-        step("latency at 1,000 msgs/s")
-        res["paced"] = paced_latency(
-            opts, code, block, RESULTS / f"profile-paced{suffix}.txt" if opts.profile else None
-        )
-        block += int(opts.paced_rate * opts.paced_seconds) * opts.repeat
+        res["paced_rates"] = []
+        for rate in opts.paced_rates:
+            step(f"latency at {rate:,.0f} msgs/s")
+            profile = (
+                RESULTS / f"profile-paced{suffix}.txt" if opts.profile and rate == 1000 else None
+            )
+            r = paced_latency(opts, code, rate, block, profile)
+            res["paced_rates"].append(r)
+            if rate == 1000 or "paced" not in res:
+                res["paced"] = r  # the headline row (and what --compare reads)
+            block += paced_messages(opts, rate) * opts.repeat
     if "limits" in sections:
         res["limits"] = {}
         step("raw PyMySQL executemany")
@@ -1296,6 +1356,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if full and "raw_redis" in lim:
         ratios["MySQL+Redis / raw Redis script rate"] = full["rate"] / lim["raw_redis"]["rate"]
+    commit = lim.get("raw_mysql_per_row")
+    for r in res.get("paced_rates", []):
+        if commit:
+            r["p50_vs_commit"] = r["p50_ms"] / commit["p50_ms"]
+            r["p99_vs_commit"] = r["p99_ms"] / commit["p99_ms"]
     res["ratios"] = ratios
     res["meta"]["load_end"] = load_average()
     if len(res.get("ingest", {}).get("mysql+redis", {}).get("runs", [])) > 1:
@@ -1311,18 +1376,25 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     (RESULTS / f"results{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
     (RESULTS / f"results{suffix}.md").write_text(text)
-    if res.get("ingest"):
-        plot(res, RESULTS / f"ingest{suffix}.png", before)
+    try:
+        import matplotlib  # noqa: F401  (the bench extra; without it, no plot)
+    except ImportError:
+        print("[bench] no matplotlib (bench/run installs it): no plot")
+    else:
+        if res.get("ingest"):
+            plot(res, RESULTS / f"ingest{suffix}.png", before)
     print(f"[bench] wrote {RESULTS}/results{suffix}.md, .json, ingest{suffix}.png")
     return 0 if all(r.get("verified", True) for r in _checked(res)) else 1
 
 
 def _checked(res: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from res.get("ingest", {}).values()
-    for k in ("seed", "paced", "idle", "client"):
+    for k in ("seed", "idle", "client"):
         if k in res:
             yield res[k]
-    yield from res.get("paced", {}).get("floor", [])
+    for r in res.get("paced_rates", [res["paced"]] if "paced" in res else []):
+        yield r
+        yield from r.get("floor", [])
     yield from res.get("limits", {}).values()
 
 
