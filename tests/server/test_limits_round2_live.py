@@ -25,7 +25,7 @@ from eth_twisted.link.netstring import NetstringDecoder, encode
 from eth_twisted.model import sha256_hex
 from eth_twisted.server.limits import ReceiverLimits
 from eth_twisted.server.router import BatchSettings
-from tests.support import wait_until
+from tests.support import async_wait_until, wait_until
 from tests.support.live import GoodClient, mysql_storage, rss_kib, sqlite_storage, start_server
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
@@ -256,10 +256,17 @@ def test_item4_unread_replies_are_bounded_per_connection(tmp_path: Path, many_fi
     before = rss_kib()
     try:
         held = yield threads.deferToThread(attack)
+
+        def stopped_reading() -> int:
+            return sum(1 for p in server.factory.connections if p.paused & {"writes", "budget"})
+
+        # Each connection reads its burst a turn at a time until its replies back up; on a
+        # loaded machine that can take longer than the 2 s this once waited.
         yield threads.deferToThread(time.sleep, 2.0)
+        yield async_wait_until(lambda: stopped_reading() >= 150, 30, 0.1, "reads paused")
         after = rss_kib()
         owed = max(len(p._slots) for p in server.factory.connections)
-        paused = sum(1 for p in server.factory.connections if p.paused & {"writes", "budget"})
+        paused = stopped_reading()
         print(
             "pauses:",
             sorted(Counter(tuple(sorted(p.paused)) for p in server.factory.connections).items()),
