@@ -286,3 +286,31 @@ def dashboard_exprs() -> list[str]:
 
     walk(json.loads(DASHBOARD.read_text(encoding="utf-8")))
     return found
+
+
+def test_dashboard_shape() -> None:
+    """The dashboard is Grafana JSON with panels over every area issue 18 names."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert dashboard["uid"] and dashboard["schemaVersion"] >= 36
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for area in ("head", "lag", "latency", "/s", "outbox", "sink", "reorg", "finali", "watchdog"):
+        assert area in titles, area
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dashboard["panels"]:
+        if p["type"] != "row":
+            assert p["targets"] and all(t["expr"].strip() for t in p["targets"]), p["title"]
+
+
+@pytest.mark.live
+def test_dashboard_names_only_real_metrics(metrics_text: dict[str, str]) -> None:
+    """Every metric a dashboard expression reads is exported by the server or the client."""
+    real = exposed_names(metrics_text["server"]) | exposed_names(metrics_text["client"])
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 30
+    used: set[str] = set()
+    for expr in exprs:
+        names = metric_names(expr)
+        assert names, expr
+        used |= names
+    assert used - real - {"up"} == set()
