@@ -13,19 +13,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    PredicateResult,
-    globalLogBeginner,
-    textFileLogObserver,
-)
+from twisted.logger import LogLevel, globalLogBeginner
 from twisted.python import usage
 
 from eth_twisted import __version__
 from eth_twisted.cli import migrate as migrate_cli
 from eth_twisted.interfaces import maybe_global_reactor
+from eth_twisted.logs import (
+    QUIET_NAMESPACES,
+    drop_chatter,
+    observer_for,
+    parse_log_format,
+    split_log_format,
+)
 from eth_twisted.options import PRECEDENCE, EnvOptions, non_negative_float
 from eth_twisted.server import tap as server_tap
 
@@ -51,14 +51,24 @@ def _stats_options() -> usage.Options:
 class Options(EnvOptions):
     """The ``eth`` command line."""
 
-    synopsis = "eth [--verbose] [--wait SECONDS] server|client|run|stats|migrate [options]"
+    synopsis = (
+        "eth [--verbose] [--wait SECONDS] [--log-format text|json] "
+        "server|client|run|stats|migrate [options]"
+    )
     longdesc = (
         "Ethereum chain-head relay. `eth COMMAND --help` lists each command's options. "
         + PRECEDENCE
     )
     optFlags = [["verbose", "v", "Log at debug level (every message received, every poll)"]]
     optParameters = [
-        ["wait", None, 0.0, "Sleep this many seconds before starting", non_negative_float]
+        ["wait", None, 0.0, "Sleep this many seconds before starting", non_negative_float],
+        [
+            "log-format",
+            None,
+            "text",
+            "Log lines as text, or json (one object per line); accepted after the command too",
+            parse_log_format,
+        ],
     ]
     subCommands = [
         ["server", None, server_tap.Options, "Run the eth-server"],
@@ -83,34 +93,19 @@ class Options(EnvOptions):
             raise usage.UsageError("a command is required: server, client, run, stats or migrate")
 
 
-QUIET_NAMESPACES = (
-    "twisted.web.client._HTTP11ClientFactory",
-    "eth_twisted.web.limits.GuardedSite",
-    "twisted.application._client_service._Core",
-    "twisted.application._client_service.ClientService",
-)
-"""Namespaces whose info-level chatter is dropped unless --verbose: factory start and stop,
-and ClientService's "Scheduling retry" line per attempt (outages are logged once per episode)."""
+_drop_chatter = drop_chatter
+"""The chatter filter (:func:`eth_twisted.logs.drop_chatter`), under its old name."""
 
 
-def _drop_chatter(event: dict[str, Any]) -> PredicateResult:
-    level = event.get("log_level")
-    if (
-        event.get("log_namespace") in QUIET_NAMESPACES
-        and level is not None
-        and level < LogLevel.warn
-    ):
-        return PredicateResult.no  # type: ignore[no-any-return]  # Twisted's constant, untyped
-    return PredicateResult.maybe  # type: ignore[no-any-return]
+def start_logging(
+    verbose: bool, stream: Any = None, quiet: bool = False, log_format: str = "text"
+) -> None:
+    """Log to standard output as ``log_format`` (text or json lines).
 
-
-def start_logging(verbose: bool, stream: Any = None, quiet: bool = False) -> None:
-    """Log to standard output: info level, debug with ``--verbose``, warnings only when ``quiet``."""
+    Info level, debug with ``--verbose`` (chatter included), warnings only when ``quiet``.
+    """
     level = LogLevel.debug if verbose else (LogLevel.warn if quiet else LogLevel.info)
-    predicates: list[Any] = [LogLevelFilterPredicate(defaultLogLevel=level)]
-    if not verbose:
-        predicates.insert(0, _drop_chatter)
-    observer = FilteringLogObserver(textFileLogObserver(stream or sys.stdout), predicates)
+    observer = observer_for(log_format, stream or sys.stdout, level, quiet_namespaces=not verbose)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
@@ -157,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     config = Options()
     try:
+        given_format, argv = split_log_format(argv, default="")
         config.parseOptions(argv)
-    except usage.UsageError as e:
+    except (usage.UsageError, ValueError) as e:
         where = f"eth {config.subCommand}" if config.subCommand else "eth"
         print(f"{where}: {e}", file=sys.stderr)
         print(f"Try '{where} --help'.", file=sys.stderr)
@@ -168,13 +164,16 @@ def _main(argv: list[str]) -> int:
     if config["wait"]:
         time.sleep(config["wait"])
     command = config.subCommand
+    log_format = given_format or config["log-format"]
+    if log_format == "json" and command in ("stats", "migrate"):
+        start_logging(verbose, quiet=True, log_format=log_format)
     if command == "stats":
         from eth_twisted.cli import stats as stats_cli
 
         return int(stats_cli.run(sub))
     if command == "migrate":
         return migrate_cli.migrate(sub)
-    start_logging(verbose, quiet=command == "run")
+    start_logging(verbose, quiet=command == "run", log_format=log_format)
     if command == "server":
         sub["verbose"] = verbose
         return run_service(lambda reactor: server_tap.makeService(sub, reactor))
@@ -190,7 +189,7 @@ def _main(argv: list[str]) -> int:
     raise AssertionError(command)  # pragma: no cover - postOptions rejects others
 
 
-__all__ = ["main"]
+__all__ = ["QUIET_NAMESPACES", "main", "start_logging"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
