@@ -18,7 +18,7 @@ from eth_twisted.client.outbox import Cursor, OutboxSettings, open_outbox
 from eth_twisted.client.service import EthClientService
 from eth_twisted.client.tap import Options
 from eth_twisted.errors import OutboxLocked
-from tests.support import ROOT
+from tests.support import ROOT, VENV_BIN
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> Options:
@@ -436,7 +436,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def test_eth_client_bad_option_exits_nonzero_naming_it() -> None:
     """``eth client --window 999`` exits 2 and names --window."""
-    proc = run_cli(str(ROOT / ".venv/bin/eth"), "client", "--window", "999")
+    proc = run_cli(str(VENV_BIN / "eth"), "client", "--window", "999")
     assert proc.returncode == 2
     assert "--window" in proc.stderr
 
@@ -445,7 +445,7 @@ def test_twistd_eth_client_bad_option_exits_nonzero_naming_it() -> None:
     """``twistd -n eth-client --ack-timeout 5`` exits non-zero and names --ack-timeout."""
     proc = run_cli(sys.executable, "-m", "twisted", "--help")  # warm the plugin cache
     proc = run_cli(
-        str(ROOT / ".venv/bin/twistd"), "-n", "--pidfile=", "eth-client", "--ack-timeout", "5"
+        str(VENV_BIN / "twistd"), "-n", "--pidfile=", "eth-client", "--ack-timeout", "5"
     )
     assert proc.returncode != 0
     assert "--ack-timeout" in proc.stdout + proc.stderr
