@@ -48,12 +48,18 @@ def _stats_options() -> usage.Options:
     return stats_cli.Options()
 
 
+def _status_options() -> usage.Options:
+    from eth_twisted.cli import status as status_cli
+
+    return status_cli.Options()
+
+
 class Options(EnvOptions):
     """The ``eth`` command line."""
 
     synopsis = (
         "eth [--verbose] [--wait SECONDS] [--log-format text|json] "
-        "server|client|run|stats|migrate [options]"
+        "server|client|run|stats|status|migrate [options]"
     )
     longdesc = (
         "Ethereum chain-head relay. `eth COMMAND --help` lists each command's options. "
@@ -80,6 +86,7 @@ class Options(EnvOptions):
             "Run server and client in one process on the embedded defaults",
         ],
         ["stats", None, _stats_options, "Print the server's stats as a table"],
+        ["status", None, _status_options, "Print the client's status as a table"],
         ["migrate", None, migrate_cli.MigrateOptions, "Apply schema migrations"],
     ]
 
@@ -90,7 +97,9 @@ class Options(EnvOptions):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is required: server, client, run, stats or migrate")
+            raise usage.UsageError(
+                "a command is required: server, client, run, stats, status or migrate"
+            )
 
 
 _drop_chatter = drop_chatter
@@ -165,12 +174,16 @@ def _main(argv: list[str]) -> int:
         time.sleep(config["wait"])
     command = config.subCommand
     log_format = given_format or config["log-format"]
-    if log_format == "json" and command in ("stats", "migrate"):
+    if log_format == "json" and command in ("stats", "status", "migrate"):
         start_logging(verbose, quiet=True, log_format=log_format)
     if command == "stats":
         from eth_twisted.cli import stats as stats_cli
 
         return int(stats_cli.run(sub))
+    if command == "status":
+        from eth_twisted.cli import status as status_cli
+
+        return int(status_cli.run(sub))
     if command == "migrate":
         return migrate_cli.migrate(sub)
     start_logging(verbose, quiet=command == "run", log_format=log_format)

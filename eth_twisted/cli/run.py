@@ -193,6 +193,7 @@ class RunService(service.MultiService):
             metrics=self.server.metrics,
             client_metrics=self.client.metrics,
             client_readiness=self.client.readiness,
+            client_status=getattr(self.client, "status", None),
             clock=self.reactor,
             token=self.site.stats_token,
             allowed_hosts=self.site.stats_allowed_hosts,

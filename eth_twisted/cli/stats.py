@@ -81,9 +81,16 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(NoRedirects())
 
 
-def fetch_stats(url: str, token: str | None, timeout: float = TIMEOUT) -> dict[str, Any]:
-    """GET ``url``/api/stats and decode it; raises ``StatsUnavailable`` with a readable reason."""
-    request = urllib.request.Request(url + "/api/stats", headers={"Accept": "application/json"})
+def fetch_stats(
+    url: str,
+    token: str | None,
+    timeout: float = TIMEOUT,
+    path: str = "/api/stats",
+    command: str = "eth stats",
+    required: str = "totals",
+) -> dict[str, Any]:
+    """GET ``url`` + ``path`` and decode it; raises ``StatsUnavailable`` with a readable reason."""
+    request = urllib.request.Request(url + path, headers={"Accept": "application/json"})
     if token:
         request.add_header("Authorization", "Bearer " + token)
     try:
@@ -94,7 +101,7 @@ def fetch_stats(url: str, token: str | None, timeout: float = TIMEOUT) -> dict[s
             location = printable(e.headers.get("Location") or "nowhere")
             e.close()
             raise StatsUnavailable(
-                f"{url}/api/stats answered a redirect (HTTP {e.code}) to {location}; eth stats does "
+                f"{url}{path} answered a redirect (HTTP {e.code}) to {location}; {command} does "
                 "not follow redirects (the token would go with it): give --url the server itself"
             )
         detail = ""
@@ -106,7 +113,7 @@ def fetch_stats(url: str, token: str | None, timeout: float = TIMEOUT) -> dict[s
             hint = "pass --token or set ETH_TOKEN" if not token else "the token was refused"
             raise StatsUnavailable(f"the stats API at {url} needs a valid token ({hint})")
         raise StatsUnavailable(
-            f"{url}/api/stats answered HTTP {e.code}" + (f": {detail}" if detail else "")
+            f"{url}{path} answered HTTP {e.code}" + (f": {detail}" if detail else "")
         )
     except urllib.error.URLError as e:
         raise StatsUnavailable(f"the server at {url} does not answer ({e.reason})")
@@ -114,17 +121,17 @@ def fetch_stats(url: str, token: str | None, timeout: float = TIMEOUT) -> dict[s
         raise StatsUnavailable(f"the server at {url} does not answer ({e})")
     if len(body) > MAX_BODY:
         raise StatsUnavailable(
-            f"{url}/api/stats answered more than {MAX_BODY // (1024 * 1024)} MiB: "
+            f"{url}{path} answered more than {MAX_BODY // (1024 * 1024)} MiB: "
             "is this the eth-twisted stats API?"
         )
     try:
         stats = json.loads(body)
     except ValueError:
         raise StatsUnavailable(
-            f"{url}/api/stats did not answer JSON: is this the eth-twisted stats API?"
+            f"{url}{path} did not answer JSON: is this the eth-twisted stats API?"
         )
-    if not isinstance(stats, dict) or "totals" not in stats:
-        raise StatsUnavailable(f"{url}/api/stats answered something that is not eth-twisted stats")
+    if not isinstance(stats, dict) or required not in stats:
+        raise StatsUnavailable(f"{url}{path} answered something that is not eth-twisted's")
     return stats
 
 

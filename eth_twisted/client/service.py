@@ -241,6 +241,12 @@ class EthClientService(service.MultiService):
         except Exception as e:  # ReactorNotRunning: already on its way down
             log.info("Reactor already stopping: {error}", error=e)
 
+    def status(self) -> dict[str, Any]:
+        """For /api/status and ``eth status`` (:func:`eth_twisted.client.status.client_status`)."""
+        from eth_twisted.client.status import client_status
+
+        return client_status(self)
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """For /readyz: linked to the server and a poll succeeded recently."""
         now = self.reactor.seconds()
@@ -409,6 +415,7 @@ def _stats_service(client: EthClientService, site: SiteSettings, reactor: Any) -
     resource = make_client_site(
         metrics=client.metrics,
         readiness=client.readiness,
+        status=client.status,
         clock=reactor,
         token=site.stats_token,
         allowed_hosts=site.stats_allowed_hosts,

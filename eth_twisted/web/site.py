@@ -70,6 +70,8 @@ STATIC_TYPES = {
 }
 
 
+CLIENT_OPENAPI = "openapi-client.json"
+"""The client site's OpenAPI document (its /api/openapi.json)."""
 DASHBOARD_FILES = ("index.html", "dashboard.js", "dashboard.css", "favicon.svg")
 
 
@@ -83,10 +85,13 @@ def _static_files() -> dict[str, Response]:
     return files
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3 document of the JSON endpoints (shipped as static/openapi.json)."""
+def openapi_document(name: str = "openapi.json") -> dict[str, Any]:
+    """An OpenAPI 3 document shipped in static/: the server's (openapi.json) or the client's.
+
+    The client's is :data:`CLIENT_OPENAPI`.
+    """
     folder = resources.files("eth_twisted.web") / "static"
-    document: dict[str, Any] = json.loads((folder / "openapi.json").read_text(encoding="utf-8"))
+    document: dict[str, Any] = json.loads((folder / name).read_text(encoding="utf-8"))
     return document
 
 
@@ -381,14 +386,32 @@ def _client_routes(
     readiness: Callable[[], tuple[bool, dict[str, Any]]],
     clock: IReactorTime,
     prefix: str = "",
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> list[Route]:
     started = clock.seconds()
     p = re.escape(prefix)
-    return [
+    routes = [
         Route.at(p + r"/healthz", _healthz(clock, started), public=True),
         Route.at(p + r"/readyz", _client_readyz(readiness), public=True),
         Route.at(p + r"/metrics", _metrics([metrics.registry])),
     ]
+    if status is not None:
+        spec = Response(
+            json_bytes(openapi_document(CLIENT_OPENAPI)),
+            JSON_TYPE,
+            200,
+            {"Cache-Control": "no-cache"},
+        )
+        routes.append(Route.at(p + r"/api/status", _client_status(status)))
+        routes.append(Route.at(p + r"/api/openapi.json", lambda request, match: spec))
+    return routes
+
+
+def _client_status(status: Callable[[], dict[str, Any]]) -> Handler:
+    def handler(request: Request, match: re.Match[str]) -> Response:
+        return json_response(status())
+
+    return handler
 
 
 def make_client_site(
@@ -399,9 +422,13 @@ def make_client_site(
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
     limits: SiteLimits | None = None,
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> Site:
-    """The client's site: /healthz, /readyz (``readiness()`` -> (ok, detail)) and /metrics."""
-    routes = _client_routes(metrics=metrics, readiness=readiness, clock=clock)
+    """The client's site: /healthz, /readyz, /metrics, and /api/status when ``status`` is given.
+
+    ``readiness()`` answers (ok, detail); ``status()`` the status document.
+    """
+    routes = _client_routes(metrics=metrics, readiness=readiness, clock=clock, status=status)
     return make_site(
         App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits or SiteLimits()
     )
@@ -419,6 +446,7 @@ def make_combined_site(
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
     limits: SiteLimits | None = None,
+    client_status: Callable[[], dict[str, Any]] | None = None,
 ) -> Site:
     """One site for ``eth run``: the server's endpoints plus the client's.
 
@@ -438,6 +466,10 @@ def make_combined_site(
         client_readiness=client_readiness,
     )
     routes += _client_routes(
-        metrics=client_metrics, readiness=client_readiness, clock=clock, prefix="/client"
+        metrics=client_metrics,
+        readiness=client_readiness,
+        clock=clock,
+        prefix="/client",
+        status=client_status,
     )
     return make_site(App(routes, clock=clock, token=token, allowed_hosts=allowed_hosts), limits)
