@@ -71,7 +71,10 @@ def format_status(status: dict[str, Any], url: str) -> str:
         return "-" if not b else f"{_int(b.get('number'))} ({_short(b.get('hash'))})"
 
     rows = [
-        ("chain", f"id {_int(chain.get('chain_id'))}, genesis {_short(chain.get('genesis'))}"),
+        (
+            "chain",
+            f"id {printable(chain.get('chain_id', '-'))}, genesis {_short(chain.get('genesis'))}",
+        ),
         ("cursor", f"block {_int(cursor.get('number'))} ({_short(cursor.get('hash'))})"),
         (
             "heads",
