@@ -444,9 +444,7 @@ def test_eth_client_bad_option_exits_nonzero_naming_it() -> None:
 def test_twistd_eth_client_bad_option_exits_nonzero_naming_it() -> None:
     """``twistd -n eth-client --ack-timeout 5`` exits non-zero and names --ack-timeout."""
     proc = run_cli(sys.executable, "-m", "twisted", "--help")  # warm the plugin cache
-    proc = run_cli(
-        str(VENV_BIN / "twistd"), "-n", "--pidfile=", "eth-client", "--ack-timeout", "5"
-    )
+    proc = run_cli(str(VENV_BIN / "twistd"), "-n", "--pidfile=", "eth-client", "--ack-timeout", "5")
     assert proc.returncode != 0
     assert "--ack-timeout" in proc.stdout + proc.stderr
 
