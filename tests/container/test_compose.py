@@ -190,8 +190,12 @@ def test_blocks_flow_into_mariadb_and_redis(stack: Stack) -> None:
         time.sleep(1)
         first = counts()
     assert min(first) >= 2, f"(mysql, redis) = {first}"
-    time.sleep(3)  # anvil mines a block a second
+    # anvil mines a block a second; the client polls every 5 s (its default) and sends them.
+    deadline = time.monotonic() + 30
     later = counts()
+    while time.monotonic() < deadline and not (later[0] > first[0] and later[1] > first[1]):
+        time.sleep(1)
+        later = counts()
     assert later[0] > first[0] and later[1] > first[1], (first, later)
 
 
