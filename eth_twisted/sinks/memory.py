@@ -143,8 +143,12 @@ class MemorySink:
         t = Totals(records=len(self.order))
         for r in self.order:
             t.first_by_ip[r.client_ip] = t.first_by_ip.get(r.client_ip, 0) + 1
-            if r.block_number is not None:  # rows are in id order: the last one wins
-                t.latest_block, t.latest_block_at = r.block_number, r.received_at
+            if r.block_number is not None:  # the newest received (ties: the highest) wins
+                if t.latest_block_at is None or (r.received_at, r.block_number) >= (
+                    t.latest_block_at,
+                    t.latest_block if t.latest_block is not None else -1,
+                ):
+                    t.latest_block, t.latest_block_at = r.block_number, r.received_at
                 t.latest_block_by_ip[r.client_ip] = r.block_number
         if self.order:
             t.first_received_at = min(r.received_at for r in self.order)

@@ -228,8 +228,12 @@ class ServerStats:
             if self.last_received_at is None or at > self.last_received_at:
                 self.last_received_at = at
             if message.block_number is not None:
-                self.latest_block = message.block_number
-                self.latest_block_at = at
+                # The newest received (of one read's frames, the highest), not the last
+                # stored: concurrent batches may commit a later message first.
+                newest = (self.latest_block_at, self.latest_block or -1)
+                if self.latest_block_at is None or (at, message.block_number) >= newest:
+                    self.latest_block = message.block_number
+                    self.latest_block_at = at
                 counts.latest_block = message.block_number
                 self.chart.append((at, message.block_number))
 

@@ -327,3 +327,11 @@ def test_snapshot_bytes_are_encoded_once_per_ttl() -> None:
     assert json.loads(first) == stats.snapshot()
     clock.advance(1)
     assert stats.snapshot_bytes() is not first
+
+
+def test_latest_block_is_the_newest_received_not_the_last_stored() -> None:
+    """Two batches in flight may commit out of order: the head is the later-received block."""
+    _, stats = fresh()
+    stats.observe([msg(11, at=200.0)], ["OK"])
+    stats.observe([msg(10, at=100.0)], ["OK"])  # received first, its batch committed second
+    assert stats.snapshot()["latest_block"]["number"] == 11

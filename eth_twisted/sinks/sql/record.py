@@ -675,7 +675,7 @@ class SQLSink(ChainRecordMixin):
         t.first_by_ip = {ip: int(n) for ip, n in txn.fetchall()}
         txn.execute(
             "SELECT block_number, received_at FROM ethereum_data "
-            "WHERE block_number IS NOT NULL ORDER BY id DESC LIMIT 1"
+            "WHERE block_number IS NOT NULL ORDER BY received_at DESC, block_number DESC LIMIT 1"
         )
         row = txn.fetchone()
         if row is not None:
