@@ -197,7 +197,7 @@ def test_mtls_client_with_a_long_subject_is_stored_in_mariadb(
     finally:
         yield server.stopService()
     assert proto.replies == [b"OK " + sha256_hex(p).encode() for p in payloads]
-    rows = mysql_query(mysql_db, "SELECT payload, client_id FROM ethereum_data ORDER BY id")
+    rows = mysql_query(mysql_db, "SELECT payload, client_id FROM ethereum_data ORDER BY payload")
     expected = bounded(subject, MAX_CLIENT_ID)
     assert len(subject) > 300 and len(expected) == MAX_CLIENT_ID
     assert rows == [(p, expected) for p in payloads]
