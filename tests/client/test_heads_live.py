@@ -68,10 +68,14 @@ class Heads:
         return EthProcess(args, str(self.tmp / f"client{name}.log"), cwd=str(self.tmp))
 
     def start(self) -> Heads:
-        self.server.start()
-        self.server.wait_port(self.port)
-        self.client.start()
-        self.client.wait_port(self.client_stats)
+        try:
+            self.server.start()
+            self.server.wait_port(self.port)
+            self.client.start()
+            self.client.wait_port(self.client_stats)
+        except BaseException:
+            self.stop()  # a client that fails to start must not leave its server behind
+            raise
         return self
 
     def stop(self) -> None:
