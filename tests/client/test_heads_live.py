@@ -143,6 +143,13 @@ class Heads:
         except AssertionError as e:
             raise AssertionError(f"{e}; last difference {last[0]}\n{self.logs()}") from None
 
+    def each_block_once(self) -> dict[int, str]:
+        """The node's chain, contiguous, every block of it sent by the client exactly once."""
+        chain = self.wait_canonical()
+        assert sorted(chain) == list(range(min(chain), max(chain) + 1))
+        assert self.metric("eth_client_blocks_enqueued_total") == len(chain), "a block sent twice"
+        return chain
+
     # -- what the client says ----------------------------------------------------
 
     def metric(self, name: str, **labels: str) -> float:
@@ -268,9 +275,7 @@ def test_burst_of_fifty(tmp_path: Path, on_demand: Anvil) -> None:
     try:
         relay.wait_canonical()
         on_demand.mine(50)
-        chain = relay.wait_canonical()
-        assert sorted(chain) == list(range(min(chain), max(chain) + 1))
-        assert relay.metric("eth_client_blocks_enqueued_total") == len(chain)
+        relay.each_block_once()
     finally:
         relay.stop()
 
@@ -333,9 +338,7 @@ def test_silent_subscription_is_found_and_healed(tmp_path: Path, anvil: Anvil) -
             40,
             what="pushes again",
         )
-        chain = relay.wait_canonical()
-        assert sorted(chain) == list(range(min(chain), max(chain) + 1))
-        assert relay.metric("eth_client_blocks_enqueued_total") == len(chain)
+        relay.each_block_once()
     finally:
         relay.stop()
         ws.stop()
@@ -354,9 +357,7 @@ def test_tcp_path_cut_mid_burst(tmp_path: Path, on_demand: Anvil) -> None:
         burst.join(30)
         time.sleep(1.0)
         ws.heal()
-        chain = relay.wait_canonical()
-        assert sorted(chain) == list(range(min(chain), max(chain) + 1))
-        assert relay.metric("eth_client_blocks_enqueued_total") == len(chain)
+        relay.each_block_once()
     finally:
         relay.stop()
         ws.stop()
